@@ -1,0 +1,198 @@
+"""The ``nemt`` command line: thin, it only parses and calls the packages."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+from rich.table import Table
+
+from nemt.errors import NemtError
+from nemt.progress import console, progress_bar
+
+app = typer.Typer(help="nemt: fast, verifiable explanations for medical image models.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Inspect and make data sets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+TaskOpt = typer.Option(None, help="multiclass | multilabel | regression (default: from the data)")
+
+
+def _friendly(fn: Callable) -> Callable:
+    """Print nemt's own errors as one clear line and exit 2, instead of a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except NemtError as exc:
+            console.print(f"[red]error:[/red] {exc}", highlight=False, markup=True)
+            raise typer.Exit(2)
+    return wrapper
+
+
+def _csv_list(value: Optional[str]) -> Optional[list[str]]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def _size(value: str, spatial_dims: int | None = None) -> tuple[int, ...]:
+    parts = [int(v) for v in value.lower().replace("x", ",").split(",") if v.strip()]
+    if len(parts) == 1 and spatial_dims:
+        parts = parts * spatial_dims
+    return tuple(parts)
+
+
+def _open(path: Path, task, labels, image_col=None, label_col=None, label_cols=None, target_col=None,
+          mask_col=None, group_col=None):
+    from nemt.data.manifest import open_dataset
+    opts = dict(task=task, labels=_csv_list(labels), image_col=image_col, label_col=label_col,
+                label_cols=_csv_list(label_cols), target_col=target_col, mask_col=mask_col, group_col=group_col)
+    return open_dataset(path, **{k: v for k, v in opts.items() if v is not None})
+
+
+@data_app.command("check")
+@_friendly
+def data_check(
+    path: Path = typer.Argument(..., help="manifest.csv, a folder with one, a class-per-folder tree, or a MedMNIST .npz"),
+    task: Optional[str] = TaskOpt,
+    labels: Optional[str] = typer.Option(None, help="the label set, comma-separated (others are errors)"),
+    label_cols: Optional[str] = typer.Option(None, help="multi-label 0/1 columns, comma-separated"),
+    target_col: Optional[str] = typer.Option(None, help="numeric target column (regression)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the report as JSON here"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+) -> None:
+    """Read every image and mask; print a summary and every bad entry. Exit 1 if anything is fatal."""
+    from nemt.data.check import check_dataset
+    from nemt.files import write_json
+
+    manifest = _open(path, task, labels, label_cols=label_cols, target_col=target_col)
+    with progress_bar(progress) as bar:
+        tid = bar.add_task("reading", total=len(manifest.samples), info="")
+        rep = check_dataset(manifest, progress=lambda k: bar.update(tid, advance=k))
+    table = Table(title=f"{path}  ({rep.task})", show_header=False)
+    table.add_row("images", str(rep.n_images))
+    for name, n in rep.per_label.items():
+        table.add_row(f"  {name}", str(n))
+    if rep.target_range:
+        table.add_row("target range", f"{rep.target_range[0]:g} .. {rep.target_range[1]:g}")
+    sizes = ", ".join(f"{'x'.join(map(str, k))} ({v})" for k, v in rep.sizes.most_common(5))
+    more = len(rep.sizes) - 5
+    table.add_row("sizes", sizes + (f", and {more} other sizes" if more > 0 else ""))
+    table.add_row("channels", ", ".join(f"{k} ({v})" for k, v in sorted(rep.channels.items())))
+    table.add_row("modalities", ", ".join(f"{k} ({v})" for k, v in rep.modalities.items()))
+    table.add_row("with ground truth", str(rep.with_gt))
+    table.add_row("masks / non-empty", f"{rep.masks} / {rep.nonempty_masks}")
+    table.add_row("with boxes", str(rep.with_boxes))
+    table.add_row("fatal problems", str(len(rep.fatal)))
+    table.add_row("warnings", str(len(rep.warnings)))
+    console.print(table)
+    for e in rep.fatal:
+        console.print(f"[red]FATAL[/red] {e}", highlight=False)
+    for e in rep.warnings:
+        console.print(f"[yellow]warning[/yellow] {e}", highlight=False)
+    # the headline figures also go to stdout, for scripts
+    typer.echo(json.dumps({"images": rep.n_images, "per_label": rep.per_label,
+                           "nonempty_masks": rep.nonempty_masks, "fatal": len(rep.fatal)}))
+    if json_out:
+        write_json(json_out, rep.to_dict())
+    if not rep.ok:
+        raise typer.Exit(1)
+
+
+@data_app.command("phantoms")
+@_friendly
+def data_phantoms(
+    out: Path = typer.Argument(..., help="folder to write images/, masks/ and manifest.csv into"),
+    n: int = typer.Option(400, help="number of images"),
+    size: int = typer.Option(128, help="edge length in pixels/voxels"),
+    spatial_dims: int = typer.Option(2, "--dims", help="2 or 3"),
+    task: str = typer.Option("multiclass", help="multiclass | multilabel | regression"),
+    seed: int = typer.Option(0, help="random seed"),
+) -> None:
+    """Write a synthetic phantom data set with lesion masks (the built-in default data)."""
+    from nemt.data.phantoms import write_phantom_dataset
+    manifest = write_phantom_dataset(out, n, size, spatial_dims=spatial_dims, task=task, seed=seed)
+    typer.echo(str(manifest))
+
+
+@app.command()
+@_friendly
+def train(
+    data: Path = typer.Option(..., help="data set: manifest.csv, folder or MedMNIST .npz"),
+    out: Path = typer.Option(..., help="output folder (model, card, splits, history, resume state)"),
+    arch: str = typer.Option("resnet18", help="resnet18 | resnet34 | resnet50 | densenet121 | smallcnn"),
+    task: Optional[str] = TaskOpt,
+    size: str = typer.Option("128", help="input size: 128, 128x96 or 64x64x64"),
+    spatial_dims: Optional[int] = typer.Option(None, "--dims", help="2 or 3 (default: from --size, else 2)"),
+    epochs: int = typer.Option(30, help="epochs"),
+    batch_size: int = typer.Option(32, help="batch size"),
+    lr: float = typer.Option(1e-3, help="peak learning rate (one-cycle schedule)"),
+    weight_decay: float = typer.Option(1e-4, help="AdamW weight decay"),
+    seed: int = typer.Option(0, help="seed for split, initialisation, order and augmentation"),
+    fractions: str = typer.Option("0.7,0.1,0.2", help="train,val,test fractions"),
+    augment: bool = typer.Option(True, help="random flip, affine and intensity jitter"),
+    class_weighting: bool = typer.Option(True, help="weight the loss by inverse class frequency"),
+    scale: str = typer.Option("range", help="intensity to [0,1]: range (by bit depth/window) or minmax"),
+    labels: Optional[str] = typer.Option(None, help="the label set, comma-separated"),
+    label_cols: Optional[str] = typer.Option(None, help="multi-label 0/1 columns"),
+    target_col: Optional[str] = typer.Option(None, help="numeric target column"),
+    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda:0"),
+    fresh: bool = typer.Option(False, help="ignore a resume state in --out and start over"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+) -> None:
+    """Train a classifier to explain. Re-run the same command to resume an interrupted run."""
+    from nemt.models.training import TrainConfig, train_classifier
+
+    manifest = _open(data, task, labels, label_cols=label_cols, target_col=target_col)
+    dims = spatial_dims or (len(_size(size)) if len(_size(size)) > 1 else 2)
+    cfg = TrainConfig(arch=arch, size=_size(size, dims), epochs=epochs, batch_size=batch_size, lr=lr,
+                      weight_decay=weight_decay, seed=seed,
+                      fractions=tuple(float(f) for f in fractions.split(",")), augment=augment,
+                      class_weighting=class_weighting, scale=scale)
+    clf, result = train_classifier(manifest, out, cfg, device=device, fresh=fresh, progress=progress)
+    typer.echo(json.dumps({"model": str(out), "metrics": result["metrics"]}, indent=2))
+
+
+@app.command()
+@_friendly
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="output folder"),
+    n: int = typer.Option(480, help="phantom images"),
+    size: int = typer.Option(96, help="image size"),
+    arch: str = typer.Option("smallcnn", help="classifier architecture"),
+    epochs: int = typer.Option(12, help="training epochs"),
+    seed: int = typer.Option(0, help="random seed"),
+    device: str = typer.Option("cpu", help="torch device"),
+    progress: bool = typer.Option(True, help="show progress bars"),
+) -> None:
+    """The main job on built-in synthetic data: make phantoms, check them, train a classifier."""
+    from nemt.data.check import check_dataset
+    from nemt.data.manifest import open_dataset
+    from nemt.data.phantoms import write_phantom_dataset
+    from nemt.models.training import TrainConfig, train_classifier
+
+    console.rule("1. phantoms")
+    manifest_path = write_phantom_dataset(out / "data", n, size, task="multiclass", seed=seed)
+    manifest = open_dataset(manifest_path)
+    console.rule("2. data check")
+    rep = check_dataset(manifest)
+    console.print(f"{rep.n_images} images {rep.per_label}, {rep.nonempty_masks} non-empty masks, "
+                  f"{len(rep.fatal)} fatal problems")
+    if not rep.ok:
+        raise NemtError(f"phantom data failed its own check: {rep.fatal[0]}")
+    console.rule("3. train")
+    cfg = TrainConfig(arch=arch, size=(size, size), epochs=epochs, batch_size=32, lr=3e-3, seed=seed)
+    _, result = train_classifier(manifest, out / "model", cfg, device=device, progress=progress)
+    test = result["metrics"].get("test", {})
+    console.rule("done")
+    typer.echo(json.dumps({"model": str(out / "model"), "test": test}, indent=2))
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

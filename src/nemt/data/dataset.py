@@ -1,0 +1,97 @@
+"""A PyTorch data set over a :class:`~nemt.data.manifest.Manifest`.
+
+Each item is a dict:
+
+- ``image``: (C, *size) float32, normalised model input;
+- ``y``: class index (int64), 0/1 vector (float32) or scalar (float32);
+- ``gt``: (1, *size) bool ground-truth mask (mask image or rasterised boxes;
+  all False when there is none);
+- ``has_gt``: whether the sample has ground truth at all (a normal image with
+  an empty mask file has ground truth that is empty);
+- ``index``: the sample's position in the manifest.
+
+With ``cache=True`` the resized [0, 1] images are kept in memory after the
+first read, which is what small medical data sets want on a CPU.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from nemt.data.manifest import Manifest, Sample
+from nemt.data.preprocess import Preprocessing
+from nemt.data.readers import Image, read_image, read_mask
+
+
+def read_sample(manifest: Manifest, sample: Sample) -> Image:
+    """The sample's image, from its file or from the manifest's in-memory array."""
+    if sample.index is None:
+        return read_image(sample.image)
+    a = manifest.arrays[sample.index].astype(np.float32)
+    return Image(array=a, spacing=(1.0,) * (a.ndim - 1), affine=None, value_range=(0.0, 255.0),
+                 modality="npz", path=sample.name, meta={})
+
+
+class ImageDataset(Dataset):
+    """Model-ready items for a subset of a manifest (see the module docstring)."""
+
+    def __init__(self, manifest: Manifest, preprocessing: Preprocessing,
+                 indices: Sequence[int] | None = None, cache: bool = True):
+        self.manifest = manifest
+        self.pre = preprocessing
+        self.indices = list(range(len(manifest.samples)) if indices is None else indices)
+        self.cache = cache
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor, bool]] = {}
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def unit_item(self, i: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(image in [0, 1] at model size, gt mask, has_gt) for position ``i``."""
+        j = self.indices[i]
+        if j in self._cache:
+            return self._cache[j]
+        s = self.manifest.samples[j]
+        img = read_sample(self.manifest, s)
+        x = self.pre.resize(self.pre.unit_scale(img))
+        spatial = img.array.shape[1:]
+        if s.mask is not None:
+            gt = self.pre.resize(read_mask(s.mask, like=img), mask=True)
+        elif s.boxes:
+            gt = self.pre.box_mask(self.pre.boxes(s.boxes, spatial))
+        else:
+            gt = torch.zeros((1, *self.pre.size), dtype=torch.bool)
+        item = (x, gt, s.has_gt)
+        if self.cache:
+            self._cache[j] = item
+        return item
+
+    def __getitem__(self, i: int) -> dict:
+        x, gt, has_gt = self.unit_item(i)
+        j = self.indices[i]
+        y = self.manifest.samples[j].y
+        yt = torch.tensor(y, dtype=torch.int64 if self.manifest.task == "multiclass" else torch.float32)
+        return {"image": self.pre.normalise(x), "y": yt, "gt": gt, "has_gt": has_gt, "index": j}
+
+    def stacked(self) -> dict:
+        """All items at once (small data sets): image (N, C, *size), y, gt, has_gt, index."""
+        items = [self[i] for i in range(len(self))]
+        return {k: (torch.stack([it[k] for it in items]) if torch.is_tensor(items[0][k])
+                    else torch.tensor([it[k] for it in items])) for k in items[0]}
+
+
+def channel_stats(ds: ImageDataset) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the [0, 1] images of ``ds`` (for the normalisation)."""
+    total = sq = count = 0.0
+    for i in range(len(ds)):
+        x = ds.unit_item(i)[0].double()
+        dims = tuple(range(1, x.ndim))
+        total = total + x.sum(dims)
+        sq = sq + (x * x).sum(dims)
+        count += x[0].numel()
+    mean = total / count
+    std = (sq / count - mean * mean).clamp_min(1e-12).sqrt()
+    return mean.tolist(), std.tolist()

@@ -1,0 +1,391 @@
+"""Data sets as lists of samples: CSV manifests, class-per-folder trees, MedMNIST.
+
+Every loader returns a :class:`Manifest`: the samples, the task, the label
+names, and the problems found while parsing. Parsing never drops a row
+silently: a row with a problem is kept out of ``samples`` and recorded in
+``problems`` (file, field, reason), and :meth:`Manifest.raise_problems` turns
+them into one error for the commands that cannot go on (training).
+
+CSV rules
+---------
+- one image column (``image``, ``path``, ``file`` or ``filename``; or named);
+- the target: one label column (multi-class; ``label``, ``class``,
+  ``diagnosis``), several 0/1 columns (multi-label), or one numeric column
+  (regression; ``target``, ``severity``, ``score``);
+- optional ground truth: a mask-image column (``mask``) or box columns
+  ``x, y, w, h`` in pixels of the original image; several rows per image add
+  several boxes (their labels must agree);
+- optional group column (``group``, ``patient``, ``patient_id``, ``subject``)
+  so that splits never put one patient in two splits;
+- optional ``split`` column (train/val/test) that fixes the split.
+Paths are relative to the CSV's folder.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from nemt.errors import DataError
+
+TASKS = ("multiclass", "multilabel", "regression")
+SPLITS = ("train", "val", "test")
+
+_IMAGE_COLS = ("image", "path", "file", "filename", "image_path")
+_LABEL_COLS = ("label", "class", "diagnosis", "category")
+_TARGET_COLS = ("target", "severity", "score", "value")
+_MASK_COLS = ("mask", "mask_path", "segmentation")
+_GROUP_COLS = ("group", "patient", "patient_id", "subject", "subject_id")
+_BOX_COLS = ("x", "y", "w", "h")
+
+
+@dataclass
+class Sample:
+    """One image and what is known about it.
+
+    ``y`` is the class index (multi-class), a tuple of 0/1 floats
+    (multi-label) or a float (regression). ``boxes`` are ``(x, y, w, h)`` in
+    pixels of the original image. ``index`` points into ``Manifest.arrays``
+    for in-memory data sets (MedMNIST); ``row`` is the 1-based CSV line of the
+    first row that named the image (for messages).
+    """
+
+    image: Path
+    y: int | float | tuple[float, ...]
+    mask: Path | None = None
+    boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
+    group: str = ""
+    split: str | None = None
+    index: int | None = None
+    row: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.image.name if self.index is None else f"{self.image.name}[{self.index}]"
+
+    @property
+    def has_gt(self) -> bool:
+        return self.mask is not None or bool(self.boxes)
+
+
+@dataclass
+class Manifest:
+    """A parsed data set. ``arrays`` holds in-memory images ``(N, C, *spatial)``."""
+
+    samples: list[Sample]
+    task: str
+    label_names: list[str]
+    source: Path
+    problems: list[DataError] = field(default_factory=list)
+    arrays: np.ndarray | None = None
+    kind: str = "csv"
+
+    @property
+    def n_outputs(self) -> int:
+        return 1 if self.task == "regression" else len(self.label_names)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the data set's definition (the manifest's bytes, or the npz/folder listing)."""
+        h = hashlib.sha256()
+        if self.source.is_file():
+            h.update(self.source.read_bytes())
+        else:
+            for s in self.samples:
+                h.update(f"{s.image.relative_to(self.source)}\t{s.y}\n".encode())
+        return h.hexdigest()
+
+    def raise_problems(self) -> None:
+        """Raise one DataError listing every problem (the first 20 by name)."""
+        if not self.problems:
+            return
+        lines = [str(p) for p in self.problems[:20]]
+        more = len(self.problems) - len(lines)
+        if more > 0:
+            lines.append(f"... and {more} more")
+        raise DataError(self.source, None, f"{len(self.problems)} bad entries "
+                        f"(run `nemt data check {self.source}` for the full list):\n  " + "\n  ".join(lines))
+
+    def labels_array(self) -> np.ndarray:
+        """Targets of all samples: (N,) int64, (N, L) float32 or (N,) float32."""
+        ys = [s.y for s in self.samples]
+        if self.task == "multiclass":
+            return np.asarray(ys, dtype=np.int64)
+        return np.asarray(ys, dtype=np.float32)
+
+
+def _pick(columns: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str,
+          source: Path, required: bool) -> str | None:
+    if wanted is not None:
+        if wanted not in columns:
+            raise DataError(source, wanted, f"{what} column not found; columns are {list(columns)}")
+        return wanted
+    lower = {c.lower(): c for c in columns}
+    for cand in candidates:
+        if cand in lower:
+            return lower[cand]
+    if required:
+        raise DataError(source, what, f"no {what} column (tried {', '.join(candidates)}); "
+                        f"columns are {list(columns)}")
+    return None
+
+
+def _is_binary(values: list[str]) -> bool:
+    return bool(values) and all(v.strip() in ("0", "1", "0.0", "1.0") for v in values)
+
+
+def load_manifest(path: str | Path, *, task: str | None = None, image_col: str | None = None,
+                  label_col: str | None = None, label_cols: Sequence[str] | None = None,
+                  target_col: str | None = None, mask_col: str | None = None,
+                  group_col: str | None = None, labels: Sequence[str] | None = None) -> Manifest:
+    """Parse a CSV manifest (see the module docstring for its rules).
+
+    ``labels`` fixes the label set (and its order) of a multi-class data set;
+    rows with another label are problems. Without it the set is the sorted
+    distinct labels.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, None, "manifest not found")
+    root = path.parent
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            reader.fieldnames = columns
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(path, None, f"not a readable CSV file ({exc})") from exc
+    if not columns:
+        raise DataError(path, None, "empty manifest (no header)")
+
+    img_c = _pick(columns, image_col, _IMAGE_COLS, "image", path, required=True)
+    mask_c = _pick(columns, mask_col, _MASK_COLS, "mask", path, required=False)
+    group_c = _pick(columns, group_col, _GROUP_COLS, "group", path, required=False)
+    split_c = "split" if "split" in columns else None
+    box_c = [c for c in _BOX_COLS if c in columns]
+    if box_c and len(box_c) != 4:
+        raise DataError(path, ",".join(box_c), "box columns need all of x, y, w, h")
+
+    used = {img_c, mask_c, group_c, split_c, *box_c}
+    if task is not None and task not in TASKS:
+        raise DataError(path, "task", f"unknown task {task!r}; choose one of {TASKS}")
+    if label_cols:
+        task = task or "multilabel"
+    if task is None:
+        if label_col or _pick(columns, None, _LABEL_COLS, "label", path, False):
+            task = "multiclass"
+        elif target_col or _pick(columns, None, _TARGET_COLS, "target", path, False):
+            task = "regression"
+        else:
+            rest = [c for c in columns if c not in used]
+            if rest and all(_is_binary([r[c] for r in rows]) for c in rest):
+                task = "multilabel"
+            else:
+                raise DataError(path, None, "cannot tell the task: no label column, no target column, "
+                                "and the other columns are not all 0/1; name them with "
+                                "--label-col / --label-cols / --target-col")
+
+    if task == "multiclass":
+        lab_c = _pick(columns, label_col, _LABEL_COLS, "label", path, required=True)
+        ycols = [lab_c]
+    elif task == "regression":
+        ycols = [_pick(columns, target_col, _TARGET_COLS, "target", path, required=True)]
+    else:
+        ycols = list(label_cols) if label_cols else [c for c in columns if c not in used]
+        missing = [c for c in ycols if c not in columns]
+        if missing or not ycols:
+            raise DataError(path, ",".join(missing) or None, "multi-label columns not found")
+
+    if task == "multiclass":
+        if labels is not None:
+            label_names = list(labels)
+        else:
+            label_names = sorted({r[ycols[0]].strip() for r in rows if r[ycols[0]].strip()})
+    elif task == "multilabel":
+        label_names = ycols
+    else:
+        label_names = [ycols[0]]
+
+    problems: list[DataError] = []
+    by_image: dict[str, Sample] = {}
+    order: list[str] = []
+    bad_images: set[str] = set()
+    for i, row in enumerate(rows, start=2):  # line 1 is the header
+        where = f"row {i}"
+        rel = (row.get(img_c) or "").strip()
+        if not rel:
+            problems.append(DataError(path, img_c, f"{where}: empty image path"))
+            continue
+        img_path = root / rel
+        y, err = _parse_y(row, task, ycols, label_names)
+        if err:
+            problems.append(DataError(img_path, err[0], f"{where}: {err[1]}"))
+            bad_images.add(rel)
+            continue
+        box = None
+        if box_c and any((row.get(c) or "").strip() for c in box_c):
+            try:
+                box = tuple(float(row[c]) for c in box_c)
+                if not all(math.isfinite(v) for v in box) or box[2] <= 0 or box[3] <= 0:
+                    raise ValueError
+            except (TypeError, ValueError):
+                problems.append(DataError(img_path, "x,y,w,h", f"{where}: box must be 4 finite numbers "
+                                          f"with w, h > 0, got {[row.get(c) for c in box_c]}"))
+                bad_images.add(rel)
+                continue
+        mask_rel = (row.get(mask_c) or "").strip() if mask_c else ""
+        group = (row.get(group_c) or "").strip() if group_c else ""
+        split = (row.get(split_c) or "").strip().lower() if split_c else ""
+        if split and split not in SPLITS:
+            problems.append(DataError(img_path, "split", f"{where}: split {split!r} is not one of {SPLITS}"))
+            bad_images.add(rel)
+            continue
+        if rel in by_image:  # another box row of the same image
+            s = by_image[rel]
+            if s.y != y:
+                problems.append(DataError(img_path, ",".join(ycols),
+                                          f"{where}: label {y!r} disagrees with row {s.row} ({s.y!r})"))
+                bad_images.add(rel)
+            if box:
+                s.boxes.append(box)
+            continue
+        if not img_path.is_file():
+            problems.append(DataError(img_path, img_c, f"{where}: image file not found"))
+            bad_images.add(rel)
+            continue
+        mask_path = None
+        if mask_rel:
+            mask_path = root / mask_rel
+            if not mask_path.is_file():
+                problems.append(DataError(mask_path, mask_c, f"{where}: mask file not found"))
+                bad_images.add(rel)
+                continue
+        by_image[rel] = Sample(image=img_path, y=y, mask=mask_path, boxes=[box] if box else [],
+                               group=group or rel, split=split or None, row=i)
+        order.append(rel)
+    samples = [by_image[r] for r in order if r not in bad_images]
+    if split_c and samples and any(s.split is None for s in samples):
+        problems.append(DataError(path, "split", "some rows have a split and others none"))
+    return Manifest(samples=samples, task=task, label_names=label_names, source=path,
+                    problems=problems, kind="csv")
+
+
+def _parse_y(row: dict, task: str, ycols: list[str], label_names: list[str]):
+    """Return (y, None) or (None, (field, reason))."""
+    if task == "multiclass":
+        v = (row.get(ycols[0]) or "").strip()
+        if not v:
+            return None, (ycols[0], "empty label")
+        if v not in label_names:
+            return None, (ycols[0], f"label {v!r} not in the label set {label_names}")
+        return label_names.index(v), None
+    if task == "multilabel":
+        out = []
+        for c in ycols:
+            v = (row.get(c) or "").strip()
+            if v not in ("0", "1", "0.0", "1.0"):
+                return None, (c, f"multi-label value must be 0 or 1, got {v!r}")
+            out.append(float(v))
+        return tuple(out), None
+    v = (row.get(ycols[0]) or "").strip()
+    try:
+        f = float(v)
+    except ValueError:
+        return None, (ycols[0], f"target {v!r} is not a number")
+    if not math.isfinite(f):
+        return None, (ycols[0], f"target is {v} (NaN or infinite)")
+    return f, None
+
+
+def load_folder(root: str | Path, labels: Sequence[str] | None = None) -> Manifest:
+    """A class-per-folder tree: ``root/<label>/<image>``; multi-class."""
+    from nemt.data.readers import is_image_file
+
+    root = Path(root)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(root, None, "no class folders found (expected root/<label>/<image files>)")
+    label_names = list(labels) if labels is not None else classes
+    samples, problems = [], []
+    for cls in classes:
+        files = sorted(p for p in (root / cls).rglob("*") if p.is_file() and not p.name.startswith("."))
+        for f in files:
+            if not is_image_file(f):
+                problems.append(DataError(f, None, "not an image file of a supported format"))
+            elif cls not in label_names:
+                problems.append(DataError(f, "label", f"folder {cls!r} is not in the label set {label_names}"))
+            else:
+                samples.append(Sample(image=f, y=label_names.index(cls), group=str(f.relative_to(root))))
+    return Manifest(samples=samples, task="multiclass", label_names=label_names, source=root,
+                    problems=problems, kind="folder")
+
+
+def load_medmnist_npz(path: str | Path, *, task: str | None = None,
+                      labels: Sequence[str] | None = None) -> Manifest:
+    """A MedMNIST ``.npz`` with its own train/val/test splits.
+
+    Labels of shape (N, 1) are multi-class (``task`` may say ``regression`` for
+    the ordinal grades of RetinaMNIST); (N, L>1) are multi-label.
+    """
+    from nemt.data.readers import read_medmnist
+
+    path = Path(path)
+    parts = read_medmnist(path)
+    arrays, samples = [], []
+    offset = 0
+    for split in SPLITS:
+        if split not in parts:
+            continue
+        imgs, labs = parts[split]
+        arrays.append(imgs)
+        for j in range(len(imgs)):
+            lab = labs[j]
+            if lab.shape[0] == 1 and task != "multilabel":
+                y: int | float | tuple = float(lab[0]) if task == "regression" else int(lab[0])
+            else:
+                y = tuple(float(v) for v in lab)
+            samples.append(Sample(image=path, y=y, index=offset + j, split=split,
+                                  group=f"{split}-{j}"))
+        offset += len(imgs)
+    if not samples:
+        raise DataError(path, None, "no train/val/test images in the file")
+    data = np.concatenate(arrays)
+    first = samples[0].y
+    if task is None:
+        task = "multilabel" if isinstance(first, tuple) else "multiclass"
+    if task == "multiclass":
+        n = max(int(s.y) for s in samples) + 1
+        label_names = list(labels) if labels is not None else [str(i) for i in range(n)]
+    elif task == "multilabel":
+        label_names = list(labels) if labels is not None else [f"label{i}" for i in range(len(first))]
+    else:
+        label_names = list(labels) if labels is not None else ["target"]
+    return Manifest(samples=samples, task=task, label_names=label_names, source=path,
+                    arrays=data, kind="medmnist")
+
+
+def open_dataset(path: str | Path, **options) -> Manifest:
+    """One entry point: a CSV file, a folder with ``manifest.csv``, a MedMNIST ``.npz``,
+    or a class-per-folder tree."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, None, "no such file or folder")
+    if path.is_file():
+        if path.suffix.lower() == ".csv":
+            return load_manifest(path, **options)
+        if path.suffix.lower() == ".npz":
+            return load_medmnist_npz(path, task=options.get("task"), labels=options.get("labels"))
+        raise DataError(path, None, "expected a .csv manifest, a .npz MedMNIST file or a folder")
+    if (path / "manifest.csv").is_file():
+        return load_manifest(path / "manifest.csv", **options)
+    unknown = {k for k, v in options.items() if v is not None} - {"labels", "task"}
+    if unknown:
+        raise DataError(path, ",".join(sorted(unknown)), "column options apply to CSV manifests only")
+    if options.get("task") not in (None, "multiclass"):
+        raise DataError(path, "task", "a class-per-folder tree is multi-class")
+    return load_folder(path, labels=options.get("labels"))

@@ -1,0 +1,138 @@
+"""Preprocessing that travels with a model: geometry, channels and intensity.
+
+An image becomes the model's input in three steps, all recorded in
+:class:`Preprocessing` and stored in the model card so that explaining,
+benchmarking and serving see exactly what training saw:
+
+1. intensity to [0, 1]: by the image's nominal range (``scale="range"``: 8-bit
+   /255, 16-bit /65535, DICOM by its window) or per image (``"minmax"``);
+2. channels: RGB to grey by luminance, or grey repeated to three channels;
+3. resize to ``size`` (anti-aliased linear for images, nearest for masks,
+   boxes scaled by the same factors), then ``(x - mean) / std`` per channel.
+
+Everything is written for any number of spatial dimensions.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from monai.transforms import Resize
+
+from nemt.data.readers import Image
+from nemt.errors import DataError
+
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+@dataclass
+class Preprocessing:
+    """How raw images become model inputs (see the module docstring).
+
+    ``size`` is the spatial size, ``channels`` the model's input channels,
+    ``mean``/``std`` one value per channel in the [0, 1] scale.
+    """
+
+    size: tuple[int, ...]
+    channels: int = 1
+    scale: str = "range"
+    mean: list[float] = field(default_factory=lambda: [0.0])
+    std: list[float] = field(default_factory=lambda: [1.0])
+
+    def __post_init__(self) -> None:
+        self.size = tuple(int(s) for s in self.size)
+        if self.scale not in ("range", "minmax"):
+            raise DataError(None, "scale", f"unknown intensity scaling {self.scale!r} (range or minmax)")
+        if len(self.mean) == 1 and self.channels > 1:
+            self.mean = self.mean * self.channels
+        if len(self.std) == 1 and self.channels > 1:
+            self.std = self.std * self.channels
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise DataError(None, "mean/std", f"need {self.channels} values, got {self.mean} / {self.std}")
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.size)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["size"] = list(self.size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        return cls(**{k: d[k] for k in ("size", "channels", "scale", "mean", "std") if k in d})
+
+    # -- steps ---------------------------------------------------------------
+    def unit_scale(self, img: Image) -> np.ndarray:
+        """Intensities to [0, 1] and channels to ``self.channels``: (C, *original spatial)."""
+        a = img.array.astype(np.float32, copy=False)
+        if a.ndim != self.spatial_dims + 1:
+            raise DataError(img.path, "shape", f"image has {a.ndim - 1} spatial dimensions, "
+                            f"the model takes {self.spatial_dims}")
+        if self.scale == "range":
+            lo, hi = img.value_range
+        else:
+            lo, hi = float(a.min()), float(a.max())
+        a = np.clip((a - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
+        return convert_channels(a, self.channels, img.path)
+
+    def resize(self, a: np.ndarray | torch.Tensor, *, mask: bool = False) -> torch.Tensor:
+        """(C, *spatial) to (C, *size): linear with anti-aliasing, or nearest for masks."""
+        t = torch.as_tensor(a)
+        if tuple(t.shape[1:]) == self.size:
+            return t.float() if not mask else t.bool()
+        if mask:
+            r = Resize(self.size, mode="nearest-exact")
+            return r(t.float()).as_tensor() > 0.5
+        mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
+        r = Resize(self.size, mode=mode, anti_aliasing=True, align_corners=False)
+        return r(t.float()).as_tensor()
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """(…, C, *spatial) in [0, 1] to the model's input scale."""
+        shape = (-1,) + (1,) * self.spatial_dims
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(shape)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(shape)
+        return (x - mean) / std
+
+    def denormalise(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`normalise` (for overlays)."""
+        shape = (-1,) + (1,) * self.spatial_dims
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(shape)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(shape)
+        return x * std + mean
+
+    def __call__(self, img: Image) -> torch.Tensor:
+        """A read image to the model's input: (C, *size) float32."""
+        return self.normalise(self.resize(self.unit_scale(img)))
+
+    def boxes(self, boxes: Sequence[tuple[float, float, float, float]],
+              original: Sequence[int]) -> list[tuple[float, float, float, float]]:
+        """Scale (x, y, w, h) boxes (x along the last axis) from ``original`` (H, W) to ``size``."""
+        sy, sx = self.size[-2] / original[-2], self.size[-1] / original[-1]
+        return [(x * sx, y * sy, w * sx, h * sy) for x, y, w, h in boxes]
+
+    def box_mask(self, boxes: Sequence[tuple[float, float, float, float]]) -> torch.Tensor:
+        """Rasterise scaled boxes into (1, H, W): pixels whose centre lies in a box."""
+        h, w = self.size[-2], self.size[-1]
+        yy = torch.arange(h, dtype=torch.float32).view(-1, 1) + 0.5
+        xx = torch.arange(w, dtype=torch.float32).view(1, -1) + 0.5
+        m = torch.zeros(h, w, dtype=torch.bool)
+        for x, y, bw, bh in boxes:
+            m |= (xx >= x) & (xx < x + bw) & (yy >= y) & (yy < y + bh)
+        return m.unsqueeze(0)
+
+
+def convert_channels(a: np.ndarray, channels: int, path: str | None = None) -> np.ndarray:
+    """(C, *spatial) to ``channels`` channels: RGB→grey by luminance, grey→RGB by repetition."""
+    c = a.shape[0]
+    if c == channels:
+        return a
+    if c == 3 and channels == 1:
+        return np.tensordot(_LUMA, a, axes=(0, 0))[None].astype(np.float32)
+    if c == 1 and channels == 3:
+        return np.repeat(a, 3, axis=0)
+    raise DataError(path, "channels", f"image has {c} channels, the model takes {channels}")

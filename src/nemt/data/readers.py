@@ -1,0 +1,391 @@
+"""Read one medical image (PNG, JPEG, BMP, TIFF, DICOM, NIfTI), a mask, or a MedMNIST file.
+
+Every reader returns channel-first float32 with no resizing or normalisation:
+
+* 2D images: ``(C, H, W)``, C = 1 for grey and 3 for colour;
+* DICOM multi-frame: ``(C, F, H, W)``, frames first;
+* NIfTI: ``(C, X, Y, Z)`` in nibabel's voxel order (``(1, X, Y)`` for a 2D file).
+
+``Image.value_range`` is the nominal intensity range of ``array``, so
+``(array - lo) / (hi - lo)`` lies in [0, 1]. Anything unreadable raises
+:class:`~nemt.errors.DataError` naming the file, the field and the reason.
+"""
+from __future__ import annotations
+
+import gzip
+import zipfile
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from nemt.errors import DataError
+
+SUPPORTED_SUFFIXES: tuple[str, ...] = (
+    ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom", ".nii", ".nii.gz", ".npz",
+)
+# An .npz holds a whole data set, not one image, so folder scans must not pick it up.
+_IMAGE_SUFFIXES = tuple(s for s in SUPPORTED_SUFFIXES if s != ".npz")
+_SUFFIX_FORMAT = {".png": "pil", ".jpg": "pil", ".jpeg": "pil", ".bmp": "pil", ".tif": "pil",
+                  ".tiff": "pil", ".dcm": "dicom", ".dicom": "dicom", ".nii": "nifti",
+                  ".nii.gz": "nifti", ".npz": "npz"}
+_PIL_FORMATS = ["PNG", "JPEG", "BMP", "TIFF"]
+_MEDMNIST_SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Image:
+    """One image, channel-first float32: ``(C, H, W)`` or ``(C, X, Y, Z)``."""
+
+    array: np.ndarray
+    spacing: tuple[float, ...]  # one per spatial axis; mm where the file says so, else 1.0
+    affine: np.ndarray | None  # (4, 4) voxel-to-world for NIfTI, None otherwise
+    value_range: tuple[float, float]
+    modality: str  # "png", "jpeg", "bmp", "tiff", "dicom" or "nifti"
+    path: str
+    meta: dict = field(default_factory=dict)
+
+
+def is_image_file(path: str | Path) -> bool:
+    """Whether the name ends in a single-image suffix (case-insensitive; ``.npz`` is not one)."""
+    return Path(path).name.lower().endswith(_IMAGE_SUFFIXES)
+
+
+def read_image(path: str | Path) -> Image:
+    """Read one image file; the format is told by its magic bytes first, its suffix second."""
+    path = Path(path)
+    kind = _sniff(path) or _suffix_format(path)
+    if kind == "pil":
+        return _read_pil(path)
+    if kind == "dicom":
+        return _read_dicom(path)
+    if kind == "nifti":
+        return _read_nifti(path)
+    if kind == "npz":
+        raise DataError(path, "file", "an .npz archive holds a data set, not one image; "
+                        "read it with read_medmnist (a MedMNIST data set)")
+    raise DataError(path, "file", "unsupported format (not PNG, JPEG, BMP, TIFF, DICOM or NIfTI; "
+                    f"supported suffixes: {', '.join(_IMAGE_SUFFIXES)})")
+
+
+def read_mask(path: str | Path, like: Image | tuple[int, ...] | None = None) -> np.ndarray:
+    """A mask as bool ``(1, *spatial)``: True where any channel is nonzero.
+
+    Palette (``P``) PNGs count nonzero palette indices, not colours, so a
+    palette whose entry 0 is not black still has background False. ``like``
+    (an Image or a spatial shape) must have the same spatial shape.
+    """
+    path = Path(path)
+    if (_sniff(path) or _suffix_format(path)) == "pil":
+        array = _read_pil(path, palette_indices=True).array
+    else:
+        array = read_image(path).array
+    mask = np.any(array != 0, axis=0, keepdims=True)
+    if like is not None:
+        want = tuple(like.array.shape[1:]) if isinstance(like, Image) else tuple(like)
+        if mask.shape[1:] != want:
+            raise DataError(path, "shape", f"mask is {_fmt_shape(mask.shape[1:])}, "
+                            f"image is {_fmt_shape(want)}")
+    return mask
+
+
+def read_medmnist(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A MedMNIST ``.npz`` as ``{"train": (images, labels), "val": ..., "test": ...}``.
+
+    images: float32 ``(N, C, H, W)`` with values 0..255 (grey ``(N, H, W)``
+    gives C = 1, RGB ``(N, H, W, 3)`` gives C = 3), or ``(N, 1, D, H, W)``
+    for the 3D sets stored as ``(N, D, H, W)``. labels: int64 ``(N, L)``.
+    """
+    path = Path(path)
+    _check_file(path)
+    if not zipfile.is_zipfile(path):
+        raise DataError(path, "file", "not an .npz (zip) archive; MedMNIST data sets are .npz files")
+    with _decoding(path, "file"):
+        npz = np.load(path, allow_pickle=False)
+    out = {}
+    with npz:
+        for split in _MEDMNIST_SPLITS:
+            ikey, lkey = f"{split}_images", f"{split}_labels"
+            for key in (ikey, lkey):
+                if key not in npz.files:
+                    raise DataError(path, key, f"missing key (has {', '.join(npz.files) or 'none'}; "
+                                    "MedMNIST files have train/val/test _images and _labels)")
+            with _decoding(path, ikey):
+                images = npz[ikey]
+            with _decoding(path, lkey):
+                labels = npz[lkey]
+            out[split] = (_medmnist_images(path, ikey, images),
+                          _medmnist_labels(path, lkey, labels, len(images), ikey))
+    return out
+
+
+# -- format detection -------------------------------------------------------
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise DataError(path, "file", "no such file")
+    if not path.is_file():
+        raise DataError(path, "file", "not a regular file")
+    if path.stat().st_size == 0:
+        raise DataError(path, "file", "file is empty")
+
+
+def _suffix_format(path: Path) -> str | None:
+    name = path.name.lower()
+    return next((kind for suffix, kind in _SUFFIX_FORMAT.items() if name.endswith(suffix)), None)
+
+
+def _sniff(path: Path) -> str | None:
+    """The format from the first bytes, or None when they name none we read."""
+    _check_file(path)
+    with open(path, "rb") as f:
+        head = f.read(352)
+    # DICOM first: its 128-byte preamble is free-form and may itself be a TIFF header.
+    if head[128:132] == b"DICM":
+        return "dicom"
+    if head.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM", b"II*\x00", b"MM\x00*")):
+        return "pil"
+    if head.startswith(b"PK\x03\x04"):
+        return "npz"
+    if head.startswith(b"\x1f\x8b"):
+        try:
+            with gzip.open(path, "rb") as f:
+                head = f.read(352)
+        except (OSError, EOFError, zlib.error):
+            return None  # a broken gzip: let the suffix pick the reader, which reports it
+    # NIfTI-1 keeps its magic at byte 344, NIfTI-2 at byte 4.
+    if head[344:348] in (b"n+1\x00", b"ni1\x00") or head[4:8] in (b"n+2\x00", b"ni2\x00"):
+        return "nifti"
+    return None
+
+
+@contextmanager
+def _decoding(path: Path, what: str, prefix: str = "") -> Iterator[None]:
+    """Turn whatever a third-party decoder raises into a DataError on ``what``."""
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as e:  # Pillow, pydicom, nibabel and gzip raise a zoo of types
+        raise DataError(path, what, f"{prefix}{type(e).__name__}: {e}") from e
+
+
+# -- Pillow: PNG, JPEG, BMP, TIFF ---------------------------------------------
+
+def _read_pil(path: Path, palette_indices: bool = False) -> Image:
+    """8/16-bit grey or RGB to ``(1|3, H, W)``; alpha dropped. Only the first frame of a TIFF stack."""
+    from PIL import Image as PILImage, UnidentifiedImageError
+
+    try:
+        im = PILImage.open(path, formats=_PIL_FORMATS)
+    except UnidentifiedImageError as e:
+        raise DataError(path, "file", "not a readable PNG, JPEG, BMP or TIFF image") from e
+    except OSError as e:
+        raise DataError(path, "file", f"{type(e).__name__}: {e}") from e
+    with im, _decoding(path, "pixels"):
+        im.load()  # a full decode, so that a truncated file fails here and not later
+        meta = {"format": im.format, "mode": im.mode, "frames": getattr(im, "n_frames", 1)}
+        grey = im.mode in ("1", "L", "LA", "I", "F") or im.mode.startswith("I;16")
+        if im.mode in ("P", "PA") and not palette_indices:
+            # A palette of greys is a grey image; otherwise colours.
+            pal = np.asarray(im.getpalette("RGB") or [0, 0, 0]).reshape(-1, 3)
+            grey = bool((pal == pal[:, :1]).all())
+            im = im.convert("RGBA")
+        elif im.mode in ("P", "PA"):
+            grey = True
+        elif im.mode == "1":
+            im = im.convert("L")
+        elif not grey and im.mode not in ("RGB", "RGBA"):
+            im = im.convert("RGB")  # CMYK, YCbCr, LAB, ...
+        a = np.asarray(im)
+    if a.ndim == 3:
+        a = a[..., :1] if grey else a[..., :3]  # drops alpha
+    a = a.reshape(a.shape[:2] + (-1,))
+    meta["bits"] = a.dtype.itemsize * 8
+    if a.dtype == np.uint8:
+        value_range = (0.0, 255.0)
+    elif a.dtype.kind == "u" and a.dtype.itemsize == 2:
+        value_range = (0.0, 65535.0)
+    elif a.dtype.kind == "i" and a.min() >= 0 and a.max() <= 65535:
+        value_range = (0.0, 65535.0)  # Pillow's "I" mode holds 16-bit files too
+        meta["bits"] = 16
+    else:
+        value_range = _data_range(a)
+    array = np.ascontiguousarray(np.moveaxis(a, -1, 0), dtype=np.float32)
+    return Image(array, (1.0, 1.0), None, value_range, meta["format"].lower(), str(path), meta)
+
+
+# -- DICOM --------------------------------------------------------------------
+
+def _read_dicom(path: Path) -> Image:
+    """Stored values -> modality LUT -> VOI LUT or window -> MONOCHROME1 inverted.
+
+    Grey ``(1, H, W)`` or colour ``(3, H, W)``; multi-frame ``(C, F, H, W)``.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import (apply_color_lut, apply_modality_lut, apply_voi,
+                                apply_windowing)
+
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError as e:
+        raise DataError(path, "file", "not a DICOM file (no 'DICM' marker at byte 128)") from e
+    except Exception as e:
+        raise DataError(path, "file", f"cannot parse DICOM: {type(e).__name__}: {e}") from e
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise DataError(path, "PixelData", "no pixel data (not an image object)")
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    prefix = ""
+    if ts is not None and ts.is_compressed:
+        prefix = f"{ts.name} ({ts}): "
+        if not _dicom_decoder_available(ts):
+            raise DataError(path, "TransferSyntaxUID", f"{prefix}compressed pixel data and no installed "
+                            "decoder; install a pydicom decoder plugin such as pylibjpeg "
+                            "(with pylibjpeg-libjpeg / pylibjpeg-openjpeg) or python-gdcm")
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    meta = {"Modality": str(ds.get("Modality", "")), "PhotometricInterpretation": photometric,
+            "BitsStored": int(ds.get("BitsStored", 0) or 0), "frames": frames,
+            "TransferSyntaxUID": str(ts or "")}
+    with _decoding(path, "PixelData", prefix):
+        a = ds.pixel_array
+        if photometric == "PALETTE COLOR":
+            a = apply_color_lut(a, ds)
+        colour = a.ndim == (4 if frames > 1 else 3)
+        if colour:
+            # pydicom hands YBR as RGB already; no modality or VOI LUT applies to colour.
+            bits = a.dtype.itemsize * 8 if photometric == "PALETTE COLOR" else meta["BitsStored"]
+            value_range = (0.0, float(2 ** bits - 1)) if a.dtype.kind == "u" and bits else _data_range(a)
+            a = np.moveaxis(a, -1, 0)
+        else:
+            a = apply_modality_lut(a, ds)
+            if ds.get("VOILUTSequence"):
+                a = apply_voi(a, ds, 0)
+                value_range = (0.0, float(2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1))
+                meta["voi"] = "lut"
+            elif "WindowCenter" in ds and "WindowWidth" in ds:
+                a = apply_windowing(a, ds, 0)
+                # pydicom maps the window onto the stored bits' range (after rescale);
+                # windowing -inf and +inf gives exactly those ends.
+                lo, hi = apply_windowing(np.array([-np.inf, np.inf]), ds, 0)
+                value_range = (float(min(lo, hi)), float(max(lo, hi)))
+                meta["voi"] = "window"
+                meta["window"] = [_first(ds.WindowCenter), _first(ds.WindowWidth)]
+            else:
+                value_range = _data_range(a)
+                meta["voi"] = "none"
+            if photometric == "MONOCHROME1":  # stored so that high is dark: flip so high is bright
+                a = value_range[0] + value_range[1] - np.asarray(a, dtype=np.float64)
+            a = a[None]
+    spacing, meta["spacing_from"] = _dicom_spacing(ds)
+    if frames > 1:
+        between = ds.get("SpacingBetweenSlices") or ds.get("SliceThickness")
+        spacing = (float(between) if between and float(between) > 0 else 1.0,) + spacing
+    array = np.ascontiguousarray(a, dtype=np.float32)
+    return Image(array, spacing, None, value_range, "dicom", str(path), meta)
+
+
+def _dicom_decoder_available(ts) -> bool:
+    from pydicom.pixels import get_decoder
+
+    try:
+        return get_decoder(ts).is_available
+    except NotImplementedError:  # no decoder is known for this syntax at all
+        return False
+
+
+def _dicom_spacing(ds) -> tuple[tuple[float, float], str | None]:
+    """(row, column) spacing in mm and the tag it came from; (1, 1) when none is usable."""
+    candidates = [("PixelSpacing", ds.get("PixelSpacing")),
+                  ("ImagerPixelSpacing", ds.get("ImagerPixelSpacing"))]
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared and shared[0].get("PixelMeasuresSequence"):
+        candidates.append(("PixelMeasuresSequence", shared[0].PixelMeasuresSequence[0].get("PixelSpacing")))
+    for tag, value in candidates:
+        try:
+            row, col = (float(v) for v in value)
+        except (TypeError, ValueError):
+            continue
+        if row > 0 and col > 0:  # some files hold 0.000 as "unknown"
+            return (row, col), tag
+    return (1.0, 1.0), None
+
+
+def _first(value) -> float:
+    """The first of a multi-valued tag (several windows: the first is the default)."""
+    return float(value[0] if isinstance(value, Sequence) and not isinstance(value, str) else value)
+
+
+# -- NIfTI --------------------------------------------------------------------
+
+def _read_nifti(path: Path) -> Image:
+    """3D ``(1, X, Y, Z)``; 4D, last axis as channels, ``(C, X, Y, Z)``; 2D ``(1, X, Y)``.
+
+    The affine is nibabel's 4x4 voxel-to-world (also for a 2D file, whose
+    plane need not be axial); spacing is the header's zooms.
+    """
+    import nibabel as nib
+
+    with _decoding(path, "file"):
+        img = nib.load(str(path))
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise DataError(path, "file", f"not a NIfTI image ({type(img).__name__})")
+    shape = img.shape
+    if len(shape) == 5 and shape[3] == 1:
+        shape = shape[:3] + shape[4:]  # (X, Y, Z, 1, C): NIfTI's vector images, one time point
+    if not 2 <= len(shape) <= 4:
+        raise DataError(path, "shape", f"{len(img.shape)}D NIfTI {_fmt_shape(img.shape)} "
+                        "(readable: 2D, 3D, or 4D with channels last)")
+    with _decoding(path, "pixels"):
+        data = img.get_fdata(dtype=np.float32).reshape(shape)
+    array = np.ascontiguousarray(np.moveaxis(data, -1, 0) if len(shape) == 4 else data[None])
+    n = min(len(shape), 3)
+    spacing = tuple(float(z) for z in img.header.get_zooms()[:n])
+    meta = {"dtype": str(img.get_data_dtype()), "shape": [int(s) for s in img.shape],
+            "axcodes": list(nib.aff2axcodes(img.affine))}
+    return Image(array, spacing, np.asarray(img.affine, dtype=np.float64), _data_range(array),
+                 "nifti", str(path), meta)
+
+
+# -- MedMNIST -----------------------------------------------------------------
+
+def _medmnist_images(path: Path, key: str, images: np.ndarray) -> np.ndarray:
+    if images.ndim == 3:  # (N, H, W) grey
+        images = images[:, None]
+    elif images.ndim == 4 and images.shape[-1] == 3:  # (N, H, W, 3) RGB
+        images = np.moveaxis(images, -1, 1)
+    elif images.ndim == 4:  # (N, D, H, W): the 3D sets
+        images = images[:, None]
+    else:
+        raise DataError(path, key, f"shape {_fmt_shape(images.shape)} is not (N, H, W), "
+                        "(N, H, W, 3) or (N, D, H, W)")
+    return np.ascontiguousarray(images, dtype=np.float32)
+
+
+def _medmnist_labels(path: Path, key: str, labels: np.ndarray, n: int, ikey: str) -> np.ndarray:
+    if labels.ndim == 1:
+        labels = labels[:, None]
+    if labels.ndim != 2 or len(labels) != n:
+        raise DataError(path, key, f"shape {_fmt_shape(labels.shape)} does not match {n} rows of {ikey}")
+    if labels.dtype.kind not in "biu" and not (labels.dtype.kind == "f" and np.all(labels == np.round(labels))):
+        raise DataError(path, key, f"labels of dtype {labels.dtype} are not whole numbers")
+    return labels.astype(np.int64)
+
+
+# -- small helpers ------------------------------------------------------------
+
+def _data_range(a: np.ndarray) -> tuple[float, float]:
+    """(min, max) of the finite values; (min, min + 1) when flat; (0, 1) when none is finite."""
+    finite = np.asarray(a)[np.isfinite(a)]
+    if finite.size == 0:
+        return (0.0, 1.0)
+    lo, hi = float(finite.min()), float(finite.max())
+    return (lo, hi) if hi > lo else (lo, lo + 1.0)
+
+
+def _fmt_shape(shape) -> str:
+    return "x".join(str(int(s)) for s in shape)

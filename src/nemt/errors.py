@@ -1,0 +1,38 @@
+"""Errors that name the file, the field and the reason.
+
+Every piece of bad input a user can hand to nemt ends in one of these, so the
+CLI can print one clear line and a caller can catch one type.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class NemtError(Exception):
+    """Base class of the errors nemt raises on purpose."""
+
+
+class DataError(NemtError, ValueError):
+    """Bad input data: names the file, the field (or ``None``) and the reason.
+
+    >>> str(DataError("a.png", "pixels", "file is truncated"))
+    'a.png: pixels: file is truncated'
+    """
+
+    def __init__(self, path: str | Path | None, field: str | None, reason: str):
+        self.path = None if path is None else str(path)
+        self.field = field
+        self.reason = reason
+        parts = [p for p in (self.path, field, reason) if p]
+        super().__init__(": ".join(parts))
+
+
+class CardError(NemtError, ValueError):
+    """A model or explainer card that is missing, malformed or does not match."""
+
+    def __init__(self, path: str | Path | None, field: str | None, reason: str):
+        self.path = None if path is None else str(path)
+        self.field = field
+        self.reason = reason
+        parts = [p for p in (self.path, field, reason) if p]
+        super().__init__(": ".join(parts))

@@ -1,0 +1,145 @@
+"""A network together with its card: the object every explainer receives.
+
+>>> net = build_model("smallcnn", spatial_dims=2, in_channels=1, out_channels=2)
+>>> clf = Classifier.from_module(net, spatial_dims=2, in_channels=1, input_size=(64, 64),
+...                              task="multiclass", label_names=["normal", "lesion"])
+>>> clf(torch.zeros(1, 1, 64, 64)).shape
+torch.Size([1, 2])
+
+Any ``nn.Module`` that maps ``(B, C, *spatial)`` to ``(B, T)`` can be wrapped
+with :meth:`Classifier.from_module`; models trained by ``nemt train`` are read
+back with :func:`load_model`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from nemt.data.preprocess import Preprocessing
+from nemt.errors import CardError
+from nemt.files import atomic_path, sha256_file
+from nemt.models.card import ModelCard
+from nemt.models.zoo import ARCHITECTURES, build_model
+
+WEIGHTS = "model.safetensors"
+CARD = "model.json"
+
+
+class Classifier(nn.Module):
+    """``net`` plus its :class:`ModelCard`.
+
+    ``forward`` returns raw outputs ``(B, T)``: logits for classification,
+    the predicted value in the target's units for regression. ``predict``
+    returns probabilities (softmax or sigmoid) or values.
+    """
+
+    def __init__(self, net: nn.Module, card: ModelCard):
+        super().__init__()
+        self.net = net
+        self.card = card
+        self.preprocessing = Preprocessing.from_dict(card.preprocessing)
+        scale = card.target_scale or {"mean": 0.0, "std": 1.0}
+        self.register_buffer("_t_mean", torch.tensor(float(scale["mean"])), persistent=False)
+        self.register_buffer("_t_std", torch.tensor(float(scale["std"])), persistent=False)
+
+    @property
+    def task(self) -> str:
+        return self.card.task
+
+    @property
+    def label_names(self) -> list[str]:
+        return self.card.label_names
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.card.spatial_dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        if self.card.task == "regression":
+            out = out * self._t_std + self._t_mean
+        return out
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Probabilities (multi-class softmax, multi-label sigmoid) or regression values, (B, T)."""
+        out = self(x)
+        if self.card.task == "multiclass":
+            return out.softmax(dim=1)
+        if self.card.task == "multilabel":
+            return out.sigmoid()
+        return out
+
+    @classmethod
+    def from_module(cls, module: nn.Module, *, spatial_dims: int, in_channels: int,
+                    input_size: Sequence[int], task: str, label_names: Sequence[str],
+                    preprocessing: Preprocessing | None = None, target_scale: dict | None = None,
+                    arch: str = "custom") -> "Classifier":
+        """Wrap a user's network with a small description of its input."""
+        pre = preprocessing or Preprocessing(size=tuple(input_size), channels=in_channels)
+        card = ModelCard.from_dict({
+            "arch": arch, "spatial_dims": spatial_dims, "in_channels": in_channels, "task": task,
+            "label_names": list(label_names), "input_size": list(input_size),
+            "preprocessing": pre.to_dict(), "target_scale": target_scale, "format": ModelCard.format,
+        })
+        return cls(module, card)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``model.safetensors`` and ``model.json`` (with the weights' SHA-256), atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
+        with atomic_path(directory / WEIGHTS) as tmp:
+            save_file(state, str(tmp))
+        self.card.weights_sha256 = sha256_file(directory / WEIGHTS)
+        self.card.save(directory / CARD)
+        return directory
+
+
+def load_model(directory: str | Path, *, module: nn.Module | None = None,
+               device: str | torch.device = "cpu") -> Classifier:
+    """Read a saved classifier, validating card and weights; returned in eval mode.
+
+    ``module`` supplies the network for a card whose ``arch`` is not one of
+    nemt's (a wrapped user model); its weights are loaded into it.
+    """
+    directory = Path(directory)
+    if directory.is_file():
+        directory = directory.parent
+    card = ModelCard.load(directory / CARD)
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        raise CardError(weights, None, "weights file not found")
+    if card.weights_sha256 and sha256_file(weights) != card.weights_sha256:
+        raise CardError(weights, "weights_sha256", "weights do not match the card's checksum "
+                        "(file changed or belongs to another model)")
+    if module is None:
+        if card.arch not in ARCHITECTURES:
+            raise CardError(directory / CARD, "arch", f"{card.arch!r} is not a nemt architecture; "
+                            "pass the network as module=")
+        module = build_model(card.arch, spatial_dims=card.spatial_dims, in_channels=card.in_channels,
+                             out_channels=card.out_channels, **card.arch_kwargs)
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types
+        raise CardError(weights, None, f"unreadable safetensors file ({exc})") from exc
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        detail = "; ".join(filter(None, [
+            f"missing {missing[:3]}" if missing else "",
+            f"unexpected {unexpected[:3]}" if unexpected else "",
+            f"shape of {wrong[0]} is {tuple(state[wrong[0]].shape)}, network wants "
+            f"{tuple(own[wrong[0]].shape)}" if wrong else ""]))
+        raise CardError(weights, "state_dict", f"weights do not fit {card.arch} "
+                        f"({card.spatial_dims}D, {card.in_channels} ch, {card.out_channels} outputs): {detail}")
+    module.load_state_dict(state)
+    clf = Classifier(module, card).to(device)
+    clf.eval()
+    return clf

@@ -1,0 +1,40 @@
+"""Shared fixtures: real data locations (skipped when absent) and small synthetic data sets."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared(name: str) -> Path:
+    """Path of a folder of ../shared/data, or skip the test when it is absent."""
+    p = SHARED_DATA / name
+    if not p.exists():
+        pytest.skip(f"real data {p} not present")
+    return p
+
+
+def write_png(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    PILImage.fromarray(array).save(path)
+    return path
+
+
+@pytest.fixture
+def small_csv(tmp_path: Path):
+    """A 3-class CSV data set of 24 random 20x16 PNGs with masks; 12 patients of two images each."""
+    rng = np.random.default_rng(0)
+    rows = ["image,mask,label,patient"]
+    for i in range(24):
+        write_png(tmp_path / "img" / f"case ({i}).png", rng.integers(0, 255, (20, 16), dtype=np.uint8))
+        m = np.zeros((20, 16), np.uint8)
+        if i % 3:
+            m[5:10, 4:8] = 255
+        write_png(tmp_path / "msk" / f"case ({i}).png", m)
+        rows.append(f"img/case ({i}).png,msk/case ({i}).png,{['normal', 'benign', 'malignant'][i % 3]},p{i // 2}")
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return tmp_path / "manifest.csv"
