@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from monai.transforms import Resize
+import torch.nn.functional as F
 
 from nemt.data.readers import Image
 from nemt.errors import DataError
@@ -80,16 +80,26 @@ class Preprocessing:
         return convert_channels(a, self.channels, img.path)
 
     def resize(self, a: np.ndarray | torch.Tensor, *, mask: bool = False) -> torch.Tensor:
-        """(C, *spatial) to (C, *size): linear with anti-aliasing, or nearest for masks."""
+        """(C, *spatial) to (C, *size): anti-aliased linear for images, nearest for masks.
+
+        Written on ``F.interpolate`` rather than MONAI's ``Resize``: the latter's
+        anti-aliasing pads with zeros and darkens the borders of the image.
+        2D uses bilinear with anti-aliasing; 3D uses area averaging when every
+        axis shrinks and trilinear otherwise. Constant images stay constant.
+        """
         t = torch.as_tensor(a)
         if tuple(t.shape[1:]) == self.size:
-            return t.float() if not mask else t.bool()
+            return t.bool() if mask else t.float()
+        t = t.float()[None]
         if mask:
-            r = Resize(self.size, mode="nearest-exact")
-            return r(t.float()).as_tensor() > 0.5
-        mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
-        r = Resize(self.size, mode=mode, anti_aliasing=True, align_corners=False)
-        return r(t.float()).as_tensor()
+            return F.interpolate(t, size=self.size, mode="nearest-exact")[0] > 0.5
+        if self.spatial_dims == 2:
+            out = F.interpolate(t, size=self.size, mode="bilinear", align_corners=False, antialias=True)
+        elif all(s <= o for s, o in zip(self.size, t.shape[2:])):
+            out = F.interpolate(t, size=self.size, mode="area")
+        else:
+            out = F.interpolate(t, size=self.size, mode="trilinear", align_corners=False)
+        return out[0]
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """(…, C, *spatial) in [0, 1] to the model's input scale."""

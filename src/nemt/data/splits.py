@@ -59,15 +59,18 @@ def split_indices(manifest: Manifest, fractions: Sequence[float] = (0.7, 0.1, 0.
     n_groups = len(set(groups.tolist()))
     y = strata(manifest)
     _, counts = np.unique(y, return_counts=True)
-    n_folds = int(max(2, min(20, n_groups, counts.max())))
+    n_folds = int(min(20, n_groups, counts.max()))  # scikit-learn needs a stratum at least this large
+    if n_folds < 3:
+        raise DataError(manifest.source, None, f"{n_groups} groups cannot make train/val/test splits")
     folds = np.empty(n, dtype=np.int64)
     skf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     with warnings.catch_warnings():  # a stratum smaller than the fold count is fine here
         warnings.filterwarnings("ignore", message="The least populated class")
         for k, (_, test_idx) in enumerate(skf.split(np.zeros(n), y, groups)):
             folds[test_idx] = k
-    # deal folds to splits: cumulative fractions of the fold count, rounded
-    bounds = np.round(np.cumsum(f) * n_folds).astype(int)
-    fold_split = np.searchsorted(bounds, np.arange(n_folds), side="right")
+    # deal folds to splits in proportion; every split with a positive fraction gets at least one fold
+    per = np.where(f > 0, np.maximum(1, np.round(f * n_folds)), 0).astype(int)
+    per[0] = n_folds - per[1:].sum()
+    fold_split = np.repeat(np.arange(3), per)
     out = {name: np.flatnonzero(fold_split[folds] == j) for j, name in enumerate(SPLITS)}
     return out

@@ -1,0 +1,133 @@
+"""Model zoo, cards and checkpoints: shapes, round trips, and clear refusals."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from nemt.checkpoint import load_state, save_state
+from nemt.errors import CardError, NemtError
+from nemt.models import ARCHITECTURES, Classifier, ModelCard, build_model, load_model
+
+
+@pytest.mark.parametrize("arch,dims", [(a, 2) for a in sorted(ARCHITECTURES)] + [("resnet18", 3), ("smallcnn", 3)])
+def test_zoo_shapes(arch, dims):
+    net = build_model(arch, spatial_dims=dims, in_channels=1, out_channels=4).eval()
+    size = (32,) * dims
+    with torch.no_grad():
+        assert net(torch.zeros(2, 1, *size)).shape == (2, 4)
+
+
+def test_zoo_rejects_unknown():
+    with pytest.raises(NemtError, match="unknown architecture"):
+        build_model("vit", spatial_dims=2, in_channels=1, out_channels=2)
+
+
+def _clf(task="multiclass", labels=("a", "b", "c")):
+    torch.manual_seed(0)
+    net = build_model("smallcnn", spatial_dims=2, in_channels=1, out_channels=1 if task == "regression" else len(labels))
+    clf = Classifier.from_module(net, spatial_dims=2, in_channels=1, input_size=(32, 32), task=task,
+                                 label_names=list(labels), arch="smallcnn",
+                                 target_scale={"mean": 10.0, "std": 2.0} if task == "regression" else None)
+    return clf.eval()
+
+
+def test_save_load_round_trip(tmp_path):
+    clf = _clf()
+    x = torch.randn(3, 1, 32, 32)
+    clf.save(tmp_path / "m")
+    back = load_model(tmp_path / "m")
+    assert back.card.label_names == ["a", "b", "c"] and not back.training
+    assert torch.equal(clf(x), back(x))
+    assert torch.allclose(back.predict(x).sum(1), torch.ones(3))
+    card = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert len(card["weights_sha256"]) == 64 and card["format"] == "nemt-model/1"
+
+
+def test_regression_outputs_in_target_units(tmp_path):
+    clf = _clf("regression", ("severity",))
+    x = torch.randn(2, 1, 32, 32)
+    assert torch.allclose(clf(x), clf.net(x) * 2.0 + 10.0)
+    clf.save(tmp_path)
+    assert torch.allclose(load_model(tmp_path)(x), clf(x))
+
+
+def test_load_refuses_tampered_weights(tmp_path):
+    _clf().save(tmp_path)
+    other = tmp_path / "other"
+    _clf(labels=("a", "b")).save(other)
+    (tmp_path / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+    with pytest.raises(CardError, match="weights_sha256"):
+        load_model(tmp_path)
+
+
+def test_load_refuses_weights_of_another_shape(tmp_path):
+    _clf().save(tmp_path)
+    card = json.loads((tmp_path / "model.json").read_text())
+    card["label_names"] = ["a", "b"]  # card now says 2 outputs, weights have 3
+    (tmp_path / "model.json").write_text(json.dumps(card))
+    with pytest.raises(CardError, match=r"fc.weight is \(3, 128\), network wants \(2, 128\)"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("task", "segmentation", "task"),
+    ("spatial_dims", 4, "spatial_dims"),
+    ("input_size", [32], "input_size"),
+    ("label_names", [], "label_names"),
+    ("format", "other/9", "format"),
+    ("in_channels", "1", "in_channels"),
+])
+def test_card_validation_names_the_field(tmp_path, field, value, match):
+    _clf().save(tmp_path)
+    card = json.loads((tmp_path / "model.json").read_text())
+    card[field] = value
+    (tmp_path / "model.json").write_text(json.dumps(card))
+    with pytest.raises(CardError, match=match) as info:
+        load_model(tmp_path)
+    assert "model.json" in str(info.value)
+
+
+def test_missing_or_broken_card(tmp_path):
+    with pytest.raises(CardError, match="model card not found"):
+        load_model(tmp_path)
+    (tmp_path / "model.json").write_text("{not json")
+    with pytest.raises(CardError, match="not valid JSON"):
+        load_model(tmp_path)
+
+
+def test_user_module_needs_module_argument(tmp_path):
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(16, 2)
+
+        def forward(self, x):
+            return self.lin(x.flatten(1))
+
+    clf = Classifier.from_module(Tiny(), spatial_dims=2, in_channels=1, input_size=(4, 4), task="multiclass",
+                                 label_names=["no", "yes"])
+    clf.save(tmp_path)
+    with pytest.raises(CardError, match="pass the network as module="):
+        load_model(tmp_path)
+    back = load_model(tmp_path, module=Tiny())
+    x = torch.randn(2, 1, 4, 4)
+    assert torch.equal(back(x), clf(x))
+
+
+def test_state_round_trip_without_pickle(tmp_path):
+    net = nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters())
+    net(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    state = {"epoch": 3, "best": 0.5, "history": [{"a": 1.0}], "model": net.state_dict(),
+             "optimizer": opt.state_dict(), "rng": torch.get_rng_state()}
+    save_state(tmp_path / "last", state)
+    back = load_state(tmp_path / "last")
+    assert back["epoch"] == 3 and back["history"] == [{"a": 1.0}]
+    assert torch.equal(back["rng"], state["rng"])
+    opt2 = torch.optim.AdamW(nn.Linear(3, 2).parameters())
+    opt2.load_state_dict(back["optimizer"])  # int keys of the optimiser state come back as ints
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])

@@ -1,0 +1,92 @@
+"""A tiny training run: files written, figures reported, resume after interruption is exact."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from nemt.cli import app
+from nemt.data import open_dataset
+from nemt.errors import NemtError
+from nemt.models import TrainConfig, load_model, train_classifier
+from nemt.models.training import augment_batch
+
+CFG = dict(arch="smallcnn", size=(16, 16), epochs=2, batch_size=4, lr=3e-3, seed=0,
+           arch_kwargs={"width": 4})
+
+
+def test_tiny_run_writes_model_card_splits_history(small_csv, tmp_path):
+    out = tmp_path / "run"
+    clf, result = train_classifier(open_dataset(small_csv), out, TrainConfig(**CFG), progress=False,
+                                   log=lambda s: None)
+    for name in ("model.safetensors", "model.json", "splits.csv", "history.json",
+                 "state/last.json", "state/last.safetensors"):
+        assert (out / name).is_file(), name
+    card = json.loads((out / "model.json").read_text())
+    assert card["task"] == "multiclass" and card["input_size"] == [16, 16]
+    assert card["data"]["split_seed"] == 0 and len(card["data"]["sha256"]) == 64
+    assert set(card["metrics"]) >= {"val", "test", "best_epoch"}
+    assert 0.0 <= card["metrics"]["test"]["balanced_accuracy"] <= 1.0
+    assert len(result["history"]) == 2
+    pre = card["preprocessing"]
+    assert pre["size"] == [16, 16] and pre["std"][0] > 0
+    loaded = load_model(out)
+    assert loaded.card.metrics == card["metrics"]
+    # splits.csv lists every sample once; patients never cross splits
+    rows = (out / "splits.csv").read_text().splitlines()[1:]
+    assert len(rows) == 24
+
+
+def test_resume_after_interruption_equals_uninterrupted(small_csv, tmp_path):
+    m = open_dataset(small_csv)
+    full, _ = train_classifier(m, tmp_path / "full", TrainConfig(**CFG), progress=False, log=lambda s: None)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_epoch(line):
+        if line.startswith("epoch 1/"):
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_classifier(m, tmp_path / "cut", TrainConfig(**CFG), progress=False, log=stop_after_first_epoch)
+    logs = []
+    resumed, result = train_classifier(m, tmp_path / "cut", TrainConfig(**CFG), progress=False, log=logs.append)
+    assert logs[0].startswith("resuming") and len(result["history"]) == 2
+    full_state = full.net.state_dict()
+    for k, v in resumed.net.state_dict().items():
+        assert torch.allclose(v.float(), full_state[k].float(), atol=1e-6), k
+
+
+def test_resume_refuses_other_settings(small_csv, tmp_path):
+    m = open_dataset(small_csv)
+    train_classifier(m, tmp_path, TrainConfig(**{**CFG, "epochs": 1}), progress=False, log=lambda s: None)
+    with pytest.raises(NemtError, match="other settings"):
+        train_classifier(m, tmp_path, TrainConfig(**{**CFG, "epochs": 1, "lr": 0.1}), progress=False,
+                         log=lambda s: None)
+
+
+def test_bad_data_refused_before_training(small_csv, tmp_path):
+    small_csv.write_text(small_csv.read_text() + "img/absent.png,,normal,p99\n")
+    with pytest.raises(NemtError, match="absent.png"):
+        train_classifier(open_dataset(small_csv), tmp_path, TrainConfig(**CFG), progress=False)
+
+
+def test_augmentation_is_seeded_and_keeps_shape():
+    x = torch.rand(4, 1, 16, 16)
+    a = augment_batch(x, torch.Generator().manual_seed(1))
+    b = augment_batch(x, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.shape == x.shape and not torch.equal(a, x)
+    v = torch.rand(2, 1, 8, 8, 8)
+    assert augment_batch(v, torch.Generator().manual_seed(0)).shape == v.shape
+
+
+def test_cli_train(small_csv, tmp_path):
+    res = CliRunner().invoke(app, ["train", "--data", str(small_csv), "--out", str(tmp_path / "cli"),
+                                   "--arch", "smallcnn", "--size", "16", "--epochs", "1", "--batch-size", "4",
+                                   "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "cli" / "model.json").is_file()
+    assert '"test"' in res.output
