@@ -175,7 +175,8 @@ def demo(
 
     console.rule("1. phantoms")
     manifest_path = write_phantom_dataset(out / "data", n, size, task="multiclass", seed=seed)
-    manifest = open_dataset(manifest_path)
+    label_names = json.loads((out / "data" / "phantoms.json").read_text())["label_names"]
+    manifest = open_dataset(manifest_path, labels=label_names)  # keep "normal" first
     console.rule("2. data check")
     rep = check_dataset(manifest)
     console.print(f"{rep.n_images} images {rep.per_label}, {rep.nonempty_masks} non-empty masks, "

@@ -1,0 +1,65 @@
+"""Grad-CAM and Grad-CAM++ on a chosen or automatically found last convolutional stage.
+
+Correct for batches whose samples have different targets: the score of each
+sample's own target is back-propagated (``gather`` per sample, never the
+B x B indexing of a shared class vector), and since samples do not interact
+in an eval-mode network, the gradient of their sum gives each sample its own
+gradient. Works for 2D and 3D; maps are upsampled to the input size
+(bi/trilinear) and min-max normalised per map.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nemt.explainers.base import Explainer, Target, normalise_maps, register
+from nemt.explainers.layers import FeatureTap, find_stages
+
+
+@register("gradcam")
+class GradCAM(Explainer):
+    """Selvaraju et al. 2017: weights = spatial mean of the gradient; map = ReLU(Σ_k w_k A_k)."""
+
+    def __init__(self, model: nn.Module, layer: str | None = None, device=None):
+        super().__init__(model, device)
+        card = model.card
+        self.layer = layer or find_stages(model, (card.in_channels, *card.input_size))[-1]
+
+    def _weights(self, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        return grads.flatten(2).mean(dim=2)
+
+    def explain(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
+        x = x.to(self.device)
+        d = x.ndim - 2
+        with FeatureTap(self.model, [self.layer]) as tap, torch.enable_grad():
+            out = self.model(x)
+            acts = tap.features[self.layer]
+            t = self.targets(x, target) if not isinstance(target, str) or target != "predicted" else \
+                out.argmax(1, keepdim=True)
+            maps = []
+            for j in range(t.shape[1]):
+                score = out.gather(1, t[:, j:j + 1]).sum()  # each sample's own target
+                grads, = torch.autograd.grad(score, acts, retain_graph=j + 1 < t.shape[1])
+                w = self._weights(acts.detach(), grads)
+                cam = F.relu((w.view(*w.shape, *([1] * d)) * acts.detach()).sum(dim=1))
+                maps.append(cam)
+        cams = torch.stack(maps, dim=1)
+        mode = "bilinear" if d == 2 else "trilinear"
+        cams = F.interpolate(cams, size=x.shape[2:], mode=mode, align_corners=False)
+        return normalise_maps(cams, d)
+
+
+@register("gradcam++")
+class GradCAMPlusPlus(GradCAM):
+    """Chattopadhay et al. 2018: weights = Σ ReLU(g) · g² / (2g² + ΣA · g³)."""
+
+    def _weights(self, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        g2, g3 = grads ** 2, grads ** 3
+        sum_a = acts.flatten(2).sum(dim=2).view(*acts.shape[:2], *([1] * (acts.ndim - 2)))
+        denom = 2 * g2 + sum_a * g3
+        alpha = torch.where(grads != 0, g2 / torch.where(denom != 0, denom, torch.ones_like(denom)),
+                            torch.zeros_like(g2))
+        return (alpha * F.relu(grads)).flatten(2).sum(dim=2)

@@ -1,0 +1,101 @@
+"""Finding and reading a model's internal stages with forward hooks.
+
+``find_stages`` runs one dummy forward pass and, for each spatial resolution
+below the input's, keeps the module whose output comes last at that
+resolution: for MONAI's ResNet that is ``act`` (/2), ``layer1`` … ``layer4``
+(/4 … /32); for DenseNet-121 the last module of each dense stage; for any
+CNN built of stages, its stage outputs. Give ``names`` explicitly for models
+where this guess is not what you want.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from nemt.errors import NemtError
+
+
+def _unwrap(model: nn.Module) -> tuple[nn.Module, str]:
+    """The network inside a Classifier (its module names are what users see)."""
+    net = getattr(model, "net", None)
+    return (net, "") if isinstance(net, nn.Module) else (model, "")
+
+
+@torch.no_grad()
+def find_stages(model: nn.Module, input_shape: Sequence[int], max_stages: int = 5) -> list[str]:
+    """Names (in ``model.net`` if it is a Classifier) of the deepest-resolution stage outputs.
+
+    ``input_shape`` is (C, *spatial). Returns at most ``max_stages`` names,
+    shallowest first.
+    """
+    net, _ = _unwrap(model)
+    spatial = tuple(input_shape[1:])
+    order: list[tuple[str, tuple[int, ...], int]] = []
+    hooks = []
+    for name, mod in net.named_modules():
+        if not name:
+            continue
+
+        def hook(m, inp, out, name=name):
+            if torch.is_tensor(out) and out.ndim == len(spatial) + 2:
+                order.append((name, tuple(out.shape[2:]), int(out.shape[1])))
+        hooks.append(mod.register_forward_hook(hook))
+    was_training = net.training
+    net.eval()
+    try:
+        dev = next(net.parameters()).device
+        net(torch.zeros(1, *input_shape, device=dev))
+    finally:
+        for h in hooks:
+            h.remove()
+        net.train(was_training)
+    # per resolution: the last output among the shallowest modules (a reused activation deep
+    # inside a block can fire at a stage's resolution, but the stage container is shallower)
+    last: dict[tuple[int, ...], tuple[int, str]] = {}
+    for name, shape, _ in order:
+        if shape != spatial and all(s > 1 for s in shape) and all(s <= i for s, i in zip(shape, spatial)):
+            depth = name.count(".")
+            if shape not in last or depth <= last[shape][0]:
+                last[shape] = (depth, name)
+    if not last:
+        raise NemtError("found no downsampled convolutional stages; pass the layer names explicitly")
+    by_size = sorted(last.items(), key=lambda kv: -kv[0][0])  # shallow (large) first
+    return [name for _, (_, name) in by_size][:max_stages]
+
+
+class FeatureTap:
+    """Capture the outputs of named submodules during a forward pass.
+
+    >>> tap = FeatureTap(net, ["layer1", "layer2"]); _ = net(x); tap.features["layer1"]
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str]):
+        net, _ = _unwrap(model)
+        mods = dict(net.named_modules())
+        missing = [n for n in names if n not in mods]
+        if missing:
+            raise NemtError(f"layers {missing} not found in the model; some names are "
+                            f"{[n for n in mods if n][:12]}")
+        self.names = list(names)
+        self.enabled = True  # switched off around forward passes whose features are not wanted
+        self.features: dict[str, torch.Tensor] = {}
+        self._hooks = [mods[n].register_forward_hook(self._keep(n)) for n in names]
+
+    def _keep(self, name: str):
+        def hook(m, inp, out):
+            if self.enabled:
+                self.features[name] = out
+        return hook
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def __enter__(self) -> "FeatureTap":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()

@@ -1,0 +1,430 @@
+"""NEMt and NEM as estimators: ``fit`` once, then ``explain`` in one forward pass.
+
+>>> nemt = NEMt(clf, seed=0).fit(loader, epochs=3)          # doctest: +SKIP
+>>> maps = nemt.explain(x, target="all")                    # (B, T, *spatial) in [0, 1]
+>>> nemt.save("explainer/"); NEMt.load("explainer/", clf)   # refuses another model
+
+Hyper-parameters live in ``__init__``; learned state in attributes ending in
+``_`` (``module_``, ``history_``). ``fit(data)`` takes a DataLoader or any
+iterable of ``(x, y)`` batches (or nemt's dict batches with ``image``/``y``),
+with ``x`` already in the model's normalised input space.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from nemt import __version__
+from nemt.checkpoint import load_state, save_state
+from nemt.errors import CardError, NemtError
+from nemt.explainers.base import Explainer, Target, register, resolve_targets
+from nemt.explainers.layers import find_stages
+from nemt.explainers.nemt.losses import (OCCLUSIONS, QUANTITIES, deletion_loss, nem_loss, occlusion_baseline,
+                                         target_quantity)
+from nemt.explainers.nemt.module import ExplanationModule
+from nemt.explainers.nemt.smoothing import kernel_size_for
+from nemt.files import atomic_path, write_json
+from nemt.progress import console, progress_bar
+
+FORMAT = "nemt-explainer/1"
+WEIGHTS, CARD = "explainer.safetensors", "explainer.json"
+
+
+def model_checksum(model: nn.Module) -> str:
+    """SHA-256 over the model's state (names, shapes, dtypes, bytes): the same weights give the same sum."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _batches(data: Iterable) -> Iterable[tuple[torch.Tensor, torch.Tensor | None]]:
+    for b in data:
+        if isinstance(b, dict):
+            yield b["image"], b.get("y")
+        elif isinstance(b, (list, tuple)):
+            yield b[0], (b[1] if len(b) > 1 else None)
+        else:
+            yield b, None
+
+
+class _MaskExplainer(Explainer):
+    """Shared machinery of NEMt and NEM: module building, training loop, checkpoints, save/load."""
+
+    _param_names: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module, *, layers: Sequence[str] | None = None, encoder: str = "model",
+                 smoothing: bool = True, kernel_size: int | None = None, init_keep: float = 0.95,
+                 decoder_channels: Sequence[int] = (256, 128, 64, 32, 16), optimizer: str = "prodigy",
+                 lr: float | None = None, weight_decay: float = 0.01, batch_size: int = 16,
+                 accumulate: int = 1, epochs: int = 3, seed: int = 0,
+                 input_size: Sequence[int] | None = None, in_channels: int | None = None,
+                 device: str | torch.device | None = None):
+        super().__init__(model, device)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        card = getattr(model, "card", None)
+        self.input_size = list(input_size or (card.input_size if card else []))
+        self.in_channels = int(in_channels or (card.in_channels if card else 0))
+        if not self.input_size or not self.in_channels:
+            raise NemtError("give input_size= and in_channels= for a model without a card")
+        if encoder not in ("model", "own"):
+            raise NemtError(f"encoder must be 'model' or 'own', got {encoder!r}")
+        if optimizer not in ("prodigy", "adamw"):
+            raise NemtError(f"optimizer must be 'prodigy' or 'adamw', got {optimizer!r}")
+        self.layers = list(layers) if layers else None
+        self.encoder, self.smoothing, self.kernel_size = encoder, smoothing, kernel_size
+        self.init_keep, self.decoder_channels = init_keep, list(decoder_channels)
+        self.optimizer, self.lr, self.weight_decay = optimizer, lr, weight_decay
+        self.batch_size, self.accumulate, self.epochs, self.seed = batch_size, accumulate, epochs, seed
+        self.module_: ExplanationModule | None = None
+        self.history_: list[dict] = []
+
+    # -- parameters ---------------------------------------------------------
+    def get_params(self) -> dict:
+        """Hyper-parameters (round-trip through ``__init__``)."""
+        common = ("layers", "encoder", "smoothing", "kernel_size", "init_keep", "decoder_channels",
+                  "optimizer", "lr", "weight_decay", "batch_size", "accumulate", "epochs", "seed",
+                  "input_size", "in_channels")
+        return {k: getattr(self, k) for k in common + self._param_names}
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.input_size)
+
+    def _n_maps(self) -> int:
+        raise NotImplementedError
+
+    def _build(self) -> ExplanationModule:
+        torch.manual_seed(self.seed)
+        if self.encoder == "model" and self.layers is None:
+            self.layers = find_stages(self.model, (self.in_channels, *self.input_size))
+        k = self.kernel_size or kernel_size_for(tuple(self.input_size))
+        self.kernel_size = k
+        mod = ExplanationModule(self.model, spatial_dims=self.spatial_dims, in_channels=self.in_channels,
+                                input_size=self.input_size, n_maps=self._n_maps(), layers=self.layers,
+                                own_encoder=self.encoder == "own", decoder_channels=self.decoder_channels,
+                                init_keep=self.init_keep, kernel_size=k, smoothing=self.smoothing)
+        return mod.to(self.device)
+
+    def _make_optimizer(self, params) -> torch.optim.Optimizer:
+        if self.optimizer == "prodigy":
+            from prodigyopt import Prodigy
+            with contextlib.redirect_stdout(io.StringIO()):  # it prints a notice on construction
+                return Prodigy(params, lr=self.lr or 1.0, weight_decay=self.weight_decay, safeguard_warmup=True)
+        return torch.optim.AdamW(params, lr=self.lr or 3e-3, weight_decay=self.weight_decay)
+
+    # -- training -----------------------------------------------------------
+    def _step(self, x: torch.Tensor, y: torch.Tensor | None, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def fit(self, data: Iterable, *, epochs: int | None = None, val_data: Iterable | None = None,
+            out_dir: str | Path | None = None, progress: bool = True,
+            log: Callable[[str], None] | None = None) -> "_MaskExplainer":
+        """Train the explanation module; return ``self``.
+
+        With ``out_dir`` a resume point is written after every epoch and a
+        re-run continues from it (same settings required); the final
+        explainer is saved there too.
+        """
+        log = log or (lambda s: console.print(s, soft_wrap=True, highlight=False))
+        epochs = epochs or self.epochs
+        self.epochs = epochs
+        if self.module_ is None:
+            self.module_ = self._build()
+        mod = self.module_
+        params = [p for p in mod.parameters() if p.requires_grad]
+        opt = self._make_optimizer(params)
+        gen = torch.Generator().manual_seed(self.seed)
+        mod.smoothing.generator = gen
+        start = 0
+        state_path = Path(out_dir) / "state" / "last" if out_dir else None
+        key = json.loads(json.dumps({"params": self.get_params(), "model": model_checksum(self.model)}))
+        if state_path and state_path.with_suffix(".json").is_file():
+            st = load_state(state_path)
+            if st["key"] != key:
+                raise NemtError(f"{out_dir} holds an explainer trained with other settings or another model; "
+                                "use another output folder")
+            mod.load_state_dict(st["module"])
+            opt.load_state_dict(st["optimizer"])
+            gen.set_state(st["generator"])
+            torch.set_rng_state(st["torch_rng"])
+            start, self.history_ = st["epoch"], st["history"]
+            log(f"resuming explainer in {out_dir} after epoch {start}")
+        try:
+            n_batches = len(data)  # type: ignore[arg-type]
+        except TypeError:
+            n_batches = None
+        with progress_bar(progress) as bar:
+            tid = bar.add_task("fit", total=None if n_batches is None else n_batches * (epochs - start), info="")
+            for epoch in range(start, epochs):
+                t0 = time.time()
+                mod.train()
+                sums: dict[str, float] = {}
+                n = 0
+                opt.zero_grad(set_to_none=True)
+                for i, (x, y) in enumerate(_batches(data)):
+                    x = x.to(self.device)
+                    y = y.to(self.device) if y is not None else None
+                    loss, parts = self._step(x, y, gen)
+                    (loss / self.accumulate).backward()
+                    if (i + 1) % self.accumulate == 0:
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+                    parts["loss"] = loss.detach().item()
+                    for k, v in parts.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    n += 1
+                    bar.update(tid, advance=1, description=f"epoch {epoch + 1}/{epochs}",
+                               info=" ".join(f"{k} {v / n:.4f}" for k, v in sums.items()))
+                if n % self.accumulate:
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                record = {"epoch": epoch + 1, **{k: v / max(n, 1) for k, v in sums.items()},
+                          "seconds": round(time.time() - t0, 1)}
+                if val_data is not None:
+                    record["val"] = self.validate(val_data)
+                self.history_.append(record)
+                if state_path:
+                    save_state(state_path, {"key": key, "epoch": epoch + 1, "history": self.history_,
+                                            "module": mod.state_dict(), "optimizer": opt.state_dict(),
+                                            "generator": gen.get_state(), "torch_rng": torch.get_rng_state()})
+                log(f"epoch {epoch + 1}/{epochs} " + " ".join(
+                    f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float) and k != "seconds")
+                    + (f" val={record['val']}" if "val" in record else "") + f" ({record['seconds']}s)")
+        mod.eval()
+        if out_dir:
+            self.save(out_dir)
+        return self
+
+    def _check_fitted(self) -> ExplanationModule:
+        if self.module_ is None:
+            raise NemtError("this explainer is not fitted: call fit(data) or load(dir, model) first")
+        return self.module_
+
+    @torch.no_grad()
+    def _keep(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mod = self._check_fitted()
+        mod.eval()
+        exp = (self.in_channels, *self.input_size)
+        if tuple(x.shape[1:]) != exp:
+            raise NemtError(f"input is {tuple(x.shape[1:])}, the explainer was fitted for {exp}")
+        return mod(x.to(self.device))
+
+    # -- persistence --------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Write ``explainer.safetensors`` and ``explainer.json`` (naming the model's checksum)."""
+        mod = self._check_fitted()
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in mod.state_dict().items()}
+        with atomic_path(directory / WEIGHTS) as tmp:
+            save_file(state, str(tmp))
+        card = getattr(self.model, "card", None)
+        write_json(directory / CARD, {
+            "format": FORMAT, "kind": type(self).__name__, "params": self.get_params(),
+            "model_sha256": model_checksum(self.model),
+            "model": {"arch": getattr(card, "arch", None), "task": getattr(card, "task", None),
+                      "label_names": getattr(card, "label_names", None)},
+            "n_maps": self._n_maps(), "history": self.history_, "nemt_version": __version__,
+        })
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, model: nn.Module, device: str | torch.device | None = None):
+        """Read a saved explainer for ``model``; refuses a model other than the one it was fitted for."""
+        directory = Path(directory)
+        path = directory / CARD
+        if not path.is_file():
+            raise CardError(path, None, "explainer card not found")
+        try:
+            card = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CardError(path, None, f"not valid JSON ({exc})") from exc
+        if card.get("format") != FORMAT:
+            raise CardError(path, "format", f"expected {FORMAT!r}, got {card.get('format')!r}")
+        if card.get("kind") != cls.__name__:
+            raise CardError(path, "kind", f"this is a {card.get('kind')} explainer, not {cls.__name__}")
+        if card.get("model_sha256") != model_checksum(model):
+            raise CardError(path, "model_sha256", "the explainer was fitted for another model (weights differ); "
+                            "fit a new explainer for this model")
+        self = cls(model, device=device, **card["params"])
+        self.module_ = self._build()
+        try:
+            state = load_file(str(directory / WEIGHTS))
+            self.module_.load_state_dict(state)
+        except Exception as exc:  # safetensors / shape errors
+            raise CardError(directory / WEIGHTS, None, f"weights do not fit the explainer ({exc})") from exc
+        self.module_.eval()
+        self.history_ = card.get("history", [])
+        return self
+
+
+@register("nemt")
+class NEMt(_MaskExplainer):
+    """Targeted neural explanation masks (Møller et al., NLDL 2025), one map per model output.
+
+    The decoder has one channel per output (classes, labels, or the single
+    regression output); each channel is trained with the deletion loss of
+    its own target: ``area_weight * mean(1 - k) - change_weight *
+    mean((q(x*k) - q(x))^2)`` with the target gathered per sample.
+    ``explain`` returns ``1 - k`` (the deleted region) for the requested targets.
+
+    Key parameters: ``occlusion`` (mean | zero | blur), ``quantity`` (prob |
+    logit | one_minus_prob; regression always uses the value scaled by the
+    training targets' spread), ``area_target`` (explicit deleted-fraction
+    target), ``train_targets`` (true | predicted | all; default: true label
+    for multi-class, all outputs otherwise).
+    """
+
+    _param_names = ("occlusion", "blur_sigma", "quantity", "area_weight", "change_weight", "area_target",
+                    "train_targets")
+
+    def __init__(self, model: nn.Module, *, occlusion: str = "blur", blur_sigma: float | None = None,
+                 quantity: str = "prob", area_weight: float = 1.0, change_weight: float = 2.0,
+                 area_target: float | None = None, train_targets: str | None = None, **kw: Any):
+        super().__init__(model, **kw)
+        if occlusion not in OCCLUSIONS:
+            raise NemtError(f"occlusion must be one of {OCCLUSIONS}, got {occlusion!r}")
+        if quantity not in QUANTITIES:
+            raise NemtError(f"quantity must be one of {QUANTITIES}, got {quantity!r}")
+        card = getattr(model, "card", None)
+        self.task = card.task if card else "multiclass"
+        if train_targets not in (None, "true", "predicted", "all"):
+            raise NemtError(f"train_targets must be true, predicted or all, got {train_targets!r}")
+        self.occlusion, self.quantity = occlusion, quantity
+        self.blur_sigma = blur_sigma
+        self.area_weight, self.change_weight, self.area_target = area_weight, change_weight, area_target
+        self.train_targets = train_targets
+
+    def _n_maps(self) -> int:
+        card = getattr(self.model, "card", None)
+        if card is None:
+            raise NemtError("NEMt needs a Classifier (nemt.models.Classifier.from_module wraps any network)")
+        return card.out_channels
+
+    def _scale(self) -> float:
+        ts = getattr(self.model.card, "target_scale", None)
+        return float(ts["std"]) if ts else 1.0
+
+    def _baseline(self, x: torch.Tensor) -> torch.Tensor:
+        pre = getattr(self.model, "preprocessing", None)
+        zero = None
+        if pre is not None:
+            zero = pre.normalise(torch.zeros(1, self.in_channels, *([1] * self.spatial_dims)))[0].flatten()
+        sigma = self.blur_sigma or max(1.0, 8.0 * min(self.input_size) / 128)
+        return occlusion_baseline(x, self.occlusion, zero_value=zero, blur_sigma=sigma)
+
+    def _train_targets(self, y: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+        mode = self.train_targets or ("true" if self.task == "multiclass" else "all")
+        if mode == "true" and y is None:
+            mode = "predicted"
+        if mode == "true":
+            if self.task != "multiclass":
+                raise NemtError("train_targets='true' is for multi-class models; use 'all'")
+            return y.long().view(-1, 1)
+        return resolve_targets(mode, self.model, outputs=out)
+
+    def _step(self, x, y, gen):
+        keep_all, out = self.module_(x)
+        t = self._train_targets(y, out)  # (B, T')
+        b, tt = t.shape
+        keep = torch.gather(keep_all, 1, t.view(b, tt, *([1] * self.spatial_dims)).expand(-1, -1, *x.shape[2:]))
+        base = self._baseline(x)
+        # one occluded copy of each image per target: (B*T', C, *spatial)
+        k = keep.reshape(b * tt, 1, *x.shape[2:])
+        xs = x.repeat_interleave(tt, dim=0)
+        occluded = xs * k + base.repeat_interleave(tt, dim=0) * (1 - k)
+        out_occ = self.model(occluded).view(b, tt, -1)
+        q_clean = target_quantity(out, self.task, self.quantity, self._scale())
+        q_occ = target_quantity(out_occ, self.task, self.quantity, self._scale())
+        qc = torch.gather(q_clean, 1, t)  # per-sample gather: sample i, its own target(s)
+        qo = torch.gather(q_occ, 2, t.unsqueeze(2)).squeeze(2)
+        return deletion_loss(keep, qc, qo, area_weight=self.area_weight, change_weight=self.change_weight,
+                             area_target=self.area_target)
+
+    @torch.no_grad()
+    def validate(self, data: Iterable) -> dict:
+        """Mask quality on held-out batches: mean deleted area and mean |change| of the target quantity."""
+        self.module_.eval()
+        area = change = 0.0
+        n = 0
+        for x, y in _batches(data):
+            x = x.to(self.device)
+            keep_all, out = self.module_(x)
+            t = self._train_targets(None if y is None else y.to(self.device), out)
+            b, tt = t.shape
+            keep = torch.gather(keep_all, 1, t.view(b, tt, *([1] * self.spatial_dims)).expand(-1, -1, *x.shape[2:]))
+            k = keep.reshape(b * tt, 1, *x.shape[2:])
+            occluded = x.repeat_interleave(tt, 0) * k + self._baseline(x).repeat_interleave(tt, 0) * (1 - k)
+            q_occ = target_quantity(self.model(occluded).view(b, tt, -1), self.task, self.quantity, self._scale())
+            qc = torch.gather(target_quantity(out, self.task, self.quantity, self._scale()), 1, t)
+            qo = torch.gather(q_occ, 2, t.unsqueeze(2)).squeeze(2)
+            area += float((1 - keep).mean()) * b
+            change += float((qo - qc).abs().mean()) * b
+            n += b
+        return {"area": round(area / max(n, 1), 4), "change": round(change / max(n, 1), 4)}
+
+    def explain(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
+        """Maps (B, T, *spatial) in [0, 1]: the region whose deletion changes each target most."""
+        keep_all, out = self._keep(x)
+        t = resolve_targets(target, self.model, x, outputs=out)
+        b, tt = t.shape
+        idx = t.view(b, tt, *([1] * self.spatial_dims)).expand(-1, -1, *x.shape[2:])
+        return 1 - torch.gather(keep_all, 1, idx.to(keep_all.device))
+
+
+@register("nem")
+class NEM(_MaskExplainer):
+    """Unsupervised neural explanation masks for an encoder's representation (Møller et al., ICML 2024).
+
+    Loss d(Φ(x), Φ(m⊙x)) + λ1·mean(m) + λ2·B with B = −d(Φ(m⊙x), Φ((1−m)⊙x)) +
+    d(Φ(x), Φ(m⊙x)), d = (1 − cos)/2; ``explain`` returns the kept region m,
+    one map (T = 1). ``model`` maps (B, C, *spatial) to embeddings (B, …);
+    masking replaces removed pixels by 0 (the mean in normalised space).
+    """
+
+    _param_names = ("lambda1", "lambda2")
+
+    def __init__(self, model: nn.Module, *, lambda1: float = 1 / 8, lambda2: float = 1 / 4, **kw: Any):
+        super().__init__(model, **kw)
+        self.lambda1, self.lambda2 = lambda1, lambda2
+
+    def _n_maps(self) -> int:
+        return 1
+
+    def _step(self, x, y, gen):
+        keep, e_clean = self.module_(x)
+        return nem_loss(e_clean, self.model(x * keep), self.model(x * (1 - keep)), keep,
+                        lambda1=self.lambda1, lambda2=self.lambda2)
+
+    @torch.no_grad()
+    def validate(self, data: Iterable) -> dict:
+        self.module_.eval()
+        tot = {"area": 0.0, "distance": 0.0}
+        n = 0
+        for x, _ in _batches(data):
+            x = x.to(self.device)
+            keep, e = self.module_(x)
+            _, parts = nem_loss(e, self.model(x * keep), self.model(x * (1 - keep)), keep)
+            for k in tot:
+                tot[k] += parts[k] * len(x)
+            n += len(x)
+        return {k: round(v / max(n, 1), 4) for k, v in tot.items()}
+
+    def explain(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
+        """The kept region (B, 1, *spatial) in [0, 1]; ``target`` is ignored (no output is targeted)."""
+        keep, _ = self._keep(x)
+        return keep

@@ -1,0 +1,131 @@
+"""The explanation module: an encoder's stage features in, one keep-mask per output out.
+
+Encoder: the frozen explained model itself (its stage outputs read with
+forward hooks; one forward pass gives both the model's outputs and the skip
+features), or, in the model-agnostic mode, a small trainable CNN of its own.
+
+Decoder (as in the paper): from the deepest stage up, each block upsamples
+(nearest) to the next skip's size, concatenates the skip, and applies twice
+[3x3 conv, BatchNorm, SiLU]; the last block's skip is the input image at full
+resolution. Channels 256/128/64/32/16 (the last ones when there are fewer
+stages). A 1x1 conv gives T channels, a learnable per-channel affine and a
+sigmoid give the keep-mask, and the smoothing operator follows. The affine's
+bias starts at logit(init_keep), so the first masks delete only a little of
+the image: a head that starts at sigmoid(0) = 0.5 deletes half the image and,
+with few training steps, never leaves that start.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.layers.factories import Conv, Norm, Pool
+from torch import nn
+
+from nemt.explainers.layers import FeatureTap
+from nemt.explainers.nemt.smoothing import RandomSmoothing
+
+
+def conv_block(spatial_dims: int, cin: int, cout: int) -> nn.Sequential:
+    """Twice [3x3 conv, BatchNorm, SiLU]."""
+    conv, norm = Conv[Conv.CONV, spatial_dims], Norm[Norm.BATCH, spatial_dims]
+    return nn.Sequential(conv(cin, cout, 3, padding=1, bias=False), norm(cout), nn.SiLU(),
+                         conv(cout, cout, 3, padding=1, bias=False), norm(cout), nn.SiLU())
+
+
+class MaskDecoder(nn.Module):
+    """U-Net decoder over skip features (shallow first) plus the image; outputs keep-mask logits."""
+
+    def __init__(self, spatial_dims: int, image_channels: int, skip_channels: Sequence[int], n_maps: int,
+                 channels: Sequence[int] = (256, 128, 64, 32, 16), init_keep: float = 0.95):
+        super().__init__()
+        self.spatial_dims = spatial_dims
+        n_blocks = len(skip_channels)  # deepest stage is the start; one block per other stage + image
+        chans = list(channels)[-n_blocks:] if n_blocks <= len(channels) else \
+            [channels[0]] * (n_blocks - len(channels)) + list(channels)
+        ins = [skip_channels[-1]] + chans[:-1]
+        skips = list(skip_channels[-2::-1]) + [image_channels]
+        self.blocks = nn.ModuleList(conv_block(spatial_dims, i + s, c) for i, s, c in zip(ins, skips, chans))
+        conv = Conv[Conv.CONV, spatial_dims]
+        self.head = conv(chans[-1], n_maps, 1)
+        self.affine = conv(n_maps, n_maps, 1, groups=n_maps)  # learnable per-map scale and shift
+        with torch.no_grad():
+            self.affine.weight.fill_(1.0)
+            self.affine.bias.fill_(math.log(init_keep / (1 - init_keep)))
+
+    def forward(self, feats: Sequence[torch.Tensor], image: torch.Tensor) -> torch.Tensor:
+        """Skip features (shallow first) and the image -> keep logits (B, T, *spatial)."""
+        x = feats[-1]
+        for block, skip in zip(self.blocks, list(feats[-2::-1]) + [image]):
+            x = F.interpolate(x, size=skip.shape[2:], mode="nearest")
+            x = block(torch.cat([x, skip], dim=1))
+        return self.affine(self.head(x))
+
+
+class OwnEncoder(nn.Module):
+    """Model-agnostic mode: a small trainable CNN with four stages (/2 … /16)."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, widths: Sequence[int] = (32, 64, 128, 256)):
+        super().__init__()
+        pool = Pool[Pool.MAX, spatial_dims]
+        chans = [in_channels, *widths]
+        self.stages = nn.ModuleList(nn.Sequential(conv_block(spatial_dims, chans[i], chans[i + 1]), pool(2))
+                                    for i in range(len(widths)))
+        self.widths = list(widths)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        return feats
+
+
+class ExplanationModule(nn.Module):
+    """Encoder (frozen model's stages, or its own) + decoder + sigmoid + smoothing.
+
+    ``forward(x)`` returns (keep-masks (B, T, *spatial), model outputs of the
+    clean x (B, n_outputs)). The explained model is kept outside this module's
+    parameters, stays in eval mode and never receives a gradient step.
+    """
+
+    def __init__(self, model: nn.Module, *, spatial_dims: int, in_channels: int, input_size: Sequence[int],
+                 n_maps: int, layers: Sequence[str] | None, own_encoder: bool,
+                 decoder_channels: Sequence[int], init_keep: float, kernel_size: int, smoothing: bool):
+        super().__init__()
+        object.__setattr__(self, "model", model)  # not a submodule: no parameters, no train()
+        self.own_encoder = own_encoder
+        if own_encoder:
+            self.encoder = OwnEncoder(spatial_dims, in_channels)
+            skip_channels = self.encoder.widths
+            self.layers: list[str] = []
+        else:
+            self.layers = list(layers)
+            with FeatureTap(model, self.layers) as tap, torch.no_grad():
+                dev = next(model.parameters()).device
+                model(torch.zeros(2, in_channels, *input_size, device=dev))
+                skip_channels = [int(tap.features[n].shape[1]) for n in self.layers]
+        self.decoder = MaskDecoder(spatial_dims, in_channels, skip_channels, n_maps, decoder_channels, init_keep)
+        self.smoothing = RandomSmoothing(spatial_dims, kernel_size, enabled=smoothing)
+        self._tap = None if own_encoder else FeatureTap(model, self.layers)
+        if self._tap is not None:
+            self._tap.enabled = False
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.model.eval()
+        if self.own_encoder:
+            with torch.no_grad():
+                out = self.model(x)
+            feats = self.encoder(x)
+        else:
+            self._tap.enabled = True
+            try:
+                with torch.no_grad():
+                    out = self.model(x)
+            finally:
+                self._tap.enabled = False
+            feats = [self._tap.features.pop(n) for n in self.layers]
+        keep = self.smoothing(torch.sigmoid(self.decoder(feats, x)))
+        return keep, out

@@ -1,0 +1,50 @@
+"""The integrated smoothing operator ("stochastic weighted neighbourhood averaging").
+
+After the sigmoid, the mask is convolved with a kernel of side ``size``
+whose weights are drawn uniformly at random and normalised to sum to 1,
+with circular padding; training draws one new kernel per forward pass. At
+explanation time the kernel is its expectation: by symmetry every weight has
+the same mean, so the expected kernel is the uniform box (1/size^d). The same
+input therefore always gives the same map (the reference code drew a random
+kernel at inference too).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def kernel_size_for(spatial: tuple[int, ...], at_224: int = 21) -> int:
+    """Kernel side scaled with image size: 21 at 224 px, odd, at least 3."""
+    k = int(round(at_224 * min(spatial) / 224))
+    k = max(3, k)
+    return k if k % 2 == 1 else k + 1
+
+
+class RandomSmoothing(nn.Module):
+    """Random normalised kernel in training, uniform box in eval; circular padding; any spatial_dims."""
+
+    def __init__(self, spatial_dims: int, size: int, enabled: bool = True):
+        super().__init__()
+        self.spatial_dims, self.size, self.enabled = spatial_dims, int(size), enabled
+        self.generator: torch.Generator | None = None
+
+    def kernel(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        shape = (self.size,) * self.spatial_dims
+        if self.training:
+            w = torch.rand(shape, generator=self.generator).to(device=device, dtype=dtype)
+        else:
+            w = torch.ones(shape, device=device, dtype=dtype)
+        return w / w.sum()
+
+    def forward(self, m: torch.Tensor) -> torch.Tensor:
+        """(B, T, *spatial) -> same shape."""
+        if not self.enabled or self.size <= 1:
+            return m
+        t = m.shape[1]
+        k = self.kernel(m.device, m.dtype).expand(t, 1, *(self.size,) * self.spatial_dims)
+        lo, hi = (self.size - 1) // 2, self.size // 2
+        padded = F.pad(m, [lo, hi] * self.spatial_dims, mode="circular")
+        conv = (F.conv2d, F.conv3d)[self.spatial_dims - 2]
+        return conv(padded, k, groups=t)

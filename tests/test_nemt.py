@@ -1,0 +1,181 @@
+"""NEMt / NEM: per-sample targets, determinism, multi-label, regression, 3D, persistence."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nemt.errors import CardError, NemtError
+from nemt.explainers import NEM, NEMt
+from nemt.explainers.nemt.smoothing import RandomSmoothing, kernel_size_for
+from nemt.models import Classifier, build_model
+
+FAST = dict(optimizer="adamw", batch_size=4, decoder_channels=(32, 16, 8, 8), seed=0)
+
+
+def _clf(task="multiclass", n_out=3, dims=2, size=32, seed=0):
+    torch.manual_seed(seed)
+    net = build_model("smallcnn", spatial_dims=dims, in_channels=1, out_channels=n_out, width=4)
+    names = ["severity"] if task == "regression" else [f"l{i}" for i in range(n_out)]
+    return Classifier.from_module(net, spatial_dims=dims, in_channels=1, input_size=(size,) * dims, task=task,
+                                  label_names=names, arch="smallcnn",
+                                  target_scale={"mean": 3.0, "std": 2.0} if task == "regression" else None).eval()
+
+
+def _data(n_batches=3, b=4, dims=2, size=32, n_out=3, task="multiclass", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        x = torch.randn(b, 1, *(size,) * dims, generator=g)
+        if task == "multiclass":
+            y = torch.randint(0, n_out, (b,), generator=g)
+        elif task == "multilabel":
+            y = (torch.rand(b, n_out, generator=g) > 0.5).float()
+        else:
+            y = torch.randn(b, generator=g)
+        out.append((x, y))
+    return out
+
+
+def test_per_sample_targets_equal_one_by_one():
+    clf = _clf()
+    e = NEMt(clf, **FAST).fit(_data(), epochs=1, progress=False, log=lambda s: None)
+    x = torch.randn(4, 1, 32, 32)
+    t = torch.tensor([0, 2, 1, 2])
+    batch = e.explain(x, target=t)
+    single = torch.cat([e.explain(x[i:i + 1], target=int(t[i])) for i in range(4)])
+    assert batch.shape == (4, 1, 32, 32)
+    assert torch.allclose(batch, single, atol=1e-6)
+    # and each map is the channel of its own target in the all-targets output
+    every = e.explain(x, target="all")
+    assert torch.allclose(batch[:, 0], every[torch.arange(4), t], atol=1e-6)
+
+
+def test_training_loss_gathers_per_sample():
+    """Batch loss (eval mode: no sample interacts) equals the mean of one-by-one losses."""
+    clf = _clf()
+    e = NEMt(clf, **FAST).fit(_data(n_batches=1), epochs=1, progress=False, log=lambda s: None)
+    e.module_.eval()
+    x, y = torch.randn(4, 1, 32, 32), torch.tensor([2, 0, 1, 2])
+    with torch.no_grad():
+        batch, parts = e._step(x, y, None)
+        single = [e._step(x[i:i + 1], y[i:i + 1], None) for i in range(4)]
+    assert torch.allclose(batch, torch.stack([s[0] for s in single]).mean(), atol=1e-6)
+    assert abs(parts["change"] - sum(s[1]["change"] for s in single) / 4) < 1e-6
+
+
+def test_determinism_same_input_same_map_and_same_seed_same_fit():
+    x = torch.randn(2, 1, 32, 32)
+    a = NEMt(_clf(), **FAST).fit(_data(), epochs=1, progress=False, log=lambda s: None)
+    b = NEMt(_clf(), **FAST).fit(_data(), epochs=1, progress=False, log=lambda s: None)
+    assert torch.equal(a.explain(x, "all"), a.explain(x, "all"))
+    assert torch.allclose(a.explain(x, "all"), b.explain(x, "all"), atol=1e-6)
+
+
+def test_maps_shape_and_range_and_target_forms():
+    e = NEMt(_clf(), **FAST).fit(_data(), epochs=1, progress=False, log=lambda s: None)
+    x = torch.randn(3, 1, 32, 32)
+    for target, t in [(None, 1), ("predicted", 1), ("all", 3), (2, 1), ("l1", 1), ([0, 2], 2),
+                      (torch.tensor([[0, 1], [1, 2], [2, 0]]), 2)]:
+        m = e.explain(x, target=target)
+        assert m.shape == (3, t, 32, 32) and 0 <= float(m.min()) and float(m.max()) <= 1
+    with pytest.raises(NemtError, match="out of range"):
+        e.explain(x, target=3)
+    with pytest.raises(NemtError, match="not a label"):
+        e.explain(x, target="nope")
+
+
+def test_multilabel_gives_distinct_maps_in_one_pass():
+    clf = _clf("multilabel", n_out=3)
+    e = NEMt(clf, **FAST).fit(_data(task="multilabel"), epochs=2, progress=False, log=lambda s: None)
+    calls = []
+    h = clf.net.register_forward_hook(lambda *a: calls.append(1))
+    maps = e.explain(torch.randn(2, 1, 32, 32))  # default for multi-label: every label
+    h.remove()
+    assert maps.shape == (2, 3, 32, 32) and len(calls) == 1  # one forward pass of the model
+    assert not torch.allclose(maps[:, 0], maps[:, 1]) and not torch.allclose(maps[:, 1], maps[:, 2])
+
+
+def test_regression_target():
+    clf = _clf("regression", n_out=1)
+    e = NEMt(clf, **FAST).fit(_data(task="regression"), epochs=1, progress=False, log=lambda s: None)
+    assert e._scale() == 2.0
+    m = e.explain(torch.randn(2, 1, 32, 32))
+    assert m.shape == (2, 1, 32, 32)
+
+
+def test_3d_model_trains_one_step_and_explains_a_volume():
+    clf = _clf(dims=3, size=16)
+    e = NEMt(clf, **{**FAST, "decoder_channels": (16, 8, 8, 8)})
+    e.fit(_data(n_batches=1, b=2, dims=3, size=16), epochs=1, progress=False, log=lambda s: None)
+    m = e.explain(torch.randn(2, 1, 16, 16, 16), target="all")
+    assert m.shape == (2, 3, 16, 16, 16) and torch.isfinite(m).all()
+
+
+def test_model_agnostic_mode_and_frozen_model():
+    clf = _clf()
+    before = {k: v.clone() for k, v in clf.state_dict().items()}
+    e = NEMt(clf, encoder="own", **FAST).fit(_data(), epochs=1, progress=False, log=lambda s: None)
+    assert e.explain(torch.randn(2, 1, 32, 32), "all").shape == (2, 3, 32, 32)
+    after = clf.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and not clf.training
+
+
+def test_save_load_round_trip_and_refuses_other_model(tmp_path):
+    clf = _clf()
+    e = NEMt(clf, **FAST).fit(_data(), epochs=1, progress=False, log=lambda s: None)
+    e.save(tmp_path)
+    x = torch.randn(2, 1, 32, 32)
+    back = NEMt.load(tmp_path, clf)
+    assert torch.equal(back.explain(x, "all"), e.explain(x, "all"))
+    with pytest.raises(CardError, match="model_sha256"):
+        NEMt.load(tmp_path, _clf(seed=1))
+    with pytest.raises(CardError, match="kind"):
+        NEM.load(tmp_path, clf)
+
+
+def test_resume_from_checkpoint(tmp_path):
+    data = _data()
+    full = NEMt(_clf(), **FAST).fit(data, epochs=2, progress=False, log=lambda s: None)
+
+    class Stop(Exception):
+        pass
+
+    def stop(line):
+        if line.startswith("epoch 1/"):
+            raise Stop
+
+    with pytest.raises(Stop):
+        NEMt(_clf(), **FAST).fit(data, epochs=2, out_dir=tmp_path, progress=False, log=stop)
+    logs = []
+    resumed = NEMt(_clf(), **FAST).fit(data, epochs=2, out_dir=tmp_path, progress=False, log=logs.append)
+    assert logs[0].startswith("resuming")
+    x = torch.randn(2, 1, 32, 32)
+    assert torch.allclose(resumed.explain(x, "all"), full.explain(x, "all"), atol=1e-5)
+    assert (tmp_path / "explainer.json").is_file()
+
+
+def test_unsupervised_nem_on_an_encoder():
+    torch.manual_seed(0)
+    enc = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                              torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    e = NEM(enc, input_size=(32, 32), in_channels=1, **{**FAST, "decoder_channels": (16, 8)})
+    e.fit(_data(), epochs=1, progress=False, log=lambda s: None)
+    m = e.explain(torch.randn(2, 1, 32, 32))
+    assert m.shape == (2, 1, 32, 32) and 0 <= float(m.min()) <= float(m.max()) <= 1
+
+
+def test_smoothing_random_in_training_uniform_in_eval():
+    s = RandomSmoothing(2, 5)
+    m = torch.rand(1, 2, 16, 16)
+    s.train()
+    s.generator = torch.Generator().manual_seed(0)
+    a, b = s(m), s(m)
+    assert not torch.allclose(a, b)  # a new kernel per forward pass
+    s.eval()
+    box = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(m, [2, 2, 2, 2], mode="circular"), 5, stride=1)
+    assert torch.allclose(s(m), box, atol=1e-6) and torch.equal(s(m), s(m))
+    const = torch.full((1, 1, 8, 8), 0.3)
+    s.train()
+    assert torch.allclose(s(const), const, atol=1e-6)  # weights sum to 1
+    assert kernel_size_for((224, 224)) == 21 and kernel_size_for((128, 128)) % 2 == 1
