@@ -179,3 +179,16 @@ def test_smoothing_random_in_training_uniform_in_eval():
     s.train()
     assert torch.allclose(s(const), const, atol=1e-6)  # weights sum to 1
     assert kernel_size_for((224, 224)) == 21 and kernel_size_for((128, 128)) % 2 == 1
+
+
+def test_target_quantity_over_the_output_axis_and_no_deletion_no_change():
+    from nemt.explainers.nemt.losses import target_quantity
+    out = torch.randn(4, 3)
+    p = target_quantity(out, "multiclass", "prob")
+    assert torch.allclose(p.sum(-1), torch.ones(4))
+    # a (B, T, n_outputs) stack of occluded outputs is normalised per output vector, not across targets
+    assert torch.allclose(target_quantity(out.view(4, 1, 3), "multiclass", "prob")[:, 0], p)
+    # a mask that deletes nothing changes nothing
+    e = NEMt(_clf(), init_keep=1 - 1e-7, **FAST).init_module()
+    x, y = torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 2, 0])
+    assert e.validate([(x, y)])["change"] < 1e-4

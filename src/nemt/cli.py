@@ -157,6 +157,125 @@ def train(
 
 @app.command()
 @_friendly
+def fit(
+    model: Path = typer.Option(..., help="model folder written by `nemt train`"),
+    data: Path = typer.Option(..., help="the data set the model was trained on"),
+    out: Path = typer.Option(..., help="explainer folder (weights, card, resume state)"),
+    epochs: int = typer.Option(3, help="epochs"),
+    batch_size: int = typer.Option(16, help="batch size"),
+    accumulate: int = typer.Option(1, help="gradient accumulation steps"),
+    optimizer: str = typer.Option("prodigy", help="prodigy | adamw"),
+    lr: Optional[float] = typer.Option(None, help="learning rate (default: 1 for Prodigy, 3e-3 for AdamW)"),
+    occlusion: str = typer.Option("blur", help="what deleted pixels become: mean | zero | blur"),
+    blur_sigma: Optional[float] = typer.Option(None, help="blur sigma in pixels (default 8 at 128 px)"),
+    quantity: str = typer.Option("prob", help="target quantity: prob | logit | one_minus_prob"),
+    area_weight: float = typer.Option(1.0, help="weight of the deleted-area term"),
+    change_weight: float = typer.Option(2.0, help="weight of the squared target change"),
+    area_target: Optional[float] = typer.Option(None, help="explicit deleted-fraction target"),
+    kernel_size: Optional[int] = typer.Option(None, help="smoothing kernel side (default: 21 at 224 px)"),
+    smoothing: bool = typer.Option(True, help="integrated smoothing operator"),
+    init_keep: float = typer.Option(0.95, help="initial kept fraction of the mask head"),
+    encoder: str = typer.Option("model", help="model (frozen model's stages) | own (model-agnostic)"),
+    train_targets: Optional[str] = typer.Option(None, help="true | predicted | all (default by task)"),
+    seed: int = typer.Option(0, help="random seed"),
+    device: str = typer.Option("cpu", help="torch device"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+) -> None:
+    """Train a NEMt explainer once for a frozen model (on the model's training split)."""
+    from torch.utils.data import DataLoader
+
+    from nemt.data.dataset import ImageDataset
+    from nemt.explainers import NEMt
+    from nemt.models import load_model
+    from nemt.models.training import load_splits
+
+    clf = load_model(model, device=device)
+    manifest = _open(data, clf.task, ",".join(clf.label_names) if clf.task == "multiclass" else None)
+    manifest.raise_problems()
+    splits = load_splits(model, manifest)
+    train_ds = ImageDataset(manifest, clf.preprocessing, splits["train"])
+    val_ds = ImageDataset(manifest, clf.preprocessing, splits["val"])
+    import torch
+    loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(seed))
+    explainer = NEMt(clf, occlusion=occlusion, blur_sigma=blur_sigma, quantity=quantity, area_weight=area_weight,
+                     change_weight=change_weight, area_target=area_target, kernel_size=kernel_size,
+                     smoothing=smoothing, init_keep=init_keep, encoder=encoder, train_targets=train_targets,
+                     optimizer=optimizer, lr=lr, batch_size=batch_size, accumulate=accumulate, epochs=epochs,
+                     seed=seed, device=device)
+    explainer.fit(loader, val_data=DataLoader(val_ds, batch_size=32), out_dir=out, progress=progress)
+    typer.echo(json.dumps({"explainer": str(out), "history": explainer.history_}, indent=2))
+
+
+@app.command()
+@_friendly
+def explain(
+    images: list[Path] = typer.Argument(..., help="image files (PNG, JPEG, BMP, TIFF, DICOM, NIfTI)"),
+    model: Path = typer.Option(..., help="model folder"),
+    explainer: Optional[Path] = typer.Option(None, help="NEMt explainer folder (for --method nemt)"),
+    method: str = typer.Option("nemt", help="explainer name (nemt, gradcam, gradcam++, ...)"),
+    target: str = typer.Option("all", help="a label name or index, 'predicted' or 'all'"),
+    out: Path = typer.Option(..., help="output folder for overlays and raw maps"),
+    seed: int = typer.Option(0, help="random seed (for stochastic methods)"),
+    device: str = typer.Option("cpu", help="torch device"),
+) -> None:
+    """Explain images: one overlay PNG per image and target, plus the raw maps (.npy, or NIfTI for 3D)."""
+    import numpy as np
+    import torch
+
+    from nemt.data.readers import read_image
+    from nemt.explainers import NEMt, get_explainer
+    from nemt.explainers.base import resolve_targets
+    from nemt.files import atomic_open
+    from nemt.models import load_model
+    from nemt.visualize import save_overlay
+
+    torch.manual_seed(seed)
+    clf = load_model(model, device=device)
+    if method == "nemt":
+        if explainer is None:
+            raise NemtError("--method nemt needs --explainer DIR (from `nemt fit`)")
+        ex = NEMt.load(explainer, clf, device=device)
+    else:
+        ex = get_explainer(method, clf)
+    tgt: object = target
+    if target not in ("all", "predicted"):
+        tgt = int(target) if target.isdigit() else target
+    pre = clf.preprocessing
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for path in images:
+        img = read_image(path)
+        unit = pre.resize(pre.unit_scale(img))
+        x = pre.normalise(unit)[None].to(device)
+        probs = clf.predict(x)[0].cpu()
+        t = resolve_targets(tgt, clf, x)
+        maps = ex.explain(x, target=t).detach().cpu()[0]
+        names = [clf.label_names[int(i)] for i in t[0]]
+        stem = path.name.split(".")[0]
+        for name, m in zip(names, maps):
+            arr = m.numpy().astype(np.float32)
+            if clf.spatial_dims == 3:
+                import gzip
+
+                import nibabel as nib
+                with atomic_open(out / f"{stem}__{name}.nii.gz", "wb") as fh:
+                    fh.write(gzip.compress(nib.Nifti1Image(arr, np.eye(4)).to_bytes(), mtime=0))
+            else:
+                with atomic_open(out / f"{stem}__{name}.npy", "wb") as fh:
+                    np.save(fh, arr)
+            shown = unit.numpy()
+            shown = shown[0] if shown.shape[0] == 1 else shown
+            pred = ", ".join(f"{n} {p:.2f}" for n, p in zip(clf.label_names, probs.tolist()))
+            save_overlay(out / f"{stem}__{name}.png", shown, [arr], [f"{method}: {name}"],
+                         suptitle=f"{path.name} | {pred}")
+        results.append({"image": str(path), "targets": names,
+                        "prediction": dict(zip(clf.label_names, [round(p, 4) for p in probs.tolist()]))})
+    typer.echo(json.dumps(results, indent=2))
+
+
+@app.command()
+@_friendly
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="output folder"),
     n: int = typer.Option(480, help="phantom images"),

@@ -32,7 +32,7 @@ class GradCAM(Explainer):
         return grads.flatten(2).mean(dim=2)
 
     def explain(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
-        x = x.to(self.device)
+        x = x.to(self.device).detach().requires_grad_(True)  # a graph exists even for a frozen model
         d = x.ndim - 2
         with FeatureTap(self.model, [self.layer]) as tap, torch.enable_grad():
             out = self.model(x)

@@ -6,6 +6,7 @@ same numbers under the same names.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
@@ -30,6 +31,12 @@ def classification_metrics(task: str, y: np.ndarray, out: np.ndarray, label_name
     their macro mean; multilabel: per-label AUROC and accuracy at 0.5, macro
     means; regression: MAE, RMSE and Pearson r.
     """
+    with warnings.catch_warnings():  # small validation sets may miss a class; the figures say so by NaN
+        warnings.simplefilter("ignore", UserWarning)
+        return _metrics(task, y, out, label_names)
+
+
+def _metrics(task: str, y: np.ndarray, out: np.ndarray, label_names: list[str]) -> dict:
     if task == "multiclass":
         z = out - out.max(axis=1, keepdims=True)
         p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)

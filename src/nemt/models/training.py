@@ -271,3 +271,25 @@ def train_classifier(manifest: Manifest, out_dir: str | Path, config: TrainConfi
     best_clf.card.metrics = metrics
     best_clf.card.save(out_dir / "model.json")
     return best_clf, {"history": history, "metrics": metrics}
+
+
+def load_splits(model_dir: str | Path, manifest: Manifest) -> dict[str, np.ndarray]:
+    """The train/val/test indices a model was trained with (its ``splits.csv``), checked against ``manifest``.
+
+    Falls back to recomputing the split from the card's seed and fractions
+    when the file is absent (same manifest and seed give the same split).
+    """
+    model_dir = Path(model_dir)
+    path = model_dir / "splits.csv"
+    if not path.is_file():
+        card = ModelCard.load(model_dir / "model.json")
+        return split_indices(manifest, card.data.get("fractions", (0.7, 0.1, 0.2)), card.data.get("split_seed", 0))
+    out: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    with open(path, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            i = int(row["index"])
+            if i >= len(manifest.samples) or manifest.samples[i].name != row["image"]:
+                raise NemtError(f"{path}: row for {row['image']!r} does not match the data set "
+                                f"({len(manifest.samples)} samples); is this the data the model was trained on?")
+            out[row["split"]].append(i)
+    return {k: np.asarray(v, dtype=np.int64) for k, v in out.items()}

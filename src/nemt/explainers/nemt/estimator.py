@@ -119,6 +119,13 @@ class _MaskExplainer(Explainer):
                                 init_keep=self.init_keep, kernel_size=k, smoothing=self.smoothing)
         return mod.to(self.device)
 
+    def init_module(self) -> "_MaskExplainer":
+        """Build the (untrained) explanation module now, e.g. to time it; ``fit`` does this itself."""
+        if self.module_ is None:
+            self.module_ = self._build()
+            self.module_.eval()
+        return self
+
     def _make_optimizer(self, params) -> torch.optim.Optimizer:
         if self.optimizer == "prodigy":
             from prodigyopt import Prodigy
@@ -142,9 +149,7 @@ class _MaskExplainer(Explainer):
         log = log or (lambda s: console.print(s, soft_wrap=True, highlight=False))
         epochs = epochs or self.epochs
         self.epochs = epochs
-        if self.module_ is None:
-            self.module_ = self._build()
-        mod = self.module_
+        mod = self.init_module().module_
         params = [p for p in mod.parameters() if p.requires_grad]
         opt = self._make_optimizer(params)
         gen = torch.Generator().manual_seed(self.seed)

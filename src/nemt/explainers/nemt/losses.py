@@ -55,7 +55,7 @@ def occlusion_baseline(x: torch.Tensor, kind: str, *, zero_value: torch.Tensor |
 
 
 def target_quantity(out: torch.Tensor, task: str, quantity: str, scale: float = 1.0) -> torch.Tensor:
-    """The per-output quantity whose change is rewarded: (B, n_outputs).
+    """The per-output quantity whose change is rewarded: (…, n_outputs), outputs on the last axis.
 
     Classification: softmax/sigmoid probability, the logit, or 1 - p.
     Regression: the predicted value divided by ``scale`` (the training
@@ -65,7 +65,7 @@ def target_quantity(out: torch.Tensor, task: str, quantity: str, scale: float = 
         return out / scale
     if quantity == "logit":
         return out
-    p = out.softmax(dim=1) if task == "multiclass" else out.sigmoid()
+    p = out.softmax(dim=-1) if task == "multiclass" else out.sigmoid()  # outputs on the last axis
     if quantity == "prob":
         return p
     if quantity == "one_minus_prob":

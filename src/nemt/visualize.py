@@ -1,0 +1,62 @@
+"""Overlays of explanation maps on images, written atomically as PNG.
+
+For 3D volumes the overlay shows the middle slice along the first spatial
+axis and the slice through the map's maximum; the raw map is saved
+separately (NIfTI) by the caller.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from nemt.files import atomic_path  # noqa: E402
+
+
+def _slices(a: np.ndarray, m: np.ndarray, gt: np.ndarray | None):
+    """2D: one panel; 3D: the middle slice and the slice through the map's maximum."""
+    if m.ndim == 2:
+        return [("", a, m, gt)]
+    mid = m.shape[0] // 2
+    peak = int(np.unravel_index(np.argmax(m), m.shape)[0])
+    return [(f"slice {i}", a[..., i, :, :] if a.ndim == 4 else a[i], m[i], None if gt is None else gt[i])
+            for i in dict.fromkeys([mid, peak])]
+
+
+def save_overlay(path: str | Path, image: np.ndarray, maps: Sequence[np.ndarray], titles: Sequence[str],
+                 *, gt: np.ndarray | None = None, alpha: float = 0.45, cmap: str = "inferno",
+                 suptitle: str | None = None) -> Path:
+    """One PNG: the image, then each map over it (with the ground-truth outline if given).
+
+    ``image`` is (H, W) or (3, H, W) in [0, 1] (or (D, H, W) for volumes);
+    each map is (*spatial) in [0, 1].
+    """
+    panels = [(t, s) for t, m in zip(titles, maps) for s in _slices(image, np.asarray(m), gt)]
+    n = 1 + len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(3 * n, 3.2), squeeze=False)
+    first = _slices(image, np.asarray(maps[0]), gt)[0][1]
+    show = np.moveaxis(first, 0, -1) if first.ndim == 3 else first
+    axes[0, 0].imshow(show, cmap="gray", vmin=0, vmax=1)
+    axes[0, 0].set_title("image")
+    for ax, (title, (sub, a, m, g)) in zip(axes[0, 1:], panels):
+        show = np.moveaxis(a, 0, -1) if a.ndim == 3 else a
+        ax.imshow(show, cmap="gray", vmin=0, vmax=1)
+        ax.imshow(m, cmap=cmap, alpha=alpha, vmin=0, vmax=1)
+        if g is not None and g.any():
+            ax.contour(g.astype(float), levels=[0.5], colors="cyan", linewidths=1.0)
+        ax.set_title(f"{title} {sub}".strip(), fontsize=9)
+    for ax in axes[0]:
+        ax.axis("off")
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return path
