@@ -15,6 +15,10 @@ declare -A V=(
   [no-smoothing]="--no-smoothing"
   [kernel-5]="--kernel-size 5"
   [epochs-6]="--epochs 6"
+  [inpaint]="--occlusion inpaint"
+  [inpaint-adamw]="--occlusion inpaint --optimizer adamw --lr 3e-3"
+  [inpaint-epochs-6]="--occlusion inpaint --epochs 6"
+  [inpaint-sigma-16]="--occlusion inpaint --blur-sigma 16"
 )
 variants=("$@"); [ ${#variants[@]} -gt 0 ] || variants=(default adamw occl-mean init-0.5 logit area-target-0.1 no-smoothing kernel-5 epochs-6)
 mkdir -p "$OUT"

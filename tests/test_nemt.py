@@ -192,3 +192,21 @@ def test_target_quantity_over_the_output_axis_and_no_deletion_no_change():
     e = NEMt(_clf(), init_keep=1 - 1e-7, **FAST).init_module()
     x, y = torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 2, 0])
     assert e.validate([(x, y)])["change"] < 1e-4
+
+
+def test_occlusion_fills():
+    from nemt.explainers.nemt.losses import occlude
+    x = torch.ones(1, 1, 32, 32)
+    x[..., 12:20, 12:20] = -1.0  # a dark "lesion" in bright tissue
+    keep = torch.ones(1, 1, 32, 32)
+    keep[..., 12:20, 12:20] = 0.0  # delete exactly the lesion
+    inpainted = occlude(x, keep, "inpaint", sigma=4.0)
+    assert inpainted[..., 12:20, 12:20].min() > 0.95  # filled with the surrounding tissue
+    assert torch.equal(inpainted[..., :10, :], x[..., :10, :])  # kept pixels untouched
+    assert torch.equal(occlude(x, keep, "mean")[..., 12:20, 12:20], torch.zeros(1, 1, 8, 8))
+    blurred = occlude(x, keep, "blur", sigma=2.0)
+    assert blurred[..., 16, 16] < -0.5  # blurring leaves the inside of a wide dark region dark
+    zero = occlude(x, keep, "zero", zero_value=torch.tensor([-3.0]))
+    assert torch.equal(zero[..., 12:20, 12:20], torch.full((1, 1, 8, 8), -3.0))
+    vol = occlude(torch.ones(1, 1, 8, 8, 8), torch.zeros(1, 1, 8, 8, 8), "inpaint", sigma=2.0)
+    assert vol.shape == (1, 1, 8, 8, 8)

@@ -166,8 +166,8 @@ def fit(
     accumulate: int = typer.Option(1, help="gradient accumulation steps"),
     optimizer: str = typer.Option("prodigy", help="prodigy | adamw"),
     lr: Optional[float] = typer.Option(None, help="learning rate (default: 1 for Prodigy, 3e-3 for AdamW)"),
-    occlusion: str = typer.Option("blur", help="what deleted pixels become: mean | zero | blur"),
-    blur_sigma: Optional[float] = typer.Option(None, help="blur sigma in pixels (default 8 at 128 px)"),
+    occlusion: str = typer.Option("blur", help="what deleted pixels become: mean | zero | blur | inpaint"),
+    blur_sigma: Optional[float] = typer.Option(None, help="blur / inpainting sigma in pixels (default 8 at 128 px)"),
     quantity: str = typer.Option("prob", help="target quantity: prob | logit | one_minus_prob"),
     area_weight: float = typer.Option(1.0, help="weight of the deleted-area term"),
     change_weight: float = typer.Option(2.0, help="weight of the squared target change"),
@@ -278,19 +278,28 @@ def explain(
 @_friendly
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="output folder"),
-    n: int = typer.Option(480, help="phantom images"),
-    size: int = typer.Option(96, help="image size"),
+    n: int = typer.Option(800, help="phantom images"),
+    size: int = typer.Option(64, help="image size"),
     arch: str = typer.Option("smallcnn", help="classifier architecture"),
-    epochs: int = typer.Option(12, help="training epochs"),
+    epochs: int = typer.Option(15, help="classifier training epochs"),
+    fit_epochs: int = typer.Option(3, help="NEMt training epochs"),
     seed: int = typer.Option(0, help="random seed"),
     device: str = typer.Option("cpu", help="torch device"),
     progress: bool = typer.Option(True, help="show progress bars"),
 ) -> None:
-    """The main job on built-in synthetic data: make phantoms, check them, train a classifier."""
+    """The main job on built-in synthetic phantoms: data, check, classifier, NEMt, localisation, overlays."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from nemt.bench.localisation import markdown_table, score_methods
+    from nemt.data import ImageDataset
     from nemt.data.check import check_dataset
     from nemt.data.manifest import open_dataset
     from nemt.data.phantoms import write_phantom_dataset
-    from nemt.models.training import TrainConfig, train_classifier
+    from nemt.explainers import NEMt
+    from nemt.files import atomic_open
+    from nemt.models.training import TrainConfig, load_splits, train_classifier
+    from nemt.visualize import save_overlay
 
     console.rule("1. phantoms")
     manifest_path = write_phantom_dataset(out / "data", n, size, task="multiclass", seed=seed)
@@ -302,12 +311,39 @@ def demo(
                   f"{len(rep.fatal)} fatal problems")
     if not rep.ok:
         raise NemtError(f"phantom data failed its own check: {rep.fatal[0]}")
-    console.rule("3. train")
+    console.rule("3. train the classifier")
     cfg = TrainConfig(arch=arch, size=(size, size), epochs=epochs, batch_size=32, lr=3e-3, seed=seed)
-    _, result = train_classifier(manifest, out / "model", cfg, device=device, progress=progress)
-    test = result["metrics"].get("test", {})
+    clf, result = train_classifier(manifest, out / "model", cfg, device=device, progress=progress)
+    console.rule("4. fit NEMt")
+    splits = load_splits(out / "model", manifest)
+    train_ds = ImageDataset(manifest, clf.preprocessing, splits["train"])
+    loader = DataLoader(train_ds, batch_size=16, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(seed))
+    explainer = NEMt(clf, epochs=fit_epochs, seed=seed, device=device)
+    explainer.fit(loader, out_dir=out / "explainer", progress=progress)
+    console.rule("5. localisation on the test split (true label)")
+    test = ImageDataset(manifest, clf.preprocessing, splits["test"]).stacked()
+    rows = score_methods(clf, test["image"].to(device), test["y"].to(device), test["gt"].to(device),
+                         {"nemt": explainer}, ["gradcam", "gradcam++", "gaussian", "random", "sobel"])
+    table = markdown_table(rows)
+    console.print(table)
+    console.rule("6. overlays")
+    shown = [i for i in range(len(test["image"])) if test["has_gt"][i]][:6]
+    for i in shown:
+        x = test["image"][i:i + 1].to(device)
+        maps = explainer.explain(x, target="all")[0].cpu().numpy()
+        unit = clf.preprocessing.denormalise(x[0].cpu()).clamp(0, 1).numpy()[0]
+        name = manifest.samples[int(test["index"][i])].image.stem
+        save_overlay(out / "overlays" / f"{name}.png", unit, list(maps), clf.label_names,
+                     gt=test["gt"][i, 0].numpy(), suptitle=f"{name}: true {clf.label_names[int(test['y'][i])]}")
+    summary = {"model": str(out / "model"), "explainer": str(out / "explainer"),
+               "test": result["metrics"].get("test", {}), "localisation": rows,
+               "overlays": str(out / "overlays")}
+    with atomic_open(out / "summary.md", "w", encoding="utf-8") as fh:
+        fh.write(f"# nemt demo (seed {seed})\n\nClassifier test figures: "
+                 f"{json.dumps(result['metrics'].get('test', {}))}\n\n{table}\n")
     console.rule("done")
-    typer.echo(json.dumps({"model": str(out / "model"), "test": test}, indent=2))
+    typer.echo(json.dumps(summary, indent=2))
 
 
 def main() -> None:  # pragma: no cover

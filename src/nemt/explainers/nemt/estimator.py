@@ -29,8 +29,7 @@ from nemt.checkpoint import load_state, save_state
 from nemt.errors import CardError, NemtError
 from nemt.explainers.base import Explainer, Target, register, resolve_targets
 from nemt.explainers.layers import find_stages
-from nemt.explainers.nemt.losses import (OCCLUSIONS, QUANTITIES, deletion_loss, nem_loss, occlusion_baseline,
-                                         target_quantity)
+from nemt.explainers.nemt.losses import OCCLUSIONS, QUANTITIES, deletion_loss, nem_loss, occlude, target_quantity
 from nemt.explainers.nemt.module import ExplanationModule
 from nemt.explainers.nemt.smoothing import kernel_size_for
 from nemt.files import atomic_path, write_json
@@ -287,7 +286,7 @@ class NEMt(_MaskExplainer):
     mean((q(x*k) - q(x))^2)`` with the target gathered per sample.
     ``explain`` returns ``1 - k`` (the deleted region) for the requested targets.
 
-    Key parameters: ``occlusion`` (mean | zero | blur), ``quantity`` (prob |
+    Key parameters: ``occlusion`` (mean | zero | blur | inpaint), ``quantity`` (prob |
     logit | one_minus_prob; regression always uses the value scaled by the
     training targets' spread), ``area_target`` (explicit deleted-fraction
     target), ``train_targets`` (true | predicted | all; default: true label
@@ -324,13 +323,13 @@ class NEMt(_MaskExplainer):
         ts = getattr(self.model.card, "target_scale", None)
         return float(ts["std"]) if ts else 1.0
 
-    def _baseline(self, x: torch.Tensor) -> torch.Tensor:
+    def _occlude(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         pre = getattr(self.model, "preprocessing", None)
         zero = None
         if pre is not None:
             zero = pre.normalise(torch.zeros(1, self.in_channels, *([1] * self.spatial_dims)))[0].flatten()
         sigma = self.blur_sigma or max(1.0, 8.0 * min(self.input_size) / 128)
-        return occlusion_baseline(x, self.occlusion, zero_value=zero, blur_sigma=sigma)
+        return occlude(x, keep, self.occlusion, zero_value=zero, sigma=sigma)
 
     def _train_targets(self, y: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
         mode = self.train_targets or ("true" if self.task == "multiclass" else "all")
@@ -342,22 +341,26 @@ class NEMt(_MaskExplainer):
             return y.long().view(-1, 1)
         return resolve_targets(mode, self.model, outputs=out)
 
-    def _step(self, x, y, gen):
+    def _deletion(self, x: torch.Tensor, y: torch.Tensor | None):
+        """Keep-masks of each sample's training targets and the target quantity before/after deletion.
+
+        Returns keep (B, T', *spatial), q_clean (B, T') and q_deleted (B, T'),
+        every quantity gathered per sample (sample i, its own target(s)).
+        """
         keep_all, out = self.module_(x)
         t = self._train_targets(y, out)  # (B, T')
         b, tt = t.shape
-        keep = torch.gather(keep_all, 1, t.view(b, tt, *([1] * self.spatial_dims)).expand(-1, -1, *x.shape[2:]))
-        base = self._baseline(x)
+        idx = t.view(b, tt, *([1] * self.spatial_dims)).expand(-1, -1, *x.shape[2:])
+        keep = torch.gather(keep_all, 1, idx)
         # one occluded copy of each image per target: (B*T', C, *spatial)
-        k = keep.reshape(b * tt, 1, *x.shape[2:])
-        xs = x.repeat_interleave(tt, dim=0)
-        occluded = xs * k + base.repeat_interleave(tt, dim=0) * (1 - k)
-        out_occ = self.model(occluded).view(b, tt, -1)
+        occluded = self._occlude(x.repeat_interleave(tt, dim=0), keep.reshape(b * tt, 1, *x.shape[2:]))
+        q_del = target_quantity(self.model(occluded).view(b, tt, -1), self.task, self.quantity, self._scale())
         q_clean = target_quantity(out, self.task, self.quantity, self._scale())
-        q_occ = target_quantity(out_occ, self.task, self.quantity, self._scale())
-        qc = torch.gather(q_clean, 1, t)  # per-sample gather: sample i, its own target(s)
-        qo = torch.gather(q_occ, 2, t.unsqueeze(2)).squeeze(2)
-        return deletion_loss(keep, qc, qo, area_weight=self.area_weight, change_weight=self.change_weight,
+        return keep, torch.gather(q_clean, 1, t), torch.gather(q_del, 2, t.unsqueeze(2)).squeeze(2)
+
+    def _step(self, x, y, gen):
+        keep, qc, qd = self._deletion(x, y)
+        return deletion_loss(keep, qc, qd, area_weight=self.area_weight, change_weight=self.change_weight,
                              area_target=self.area_target)
 
     @torch.no_grad()
@@ -367,19 +370,10 @@ class NEMt(_MaskExplainer):
         area = change = 0.0
         n = 0
         for x, y in _batches(data):
-            x = x.to(self.device)
-            keep_all, out = self.module_(x)
-            t = self._train_targets(None if y is None else y.to(self.device), out)
-            b, tt = t.shape
-            keep = torch.gather(keep_all, 1, t.view(b, tt, *([1] * self.spatial_dims)).expand(-1, -1, *x.shape[2:]))
-            k = keep.reshape(b * tt, 1, *x.shape[2:])
-            occluded = x.repeat_interleave(tt, 0) * k + self._baseline(x).repeat_interleave(tt, 0) * (1 - k)
-            q_occ = target_quantity(self.model(occluded).view(b, tt, -1), self.task, self.quantity, self._scale())
-            qc = torch.gather(target_quantity(out, self.task, self.quantity, self._scale()), 1, t)
-            qo = torch.gather(q_occ, 2, t.unsqueeze(2)).squeeze(2)
-            area += float((1 - keep).mean()) * b
-            change += float((qo - qc).abs().mean()) * b
-            n += b
+            keep, qc, qd = self._deletion(x.to(self.device), None if y is None else y.to(self.device))
+            area += float((1 - keep).mean()) * len(x)
+            change += float((qd - qc).abs().mean()) * len(x)
+            n += len(x)
         return {"area": round(area / max(n, 1), 4), "change": round(change / max(n, 1), 4)}
 
     def explain(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:

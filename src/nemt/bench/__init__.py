@@ -1,0 +1,1 @@
+"""Benchmarks of explainers: localisation against ground truth, timing, tables."""
