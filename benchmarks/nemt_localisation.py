@@ -2,7 +2,7 @@
 
 Scores the split's images that have a non-empty mask, explaining each
 image's true label (see ``nemt.bench.localisation``). A centred Gaussian blob
-gets the same mean value as the first NEMt explainer's maps.
+gets, for each NEMt explainer, the same mean value as its maps.
 
     python benchmarks/nemt_localisation.py --model runs/busi-r18 --data ../shared/data/busi \
         --explainers runs/ablation/default,runs/ablation/adamw [--markdown out.md] [--json out.json]

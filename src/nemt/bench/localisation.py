@@ -19,7 +19,8 @@ from nemt.metrics import relevance_mass, relevance_rank
 
 def score_methods(model, x: torch.Tensor, y: torch.Tensor, gt: torch.Tensor, nemt: dict[str, NEMt],
                   baselines: list[str], batch_size: int = 16) -> list[dict]:
-    """Rows of figures; the ``gaussian`` baseline gets the first NEMt's mean map value as its area."""
+    """Rows of figures; with NEMt explainers, ``gaussian`` gives one centred blob per explainer with
+    the same mean map value, right after it."""
     has = gt.flatten(1).any(1)
     x, y, gt = x[has], y[has], gt[has]
     rows: list[dict] = []
@@ -35,16 +36,19 @@ def score_methods(model, x: torch.Tensor, y: torch.Tensor, gt: torch.Tensor, nem
                      "excluded_empty_gt": int((~has).sum()), **(extra or {})})
         return maps
 
-    area = None
     for name, ex in nemt.items():
         val = ex.validate([(x[i:i + 32], y[i:i + 32]) for i in range(0, len(x), 32)])
         maps = run(name, lambda a, b: ex.explain(a, target=b),
                    {"deleted_area": val["area"], "target_change": val["change"]})
-        area = float(maps.mean()) if area is None else area
+        if "gaussian" in baselines:  # a centred blob of the same mean value, for each NEMt
+            area = float(maps.mean())
+            blob = get_explainer("gaussian", model, area=area)
+            run(f"gaussian (area {area:.3f})", lambda a, b: blob.explain(a, target=b))
     for name in baselines:
-        params = {"area": area} if name == "gaussian" and area else {}
-        ex = get_explainer(name, model, **params)
-        run(f"gaussian (area {area:.3f})" if params else name, lambda a, b: ex.explain(a, target=b))
+        if name == "gaussian" and nemt:
+            continue
+        ex = get_explainer(name, model)
+        run(name, lambda a, b: ex.explain(a, target=b))
     return rows
 
 

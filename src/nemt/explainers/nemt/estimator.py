@@ -66,9 +66,10 @@ class _MaskExplainer(Explainer):
 
     def __init__(self, model: nn.Module, *, layers: Sequence[str] | None = None, encoder: str = "model",
                  smoothing: bool = True, kernel_size: int | None = None, init_keep: float = 0.95,
-                 decoder_channels: Sequence[int] = (256, 128, 64, 32, 16), optimizer: str = "prodigy",
-                 lr: float | None = None, weight_decay: float = 0.01, batch_size: int = 16,
-                 accumulate: int = 1, epochs: int = 3, seed: int = 0,
+                 decoder_channels: Sequence[int] = (256, 128, 64, 32, 16), optimizer: str = "adamw",
+                 lr: float | None = None, weight_decay: float = 0.01, schedule: str = "cosine",
+                 batch_size: int = 16,
+                 accumulate: int = 1, epochs: int = 6, seed: int = 0,
                  input_size: Sequence[int] | None = None, in_channels: int | None = None,
                  device: str | torch.device | None = None):
         super().__init__(model, device)
@@ -86,7 +87,9 @@ class _MaskExplainer(Explainer):
         self.layers = list(layers) if layers else None
         self.encoder, self.smoothing, self.kernel_size = encoder, smoothing, kernel_size
         self.init_keep, self.decoder_channels = init_keep, list(decoder_channels)
-        self.optimizer, self.lr, self.weight_decay = optimizer, lr, weight_decay
+        if schedule not in ("constant", "cosine"):
+            raise NemtError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+        self.optimizer, self.lr, self.weight_decay, self.schedule = optimizer, lr, weight_decay, schedule
         self.batch_size, self.accumulate, self.epochs, self.seed = batch_size, accumulate, epochs, seed
         self.module_: ExplanationModule | None = None
         self.history_: list[dict] = []
@@ -95,7 +98,7 @@ class _MaskExplainer(Explainer):
     def get_params(self) -> dict:
         """Hyper-parameters (round-trip through ``__init__``)."""
         common = ("layers", "encoder", "smoothing", "kernel_size", "init_keep", "decoder_channels",
-                  "optimizer", "lr", "weight_decay", "batch_size", "accumulate", "epochs", "seed",
+                  "optimizer", "lr", "weight_decay", "schedule", "batch_size", "accumulate", "epochs", "seed",
                   "input_size", "in_channels")
         return {k: getattr(self, k) for k in common + self._param_names}
 
@@ -151,6 +154,15 @@ class _MaskExplainer(Explainer):
         mod = self.init_module().module_
         params = [p for p in mod.parameters() if p.requires_grad]
         opt = self._make_optimizer(params)
+        try:
+            n_batches = len(data)  # type: ignore[arg-type]
+        except TypeError:
+            n_batches = None
+        total_steps = None if n_batches is None else max(1, epochs * n_batches // self.accumulate)
+        # cosine decay to zero over the whole run: the masks settle instead of fluctuating epoch to epoch
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+            if self.schedule == "cosine" and total_steps else 1.0)
         gen = torch.Generator().manual_seed(self.seed)
         mod.smoothing.generator = gen
         start = 0
@@ -163,14 +175,11 @@ class _MaskExplainer(Explainer):
                                 "use another output folder")
             mod.load_state_dict(st["module"])
             opt.load_state_dict(st["optimizer"])
+            sched.load_state_dict(st["scheduler"])
             gen.set_state(st["generator"])
             torch.set_rng_state(st["torch_rng"])
             start, self.history_ = st["epoch"], st["history"]
             log(f"resuming explainer in {out_dir} after epoch {start}")
-        try:
-            n_batches = len(data)  # type: ignore[arg-type]
-        except TypeError:
-            n_batches = None
         with progress_bar(progress) as bar:
             tid = bar.add_task("fit", total=None if n_batches is None else n_batches * (epochs - start), info="")
             for epoch in range(start, epochs):
@@ -186,6 +195,7 @@ class _MaskExplainer(Explainer):
                     (loss / self.accumulate).backward()
                     if (i + 1) % self.accumulate == 0:
                         opt.step()
+                        sched.step()
                         opt.zero_grad(set_to_none=True)
                     parts["loss"] = loss.detach().item()
                     for k, v in parts.items():
@@ -195,6 +205,7 @@ class _MaskExplainer(Explainer):
                                info=" ".join(f"{k} {v / n:.4f}" for k, v in sums.items()))
                 if n % self.accumulate:
                     opt.step()
+                    sched.step()
                     opt.zero_grad(set_to_none=True)
                 record = {"epoch": epoch + 1, **{k: v / max(n, 1) for k, v in sums.items()},
                           "seconds": round(time.time() - t0, 1)}
@@ -204,6 +215,7 @@ class _MaskExplainer(Explainer):
                 if state_path:
                     save_state(state_path, {"key": key, "epoch": epoch + 1, "history": self.history_,
                                             "module": mod.state_dict(), "optimizer": opt.state_dict(),
+                                            "scheduler": sched.state_dict(),
                                             "generator": gen.get_state(), "torch_rng": torch.get_rng_state()})
                 log(f"epoch {epoch + 1}/{epochs} " + " ".join(
                     f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float) and k != "seconds")
@@ -296,7 +308,7 @@ class NEMt(_MaskExplainer):
     _param_names = ("occlusion", "blur_sigma", "quantity", "area_weight", "change_weight", "area_target",
                     "train_targets")
 
-    def __init__(self, model: nn.Module, *, occlusion: str = "blur", blur_sigma: float | None = None,
+    def __init__(self, model: nn.Module, *, occlusion: str = "inpaint", blur_sigma: float | None = None,
                  quantity: str = "prob", area_weight: float = 1.0, change_weight: float = 2.0,
                  area_target: float | None = None, train_targets: str | None = None, **kw: Any):
         super().__init__(model, **kw)
