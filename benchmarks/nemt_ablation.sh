@@ -2,7 +2,7 @@
 # NEMt ablation on BUSI (128 px, the ResNet-18 of `nemt train`): levers one at a time against a paper-like
 # base (Prodigy, blurred-image occlusion, 3 epochs), then the localisation table of all of them next to
 # Grad-CAM(++), a centred Gaussian of the same mean value, and reference maps.
-# The default of `nemt fit` is the variant inpaint-adamw-e6-cosine.
+# The default of `nemt fit` is the variant inpaint-adamw-e10-cosine.
 #   bash benchmarks/nemt_ablation.sh MODEL_DIR DATA OUT_DIR [variant ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,17 +28,19 @@ declare -A V=(
   [inpaint-adamw-e10]="--occlusion inpaint --optimizer adamw --lr 3e-3 --epochs 10"
   [inpaint-adamw-e6-cosine]="--occlusion inpaint --optimizer adamw --lr 3e-3 --epochs 6 --schedule cosine"
   [inpaint-adamw-e10-cosine]="--occlusion inpaint --optimizer adamw --lr 3e-3 --epochs 10 --schedule cosine"
+  [default-seed1]="--occlusion inpaint --optimizer adamw --lr 3e-3 --epochs 10 --schedule cosine --seed 1"
+  [default-half-decoder]="--occlusion inpaint --optimizer adamw --lr 3e-3 --epochs 10 --schedule cosine --decoder-channels 128,64,32,16,8"
 )
 variants=("$@")
 [ ${#variants[@]} -gt 0 ] || variants=(base adamw occl-mean init-0.5 logit area-target-0.1 no-smoothing kernel-5 epochs-6
   inpaint inpaint-sigma-16 inpaint-adamw inpaint-adamw-lr1e-3 inpaint-adamw-at0.1 inpaint-adamw-e6
-  inpaint-adamw-e10 inpaint-adamw-e6-cosine inpaint-adamw-e10-cosine)
+  inpaint-adamw-e10 inpaint-adamw-e6-cosine inpaint-adamw-e10-cosine default-seed1 default-half-decoder)
 mkdir -p "$OUT"
 dirs=()
 for v in "${variants[@]}"; do
   if [ ! -f "$OUT/$v/explainer.json" ]; then
     start=$(date +%s)
-    .venv/bin/nemt fit --model "$MODEL" --data "$DATA" --out "$OUT/$v" --seed 0 --no-progress $BASE ${V[$v]} > "$OUT/$v.log" 2>&1
+    .venv/bin/nemt fit --model "$MODEL" --data "$DATA" --out "$OUT/$v" --no-progress --seed 0 $BASE ${V[$v]} > "$OUT/$v.log" 2>&1
     echo "$v: fit $(( $(date +%s) - start )) s" | tee -a "$OUT/fit_times.txt"
   fi
   dirs+=("$OUT/$v")

@@ -161,7 +161,7 @@ def fit(
     model: Path = typer.Option(..., help="model folder written by `nemt train`"),
     data: Path = typer.Option(..., help="the data set the model was trained on"),
     out: Path = typer.Option(..., help="explainer folder (weights, card, resume state)"),
-    epochs: int = typer.Option(6, help="epochs"),
+    epochs: int = typer.Option(10, help="epochs"),
     batch_size: int = typer.Option(16, help="batch size"),
     accumulate: int = typer.Option(1, help="gradient accumulation steps"),
     optimizer: str = typer.Option("adamw", help="adamw | prodigy"),
@@ -177,6 +177,7 @@ def fit(
     smoothing: bool = typer.Option(True, help="integrated smoothing operator"),
     init_keep: float = typer.Option(0.95, help="initial kept fraction of the mask head"),
     encoder: str = typer.Option("model", help="model (frozen model's stages) | own (model-agnostic)"),
+    decoder_channels: str = typer.Option("256,128,64,32,16", help="decoder block widths, deepest first"),
     train_targets: Optional[str] = typer.Option(None, help="true | predicted | all (default by task)"),
     seed: int = typer.Option(0, help="random seed"),
     device: str = typer.Option("cpu", help="torch device"),
@@ -202,6 +203,7 @@ def fit(
     explainer = NEMt(clf, occlusion=occlusion, blur_sigma=blur_sigma, quantity=quantity, area_weight=area_weight,
                      change_weight=change_weight, area_target=area_target, kernel_size=kernel_size,
                      smoothing=smoothing, init_keep=init_keep, encoder=encoder, train_targets=train_targets,
+                     decoder_channels=[int(c) for c in decoder_channels.split(",")],
                      optimizer=optimizer, lr=lr, schedule=schedule, batch_size=batch_size, accumulate=accumulate, epochs=epochs,
                      seed=seed, device=device)
     explainer.fit(loader, val_data=DataLoader(val_ds, batch_size=32), out_dir=out, progress=progress)
@@ -283,7 +285,7 @@ def demo(
     size: int = typer.Option(64, help="image size"),
     arch: str = typer.Option("smallcnn", help="classifier architecture"),
     epochs: int = typer.Option(15, help="classifier training epochs"),
-    fit_epochs: int = typer.Option(6, help="NEMt training epochs"),
+    fit_epochs: int = typer.Option(10, help="NEMt training epochs"),
     seed: int = typer.Option(0, help="random seed"),
     device: str = typer.Option("cpu", help="torch device"),
     progress: bool = typer.Option(True, help="show progress bars"),

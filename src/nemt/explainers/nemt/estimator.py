@@ -69,7 +69,7 @@ class _MaskExplainer(Explainer):
                  decoder_channels: Sequence[int] = (256, 128, 64, 32, 16), optimizer: str = "adamw",
                  lr: float | None = None, weight_decay: float = 0.01, schedule: str = "cosine",
                  batch_size: int = 16,
-                 accumulate: int = 1, epochs: int = 6, seed: int = 0,
+                 accumulate: int = 1, epochs: int = 10, seed: int = 0,
                  input_size: Sequence[int] | None = None, in_channels: int | None = None,
                  device: str | torch.device | None = None):
         super().__init__(model, device)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.layers.factories import Conv, Norm, Pool
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from nemt.explainers.layers import FeatureTap
 from nemt.explainers.nemt.smoothing import RandomSmoothing
@@ -51,14 +52,34 @@ class MaskDecoder(nn.Module):
         conv = Conv[Conv.CONV, spatial_dims]
         self.head = conv(chans[-1], n_maps, 1)
         self.affine = conv(n_maps, n_maps, 1, groups=n_maps)  # learnable per-map scale and shift
+        object.__setattr__(self, "_fused", None)
         with torch.no_grad():
             self.affine.weight.fill_(1.0)
             self.affine.bias.fill_(math.log(init_keep / (1 - init_keep)))
 
+    def train(self, mode: bool = True) -> "MaskDecoder":
+        object.__setattr__(self, "_fused", None)  # weights may change: rebuild the fused copy on the next eval pass
+        return super().train(mode)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        object.__setattr__(self, "_fused", None)
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def _eval_blocks(self) -> list[nn.Module]:
+        """The blocks with each BatchNorm folded into its convolution (eval only; same outputs, fewer passes)."""
+        if getattr(self, "_fused", None) is None:
+            fused = []
+            for block in self.blocks:
+                c1, b1, a1, c2, b2, a2 = block
+                fused.append(nn.Sequential(fuse_conv_bn_eval(c1, b1), a1, fuse_conv_bn_eval(c2, b2), a2))
+            object.__setattr__(self, "_fused", fused)  # a cache, not a submodule: stays out of state_dict
+        return self._fused
+
     def forward(self, feats: Sequence[torch.Tensor], image: torch.Tensor) -> torch.Tensor:
         """Skip features (shallow first) and the image -> keep logits (B, T, *spatial)."""
         x = feats[-1]
-        for block, skip in zip(self.blocks, list(feats[-2::-1]) + [image]):
+        blocks = self.blocks if self.training or torch.is_grad_enabled() else self._eval_blocks()
+        for block, skip in zip(blocks, list(feats[-2::-1]) + [image]):
             x = F.interpolate(x, size=skip.shape[2:], mode="nearest")
             x = block(torch.cat([x, skip], dim=1))
         return self.affine(self.head(x))
