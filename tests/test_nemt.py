@@ -210,3 +210,14 @@ def test_occlusion_fills():
     assert torch.equal(zero[..., 12:20, 12:20], torch.full((1, 1, 8, 8), -3.0))
     vol = occlude(torch.ones(1, 1, 8, 8, 8), torch.zeros(1, 1, 8, 8, 8), "inpaint", sigma=2.0)
     assert vol.shape == (1, 1, 8, 8, 8)
+
+
+def test_eval_fast_path_equals_the_plain_decoder():
+    """BatchNorm folded into the convolutions (no-grad eval) gives the same masks as the plain blocks."""
+    e = NEMt(_clf(), **FAST).fit(_data(), epochs=1, progress=False, log=lambda s: None)
+    x = torch.randn(2, 1, 32, 32)
+    fast = e.explain(x, "all")
+    with torch.enable_grad():
+        keep, _ = e.module_(x)  # grad enabled: the plain blocks
+    assert torch.allclose(fast, 1 - keep.detach(), atol=1e-5)
+    assert not any("_fused" in k for k in e.module_.state_dict())

@@ -281,10 +281,10 @@ def explain(
 @_friendly
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="output folder"),
-    n: int = typer.Option(800, help="phantom images"),
-    size: int = typer.Option(64, help="image size"),
+    n: int = typer.Option(1000, help="phantom images"),
+    size: int = typer.Option(96, help="image size"),
     arch: str = typer.Option("smallcnn", help="classifier architecture"),
-    epochs: int = typer.Option(15, help="classifier training epochs"),
+    epochs: int = typer.Option(30, help="classifier training epochs"),
     fit_epochs: int = typer.Option(10, help="NEMt training epochs"),
     seed: int = typer.Option(0, help="random seed"),
     device: str = typer.Option("cpu", help="torch device"),
@@ -331,7 +331,7 @@ def demo(
     table = markdown_table(rows)
     console.print(table)
     console.rule("6. overlays")
-    shown = [i for i in range(len(test["image"])) if test["has_gt"][i]][:6]
+    shown = [i for i in range(len(test["image"])) if test["gt"][i].any()][:6]
     for i in shown:
         x = test["image"][i:i + 1].to(device)
         maps = explainer.explain(x, target="all")[0].cpu().numpy()

@@ -54,7 +54,7 @@ def save_overlay(path: str | Path, image: np.ndarray, maps: Sequence[np.ndarray]
         ax.axis("off")
     if suptitle:
         fig.suptitle(suptitle, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.92) if suptitle else None)
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
