@@ -11,14 +11,7 @@ from nemt.data.readers import (SUPPORTED_SUFFIXES, Image, is_image_file, read_im
                                read_medmnist)
 from nemt.errors import DataError
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def need(rel: str) -> Path:
-    p = DATA / rel
-    if not p.exists():
-        pytest.skip(f"{p} not present")
-    return p
+from conftest import shared as need  # a path under ../shared/data, or skip
 
 
 def save_pil(path: Path, a: np.ndarray, **kw) -> Path:

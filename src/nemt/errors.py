@@ -12,27 +12,23 @@ class NemtError(Exception):
     """Base class of the errors nemt raises on purpose."""
 
 
-class DataError(NemtError, ValueError):
+class _Located(NemtError, ValueError):
+    """An error about one file: ``path: field: reason`` (empty parts left out)."""
+
+    def __init__(self, path: str | Path | None, field: str | None, reason: str):
+        self.path = None if path is None else str(path)
+        self.field = field
+        self.reason = reason
+        super().__init__(": ".join(p for p in (self.path, field, reason) if p))
+
+
+class DataError(_Located):
     """Bad input data: names the file, the field (or ``None``) and the reason.
 
     >>> str(DataError("a.png", "pixels", "file is truncated"))
     'a.png: pixels: file is truncated'
     """
 
-    def __init__(self, path: str | Path | None, field: str | None, reason: str):
-        self.path = None if path is None else str(path)
-        self.field = field
-        self.reason = reason
-        parts = [p for p in (self.path, field, reason) if p]
-        super().__init__(": ".join(parts))
 
-
-class CardError(NemtError, ValueError):
+class CardError(_Located):
     """A model or explainer card that is missing, malformed or does not match."""
-
-    def __init__(self, path: str | Path | None, field: str | None, reason: str):
-        self.path = None if path is None else str(path)
-        self.field = field
-        self.reason = reason
-        parts = [p for p in (self.path, field, reason) if p]
-        super().__init__(": ".join(parts))
