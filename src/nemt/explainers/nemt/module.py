@@ -66,23 +66,32 @@ class MaskDecoder(nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     def _eval_blocks(self) -> list[nn.Module]:
-        """The blocks with each BatchNorm folded into its convolution (eval only; same outputs, fewer passes)."""
+        """The blocks with each BatchNorm folded into its convolution, channels-last (eval only; same outputs)."""
         if getattr(self, "_fused", None) is None:
             fused = []
             for block in self.blocks:
                 c1, b1, a1, c2, b2, a2 = block
-                fused.append(nn.Sequential(fuse_conv_bn_eval(c1, b1), a1, fuse_conv_bn_eval(c2, b2), a2))
+                fused.append(nn.Sequential(fuse_conv_bn_eval(c1, b1), a1, fuse_conv_bn_eval(c2, b2), a2)
+                             .to(memory_format=self._channels_last))
             object.__setattr__(self, "_fused", fused)  # a cache, not a submodule: stays out of state_dict
         return self._fused
 
+    @property
+    def _channels_last(self) -> torch.memory_format:
+        return torch.channels_last if self.spatial_dims == 2 else torch.channels_last_3d
+
     def forward(self, feats: Sequence[torch.Tensor], image: torch.Tensor) -> torch.Tensor:
         """Skip features (shallow first) and the image -> keep logits (B, T, *spatial)."""
+        fast = not (self.training or torch.is_grad_enabled())
+        blocks = self._eval_blocks() if fast else self.blocks
+        if fast:  # channels-last tensors make the convolutions and concatenations about a quarter faster on CPU
+            feats = [f.contiguous(memory_format=self._channels_last) for f in feats]
+            image = image.contiguous(memory_format=self._channels_last)
         x = feats[-1]
-        blocks = self.blocks if self.training or torch.is_grad_enabled() else self._eval_blocks()
         for block, skip in zip(blocks, list(feats[-2::-1]) + [image]):
             x = F.interpolate(x, size=skip.shape[2:], mode="nearest")
             x = block(torch.cat([x, skip], dim=1))
-        return self.affine(self.head(x))
+        return self.affine(self.head(x)).contiguous()
 
 
 class OwnEncoder(nn.Module):
