@@ -18,6 +18,16 @@ def shared(name: str) -> Path:
     return p
 
 
+class Interrupted(Exception):
+    """Raised by :func:`stop_after_first_epoch` to simulate a run killed after its first epoch."""
+
+
+def stop_after_first_epoch(line: str) -> None:
+    """A ``log`` callback that interrupts training once epoch 1 is logged (its checkpoint written)."""
+    if line.startswith("epoch 1/"):
+        raise Interrupted
+
+
 def write_png(path: Path, array: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     PILImage.fromarray(array).save(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import Interrupted, stop_after_first_epoch
 from nemt.errors import CardError, NemtError
 from nemt.explainers import NEM, NEMt
 from nemt.explainers.nemt.smoothing import RandomSmoothing, kernel_size_for
@@ -136,16 +137,8 @@ def test_save_load_round_trip_and_refuses_other_model(tmp_path):
 def test_resume_from_checkpoint(tmp_path):
     data = _data()
     full = NEMt(_clf(), **FAST).fit(data, epochs=2, progress=False, log=lambda s: None)
-
-    class Stop(Exception):
-        pass
-
-    def stop(line):
-        if line.startswith("epoch 1/"):
-            raise Stop
-
-    with pytest.raises(Stop):
-        NEMt(_clf(), **FAST).fit(data, epochs=2, out_dir=tmp_path, progress=False, log=stop)
+    with pytest.raises(Interrupted):
+        NEMt(_clf(), **FAST).fit(data, epochs=2, out_dir=tmp_path, progress=False, log=stop_after_first_epoch)
     logs = []
     resumed = NEMt(_clf(), **FAST).fit(data, epochs=2, out_dir=tmp_path, progress=False, log=logs.append)
     assert logs[0].startswith("resuming")

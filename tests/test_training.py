@@ -7,6 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import Interrupted, stop_after_first_epoch
 from nemt.cli import app
 from nemt.data import open_dataset
 from nemt.errors import NemtError
@@ -42,15 +43,7 @@ def test_tiny_run_writes_model_card_splits_history(small_csv, tmp_path):
 def test_resume_after_interruption_equals_uninterrupted(small_csv, tmp_path):
     m = open_dataset(small_csv)
     full, _ = train_classifier(m, tmp_path / "full", TrainConfig(**CFG), progress=False, log=lambda s: None)
-
-    class Stop(Exception):
-        pass
-
-    def stop_after_first_epoch(line):
-        if line.startswith("epoch 1/"):
-            raise Stop
-
-    with pytest.raises(Stop):
+    with pytest.raises(Interrupted):
         train_classifier(m, tmp_path / "cut", TrainConfig(**CFG), progress=False, log=stop_after_first_epoch)
     logs = []
     resumed, result = train_classifier(m, tmp_path / "cut", TrainConfig(**CFG), progress=False, log=logs.append)

@@ -9,13 +9,11 @@ gradient. Works for 2D and 3D; maps are upsampled to the input size
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nemt.explainers.base import Explainer, Target, normalise_maps, register
+from nemt.explainers.base import Explainer, Target, normalise_maps, register, resolve_targets
 from nemt.explainers.layers import FeatureTap, find_stages
 
 
@@ -37,8 +35,7 @@ class GradCAM(Explainer):
         with FeatureTap(self.model, [self.layer]) as tap, torch.enable_grad():
             out = self.model(x)
             acts = tap.features[self.layer]
-            t = self.targets(x, target) if not isinstance(target, str) or target != "predicted" else \
-                out.argmax(1, keepdim=True)
+            t = resolve_targets(target, self.model, x, outputs=out.detach())  # no second forward pass
             maps = []
             for j in range(t.shape[1]):
                 score = out.gather(1, t[:, j:j + 1]).sum()  # each sample's own target

@@ -1,8 +1,8 @@
 """Finding and reading a model's internal stages with forward hooks.
 
 ``find_stages`` runs one dummy forward pass and, for each spatial resolution
-below the input's, keeps the module whose output comes last at that
-resolution: for MONAI's ResNet that is ``act`` (/2), ``layer1`` … ``layer4``
+below the input's, keeps the shallowest module whose output comes last at
+that resolution: for MONAI's ResNet that is ``act`` (/2), ``layer1`` … ``layer4``
 (/4 … /32); for DenseNet-121 the last module of each dense stage; for any
 CNN built of stages, its stage outputs. Give ``names`` explicitly for models
 where this guess is not what you want.
@@ -17,10 +17,10 @@ from torch import nn
 from nemt.errors import NemtError
 
 
-def _unwrap(model: nn.Module) -> tuple[nn.Module, str]:
+def _unwrap(model: nn.Module) -> nn.Module:
     """The network inside a Classifier (its module names are what users see)."""
     net = getattr(model, "net", None)
-    return (net, "") if isinstance(net, nn.Module) else (model, "")
+    return net if isinstance(net, nn.Module) else model
 
 
 @torch.no_grad()
@@ -30,7 +30,7 @@ def find_stages(model: nn.Module, input_shape: Sequence[int], max_stages: int = 
     ``input_shape`` is (C, *spatial). Returns at most ``max_stages`` names,
     shallowest first.
     """
-    net, _ = _unwrap(model)
+    net = _unwrap(model)
     spatial = tuple(input_shape[1:])
     order: list[tuple[str, tuple[int, ...], int]] = []
     hooks = []
@@ -72,8 +72,7 @@ class FeatureTap:
     """
 
     def __init__(self, model: nn.Module, names: Sequence[str]):
-        net, _ = _unwrap(model)
-        mods = dict(net.named_modules())
+        mods = dict(_unwrap(model).named_modules())
         missing = [n for n in names if n not in mods]
         if missing:
             raise NemtError(f"layers {missing} not found in the model; some names are "

@@ -59,6 +59,12 @@ def _batches(data: Iterable) -> Iterable[tuple[torch.Tensor, torch.Tensor | None
             yield b, None
 
 
+def _select_maps(maps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Per-sample selection: (B, n_maps, *spatial) and targets (B, T) -> (B, T, *spatial)."""
+    idx = t.to(maps.device).view(*t.shape, *([1] * (maps.ndim - 2))).expand(-1, -1, *maps.shape[2:])
+    return torch.gather(maps, 1, idx)
+
+
 class _MaskExplainer(Explainer):
     """Shared machinery of NEMt and NEM: module building, training loop, checkpoints, save/load."""
 
@@ -362,8 +368,7 @@ class NEMt(_MaskExplainer):
         keep_all, out = self.module_(x)
         t = self._train_targets(y, out)  # (B, T')
         b, tt = t.shape
-        idx = t.view(b, tt, *([1] * self.spatial_dims)).expand(-1, -1, *x.shape[2:])
-        keep = torch.gather(keep_all, 1, idx)
+        keep = _select_maps(keep_all, t)
         # one occluded copy of each image per target: (B*T', C, *spatial)
         occluded = self._occlude(x.repeat_interleave(tt, dim=0), keep.reshape(b * tt, 1, *x.shape[2:]))
         q_del = target_quantity(self.model(occluded).view(b, tt, -1), self.task, self.quantity, self._scale())
@@ -391,10 +396,7 @@ class NEMt(_MaskExplainer):
     def explain(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
         """Maps (B, T, *spatial) in [0, 1]: the region whose deletion changes each target most."""
         keep_all, out = self._keep(x)
-        t = resolve_targets(target, self.model, x, outputs=out)
-        b, tt = t.shape
-        idx = t.view(b, tt, *([1] * self.spatial_dims)).expand(-1, -1, *x.shape[2:])
-        return 1 - torch.gather(keep_all, 1, idx.to(keep_all.device))
+        return 1 - _select_maps(keep_all, resolve_targets(target, self.model, x, outputs=out))
 
 
 @register("nem")
