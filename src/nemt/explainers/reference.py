@@ -31,11 +31,11 @@ class _Reference(Explainer):
 
 @register("random")
 class RandomMap(_Reference):
-    """Uniform noise, seeded."""
+    """Uniform noise from ``seed``: the same noise field for every image, so no map depends on its batch."""
 
     def _map(self, x):
         g = torch.Generator().manual_seed(self.seed)
-        return torch.rand(x.shape[0], 1, *x.shape[2:], generator=g).to(x.device)
+        return torch.rand(1, 1, *x.shape[2:], generator=g).to(x.device).expand(x.shape[0], -1, *x.shape[2:])
 
 
 @register("input")

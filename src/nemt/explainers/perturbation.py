@@ -1,0 +1,335 @@
+"""Perturbation explainers that only run the model forward: occlusion, RISE, RELAX and U-RELAX.
+
+All three score batches of perturbed copies of the input, so they share one
+engine (:func:`_score_batches`): perturbed inputs are built chunk by chunk
+(``batch_size`` copies per model call, the memory bound), the model runs in
+inference mode, and **every target comes from the same passes**: a
+multi-label model's T maps cost no more than one map. Masks are drawn from a
+``torch.Generator`` seeded by ``seed`` and are the same for every image, so
+a result never depends on what else is in the batch.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nemt.errors import NemtError
+from nemt.explainers.base import Explainer, Target, normalise_maps, register, resolve_targets
+from nemt.explainers.fast import inference_copy
+from nemt.explainers.layers import FeatureTap
+
+Score = str  # "logit" | "prob"
+
+
+def output_scores(out: torch.Tensor, task: str, score: Score) -> torch.Tensor:
+    """The quantity a perturbation method watches: raw outputs, or probabilities.
+
+    ``"prob"`` is a softmax over the classes of a multi-class model and a
+    sigmoid per label of a multi-label model; a regression output is always
+    used as it is.
+    """
+    if score == "logit" or task == "regression":
+        return out
+    if score == "prob":
+        return out.softmax(dim=1) if task == "multiclass" else out.sigmoid()
+    raise NemtError(f"score must be 'logit' or 'prob', got {score!r}")
+
+
+def _task(model: nn.Module) -> str:
+    card = getattr(model, "card", None)
+    return card.task if card is not None else "multiclass"
+
+
+def _score_batches(model: nn.Module, n_jobs: int, build: Callable[[Sequence[int]], torch.Tensor],
+                   batch_size: int) -> Iterator[tuple[Sequence[int], torch.Tensor]]:
+    """Yield (job indices, model outputs) for ``n_jobs`` perturbed inputs, ``batch_size`` per call."""
+    with torch.inference_mode():
+        for start in range(0, n_jobs, batch_size):
+            jobs = range(start, min(start + batch_size, n_jobs))
+            yield jobs, model(build(jobs))
+
+
+# --------------------------------------------------------------------------- occlusion
+
+
+def _window_slices(spatial: Sequence[int], window: Sequence[int], stride: Sequence[int]) -> list[tuple[slice, ...]]:
+    """Every window position, with Captum's convention: ceil((n - w) / s) + 1 starts per axis, the last clipped."""
+    axes = []
+    for n, w, s in zip(spatial, window, stride):
+        if w > n:
+            raise NemtError(f"occlusion window {tuple(window)} is larger than the input {tuple(spatial)}")
+        if s > w and n != w:
+            raise NemtError(f"occlusion stride {tuple(stride)} must not exceed the window {tuple(window)}")
+        count = math.ceil((n - w) / s) + 1
+        axes.append([slice(i * s, min(i * s + w, n)) for i in range(count)])
+    return list(itertools.product(*axes))
+
+
+def _per_axis(value: int | Sequence[int], d: int, what: str) -> tuple[int, ...]:
+    v = (int(value),) * d if isinstance(value, int) else tuple(int(i) for i in value)
+    if len(v) != d:
+        raise NemtError(f"{what} needs {d} values (one per spatial axis), got {v}")
+    return v
+
+
+@register("occlusion")
+class Occlusion(Explainer):
+    """Zeiler & Fergus occlusion: the drop of the score when a window is replaced by a baseline.
+
+    Each pixel's value is the mean, over the windows covering it, of
+    ``score(x) − score(x with the window set to baseline)`` (all channels
+    occluded together). This is exactly ``captum.attr.Occlusion`` with
+    ``sliding_window_shapes=(C, *window)``, ``strides=(C, *stride)`` and the
+    same scalar baseline, but every target is read from the same forward passes
+    and windows of several images share a model call.
+
+    Parameters: ``window`` and ``stride`` (int or one per spatial axis;
+    default 16 and 8), ``baseline`` (a number, or ``"min"``/``"mean"`` of each
+    image; default 0), ``score`` (``"logit"``, default, as Captum, or
+    ``"prob"``), ``batch_size`` (occluded copies per model call), ``signed``
+    (keep negative values; default False: the map is the positive part,
+    min-max normalised), ``fast`` (score with :class:`~nemt.explainers.fast.InferenceCopy`,
+    BatchNorm folded and channels-last; default True). :meth:`attribute`
+    returns the raw values.
+    """
+
+    def __init__(self, model: nn.Module, device=None, window: int | Sequence[int] = 16,
+                 stride: int | Sequence[int] = 8, baseline: float | str = 0.0, score: Score = "logit",
+                 batch_size: int = 64, signed: bool = False, fast: bool = True):
+        super().__init__(model, device)
+        self.forward_model = inference_copy(self.model, fast)
+        self.window, self.stride, self.baseline = window, stride, baseline
+        self.score, self.batch_size, self.signed = score, int(batch_size), signed
+
+    def _baseline(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, 1, …) fill value per image."""
+        b = self.baseline
+        keep = (x.shape[0], x.shape[1]) + (1,) * (x.ndim - 2)
+        if isinstance(b, str):
+            if b == "min":
+                return x.flatten(1).min(dim=1).values.view(-1, 1, *(1,) * (x.ndim - 2)).expand(keep)
+            if b == "mean":
+                return x.flatten(2).mean(dim=2).view(keep)
+            raise NemtError(f"occlusion baseline must be a number, 'min' or 'mean', got {b!r}")
+        return torch.full(keep, float(b), device=x.device, dtype=x.dtype)
+
+    def attribute(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
+        """Raw occlusion values, (B, T, *spatial)."""
+        x = x.to(self.device)
+        d = x.ndim - 2
+        slices = _window_slices(x.shape[2:], _per_axis(self.window, d, "window"), _per_axis(self.stride, d, "stride"))
+        task = _task(self.model)
+        with torch.inference_mode():
+            out0 = self.forward_model(x)
+        t = resolve_targets(target, self.model, x, outputs=out0)
+        s0 = output_scores(out0, task, self.score).gather(1, t)  # (B, T)
+        fill = self._baseline(x)
+        n_win = len(slices)
+
+        def build(jobs):
+            xs = x[[j // n_win for j in jobs]].clone()
+            for i, j in enumerate(jobs):
+                b, w = divmod(j, n_win)
+                xs[(i, slice(None)) + slices[w]] = fill[b]
+            return xs
+
+        total = torch.zeros(x.shape[0], t.shape[1], *x.shape[2:], device=x.device)
+        for jobs, out in _score_batches(self.forward_model, x.shape[0] * n_win, build, self.batch_size):
+            bs = torch.tensor([j // n_win for j in jobs], device=x.device)
+            drop = (s0[bs] - output_scores(out, task, self.score).gather(1, t[bs])).tolist()
+            for i, j in enumerate(jobs):
+                b, w = divmod(j, n_win)
+                view = total[(b, slice(None)) + slices[w]]
+                view += torch.tensor(drop[i], device=x.device).view(-1, *(1,) * d)
+        counts = torch.zeros(x.shape[2:], device=x.device)
+        for sl in slices:
+            counts[sl] += 1
+        return total / counts
+
+    def explain(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
+        a = self.attribute(x, target)
+        return _finish(a, x.ndim - 2, self.signed)
+
+
+def _finish(a: torch.Tensor, d: int, signed: bool) -> torch.Tensor:
+    """Positive part min-max normalised to [0, 1], or signed values divided by their largest magnitude."""
+    if signed:
+        return a / a.flatten(start_dim=-d).abs().amax(dim=-1).clamp_min(1e-12).view(*a.shape[:-d], *(1,) * d)
+    return normalise_maps(a.clamp_min(0), d)
+
+
+# --------------------------------------------------------------------------- random masks (RISE, RELAX)
+
+
+class RandomMasks:
+    """Petsiuk et al.'s smooth random masks, drawn once from ``seed`` and upsampled on demand.
+
+    ``n`` binary grids of ``grid`` cells per axis (each cell kept with
+    probability ``p``) are upsampled (bi/trilinear) to ``(grid + 1) × cell``
+    and cropped at a random shift in ``[0, cell)`` per axis, so that the soft
+    mask edges fall anywhere. Only the small grids and the shifts are stored:
+    4000 masks of a 512² image would take 4 GB; chunks are built when needed.
+    """
+
+    def __init__(self, n: int, spatial: Sequence[int], grid: int = 7, p: float = 0.5, seed: int = 0,
+                 device=None):
+        if not 0 < p <= 1:
+            raise NemtError(f"mask probability p must be in (0, 1], got {p}")
+        self.n, self.spatial, self.grid, self.p = int(n), tuple(int(s) for s in spatial), int(grid), float(p)
+        g = torch.Generator().manual_seed(int(seed))
+        d = len(self.spatial)
+        self.cells = [math.ceil(s / self.grid) for s in self.spatial]
+        self.grids = (torch.rand(self.n, 1, *(self.grid,) * d, generator=g) < self.p).float().to(device)
+        self.shifts = torch.stack([torch.randint(0, c, (self.n,), generator=g) for c in self.cells], dim=1).tolist()
+
+    def chunk(self, index: Sequence[int] | range) -> torch.Tensor:
+        """(len(index), 1, *spatial) masks in [0, 1]."""
+        d = len(self.spatial)
+        up = [(self.grid + 1) * c for c in self.cells]
+        mode = "bilinear" if d == 2 else "trilinear"
+        big = F.interpolate(self.grids[list(index)], size=up, mode=mode, align_corners=False)
+        out = torch.empty(len(index), 1, *self.spatial, device=big.device)
+        for i, k in enumerate(index):
+            sl = tuple(slice(s, s + n) for s, n in zip(self.shifts[k], self.spatial))
+            out[i] = big[(i, slice(None)) + sl]
+        return out
+
+
+def _masked_jobs(x: torch.Tensor, masks: RandomMasks, fill: float | torch.Tensor = 0.0):
+    """A builder for (image, mask) jobs: job j is image j // n under mask j % n, x·m + fill·(1 − m)."""
+    n = masks.n
+
+    def build(jobs):
+        m = masks.chunk([j % n for j in jobs]).to(x.device)
+        xs = x[[j // n for j in jobs]]
+        return xs * m + fill * (1 - m) if not (isinstance(fill, float) and fill == 0.0) else xs * m
+
+    return build
+
+
+@register("rise")
+class RISE(Explainer):
+    """RISE (Petsiuk et al. 2018): saliency = Σ_i score(x ⊙ M_i) · M_i / (N · p).
+
+    ``n_masks`` (default 4000), ``grid`` (7) and ``p`` (0.5) as in the paper;
+    ``score`` ``"prob"`` (default: softmax or sigmoid, as the paper) or
+    ``"logit"``; ``batch_size`` masked copies per model call; ``seed`` draws
+    the masks; ``fast`` as for :class:`Occlusion`. Every label of a multi-label model is read from the same
+    N passes. Maps are min-max normalised to [0, 1]; :meth:`attribute` gives
+    the raw sums.
+    """
+
+    def __init__(self, model: nn.Module, device=None, n_masks: int = 4000, grid: int = 7, p: float = 0.5,
+                 score: Score = "prob", batch_size: int = 64, seed: int = 0, fast: bool = True):
+        super().__init__(model, device)
+        self.forward_model = inference_copy(self.model, fast)
+        self.n_masks, self.grid, self.p, self.score = int(n_masks), int(grid), float(p), score
+        self.batch_size, self.seed = int(batch_size), int(seed)
+
+    def masks(self, spatial: Sequence[int]) -> RandomMasks:
+        return RandomMasks(self.n_masks, spatial, self.grid, self.p, self.seed, self.device)
+
+    def attribute(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
+        x = x.to(self.device)
+        masks = self.masks(x.shape[2:])
+        with torch.inference_mode():  # a clean pass only for "predicted" (the multi-class default)
+            t = resolve_targets(target, self.model, x)
+        task, n = _task(self.model), masks.n
+        total = torch.zeros(x.shape[0], t.shape[1], *x.shape[2:], device=x.device)
+        for jobs, out in _score_batches(self.forward_model, x.shape[0] * n, _masked_jobs(x, masks), self.batch_size):
+            bs = torch.tensor([j // n for j in jobs], device=x.device)
+            s = output_scores(out, task, self.score).gather(1, t[bs])  # (k, T)
+            m = masks.chunk([j % n for j in jobs]).to(x.device)  # (k, 1, *spatial)
+            total.index_add_(0, bs, s.view(*s.shape, *(1,) * (x.ndim - 2)) * m)
+        return total / (n * self.p)
+
+    def explain(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
+        return normalise_maps(self.attribute(x, target), x.ndim - 2)
+
+
+@register("relax")
+class RELAX(Explainer):
+    """RELAX (Wickstrøm et al. 2022): importance of pixels for an encoder's representation.
+
+    With h the representation (the model's output, or the output of module
+    ``layer`` of the network, flattened) and N random masks M_i as in RISE,
+    s_i = cos(h(x), h(x ⊙ M_i)); per pixel the importance is the mask-weighted
+    mean of the s_i, R = Σ s_i M_i / Σ M_i, and the uncertainty their
+    mask-weighted variance, U = Σ (s_i − R)² M_i / Σ M_i. ``uncertainty=True``
+    gives U-RELAX: R where U is at or below its median (per image), else 0.
+
+    Defaults as the paper: 3000 masks, 7×7 grid, p = 0.5. The map has one
+    channel (T = 1; ``target`` is ignored: an encoder has no classes).
+    :meth:`importance_and_uncertainty` returns both raw maps.
+    """
+
+    def __init__(self, model: nn.Module, device=None, n_masks: int = 3000, grid: int = 7, p: float = 0.5,
+                 layer: str | None = None, uncertainty: bool = False, batch_size: int = 64, seed: int = 0,
+                 fast: bool = True):
+        super().__init__(model, device)
+        self.n_masks, self.grid, self.p, self.layer = int(n_masks), int(grid), float(p), layer
+        self.uncertainty, self.batch_size, self.seed = uncertainty, int(batch_size), int(seed)
+        self._encoder = inference_copy(self.model, fast) if layer is None else _LayerOutput(self.model, layer)
+
+    def importance_and_uncertainty(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw R and U, each (B, 1, *spatial)."""
+        x = x.to(self.device)
+        masks = RandomMasks(self.n_masks, x.shape[2:], self.grid, self.p, self.seed, self.device)
+        n, d = masks.n, x.ndim - 2
+        with torch.inference_mode():
+            h0 = self._encoder(x).flatten(1)
+        scores = torch.empty(x.shape[0], n, device=x.device)
+        for jobs, h in _score_batches(self._encoder, x.shape[0] * n, _masked_jobs(x, masks), self.batch_size):
+            bs = [j // n for j in jobs]
+            scores[bs, [j % n for j in jobs]] = F.cosine_similarity(h.flatten(1), h0[bs], dim=1)
+        # weighted mean and variance over masks, accumulated chunk by chunk (two passes over the masks)
+        shape = (x.shape[0], 1, *x.shape[2:])
+        wsum, ssum = torch.zeros(shape, device=x.device), torch.zeros(shape, device=x.device)
+        chunks = [range(i, min(i + self.batch_size, n)) for i in range(0, n, self.batch_size)]
+        for idx in chunks:
+            m = masks.chunk(idx).to(x.device)[:, 0]  # (k, *spatial)
+            s = scores[:, idx.start:idx.stop]  # (B, k)
+            wsum[:, 0] += m.sum(dim=0)
+            ssum[:, 0] += torch.tensordot(s, m, dims=1)
+        importance = ssum / wsum.clamp_min(1e-12)
+        vsum = torch.zeros(shape, device=x.device)
+        for idx in chunks:
+            m = masks.chunk(idx).to(x.device)[:, 0]
+            s = scores[:, idx.start:idx.stop].view(x.shape[0], -1, *(1,) * d)  # (B, k, 1…)
+            vsum[:, 0] += ((s - importance) ** 2 * m).sum(dim=1)
+        return importance, vsum / wsum.clamp_min(1e-12)
+
+    def explain(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
+        d = x.ndim - 2
+        r, u = self.importance_and_uncertainty(x)
+        if self.uncertainty:
+            med = u.flatten(1).median(dim=1).values.view(-1, 1, *(1,) * d)
+            r = torch.where(u <= med, r, torch.zeros_like(r))
+        return normalise_maps(r, d)
+
+
+@register("u-relax")
+class URELAX(RELAX):
+    """U-RELAX: RELAX importance kept only where its uncertainty is at or below the median."""
+
+    def __init__(self, model: nn.Module, device=None, **params):
+        params.setdefault("uncertainty", True)
+        super().__init__(model, device, **params)
+
+
+class _LayerOutput(nn.Module):
+    """The output of one named module of a model (a Classifier's network), as the representation."""
+
+    def __init__(self, model: nn.Module, layer: str):
+        super().__init__()
+        self.model, self.layer = model, layer
+
+    def forward(self, x):
+        with FeatureTap(self.model, [self.layer]) as tap:
+            self.model(x)
+            return tap.features[self.layer]
