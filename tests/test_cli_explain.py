@@ -47,6 +47,14 @@ def test_train_fit_explain(tmp_path, dims, size, n):
     _ok(["explain", str(imgs[0]), "--model", str(tmp_path / "m"), "--method", "gradcam", "--target", "predicted",
          "--out", str(tmp_path / "g")])
     assert len(list((tmp_path / "g").glob("*.png"))) == 1
+    # a seeded baseline with budget parameters; the same seed gives the same map
+    for run in ("r1", "r2"):
+        _ok(["explain", str(imgs[0]), "--model", str(tmp_path / "m"), "--method", "rise", "--param", "n_masks=40",
+             "--param", "batch_size=16", "--seed", "3", "--target", "all", "--out", str(tmp_path / run)])
+    suffix = ".npy" if dims == 2 else ".nii.gz"
+    for label in ("normal", "cyst"):
+        a, b = (tmp_path / r / f"{stem}__{label}{suffix}" for r in ("r1", "r2"))
+        assert a.read_bytes() == b.read_bytes()
 
 
 def test_explain_refuses_explainer_of_another_model(tmp_path):
@@ -60,3 +68,20 @@ def test_explain_refuses_explainer_of_another_model(tmp_path):
     res = runner.invoke(app, ["explain", str(img), "--model", str(tmp_path / "m2"), "--explainer",
                               str(tmp_path / "e"), "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "another model" in " ".join(res.output.split())
+
+
+def test_explain_names_a_wrong_parameter_and_lists_methods(tmp_path):
+    manifest = write_phantom_dataset(tmp_path / "data", 24, 32, seed=0)
+    _ok(["train", "--data", str(manifest), "--out", str(tmp_path / "m"), "--arch", "smallcnn", "--size", "32",
+         "--epochs", "1", "--batch-size", "8", "--no-progress"])
+    img = sorted((tmp_path / "data" / "images").glob("*.png"))[0]
+    res = runner.invoke(app, ["explain", str(img), "--model", str(tmp_path / "m"), "--method", "rise",
+                              "--param", "masks=10", "--out", str(tmp_path / "x")])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "'masks'" in text and "n_masks" in text
+    res = runner.invoke(app, ["explain", str(img), "--model", str(tmp_path / "m"), "--method", "rise",
+                              "--param", "n_masks", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "KEY=VALUE" in res.output
+    listing = _ok(["methods"])
+    for name in ("rise", "occlusion", "ig", "gradcam++", "relax"):
+        assert name in listing

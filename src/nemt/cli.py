@@ -216,9 +216,11 @@ def explain(
     images: list[Path] = typer.Argument(..., help="image files (PNG, JPEG, BMP, TIFF, DICOM, NIfTI)"),
     model: Path = typer.Option(..., help="model folder"),
     explainer: Optional[Path] = typer.Option(None, help="NEMt explainer folder (for --method nemt)"),
-    method: str = typer.Option("nemt", help="explainer name (nemt, gradcam, gradcam++, ...)"),
+    method: str = typer.Option("nemt", help="explainer name: nemt, gradcam, gradcam++, ig, gradshap, occlusion, "
+                                              "rise, extremal, inpainting, ... (see `nemt methods`)"),
     target: str = typer.Option("all", help="a label name or index, 'predicted' or 'all'"),
     out: Path = typer.Option(..., help="output folder for overlays and raw maps"),
+    param: list[str] = typer.Option([], "--param", help="method parameter KEY=VALUE (repeatable), e.g. n_masks=2000"),
     seed: int = typer.Option(0, help="random seed (for stochastic methods)"),
     device: str = typer.Option("cpu", help="torch device"),
 ) -> None:
@@ -227,20 +229,15 @@ def explain(
     import torch
 
     from nemt.data.readers import read_image
-    from nemt.explainers import NEMt, get_explainer
     from nemt.explainers.base import resolve_targets
+    from nemt.explainers.build import make_explainer, parse_params
     from nemt.files import atomic_open
     from nemt.models import load_model
     from nemt.visualize import save_overlay
 
     torch.manual_seed(seed)
     clf = load_model(model, device=device)
-    if method == "nemt":
-        if explainer is None:
-            raise NemtError("--method nemt needs --explainer DIR (from `nemt fit`)")
-        ex = NEMt.load(explainer, clf, device=device)
-    else:
-        ex = get_explainer(method, clf)
+    ex = make_explainer(method, clf, seed=seed, device=device, explainer_dir=explainer, **parse_params(param))
     tgt: object = target
     if target not in ("all", "predicted"):
         tgt = int(target) if target.isdigit() else target
@@ -275,6 +272,24 @@ def explain(
         results.append({"image": str(path), "targets": names,
                         "prediction": dict(zip(clf.label_names, [round(p, 4) for p in probs.tolist()]))})
     typer.echo(json.dumps(results, indent=2))
+
+
+@app.command()
+@_friendly
+def methods() -> None:
+    """List the explanation methods, with their parameters (pass them to `explain` as --param KEY=VALUE)."""
+    from rich.table import Table
+
+    from nemt.explainers import available
+    from nemt.explainers.base import _REGISTRY
+    from nemt.explainers.build import _parameters
+
+    table = Table("method", "what", "parameters")
+    for name in available():
+        cls = _REGISTRY[name]
+        doc = (cls.__doc__ or "").strip().split("\n")[0]
+        table.add_row(name, doc, ", ".join(sorted(_parameters(cls) - {"device"})))
+    console.print(table)
 
 
 @app.command()

@@ -21,8 +21,9 @@ from nemt.explainers.layers import FeatureTap, find_stages
 class GradCAM(Explainer):
     """Selvaraju et al. 2017: weights = spatial mean of the gradient; map = ReLU(Σ_k w_k A_k)."""
 
-    def __init__(self, model: nn.Module, layer: str | None = None, device=None):
+    def __init__(self, model: nn.Module, layer: str | None = None, device=None, batch_size: int = 32):
         super().__init__(model, device)
+        self.batch_size = int(batch_size)  # images per forward/backward pass (the memory bound)
         card = model.card
         self.layer = layer or find_stages(model, (card.in_channels, *card.input_size))[-1]
 
@@ -30,6 +31,13 @@ class GradCAM(Explainer):
         return grads.flatten(2).mean(dim=2)
 
     def explain(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
+        if x.shape[0] > self.batch_size:
+            if torch.is_tensor(target) and target.ndim > 0:
+                parts = [self.explain(x[i:i + self.batch_size], target[i:i + self.batch_size])
+                         for i in range(0, x.shape[0], self.batch_size)]
+            else:
+                parts = [self.explain(x[i:i + self.batch_size], target) for i in range(0, x.shape[0], self.batch_size)]
+            return torch.cat(parts)
         x = x.to(self.device).detach().requires_grad_(True)  # a graph exists even for a frozen model
         d = x.ndim - 2
         with FeatureTap(self.model, [self.layer]) as tap, torch.enable_grad():
