@@ -9,6 +9,7 @@ from nemt.explainers import gradcam  # noqa: F401  (registers gradcam, gradcam++
 from nemt.explainers import reference  # noqa: F401  (registers the reference maps)
 from nemt.explainers import attribution  # noqa: F401  (saliency, ig, gradshap, lime, kernelshap via Captum)
 from nemt.explainers import perturbation  # noqa: F401  (occlusion, rise, relax, u-relax)
+from nemt.explainers import optimised  # noqa: F401  (extremal, inpainting)
 
 __all__ = ["Explainer", "NEM", "NEMt", "available", "get_explainer", "normalise_maps", "register",
            "resolve_targets"]
