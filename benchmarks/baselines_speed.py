@@ -64,7 +64,10 @@ def peers(name, clf, x, t, args):
             perturbations_per_eval=args.batch)[:, 0], "monai": monai_occlusion},
         "gradcam": {"captum": captum_gradcam,
                     "monai": lambda xx, tt: mv.GradCAM(clf.net, target_layers=layer)(xx, class_idx=None)},
-        "gradcam++": {"monai": lambda xx, tt: mv.GradCAMpp(clf.net, target_layers=layer)(xx, class_idx=None)},
+        # MONAI's GradCAMpp multiplies the (B,) score into (B, C, h, w) gradients: it fails for B > 1 (or
+        # broadcasts wrongly when w == B), so it gets one image per call
+        "gradcam++": {"monai": lambda xx, tt: torch.cat([mv.GradCAMpp(clf.net, target_layers=layer)(
+            xx[i:i + 1], class_idx=None) for i in range(xx.shape[0])])},
         "saliency": {"captum": lambda xx, tt: ca.Saliency(clf).attribute(req(xx), target=tt, abs=True)[:, 0]},
         "ig": {"captum": lambda xx, tt: ca.IntegratedGradients(clf).attribute(
             req(xx), target=tt, baselines=0.0, n_steps=50, internal_batch_size=args.batch)[:, 0]},

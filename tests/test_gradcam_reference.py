@@ -84,3 +84,15 @@ def test_relevance_mass_and_rank_by_definition():
     assert float(relevance_rank(maps, gt2)) == 1.0
     empty = torch.zeros_like(gt)
     assert math.isnan(float(relevance_mass(maps, empty))) and math.isnan(float(relevance_rank(maps, empty)))
+
+
+def test_laplace_reference_known_answer():
+    """|Laplacian| of a single bright pixel: 4 at the pixel, 1 at its four neighbours, 0 elsewhere (before scaling)."""
+    x = torch.zeros(1, 1, 7, 7)
+    x[0, 0, 3, 3] = 1.0
+    m = get_explainer("laplace", _clf())._map(x)[0, 0]
+    expected = torch.zeros(7, 7)
+    expected[3, 3] = 4
+    expected[2, 3] = expected[4, 3] = expected[3, 2] = expected[3, 4] = 1
+    assert torch.equal(m, expected)
+    assert get_explainer("laplace", _clf(3, 8))._map(torch.zeros(1, 1, 5, 5, 5)).abs().sum() == 0

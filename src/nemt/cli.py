@@ -276,6 +276,54 @@ def explain(
 
 @app.command()
 @_friendly
+def benchmark(
+    model: Optional[Path] = typer.Option(None, help="model folder written by `nemt train`"),
+    data: Optional[Path] = typer.Option(None, help="the data set the model was trained on (with masks or boxes)"),
+    out: Path = typer.Option(..., help="output folder: results.csv, summary.md/.csv, report.html"),
+    explainer: Optional[Path] = typer.Option(None, help="NEMt explainer folder (for method nemt)"),
+    methods: str = typer.Option(",".join(("nemt", "gradcam++", "ig", "gradshap", "rise", "extremal", "random",
+                                          "sobel")), help="comma-separated methods (see `nemt methods`)"),
+    metrics: Optional[str] = typer.Option(None, help="comma-separated metrics (default: localisation, complexity, "
+                                                     "sparseness, faithfulness estimate)"),
+    split: str = typer.Option("test", help="split of the model's data: train | val | test"),
+    limit: Optional[int] = typer.Option(None, help="at most this many images (for a quick look)"),
+    batch_size: int = typer.Option(16, help="items per explain call"),
+    gallery: int = typer.Option(6, help="gallery images in the report"),
+    param: list[str] = typer.Option([], "--param", help="METHOD.KEY=VALUE or METRIC.KEY=VALUE (repeatable), "
+                                                       "e.g. rise.n_masks=2000"),
+    suite: Optional[str] = typer.Option(None, help="xai-tris: the ground-truth suite (no --model/--data)"),
+    seed: int = typer.Option(0, help="random seed"),
+    device: str = typer.Option("cpu", help="torch device"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+    restart: bool = typer.Option(False, help="forget earlier results in --out instead of resuming"),
+) -> None:
+    """Explain and score every test image with every method; resumes where it stopped; writes the report."""
+    from nemt.bench.runner import DEFAULT_METRICS, benchmark_model, markdown_summary, split_method_params
+
+    method_list = _csv_list(methods) or []
+    metric_list = _csv_list(metrics)
+    if suite is not None:
+        if suite != "xai-tris":
+            raise NemtError(f"--suite must be 'xai-tris', got {suite!r}")
+        from nemt.bench.xaitris import run_suite
+        table = run_suite(out, methods=method_list, seed=seed, device=device, progress=progress, restart=restart,
+                          params=split_method_params(param), batch_size=batch_size)
+        console.print(table)
+        typer.echo(json.dumps({"report": str(out / "report.html"), "table": str(out / "summary.md")}))
+        return
+    if model is None or data is None:
+        raise NemtError("nemt benchmark needs --model and --data (or --suite xai-tris)")
+    metric_list = metric_list or list(DEFAULT_METRICS)
+    summary = benchmark_model(model, data, out, explainer_dir=explainer, methods=method_list, metrics=metric_list,
+                              split=split, limit=limit, batch_size=batch_size, gallery=gallery,
+                              params=split_method_params(param), seed=seed, device=device, progress=progress,
+                              restart=restart)
+    console.print(markdown_summary(summary, metric_list))
+    typer.echo(json.dumps({"report": str(out / "report.html"), "results": str(out / "results.csv")}))
+
+
+@app.command()
+@_friendly
 def methods() -> None:
     """List the explanation methods, with their parameters (pass them to `explain` as --param KEY=VALUE)."""
     from rich.table import Table

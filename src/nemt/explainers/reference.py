@@ -1,4 +1,4 @@
-"""Reference maps every method must beat on ground-truth data: random, Sobel edges, the input, a centred Gaussian.
+"""Reference maps every method must beat on ground-truth data: random, Sobel and Laplace edges, the input, a centred Gaussian.
 
 They look at no model output; they answer to the same ``explain(x, target)``
 so that the benchmark treats them like any method. Maps are (B, T, *spatial)
@@ -64,6 +64,23 @@ class SobelMap(_Reference):
                 k = torch.tensordot(k, diff if a == axis else smooth, dims=0) if k.ndim else (diff if a == axis else smooth)
             mag = mag + conv(padded, k.view(1, 1, *k.shape)) ** 2
         return mag.sqrt()
+
+
+@register("laplace")
+class LaplaceMap(_Reference):
+    """Absolute discrete Laplacian of the input (second-difference edge detector, 2D or 3D)."""
+
+    def _map(self, x):
+        d = x.ndim - 2
+        img = F.pad(x.mean(dim=1, keepdim=True), [1, 1] * d, mode="replicate")
+        core = tuple(slice(1, -1) for _ in range(d))
+        lap = -2 * d * img[(slice(None), slice(None)) + core]
+        for axis in range(d):
+            for shift in (0, 2):
+                sl = list(core)
+                sl[axis] = slice(shift, img.shape[2 + axis] - 2 + shift)
+                lap = lap + img[(slice(None), slice(None)) + tuple(sl)]
+        return lap.abs()
 
 
 @register("gaussian")

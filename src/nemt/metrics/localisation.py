@@ -1,40 +1,126 @@
 """Localisation of maps against ground-truth masks (Quantus definitions; METHODS.md section 2).
 
-Maps (B, T, *spatial) are min-max normalised to [0, 1] per map first; masks
-are (B, 1 or T, *spatial) booleans. Maps whose mask is empty get NaN (no
-localisation score exists for them); averages must exclude and count them.
+Maps ``(B, T, *spatial)`` are min-max normalised to [0, 1] per map first
+(``normalise="minmax"``, METHODS.md); ``normalise="max"`` with the metric's
+``abs`` reproduces Quantus' defaults. Masks are ``(B, 1 or T, *spatial)``
+booleans (boxes become masks with
+:meth:`nemt.data.preprocess.Preprocessing.box_mask`). Maps whose mask is
+empty get NaN (no localisation score exists for them); average with
+:func:`nemt.metrics.summarise`, which excludes and counts them.
+
+Differences from Quantus 0.6.0 (all documented in the functions):
+Quantus normalises with ``normalise_by_max`` over the whole batch at once (one
+maximum for all samples; harmless for these scale-free scores); its
+``PointingGame`` returns 1 (``True``), not NaN, for an empty mask because it
+writes NaN into a boolean array; its argsort breaks ties arbitrarily, ours by
+position.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from nemt.explainers.base import normalise_maps
+from nemt.metrics._common import (chunked, count, expand_masks, metric, nan_where, order_values, prepare_maps,
+                                  top_k_hits)
 
 
-def _prepare(maps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    d = masks.ndim - 2
-    a = normalise_maps(maps.float(), d).flatten(2)
-    m = masks.bool().expand(-1, maps.shape[1], *masks.shape[2:]).flatten(2)
+def _prepare(maps, masks, normalise, abs):
+    a, d = prepare_maps(maps, normalise, abs)
+    m = expand_masks(masks, maps)
     return a, m, d
 
 
-def relevance_mass(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Relevance mass accuracy Σ a[GT] / Σ a, per map (B, T). Higher is better; NaN for empty GT."""
-    a, m, _ = _prepare(maps, masks)
-    mass = (a * m).sum(-1) / a.sum(-1).clamp_min(1e-12)
-    return torch.where(m.any(-1), mass, torch.full_like(mass, float("nan")))
+@metric("higher")
+@chunked
+def relevance_mass(maps: torch.Tensor, masks: torch.Tensor, *, normalise: str | None = "minmax",
+                   abs: bool = False) -> torch.Tensor:
+    """Relevance mass accuracy (Arras et al. 2022): ``Σ a[GT] / Σ a`` per map, (B, T).
 
-
-def relevance_rank(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Relevance rank accuracy: fraction of the |GT| highest-ranked pixels inside GT, per map (B, T).
-
-    Higher is better; NaN for empty GT. Ties are broken by position (stable sort).
+    Higher is better; NaN for an empty GT; 0 for an all-zero map. Quantus
+    ``RelevanceMassAccuracy`` (defaults ``abs=False``, normalise by max). With
+    signed maps (``normalise`` other than ``"minmax"`` and ``abs=False``) the
+    ratio is not bounded to [0, 1], as in Quantus.
     """
-    a, m, _ = _prepare(maps, masks)
-    order = torch.argsort(a, dim=-1, descending=True, stable=True)
-    k = m.sum(-1, keepdim=True)
-    ranks = torch.arange(a.shape[-1], device=a.device).expand_as(a)
-    top = ranks < k  # the first k positions of the order
-    hits = (torch.gather(m, -1, order) & top).sum(-1).float()
-    out = hits / k.squeeze(-1).clamp_min(1).float()
-    return torch.where(m.any(-1), out, torch.full_like(out, float("nan")))
+    a, m, _ = _prepare(maps, masks, normalise, abs)
+    tot = a.sum(-1)
+    mass = torch.where(m, a, 0).sum(-1) / torch.where(tot == 0, torch.ones_like(tot), tot)  # all-zero map: 0
+    return nan_where(~m.any(-1), mass)
+
+
+@metric("higher")
+def energy_pointing_game(maps: torch.Tensor, masks: torch.Tensor, *, normalise: str | None = "minmax",
+                         abs: bool = False) -> torch.Tensor:
+    """Energy-based pointing game (Wang et al. 2020, Score-CAM): energy inside the box over the total, (B, T).
+
+    ``Σ a[box] / Σ a`` of the min-max normalised map, where the box (or mask)
+    is binarised: the same number as :func:`relevance_mass` on the box mask.
+    Higher is better; NaN for an empty box.
+    """
+    return relevance_mass(maps, masks, normalise=normalise, abs=abs)
+
+
+@metric("higher")
+@chunked
+def relevance_rank(maps: torch.Tensor, masks: torch.Tensor, *, normalise: str | None = "minmax",
+                   abs: bool = False) -> torch.Tensor:
+    """Relevance rank accuracy (Arras et al. 2022): fraction of the ``k = |GT|`` highest-ranked pixels inside GT.
+
+    Per map (B, T). Higher is better; NaN for an empty GT. Quantus
+    ``RelevanceRankAccuracy``; ties are broken by position (stable sort; Quantus'
+    argsort breaks them arbitrarily, which only matters for tied values).
+    """
+    v, _ = order_values(maps, normalise, abs)
+    m = expand_masks(masks, maps)
+    b, t, n = v.shape
+    k = count(m)
+    hits = top_k_hits(v.reshape(b * t, n), m.reshape(b * t, n), k.reshape(-1)).view(b, t).to(v.dtype)
+    return nan_where(k == 0, hits / k.clamp_min(1).to(v.dtype))
+
+
+@metric("higher")
+@chunked
+def pointing_game(maps: torch.Tensor, masks: torch.Tensor, *, tolerance: int = 0,
+                  normalise: str | None = "minmax", abs: bool = False) -> torch.Tensor:
+    """Pointing game (Zhang et al. 2018): 1 if the map's maximum lies in GT, else 0, per map (B, T).
+
+    When several pixels share the maximum, any of them inside GT is a hit
+    (Quantus ``PointingGame``). ``tolerance`` (pixels, default 0 as Quantus;
+    Zhang et al. used 15) grows the mask by that many pixels in every
+    direction (a square/cube, i.e. Chebyshev distance) first. Higher is better;
+    NaN for an empty GT (Quantus 0.6.0 returns 1 there: it writes NaN into a
+    boolean array).
+    """
+    a, d = order_values(maps, normalise, abs)
+    m = expand_masks(masks, maps)
+    empty = ~m.any(-1)
+    if tolerance > 0:
+        shape = (m.shape[0] * m.shape[1], 1, *maps.shape[2:])
+        pool = F.max_pool2d if d == 2 else F.max_pool3d
+        grown = pool(m.reshape(shape).float(), 2 * tolerance + 1, stride=1, padding=tolerance)
+        m = grown.reshape(m.shape) > 0
+    # a hit when the largest value inside GT equals the map's maximum (any tied maximum in GT counts)
+    hit = (torch.where(m, a, float("-inf")).amax(-1) == a.amax(-1)).to(a.dtype)
+    return nan_where(empty, hit)
+
+
+@metric("higher")
+@chunked
+def top_k_intersection(maps: torch.Tensor, masks: torch.Tensor, *, k: int = 1000,
+                       concept_influence: bool = False, normalise: str | None = "minmax",
+                       abs: bool = False) -> torch.Tensor:
+    """Top-k intersection (Theiner et al. 2021): fraction of the ``k`` highest-ranked pixels inside GT, (B, T).
+
+    Quantus ``TopKIntersection`` (default ``k=1000``; here ``k`` is capped at
+    the number of pixels). ``concept_influence`` multiplies by ``n / |GT|``.
+    Higher is better; NaN for an empty GT.
+    """
+    v, _ = order_values(maps, normalise, abs)
+    m = expand_masks(masks, maps)
+    b, t, n = v.shape
+    k = min(int(k), n)
+    hits = top_k_hits(v.reshape(b * t, n), m.reshape(b * t, n), torch.full((b * t,), k, device=v.device))
+    out = hits.view(b, t).to(v.dtype) / k
+    gt = count(m)
+    if concept_influence:
+        out = out * n / gt.clamp_min(1).to(v.dtype)
+    return nan_where(gt == 0, out)

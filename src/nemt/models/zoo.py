@@ -4,11 +4,16 @@ ResNet-18/34/50 and DenseNet-121 come from MONAI (``monai.networks.nets``),
 built with the standard ImageNet-style stem (7x7 stride-2 convolution and
 max-pool; MONAI's default stride is 1) and non-in-place activations, so that
 hooks and gradient-based explainers see each stage's output unchanged.
-``smallcnn`` is a four-stage CNN for tests and quick runs. No weights are ever
-downloaded: every model starts from random initialisation.
+``smallcnn`` is a four-stage CNN for tests and quick runs. ``linear``, ``mlp``
+and ``cnn`` are the small models of the XAI-TRIS benchmark (Clark, Wilming &
+Haufe 2024); they take the optional ``input_size`` keyword (spatial size) to
+size their dense layers, and infer it at the first forward pass (or when
+weights are loaded) without it. No weights are ever downloaded: every model
+starts from random initialisation.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -66,12 +71,117 @@ def _smallcnn(spatial_dims: int, in_channels: int, out_channels: int, **kw: Any)
     return SmallCNN(spatial_dims, in_channels, out_channels, **kw)
 
 
+def _dense(in_features: int | None, out_features: int, bias: bool = True) -> nn.Module:
+    """``nn.Linear``, or ``nn.LazyLinear`` when the input size is not known yet."""
+    if in_features is None:
+        return nn.LazyLinear(out_features, bias=bias)
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
+def _numel(input_size: Any, spatial_dims: int) -> int | None:
+    if input_size is None:
+        return None
+    size = [int(s) for s in input_size]
+    if len(size) != spatial_dims or min(size) < 1:
+        raise NemtError(f"input_size needs {spatial_dims} positive sizes, got {list(input_size)}")
+    return math.prod(size)
+
+
+class LinearNet(nn.Module):
+    """Flatten and one linear layer (XAI-TRIS's linear logistic regression, ``LLR``).
+
+    ``fc.weight`` reshaped to the input is the model's weight map.
+    """
+
+    def __init__(self, spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 2,
+                 input_size: Any = None, bias: bool = True):
+        super().__init__()
+        n = _numel(input_size, spatial_dims)
+        self.fc = _dense(None if n is None else n * in_channels, out_channels, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+
+class MLP(nn.Module):
+    """Flatten, hidden [linear, ReLU, dropout] layers, linear head (XAI-TRIS's MLP: 256, 256, 64, dropout 0.3)."""
+
+    def __init__(self, spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 2,
+                 input_size: Any = None, hidden: Any = (256, 256, 64), dropout: float = 0.3,
+                 bias: bool = True):
+        super().__init__()
+        n = _numel(input_size, spatial_dims)
+        width = None if n is None else n * in_channels
+        layers: list[nn.Module] = []
+        for h in hidden:
+            layers += [_dense(width, int(h), bias), nn.ReLU()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = int(h)
+        self.hidden = nn.Sequential(*layers)
+        self.fc = _dense(width, out_channels, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.hidden(x.flatten(1)))
+
+
+class XaiTrisCNN(nn.Module):
+    """Four [conv, ReLU, max-pool] stages, flatten, linear head (XAI-TRIS's CNN).
+
+    Channels ``width * (1, 2, 4, 8)`` (XAI-TRIS: 4, 8, 16, 32). XAI-TRIS
+    uses 4x4 kernels padded by 1 (a 64 px input shrinks to 63, 31, 30, ...);
+    here an odd kernel (3 by default) is padded to keep the size, so the
+    stages ``stage1`` … ``stage4`` halve the resolution exactly (/2 … /16)
+    like ``smallcnn``'s (Grad-CAM and the NEMt decoder read them) and maps
+    are not shifted by asymmetric padding. The head sees the flattened last
+    stage (32 x 4 x 4 at 64 px).
+    """
+
+    def __init__(self, spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 2,
+                 input_size: Any = None, width: int = 4, kernel_size: int = 3, bias: bool = True):
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise NemtError(f"kernel_size must be odd, got {kernel_size}")
+        conv, pool = Conv[Conv.CONV, spatial_dims], Pool[Pool.MAX, spatial_dims]
+        chans = [in_channels, width, 2 * width, 4 * width, 8 * width]
+        for i in range(4):
+            self.add_module(f"stage{i + 1}", nn.Sequential(
+                conv(chans[i], chans[i + 1], kernel_size, padding=kernel_size // 2), nn.ReLU(), pool(2)))
+        n = None
+        if input_size is not None:
+            _numel(input_size, spatial_dims)
+            n = chans[-1] * math.prod(int(s) // 16 for s in input_size)
+            if n == 0:
+                raise NemtError(f"input_size {list(input_size)} is too small for four 2x poolings (need >= 16)")
+        self.fc = _dense(n, out_channels, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i in range(4):
+            x = getattr(self, f"stage{i + 1}")(x)
+        return self.fc(x.flatten(1))
+
+
+def _linear(spatial_dims: int, in_channels: int, out_channels: int, **kw: Any) -> nn.Module:
+    return LinearNet(spatial_dims, in_channels, out_channels, **kw)
+
+
+def _mlp(spatial_dims: int, in_channels: int, out_channels: int, **kw: Any) -> nn.Module:
+    return MLP(spatial_dims, in_channels, out_channels, **kw)
+
+
+def _xaitris_cnn(spatial_dims: int, in_channels: int, out_channels: int, **kw: Any) -> nn.Module:
+    return XaiTrisCNN(spatial_dims, in_channels, out_channels, **kw)
+
+
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "resnet18": _resnet(resnet18),
     "resnet34": _resnet(resnet34),
     "resnet50": _resnet(resnet50),
     "densenet121": _densenet121,
     "smallcnn": _smallcnn,
+    "linear": _linear,
+    "mlp": _mlp,
+    "cnn": _xaitris_cnn,
 }
 
 

@@ -1,0 +1,149 @@
+"""The benchmark report: one self-contained HTML page (figures inlined as PNG) and the same table as Markdown.
+
+Sections: the summary table (mean and 95 % CI per method and metric, best in
+bold, direction arrows), one bar plot per metric with its intervals, time per
+method on a log axis, and a gallery per label: each image with the
+ground-truth outline and every method's map over it.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from nemt.files import atomic_open  # noqa: E402
+from nemt.metrics import DIRECTIONS  # noqa: E402
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def metric_plots(summary: dict, metrics: Sequence[str]) -> str:
+    """One panel per metric: the mean per method with its 95 % interval."""
+    methods = list(summary)
+    n = len(metrics)
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 0.35 * len(methods) * rows + 1.2 * rows),
+                             squeeze=False)
+    for ax, m in zip(axes.flat, metrics):
+        means = np.array([summary[k][m]["mean"] for k in methods], dtype=float)
+        lo = np.array([summary[k][m]["ci_low"] for k in methods], dtype=float)
+        hi = np.array([summary[k][m]["ci_high"] for k in methods], dtype=float)
+        err = np.vstack([np.nan_to_num(means - lo), np.nan_to_num(hi - means)])
+        ax.barh(range(len(methods)), np.nan_to_num(means), xerr=err, color="#4c72b0", capsize=3)
+        ax.set_yticks(range(len(methods)), methods, fontsize=8)
+        ax.invert_yaxis()
+        arrow = {"higher": "higher is better", "lower": "lower is better"}.get(DIRECTIONS.get(m, ""), "")
+        ax.set_title(f"{m}\n({arrow})", fontsize=9)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def time_plot(summary: dict) -> str:
+    methods = list(summary)
+    ms = [max(summary[k]["ms"], 1e-3) for k in methods]
+    fig, ax = plt.subplots(figsize=(6, 0.35 * len(methods) + 1))
+    ax.barh(range(len(methods)), ms, color="#dd8452")
+    ax.set_xscale("log")
+    ax.set_yticks(range(len(methods)), methods, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("milliseconds per image (log scale)")
+    for i, v in enumerate(ms):
+        ax.text(v, i, f" {v:.1f}", va="center", fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def gallery_figure(unit: np.ndarray, gt: np.ndarray, maps: dict[str, np.ndarray], title: str) -> str:
+    """One row: the image with its ground-truth outline, then each method's map over it (2D, or a 3D slice)."""
+    if unit.ndim == 4:  # (C, D, H, W): the slice with most ground truth
+        k = int(gt.reshape(gt.shape[0], -1).sum(1).argmax()) if gt.any() else unit.shape[1] // 2
+        unit, gt = unit[:, k], gt[k]
+        maps = {m: v[k] for m, v in maps.items()}
+    img = unit[0] if unit.shape[0] == 1 else np.moveaxis(unit, 0, -1)
+    n = 1 + len(maps)
+    fig, axes = plt.subplots(1, n, figsize=(2.1 * n, 2.3), squeeze=False)
+    for ax in axes[0]:
+        ax.imshow(img, cmap="gray", vmin=0, vmax=1)
+        if gt.any():
+            ax.contour(gt.astype(float), levels=[0.5], colors="cyan", linewidths=0.8)
+        ax.axis("off")
+    axes[0, 0].set_title("image + ground truth", fontsize=8)
+    for ax, (name, m) in zip(axes[0, 1:], maps.items()):
+        ax.imshow(m, cmap="inferno", alpha=0.5, vmin=0, vmax=1)
+        ax.set_title(name, fontsize=8)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def html_table(summary: dict, metrics: Sequence[str]) -> str:
+    arrows = {"higher": "↑", "lower": "↓"}
+    head = "".join(f"<th>{html.escape(m)} {arrows.get(DIRECTIONS.get(m, ''), '')}</th>" for m in metrics)
+    best = {}
+    for m in metrics:
+        vals = {k: v[m]["mean"] for k, v in summary.items() if v[m]["n"] > 0}
+        if vals:
+            best[m] = (max if DIRECTIONS.get(m, "higher") == "higher" else min)(vals, key=vals.get)
+    rows = []
+    for method, s in summary.items():
+        cells = []
+        for m in metrics:
+            v = s[m]
+            if v["n"] == 0:
+                text = "n/a"
+            else:
+                ci = "" if math.isnan(v["ci_low"]) else f"<br><small>[{v['ci_low']:.3f}, {v['ci_high']:.3f}]</small>"
+                text = f"{v['mean']:.3f}{ci}"
+            style = ' class="best"' if best.get(m) == method else ""
+            cells.append(f"<td{style}>{text}</td>")
+        rows.append(f"<tr><th>{html.escape(method)}</th>{''.join(cells)}<td>{s['ms']:.1f}</td></tr>")
+    return (f"<table><thead><tr><th>method</th>{head}<th>ms / image</th></tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table>")
+
+
+def write_report(out: Path, summary: dict, metrics: Sequence[str], *, title: str, facts: dict[str, str],
+                 gallery: list[tuple[str, str]] | None = None, markdown: str = "", notes: Sequence[str] = ()) -> Path:
+    """Write ``report.html`` (self-contained) and ``report.md``; ``gallery`` is [(label, figure data URI)]."""
+    out = Path(out)
+    facts_html = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
+    parts = [f"<h1>{html.escape(title)}</h1>", f"<table class='facts'>{facts_html}</table>",
+             "<h2>Summary</h2><p>Mean over items with a 95 % confidence interval (Student t); best per metric "
+             "highlighted. Items without ground truth are excluded from localisation means and counted below.</p>",
+             html_table(summary, metrics)]
+    parts += [f"<p>{html.escape(n)}</p>" for n in notes]
+    parts += ["<h2>Metrics</h2>", f"<img alt='metrics' src='{metric_plots(summary, metrics)}'>",
+              "<h2>Time per method</h2>", f"<img alt='time' src='{time_plot(summary)}'>"]
+    if gallery:
+        parts.append("<h2>Gallery</h2><p>Cyan: ground-truth outline. Maps in [0, 1] (inferno).</p>")
+        for label in dict.fromkeys(lbl for lbl, _ in gallery):
+            parts.append(f"<h3>{html.escape(label)}</h3>")
+            parts += [f"<img alt='{html.escape(label)}' src='{uri}'><br>" for lbl, uri in gallery if lbl == label]
+    style = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right;font-size:13px}"
+             "th{background:#f4f4f4}td.best{font-weight:bold;background:#e8f4e8}img{max-width:100%}"
+             "table.facts td,table.facts th{text-align:left}")
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
+    with atomic_open(out / "report.html", "w", encoding="utf-8") as fh:
+        fh.write(page)
+    facts_md = "\n".join(f"- {k}: {v}" for k, v in facts.items())
+    with atomic_open(out / "report.md", "w", encoding="utf-8") as fh:
+        fh.write(f"# {title}\n\n{facts_md}\n\n{markdown}\n" + "".join(f"\n{n}\n" for n in notes))
+    return out / "report.html"

@@ -1,0 +1,396 @@
+"""The benchmark runner: explain every image with every method, score every map, time every method, resume.
+
+An *item* is one (image, target) pair. Multi-class models explain each image
+for its true class; multi-label models for each label present in the image;
+regression models their single output. Items are processed in chunks of
+``batch_size`` for one method at a time; after each chunk its rows are
+appended to ``results.partial.csv`` (flushed and fsynced), so an interrupted
+run resumes where it stopped and never recomputes a finished chunk. When all
+chunks are done the per-item results are written atomically to
+``results.csv`` with the summary (``summary.csv``, ``summary.md``).
+
+Milliseconds per image are wall-clock time of ``explain`` on the chunk
+divided by its size (metrics not included), on the device given.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from nemt.errors import NemtError
+from nemt.files import atomic_open
+from nemt.metrics import DIRECTIONS, summarise
+from nemt.progress import progress_bar
+
+#: metrics that compare a map with the ground-truth mask: fn(maps, masks)
+GT_METRICS = ("relevance_mass", "relevance_rank", "pointing_game", "top_k_intersection", "energy_pointing_game",
+              "top_k_precision", "importance_mass_accuracy", "emd_score")
+#: metrics of the map alone: fn(maps)
+MAP_METRICS = ("complexity", "sparseness")
+#: metrics that run the model: fn(model, x, maps, target)
+MODEL_METRICS = ("faithfulness_estimate", "deletion_auc", "insertion_auc", "road")
+DEFAULT_METRICS = ("relevance_mass", "relevance_rank", "pointing_game", "energy_pointing_game", "complexity",
+                   "sparseness", "faithfulness_estimate")
+RESULT_FIELDS = ("method", "item", "sample", "image", "target", "label", "has_gt", "ms")
+
+
+@dataclass
+class Item:
+    """One map to make: image ``sample`` (row of the manifest) explained for output ``target``."""
+
+    item: int
+    sample: int
+    image: str
+    target: int
+    label: str
+    has_gt: bool
+
+
+@dataclass
+class BenchmarkData:
+    """Inputs of a run: normalised images, ground-truth masks and the items, in memory."""
+
+    x: torch.Tensor  # (N, C, *spatial), model-normalised
+    unit: torch.Tensor  # (N, C, *spatial) in [0, 1], for the gallery
+    gt: torch.Tensor  # (N, 1, *spatial) bool
+    items: list[Item]
+    label_names: list[str]
+    fingerprint: str = ""
+
+
+@dataclass
+class RunConfig:
+    methods: list[str]
+    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
+    batch_size: int = 16
+    seed: int = 0
+    metric_params: dict[str, dict] = field(default_factory=dict)
+
+
+def make_items(y: torch.Tensor, task: str, label_names: Sequence[str], images: Sequence[str],
+               has_gt: Sequence[bool], samples: Sequence[int] | None = None) -> list[Item]:
+    """Items for each image: true class (multi-class), each present label (multi-label), the output (regression)."""
+    samples = list(samples) if samples is not None else list(range(len(images)))
+    items: list[Item] = []
+    for i, s in enumerate(samples):
+        if task == "multiclass":
+            targets = [int(y[i])]
+        elif task == "multilabel":
+            targets = [j for j in range(len(label_names)) if float(y[i][j]) > 0.5]
+        else:
+            targets = [0]
+        for t in targets:
+            items.append(Item(len(items), i, str(images[i]), t, label_names[t], bool(has_gt[i])))
+    return items
+
+
+def check_metrics(metrics: Sequence[str]) -> list[str]:
+    known = set(GT_METRICS) | set(MAP_METRICS) | set(MODEL_METRICS)
+    bad = [m for m in metrics if m not in known]
+    if bad:
+        raise NemtError(f"unknown metric(s) {bad}; available: {sorted(known)}")
+    return list(metrics)
+
+
+def score_maps(metrics: Sequence[str], maps: torch.Tensor, gt: torch.Tensor, model, x: torch.Tensor,
+               target: torch.Tensor, params: dict[str, dict] | None = None) -> dict[str, torch.Tensor]:
+    """{metric: (B,) values} for maps (B, 1, *spatial) of per-sample targets."""
+    import nemt.metrics as M
+    params = params or {}
+    out: dict[str, torch.Tensor] = {}
+    for name in metrics:
+        fn = getattr(M, name)
+        kw = params.get(name, {})
+        if name in GT_METRICS:
+            v = fn(maps, gt, **kw)
+        elif name in MAP_METRICS:
+            v = fn(maps, **kw)
+        else:
+            v = fn(model, x, maps, target, **kw)
+        out[name] = v.reshape(-1).detach().cpu().double()
+    return out
+
+
+class ResultsLog:
+    """Append-only per-item results (``results.partial.csv``), read back to resume."""
+
+    def __init__(self, path: Path, metrics: Sequence[str]):
+        self.path, self.fields = path, list(RESULT_FIELDS) + list(metrics)
+        self.rows: list[dict] = []
+        if path.is_file():
+            with open(path, newline="", encoding="utf-8") as fh:
+                reader = csv.DictReader(fh)
+                if reader.fieldnames != self.fields:
+                    raise NemtError(f"{path}: written by a run with other metrics ({reader.fieldnames}); "
+                                    "use another --out or --restart")
+                self.rows = [r for r in reader]
+        self.done = {(r["method"], int(r["item"])) for r in self.rows}
+
+    def append(self, rows: list[dict]) -> None:
+        new = not self.path.is_file()
+        with open(self.path, "a", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, fieldnames=self.fields)
+            if new:
+                w.writeheader()
+            for r in rows:
+                w.writerow({k: _fmt(r.get(k)) for k in self.fields})
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.rows.extend({k: _fmt(r.get(k)) for k in self.fields} for r in rows)
+        self.done |= {(r["method"], int(r["item"])) for r in rows}
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else repr(v)
+    return "" if v is None else str(v)
+
+
+def run_benchmark(model, data: BenchmarkData, explainers: dict[str, Any], config: RunConfig, out: Path, *,
+                  progress: bool = True, metric_model=None) -> dict:
+    """Explain and score every item with every method; write results, summary; return the summary dict.
+
+    ``explainers`` maps method names to objects with ``explain(x, target)``.
+    ``metric_model`` (default ``model``) runs the faithfulness metrics.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = check_metrics(config.metrics)
+    meta = {"methods": list(explainers), "metrics": metrics, "batch_size": config.batch_size, "seed": config.seed,
+            "items": len(data.items), "data": data.fingerprint}
+    meta_path = out / "run.json"
+    if meta_path.is_file():
+        old = json.loads(meta_path.read_text())
+        diff = [k for k in ("metrics", "items", "data", "seed") if old.get(k) != meta.get(k)]
+        if diff:
+            raise NemtError(f"{out}: holds a run with other {', '.join(diff)}; use another --out or --restart")
+    with atomic_open(meta_path, "w") as fh:
+        json.dump(meta, fh, indent=2)
+    log = ResultsLog(out / "results.partial.csv", metrics)
+    mm = metric_model or model
+    device = data.x.device
+    chunks = [data.items[i:i + config.batch_size] for i in range(0, len(data.items), config.batch_size)]
+    todo = [(name, c) for name in explainers for c in chunks
+            if any((name, it.item) not in log.done for it in c)]
+    with progress_bar(progress) as bar:
+        task = bar.add_task("benchmark", total=len(todo), info="")
+        for name, chunk in todo:
+            bar.update(task, info=name)
+            idx = torch.tensor([it.sample for it in chunk], device=device)
+            t = torch.tensor([it.target for it in chunk], device=device)
+            x = data.x[idx]
+            torch.manual_seed(config.seed)
+            t0 = time.perf_counter()
+            maps = explainers[name].explain(x, target=t).detach()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            ms = 1000 * (time.perf_counter() - t0) / len(chunk)
+            scores = score_maps(metrics, maps.float(), data.gt[idx], mm, x, t, config.metric_params)
+            rows = []
+            for k, it in enumerate(chunk):
+                row = {"method": name, **{f: getattr(it, f) for f in ("item", "sample", "image", "target", "label",
+                                                                       "has_gt")}, "ms": ms}
+                row.update({m: float(v[k]) for m, v in scores.items()})
+                rows.append(row)
+            log.append(rows)
+            bar.advance(task)
+    rows = [r for r in log.rows if r["method"] in explainers]
+    with atomic_open(out / "results.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=log.fields)
+        w.writeheader()
+        w.writerows(rows)
+    summary = summarise_results(rows, list(explainers), metrics)
+    write_summary(out, summary, metrics)
+    return summary
+
+
+def summarise_results(rows: list[dict], methods: Sequence[str], metrics: Sequence[str]) -> dict:
+    """{method: {metric: summarise(...) dict, "ms": mean ms/image, "n_items": n}}."""
+    out: dict[str, dict] = {}
+    for m in methods:
+        mine = [r for r in rows if r["method"] == m]
+        entry: dict[str, Any] = {"n_items": len(mine)}
+        for k in metrics:
+            entry[k] = summarise([float(r[k]) for r in mine])
+        entry["ms"] = float(sum(float(r["ms"]) for r in mine) / max(len(mine), 1))
+        out[m] = entry
+    return out
+
+
+def _cell(s: dict) -> str:
+    if s["n"] == 0:
+        return "n/a"
+    ci = "" if math.isnan(s["ci_low"]) else f" [{s['ci_low']:.3f}, {s['ci_high']:.3f}]"
+    return f"{s['mean']:.3f}{ci}"
+
+
+def markdown_summary(summary: dict, metrics: Sequence[str]) -> str:
+    """Mean [95 % CI] per method and metric (best in bold), ms/image, and how many items lacked ground truth."""
+    arrows = {"higher": "↑", "lower": "↓"}
+    head = ["method"] + [f"{m} {arrows.get(DIRECTIONS.get(m, ''), '')}" for m in metrics] + ["ms / image"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    best = {}
+    for m in metrics:
+        vals = {k: v[m]["mean"] for k, v in summary.items() if v[m]["n"] > 0}
+        if vals:
+            pick = max if DIRECTIONS.get(m, "higher") == "higher" else min
+            best[m] = pick(vals, key=vals.get)
+    for method, s in summary.items():
+        cells = [method] + [("**" + _cell(s[m]) + "**") if best.get(m) == method else _cell(s[m]) for m in metrics]
+        cells.append(f"{s['ms']:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    excluded = {s[m]["n_excluded"] for s in summary.values() for m in metrics if m in GT_METRICS}
+    if excluded and max(excluded) > 0:
+        lines.append("")
+        lines.append(f"Items without ground truth (excluded from the localisation means): {max(excluded)}.")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(out: Path, summary: dict, metrics: Sequence[str]) -> None:
+    with atomic_open(out / "summary.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["method", "metric", "direction", "mean", "ci_low", "ci_high", "n", "n_excluded"])
+        for method, s in summary.items():
+            for m in metrics:
+                v = s[m]
+                w.writerow([method, m, DIRECTIONS.get(m, ""), v["mean"], v["ci_low"], v["ci_high"], v["n"],
+                            v["n_excluded"]])
+            w.writerow([method, "ms_per_image", "lower", s["ms"], "", "", s["n_items"], 0])
+    with atomic_open(out / "summary.md", "w", encoding="utf-8") as fh:
+        fh.write(markdown_summary(summary, metrics))
+    with atomic_open(out / "summary.json", "w", encoding="utf-8") as fh:
+        json.dump(summary, fh, indent=2)
+
+
+def gallery_items(data: BenchmarkData, n: int) -> list[Item]:
+    """Up to ``n`` items with ground truth, taken in turn from each label."""
+    by_label: dict[str, list[Item]] = {}
+    for it in data.items:
+        if it.has_gt:
+            by_label.setdefault(it.label, []).append(it)
+    picked: list[Item] = []
+    while len(picked) < n and any(by_label.values()):
+        for label in list(by_label):
+            if by_label[label] and len(picked) < n:
+                picked.append(by_label[label].pop(0))
+    return picked
+
+
+def gallery_maps(data: BenchmarkData, items: list[Item], explainers: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
+    """{method: (n, *spatial) maps} for the gallery items."""
+    idx = torch.tensor([it.sample for it in items], device=data.x.device)
+    t = torch.tensor([it.target for it in items], device=data.x.device)
+    out = {}
+    for name, ex in explainers.items():
+        torch.manual_seed(seed)
+        out[name] = ex.explain(data.x[idx], target=t).detach()[:, 0].cpu()
+    return out
+
+
+def load_benchmark_data(clf, manifest, indices: Sequence[int], device=None, limit: int | None = None) -> BenchmarkData:
+    """Images of ``manifest`` rows ``indices`` at the model's size, with their ground truth and items."""
+    from nemt.data import ImageDataset
+    indices = [int(i) for i in indices][:limit] if limit else [int(i) for i in indices]
+    if not indices:
+        raise NemtError("no images to benchmark (empty split)")
+    ds = ImageDataset(manifest, clf.preprocessing, indices)
+    st = ds.stacked()
+    unit = clf.preprocessing.denormalise(st["image"]).clamp(0, 1)
+    names = [manifest.samples[i].name for i in indices]
+    items = make_items(st["y"], clf.card.task, clf.label_names, names, [bool(h) for h in st["has_gt"]])
+    fp = f"{manifest.fingerprint()}:{','.join(map(str, indices))}"
+    import hashlib
+    return BenchmarkData(st["image"].to(device), unit, st["gt"].bool().to(device), items, list(clf.label_names),
+                         hashlib.sha256(fp.encode()).hexdigest()[:16])
+
+
+def report_run(out: Path, data: BenchmarkData, explainers: dict[str, Any], summary: dict, metrics: Sequence[str], *,
+               title: str, facts: dict[str, str], gallery: int = 6, seed: int = 0, notes: Sequence[str] = ()) -> Path:
+    """Gallery maps for a few items, then ``report.html`` and ``report.md``."""
+    from nemt.bench.report import gallery_figure, write_report
+    picked = gallery_items(data, gallery)
+    figures = []
+    if picked:
+        maps = gallery_maps(data, picked, explainers, seed)
+        for k, it in enumerate(picked):
+            fig = gallery_figure(data.unit[it.sample].cpu().numpy(), data.gt[it.sample, 0].cpu().numpy(),
+                                 {m: v[k].numpy() for m, v in maps.items()}, f"{it.image}: {it.label}")
+            figures.append((it.label, fig))
+    return write_report(out, summary, metrics, title=title, facts=facts, gallery=figures,
+                        markdown=markdown_summary(summary, metrics), notes=notes)
+
+
+DEFAULT_METHODS = ("nemt", "gradcam++", "ig", "gradshap", "rise", "extremal", "random", "sobel")
+
+
+def split_method_params(items: Sequence[str]) -> dict[str, dict]:
+    """``["rise.n_masks=2000", "faithfulness_estimate.batch_size=64"]`` -> ``{"rise": {"n_masks": 2000}, ...}``."""
+    from nemt.explainers.build import parse_params
+    out: dict[str, dict] = {}
+    for item in items:
+        head, dot, rest = item.partition(".")
+        if not dot or "=" not in rest:
+            raise NemtError(f"--param {item!r}: expected METHOD.KEY=VALUE (or METRIC.KEY=VALUE), "
+                            "e.g. rise.n_masks=2000")
+        out.setdefault(head, {}).update(parse_params([rest]))
+    return out
+
+
+def benchmark_model(model_dir: Path, data_path: Path, out: Path, *, explainer_dir: Path | None = None,
+                    methods: Sequence[str] = DEFAULT_METHODS, metrics: Sequence[str] = DEFAULT_METRICS,
+                    split: str = "test", limit: int | None = None, batch_size: int = 16, gallery: int = 6,
+                    params: dict[str, dict] | None = None, seed: int = 0, device: str = "cpu",
+                    progress: bool = True, restart: bool = False, open_data: Callable | None = None) -> dict:
+    """``nemt benchmark``: a trained model's split of its data set, every method, every metric, the report."""
+    from nemt.explainers.build import make_explainer
+    from nemt.explainers.fast import inference_copy
+    from nemt.models import load_model
+    from nemt.models.training import load_splits
+
+    params = dict(params or {})
+    out = Path(out)
+    if restart:  # forget earlier results in this folder
+        for name in ("results.partial.csv", "run.json"):
+            (out / name).unlink(missing_ok=True)
+    clf = load_model(model_dir, device=device)
+    if open_data is None:
+        from nemt.data.manifest import open_dataset
+        kw = {"labels": list(clf.label_names)} if clf.task == "multiclass" else {}
+        manifest = open_dataset(data_path, task=clf.task, **kw)
+    else:
+        manifest = open_data(data_path, clf)
+    manifest.raise_problems()
+    splits = load_splits(model_dir, manifest)
+    if split not in splits:
+        raise NemtError(f"--split must be one of {sorted(splits)}, got {split!r}")
+    metrics = check_metrics(metrics)
+    metric_params = {m: params.pop(m) for m in list(params) if m in metrics}
+    unknown = [k for k in params if k not in methods]
+    if unknown:
+        raise NemtError(f"--param for {unknown}: neither a chosen method ({list(methods)}) nor metric ({metrics})")
+    if "nemt" in methods and explainer_dir is None:
+        raise NemtError("method 'nemt' needs --explainer DIR (from `nemt fit`); or leave it out of --methods")
+    explainers = {m: make_explainer(m, clf, seed=seed, device=device, explainer_dir=explainer_dir,
+                                    **params.get(m, {})) for m in methods}
+    data = load_benchmark_data(clf, manifest, splits[split], device=device, limit=limit)
+    fast = inference_copy(clf)
+    fast.card = clf.card
+    cfg = RunConfig(list(methods), list(metrics), batch_size, seed, metric_params)
+    summary = run_benchmark(clf, data, explainers, cfg, out, progress=progress, metric_model=fast)
+    facts = {"model": f"{model_dir} ({clf.card.arch}, {clf.task}, labels {', '.join(clf.label_names)})",
+             "data": f"{data_path}, {split} split: {len({it.sample for it in data.items})} images, "
+                     f"{len(data.items)} items ({sum(not it.has_gt for it in data.items)} without ground truth)",
+             "input": f"{clf.card.in_channels} x {'x'.join(map(str, clf.card.input_size))}",
+             "device": f"{device}, {__import__('torch').get_num_threads()} threads", "seed": str(seed),
+             "methods": ", ".join(methods), "parameters": json.dumps(params) if params else "defaults"}
+    report_run(out, data, explainers, summary, metrics, title="nemt benchmark", facts=facts, gallery=gallery,
+               seed=seed)
+    return summary

@@ -1,0 +1,311 @@
+"""What the metric modules share: map preparation, mask broadcasting, the direction registry.
+
+Conventions
+-----------
+- ``maps`` are ``(B, T, *spatial)`` (2D or 3D), one map per sample and target;
+  ``masks`` (and gaze maps) are ``(B, 1 or T, *spatial)``; a ``(B, *spatial)``
+  mask is read as ``(B, 1, *spatial)``.
+- Every metric returns a ``(B, T)`` tensor, one value per map.
+- ``normalise`` is applied per map, then ``abs`` (Quantus' order):
+  ``"minmax"`` (METHODS.md: every map to [0, 1]; constant maps become 0),
+  ``"max"`` (divide by the largest absolute value; Quantus' ``normalise_by_max``
+  but per map, all-zero maps unchanged), or ``None``.
+- :data:`DIRECTIONS` maps each metric name to ``"higher"`` or ``"lower"``
+  (which is better); each metric function also carries ``fn.direction``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from nemt.errors import NemtError
+
+DIRECTIONS: dict[str, str] = {}
+
+
+def metric(direction: str, name: str | None = None) -> Callable:
+    """Decorator: record ``direction`` (``"higher"``/``"lower"`` is better) on the function and in DIRECTIONS."""
+    if direction not in ("higher", "lower"):
+        raise ValueError(direction)
+
+    def deco(fn):
+        fn.direction = direction
+        DIRECTIONS[name or fn.__name__] = direction
+        return fn
+    return deco
+
+
+def normalise(maps: torch.Tensor, how: str | None, spatial_dims: int) -> torch.Tensor:
+    """Per-map normalisation over the spatial axes (see the module docstring)."""
+    if how is None or how is False:
+        return maps
+    if how == "minmax":
+        return minmax(maps.flatten(-spatial_dims)).view_as(maps)
+    if how == "max":
+        m = maps.abs().flatten(-spatial_dims).amax(-1)
+        m = torch.where(m > 0, m, torch.ones_like(m))
+        return maps / m.view(*m.shape, *([1] * spatial_dims))
+    if how == "sum":
+        s = maps.abs().flatten(-spatial_dims).sum(-1)
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        return maps / s.view(*s.shape, *([1] * spatial_dims))
+    raise NemtError(f"normalise must be 'minmax', 'max', 'sum' or None, got {how!r}")
+
+
+def minmax(flat: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Min-max normalise along the last axis to [0, 1]; constant rows become 0.
+
+    Same values as :func:`nemt.explainers.base.normalise_maps` (up to rounding),
+    in fewer passes over memory.
+    """
+    lo = flat.amin(-1, keepdim=True)
+    hi = flat.amax(-1, keepdim=True)
+    return (flat - lo).mul_((hi - lo).clamp_min(eps).reciprocal())
+
+
+def order_values(maps: torch.Tensor, how: str | None, abs: bool) -> tuple[torch.Tensor, int]:
+    """Values with the same ranking (ties included, up to rounding) as ``prepare_maps(maps, how, abs)``, (B, T, n).
+
+    Min-max normalisation and division by a positive number do not change the
+    order, so only ``abs`` (when it is not a no-op after min-max) is applied:
+    rank-based metrics skip the normalisation pass.
+    """
+    maps = float_maps(maps)
+    d = check_maps(maps)
+    if how not in (None, False, "minmax", "max", "sum"):
+        raise NemtError(f"normalise must be 'minmax', 'max', 'sum' or None, got {how!r}")
+    v = maps.flatten(2)
+    if abs and how != "minmax":
+        v = v.abs()
+    return v, d
+
+
+def kth_largest(v: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The k-th largest value of each row of ``v`` (..., n), ``k`` (...) in 1..n.
+
+    On CPU a selection per row (NumPy ``partition``, O(n)); elsewhere a sort.
+    """
+    shape = v.shape[:-1]
+    n = v.shape[-1]
+    rows = v.reshape(-1, n)
+    kk = k.reshape(-1).clamp(1, n)
+    if rows.device.type == "cpu":
+        arr = rows.detach().contiguous().numpy()
+        pos = (n - kk).cpu().numpy()
+        out = np.empty(arr.shape[0], dtype=arr.dtype)
+        for i in range(arr.shape[0]):
+            out[i] = np.partition(arr[i], pos[i])[pos[i]]
+        return torch.from_numpy(out).view(shape)
+    srt = torch.sort(rows, dim=-1, descending=True).values
+    return srt.gather(1, (kk - 1).view(-1, 1)).view(shape)
+
+
+def top_k_hits(v: torch.Tensor, m: torch.Tensor, k: torch.Tensor, exclude_zero: bool = False) -> torch.Tensor:
+    """How many of the ``k`` highest values of each row of ``v`` (R, n) fall where ``m`` (R, n) is True, (R,).
+
+    Ties at the k-th value are broken by position (the first ones count), as a
+    stable descending sort would; ``exclude_zero`` never counts pixels whose
+    value is 0. Rows with k = 0 give 0. Uses a selection, not a sort.
+    """
+    k = k.reshape(-1)
+    tau = kth_largest(v, k).to(v.device)
+    ge = v >= tau[:, None]
+    hits = count(m & ge)
+    n_ge = count(ge)
+    over = (n_ge > k).nonzero().flatten()
+    if over.numel():  # ties at tau: keep only the first (k - #above) tied pixels
+        vr, mr, tr = v[over], m[over], tau[over, None]
+        above = vr > tr
+        tied = vr == tr
+        need = (k[over] - count(above))[:, None]
+        take = tied & (tied.cumsum(-1) <= need)
+        hits[over] = count(mr & (above | take))
+    if exclude_zero:
+        zero_tau = tau == 0
+        if zero_tau.any():  # the top k end in zeros: only the positive values can hit
+            hits = torch.where(zero_tau, count(m & (v > 0)), hits)
+        neg_tau = tau < 0
+        if neg_tau.any():  # zeros lie inside the top k (signed maps): take them out
+            hits = torch.where(neg_tau, hits - count(m & (v == 0)), hits)
+    return torch.where(k > 0, hits, torch.zeros_like(hits))
+
+
+def float_maps(maps: torch.Tensor) -> torch.Tensor:
+    if not torch.is_tensor(maps):
+        maps = torch.as_tensor(maps)
+    return maps if maps.dtype in (torch.float32, torch.float64) else maps.float()
+
+
+def check_maps(maps: torch.Tensor) -> int:
+    if maps.ndim not in (4, 5):
+        raise NemtError(f"maps must be (B, T, H, W) or (B, T, D, H, W), got shape {tuple(maps.shape)}")
+    return maps.ndim - 2
+
+
+def prepare_maps(maps: torch.Tensor, how: str | None, abs: bool) -> tuple[torch.Tensor, int]:
+    """Normalise then (optionally) take |.|; return the maps flattened to (B, T, n) and the spatial rank."""
+    maps = float_maps(maps)
+    d = check_maps(maps)
+    a = normalise(maps, how, d)
+    if abs:
+        a = a.abs()
+    return a.flatten(2), d
+
+
+def expand_masks(masks: torch.Tensor, maps: torch.Tensor, name: str = "masks", dtype=torch.bool) -> torch.Tensor:
+    """``(B, 1 or T, *spatial)`` (or ``(B, *spatial)``) to ``(B, T, n)`` flattened, with ``dtype``."""
+    if not torch.is_tensor(masks):
+        masks = torch.as_tensor(masks)
+    masks = masks.to(maps.device)
+    if masks.ndim == maps.ndim - 1:
+        masks = masks.unsqueeze(1)
+    if masks.ndim != maps.ndim or masks.shape[0] != maps.shape[0] or masks.shape[2:] != maps.shape[2:] \
+            or masks.shape[1] not in (1, maps.shape[1]):
+        raise NemtError(f"{name} must be (B, 1 or T, *spatial) matching maps {tuple(maps.shape)}, "
+                        f"got {tuple(masks.shape)}")
+    masks = masks.bool() if dtype == torch.bool else masks.to(dtype)
+    return masks.expand(-1, maps.shape[1], *masks.shape[2:]).flatten(2)
+
+
+def nan_where(cond: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``values`` with NaN where ``cond`` holds."""
+    return torch.where(cond, torch.full_like(values, float("nan")), values)
+
+
+def descending_order(a: torch.Tensor) -> torch.Tensor:
+    """Indices sorting the last axis in descending order; ties by position (stable)."""
+    return torch.sort(a, dim=-1, descending=True, stable=True).indices
+
+
+def rankdata(a: torch.Tensor) -> torch.Tensor:
+    """Average ranks (1-based, ties share their mean rank, as scipy.stats.rankdata) along the last axis."""
+    a = a.double()
+    sorted_a, order = torch.sort(a, dim=-1, stable=True)
+    n = a.shape[-1]
+    new_group = torch.ones_like(sorted_a, dtype=torch.bool)
+    new_group[..., 1:] = sorted_a[..., 1:] != sorted_a[..., :-1]
+    gid = torch.cumsum(new_group.long(), dim=-1) - 1  # group index of each sorted position
+    pos = torch.arange(1, n + 1, dtype=torch.float64, device=a.device).expand_as(sorted_a)
+    total = torch.zeros_like(sorted_a).scatter_add_(-1, gid, pos)
+    count = torch.zeros_like(sorted_a).scatter_add_(-1, gid, torch.ones_like(pos))
+    avg_sorted = torch.gather(total / count.clamp_min(1), -1, gid)
+    return torch.empty_like(avg_sorted).scatter_(-1, order, avg_sorted)
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """Pearson correlation along the last axis (float64); NaN where either side is constant (eps=0)."""
+    a = a.double() - a.double().mean(-1, keepdim=True)
+    b = b.double() - b.double().mean(-1, keepdim=True)
+    num = (a * b).sum(-1)
+    den = (a.pow(2).sum(-1) * b.pow(2).sum(-1)).sqrt()
+    if eps > 0:
+        return num / den.clamp_min(eps)
+    return num / den
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spearman rank correlation along the last axis (average ranks for ties, as scipy)."""
+    return pearson(rankdata(a), rankdata(b))
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float, radius: int | None = None, mode: str = "reflect") -> torch.Tensor:
+    """Separable Gaussian blur of ``(N, C, *spatial)`` (2D or 3D) over the spatial axes.
+
+    The kernel is truncated at ``radius`` (default ``ceil(4 sigma)``) and
+    normalised to sum 1; ``mode`` is the padding (``"reflect"``,
+    ``"replicate"`` or ``"constant"`` for zeros). ``sigma <= 0`` returns ``x``.
+    """
+    if sigma <= 0:
+        return x
+    d = x.ndim - 2
+    r = int(radius if radius is not None else max(1, int(-(-4 * sigma // 1))))
+    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    n, c = x.shape[:2]
+    y = x.reshape(n * c, 1, *x.shape[2:])
+    conv = torch.nn.functional.conv2d if d == 2 else torch.nn.functional.conv3d
+    for axis in range(d):
+        shape = [1, 1] + [1] * d
+        shape[2 + axis] = 2 * r + 1
+        pad = [0, 0] * d
+        # F.pad lists the last axis first
+        pad[2 * (d - 1 - axis)] = pad[2 * (d - 1 - axis) + 1] = r
+        size = y.shape[2 + axis]
+        pad_mode = mode if not (mode == "reflect" and size <= r) else "replicate"
+        y = torch.nn.functional.pad(y, pad, mode=pad_mode) if pad_mode != "constant" \
+            else torch.nn.functional.pad(y, pad)
+        y = conv(y, k.view(shape))
+    return y.reshape(x.shape)
+
+
+def sort_values(v: torch.Tensor) -> torch.Tensor:
+    """Values of each row sorted ascending (NumPy's vectorised sort on CPU, ``torch.sort`` elsewhere)."""
+    if v.device.type == "cpu":
+        return torch.from_numpy(np.sort(v.detach().contiguous().numpy(), axis=-1))
+    return torch.sort(v, dim=-1).values
+
+
+def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot product of (..., n) tensors without an (..., n) temporary (batched matmul)."""
+    shape = a.shape[:-1]
+    n = a.shape[-1]
+    a2 = a.reshape(-1, 1, n)
+    b2 = b.expand_as(a).reshape(-1, n, 1)
+    return torch.bmm(a2, b2).view(shape)
+
+
+CHUNK_ELEMENTS = 1 << 20  # ~4 MB of float32 per chunk: temporaries stay in cache and are reused
+
+
+def chunked(fn: Callable) -> Callable:
+    """Run a per-map metric ``fn(maps, *tensors, **kw) -> (B, T)`` over slices of the batch and concatenate.
+
+    Slices hold about :data:`CHUNK_ELEMENTS` map values, so the few passes a
+    metric makes over its temporaries run in cache and reuse memory instead of
+    page-faulting fresh allocations (several times faster on CPU for
+    (256, 1, 224, 224) maps); results are identical to one call. Positional
+    tensors whose first axis is the batch are sliced alongside.
+
+    On CPU with ``torch.get_num_threads() > 1`` the slices are spread over
+    that many worker threads, each running single-threaded torch operations
+    (``torch.set_num_threads(1)`` while the workers start; restored after):
+    one parallel region per small operation would otherwise make every
+    operation wait for all intra-op threads, which costs milliseconds each as
+    soon as another process holds a core.
+    """
+    import functools
+    from concurrent.futures import ThreadPoolExecutor
+
+    @functools.wraps(fn)
+    def wrapper(maps, *args, **kw):
+        if not torch.is_tensor(maps) or maps.ndim < 3:
+            return fn(maps, *args, **kw)
+        b = maps.shape[0]
+        step = max(1, CHUNK_ELEMENTS // max(1, maps[0].numel()))
+        if step >= b:
+            return fn(maps, *args, **kw)
+
+        def run(i):
+            sl = [a[i:i + step] if torch.is_tensor(a) and a.ndim > 0 and a.shape[0] == b else a for a in args]
+            return fn(maps[i:i + step], *sl, **kw)
+
+        starts = range(0, b, step)
+        threads = torch.get_num_threads()
+        if maps.device.type != "cpu" or threads == 1:
+            return torch.cat([run(i) for i in starts])
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(min(threads, len(starts))) as pool:
+                outs = list(pool.map(run, starts))
+        finally:
+            torch.set_num_threads(threads)
+        return torch.cat(outs)
+    return wrapper
+
+
+def count(m: torch.Tensor) -> torch.Tensor:
+    """Number of True values along the last axis (int64), via a faster int32 reduction."""
+    return m.sum(-1, dtype=torch.int32).long()

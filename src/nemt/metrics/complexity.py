@@ -1,0 +1,43 @@
+"""Complexity of a map: entropy (Bhatt et al. 2020) and the Gini index (Chalasani et al. 2020).
+
+Quantus definitions (``Complexity``, ``Sparseness``; defaults ``abs=True``),
+after the per-map normalisation of METHODS.md (min-max to [0, 1]). Both are
+scale-free, so Quantus' batch-wide ``normalise_by_max`` gives the same numbers
+as a per-map one.
+"""
+from __future__ import annotations
+
+import torch
+
+from nemt.metrics._common import chunked, metric, prepare_maps, sort_values
+
+
+@metric("lower")
+@chunked
+def complexity(maps: torch.Tensor, *, normalise: str | None = "minmax", abs: bool = True) -> torch.Tensor:
+    """Shannon entropy (natural log) of ``p = a / Σ|a|`` per map, ``-Σ p log(p + 1e-12)``, (B, T).
+
+    Lower is better (fewer pixels carry the relevance); at most ``log n``.
+    NaN for an all-zero map (after normalisation, e.g. a constant map), as in
+    Quantus ``Complexity``.
+    """
+    a, _ = prepare_maps(maps, normalise, abs)
+    p = a / (a.sum(-1, keepdim=True) if (abs or normalise == "minmax") else a.abs().sum(-1, keepdim=True))
+    return -(p + 1e-12).log_().mul_(p).sum(-1)
+
+
+@metric("higher")
+@chunked
+def sparseness(maps: torch.Tensor, *, normalise: str | None = "minmax", abs: bool = True) -> torch.Tensor:
+    """Gini index of the map's values per map, (B, T).
+
+    With ``a`` sorted ascending, ``a_i += 1e-7`` (Quantus ``Sparseness``) and
+    ``n`` pixels: ``Σ_i (2i - n - 1) a_i / (n Σ_i a_i)``. 0 for a uniform map,
+    close to 1 when one pixel holds everything. Higher is better.
+    """
+    a, _ = prepare_maps(maps, normalise, abs)
+    n = a.shape[-1]
+    a = sort_values(a).to(a.device).add_(1e-7)
+    i = torch.arange(1, n + 1, device=a.device, dtype=a.dtype)
+    total = a.sum(-1)
+    return a.mul_(2 * i - n - 1).sum(-1) / (n * total)

@@ -1,0 +1,161 @@
+"""Randomisation sanity checks (Adebayo et al. 2018; Sixt et al. 2020): do maps depend on the model and the class?
+
+``explain`` is any function ``explain(model, x, target) -> (B, T, *spatial)``
+maps, called with ``target`` a (B, T) tensor of output indices, e.g.
+``lambda m, x, t: get_explainer("gradcam", m).explain(x, t)``.
+
+Similarities between two sets of maps (``similarity=``), one value per map:
+``"spearman"`` (rank correlation, ties averaged as SciPy; Quantus' MPRT
+default), ``"pearson"``, ``"ssim"`` (structural similarity with a 7-pixel
+uniform window, K1 = 0.01, K2 = 0.03, sample covariance, data range = max -
+min over both maps, mean over the window positions that fit inside the map:
+scikit-image's ``structural_similarity`` defaults; Quantus' RandomLogit
+default), or a function ``f(a, b) -> (B, T)`` of two (B, T, *spatial) tensors.
+
+Quantus 0.6.0 defect: its ``ssim`` is applied to maps flattened to vectors
+(``a.reshape(batch, -1)``), so its "SSIM" is a 1-D SSIM along raster order,
+not the 2-D SSIM of the maps; ours is computed over the spatial axes.
+"""
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from nemt.errors import NemtError
+from nemt.explainers.base import resolve_targets
+from nemt.metrics._common import check_maps, float_maps, metric, pearson, spearman
+from nemt.metrics._common import normalise as _normalise
+
+Explain = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, win_size: int = 7, k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
+    """Mean structural similarity of (B, T, *spatial) maps (2D or 3D), (B, T); scikit-image defaults (see module)."""
+    a, b = float_maps(a).double(), float_maps(b).double()
+    d = check_maps(a)
+    if min(a.shape[2:]) < win_size:
+        raise NemtError(f"ssim needs maps of at least {win_size} pixels per side, got {tuple(a.shape[2:])}")
+    bt = a.shape[:2]
+    x = a.reshape(-1, 1, *a.shape[2:])
+    y = b.reshape(-1, 1, *b.shape[2:])
+    pool = F.avg_pool2d if d == 2 else F.avg_pool3d
+    filt = lambda z: pool(z, win_size, stride=1)  # noqa: E731  (valid positions only: skimage crops the rest)
+    np_ = win_size ** d
+    cov_norm = np_ / (np_ - 1)
+    ux, uy = filt(x), filt(y)
+    vx = cov_norm * (filt(x * x) - ux * ux)
+    vy = cov_norm * (filt(y * y) - uy * uy)
+    vxy = cov_norm * (filt(x * y) - ux * uy)
+    both = torch.cat([x.flatten(1), y.flatten(1)], 1)
+    r = (both.amax(1) - both.amin(1)).view(-1, *([1] * (d + 1)))
+    c1, c2 = (k1 * r) ** 2, (k2 * r) ** 2
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux ** 2 + uy ** 2 + c1) * (vx + vy + c2))
+    return s.flatten(1).mean(1).view(bt)
+
+
+_SIMILARITIES = {
+    "spearman": lambda a, b: spearman(a.flatten(2), b.flatten(2)),
+    "pearson": lambda a, b: pearson(a.flatten(2), b.flatten(2)),
+    "ssim": ssim,
+}
+
+
+def similarity_of(a: torch.Tensor, b: torch.Tensor, similarity: str | Callable = "spearman") -> torch.Tensor:
+    """One similarity value per map between (B, T, *spatial) tensors ``a`` and ``b``."""
+    fn = _SIMILARITIES.get(similarity) if isinstance(similarity, str) else similarity
+    if fn is None:
+        raise NemtError(f"similarity must be one of {sorted(_SIMILARITIES)} or a function, got {similarity!r}")
+    return fn(a, b).float()
+
+
+def _prep(maps: torch.Tensor, normalise, abs) -> torch.Tensor:
+    maps = float_maps(maps).detach()
+    d = check_maps(maps)
+    m = _normalise(maps, normalise, d)
+    return m.abs() if abs else m
+
+
+@metric("lower")
+def model_parameter_randomisation(model: torch.nn.Module, x: torch.Tensor, explain: Explain, target: Any = None, *,
+                                  similarity: str | Callable = "spearman", order: str = "top_down",
+                                  seed: int = 42, normalise: str | None = "minmax", abs: bool = True,
+                                  maps: torch.Tensor | None = None) -> "OrderedDict[str, torch.Tensor]":
+    """Model-parameter randomisation test (Adebayo et al. 2018; Quantus ``MPRT``), cascading by default.
+
+    A copy of ``model`` has its layers re-initialised one after another
+    (every module with ``reset_parameters``, including BatchNorm, whose running
+    statistics are reset too), from the output end (``order="top_down"``,
+    cascading: earlier randomisations are kept), ``"bottom_up"`` (cascading
+    from the input end) or ``"independent"`` (one layer at a time). After each
+    layer the maps are recomputed for the same targets and compared with the
+    original maps (``maps``, or ``explain(model, x, target)``). Returns an
+    ordered dict ``layer name -> (B, T)`` similarities, in randomisation order.
+    Lower is better (a map that ignores the weights stays similar).
+
+    Quantus defaults: Spearman similarity, ``abs=True``, seed 42, top-down;
+    Quantus re-seeds every layer with ``seed + 1``, here layer i uses
+    ``seed + i`` (the global RNG is left untouched). Module order is
+    ``named_modules()`` (definition) order, as in Quantus.
+    """
+    if order not in ("top_down", "bottom_up", "independent"):
+        raise NemtError("order must be 'top_down', 'bottom_up' or 'independent'")
+    targets = resolve_targets(target, model, x)
+    with torch.enable_grad():
+        original = maps if maps is not None else explain(model, x, targets)
+    ref = _prep(original, normalise, abs)
+    rmodel = copy.deepcopy(model).eval()
+    state = copy.deepcopy(rmodel.state_dict())
+    modules = [(n, m) for n, m in rmodel.named_modules() if hasattr(m, "reset_parameters")]
+    if order == "top_down":
+        modules = modules[::-1]
+    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    for i, (name, module) in enumerate(modules):
+        if order == "independent":
+            rmodel.load_state_dict(state)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + i)
+            module.reset_parameters()
+        rmodel.eval()
+        with torch.enable_grad():
+            rand = explain(rmodel, x, targets)
+        out[name or "<model>"] = similarity_of(ref, _prep(rand, normalise, abs), similarity)
+    return out
+
+
+def _n_outputs(model, x) -> int:
+    card = getattr(model, "card", None)
+    if card is not None and card.label_names:
+        return len(card.label_names)
+    with torch.no_grad():
+        return int(model(x[:1]).shape[1])
+
+
+@metric("lower")
+def random_logit(model: torch.nn.Module, x: torch.Tensor, explain: Explain, target: Any = None, *,
+                 num_classes: int | None = None, similarity: str | Callable = "ssim", seed: int = 42,
+                 normalise: str | None = "minmax", abs: bool = False,
+                 maps: torch.Tensor | None = None) -> torch.Tensor:
+    """Random-logit test (Sixt et al. 2020; Quantus ``RandomLogit``), (B, T).
+
+    For each map (target t) a different class t' ≠ t is drawn uniformly
+    (``torch.Generator`` seeded with ``seed``), the map for t' is computed and
+    compared with the map for t (``maps``, or ``explain(model, x, target)``).
+    Lower is better (a class-sensitive method gives different maps). Quantus
+    defaults: SSIM, ``abs=False``; but Quantus computes SSIM on flattened maps
+    (see the module docstring), ours over the image axes.
+    """
+    targets = resolve_targets(target, model, x)
+    n = int(num_classes) if num_classes else _n_outputs(model, x)
+    if n < 2:
+        raise NemtError("random_logit needs at least two classes")
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randint(0, n - 1, targets.shape, generator=g).to(targets.device)
+    off = r + (r >= targets).long()
+    with torch.enable_grad():
+        original = maps if maps is not None else explain(model, x, targets)
+        other = explain(model, x, off)
+    return similarity_of(_prep(original, normalise, abs), _prep(other, normalise, abs), similarity)

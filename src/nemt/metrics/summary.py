@@ -1,0 +1,44 @@
+"""Averages over images that exclude (and count) the maps without a score (NaN)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from scipy import stats
+
+
+def summarise(values, confidence: float = 0.95, method: str = "t", n_boot: int = 10_000,
+              seed: int = 0) -> dict:
+    """Mean and confidence interval of a metric over maps, NaN values excluded and counted.
+
+    ``values``: any tensor/array/list (flattened). Returns ``dict(mean, ci_low,
+    ci_high, n, n_excluded)``: ``n`` values entered the mean, ``n_excluded``
+    were NaN (e.g. images with an empty ground-truth mask; METHODS.md:
+    count them, never average in a 0 or a NaN). ``method="t"`` (default):
+    Student-t interval ``mean ± t_{(1+c)/2, n-1} · s / sqrt(n)`` (s with
+    ddof = 1); ``"bootstrap"``: percentile bootstrap of the mean with
+    ``n_boot`` resamples (seeded). The interval is NaN for n < 2; all fields
+    but the counts are NaN for n = 0.
+    """
+    v = values.detach().cpu().double().numpy() if torch.is_tensor(values) else np.asarray(values, dtype=np.float64)
+    v = v.reshape(-1)
+    keep = ~np.isnan(v)
+    x = v[keep]
+    n, excl = int(x.size), int((~keep).sum())
+    nan = float("nan")
+    if n == 0:
+        return dict(mean=nan, ci_low=nan, ci_high=nan, n=0, n_excluded=excl)
+    mean = float(x.mean())
+    if n < 2:
+        return dict(mean=mean, ci_low=nan, ci_high=nan, n=n, n_excluded=excl)
+    if method == "t":
+        half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * float(x.std(ddof=1)) / math.sqrt(n)
+        lo, hi = mean - half, mean + half
+    elif method == "bootstrap":
+        rng = np.random.default_rng(seed)
+        means = x[rng.integers(0, n, size=(n_boot, n))].mean(1)
+        lo, hi = (float(q) for q in np.quantile(means, [(1 - confidence) / 2, (1 + confidence) / 2]))
+    else:
+        raise ValueError("method must be 't' or 'bootstrap'")
+    return dict(mean=mean, ci_low=lo, ci_high=hi, n=n, n_excluded=excl)
