@@ -120,3 +120,14 @@ def test_cli_benchmark_writes_results_summary_and_a_self_contained_report(tmp_pa
     # a parameter for a method that is not in the run is an error that names it
     res = runner.invoke(app, args[:-1] + ["--param", "ig.n_steps=4", "--no-progress"])
     assert res.exit_code == 2 and "ig" in res.output
+
+
+def test_demo_runs_end_to_end_small(tmp_path):
+    """The main job, shrunk: phantoms, check, classifier, NEMt, benchmark, report."""
+    res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--n", "60", "--size", "32", "--epochs", "1",
+                                   "--fit-epochs", "1", "--bench-images", "6", "--bench-methods",
+                                   "nemt,gradcam++,random", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "benchmark" / "report.html").is_file()
+    table = (tmp_path / "summary.md").read_text()
+    assert "| nemt |" in table and "| gradcam++ |" in table

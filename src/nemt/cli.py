@@ -351,13 +351,16 @@ def demo(
     fit_epochs: int = typer.Option(10, help="NEMt training epochs"),
     seed: int = typer.Option(0, help="random seed"),
     device: str = typer.Option("cpu", help="torch device"),
+    bench_images: int = typer.Option(60, help="test images in the benchmark"),
+    bench_methods: str = typer.Option("nemt,gradcam++,ig,gradshap,rise,extremal,random,sobel",
+                                      help="methods in the benchmark"),
+    open_report: bool = typer.Option(False, "--open", help="open the report in a browser at the end"),
     progress: bool = typer.Option(True, help="show progress bars"),
 ) -> None:
-    """The main job on built-in synthetic phantoms: data, check, classifier, NEMt, localisation, overlays."""
+    """The main job on built-in phantoms: data, check, classifier, NEMt, benchmark against the baselines, report."""
     import torch
     from torch.utils.data import DataLoader
 
-    from nemt.bench.localisation import markdown_table, score_methods
     from nemt.data import ImageDataset
     from nemt.data.check import check_dataset
     from nemt.data.manifest import open_dataset
@@ -365,7 +368,6 @@ def demo(
     from nemt.explainers import NEMt
     from nemt.files import atomic_open
     from nemt.models.training import TrainConfig, load_splits, train_classifier
-    from nemt.visualize import save_overlay
 
     console.rule("1. phantoms")
     manifest_path = write_phantom_dataset(out / "data", n, size, task="multiclass", seed=seed)
@@ -387,29 +389,28 @@ def demo(
                         generator=torch.Generator().manual_seed(seed))
     explainer = NEMt(clf, epochs=fit_epochs, seed=seed, device=device)
     explainer.fit(loader, out_dir=out / "explainer", progress=progress)
-    console.rule("5. localisation on the test split (true label)")
-    test = ImageDataset(manifest, clf.preprocessing, splits["test"]).stacked()
-    rows = score_methods(clf, test["image"].to(device), test["y"].to(device), test["gt"].to(device),
-                         {"nemt": explainer}, ["gradcam", "gradcam++", "gaussian", "random", "sobel"])
-    table = markdown_table(rows)
+    console.rule("5. benchmark NEMt against the baselines on the test split (true label)")
+    from nemt.bench.runner import benchmark_model, markdown_summary
+    methods = _csv_list(bench_methods) or []
+    budgets = {"rise": {"n_masks": 500}, "extremal": {"steps": 100}}  # the demo's time budget; see the README
+    metric_list = ["relevance_mass", "relevance_rank", "pointing_game", "energy_pointing_game", "complexity",
+                   "sparseness", "faithfulness_estimate"]
+    summary = benchmark_model(out / "model", manifest_path, out / "benchmark", explainer_dir=out / "explainer",
+                              methods=methods, metrics=metric_list, limit=bench_images,
+                              params={k: v for k, v in budgets.items() if k in methods}, seed=seed,
+                              device=device, progress=progress)
+    table = markdown_summary(summary, metric_list)
     console.print(table)
-    console.rule("6. overlays")
-    shown = [i for i in range(len(test["image"])) if test["gt"][i].any()][:6]
-    for i in shown:
-        x = test["image"][i:i + 1].to(device)
-        maps = explainer.explain(x, target="all")[0].cpu().numpy()
-        unit = clf.preprocessing.denormalise(x[0].cpu()).clamp(0, 1).numpy()[0]
-        name = manifest.samples[int(test["index"][i])].image.stem
-        save_overlay(out / "overlays" / f"{name}.png", unit, list(maps), clf.label_names,
-                     gt=test["gt"][i, 0].numpy(), suptitle=f"{name}: true {clf.label_names[int(test['y'][i])]}")
-    summary = {"model": str(out / "model"), "explainer": str(out / "explainer"),
-               "test": result["metrics"].get("test", {}), "localisation": rows,
-               "overlays": str(out / "overlays")}
+    report = out / "benchmark" / "report.html"
     with atomic_open(out / "summary.md", "w", encoding="utf-8") as fh:
         fh.write(f"# nemt demo (seed {seed})\n\nClassifier test figures: "
-                 f"{json.dumps(result['metrics'].get('test', {}))}\n\n{table}\n")
+                 f"{json.dumps(result['metrics'].get('test', {}))}\n\n{table}\nReport: {report}\n")
     console.rule("done")
-    typer.echo(json.dumps(summary, indent=2))
+    typer.echo(json.dumps({"model": str(out / "model"), "explainer": str(out / "explainer"),
+                           "test": result["metrics"].get("test", {}), "report": str(report)}, indent=2))
+    if open_report:
+        import webbrowser
+        webbrowser.open(report.resolve().as_uri())
 
 
 def main() -> None:  # pragma: no cover

@@ -382,7 +382,6 @@ def benchmark_model(model_dir: Path, data_path: Path, out: Path, *, explainer_di
                                     **params.get(m, {})) for m in methods}
     data = load_benchmark_data(clf, manifest, splits[split], device=device, limit=limit)
     fast = inference_copy(clf)
-    fast.card = clf.card
     cfg = RunConfig(list(methods), list(metrics), batch_size, seed, metric_params)
     summary = run_benchmark(clf, data, explainers, cfg, out, progress=progress, metric_model=fast)
     facts = {"model": f"{model_dir} ({clf.card.arch}, {clf.task}, labels {', '.join(clf.label_names)})",

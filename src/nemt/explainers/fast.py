@@ -36,6 +36,12 @@ class InferenceCopy(nn.Module):
         self.net = net
         self._format: dict[int, torch.memory_format] = {4: torch.channels_last, 5: torch.channels_last_3d}
         self._current: torch.memory_format | None = None
+        self.card = getattr(model, "card", None)  # task and labels, for code that reads them
+        self.eval()
+
+    def train(self, mode: bool = True) -> "InferenceCopy":
+        """Always in eval mode: BatchNorm is folded, so training mode would be wrong."""
+        return super().train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fmt = self._format.get(x.ndim)
