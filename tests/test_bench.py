@@ -131,3 +131,18 @@ def test_demo_runs_end_to_end_small(tmp_path):
     assert (tmp_path / "benchmark" / "report.html").is_file()
     table = (tmp_path / "summary.md").read_text()
     assert "| nemt |" in table and "| gradcam++ |" in table
+
+
+def test_xaitris_suite_small(tmp_path):
+    """Train, explain the correctly classified test samples, score against the placed pattern; resume reuses."""
+    from nemt.bench.xaitris import run_suite
+    kw = dict(scenarios=["lin"], backgrounds=["white"], n=200, epochs=2, max_samples=4, min_accuracy=0.0,
+              methods=["saliency", "random", "sobel"], progress=False, models=("linear", "cnn"))
+    table = run_suite(tmp_path, **kw)
+    assert "### top_k_precision" in table and "lin-white/cnn" in table and "beat the random and Sobel" in table
+    rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
+    assert {(r["model"], r["method"]) for r in rows} == {(m, k) for m in ("linear", "cnn")
+                                                         for k in ("saliency", "random", "sobel")}
+    assert all(0 <= float(r["top_k_precision"]) <= 1 and 0 <= float(r["emd_score"]) <= 1 for r in rows)
+    assert (tmp_path / "report.html").is_file() and (tmp_path / "models" / "lin-white" / "cnn" / "model.json").is_file()
+    assert run_suite(tmp_path, **kw) == table  # models read back, every run already done: same table

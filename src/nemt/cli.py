@@ -281,8 +281,9 @@ def benchmark(
     data: Optional[Path] = typer.Option(None, help="the data set the model was trained on (with masks or boxes)"),
     out: Path = typer.Option(..., help="output folder: results.csv, summary.md/.csv, report.html"),
     explainer: Optional[Path] = typer.Option(None, help="NEMt explainer folder (for method nemt)"),
-    methods: str = typer.Option(",".join(("nemt", "gradcam++", "ig", "gradshap", "rise", "extremal", "random",
-                                          "sobel")), help="comma-separated methods (see `nemt methods`)"),
+    methods: Optional[str] = typer.Option(None, help="comma-separated methods (see `nemt methods`); default "
+                                                     "nemt,gradcam++,ig,gradshap,rise,extremal,random,sobel, "
+                                                     "or the suite's list"),
     metrics: Optional[str] = typer.Option(None, help="comma-separated metrics (default: localisation, complexity, "
                                                      "sparseness, faithfulness estimate)"),
     split: str = typer.Option("test", help="split of the model's data: train | val | test"),
@@ -298,7 +299,8 @@ def benchmark(
     restart: bool = typer.Option(False, help="forget earlier results in --out instead of resuming"),
 ) -> None:
     """Explain and score every test image with every method; resumes where it stopped; writes the report."""
-    from nemt.bench.runner import DEFAULT_METRICS, benchmark_model, markdown_summary, split_method_params
+    from nemt.bench.runner import (DEFAULT_METHODS, DEFAULT_METRICS, benchmark_model, markdown_summary,
+                                   split_method_params)
 
     method_list = _csv_list(methods) or []
     metric_list = _csv_list(metrics)
@@ -314,6 +316,7 @@ def benchmark(
     if model is None or data is None:
         raise NemtError("nemt benchmark needs --model and --data (or --suite xai-tris)")
     metric_list = metric_list or list(DEFAULT_METRICS)
+    method_list = method_list or list(DEFAULT_METHODS)
     summary = benchmark_model(model, data, out, explainer_dir=explainer, methods=method_list, metrics=metric_list,
                               split=split, limit=limit, batch_size=batch_size, gallery=gallery,
                               params=split_method_params(param), seed=seed, device=device, progress=progress,

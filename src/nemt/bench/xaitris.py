@@ -188,8 +188,8 @@ SUITE_METHODS = ("ig", "gradshap", "saliency", "occlusion", "rise", "extremal", 
 SUITE_METRICS = ("top_k_precision", "emd_score", "importance_mass_accuracy")
 REFERENCES = ("random", "sobel", "laplace", "input")
 #: budgets for 64 px images of tiny models
-SUITE_PARAMS = {"occlusion": {"window": 8, "stride": 4}, "rise": {"n_masks": 2000},
-                "extremal": {"mask_stride": 4}}
+SUITE_PARAMS = {"occlusion": {"window": 8, "stride": 4}, "rise": {"n_masks": 1000},
+                "extremal": {"mask_stride": 4, "steps": 150}}
 
 
 def _needs_conv(method: str) -> bool:
@@ -198,7 +198,7 @@ def _needs_conv(method: str) -> bool:
 
 def run_suite(out: str | Path, *, methods: Sequence[str] = (), seed: int = 0, device: str = "cpu",
               progress: bool = True, restart: bool = False, params: dict[str, dict] | None = None,
-              batch_size: int = 16, n: int = 4000, epochs: int = 25, max_samples: int = 100,
+              batch_size: int = 16, n: int = 4000, epochs: int = 25, max_samples: int = 50,
               min_accuracy: float = 0.8, scenarios: Sequence[str] | None = None,
               backgrounds: Sequence[str] | None = None, models: Sequence[str] = XAITRIS_MODELS) -> str:
     """``nemt benchmark --suite xai-tris``: train, explain, score; write ``summary.md``/``.csv`` and ``report.html``.
