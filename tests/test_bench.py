@@ -117,6 +117,9 @@ def test_cli_benchmark_writes_results_summary_and_a_self_contained_report(tmp_pa
     before = (out / "summary.md").read_text()
     res = runner.invoke(app, args)
     assert res.exit_code == 0 and (out / "summary.md").read_text() == before
+    # other budget parameters for a method with results are refused, not mixed in
+    res = runner.invoke(app, [a if a != "rise.n_masks=20" else "rise.n_masks=30" for a in args])
+    assert res.exit_code == 2 and "parameters of rise" in " ".join(res.output.split())
     # a parameter for a method that is not in the run is an error that names it
     res = runner.invoke(app, args[:-1] + ["--param", "ig.n_steps=4", "--no-progress"])
     assert res.exit_code == 2 and "ig" in res.output

@@ -73,6 +73,7 @@ class RunConfig:
     batch_size: int = 16
     seed: int = 0
     metric_params: dict[str, dict] = field(default_factory=dict)
+    method_params: dict[str, dict] = field(default_factory=dict)
 
 
 def make_items(y: torch.Tensor, task: str, label_names: Sequence[str], images: Sequence[str],
@@ -164,14 +165,20 @@ def run_benchmark(model, data: BenchmarkData, explainers: dict[str, Any], config
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     metrics = check_metrics(config.metrics)
+    params = {m: config.method_params.get(m, {}) for m in explainers}
     meta = {"methods": list(explainers), "metrics": metrics, "batch_size": config.batch_size, "seed": config.seed,
-            "items": len(data.items), "data": data.fingerprint}
+            "items": len(data.items), "data": data.fingerprint, "metric_params": config.metric_params,
+            "method_params": params}
     meta_path = out / "run.json"
     if meta_path.is_file():
         old = json.loads(meta_path.read_text())
-        diff = [k for k in ("metrics", "items", "data", "seed") if old.get(k) != meta.get(k)]
+        diff = [k for k in ("metrics", "items", "data", "seed", "metric_params") if k in old and old[k] != meta[k]]
+        diff += [f"parameters of {m}" for m, p in params.items()
+                 if m in old.get("method_params", {}) and old["method_params"][m] != p]
         if diff:
             raise NemtError(f"{out}: holds a run with other {', '.join(diff)}; use another --out or --restart")
+        meta["methods"] = list(dict.fromkeys(old.get("methods", []) + meta["methods"]))
+        meta["method_params"] = {**old.get("method_params", {}), **params}
     with atomic_open(meta_path, "w") as fh:
         json.dump(meta, fh, indent=2)
     log = ResultsLog(out / "results.partial.csv", metrics)
@@ -382,7 +389,7 @@ def benchmark_model(model_dir: Path, data_path: Path, out: Path, *, explainer_di
                                     **params.get(m, {})) for m in methods}
     data = load_benchmark_data(clf, manifest, splits[split], device=device, limit=limit)
     fast = inference_copy(clf)
-    cfg = RunConfig(list(methods), list(metrics), batch_size, seed, metric_params)
+    cfg = RunConfig(list(methods), list(metrics), batch_size, seed, metric_params, params)
     summary = run_benchmark(clf, data, explainers, cfg, out, progress=progress, metric_model=fast)
     facts = {"model": f"{model_dir} ({clf.card.arch}, {clf.task}, labels {', '.join(clf.label_names)})",
              "data": f"{data_path}, {split} split: {len({it.sample for it in data.items})} images, "

@@ -255,7 +255,8 @@ def run_suite(out: str | Path, *, methods: Sequence[str] = (), seed: int = 0, de
                 usable = [m for m in methods if not (_needs_conv(m) and name != "cnn")]
                 explainers = {m: make_explainer(m, clf, seed=seed, device=device, **budgets[m]) for m in usable}
                 # EMD on 32 x 32 sum-pooled maps: 0.015 s a map instead of 0.26 s, values within about 5e-4
-                cfg = RunConfig(usable, list(SUITE_METRICS), batch_size, seed, {"emd_score": {"max_side": 32}})
+                cfg = RunConfig(usable, list(SUITE_METRICS), batch_size, seed, {"emd_score": {"max_side": 32}},
+                                {m: budgets[m] for m in usable})
                 summary = run_benchmark(clf, data, explainers, cfg, out / "runs" / f"{key}-{name}",
                                         progress=progress)
                 for m, s in summary.items():
