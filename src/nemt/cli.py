@@ -327,6 +327,43 @@ def benchmark(
 
 @app.command()
 @_friendly
+def export(
+    model: Path = typer.Option(..., help="model folder written by `nemt train`"),
+    explainer: Path = typer.Option(..., help="NEMt explainer folder written by `nemt fit`"),
+    out: Path = typer.Option(..., help="output file: model.onnx or model.pt"),
+    fmt: str = typer.Option("onnx", "--format", help="onnx | torchscript"),
+    opset: int = typer.Option(17, help="ONNX opset"),
+    seed: int = typer.Option(0, help="seed of the random inputs traced and checked"),
+) -> None:
+    """Export the model and its NEMt explainer as one model (predictions and maps in one call), checked."""
+    from nemt.deploy.export import export_model
+
+    typer.echo(json.dumps(export_model(model, explainer, out, format=fmt, seed=seed, opset=opset), indent=2))
+
+
+@app.command()
+@_friendly
+def serve(
+    model: Path = typer.Option(..., help="model folder written by `nemt train`"),
+    explainer: Optional[Path] = typer.Option(None, help="NEMt explainer folder (offers method nemt)"),
+    baselines: Optional[str] = typer.Option(None, help="baseline methods to offer too, comma-separated"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on"),
+    port: int = typer.Option(8000, help="port"),
+    workers: int = typer.Option(2, help="worker threads"),
+    queue: int = typer.Option(16, help="requests that may wait for a worker; more get 503"),
+    max_upload_mb: float = typer.Option(20, help="upload size limit in MB"),
+    seed: int = typer.Option(0, help="seed of stochastic baselines"),
+    device: str = typer.Option("cpu", help="torch device"),
+) -> None:
+    """Serve predictions and explanations over HTTP (POST /v1/explain, /openapi.json), with a viewer at /."""
+    from nemt.deploy.service import serve as run
+
+    run(model, explainer, baselines=_csv_list(baselines) or [], host=host, port=port, workers=workers,
+        queue=queue, max_upload_mb=max_upload_mb, device=device, seed=seed)
+
+
+@app.command()
+@_friendly
 def methods() -> None:
     """List the explanation methods, with their parameters (pass them to `explain` as --param KEY=VALUE)."""
     from rich.table import Table

@@ -1,0 +1,288 @@
+"""One model that predicts and explains in one call, exported to ONNX and TorchScript.
+
+>>> sem = SelfExplainingModel(clf, NEMt.load("explainer/", clf))        # doctest: +SKIP
+>>> probs, maps = sem(x)             # (B, T) and (B, T, *spatial), maps in [0, 1]
+>>> export_onnx(clf, nemt, "model.onnx"); check_onnx("model.onnx", x, sem)
+{'outputs': 1.5e-08, 'maps': 1.3e-06}
+
+The exported graph takes the model's *normalised* input ``image``
+(B, C, *input_size) float32, with a dynamic batch axis, and returns
+``outputs`` (B, T) and ``maps`` (B, T, *input_size). Everything a caller
+needs to build that input and read the outputs (labels, task, input size,
+channels, intensity scaling, mean/std, the model card and the explainer's
+settings) travels with the file: in the ONNX ``metadata_props`` (one JSON
+string per key, read back with :func:`read_onnx_metadata`) and, for
+TorchScript, in the archive's extra file ``meta.json`` (:func:`load_torchscript`).
+
+Export runs under ``torch.no_grad()``, so the traced graph is NEMt's eval
+fast path: BatchNorm folded into the decoder's convolutions, channels-last
+tensors, and the box smoothing as differences of cumulative sums (ONNX
+CumSum; circular padding becomes Slice/Concat at opset 17). TorchScript
+keeps all of it. ONNX keeps it for 2D models; for 3D models PyTorch's
+ONNX exporter has no ``channels_last_3d``, so the plain path (BatchNorm
+unfolded, which ONNX Runtime folds itself when it loads the graph) is
+exported instead. The metadata key ``graph`` says which (``fast`` or
+``plain``); both give the same outputs.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from nemt import __version__
+from nemt.errors import NemtError
+from nemt.files import atomic_path
+
+FORMAT = "nemt-self-explaining/1"
+INPUT, OUTPUTS, MAPS = "image", "outputs", "maps"
+META_FILE = "meta.json"
+_OUTPUT_KIND = {"multiclass": "softmax probabilities", "multilabel": "sigmoid probabilities",
+                "regression": "predicted value in the target's units"}
+
+
+class SelfExplainingModel(nn.Module):
+    """A classifier and its fitted NEMt explainer as one inference module.
+
+    ``forward(x)`` takes the normalised input (B, C, *spatial) and returns
+    ``(outputs, maps)``: ``outputs`` (B, T) are softmax probabilities for a
+    multi-class model, sigmoid probabilities for a multi-label model and the
+    predicted value (in the target's units) for regression, i.e.
+    :meth:`Classifier.predict`; ``maps`` (B, T, *spatial) in [0, 1] are NEMt's
+    maps for every output (``explain(x, target="all")``). One pass of the
+    classifier serves both: the explanation module reads its stage features.
+    Inference only: the module stays in eval mode.
+    """
+
+    def __init__(self, classifier: nn.Module, explainer: Any):
+        super().__init__()
+        from nemt.explainers.nemt import NEMt
+
+        if not isinstance(explainer, NEMt):
+            raise NemtError(f"a self-explaining model needs a fitted NEMt explainer, got {type(explainer).__name__}")
+        if explainer.model is not classifier:
+            raise NemtError("the explainer was loaded for another classifier object; "
+                            "load it with NEMt.load(dir, classifier) for this one")
+        self.classifier = classifier
+        self.explanation = explainer._check_fitted()
+        self.task = classifier.card.task
+        self.eval()
+        self.freeze_fast_path()
+
+    def freeze_fast_path(self) -> None:
+        """Build the decoder's BatchNorm-folded copy now, without gradients.
+
+        The copy is a cache outside the module's parameters (rebuilt after
+        any ``train``/``eval`` switch); a trace can only hold its weights as
+        constants when they do not require gradients.
+        """
+        for block in self.explanation.decoder._eval_blocks():
+            block.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "SelfExplainingModel":
+        return super().train(False)  # a deployment module: training mode would draw random smoothing kernels
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keep, out = self.explanation(x)
+        if self.task == "multiclass":
+            out = out.softmax(dim=1)
+        elif self.task == "multilabel":
+            out = out.sigmoid()
+        return out, 1 - keep
+
+
+def export_metadata(clf: nn.Module, explainer: Any) -> dict[str, Any]:
+    """What travels with an exported model: labels, geometry, normalisation, model card, explainer settings.
+
+    Values are strict JSON (a NaN in the card's metrics becomes null).
+    """
+    from nemt.explainers.nemt import model_checksum
+
+    card, pre = clf.card, clf.preprocessing
+    return _strict({
+        "format": FORMAT,
+        "labels": list(card.label_names),
+        "task": card.task,
+        "outputs": _OUTPUT_KIND[card.task],
+        "spatial_dims": card.spatial_dims,
+        "input_size": list(card.input_size),
+        "channels": card.in_channels,
+        "normalisation": {"scale": pre.scale, "mean": list(pre.mean), "std": list(pre.std)},
+        "io": {INPUT: "(B, C, *input_size) float32: intensities to [0, 1] by `scale`, then (x - mean) / std",
+               OUTPUTS: "(B, T)", MAPS: "(B, T, *input_size) in [0, 1], one map per label"},
+        "model_card": card.to_dict(),
+        "explainer": {"kind": type(explainer).__name__, "params": explainer.get_params(),
+                      "model_sha256": model_checksum(clf)},
+        "nemt_version": __version__,
+    })
+
+
+def _strict(v: Any) -> Any:
+    """NaN and infinities (e.g. an undefined AUROC in the card's metrics) as null: strict JSON for any reader."""
+    if isinstance(v, dict):
+        return {k: _strict(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_strict(x) for x in v]
+    return None if isinstance(v, float) and not np.isfinite(v) else v
+
+
+def _example(clf: nn.Module, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    card = clf.card
+    g = torch.Generator().manual_seed(seed)
+    dev = next(clf.parameters()).device
+    return torch.randn(batch, card.in_channels, *card.input_size, generator=g).to(dev)
+
+
+def export_onnx(clf: nn.Module, nemt: Any, path: str | Path, opset: int = 17, *,
+                example: torch.Tensor | None = None) -> Path:
+    """Write the self-explaining model as ONNX (dynamic batch axis, metadata attached), atomically.
+
+    ``example`` is the input traced (default: a seeded random batch of 2 of
+    the card's shape); the graph is the same for any input of that shape.
+    Uses PyTorch's TorchScript-based exporter (``dynamo=False``): it needs no
+    ``onnxscript`` and handles the forward hooks NEMt reads features with.
+    """
+    import onnx
+
+    sem = SelfExplainingModel(clf, nemt)
+    x = _example(clf) if example is None else example
+    # grad mode picks the decoder's path: no_grad -> folded, channels-last; enabled -> plain.
+    # 3D: the exporter has no channels_last_3d, so the plain path (ONNX Runtime folds BatchNorm itself).
+    fast = clf.card.spatial_dims == 2
+    batch = {0: "batch"}
+    buf = io.BytesIO()
+    with torch.set_grad_enabled(not fast), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes say nothing about this graph
+        torch.onnx.export(sem, (x,), buf, dynamo=False, opset_version=opset, do_constant_folding=True,
+                          input_names=[INPUT], output_names=[OUTPUTS, MAPS],
+                          dynamic_axes={INPUT: batch, OUTPUTS: batch, MAPS: batch})
+    model = onnx.load_from_string(buf.getvalue())
+    model.doc_string = (f"nemt self-explaining model: {INPUT} -> {OUTPUTS} ({_OUTPUT_KIND[clf.card.task]}), "
+                        f"{MAPS} (NEMt, one per label); see metadata_props")
+    model.producer_name = "nemt"
+    model.producer_version = __version__
+    for key, value in {**export_metadata(clf, nemt), "graph": "fast" if fast else "plain"}.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value, allow_nan=False)
+    onnx.checker.check_model(model)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        onnx.save(model, str(tmp))
+    return path
+
+
+def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata written by :func:`export_onnx`, decoded (one JSON value per key)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {p.key: json.loads(p.value) for p in model.metadata_props}
+
+
+def export_torchscript(clf: nn.Module, nemt: Any, path: str | Path, *,
+                       example: torch.Tensor | None = None) -> Path:
+    """Write the self-explaining model as a traced TorchScript archive with ``meta.json``, atomically.
+
+    Traced (``torch.jit.trace``) rather than scripted: NEMt reads the
+    classifier's stages with forward hooks, which scripting does not run.
+    The batch axis stays dynamic; the trace holds the device it was made on.
+    PyTorch 2.13 marks TorchScript deprecated (in favour of ``torch.export``)
+    but still writes and runs it; its notices are silenced here, since the
+    format was asked for by name. ONNX is the format to prefer.
+    """
+    sem = SelfExplainingModel(clf, nemt)
+    x = _example(clf) if example is None else example
+    sem.freeze_fast_path()
+    with torch.no_grad(), _quiet_jit():
+        traced = torch.jit.trace(sem, (x,))
+    path = Path(path)
+    with atomic_path(path) as tmp, _quiet_jit():
+        meta = {**export_metadata(clf, nemt), "graph": "fast"}
+        torch.jit.save(traced, str(tmp), _extra_files={META_FILE: json.dumps(meta, allow_nan=False)})
+    return path
+
+
+@contextlib.contextmanager
+def _quiet_jit() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=DeprecationWarning)
+        yield
+
+
+def load_torchscript(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[torch.jit.ScriptModule, dict]:
+    """A TorchScript archive written by :func:`export_torchscript` and its metadata."""
+    extra = {META_FILE: ""}
+    with _quiet_jit():
+        module = torch.jit.load(str(path), map_location=map_location, _extra_files=extra)
+    return module, json.loads(extra[META_FILE]) if extra[META_FILE] else {}
+
+
+def _max_diffs(got: tuple, reference: tuple) -> dict[str, float]:
+    return {name: float(np.max(np.abs(np.asarray(g, dtype=np.float64) -
+                                      np.asarray(r.detach().cpu() if torch.is_tensor(r) else r, dtype=np.float64))))
+            for name, g, r in zip((OUTPUTS, MAPS), got, reference)}
+
+
+def _reference(x: torch.Tensor, reference: Any) -> tuple:
+    if isinstance(reference, nn.Module):
+        with torch.no_grad():
+            return reference(x)
+    return tuple(reference)
+
+
+def check_onnx(path: str | Path, x: torch.Tensor, reference: Any) -> dict[str, float]:
+    """Run the ONNX file with onnxruntime (CPU) on ``x``; max abs difference to PyTorch per output.
+
+    ``reference`` is a module returning ``(outputs, maps)`` (e.g. the
+    :class:`SelfExplainingModel`) or those two tensors already computed.
+    """
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run([OUTPUTS, MAPS], {INPUT: x.detach().cpu().numpy().astype(np.float32)})
+    return _max_diffs(tuple(got), _reference(x, reference))
+
+
+def check_torchscript(path: str | Path, x: torch.Tensor, reference: Any) -> dict[str, float]:
+    """Load the TorchScript archive and compare its outputs on ``x`` with ``reference`` (as :func:`check_onnx`)."""
+    module, _ = load_torchscript(path, map_location=x.device)
+    with torch.no_grad():
+        got = module(x)
+    return _max_diffs(tuple(t.cpu().numpy() for t in got), _reference(x, reference))
+
+
+def export_model(model_dir: str | Path, explainer_dir: str | Path, out: str | Path, *, format: str = "onnx",
+                 seed: int = 0, opset: int = 17, tolerance: float = 1e-4) -> dict[str, Any]:
+    """``nemt export``: load a model and its NEMt explainer, export, and check against PyTorch.
+
+    The check runs a seeded random batch of 3 (not the traced batch of 2, so
+    the dynamic batch axis is exercised) and raises :class:`NemtError` when
+    an output differs by more than ``tolerance``. Returns a summary.
+    """
+    from nemt.explainers.build import make_explainer
+    from nemt.models import load_model
+
+    if format not in ("onnx", "torchscript"):
+        raise NemtError(f"--format must be onnx or torchscript, got {format!r}")
+    clf = load_model(model_dir, device="cpu")
+    nemt = make_explainer("nemt", clf, seed=seed, device="cpu", explainer_dir=explainer_dir)
+    example = _example(clf, 2, seed)
+    if format == "onnx":
+        path = export_onnx(clf, nemt, out, opset, example=example)
+        check = check_onnx
+    else:
+        path = export_torchscript(clf, nemt, out, example=example)
+        check = check_torchscript
+    diffs = check(path, _example(clf, 3, seed + 1), SelfExplainingModel(clf, nemt))
+    if max(diffs.values()) > tolerance:
+        raise NemtError(f"{path}: the exported model differs from PyTorch by {diffs} (tolerance {tolerance})")
+    return {"path": str(path), "format": format, "labels": clf.label_names, "input_size": clf.card.input_size,
+            "max_abs_diff": diffs, "bytes": Path(path).stat().st_size}

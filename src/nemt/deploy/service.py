@@ -1,0 +1,600 @@
+"""The explanation service: an image in, predictions and maps out, and a browser viewer at ``/``.
+
+>>> app = create_app(clf, {"nemt": NEMt.load("explainer/", clf),       # doctest: +SKIP
+...                        "gradcam++": get_explainer("gradcam++", clf)})
+>>> uvicorn.run(app, host="127.0.0.1", port=8000)                     # doctest: +SKIP
+
+Endpoints (the OpenAPI schema is at ``/openapi.json``; FastAPI's ``/docs`` and
+``/redoc`` pages are switched off, since they load their scripts from a CDN):
+
+- ``GET /health``: ``{"status": "ok", "active": n, "capacity": c}``;
+- ``GET /v1/model``: the model card, the labels, the methods this service
+  offers, the upload limit and the colour map overlays are drawn with;
+- ``POST /v1/explain``: a multipart form with the image in ``file`` (PNG,
+  JPEG, BMP, TIFF, DICOM; NIfTI for 3D models) and optional ``labels``
+  (comma-separated names, default ``all``), ``method`` (default ``nemt``),
+  ``format`` (``png``, ``array`` or ``both``; default ``png``) and ``alpha``
+  (overlay opacity, default 0.45). The answer holds the predictions
+  (probabilities, or the value for regression), the image as the model sees
+  it, per requested label the overlay PNG and/or the raw map (float32,
+  little-endian, base64, with its shape), and the time spent in ``ms``;
+- ``GET /``: the viewer (``static/``).
+
+A request's path: the upload is streamed, its bytes counted, into a
+``tempfile.TemporaryDirectory`` that is removed when the request is done
+(also on errors and when the client goes away); a worker thread reads it
+with :func:`nemt.data.read_image`, preprocesses it with the card's
+preprocessing, predicts, explains and encodes. Errors answer with FastAPI's
+``{"detail": reason}``: 413 for an upload over the limit (Content-Length, and
+counted while reading), 415 for a file that is no format nemt reads, 422 for
+a file that cannot be decoded, a wrong number of dimensions or channels, or
+an unknown label, method, format or field, 503 with ``Retry-After`` when the
+queue is full.
+
+Bounds: ``workers`` threads do the work; at most ``workers + queue``
+requests are admitted at once (running or waiting, each holding at most one
+upload on disk); the next one gets 503 at once instead of piling up in
+memory. The model and explainer computations themselves run one at a time
+(a lock): explainers read the model's activations through forward hooks on
+the one shared network, so two concurrent forward passes would mix their
+features. The workers overlap reading, preprocessing and encoding with it.
+
+Channels: a colour (3-channel) image sent to a 1-channel model is refused
+(422) rather than converted to grey: the model never saw colour, and a
+silent conversion would hide a wrong file. An RGB file whose three channels
+are equal (a grey image stored as RGB, common for JPEG exports) is read as
+grey, and a grey image for a 3-channel model is repeated to three channels,
+as in training.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from nemt import __version__
+from nemt.data.readers import SUPPORTED_SUFFIXES, Image, read_image
+from nemt.errors import DataError, NemtError
+from nemt.explainers.base import Explainer
+
+MB = 1024 * 1024
+FORMATS = ("png", "array", "both")
+FIELDS = ("file", "labels", "method", "format", "alpha")
+DEFAULT_ALPHA = 0.45
+STATIC = Path(__file__).with_name("static")
+_FIELD_LIMIT = 64 * 1024  # a form field other than the file (labels, method, ...) is short
+_UNSUPPORTED = ("file", "TransferSyntaxUID")  # DataError fields meaning "not a format nemt decodes": 415
+_GREY_TOLERANCE = 0.01  # RGB channels this close (fraction of the value range) make a grey image
+
+
+# -- response schema (also the OpenAPI documentation) ----------------------------------------------------
+
+class RawMap(BaseModel):
+    shape: list[int] = Field(description="the map's shape: the model's input size")
+    dtype: str = "float32"
+    byteorder: str = "little"
+    data: str = Field(description="base64 of the values in C order")
+
+
+class LabelExplanation(BaseModel):
+    overlay_png: str | None = Field(None, description="base64 PNG: the map over the image at the model's input "
+                                                      "size (format png or both; 3D: the middle slice)")
+    map: RawMap | None = Field(None, description="the raw map in [0, 1] (format array or both)")
+
+
+class ShownImage(BaseModel):
+    filename: str
+    modality: str
+    shape: list[int] = Field(description="(C, *spatial) as read, before resizing")
+    png: str = Field(description="base64 PNG of the image as the model sees it (resized; 3D: middle slice)")
+
+
+class Timings(BaseModel):
+    receive: float = Field(description="reading the upload from the client")
+    queue: float = Field(description="waiting for a worker")
+    read: float = Field(description="decoding and preprocessing")
+    predict: float
+    explain: float
+    encode: float
+    total: float
+
+
+class ExplainResponse(BaseModel):
+    method: str
+    task: str
+    labels: list[str] = Field(description="the explained labels, in the order asked for")
+    predictions: dict[str, float] = Field(description="per label: probability (softmax or sigmoid) or value")
+    predicted: list[str] = Field(description="multi-class: the top label; multi-label: labels at p >= 0.5")
+    image: ShownImage
+    explanations: dict[str, LabelExplanation]
+    ms: Timings
+
+
+_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary",
+                 "description": "the image: PNG, JPEG, BMP, TIFF or DICOM (NIfTI for 3D models)"},
+        "labels": {"type": "string", "default": "all", "description": "comma-separated label names, or all"},
+        "method": {"type": "string", "default": "nemt", "description": "explainer (GET /v1/model lists them)"},
+        "format": {"type": "string", "enum": list(FORMATS), "default": "png"},
+        "alpha": {"type": "number", "minimum": 0, "maximum": 1, "default": DEFAULT_ALPHA,
+                  "description": "overlay opacity"}}}}}}}
+_ERRORS = {413: {"description": "upload over the size limit"},
+           415: {"description": "not a multipart form, or a file in no format nemt reads"},
+           422: {"description": "undecodable file, wrong dimensions or channels, unknown label/method/format"},
+           503: {"description": "queue full; retry after the Retry-After seconds"}}
+
+
+# -- reading the upload ----------------------------------------------------------------------------------
+
+@dataclass
+class _Form:
+    fields: dict[str, str] = field(default_factory=dict)
+    path: Path | None = None
+    filename: str = ""
+    size: int = 0
+
+
+def _suffix(filename: str) -> str:
+    """The supported suffix the client's file name ends in ('' if none): the only part of the name kept."""
+    name = filename.lower()
+    return next((s for s in sorted(SUPPORTED_SUFFIXES, key=len, reverse=True) if name.endswith(s)), "")
+
+
+class _FormReader:
+    """python-multipart callbacks: the one file part goes to ``directory``, short fields to memory."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.form = _Form()
+        self.finished = False
+        self._file = None
+        self._name = ""
+        self._data = bytearray()
+        self._headers: dict[bytes, bytes] = {}
+        self._hname = self._hvalue = b""
+
+    def callbacks(self) -> dict:
+        return {name: getattr(self, name) for name in (
+            "on_part_begin", "on_header_field", "on_header_value", "on_header_end", "on_headers_finished",
+            "on_part_data", "on_part_end", "on_end")}
+
+    def on_part_begin(self) -> None:
+        self._headers, self._data, self._name = {}, bytearray(), ""
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._hname += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._hvalue += data[start:end]
+
+    def on_header_end(self) -> None:
+        self._headers[self._hname.lower()] = self._hvalue
+        self._hname = self._hvalue = b""
+
+    def on_headers_finished(self) -> None:
+        _, opts = parse_options_header(self._headers.get(b"content-disposition", b""))
+        if b"name" not in opts:
+            raise HTTPException(400, "a form part has no name (Content-Disposition)")
+        self._name = opts[b"name"].decode("utf-8", "replace")
+        if b"filename" in opts:
+            if self._name != "file" or self.form.path is not None:
+                raise HTTPException(422, "send one file, in the form field 'file'")
+            name = opts[b"filename"].decode("utf-8", "replace").replace("\\", "/").rsplit("/", 1)[-1]
+            self.form.filename = name[:200] or "upload"
+            self.form.path = self.directory / ("upload" + _suffix(name))
+            self._file = open(self.form.path, "wb")
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._file is not None:
+            self._file.write(data[start:end])
+            self.form.size += end - start
+            return
+        self._data += data[start:end]
+        if len(self._data) > _FIELD_LIMIT:
+            raise HTTPException(413, f"form field {self._name!r} is over {_FIELD_LIMIT // 1024} KB")
+
+    def on_part_end(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        else:
+            self.form.fields[self._name] = self._data.decode("utf-8", "replace")
+
+    def on_end(self) -> None:
+        self.finished = True
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+async def _read_form(request: Request, boundary: bytes, directory: Path, limit: int) -> _Form:
+    """Stream the body through the multipart parser, counting bytes; 413 as soon as it passes ``limit``."""
+    reader = _FormReader(directory)
+    parser = MultipartParser(boundary, reader.callbacks())
+    total = 0
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise HTTPException(413, f"upload over the limit of {_fmt_bytes(limit)}")
+            parser.write(chunk)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise HTTPException(400, f"malformed multipart body ({exc})") from exc
+    finally:
+        reader.close()
+    if not reader.finished:
+        raise HTTPException(400, "incomplete multipart body (no closing boundary)")
+    return reader.form
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / MB:.4g} MB" if n >= MB else f"{n} bytes"
+
+
+# -- images and overlays ---------------------------------------------------------------------------------
+
+def colormap_lut(name: str = "inferno") -> np.ndarray:
+    """A matplotlib colour map as 256 RGB rows of integers 0..255 (server and viewer draw with the same)."""
+    from matplotlib import colormaps
+
+    return np.rint(colormaps[name](np.linspace(0.0, 1.0, 256))[:, :3] * 255).astype(np.uint8)
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    """(C, H, W) in [0, 1] -> (H, W) or (H, W, 3) uint8."""
+    a = np.rint(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
+    return a[0] if a.shape[0] == 1 else np.moveaxis(a[:3], 0, -1)
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, alpha: float, lut: np.ndarray) -> np.ndarray:
+    """``(1 - alpha) * image + alpha * colormap(map)``: (C, H, W) in [0, 1] and (H, W) in [0, 1] -> (H, W, 3) uint8.
+
+    The image is taken at 8 bits first, as the viewer receives it, so that
+    the viewer's client-side blend gives the same pixels.
+    """
+    rgb = _to_uint8(image).astype(np.float32)
+    if rgb.ndim == 2:
+        rgb = np.repeat(rgb[..., None], 3, axis=-1)
+    idx = np.clip(np.rint(np.nan_to_num(heat) * 255), 0, 255).astype(np.intp)
+    out = (1 - alpha) * rgb + alpha * lut[idx].astype(np.float32)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _png(a: np.ndarray) -> str:
+    from PIL import Image as PILImage
+
+    buf = io.BytesIO()
+    PILImage.fromarray(a).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _raw(m: np.ndarray) -> dict:
+    data = np.ascontiguousarray(m, dtype="<f4").tobytes()
+    return {"shape": list(m.shape), "dtype": "float32", "byteorder": "little",
+            "data": base64.b64encode(data).decode("ascii")}
+
+
+def decode_map(raw: Mapping[str, Any]) -> np.ndarray:
+    """A ``map`` entry of the response back to a numpy array (for Python clients)."""
+    return np.frombuffer(base64.b64decode(raw["data"]), dtype="<f4").reshape(raw["shape"])
+
+
+def _is_grey(img: Image) -> bool:
+    a = img.array
+    lo, hi = img.value_range
+    tol = _GREY_TOLERANCE * (hi - lo)
+    return bool(np.abs(a[0] - a[1]).max() <= tol and np.abs(a[1] - a[2]).max() <= tol)
+
+
+# -- the service -----------------------------------------------------------------------------------------
+
+@dataclass
+class _Options:
+    method: str
+    labels: list[str]
+    indices: list[int]
+    format: str
+    alpha: float
+
+
+class ExplanationService:
+    """State behind the app: the model, its explainers, the worker pool and the admission count."""
+
+    def __init__(self, clf: torch.nn.Module, explainers: Mapping[str, Explainer], *, max_upload_bytes: int = 20 * MB,
+                 workers: int = 2, queue: int = 16, colormap: str = "inferno"):
+        if not explainers:
+            raise NemtError("the service needs at least one explainer")
+        if workers < 1 or queue < 0 or max_upload_bytes < 1:
+            raise NemtError(f"need workers >= 1, queue >= 0 and a positive upload limit "
+                            f"(got {workers}, {queue}, {max_upload_bytes})")
+        self.clf = clf.eval()
+        self.explainers = dict(explainers)
+        self.default_method = "nemt" if "nemt" in self.explainers else next(iter(self.explainers))
+        self.max_upload_bytes, self.workers, self.queue = int(max_upload_bytes), int(workers), int(queue)
+        self.capacity = self.workers + self.queue
+        self.active = 0  # admitted requests; only touched on the event loop
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="nemt-explain")
+        self.compute = threading.Lock()
+        self.colormap = colormap
+        self.lut = colormap_lut(colormap)
+        self.device = next(clf.parameters()).device
+
+    # -- GET ------------------------------------------------------------------
+    def model_info(self) -> dict:
+        card = self.clf.card
+        return {"card": card.to_dict(), "labels": list(card.label_names), "task": card.task,
+                "spatial_dims": card.spatial_dims, "input_size": list(card.input_size),
+                "channels": card.in_channels, "methods": list(self.explainers),
+                "default_method": self.default_method, "formats": list(FORMATS),
+                "limits": {"max_upload_bytes": self.max_upload_bytes, "workers": self.workers,
+                           "queue": self.queue},
+                "colormap": {"name": self.colormap, "lut": self.lut.tolist()},
+                "nemt_version": __version__}
+
+    def health(self) -> dict:
+        return {"status": "ok", "active": self.active, "capacity": self.capacity}
+
+    # -- POST /v1/explain -----------------------------------------------------
+    async def explain(self, request: Request) -> dict:
+        t_start = time.perf_counter()
+        length = request.headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                raise HTTPException(400, f"bad Content-Length {length!r}")
+            if int(length) > self.max_upload_bytes:
+                raise HTTPException(413, f"upload of {_fmt_bytes(int(length))} is over the limit of "
+                                         f"{_fmt_bytes(self.max_upload_bytes)}")
+        kind, params = parse_options_header(request.headers.get("content-type", ""))
+        if kind != b"multipart/form-data" or not params.get(b"boundary"):
+            raise HTTPException(415, "send a multipart/form-data form with the image in the field 'file'")
+        if self.active >= self.capacity:
+            raise HTTPException(503, f"busy: {self.active} requests running or queued; try again shortly",
+                                headers={"Retry-After": "1"})
+        loop = asyncio.get_running_loop()
+        self.active += 1
+        tmp = job = None
+        try:
+            tmp = tempfile.TemporaryDirectory(prefix="nemt-upload-", ignore_cleanup_errors=True)
+            form = await _read_form(request, params[b"boundary"], Path(tmp.name), self.max_upload_bytes)
+            opts = self._options(form.fields)
+            if form.path is None:
+                raise HTTPException(422, "no file: send the image as a file upload in the form field 'file'")
+            if form.size == 0:
+                raise HTTPException(422, f"{form.filename}: the uploaded file is empty")
+            t_received = time.perf_counter()
+            job = self.pool.submit(self._explain_file, form, opts, t_start, t_received)
+
+            def done(_) -> None:  # the slot and the folder last until the job ends, even if the client is gone
+                tmp.cleanup()
+                with contextlib.suppress(RuntimeError):  # the loop is already closed (shutdown)
+                    loop.call_soon_threadsafe(self._release)
+            job.add_done_callback(done)
+            return await asyncio.wrap_future(job)
+        finally:
+            if job is None:
+                if tmp is not None:
+                    tmp.cleanup()
+                self._release()
+
+    def _release(self) -> None:
+        self.active -= 1
+
+    def _options(self, fields: Mapping[str, str]) -> _Options:
+        unknown = sorted(set(fields) - set(FIELDS))
+        if unknown:
+            raise HTTPException(422, f"unknown form field(s) {unknown}; the fields are {list(FIELDS)}")
+        method = fields.get("method", "").strip() or self.default_method
+        if method not in self.explainers:
+            raise HTTPException(422, f"unknown method {method!r}; this service offers {list(self.explainers)}")
+        fmt = fields.get("format", "").strip().lower() or "png"
+        if fmt not in FORMATS:
+            raise HTTPException(422, f"unknown format {fmt!r}; use one of {list(FORMATS)}")
+        raw_alpha = fields.get("alpha", "").strip()
+        try:
+            alpha = float(raw_alpha) if raw_alpha else DEFAULT_ALPHA
+        except ValueError:
+            alpha = float("nan")
+        if not 0.0 <= alpha <= 1.0:
+            raise HTTPException(422, f"alpha must be a number in [0, 1], got {raw_alpha!r}")
+        names = self.clf.card.label_names
+        raw_labels = fields.get("labels", "").strip() or "all"
+        wanted = names if raw_labels == "all" else list(dict.fromkeys(
+            s.strip() for s in raw_labels.split(",") if s.strip()))
+        bad = [s for s in wanted if s not in names]
+        if bad or not wanted:
+            raise HTTPException(422, f"unknown label(s) {bad or [raw_labels]}; the model's labels are {names} "
+                                     "(or all)")
+        return _Options(method, list(wanted), [names.index(s) for s in wanted], fmt, alpha)
+
+    # -- worker thread ----------------------------------------------------------
+    def _explain_file(self, form: _Form, opts: _Options, t_start: float, t_received: float) -> dict:
+        t0 = time.perf_counter()
+        img = self._read(form)
+        unit = self._to_unit(img, form.filename)
+        pre = self.clf.preprocessing
+        x = pre.normalise(unit)[None].to(self.device)
+        t1 = time.perf_counter()
+        with self.compute:
+            probs = self.clf.predict(x)[0].float().cpu()
+            t2 = time.perf_counter()
+            maps = self.explainers[opts.method].explain(x, target=opts.indices)
+            maps = maps.detach()[0].float().cpu().numpy()
+            t3 = time.perf_counter()
+        shown = unit.numpy()
+        if shown.ndim == 4:  # 3D: the middle slice along the first spatial axis
+            mid = shown.shape[1] // 2
+            shown, flat = shown[:, mid], maps[:, mid]
+        else:
+            flat = maps
+        explanations = {}
+        for name, m, m2 in zip(opts.labels, maps, flat):
+            entry = {}
+            if opts.format in ("png", "both"):
+                entry["overlay_png"] = _png(overlay(shown, m2, opts.alpha, self.lut))
+            if opts.format in ("array", "both"):
+                entry["map"] = _raw(m)
+            explanations[name] = entry
+        card = self.clf.card
+        p = probs.tolist()
+        if card.task == "multiclass":
+            predicted = [card.label_names[int(np.argmax(p))]]
+        elif card.task == "multilabel":
+            predicted = [n for n, v in zip(card.label_names, p) if v >= 0.5]
+        else:
+            predicted = []
+        t4 = time.perf_counter()
+        ms = {"receive": t_received - t_start, "queue": t0 - t_received, "read": t1 - t0, "predict": t2 - t1,
+              "explain": t3 - t2, "encode": t4 - t3, "total": t4 - t_start}
+        return {"method": opts.method, "task": card.task, "labels": opts.labels,
+                "predictions": dict(zip(card.label_names, p)), "predicted": predicted,
+                "image": {"filename": form.filename, "modality": img.modality, "shape": list(img.array.shape),
+                          "png": _png(_to_uint8(shown))},
+                "explanations": explanations, "ms": {k: round(v * 1000, 3) for k, v in ms.items()}}
+
+    def _read(self, form: _Form) -> Image:
+        try:
+            return read_image(form.path)
+        except DataError as exc:
+            raise HTTPException(415 if exc.field in _UNSUPPORTED else 422, _reason(form.filename, exc)) from exc
+        except Exception as exc:  # a decoder's own limits, e.g. Pillow's decompression-bomb guard
+            raise HTTPException(422, f"{form.filename}: {type(exc).__name__}: {exc}") from exc
+
+    def _to_unit(self, img: Image, filename: str) -> torch.Tensor:
+        """Checks dimensions and channels, then intensities to [0, 1] and resize: (C, *input_size)."""
+        card, pre = self.clf.card, self.clf.preprocessing
+        spatial = img.array.ndim - 1
+        shape = "x".join(str(s) for s in img.array.shape[1:])
+        if spatial != card.spatial_dims:
+            raise HTTPException(422, f"{filename}: shape: the image is {spatial}D ({shape}), the model takes "
+                                     f"{card.spatial_dims}D images ({'x'.join(map(str, card.input_size))})")
+        c = img.array.shape[0]
+        if c == 3 and pre.channels == 1 and not _is_grey(img):
+            raise HTTPException(422, f"{filename}: channels: the image has 3 channels (colour), the model takes "
+                                     "1 (grey); send a grey-scale image")
+        try:
+            return pre.resize(pre.unit_scale(img))
+        except DataError as exc:
+            raise HTTPException(422, _reason(filename, exc)) from exc
+
+
+def _reason(filename: str, exc: DataError) -> str:
+    """The DataError's field and reason under the client's file name (never the server's temporary path)."""
+    return ": ".join(p for p in (filename, exc.field, exc.reason) if p)
+
+
+# -- the app -------------------------------------------------------------------------------------------
+
+def create_app(clf: torch.nn.Module, explainers: Mapping[str, Explainer], *, max_upload_bytes: int = 20 * MB,
+               workers: int = 2, queue: int = 16) -> FastAPI:
+    """The FastAPI app serving ``clf`` with ``explainers`` (name -> explainer; ``nemt`` is the default method).
+
+    ``max_upload_bytes`` bounds the request body; ``workers`` threads do the
+    work and at most ``workers + queue`` requests are admitted at once.
+    """
+    service = ExplanationService(clf, explainers, max_upload_bytes=max_upload_bytes, workers=workers, queue=queue)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        service.pool.shutdown(wait=True, cancel_futures=True)
+
+    app = FastAPI(title="nemt explanation service", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None,  # their pages load scripts from a CDN; the schema stays
+                  description="Predictions and explanation maps for one image per request. "
+                              "The viewer is at /.")
+    app.state.service = service
+
+    @app.get("/health", summary="liveness and load")
+    async def health() -> dict:
+        return service.health()
+
+    @app.get("/v1/model", summary="the model card, labels, methods and limits")
+    async def model() -> dict:
+        return service.model_info()
+
+    @app.post("/v1/explain", response_model=ExplainResponse, openapi_extra=_FORM, responses=_ERRORS,
+              summary="predict and explain one image")
+    async def explain(request: Request) -> dict:
+        return await service.explain(request)
+
+    @app.get("/", include_in_schema=False)
+    async def viewer() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def build_explainers(clf: torch.nn.Module, explainer_dir: str | Path | None = None, baselines: Sequence[str] = (),
+                     *, seed: int = 0, device: str | torch.device | None = None) -> dict[str, Explainer]:
+    """``{"nemt": NEMt from explainer_dir, baseline: its explainer, ...}`` (NEMt only with a folder)."""
+    from nemt.explainers.build import make_explainer
+
+    out: dict[str, Explainer] = {}
+    if explainer_dir is not None:
+        out["nemt"] = make_explainer("nemt", clf, seed=seed, device=device, explainer_dir=explainer_dir)
+    for name in baselines:
+        out[name] = make_explainer(name, clf, seed=seed, device=device)
+    if not out:
+        raise NemtError("nothing to serve: give a NEMt explainer folder and/or baseline methods")
+    return out
+
+
+def serve(model_dir: str | Path, explainer_dir: str | Path | None = None, *, baselines: Sequence[str] = (),
+          host: str = "127.0.0.1", port: int = 8000, workers: int = 2, queue: int = 16,
+          max_upload_mb: float = 20, device: str = "cpu", seed: int = 0, log_level: str = "info") -> None:
+    """``nemt serve``: load the model and its explainers and run the service until interrupted."""
+    import uvicorn
+
+    from nemt.models import load_model
+
+    clf = load_model(model_dir, device=device)
+    app = create_app(clf, build_explainers(clf, explainer_dir, baselines, seed=seed, device=device),
+                     max_upload_bytes=int(max_upload_mb * MB), workers=workers, queue=queue)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+@contextlib.contextmanager
+def running(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> Iterator[str]:
+    """Run ``app`` with uvicorn in a background thread; yield its base URL; stop it on exit.
+
+    ``port=0`` lets the system pick a free port (read back once the server
+    listens), so parallel runs never collide.
+    """
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="nemt-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise NemtError(f"the server did not start on {host}:{port}")
+        time.sleep(0.02)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)

@@ -1,0 +1,354 @@
+"""The explanation service through FastAPI's test client: every endpoint and every error path."""
+from __future__ import annotations
+
+import base64
+import io
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image as PILImage
+from typer.testing import CliRunner
+
+from nemt.cli import app as cli
+from nemt.data import read_image, write_phantom_dataset
+from nemt.deploy.service import build_explainers, colormap_lut, create_app, decode_map, overlay
+from nemt.errors import NemtError
+from nemt.models import load_model
+
+with warnings.catch_warnings():  # Starlette notes that its test client will move to httpx2
+    warnings.simplefilter("ignore")
+    from fastapi.testclient import TestClient
+
+LABELS = ["cyst", "nodule", "normal", "opacity"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A 1-epoch smallcnn and NEMt on 32 px phantoms, and a service with NEMt and Grad-CAM++."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("service")
+    manifest = write_phantom_dataset(root / "data", 48, 32, seed=0)
+    runner = CliRunner()
+    for args in (["train", "--data", str(manifest), "--out", str(root / "m"), "--arch", "smallcnn", "--size", "32",
+                  "--epochs", "1", "--batch-size", "8", "--no-progress"],
+                 ["fit", "--model", str(root / "m"), "--data", str(manifest), "--out", str(root / "e"),
+                  "--epochs", "1", "--batch-size", "4", "--optimizer", "adamw", "--no-progress"]):
+        res = runner.invoke(cli, args)
+        assert res.exit_code == 0, res.output
+    clf = load_model(root / "m")
+    explainers = build_explainers(clf, root / "e", ["gradcam++"])
+    images = sorted((root / "data" / "images").glob("*.png"))
+    return dict(root=root, clf=clf, explainers=explainers, images=images)
+
+
+@pytest.fixture(scope="module")
+def client(env):
+    with TestClient(create_app(env["clf"], env["explainers"])) as c:
+        yield c
+
+
+@pytest.fixture
+def upload_root(tmp_path, monkeypatch):
+    """The temporary root the service puts upload folders in (checked empty after each request)."""
+    root = tmp_path / "uploads"
+    root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    return root
+
+
+def post(client, content: bytes, name: str = "a.png", **fields):
+    return client.post("/v1/explain", files={"file": (name, content, "application/octet-stream")},
+                       data={k: str(v) for k, v in fields.items()})
+
+
+def png_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    PILImage.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_png(b64: str) -> np.ndarray:
+    return np.asarray(PILImage.open(io.BytesIO(base64.b64decode(b64))))
+
+
+def dicom_bytes(path: Path, a: np.ndarray) -> bytes:
+    """A minimal uncompressed 8-bit grey DICOM; (F, H, W) gives a multi-frame file."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "OT"
+    ds.Rows, ds.Columns = a.shape[-2:]
+    if a.ndim == 3:
+        ds.NumberOfFrames = a.shape[0]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit, ds.PixelRepresentation = 7, 0
+    ds.PixelData = a.astype(np.uint8).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path.read_bytes()
+
+
+def _json_safe(v):
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_json_safe(x) for x in v]
+    return None if isinstance(v, float) and v != v else v
+
+
+# -- GET endpoints ----------------------------------------------------------------------------------------
+
+def test_health(client):
+    assert client.get("/health").json() == {"status": "ok", "active": 0, "capacity": 18}
+
+
+def test_model_card_methods_and_colormap(client, env):
+    info = client.get("/v1/model").json()
+    assert info["card"] == _json_safe(env["clf"].card.to_dict())  # JSON has no NaN: an undefined AUROC is null
+    assert info["labels"] == LABELS and info["task"] == "multiclass"
+    assert info["methods"] == ["nemt", "gradcam++"] and info["default_method"] == "nemt"
+    assert info["input_size"] == [32, 32] and info["channels"] == 1
+    assert info["limits"] == {"max_upload_bytes": 20 * 1024 * 1024, "workers": 2, "queue": 16}
+    lut = np.array(info["colormap"]["lut"])
+    assert lut.shape == (256, 3) and lut.min() >= 0 and lut.max() <= 255
+
+
+def test_openapi_documents_the_form_and_the_errors(client):
+    spec = client.get("/openapi.json").json()
+    assert {"/health", "/v1/model", "/v1/explain"} <= set(spec["paths"])
+    post_ = spec["paths"]["/v1/explain"]["post"]
+    form = post_["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert set(form["properties"]) == {"file", "labels", "method", "format", "alpha"} and form["required"] == ["file"]
+    assert {"200", "413", "415", "422", "503"} <= set(post_["responses"])
+    assert "ExplainResponse" in spec["components"]["schemas"]
+    assert client.get("/docs").status_code == 404  # Swagger UI would load its scripts from a CDN
+
+
+def test_viewer_is_served(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert 'src="static/viewer.js"' in page.text and "http" not in page.text.split("<body")[1]  # no CDN
+    for name, kind in (("viewer.js", "javascript"), ("viewer.css", "css")):
+        r = client.get(f"/static/{name}")
+        assert r.status_code == 200 and kind in r.headers["content-type"]
+
+
+# -- POST /v1/explain -------------------------------------------------------------------------------------
+
+def test_explain_png_default_nemt_all_labels(client, env, upload_root):
+    path = env["images"][0]
+    r = post(client, path.read_bytes(), name=path.name)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["method"] == "nemt" and body["labels"] == LABELS and list(body["explanations"]) == LABELS
+    clf = env["clf"]
+    x = clf.preprocessing(read_image(path))[None]
+    probs = clf.predict(x)[0]
+    assert np.allclose([body["predictions"][n] for n in LABELS], probs.numpy(), atol=1e-6)
+    assert body["predicted"] == [LABELS[int(probs.argmax())]]
+    for entry in body["explanations"].values():
+        assert entry["map"] is None and decode_png(entry["overlay_png"]).shape == (32, 32, 3)
+    assert decode_png(body["image"]["png"]).shape == (32, 32)
+    assert body["image"]["filename"] == path.name and body["image"]["shape"] == [1, 32, 32]
+    assert set(body["ms"]) == {"receive", "queue", "read", "predict", "explain", "encode", "total"}
+    assert all(v >= 0 for v in body["ms"].values())
+    assert list(upload_root.iterdir()) == []  # the upload folder is gone
+
+
+def test_explain_raw_maps_equal_the_explainer_and_overlay_is_the_documented_blend(client, env):
+    path = env["images"][1]
+    r = post(client, path.read_bytes(), name=path.name, format="both", alpha=0.3)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    clf, nemt = env["clf"], env["explainers"]["nemt"]
+    unit = clf.preprocessing.resize(clf.preprocessing.unit_scale(read_image(path)))
+    maps = nemt.explain(clf.preprocessing.normalise(unit)[None], target="all")[0].numpy()
+    lut = colormap_lut()
+    for i, name in enumerate(LABELS):
+        entry = body["explanations"][name]
+        got = decode_map(entry["map"])
+        assert got.shape == (32, 32) and np.allclose(got, maps[i], atol=1e-6)
+        assert np.array_equal(decode_png(entry["overlay_png"]), overlay(unit.numpy(), maps[i], 0.3, lut))
+    # alpha 0 shows the image alone
+    r0 = post(client, path.read_bytes(), name=path.name, alpha=0, labels="cyst").json()
+    grey = decode_png(r0["image"]["png"])
+    assert np.array_equal(decode_png(r0["explanations"]["cyst"]["overlay_png"]), np.repeat(grey[..., None], 3, -1))
+
+
+def test_explain_baseline_some_labels_in_order_as_arrays(client, env):
+    path = env["images"][2]
+    r = post(client, path.read_bytes(), name=path.name, method="gradcam++", labels=" normal,cyst,normal",
+             format="array")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["method"] == "gradcam++" and body["labels"] == ["normal", "cyst"]
+    assert list(body["explanations"]) == ["normal", "cyst"]
+    assert all(e["overlay_png"] is None and decode_map(e["map"]).shape == (32, 32)
+               for e in body["explanations"].values())
+
+
+def test_explain_jpeg_dicom_and_grey_stored_as_rgb(client, env, tmp_path):
+    grey = np.asarray(PILImage.open(env["images"][3]))
+    buf = io.BytesIO()
+    PILImage.fromarray(grey).save(buf, format="JPEG", quality=95)
+    assert post(client, buf.getvalue(), name="x.jpg").json()["image"]["modality"] == "jpeg"
+    r = post(client, dicom_bytes(tmp_path / "x.dcm", grey), name="x.dcm")
+    assert r.status_code == 200 and r.json()["image"]["modality"] == "dicom"
+    # the same grey image in an RGB file is grey, not colour: accepted
+    r = post(client, png_bytes(np.repeat(grey[..., None], 3, -1)), name="rgb.png")
+    assert r.status_code == 200 and r.json()["image"]["shape"] == [3, 32, 32]
+    # a DICOM upload whose name has no suffix is still found by its magic bytes
+    assert post(client, dicom_bytes(tmp_path / "y.dcm", grey), name="IM0001").status_code == 200
+
+
+# -- errors -----------------------------------------------------------------------------------------------
+
+def test_oversized_upload_is_413_by_header_and_by_count(env, upload_root):
+    with TestClient(create_app(env["clf"], env["explainers"], max_upload_bytes=2000)) as small:
+        big = env["images"][0].read_bytes() + b"\0" * 4000
+        r = post(small, big)
+        assert r.status_code == 413 and "limit" in r.json()["detail"]
+        # chunked, with no Content-Length: counted while reading
+        boundary = "nemtboundary"
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
+                f"Content-Type: image/png\r\n\r\n").encode() + big + f"\r\n--{boundary}--\r\n".encode()
+        chunks = (body[i:i + 512] for i in range(0, len(body), 512))
+        r = small.post("/v1/explain", content=chunks,
+                       headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+        assert r.status_code == 413 and "limit" in r.json()["detail"]
+        assert post(small, b"x" * 100, name="a.png").status_code == 415  # small enough to be read
+    assert list(upload_root.iterdir()) == []
+
+
+def test_truncated_png_is_422_with_the_reason(client, env, upload_root):
+    data = env["images"][0].read_bytes()
+    r = post(client, data[: len(data) // 2], name="cut.png")
+    assert r.status_code == 422
+    detail = r.json()["detail"]
+    assert detail.startswith("cut.png: pixels:") and "truncated" in detail
+    assert str(upload_root) not in detail  # the server's temporary path is never shown
+    assert list(upload_root.iterdir()) == []
+
+
+def test_text_file_named_dcm_is_415(client, upload_root):
+    r = post(client, b"this is a text file, not a DICOM image\n" * 10, name="notes.dcm")
+    assert r.status_code == 415
+    assert r.json()["detail"].startswith("notes.dcm: file: not a DICOM file")
+    r = post(client, b"GIF89a" + b"\0" * 100, name="anim.gif")
+    assert r.status_code == 415 and "unsupported format" in r.json()["detail"]
+    assert list(upload_root.iterdir()) == []
+
+
+def test_colour_image_for_a_grey_model_is_422(client):
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    rgb[..., 0] = 200
+    rgb[8:24, 8:24, 2] = 255
+    r = post(client, png_bytes(rgb), name="colour.png")
+    assert r.status_code == 422
+    detail = r.json()["detail"]
+    assert "colour.png: channels:" in detail and "3 channels" in detail and "takes 1" in detail
+
+
+def test_volume_for_a_2d_model_is_422(client, tmp_path):
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((16, 16, 16)).astype(np.float32), np.eye(4)),
+             tmp_path / "v.nii.gz")
+    r = post(client, (tmp_path / "v.nii.gz").read_bytes(), name="v.nii.gz")
+    assert r.status_code == 422 and "is 3D" in r.json()["detail"] and "takes 2D" in r.json()["detail"]
+    frames = np.random.default_rng(0).integers(0, 255, (4, 32, 32))
+    r = post(client, dicom_bytes(tmp_path / "mf.dcm", frames), name="mf.dcm")
+    assert r.status_code == 422 and "is 3D (4x32x32)" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("fields,needle", [
+    ({"labels": "nodule,tumour"}, "unknown label(s) ['tumour']"),
+    ({"labels": ","}, "unknown label(s)"),
+    ({"method": "lime-xl"}, "unknown method 'lime-xl'; this service offers ['nemt', 'gradcam++']"),
+    ({"format": "jpeg"}, "unknown format 'jpeg'"),
+    ({"alpha": "2"}, "alpha must be a number in [0, 1]"),
+    ({"alpha": "half"}, "alpha must be a number in [0, 1]"),
+    ({"label": "cyst"}, "unknown form field(s) ['label']"),
+])
+def test_bad_form_fields_are_422(client, env, fields, needle):
+    r = post(client, env["images"][0].read_bytes(), **fields)
+    assert r.status_code == 422 and needle in r.json()["detail"], r.text
+
+
+def test_missing_empty_or_not_multipart_upload(client):
+    r = client.post("/v1/explain", data={"labels": "all"}, files={"other": ("x.png", b"abc", "image/png")})
+    assert r.status_code == 422 and "send one file, in the form field 'file'" in r.json()["detail"]
+    r = client.post("/v1/explain", data={"labels": "all"}, files={})
+    assert r.status_code == 415  # an urlencoded form is not multipart
+    r = client.post("/v1/explain", files={"labels": (None, "all")})
+    assert r.status_code == 422 and "no file" in r.json()["detail"]
+    r = post(client, b"", name="empty.png")
+    assert r.status_code == 422 and "empty" in r.json()["detail"]
+    r = client.post("/v1/explain", json={"file": "abc"})
+    assert r.status_code == 415 and "multipart/form-data" in r.json()["detail"]
+
+
+def test_full_queue_is_503_with_retry_after_and_a_burst_queues(env, upload_root):
+    """One worker, no queue: while a request holds the worker, the next is refused at once."""
+    data = env["images"][0].read_bytes()
+    with TestClient(create_app(env["clf"], env["explainers"], workers=1, queue=0)) as c:
+        service = c.app.state.service
+        results = []
+        with service.compute:  # hold the model: the first request waits inside its worker
+            first = threading.Thread(target=lambda: results.append(post(c, data)))
+            first.start()
+            deadline = time.monotonic() + 10
+            while service.active < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            r = post(c, data)
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"
+            assert "busy" in r.json()["detail"]
+            assert c.get("/health").json() == {"status": "ok", "active": 1, "capacity": 1}
+        first.join(10)
+        assert results[0].status_code == 200
+        assert c.get("/health").json()["active"] == 0
+    # with a queue, a burst of 6 from 6 threads is served in full
+    with TestClient(create_app(env["clf"], env["explainers"], workers=2, queue=4)) as c:
+        codes = []
+        threads = [threading.Thread(target=lambda: codes.append(post(c, data).status_code)) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert codes == [200] * 6
+    assert list(upload_root.iterdir()) == []
+
+
+def test_uploads_live_only_in_a_temporary_folder(client, env, upload_root, monkeypatch):
+    import nemt.deploy.service as service
+
+    seen = []
+
+    def spy(path):
+        seen.append((Path(path), sorted(p.name for p in Path(path).parent.iterdir())))
+        return read_image(path)
+    monkeypatch.setattr(service, "read_image", spy)
+    assert post(client, env["images"][0].read_bytes(), name="../../etc/passwd.png").status_code == 200
+    path, listing = seen[0]
+    assert path.parent.parent == upload_root and path.parent.name.startswith("nemt-upload-")
+    assert path.name == "upload.png" and listing == ["upload.png"]  # the client's name is not used on disk
+    assert not path.parent.exists()
+
+
+def test_build_explainers_needs_something_to_serve(env):
+    with pytest.raises(NemtError, match="nothing to serve"):
+        build_explainers(env["clf"], None, [])
+    with pytest.raises(NemtError, match="at least one explainer"):
+        create_app(env["clf"], {})
