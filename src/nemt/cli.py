@@ -287,7 +287,8 @@ def benchmark(
     metrics: Optional[str] = typer.Option(None, help="comma-separated metrics (default: localisation, complexity, "
                                                      "sparseness, faithfulness estimate)"),
     split: str = typer.Option("test", help="split of the model's data: train | val | test"),
-    limit: Optional[int] = typer.Option(None, help="at most this many images (for a quick look)"),
+    limit: Optional[int] = typer.Option(None, help="at most this many images (suite: correctly classified test "
+                                                   "samples per model, default 50)"),
     batch_size: int = typer.Option(16, help="items per explain call"),
     gallery: int = typer.Option(6, help="gallery images in the report"),
     param: list[str] = typer.Option([], "--param", help="METHOD.KEY=VALUE or METRIC.KEY=VALUE (repeatable), "
@@ -309,7 +310,8 @@ def benchmark(
             raise NemtError(f"--suite must be 'xai-tris', got {suite!r}")
         from nemt.bench.xaitris import run_suite
         table = run_suite(out, methods=method_list, seed=seed, device=device, progress=progress, restart=restart,
-                          params=split_method_params(param), batch_size=batch_size)
+                          params=split_method_params(param), batch_size=batch_size,
+                          **({"max_samples": limit} if limit else {}))
         console.print(table)
         typer.echo(json.dumps({"report": str(out / "report.html"), "table": str(out / "summary.md")}))
         return

@@ -257,8 +257,11 @@ def run_suite(out: str | Path, *, methods: Sequence[str] = (), seed: int = 0, de
                 # EMD on 32 x 32 sum-pooled maps: 0.015 s a map instead of 0.26 s, values within about 5e-4
                 cfg = RunConfig(usable, list(SUITE_METRICS), batch_size, seed, {"emd_score": {"max_side": 32}},
                                 {m: budgets[m] for m in usable})
-                summary = run_benchmark(clf, data, explainers, cfg, out / "runs" / f"{key}-{name}",
-                                        progress=progress)
+                run_dir = out / "runs" / f"{key}-{name}"
+                if restart:  # forget earlier results (the trained models are kept)
+                    for stale in ("results.partial.csv", "run.json"):
+                        (run_dir / stale).unlink(missing_ok=True)
+                summary = run_benchmark(clf, data, explainers, cfg, run_dir, progress=progress)
                 for m, s in summary.items():
                     rows.append({"scenario": scenario, "background": background, "model": name,
                                  "accuracy": acc, "method": m, "n": s["n_items"], "ms": s["ms"],
