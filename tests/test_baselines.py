@@ -222,3 +222,18 @@ def test_internal_batch_size_is_only_a_memory_bound(name):
     big = get_explainer(name, clf, batch_size=64, **params).explain(x, t)
     small = get_explainer(name, clf, batch_size=3, **params).explain(x, t)
     assert torch.allclose(big, small, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gradcam", "gradcam++"])
+def test_gradcam_on_the_folded_copy_equals_the_model(name):
+    """The fast path taps the leaf that makes the stage's output (ResNet: the block's in-place ReLU)."""
+    torch.manual_seed(0)
+    net = build_model("resnet18", spatial_dims=2, in_channels=1, out_channels=3)
+    clf = Classifier.from_module(net, spatial_dims=2, in_channels=1, input_size=(64, 64), task="multiclass",
+                                 label_names=["a", "b", "c"]).eval()
+    fast = get_explainer(name, clf)
+    assert fast.net is not clf and fast.tap_name == "net.layer4.1.act"
+    x = torch.randn(3, 1, 64, 64)
+    a = fast.explain(x, target="all")
+    b = get_explainer(name, clf, fast=False).explain(x, target="all")
+    assert torch.allclose(a, b, atol=1e-4)

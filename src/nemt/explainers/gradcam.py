@@ -4,7 +4,10 @@ Correct for batches whose samples have different targets: the score of each
 sample's own target is back-propagated (``gather`` per sample, never the
 B x B indexing of a shared class vector), and since samples do not interact
 in an eval-mode network, the gradient of their sum gives each sample its own
-gradient. Works for 2D and 3D; maps are upsampled to the input size
+gradient. By default (``fast=True``) the network runs as the BatchNorm-folded,
+channels-last inference copy, tapped at the leaf module that makes the
+stage's output (equal maps to float rounding); ``fast=False`` uses the model
+as it is. Works for 2D and 3D; maps are upsampled to the input size
 (bi/trilinear) and min-max normalised per map.
 """
 from __future__ import annotations
@@ -14,18 +17,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from nemt.explainers.base import Explainer, Target, normalise_maps, register, resolve_targets
-from nemt.explainers.layers import FeatureTap, find_stages
+from nemt.explainers.fast import inference_copy
+from nemt.explainers.layers import FeatureTap, find_stages, output_leaf
 
 
 @register("gradcam")
 class GradCAM(Explainer):
     """Selvaraju et al. 2017: weights = spatial mean of the gradient; map = ReLU(Σ_k w_k A_k)."""
 
-    def __init__(self, model: nn.Module, layer: str | None = None, device=None, batch_size: int = 32):
+    def __init__(self, model: nn.Module, layer: str | None = None, device=None, batch_size: int = 32,
+                 fast: bool = True):
         super().__init__(model, device)
         self.batch_size = int(batch_size)  # images per forward/backward pass (the memory bound)
         card = model.card
-        self.layer = layer or find_stages(model, (card.in_channels, *card.input_size))[-1]
+        shape = (card.in_channels, *card.input_size)
+        self.layer = layer or find_stages(model, shape)[-1]
+        # run on the folded channels-last copy when the stage's output is a leaf module's output there
+        self.net, self.tap_name = self.model, self.layer
+        if fast:
+            leaf = output_leaf(self.model, self.layer, shape)
+            if leaf is not None:
+                copy = inference_copy(self.model)
+                names = dict(copy.net.named_modules())
+                name = next((n for n in (leaf, "net." + leaf) if n in names), None)
+                if copy.folded and name is not None:
+                    self.net, self.tap_name = copy, name
 
     def _weights(self, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         return grads.flatten(2).mean(dim=2)
@@ -40,9 +56,9 @@ class GradCAM(Explainer):
             return torch.cat(parts)
         x = x.to(self.device).detach().requires_grad_(True)  # a graph exists even for a frozen model
         d = x.ndim - 2
-        with FeatureTap(self.model, [self.layer]) as tap, torch.enable_grad():
-            out = self.model(x)
-            acts = tap.features[self.layer]
+        with FeatureTap(self.net, [self.tap_name]) as tap, torch.enable_grad():
+            out = self.net(x)
+            acts = tap.features[self.tap_name]
             t = resolve_targets(target, self.model, x, outputs=out.detach())  # no second forward pass
             maps = []
             for j in range(t.shape[1]):

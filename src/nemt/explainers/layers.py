@@ -98,3 +98,38 @@ class FeatureTap:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+@torch.no_grad()
+def output_leaf(model: nn.Module, layer: str, input_shape: Sequence[int]) -> str | None:
+    """The leaf module inside ``layer`` whose output *is* the output of ``layer`` (same tensor), or None.
+
+    A stage's output tensor is usually made by its last leaf module (e.g. the
+    activation ending a residual block); hooking that leaf gives the same
+    features in a copy of the model where the stage container no longer runs
+    (a ``torch.fx`` graph calls leaf modules only). None when the stage ends in
+    a functional operation (an addition outside any module) or is a leaf itself.
+    """
+    net = _unwrap(model)
+    mods = dict(net.named_modules())
+    if layer not in mods:
+        raise NemtError(f"layer {layer!r} not found in the model")
+    leaves = {n: m for n, m in mods.items() if n.startswith(layer + ".") and not any(True for _ in m.children())}
+    if not leaves:
+        return None
+    calls: list[tuple[str, torch.Tensor]] = []  # in execution order (in-place ops share tensors)
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: calls.append((n, o))) for n, m in leaves.items()]
+    hooks.append(mods[layer].register_forward_hook(lambda m, i, o: calls.append(("", o))))
+    was_training = net.training
+    net.eval()
+    try:
+        dev = next(iter(net.parameters()), torch.zeros(0)).device
+        net(torch.zeros(1, *input_shape, device=dev))
+    finally:
+        for h in hooks:
+            h.remove()
+        net.train(was_training)
+    out = next((o for n, o in reversed(calls) if n == ""), None)
+    before = calls[:max(i for i, (n, _) in enumerate(calls) if n == "")] if out is not None else []
+    hits = [n for n, o in before if o is out]
+    return hits[-1] if hits else None
