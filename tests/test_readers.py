@@ -394,3 +394,14 @@ def test_medmnist_real(name, sizes, channels):
         assert x.shape == (n, channels, 28, 28) and x.dtype == np.float32
         assert y.shape == (n, 1) and y.dtype == np.int64
         assert 0 <= x.min() and x.max() <= 255 and x.max() > 1
+
+
+def test_atomic_writes_get_normal_file_permissions(tmp_path):
+    import os
+    from nemt.files import atomic_open
+    with atomic_open(tmp_path / "out.txt", "w") as fh:
+        fh.write("x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "out.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]  # no temporary file left
