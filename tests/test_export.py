@@ -148,3 +148,16 @@ def test_3d_multilabel_exports_the_plain_path(tmp_path):
         probs, maps = sem(x)
     assert torch.allclose(probs, torch.sigmoid(clf(x)), atol=1e-6) and maps.shape == (3, 3, 16, 16, 16)
     assert np.isfinite(maps.numpy()).all()
+
+
+def test_cli_export_onnx_and_torchscript(fitted):
+    root = fitted["root"]
+    runner = CliRunner()
+    for fmt, name in (("onnx", "cli.onnx"), ("torchscript", "cli.pt")):
+        res = runner.invoke(app, ["export", "--model", str(root / "m"), "--explainer", str(root / "e"),
+                                  "--out", str(root / "cli" / name), "--format", fmt])
+        assert res.exit_code == 0, res.output
+        assert (root / "cli" / name).is_file()
+    res = runner.invoke(app, ["export", "--model", str(root / "m"), "--explainer", str(root / "e"),
+                              "--out", str(root / "cli" / "x.bin"), "--format", "tflite"])
+    assert res.exit_code == 2
