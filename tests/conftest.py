@@ -48,3 +48,21 @@ def small_csv(tmp_path: Path):
         rows.append(f"img/case ({i}).png,msk/case ({i}).png,{['normal', 'benign', 'malignant'][i % 3]},p{i // 2}")
     (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
     return tmp_path / "manifest.csv"
+
+
+def train_and_fit(root: Path, n: int = 48, size: int = 32) -> Path:
+    """Phantoms in ``root/data``, a 1-epoch smallcnn in ``root/m`` and a 1-epoch NEMt in ``root/e``, via the CLI."""
+    from typer.testing import CliRunner
+
+    from nemt.cli import app
+    from nemt.data import write_phantom_dataset
+
+    manifest = write_phantom_dataset(root / "data", n, size, seed=0)
+    runner = CliRunner()
+    for args in (["train", "--data", str(manifest), "--out", str(root / "m"), "--arch", "smallcnn", "--size",
+                  str(size), "--epochs", "1", "--batch-size", "8", "--no-progress"],
+                 ["fit", "--model", str(root / "m"), "--data", str(manifest), "--out", str(root / "e"),
+                  "--epochs", "1", "--batch-size", "4", "--optimizer", "adamw", "--no-progress"]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0, res.output
+    return manifest

@@ -7,7 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from nemt.cli import app
-from nemt.data import Preprocessing, read_image, write_phantom_dataset
+from nemt.data import Preprocessing, read_image
 from nemt.deploy import (SelfExplainingModel, check_onnx, export_metadata, export_model, export_onnx,
                          export_torchscript, load_torchscript, read_onnx_metadata)
 from nemt.deploy.export import check_torchscript
@@ -15,6 +15,8 @@ from nemt.errors import NemtError
 from nemt.explainers import NEMt, get_explainer
 from nemt.explainers.build import make_explainer
 from nemt.models import Classifier, ModelCard, build_model, load_model
+
+from conftest import train_and_fit
 
 TOL = 1e-4
 
@@ -24,14 +26,7 @@ def fitted(tmp_path_factory):
     """A 1-epoch smallcnn and a 1-epoch NEMt on 32 px phantoms (through the CLI), both exported."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("export")
-    manifest = write_phantom_dataset(root / "data", 48, 32, seed=0)
-    runner = CliRunner()
-    for args in (["train", "--data", str(manifest), "--out", str(root / "m"), "--arch", "smallcnn", "--size", "32",
-                  "--epochs", "1", "--batch-size", "8", "--no-progress"],
-                 ["fit", "--model", str(root / "m"), "--data", str(manifest), "--out", str(root / "e"),
-                  "--epochs", "1", "--batch-size", "4", "--optimizer", "adamw", "--no-progress"]):
-        res = runner.invoke(app, args)
-        assert res.exit_code == 0, res.output
+    train_and_fit(root)
     clf = load_model(root / "m")
     nemt = make_explainer("nemt", clf, explainer_dir=root / "e")
     onnx_path = export_onnx(clf, nemt, root / "out" / "model.onnx")

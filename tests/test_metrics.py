@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -338,7 +337,7 @@ def test_linear_imputation_reproduces_a_ramp_and_matches_quantus():
     unknown[2:6, 3:8] = True
     out = linear_imputation(img, unknown)
     np.testing.assert_allclose(out, img, atol=1e-9)  # interior: the weighted mean of a linear function is exact
-    quantus = pytest.importorskip("quantus")
+    pytest.importorskip("quantus")
     from quantus.functions.perturb_func import noisy_linear_imputation
     g = np.random.default_rng(0)
     img = g.normal(size=(2, 12, 11))

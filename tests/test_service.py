@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image as PILImage
-from typer.testing import CliRunner
 
-from nemt.cli import app as cli
-from nemt.data import read_image, write_phantom_dataset
+from nemt.data import read_image
 from nemt.deploy.service import build_explainers, colormap_lut, create_app, decode_map, overlay
 from nemt.errors import NemtError
 from nemt.models import load_model
+
+from conftest import train_and_fit
 
 with warnings.catch_warnings():  # Starlette notes that its test client will move to httpx2
     warnings.simplefilter("ignore")
@@ -34,14 +34,7 @@ def env(tmp_path_factory):
     """A 1-epoch smallcnn and NEMt on 32 px phantoms, and a service with NEMt and Grad-CAM++."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("service")
-    manifest = write_phantom_dataset(root / "data", 48, 32, seed=0)
-    runner = CliRunner()
-    for args in (["train", "--data", str(manifest), "--out", str(root / "m"), "--arch", "smallcnn", "--size", "32",
-                  "--epochs", "1", "--batch-size", "8", "--no-progress"],
-                 ["fit", "--model", str(root / "m"), "--data", str(manifest), "--out", str(root / "e"),
-                  "--epochs", "1", "--batch-size", "4", "--optimizer", "adamw", "--no-progress"]):
-        res = runner.invoke(cli, args)
-        assert res.exit_code == 0, res.output
+    train_and_fit(root)
     clf = load_model(root / "m")
     explainers = build_explainers(clf, root / "e", ["gradcam++"])
     images = sorted((root / "data" / "images").glob("*.png"))

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image as PILImage
-from typer.testing import CliRunner
 
-from nemt.cli import app as cli
-from nemt.data import read_image, write_phantom_dataset
+from nemt.data import read_image
 from nemt.deploy.service import build_explainers, create_app, running
 from nemt.models import load_model
+
+from conftest import train_and_fit
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -36,14 +36,7 @@ def server(tmp_path_factory):
     pytest.importorskip("playwright.sync_api")
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("viewer")
-    manifest = write_phantom_dataset(root / "data", 48, 32, seed=0)
-    runner = CliRunner()
-    for args in (["train", "--data", str(manifest), "--out", str(root / "m"), "--arch", "smallcnn", "--size", "32",
-                  "--epochs", "1", "--batch-size", "8", "--no-progress"],
-                 ["fit", "--model", str(root / "m"), "--data", str(manifest), "--out", str(root / "e"),
-                  "--epochs", "1", "--batch-size", "4", "--optimizer", "adamw", "--no-progress"]):
-        res = runner.invoke(cli, args)
-        assert res.exit_code == 0, res.output
+    train_and_fit(root)
     clf = load_model(root / "m")
     app = create_app(clf, build_explainers(clf, root / "e", ["gradcam++"]))
     images = sorted((root / "data" / "images").glob("*.png"))

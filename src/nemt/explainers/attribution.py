@@ -27,7 +27,7 @@ from captum import attr as ca
 from torch import nn
 
 from nemt.errors import NemtError
-from nemt.explainers.base import Explainer, Target, normalise_maps, register, resolve_targets
+from nemt.explainers.base import Explainer, Target, baseline_image, normalise_maps, register, resolve_targets
 from nemt.explainers.fast import inference_copy
 
 SIGNS = ("abs", "positive", "signed")
@@ -81,18 +81,6 @@ class CaptumExplainer(Explainer):
             scale = a.flatten(start_dim=2).abs().amax(dim=2).clamp_min(1e-12)
             return a / scale.view(*scale.shape, *(1,) * d)
         return normalise_maps(a.abs() if self.sign == "abs" else a.clamp_min(0), d)
-
-
-def baseline_image(x: torch.Tensor, baseline: float | str) -> torch.Tensor | float:
-    """A number, or ``"min"`` (each image's minimum, the darkest value) or ``"mean"``, as a (B, C, 1…) tensor."""
-    if not isinstance(baseline, str):
-        return float(baseline)
-    keep = (x.shape[0], x.shape[1]) + (1,) * (x.ndim - 2)
-    if baseline == "min":
-        return x.flatten(1).min(dim=1).values.view(-1, *(1,) * (x.ndim - 1)).expand(keep).contiguous()
-    if baseline == "mean":
-        return x.flatten(2).mean(dim=2).view(keep)
-    raise NemtError(f"baseline must be a number, 'min' or 'mean', got {baseline!r}")
 
 
 def grid_segments(spatial: tuple[int, ...], cell: int, channels: int, device=None) -> torch.Tensor:

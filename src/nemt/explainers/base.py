@@ -91,6 +91,18 @@ def normalise_maps(maps: torch.Tensor, spatial_dims: int, eps: float = 1e-12) ->
     return out.view_as(maps)
 
 
+def baseline_image(x: torch.Tensor, baseline: float | str) -> torch.Tensor | float:
+    """A number, or ``"min"`` (each image's minimum, the darkest value) or ``"mean"``, as a (B, C, 1…) tensor."""
+    if not isinstance(baseline, str):
+        return float(baseline)
+    keep = (x.shape[0], x.shape[1]) + (1,) * (x.ndim - 2)
+    if baseline == "min":
+        return x.flatten(1).min(dim=1).values.view(-1, *(1,) * (x.ndim - 1)).expand(keep).contiguous()
+    if baseline == "mean":
+        return x.flatten(2).mean(dim=2).view(keep)
+    raise NemtError(f"baseline must be a number, 'min' or 'mean', got {baseline!r}")
+
+
 class Explainer:
     """Base of all explainers: holds the model (frozen, eval mode) and the device."""
 

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nemt.errors import NemtError
-from nemt.explainers.base import Explainer, Target, normalise_maps, register, resolve_targets
+from nemt.explainers.base import Explainer, Target, baseline_image, normalise_maps, register, resolve_targets
 from nemt.explainers.fast import inference_copy
 from nemt.explainers.layers import FeatureTap
 
@@ -45,13 +45,18 @@ def _task(model: nn.Module) -> str:
     return card.task if card is not None else "multiclass"
 
 
-def _score_batches(model: nn.Module, n_jobs: int, build: Callable[[Sequence[int]], torch.Tensor],
-                   batch_size: int) -> Iterator[tuple[Sequence[int], torch.Tensor]]:
-    """Yield (job indices, model outputs) for ``n_jobs`` perturbed inputs, ``batch_size`` per call."""
+def _score_batches(model: nn.Module, n_jobs: int, build: Callable[[Sequence[int]], tuple[torch.Tensor, Any]],
+                   batch_size: int) -> Iterator[tuple[Sequence[int], torch.Tensor, Any]]:
+    """Yield (job indices, model outputs, what ``build`` made besides the inputs) per ``batch_size`` jobs.
+
+    ``build(jobs)`` returns the perturbed inputs and anything the caller needs
+    again (RISE's masks), so that nothing is built twice.
+    """
     with torch.inference_mode():
         for start in range(0, n_jobs, batch_size):
             jobs = range(start, min(start + batch_size, n_jobs))
-            yield jobs, model(build(jobs))
+            inputs, extra = build(jobs)
+            yield jobs, model(inputs), extra
 
 
 # --------------------------------------------------------------------------- occlusion
@@ -108,15 +113,10 @@ class Occlusion(Explainer):
 
     def _baseline(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, 1, …) fill value per image."""
-        b = self.baseline
-        keep = (x.shape[0], x.shape[1]) + (1,) * (x.ndim - 2)
-        if isinstance(b, str):
-            if b == "min":
-                return x.flatten(1).min(dim=1).values.view(-1, 1, *(1,) * (x.ndim - 2)).expand(keep)
-            if b == "mean":
-                return x.flatten(2).mean(dim=2).view(keep)
-            raise NemtError(f"occlusion baseline must be a number, 'min' or 'mean', got {b!r}")
-        return torch.full(keep, float(b), device=x.device, dtype=x.dtype)
+        b = baseline_image(x, self.baseline)
+        if torch.is_tensor(b):
+            return b
+        return torch.full((x.shape[0], x.shape[1]) + (1,) * (x.ndim - 2), b, device=x.device, dtype=x.dtype)
 
     def attribute(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
         """Raw occlusion values, (B, T, *spatial)."""
@@ -136,10 +136,10 @@ class Occlusion(Explainer):
             for i, j in enumerate(jobs):
                 b, w = divmod(j, n_win)
                 xs[(i, slice(None)) + slices[w]] = fill[b]
-            return xs
+            return xs, None
 
         total = torch.zeros(x.shape[0], t.shape[1], *x.shape[2:], device=x.device)
-        for jobs, out in _score_batches(self.forward_model, x.shape[0] * n_win, build, self.batch_size):
+        for jobs, out, _ in _score_batches(self.forward_model, x.shape[0] * n_win, build, self.batch_size):
             bs = torch.tensor([j // n_win for j in jobs], device=x.device)
             drop = (s0[bs] - output_scores(out, task, self.score).gather(1, t[bs])).tolist()
             for i, j in enumerate(jobs):
@@ -201,13 +201,16 @@ class RandomMasks:
 
 
 def _masked_jobs(x: torch.Tensor, masks: RandomMasks, fill: float | torch.Tensor = 0.0):
-    """A builder for (image, mask) jobs: job j is image j // n under mask j % n, x·m + fill·(1 − m)."""
+    """A builder for (image, mask) jobs: job j is image j // n under mask j % n, x·m + fill·(1 − m).
+
+    It returns the masked inputs and the masks.
+    """
     n = masks.n
 
     def build(jobs):
         m = masks.chunk([j % n for j in jobs]).to(x.device)
         xs = x[[j // n for j in jobs]]
-        return xs * m + fill * (1 - m) if not (isinstance(fill, float) and fill == 0.0) else xs * m
+        return (xs * m + fill * (1 - m) if not (isinstance(fill, float) and fill == 0.0) else xs * m), m
 
     return build
 
@@ -241,10 +244,10 @@ class RISE(Explainer):
             t = resolve_targets(target, self.model, x)
         task, n = _task(self.model), masks.n
         total = torch.zeros(x.shape[0], t.shape[1], *x.shape[2:], device=x.device)
-        for jobs, out in _score_batches(self.forward_model, x.shape[0] * n, _masked_jobs(x, masks), self.batch_size):
+        for jobs, out, m in _score_batches(self.forward_model, x.shape[0] * n, _masked_jobs(x, masks),
+                                           self.batch_size):
             bs = torch.tensor([j // n for j in jobs], device=x.device)
-            s = output_scores(out, task, self.score).gather(1, t[bs])  # (k, T)
-            m = masks.chunk([j % n for j in jobs]).to(x.device)  # (k, 1, *spatial)
+            s = output_scores(out, task, self.score).gather(1, t[bs])  # (k, T); m: (k, 1, *spatial)
             total.index_add_(0, bs, s.view(*s.shape, *(1,) * (x.ndim - 2)) * m)
         return total / (n * self.p)
 
@@ -284,7 +287,7 @@ class RELAX(Explainer):
         with torch.inference_mode():
             h0 = self._encoder(x).flatten(1)
         scores = torch.empty(x.shape[0], n, device=x.device)
-        for jobs, h in _score_batches(self._encoder, x.shape[0] * n, _masked_jobs(x, masks), self.batch_size):
+        for jobs, h, _ in _score_batches(self._encoder, x.shape[0] * n, _masked_jobs(x, masks), self.batch_size):
             bs = [j // n for j in jobs]
             scores[bs, [j % n for j in jobs]] = F.cosine_similarity(h.flatten(1), h0[bs], dim=1)
         # weighted mean and variance over masks, accumulated chunk by chunk (two passes over the masks)
