@@ -114,6 +114,26 @@ def test_summarise():
     assert one["mean"] == 5.0 and math.isnan(one["ci_low"])
 
 
+def test_summarise_binary_values_get_the_wilson_interval():
+    # 8 hits of 10, z = 1.959964: centre (p + z²/2n)/(1 + z²/n), half z/(1 + z²/n)·sqrt(p(1-p)/n + z²/4n²)
+    z, n, p = 1.959963984540054, 10, 0.8
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    s = summarise([1.0] * 8 + [0.0] * 2 + [float("nan")])
+    assert s["mean"] == 0.8 and s["n"] == 10 and s["n_excluded"] == 1
+    assert s["ci_low"] == pytest.approx(centre - half) and s["ci_high"] == pytest.approx(centre + half)
+    # all hits: the t-interval collapses to [1, 1]; Wilson stays informative and inside [0, 1]
+    allhit = summarise([1.0] * 5)
+    assert allhit["ci_high"] == pytest.approx(1.0) and 0.4 < allhit["ci_low"] < 0.6
+    t = summarise([1.0] * 5, method="t")
+    assert t["ci_low"] == t["ci_high"] == 1.0
+    # few hits: the t-interval goes below 0, Wilson does not
+    few = [1.0] + [0.0] * 9
+    assert summarise(few, method="t")["ci_low"] < 0 <= summarise(few)["ci_low"]
+    with pytest.raises(ValueError, match="0 or 1"):
+        summarise([0.5, 1.0], method="wilson")
+
+
 # ---------------------------------------------------------------- complexity and sparseness by definition
 
 def test_complexity_and_sparseness_by_definition():

@@ -124,8 +124,9 @@ def write_report(out: Path, summary: dict, metrics: Sequence[str], *, title: str
     out = Path(out)
     facts_html = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
     parts = [f"<h1>{html.escape(title)}</h1>", f"<table class='facts'>{facts_html}</table>",
-             "<h2>Summary</h2><p>Mean over items with a 95 % confidence interval (Student t); best per metric "
-             "highlighted. Items without ground truth are excluded from localisation means and counted below.</p>",
+             "<h2>Summary</h2><p>Mean over items with a 95 % confidence interval (Student t; Wilson for "
+             "hit-or-miss metrics such as pointing game); best per metric highlighted. Items without ground truth "
+             "are excluded from localisation means and counted below.</p>",
              html_table(summary, metrics)]
     parts += [f"<p>{html.escape(n)}</p>" for n in notes]
     parts += ["<h2>Metrics</h2>", f"<img alt='metrics' src='{metric_plots(summary, metrics)}'>",

@@ -8,18 +8,21 @@ import torch
 from scipy import stats
 
 
-def summarise(values, confidence: float = 0.95, method: str = "t", n_boot: int = 10_000,
+def summarise(values, confidence: float = 0.95, method: str = "auto", n_boot: int = 10_000,
               seed: int = 0) -> dict:
     """Mean and confidence interval of a metric over maps, NaN values excluded and counted.
 
     ``values``: any tensor/array/list (flattened). Returns ``dict(mean, ci_low,
     ci_high, n, n_excluded)``: ``n`` values entered the mean, ``n_excluded``
     were NaN (e.g. images with an empty ground-truth mask; METHODS.md:
-    count them, never average in a 0 or a NaN). ``method="t"`` (default):
-    Student-t interval ``mean ± t_{(1+c)/2, n-1} · s / sqrt(n)`` (s with
-    ddof = 1); ``"bootstrap"``: percentile bootstrap of the mean with
-    ``n_boot`` resamples (seeded). The interval is NaN for n < 2; all fields
-    but the counts are NaN for n = 0.
+    count them, never average in a 0 or a NaN). ``method="t"``: Student-t
+    interval ``mean ± t_{(1+c)/2, n-1} · s / sqrt(n)`` (s with ddof = 1);
+    ``"wilson"``: Wilson score interval of a proportion, for 0/1 values
+    (pointing game): it stays inside [0, 1] and is not degenerate at 0 or n
+    hits, where the t-interval is; ``"auto"`` (default): Wilson when every
+    value is 0 or 1, else t; ``"bootstrap"``: percentile bootstrap of the
+    mean with ``n_boot`` resamples (seeded). The interval is NaN for n < 2;
+    all fields but the counts are NaN for n = 0.
     """
     v = values.detach().cpu().double().numpy() if torch.is_tensor(values) else np.asarray(values, dtype=np.float64)
     v = v.reshape(-1)
@@ -32,7 +35,14 @@ def summarise(values, confidence: float = 0.95, method: str = "t", n_boot: int =
     mean = float(x.mean())
     if n < 2:
         return dict(mean=mean, ci_low=nan, ci_high=nan, n=n, n_excluded=excl)
-    if method == "t":
+    if method == "auto":
+        method = "wilson" if np.isin(x, (0.0, 1.0)).all() else "t"
+    if method == "wilson":
+        if not np.isin(x, (0.0, 1.0)).all():
+            raise ValueError("the Wilson interval needs values that are all 0 or 1")
+        ci = stats.binomtest(int(x.sum()), n).proportion_ci(confidence_level=confidence, method="wilson")
+        lo, hi = float(ci.low), float(ci.high)
+    elif method == "t":
         half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * float(x.std(ddof=1)) / math.sqrt(n)
         lo, hi = mean - half, mean + half
     elif method == "bootstrap":
@@ -40,5 +50,5 @@ def summarise(values, confidence: float = 0.95, method: str = "t", n_boot: int =
         means = x[rng.integers(0, n, size=(n_boot, n))].mean(1)
         lo, hi = (float(q) for q in np.quantile(means, [(1 - confidence) / 2, (1 + confidence) / 2]))
     else:
-        raise ValueError("method must be 't' or 'bootstrap'")
+        raise ValueError("method must be 'auto', 't', 'wilson' or 'bootstrap'")
     return dict(mean=mean, ci_low=lo, ci_high=hi, n=n, n_excluded=excl)
