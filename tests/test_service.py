@@ -162,6 +162,21 @@ def test_explain_png_default_nemt_all_labels(client, env, upload_root):
     assert list(upload_root.iterdir()) == []  # the upload folder is gone
 
 
+def test_nemt_requests_run_the_classifier_once(client, env):
+    """NEMt's own pass gives the predictions: the classifier runs once per request, not twice."""
+    path, clf = env["images"][3], env["clf"]
+    calls = []
+    handle = clf.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        body = post(client, path.read_bytes(), name=path.name, labels="nodule").json()
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    probs = clf.predict(clf.preprocessing(read_image(path))[None])[0]
+    assert np.allclose([body["predictions"][n] for n in LABELS], probs.numpy(), atol=1e-6)
+    assert body["ms"]["predict"] == 0
+
+
 def test_explain_raw_maps_equal_the_explainer_and_overlay_is_the_documented_blend(client, env):
     path = env["images"][1]
     r = post(client, path.read_bytes(), name=path.name, format="both", alpha=0.3)

@@ -40,6 +40,7 @@ from torch import nn
 from nemt import __version__
 from nemt.errors import NemtError
 from nemt.files import atomic_path
+from nemt.models.classifier import predictions_from_outputs
 
 FORMAT = "nemt-self-explaining/1"
 INPUT, OUTPUTS, MAPS = "image", "outputs", "maps"
@@ -91,11 +92,7 @@ class SelfExplainingModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         keep, out = self.explanation(x)
-        if self.task == "multiclass":
-            out = out.softmax(dim=1)
-        elif self.task == "multilabel":
-            out = out.sigmoid()
-        return out, 1 - keep
+        return predictions_from_outputs(out, self.task), 1 - keep
 
 
 def export_metadata(clf: nn.Module, explainer: Any) -> dict[str, Any]:

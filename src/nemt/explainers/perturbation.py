@@ -22,6 +22,7 @@ from nemt.errors import NemtError
 from nemt.explainers.base import Explainer, Target, baseline_image, normalise_maps, register, resolve_targets
 from nemt.explainers.fast import inference_copy
 from nemt.explainers.layers import FeatureTap
+from nemt.models.classifier import predictions_from_outputs
 
 Score = str  # "logit" | "prob"
 
@@ -36,7 +37,7 @@ def output_scores(out: torch.Tensor, task: str, score: Score) -> torch.Tensor:
     if score == "logit" or task == "regression":
         return out
     if score == "prob":
-        return out.softmax(dim=1) if task == "multiclass" else out.sigmoid()
+        return predictions_from_outputs(out, task)
     raise NemtError(f"score must be 'logit' or 'prob', got {score!r}")
 
 

@@ -30,6 +30,7 @@ from scipy.sparse.linalg import spsolve
 
 from nemt.errors import NemtError
 from nemt.explainers.base import resolve_targets
+from nemt.models.classifier import predictions_from_outputs
 from nemt.metrics._common import check_maps, descending_order, float_maps, gaussian_blur, metric, pearson
 from nemt.metrics._common import normalise as _normalise
 
@@ -85,12 +86,7 @@ def _transform(model, out: torch.Tensor, output: str) -> torch.Tensor:
     if output != "probability":
         raise NemtError(f"output must be 'probability' or 'logit', got {output!r}")
     card = getattr(model, "card", None)
-    task = card.task if card is not None else "multiclass"
-    if task == "multiclass":
-        return out.softmax(1)
-    if task == "multilabel":
-        return out.sigmoid()
-    return out
+    return predictions_from_outputs(out, card.task if card is not None else "multiclass")
 
 
 @torch.no_grad()

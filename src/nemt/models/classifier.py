@@ -29,6 +29,16 @@ WEIGHTS = "model.safetensors"
 CARD = "model.json"
 
 
+
+def predictions_from_outputs(out: torch.Tensor, task: str) -> torch.Tensor:
+    """A model's raw outputs (B, T) as predictions: softmax over the classes (multi-class), a sigmoid
+    per label (multi-label), or the values themselves (regression)."""
+    if task == "multiclass":
+        return out.softmax(dim=1)
+    if task == "multilabel":
+        return out.sigmoid()
+    return out
+
 class Classifier(nn.Module):
     """``net`` plus its :class:`ModelCard`.
 
@@ -67,12 +77,7 @@ class Classifier(nn.Module):
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Probabilities (multi-class softmax, multi-label sigmoid) or regression values, (B, T)."""
-        out = self(x)
-        if self.card.task == "multiclass":
-            return out.softmax(dim=1)
-        if self.card.task == "multilabel":
-            return out.sigmoid()
-        return out
+        return predictions_from_outputs(self(x), self.card.task)
 
     @classmethod
     def from_module(cls, module: nn.Module, *, spatial_dims: int, in_channels: int,

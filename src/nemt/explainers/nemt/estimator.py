@@ -395,8 +395,12 @@ class NEMt(_MaskExplainer):
 
     def explain(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
         """Maps (B, T, *spatial) in [0, 1]: the region whose deletion changes each target most."""
+        return self.explain_with_outputs(x, target)[0]
+
+    def explain_with_outputs(self, x: torch.Tensor, target: Target = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``explain``'s maps and the model's raw outputs on ``x`` (B, n_outputs), from the same pass."""
         keep_all, out = self._keep(x)
-        return 1 - _select_maps(keep_all, resolve_targets(target, self.model, x, outputs=out))
+        return 1 - _select_maps(keep_all, resolve_targets(target, self.model, x, outputs=out)), out
 
 
 @register("nem")
