@@ -9,7 +9,7 @@ from torch import nn
 
 from nemt.checkpoint import load_state, save_state
 from nemt.errors import CardError, NemtError
-from nemt.models import ARCHITECTURES, Classifier, ModelCard, build_model, load_model
+from nemt.models import ARCHITECTURES, Classifier, build_model, load_model
 
 
 @pytest.mark.parametrize("arch,dims", [(a, 2) for a in sorted(ARCHITECTURES)] + [("resnet18", 3), ("smallcnn", 3)])

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
@@ -333,7 +332,6 @@ def _opacity_field(field_seed: int, g: _Grid) -> np.ndarray:
 def _place_findings(kinds: Sequence[str], rng: np.random.Generator, g: _Grid, body_r: np.ndarray,
                     tries: int = 40) -> list[tuple[_Finding, np.ndarray, np.ndarray]]:
     """Draw and place findings wholly inside the body, avoiding overlap where possible."""
-    d = len(g.shape)
     shape = np.array(g.shape, dtype=np.float64)
     inner = body_r < 0.95
     taken = np.zeros(g.shape, dtype=bool)

@@ -30,9 +30,9 @@ from scipy.sparse.linalg import spsolve
 
 from nemt.errors import NemtError
 from nemt.explainers.base import resolve_targets
-from nemt.models.classifier import predictions_from_outputs
 from nemt.metrics._common import check_maps, descending_order, float_maps, gaussian_blur, metric, pearson
 from nemt.metrics._common import normalise as _normalise
+from nemt.models.classifier import predictions_from_outputs
 
 
 # ---------------------------------------------------------------- shared plumbing

@@ -29,7 +29,6 @@ WEIGHTS = "model.safetensors"
 CARD = "model.json"
 
 
-
 def predictions_from_outputs(out: torch.Tensor, task: str) -> torch.Tensor:
     """A model's raw outputs (B, T) as predictions: softmax over the classes (multi-class), a sigmoid
     per label (multi-label), or the values themselves (regression)."""
@@ -38,6 +37,7 @@ def predictions_from_outputs(out: torch.Tensor, task: str) -> torch.Tensor:
     if task == "multilabel":
         return out.sigmoid()
     return out
+
 
 class Classifier(nn.Module):
     """``net`` plus its :class:`ModelCard`.
