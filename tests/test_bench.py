@@ -140,12 +140,16 @@ def test_xaitris_suite_small(tmp_path):
     """Train, explain the correctly classified test samples, score against the placed pattern; resume reuses."""
     from nemt.bench.xaitris import run_suite
     kw = dict(scenarios=["lin"], backgrounds=["white"], n=200, epochs=2, max_samples=4, min_accuracy=0.0,
-              methods=["saliency", "random", "sobel"], progress=False, models=("linear", "cnn"))
+              methods=["nemt", "saliency", "random", "sobel"], progress=False, models=("linear", "cnn"),
+              params={"nemt": {"epochs": 1, "decoder_channels": [8, 8, 8, 8, 8]}})
     table = run_suite(tmp_path, **kw)
     assert "### top_k_precision" in table and "lin-white/cnn" in table and "beat the random and Sobel" in table
     rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
+    # NEMt reads the CNN's stages: fitted for the CNN only, like Grad-CAM
     assert {(r["model"], r["method"]) for r in rows} == {(m, k) for m in ("linear", "cnn")
-                                                         for k in ("saliency", "random", "sobel")}
+                                                         for k in ("saliency", "random", "sobel")} | {("cnn", "nemt")}
+    fitted = list((tmp_path / "models" / "lin-white" / "cnn").glob("nemt-*/explainer.json"))
+    assert len(fitted) == 1 and not list((tmp_path / "models" / "lin-white" / "linear").glob("nemt-*"))
     assert all(0 <= float(r["top_k_precision"]) <= 1 and 0 <= float(r["emd_score"]) <= 1 for r in rows)
     assert (tmp_path / "report.html").is_file() and (tmp_path / "models" / "lin-white" / "cnn" / "model.json").is_file()
     assert run_suite(tmp_path, **kw) == table  # models read back, every run already done: same table
