@@ -234,7 +234,8 @@ def run_suite(out: str | Path, *, methods: Sequence[str] = (), seed: int = 0, de
     are reported and skipped (their "correct" samples would be chance).
     Each remaining model's first ``max_samples`` correctly classified test
     samples are explained for their true class with every method (Grad-CAM
-    only for the CNN) and scored with top-|GT| precision, EMD score and
+    and NEMt only for the CNN; NEMt is fitted once per model on its training
+    split, :func:`fit_suite_nemt`, and its time per image excludes the fit) and scored with top-|GT| precision, EMD score and
     importance mass accuracy; each (scenario, background, model) is one
     resumable :func:`~nemt.bench.runner.run_benchmark` run under ``out/runs``.
     Returns the Markdown table.
