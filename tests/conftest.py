@@ -50,12 +50,20 @@ def small_csv(tmp_path: Path):
     return tmp_path / "manifest.csv"
 
 
-def train_and_fit(root: Path, n: int = 48, size: int = 32) -> Path:
-    """Phantoms in ``root/data``, a 1-epoch smallcnn in ``root/m`` and a 1-epoch NEMt in ``root/e``, via the CLI."""
+def train_and_fit(root: Path, n: int = 48, size: int = 32):
+    """Phantoms in ``root/data``, a 1-epoch smallcnn in ``root/m`` and a 1-epoch NEMt in ``root/e``, via the CLI.
+
+    Returns the loaded classifier and the phantom image paths (sorted). Sets torch to one thread, as the
+    deploy tests run the model from worker threads.
+    """
+    import torch
     from typer.testing import CliRunner
 
     from nemt.cli import app
     from nemt.data import write_phantom_dataset
+    from nemt.models import load_model
+
+    torch.set_num_threads(1)
 
     manifest = write_phantom_dataset(root / "data", n, size, seed=0)
     runner = CliRunner()
@@ -65,4 +73,4 @@ def train_and_fit(root: Path, n: int = 48, size: int = 32) -> Path:
                   "--epochs", "1", "--batch-size", "4", "--optimizer", "adamw", "--no-progress"]):
         res = runner.invoke(app, args)
         assert res.exit_code == 0, res.output
-    return manifest
+    return load_model(root / "m"), sorted((root / "data" / "images").glob("*.png"))

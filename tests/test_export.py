@@ -24,14 +24,11 @@ TOL = 1e-4
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     """A 1-epoch smallcnn and a 1-epoch NEMt on 32 px phantoms (through the CLI), both exported."""
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("export")
-    train_and_fit(root)
-    clf = load_model(root / "m")
+    clf, images = train_and_fit(root)
     nemt = make_explainer("nemt", clf, explainer_dir=root / "e")
     onnx_path = export_onnx(clf, nemt, root / "out" / "model.onnx")
     ts_path = export_torchscript(clf, nemt, root / "out" / "model.pt")
-    images = sorted((root / "data" / "images").glob("*.png"))
     x = torch.stack([clf.preprocessing(read_image(p)) for p in images[-6:]])  # phantom test images
     return dict(root=root, clf=clf, nemt=nemt, onnx=onnx_path, ts=ts_path, x=x, images=images)
 

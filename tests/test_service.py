@@ -12,13 +12,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from PIL import Image as PILImage
 
 from nemt.data import read_image
 from nemt.deploy.service import build_explainers, colormap_lut, create_app, decode_map, overlay
 from nemt.errors import NemtError
-from nemt.models import load_model
 
 from conftest import train_and_fit
 
@@ -32,12 +30,9 @@ LABELS = ["cyst", "nodule", "normal", "opacity"]
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """A 1-epoch smallcnn and NEMt on 32 px phantoms, and a service with NEMt and Grad-CAM++."""
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("service")
-    train_and_fit(root)
-    clf = load_model(root / "m")
+    clf, images = train_and_fit(root)
     explainers = build_explainers(clf, root / "e", ["gradcam++"])
-    images = sorted((root / "data" / "images").glob("*.png"))
     return dict(root=root, clf=clf, explainers=explainers, images=images)
 
 

@@ -11,12 +11,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 from PIL import Image as PILImage
 
 from nemt.data import read_image
 from nemt.deploy.service import build_explainers, create_app, running
-from nemt.models import load_model
 
 from conftest import train_and_fit
 
@@ -34,12 +32,9 @@ def server(tmp_path_factory):
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} not installed")
     pytest.importorskip("playwright.sync_api")
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("viewer")
-    train_and_fit(root)
-    clf = load_model(root / "m")
+    clf, images = train_and_fit(root)
     app = create_app(clf, build_explainers(clf, root / "e", ["gradcam++"]))
-    images = sorted((root / "data" / "images").glob("*.png"))
     # a phantom with a finding, so that the maps have something to show
     rows = (root / "data" / "manifest.csv").read_text().splitlines()[1:]
     finding = next(root / "data" / r.split(",")[0] for r in rows if r.split(",")[2] != "normal")
