@@ -405,3 +405,74 @@ def test_atomic_writes_get_normal_file_permissions(tmp_path):
     os.umask(umask)
     assert (tmp_path / "out.txt").stat().st_mode & 0o777 == 0o666 & ~umask
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]  # no temporary file left
+
+
+# -- decompression bombs: the header's size is checked before decoding ------------------------------
+
+def png_bomb(path: Path, width: int, height: int) -> Path:
+    """A valid PNG header declaring ``width`` x ``height`` grey pixels, with a few bytes of data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    return path
+
+
+def test_png_bomb_refused_from_the_header(tmp_path):
+    from nemt.data.readers import DEFAULT_MAX_PIXELS, ImageTooLarge
+
+    bomb = png_bomb(tmp_path / "bomb.png", 30000, 30000)
+    assert bomb.stat().st_size < 200
+    with pytest.raises(ImageTooLarge) as e:
+        read_image(bomb)
+    msg = str(e.value)
+    assert "bomb.png: size: image of 30000x30000 = 900 Mpx exceeds the limit of 256 Mpx" in msg
+    assert "--max-pixels" in msg and DEFAULT_MAX_PIXELS == 256_000_000
+    with pytest.raises(ImageTooLarge):
+        read_mask(bomb)
+    # the limit is the caller's: an 8x8 image is refused at 63 pixels and read at 64
+    small = save_pil(tmp_path / "s.png", GREY8[:8, :8])
+    with pytest.raises(ImageTooLarge, match="8x8 = 64 pixels exceeds the limit of 63 pixels"):
+        read_image(small, max_pixels=63)
+    assert read_image(small, max_pixels=64).array.shape == (1, 8, 8)
+
+
+def test_pillow_global_limit_is_neither_used_nor_changed(tmp_path, monkeypatch):
+    """Pillow's process-wide MAX_IMAGE_PIXELS would refuse sizes a caller allows: the readers ignore it."""
+    import warnings
+
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 10)
+    p = save_pil(tmp_path / "g.png", GREY8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no DecompressionBombWarning either
+        assert read_image(p).array.shape == (1, 20, 30)
+    assert PILImage.MAX_IMAGE_PIXELS == 10
+
+
+def test_dicom_nifti_and_medmnist_bombs_refused_from_the_header(tmp_path):
+    import nibabel as nib
+
+    from nemt.data.readers import ImageTooLarge
+
+    dcm = make_dicom(tmp_path / "big.dcm", np.zeros((2, 2), np.uint8), pixel_bytes=b"\0" * 4,
+                     Rows=60000, Columns=60000)
+    with pytest.raises(ImageTooLarge, match="big.dcm: Rows/Columns/NumberOfFrames: image of 60000x60000"):
+        read_image(dcm)
+    mf = make_dicom(tmp_path / "frames.dcm", np.zeros((2, 2), np.uint8), pixel_bytes=b"\0" * 4,
+                    Rows=4000, Columns=4000, NumberOfFrames=100)
+    with pytest.raises(ImageTooLarge, match="100x4000x4000 = 1600 Mpx"):
+        read_image(mf)
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((4000, 4000, 100))
+    hdr.set_data_dtype(np.uint8)
+    nii = tmp_path / "vol.nii"
+    nii.write_bytes(hdr.binaryblock + b"\0" * (352 - len(hdr.binaryblock)) + b"\0" * 64)
+    with pytest.raises(ImageTooLarge, match="vol.nii: dim: image of 4000x4000x100 = 1600 Mpx"):
+        read_image(nii)
+    npz = fake_medmnist(tmp_path / "m.npz", (7, 7))
+    with pytest.raises(ImageTooLarge, match="train_images: image of 7x7 = 49 pixels exceeds the limit of 48"):
+        read_medmnist(npz, max_pixels=48)
+    assert read_medmnist(npz, max_pixels=49)["train"][0].shape == (6, 1, 7, 7)

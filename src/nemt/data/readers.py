@@ -9,10 +9,20 @@ Every reader returns channel-first float32 with no resizing or normalisation:
 ``Image.value_range`` is the nominal intensity range of ``array``, so
 ``(array - lo) / (hi - lo)`` lies in [0, 1]. Anything unreadable raises
 :class:`~nemt.errors.DataError` naming the file, the field and the reason.
+
+Decompression bombs: a small file may declare a huge image (a 196-byte PNG
+of 30000x30000). Every reader takes the size from the header and refuses an
+image of more than ``max_pixels`` pixels (voxels for volumes, all frames
+counted; default :data:`DEFAULT_MAX_PIXELS`) with :class:`ImageTooLarge`
+before any pixel is decoded. Pillow's own, process-wide limit is not used:
+the readers open Pillow's format plugins directly, so a caller's limit is
+the only one, and no global setting is read or changed.
 """
 from __future__ import annotations
 
 import gzip
+import math
+import struct
 import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
@@ -34,6 +44,21 @@ _SUFFIX_FORMAT = {".png": "pil", ".jpg": "pil", ".jpeg": "pil", ".bmp": "pil", "
                   ".nii.gz": "nifti", ".npz": "npz"}
 _PIL_FORMATS = ["PNG", "JPEG", "BMP", "TIFF"]
 _MEDMNIST_SPLITS = ("train", "val", "test")
+DEFAULT_MAX_PIXELS = 256_000_000
+"""Largest image decoded by default: 256 Mpx (about 1 GB as float32 per channel); a 512x512x900 CT fits."""
+
+
+class ImageTooLarge(DataError):
+    """The header declares more pixels than the reader's limit (checked before decoding)."""
+
+
+def check_pixels(path: str | Path, shape: Sequence[int], max_pixels: int | None, field: str = "size") -> None:
+    """Raise :class:`ImageTooLarge` when ``shape`` (spatial sizes, frames) holds more than ``max_pixels``."""
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
+    n = math.prod(int(s) for s in shape)
+    if n > limit:
+        raise ImageTooLarge(path, field, f"image of {_fmt_shape(shape)} = {_fmt_mpx(n)} exceeds the limit of "
+                            f"{_fmt_mpx(limit)}; raise the limit with --max-pixels if the file is genuine")
 
 
 @dataclass
@@ -54,16 +79,21 @@ def is_image_file(path: str | Path) -> bool:
     return Path(path).name.lower().endswith(_IMAGE_SUFFIXES)
 
 
-def read_image(path: str | Path) -> Image:
-    """Read one image file; the format is told by its magic bytes first, its suffix second."""
+def read_image(path: str | Path, *, max_pixels: int | None = None) -> Image:
+    """Read one image file; the format is told by its magic bytes first, its suffix second.
+
+    ``max_pixels`` (default :data:`DEFAULT_MAX_PIXELS`) bounds the pixels
+    (voxels, all frames) the header may declare; more raises
+    :class:`ImageTooLarge` before decoding.
+    """
     path = Path(path)
     kind = _sniff(path) or _suffix_format(path)
     if kind == "pil":
-        return _read_pil(path)
+        return _read_pil(path, max_pixels=max_pixels)
     if kind == "dicom":
-        return _read_dicom(path)
+        return _read_dicom(path, max_pixels=max_pixels)
     if kind == "nifti":
-        return _read_nifti(path)
+        return _read_nifti(path, max_pixels=max_pixels)
     if kind == "npz":
         raise DataError(path, "file", "an .npz archive holds a data set, not one image; "
                         "read it with read_medmnist (a MedMNIST data set)")
@@ -71,18 +101,20 @@ def read_image(path: str | Path) -> Image:
                     f"supported suffixes: {', '.join(_IMAGE_SUFFIXES)})")
 
 
-def read_mask(path: str | Path, like: Image | tuple[int, ...] | None = None) -> np.ndarray:
+def read_mask(path: str | Path, like: Image | tuple[int, ...] | None = None, *,
+              max_pixels: int | None = None) -> np.ndarray:
     """A mask as bool ``(1, *spatial)``: True where any channel is nonzero.
 
     Palette (``P``) PNGs count nonzero palette indices, not colours, so a
     palette whose entry 0 is not black still has background False. ``like``
     (an Image or a spatial shape) must have the same spatial shape.
+    ``max_pixels`` as for :func:`read_image`.
     """
     path = Path(path)
     if (_sniff(path) or _suffix_format(path)) == "pil":
-        array = _read_pil(path, palette_indices=True).array
+        array = _read_pil(path, palette_indices=True, max_pixels=max_pixels).array
     else:
-        array = read_image(path).array
+        array = read_image(path, max_pixels=max_pixels).array
     mask = np.any(array != 0, axis=0, keepdims=True)
     if like is not None:
         want = tuple(like.array.shape[1:]) if isinstance(like, Image) else tuple(like)
@@ -92,8 +124,11 @@ def read_mask(path: str | Path, like: Image | tuple[int, ...] | None = None) -> 
     return mask
 
 
-def read_medmnist(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def read_medmnist(path: str | Path, *, max_pixels: int | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """A MedMNIST ``.npz`` as ``{"train": (images, labels), "val": ..., "test": ...}``.
+
+    ``max_pixels`` bounds each image's pixels as for :func:`read_image`,
+    checked on the arrays' headers before they are decompressed.
 
     images: float32 ``(N, C, H, W)`` with values 0..255 (grey ``(N, H, W)``
     gives C = 1, RGB ``(N, H, W, 3)`` gives C = 3), or ``(N, 1, D, H, W)``
@@ -113,6 +148,10 @@ def read_medmnist(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
                 if key not in npz.files:
                     raise DataError(path, key, f"missing key (has {', '.join(npz.files) or 'none'}; "
                                     "MedMNIST files have train/val/test _images and _labels)")
+            with _decoding(path, ikey):
+                shape = _npy_shape(npz, ikey)
+            per_image = shape[1:-1] if len(shape) == 4 and shape[-1] == 3 else shape[1:]
+            check_pixels(path, per_image, max_pixels, ikey)
             with _decoding(path, ikey):
                 images = npz[ikey]
             with _decoding(path, lkey):
@@ -175,16 +214,45 @@ def _decoding(path: Path, what: str, prefix: str = "") -> Iterator[None]:
 
 # -- Pillow: PNG, JPEG, BMP, TIFF ---------------------------------------------
 
-def _read_pil(path: Path, palette_indices: bool = False) -> Image:
-    """8/16-bit grey or RGB to ``(1|3, H, W)``; alpha dropped. Only the first frame of a TIFF stack."""
-    from PIL import Image as PILImage, UnidentifiedImageError
+def _open_pil(path: Path):
+    """Pillow's image object for ``path`` from the header only (nothing decoded), or None if no plugin knows it.
 
+    The same steps as ``PIL.Image.open(path, formats=_PIL_FORMATS)`` (each
+    plugin's ``accept`` test on the first bytes, then its header parser) minus
+    Pillow's process-wide decompression-bomb check, which would refuse, or
+    warn about, sizes the caller's ``max_pixels`` allows; the caller checks
+    its own limit on ``im.size`` before ``load``.
+    """
+    from PIL import Image as PILImage
+
+    PILImage.init()  # registers the format plugins (once per process)
+    with open(path, "rb") as f:
+        prefix = f.read(16)
+    for fmt in _PIL_FORMATS:
+        factory, accept = PILImage.OPEN[fmt]
+        result = accept(prefix) if accept is not None else True
+        if isinstance(result, str) or not result:  # a string says why the plugin declines
+            continue
+        try:
+            return factory(str(path), str(path))  # opens (and on failure closes) its own file handle
+        except (SyntaxError, IndexError, TypeError, struct.error):
+            continue  # not this format after all; Image.open goes on to the next plugin too
+    return None
+
+
+def _read_pil(path: Path, palette_indices: bool = False, max_pixels: int | None = None) -> Image:
+    """8/16-bit grey or RGB to ``(1|3, H, W)``; alpha dropped. Only the first frame of a TIFF stack."""
     try:
-        im = PILImage.open(path, formats=_PIL_FORMATS)
-    except UnidentifiedImageError as e:
-        raise DataError(path, "file", "not a readable PNG, JPEG, BMP or TIFF image") from e
-    except OSError as e:
+        im = _open_pil(path)
+    except Exception as e:  # a plugin's header parser may raise more than OSError
         raise DataError(path, "file", f"{type(e).__name__}: {e}") from e
+    if im is None:
+        raise DataError(path, "file", "not a readable PNG, JPEG, BMP or TIFF image")
+    try:
+        check_pixels(path, im.size[::-1], max_pixels)  # the header's size, before any decoding
+    except ImageTooLarge:
+        im.close()
+        raise
     with im, _decoding(path, "pixels"):
         im.load()  # a full decode, so that a truncated file fails here and not later
         meta = {"format": im.format, "mode": im.mode, "frames": getattr(im, "n_frames", 1)}
@@ -220,7 +288,7 @@ def _read_pil(path: Path, palette_indices: bool = False) -> Image:
 
 # -- DICOM --------------------------------------------------------------------
 
-def _read_dicom(path: Path) -> Image:
+def _read_dicom(path: Path, max_pixels: int | None = None) -> Image:
     """Stored values -> modality LUT -> VOI LUT or window -> MONOCHROME1 inverted.
 
     Grey ``(1, H, W)`` or colour ``(3, H, W)``; multi-frame ``(C, F, H, W)``.
@@ -247,7 +315,13 @@ def _read_dicom(path: Path) -> Image:
                             "decoder; install a pydicom decoder plugin such as pylibjpeg "
                             "(with pylibjpeg-libjpeg / pylibjpeg-openjpeg) or python-gdcm")
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    except (TypeError, ValueError) as e:
+        raise DataError(path, "Rows/Columns/NumberOfFrames", f"not whole numbers ({e})") from e
+    check_pixels(path, (frames, rows, cols) if frames > 1 else (rows, cols), max_pixels,
+                 "Rows/Columns/NumberOfFrames")
     meta = {"Modality": str(ds.get("Modality", "")), "PhotometricInterpretation": photometric,
             "BitsStored": int(ds.get("BitsStored", 0) or 0), "frames": frames,
             "TransferSyntaxUID": str(ts or "")}
@@ -322,7 +396,7 @@ def _first(value) -> float:
 
 # -- NIfTI --------------------------------------------------------------------
 
-def _read_nifti(path: Path) -> Image:
+def _read_nifti(path: Path, max_pixels: int | None = None) -> Image:
     """3D ``(1, X, Y, Z)``; 4D, last axis as channels, ``(C, X, Y, Z)``; 2D ``(1, X, Y)``.
 
     The affine is nibabel's 4x4 voxel-to-world (also for a 2D file, whose
@@ -340,6 +414,7 @@ def _read_nifti(path: Path) -> Image:
     if not 2 <= len(shape) <= 4:
         raise DataError(path, "shape", f"{len(img.shape)}D NIfTI {_fmt_shape(img.shape)} "
                         "(readable: 2D, 3D, or 4D with channels last)")
+    check_pixels(path, img.shape, max_pixels, "dim")  # the header's dim; the data is not read yet
     with _decoding(path, "pixels"):
         data = img.get_fdata(dtype=np.float32).reshape(shape)
     array = np.ascontiguousarray(np.moveaxis(data, -1, 0) if len(shape) == 4 else data[None])
@@ -352,6 +427,15 @@ def _read_nifti(path: Path) -> Image:
 
 
 # -- MedMNIST -----------------------------------------------------------------
+
+def _npy_shape(npz, key: str) -> tuple[int, ...]:
+    """The shape an ``.npz`` member's ``.npy`` header declares (nothing decompressed beyond the header)."""
+    fmt = np.lib.format
+    with npz.zip.open(key + ".npy") as f:
+        version = fmt.read_magic(f)
+        read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        return tuple(int(n) for n in read(f)[0])
+
 
 def _medmnist_images(path: Path, key: str, images: np.ndarray) -> np.ndarray:
     if images.ndim == 3:  # (N, H, W) grey
@@ -389,3 +473,8 @@ def _data_range(a: np.ndarray) -> tuple[float, float]:
 
 def _fmt_shape(shape) -> str:
     return "x".join(str(int(s)) for s in shape)
+
+
+def _fmt_mpx(n: int) -> str:
+    """A pixel count for messages: 900 Mpx, 50 Mpx, 0.25 Mpx; below 1000 pixels the count itself."""
+    return f"{n / 1e6:.4g} Mpx" if n >= 1000 else f"{n} pixels"
