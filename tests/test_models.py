@@ -131,3 +131,56 @@ def test_state_round_trip_without_pickle(tmp_path):
     opt2 = torch.optim.AdamW(nn.Linear(3, 2).parameters())
     opt2.load_state_dict(back["optimizer"])  # int keys of the optimiser state come back as ints
     assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def _edit_card(tmp_path, edit) -> None:
+    _clf().save(tmp_path)
+    card = json.loads((tmp_path / "model.json").read_text())
+    edit(card)
+    (tmp_path / "model.json").write_text(json.dumps(card))  # json.dumps writes a NaN as bare NaN
+
+
+@pytest.mark.parametrize("edit,field,reason", [
+    (lambda c: c["preprocessing"].update(std=[0.0]), "preprocessing.std", "must be positive"),
+    (lambda c: c["preprocessing"].update(std=[float("nan")]), "preprocessing.std", "finite numbers"),
+    (lambda c: c["preprocessing"].update(mean=[float("inf")]), "preprocessing.mean", "finite numbers"),
+    (lambda c: c["preprocessing"].update(size=[64, 64]), "preprocessing.size", "differs from input_size [32, 32]"),
+    (lambda c: c["preprocessing"].update(channels=3), "preprocessing.channels", "differs from in_channels 1"),
+    (lambda c: c["preprocessing"].update(scale="zscore"), "preprocessing.scale", "range or minmax"),
+    (lambda c: c["preprocessing"].update(crop=4), "preprocessing", "unknown keys ['crop']"),
+    (lambda c: c.update(weights_sha256=None), "weights_sha256", "missing (null)"),
+    (lambda c: c.update(weights_sha256="abc"), "weights_sha256", "64 lower-case hex digits"),
+    (lambda c: c.update(arch_kwargs={"wdith": 8}), "arch_kwargs", "smallcnn cannot be built with {'wdith': 8}"),
+    (lambda c: c.update(arch_kwargs=[1, 2]), "arch_kwargs", "keyword arguments"),
+    (lambda c: c.update(target_scale={"mean": 0.0, "std": 0.0}), "target_scale.std", "must be positive"),
+])
+def test_card_contents_that_would_mislead_are_refused(tmp_path, edit, field, reason):
+    """Each would give NaN or silently other predictions, skip the weights check, or a raw TypeError."""
+    _edit_card(tmp_path, edit)
+    with pytest.raises(CardError) as info:
+        load_model(tmp_path)
+    msg = str(info.value)
+    assert f"model.json: {field}: " in msg and reason in msg, msg
+
+
+def test_weights_and_card_get_the_same_normal_mode(tmp_path):
+    """safetensors writes its files 0600; every output gets a normal file's mode, like the JSON beside it."""
+    _clf().save(tmp_path)
+    save_state(tmp_path / "state" / "last", {"w": torch.zeros(2)})
+    (tmp_path / "plain.txt").write_text("x")  # a file made by open(): 0666 less the umask
+    mode = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    for name in ("model.json", "model.safetensors", "state/last.safetensors", "state/last.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
+
+
+def test_card_json_is_strict_an_undefined_auroc_is_null(tmp_path):
+    """A validation split without some class gives AUROC NaN; model.json must still be valid strict JSON."""
+    clf = _clf()
+    clf.card.metrics = {"val": {"auroc": {"a": float("nan"), "b": 0.75}, "auroc_macro": float("inf")}}
+    clf.save(tmp_path)
+
+    def refuse(token):
+        raise AssertionError(f"model.json holds the non-JSON constant {token}")
+    card = json.loads((tmp_path / "model.json").read_text(), parse_constant=refuse)
+    assert card["metrics"]["val"] == {"auroc": {"a": None, "b": 0.75}, "auroc_macro": None}
+    assert load_model(tmp_path).card.metrics["val"]["auroc"]["a"] is None

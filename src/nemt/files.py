@@ -2,32 +2,49 @@
 
 Outputs are written to a temporary file in the destination folder and then
 renamed over the target, so an interrupted run never leaves a half-written
-checkpoint, card or table behind.
+checkpoint, card or table behind. Every file gets a normal file's mode
+(``0666`` less the umask, e.g. ``0644``), also when the writer replaced the
+temporary file with one of its own (safetensors makes its files ``0600``).
+
+JSON is strict: NaN and infinities (an undefined AUROC) are written as
+``null``, never as the bare ``NaN`` that strict parsers reject.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import math
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import IO, Any, Iterator
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` on success."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
+
+    The temporary file is created with mode ``0666`` and the umask applied by
+    the system (``mkstemp``'s ``0600`` is not kept, and the process's umask is
+    neither read nor changed); the same mode is set again before the rename,
+    in case the writer replaced the file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    while True:
+        tmp_path = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result gets a normal file's permissions
-    tmp_path = Path(tmp)
+    mode = os.stat(tmp_path).st_mode & 0o777
     try:
         yield tmp_path
+        if os.stat(tmp_path).st_mode & 0o777 != mode:
+            os.chmod(tmp_path, mode)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -44,11 +61,22 @@ def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO
             os.fsync(fh.fileno())
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None (tuples become lists), for strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
+    """Write ``obj`` as indented strict JSON (NaN and infinities as null), atomically."""
+    text = json.dumps(json_safe(obj), indent=2, sort_keys=False, allow_nan=False)
     with atomic_open(path, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=False)
-        fh.write("\n")
+        fh.write(text + "\n")
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

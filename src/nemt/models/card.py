@@ -3,11 +3,16 @@
 A saved model is a folder with ``model.safetensors`` (the weights) and
 ``model.json`` (this card). Loading validates the card field by field and
 refuses a mismatch (wrong task, label count, channels, weights checksum) with
-a message that names the file, the field and the reason.
+a message that names the file, the field and the reason. The preprocessing
+must describe the model's own input (its ``size`` is ``input_size``, its
+``channels`` are ``in_channels``, ``std`` finite and positive): a card that
+would silently feed the network something else, or NaN, is refused.
 """
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +22,46 @@ from nemt.data.manifest import TASKS
 from nemt.errors import CardError
 
 CARD_FORMAT = "nemt-model/1"
+_PREPROCESSING_KEYS = ("size", "channels", "scale", "mean", "std")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _finite_numbers(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+
+
+def _check_preprocessing(pre: dict, d: dict, path) -> None:
+    """The preprocessing must produce what the network takes, with a usable normalisation."""
+    extra = sorted(set(pre) - set(_PREPROCESSING_KEYS))
+    if extra:
+        raise CardError(path, "preprocessing", f"unknown keys {extra} (known: {list(_PREPROCESSING_KEYS)})")
+    if "size" not in pre:
+        raise CardError(path, "preprocessing.size", "missing")
+    if pre["size"] != d["input_size"]:
+        raise CardError(path, "preprocessing.size", f"{pre['size']} differs from input_size {d['input_size']}; "
+                        "the images would be resized to another size than the network was made for")
+    channels = pre.get("channels", 1)
+    if channels != d["in_channels"] or isinstance(channels, bool):
+        raise CardError(path, "preprocessing.channels", f"{channels!r} differs from in_channels {d['in_channels']}")
+    if pre.get("scale", "range") not in ("range", "minmax"):
+        raise CardError(path, "preprocessing.scale", f"{pre['scale']!r} is not range or minmax")
+    for key, default in (("mean", [0.0]), ("std", [1.0])):
+        v = pre.get(key, default)
+        if not _finite_numbers(v) or len(v) not in (1, channels):
+            raise CardError(path, f"preprocessing.{key}", f"need 1 or {channels} finite numbers, got {v!r}")
+    if min(pre.get("std", [1.0])) <= 0:
+        raise CardError(path, "preprocessing.std", f"must be positive (it divides the input), got {pre['std']}")
+
+
+def _check_target_scale(ts: Any, path) -> None:
+    if not isinstance(ts, dict) or set(ts) != {"mean", "std"}:
+        raise CardError(path, "target_scale", f"must be null or {{\"mean\": m, \"std\": s}}, got {ts!r}")
+    for key in ("mean", "std"):
+        if not _finite_numbers([ts[key]]):
+            raise CardError(path, f"target_scale.{key}", f"must be a finite number, got {ts[key]!r}")
+    if ts["std"] <= 0:
+        raise CardError(path, "target_scale.std", f"must be positive, got {ts['std']}")
 
 
 @dataclass
@@ -84,6 +129,18 @@ class ModelCard:
         extra = set(d) - known
         if extra:
             raise CardError(path, ",".join(sorted(extra)), "unknown card fields")
+        _check_preprocessing(d["preprocessing"], d, path)
+        if d.get("target_scale") is not None:
+            _check_target_scale(d["target_scale"], path)
+        kwargs = d.get("arch_kwargs", {})
+        if not isinstance(kwargs, dict) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
+            raise CardError(path, "arch_kwargs", f"must be an object of keyword arguments, got {kwargs!r}")
+        sha = d.get("weights_sha256")
+        if sha is not None and not (isinstance(sha, str) and _SHA256.fullmatch(sha)):
+            raise CardError(path, "weights_sha256", f"must be 64 lower-case hex digits, got {sha!r}")
+        for name in ("data", "metrics", "training"):
+            if name in d and not isinstance(d[name], dict):
+                raise CardError(path, name, f"must be an object, got {type(d[name]).__name__}")
         return cls(**d)
 
     def save(self, path: str | Path) -> None:

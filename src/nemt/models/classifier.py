@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nemt.data.preprocess import Preprocessing
-from nemt.errors import CardError
+from nemt.errors import CardError, NemtError
 from nemt.files import atomic_path, sha256_file
 from nemt.models.card import ModelCard
 from nemt.models.zoo import ARCHITECTURES, build_model
@@ -119,15 +119,22 @@ def load_model(directory: str | Path, *, module: nn.Module | None = None,
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise CardError(weights, None, "weights file not found")
-    if card.weights_sha256 and sha256_file(weights) != card.weights_sha256:
+    if card.weights_sha256 is None:
+        raise CardError(directory / CARD, "weights_sha256", "missing (null): the weights cannot be checked "
+                        f"against the card; write the SHA-256 of {WEIGHTS} (sha256sum) into the card")
+    if sha256_file(weights) != card.weights_sha256:
         raise CardError(weights, "weights_sha256", "weights do not match the card's checksum "
                         "(file changed or belongs to another model)")
     if module is None:
         if card.arch not in ARCHITECTURES:
             raise CardError(directory / CARD, "arch", f"{card.arch!r} is not a nemt architecture; "
                             "pass the network as module=")
-        module = build_model(card.arch, spatial_dims=card.spatial_dims, in_channels=card.in_channels,
-                             out_channels=card.out_channels, **card.arch_kwargs)
+        try:
+            module = build_model(card.arch, spatial_dims=card.spatial_dims, in_channels=card.in_channels,
+                                 out_channels=card.out_channels, **card.arch_kwargs)
+        except (TypeError, ValueError, NemtError) as exc:  # an unknown or ill-typed keyword of the architecture
+            raise CardError(directory / CARD, "arch_kwargs", f"{card.arch} cannot be built with "
+                            f"{card.arch_kwargs}: {type(exc).__name__}: {exc}") from exc
     try:
         state = load_file(str(weights))
     except Exception as exc:  # safetensors raises its own error types
