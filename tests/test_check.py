@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from conftest import shared, write_png
@@ -70,3 +71,22 @@ def test_busi_counts():
     assert rep.n_images == 780 and rep.ok
     assert rep.per_label == {"benign": 437, "malignant": 210, "normal": 133}
     assert rep.masks == 780 and rep.nonempty_masks == 647
+
+
+def test_empty_class_folder_is_fatal_and_small_classes_are_warnings(tmp_path):
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        write_png(tmp_path / "tree" / "benign" / f"{i}.png", rng.integers(0, 255, (8, 8), dtype=np.uint8))
+    for i in range(2):
+        write_png(tmp_path / "tree" / "malignant" / f"{i}.png", rng.integers(0, 255, (8, 8), dtype=np.uint8))
+    (tmp_path / "tree" / "normal").mkdir()
+    rep_path = tmp_path / "rep.json"
+    res = runner.invoke(app, ["data", "check", str(tmp_path / "tree"), "--no-progress", "--json", str(rep_path)])
+    assert res.exit_code == 1, res.output
+    text = rep_path.read_text()
+    rep = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in the report"))
+    assert any("class folder 'normal' holds no image" in f for f in rep["fatal"])
+    assert any("class 'malignant' has only 2 images" in w for w in rep["warnings"])
+    assert rep["per_label"] == {"benign": 6, "malignant": 2, "normal": 0}
+    out = " ".join(res.output.split())
+    assert "FATAL" in out and "holds no image" in out and "warning" in out and "'malignant' has only 2" in out

@@ -157,3 +157,89 @@ def test_fingerprint_changes_with_content(small_csv):
     small_csv.write_text(small_csv.read_text().replace(",p0\n", ",p99\n", 1))
     assert load_manifest(small_csv).fingerprint() != a
     assert math.isfinite(len(a)) and len(a) == 64
+
+
+def test_second_row_may_only_add_boxes(tmp_path):
+    """A later row of an image whose mask, group or split differs is a problem naming file, field and reason."""
+    for n in "abcde":
+        _img(tmp_path, f"{n}.png", (20, 24))
+    _img(tmp_path, "ma.png", (20, 24)), _img(tmp_path, "tiny.png", (7, 5))
+    (tmp_path / "m.csv").write_text(
+        "image,mask,label,patient,split,x,y,w,h\n"
+        "a.png,ma.png,tb,p1,train,1,1,4,4\n"
+        "a.png,ma.png,tb,p1,train,5,5,4,4\n"   # adds a box: fine
+        "a.png,,tb,,,9,9,2,2\n"                 # empty cells do not repeat: fine
+        "b.png,ma.png,tb,p2,train,,,,\n"
+        "b.png,gone.png,tb,p2,train,,,,\n"      # another (missing) mask
+        "c.png,,tb,p3,train,,,,\n"
+        "c.png,tiny.png,tb,p3,train,,,,\n"      # a 7x5 mask the first row did not have
+        "d.png,,tb,p4,train,,,,\n"
+        "d.png,,tb,p5,train,,,,\n"              # another patient
+        "e.png,,tb,p6,train,,,,\n"
+        "e.png,,tb,p6,test,,,,\n")              # another split
+    m = load_manifest(tmp_path / "m.csv")
+    assert [s.image.name for s in m.samples] == ["a.png"]
+    assert m.samples[0].boxes == [(1, 1, 4, 4), (5, 5, 4, 4), (9, 9, 2, 2)]
+    msgs = [str(p) for p in m.problems]
+    assert len(msgs) == 4, msgs
+    assert any(t.startswith(str(tmp_path / "b.png") + ": mask: row 6: mask 'gone.png' disagrees with row 5 "
+                            "('ma.png')") for t in msgs), msgs
+    assert any("c.png: mask: row 8: mask 'tiny.png' disagrees with row 7 (none)" in t for t in msgs), msgs
+    assert any("d.png: patient: row 10: group 'p5' disagrees with row 9 ('p4')" in t for t in msgs), msgs
+    assert any("e.png: split: row 12: split 'test' disagrees with row 11 ('train')" in t for t in msgs), msgs
+    assert all("may only add boxes" in t for t in msgs)
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-Infinity", "NA", "null", "?"])
+def test_missing_looking_labels_are_problems_not_classes(tmp_path, value):
+    rows = ["image,label"]
+    for i in range(12):
+        _img(tmp_path, f"{i}.png")
+        rows.append(f"{i}.png,{['benign', 'malignant'][i % 2]}")
+    _img(tmp_path, "x.png")
+    rows.append(f"x.png,{value}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    m = load_manifest(tmp_path / "m.csv")
+    assert m.label_names == ["benign", "malignant"] and len(m.samples) == 12
+    assert len(m.problems) == 1
+    assert f"x.png: label: row 14: label {value!r} looks like a missing value" in str(m.problems[0])
+    assert "--labels" in str(m.problems[0])
+    # --labels remains the way to fix the set, also to a value that looks missing
+    m2 = load_manifest(tmp_path / "m.csv", labels=["benign", "malignant", value])
+    assert not m2.problems and len(m2.samples) == 13
+
+
+def test_a_class_with_very_few_images_is_a_warning_that_names_it(tmp_path):
+    from nemt.data.manifest import MIN_CLASS_IMAGES
+
+    rows = ["image,label"]
+    for i in range(12):
+        _img(tmp_path, f"{i}.png")
+        rows.append(f"{i}.png,{['benign', 'malignant'][i % 2]}")
+    _img(tmp_path, "t.png")
+    rows.append("t.png,malignnat")  # a typo
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    m = load_manifest(tmp_path / "m.csv")
+    assert m.label_names == ["benign", "malignant", "malignnat"] and not m.problems
+    assert len(m.warnings) == 1 and MIN_CLASS_IMAGES == 5
+    w = str(m.warnings[0])
+    assert "label: class 'malignnat' has only 1 image (first: row 14), fewer than 5" in w and "--labels" in w
+    # a class the label set names but no row has is a warning too
+    m2 = load_manifest(tmp_path / "m.csv", labels=["benign", "malignant", "malignnat", "normal"])
+    assert any("class 'normal' of the label set has no image" in str(x) for x in m2.warnings)
+
+
+def test_an_empty_class_folder_is_a_problem(tmp_path):
+    for i in range(6):
+        _img(tmp_path, f"cats/{i}.png"), _img(tmp_path, f"dogs/{i}.png")
+    (tmp_path / "birds").mkdir()
+    (tmp_path / "birds" / "notes.txt").write_text("todo")
+    m = open_dataset(tmp_path)
+    assert m.label_names == ["birds", "cats", "dogs"] and len(m.samples) == 12
+    msgs = [str(p) for p in m.problems]
+    assert any(t.startswith(str(tmp_path / "birds") + ": label: class folder 'birds' holds no image") for t in msgs)
+    with pytest.raises(DataError, match="holds no image"):
+        m.raise_problems()
+    # naming the classes leaves the empty folder out
+    m2 = open_dataset(tmp_path, labels=["cats", "dogs"])
+    assert not any("holds no image" in str(p) for p in m2.problems) and len(m2.samples) == 12

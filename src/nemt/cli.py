@@ -19,6 +19,9 @@ data_app = typer.Typer(help="Inspect and make data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 TaskOpt = typer.Option(None, help="multiclass | multilabel | regression (default: from the data)")
+MaxPixelsOpt = typer.Option(None, "--max-pixels", min=1,
+                            help="largest image to decode, in pixels (voxels, all frames), e.g. 1e9; a file "
+                                 "declaring more is refused from its header [default: 2.56e8]")
 
 
 def _friendly(fn: Callable) -> Callable:
@@ -45,11 +48,12 @@ def _size(value: str, spatial_dims: int | None = None) -> tuple[int, ...]:
 
 
 def _open(path: Path, task, labels, image_col=None, label_col=None, label_cols=None, target_col=None,
-          mask_col=None, group_col=None):
+          mask_col=None, group_col=None, max_pixels: float | None = None):
     from nemt.data.manifest import open_dataset
     opts = dict(task=task, labels=_csv_list(labels), image_col=image_col, label_col=label_col,
                 label_cols=_csv_list(label_cols), target_col=target_col, mask_col=mask_col, group_col=group_col)
-    return open_dataset(path, **{k: v for k, v in opts.items() if v is not None})
+    return open_dataset(path, max_pixels=None if max_pixels is None else int(max_pixels),
+                        **{k: v for k, v in opts.items() if v is not None})
 
 
 @data_app.command("check")
@@ -61,13 +65,14 @@ def data_check(
     label_cols: Optional[str] = typer.Option(None, help="multi-label 0/1 columns, comma-separated"),
     target_col: Optional[str] = typer.Option(None, help="numeric target column (regression)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the report as JSON here"),
+    max_pixels: Optional[float] = MaxPixelsOpt,
     progress: bool = typer.Option(True, help="show a progress bar"),
 ) -> None:
     """Read every image and mask; print a summary and every bad entry. Exit 1 if anything is fatal."""
     from nemt.data.check import check_dataset
-    from nemt.files import write_json
+    from nemt.files import json_safe, write_json
 
-    manifest = _open(path, task, labels, label_cols=label_cols, target_col=target_col)
+    manifest = _open(path, task, labels, label_cols=label_cols, target_col=target_col, max_pixels=max_pixels)
     with progress_bar(progress) as bar:
         tid = bar.add_task("reading", total=len(manifest.samples), info="")
         rep = check_dataset(manifest, progress=lambda k: bar.update(tid, advance=k))
@@ -93,8 +98,9 @@ def data_check(
     for e in rep.warnings:
         console.print(f"[yellow]warning[/yellow] {e}", highlight=False)
     # the headline figures also go to stdout, for scripts
-    typer.echo(json.dumps({"images": rep.n_images, "per_label": rep.per_label,
-                           "nonempty_masks": rep.nonempty_masks, "fatal": len(rep.fatal)}))
+    typer.echo(json.dumps(json_safe({"images": rep.n_images, "per_label": rep.per_label,
+                                     "nonempty_masks": rep.nonempty_masks, "fatal": len(rep.fatal),
+                                     "warnings": len(rep.warnings)}), allow_nan=False))
     if json_out:
         write_json(json_out, rep.to_dict())
     if not rep.ok:
@@ -140,19 +146,21 @@ def train(
     target_col: Optional[str] = typer.Option(None, help="numeric target column"),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda:0"),
     fresh: bool = typer.Option(False, help="ignore a resume state in --out and start over"),
+    max_pixels: Optional[float] = MaxPixelsOpt,
     progress: bool = typer.Option(True, help="show a progress bar"),
 ) -> None:
     """Train a classifier to explain. Re-run the same command to resume an interrupted run."""
+    from nemt.files import json_safe
     from nemt.models.training import TrainConfig, train_classifier
 
-    manifest = _open(data, task, labels, label_cols=label_cols, target_col=target_col)
+    manifest = _open(data, task, labels, label_cols=label_cols, target_col=target_col, max_pixels=max_pixels)
     dims = spatial_dims or (len(_size(size)) if len(_size(size)) > 1 else 2)
     cfg = TrainConfig(arch=arch, size=_size(size, dims), epochs=epochs, batch_size=batch_size, lr=lr,
                       weight_decay=weight_decay, seed=seed,
                       fractions=tuple(float(f) for f in fractions.split(",")), augment=augment,
                       class_weighting=class_weighting, scale=scale)
     clf, result = train_classifier(manifest, out, cfg, device=device, fresh=fresh, progress=progress)
-    typer.echo(json.dumps({"model": str(out), "metrics": result["metrics"]}, indent=2))
+    typer.echo(json.dumps(json_safe({"model": str(out), "metrics": result["metrics"]}), indent=2, allow_nan=False))
 
 
 @app.command()

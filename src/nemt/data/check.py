@@ -3,17 +3,21 @@
 Nothing is skipped silently: each unreadable or inconsistent entry is listed
 with its file and reason. Fatal problems (a file that cannot be used for
 training) make the command exit non-zero; warnings (e.g. a box that reaches
-outside the image) do not.
+outside the image, a class with very few images) do not.
+
+:func:`read_every_item` is the same promise for ``nemt train``: every image
+of every split is read (header and pixels) and preprocessed before the first
+epoch, so a bad validation or test image stops the run before any training.
 """
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 
-from nemt.data.dataset import read_sample
+from nemt.data.dataset import ImageDataset, read_sample
 from nemt.data.manifest import Manifest
 from nemt.data.readers import read_mask
 from nemt.errors import DataError
@@ -64,6 +68,7 @@ def check_dataset(manifest: Manifest, progress: Callable[[int], None] | None = N
     rep = CheckReport(source=str(manifest.source), task=manifest.task,
                       label_names=list(manifest.label_names))
     rep.fatal.extend(manifest.problems)
+    rep.warnings.extend(manifest.warnings)
     counts: Counter = Counter()
     targets = []
     for s in manifest.samples:
@@ -81,7 +86,7 @@ def check_dataset(manifest: Manifest, progress: Callable[[int], None] | None = N
         spatial = tuple(a.shape[1:])
         if s.mask is not None:
             try:
-                m = read_mask(s.mask, like=img)
+                m = read_mask(s.mask, like=img, max_pixels=manifest.max_pixels)
             except DataError as exc:
                 rep.fatal.append(exc)
                 continue
@@ -118,3 +123,31 @@ def check_dataset(manifest: Manifest, progress: Callable[[int], None] | None = N
                                       f"mixed channel counts {dict(rep.channels)}; images are "
                                       "converted to the model's channels when loaded"))
     return rep
+
+
+def read_every_item(datasets: Mapping[str, ImageDataset], progress: Callable[[int], None] | None = None) -> int:
+    """Read, preprocess and cache every item of every split (image, mask, boxes); return the count.
+
+    Every failure is collected first; then one :class:`DataError` lists them
+    all by split, file and reason, so a truncated test image stops training
+    before the first epoch instead of after the last.
+    """
+    failures: list[str] = []
+    source = None
+    n = 0
+    for split, ds in datasets.items():
+        source = source or ds.manifest.source
+        for i in range(len(ds)):
+            if progress:
+                progress(1)
+            try:
+                ds.unit_item(i)
+                n += 1
+            except DataError as exc:
+                failures.append(f"{split}: {exc}")
+    if failures:
+        shown = failures[:20] + ([f"... and {len(failures) - 20} more"] if len(failures) > 20 else [])
+        raise DataError(source, None, f"{len(failures)} of {n + len(failures)} images cannot be used, so "
+                        f"nothing was trained (run `nemt data check {source}` for the full report):\n  "
+                        + "\n  ".join(shown))
+    return n

@@ -29,7 +29,7 @@ from nemt.data.readers import Image, read_image, read_mask
 def read_sample(manifest: Manifest, sample: Sample) -> Image:
     """The sample's image, from its file or from the manifest's in-memory array."""
     if sample.index is None:
-        return read_image(sample.image)
+        return read_image(sample.image, max_pixels=manifest.max_pixels)
     a = manifest.arrays[sample.index].astype(np.float32)
     return Image(array=a, spacing=(1.0,) * (a.ndim - 1), affine=None, value_range=(0.0, 255.0),
                  modality="npz", path=sample.name, meta={})
@@ -59,7 +59,7 @@ class ImageDataset(Dataset):
         x = self.pre.resize(self.pre.unit_scale(img))
         spatial = img.array.shape[1:]
         if s.mask is not None:
-            gt = self.pre.resize(read_mask(s.mask, like=img), mask=True)
+            gt = self.pre.resize(read_mask(s.mask, like=img, max_pixels=self.manifest.max_pixels), mask=True)
         elif s.boxes:
             gt = self.pre.box_mask(self.pre.boxes(s.boxes, spatial))
         else:

@@ -19,12 +19,28 @@ CSV rules
   so that splits never put one patient in two splits;
 - optional ``split`` column (train/val/test) that fixes the split.
 Paths are relative to the CSV's folder.
+
+Several rows of one image may only add boxes: a later row whose label, mask,
+group or split differs from the first row's is a problem (file, field,
+reason), and the image is left out (an empty mask, group or split cell in a
+later row just does not repeat the first row's).
+
+Labels (multi-class): without ``labels`` the label set is the distinct
+values of the label column, except values that look like a missing entry
+(``nan``, ``NaN``, ``inf``, ``None``, ``NA``, ``?``, ...), which are
+problems: a spreadsheet's empty cell must not become a class. ``labels``
+fixes the set (it may name such a value on purpose). A class with fewer than
+:data:`MIN_CLASS_IMAGES` images, often a typo, is a warning that names it
+(``Manifest.warnings``); so is a class of ``labels`` with no image. A
+class-per-folder tree with an empty class folder is a problem.
 """
 from __future__ import annotations
 
 import csv
 import hashlib
 import math
+import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -42,6 +58,10 @@ _TARGET_COLS = ("target", "severity", "score", "value")
 _MASK_COLS = ("mask", "mask_path", "segmentation")
 _GROUP_COLS = ("group", "patient", "patient_id", "subject", "subject_id")
 _BOX_COLS = ("x", "y", "w", "h")
+MIN_CLASS_IMAGES = 5
+"""A class with fewer images is named in a warning (too few to learn or evaluate; often a typo)."""
+# Values a spreadsheet or pandas writes for a missing entry; never a class unless --labels names them.
+_MISSING_LIKE = frozenset({"nan", "null", "nil", "na", "n/a", "#n/a", "<na>", "nat", "?"})
 
 
 @dataclass
@@ -75,7 +95,12 @@ class Sample:
 
 @dataclass
 class Manifest:
-    """A parsed data set. ``arrays`` holds in-memory images ``(N, C, *spatial)``."""
+    """A parsed data set. ``arrays`` holds in-memory images ``(N, C, *spatial)``.
+
+    ``problems`` are fatal (training refuses them), ``warnings`` are not.
+    ``max_pixels`` is the largest image its files may declare (see
+    :func:`nemt.data.readers.read_image`; None: the readers' default).
+    """
 
     samples: list[Sample]
     task: str
@@ -84,6 +109,8 @@ class Manifest:
     problems: list[DataError] = field(default_factory=list)
     arrays: np.ndarray | None = None
     kind: str = "csv"
+    warnings: list[DataError] = field(default_factory=list)
+    max_pixels: int | None = None
 
     @property
     def n_outputs(self) -> int:
@@ -136,6 +163,37 @@ def _pick(columns: Sequence[str], wanted: str | None, candidates: Sequence[str],
 
 def _is_binary(values: list[str]) -> bool:
     return bool(values) and all(v.strip() in ("0", "1", "0.0", "1.0") for v in values)
+
+
+def missing_like(value: str) -> bool:
+    """Whether a label looks like a missing entry: empty, NaN or infinite as a number, or NA-like text."""
+    v = value.strip()
+    if not v or v.lower() in _MISSING_LIKE:
+        return True
+    try:
+        return not math.isfinite(float(v))
+    except ValueError:
+        return False
+
+
+def _class_warnings(source: Path, samples: list[Sample], label_names: list[str],
+                    from_labels: bool) -> list[DataError]:
+    """Warnings for multi-class classes with fewer than MIN_CLASS_IMAGES images (none: only when the set was
+    given, since a set taken from the data has no empty class)."""
+    counts = Counter(int(s.y) for s in samples)
+    out = []
+    for k, name in enumerate(label_names):
+        n = counts.get(k, 0)
+        if n == 0 and from_labels:
+            out.append(DataError(source, "label", f"class {name!r} of the label set has no image; "
+                                 "the model would have an output it never sees"))
+        elif 0 < n < MIN_CLASS_IMAGES:
+            first = next(s for s in samples if int(s.y) == k)
+            where = f"row {first.row}" if first.row is not None else first.name
+            out.append(DataError(source, "label", f"class {name!r} has only {n} image{'s' * (n > 1)} "
+                                 f"(first: {where}), fewer than {MIN_CLASS_IMAGES}; a typo? "
+                                 "fix the rows, or fix the label set with --labels"))
+    return out
 
 
 def load_manifest(path: str | Path, *, task: str | None = None, image_col: str | None = None,
@@ -205,7 +263,7 @@ def load_manifest(path: str | Path, *, task: str | None = None, image_col: str |
         if labels is not None:
             label_names = list(labels)
         else:
-            label_names = sorted({r[ycols[0]].strip() for r in rows if r[ycols[0]].strip()})
+            label_names = sorted({v for r in rows if not missing_like(v := (r[ycols[0]] or "").strip())})
     elif task == "multilabel":
         label_names = ycols
     else:
@@ -213,6 +271,7 @@ def load_manifest(path: str | Path, *, task: str | None = None, image_col: str |
 
     problems: list[DataError] = []
     by_image: dict[str, Sample] = {}
+    first_values: dict[str, dict[str, str]] = {}  # the first row's mask, group and split, as written
     order: list[str] = []
     bad_images: set[str] = set()
     for i, row in enumerate(rows, start=2):  # line 1 is the header
@@ -222,7 +281,7 @@ def load_manifest(path: str | Path, *, task: str | None = None, image_col: str |
             problems.append(DataError(path, img_c, f"{where}: empty image path"))
             continue
         img_path = root / rel
-        y, err = _parse_y(row, task, ycols, label_names)
+        y, err = _parse_y(row, task, ycols, label_names, fixed_set=labels is not None)
         if err:
             problems.append(DataError(img_path, err[0], f"{where}: {err[1]}"))
             bad_images.add(rel)
@@ -245,12 +304,21 @@ def load_manifest(path: str | Path, *, task: str | None = None, image_col: str |
             problems.append(DataError(img_path, "split", f"{where}: split {split!r} is not one of {SPLITS}"))
             bad_images.add(rel)
             continue
-        if rel in by_image:  # another box row of the same image
+        values = {"mask": os.path.normpath(mask_rel) if mask_rel else "", "group": group, "split": split}
+        if rel in by_image:  # another row of the same image: it may add a box, nothing else
             s = by_image[rel]
             if s.y != y:
                 problems.append(DataError(img_path, ",".join(ycols),
                                           f"{where}: label {y!r} disagrees with row {s.row} ({s.y!r})"))
                 bad_images.add(rel)
+            columns_of = {"mask": mask_c, "group": group_c, "split": split_c}
+            for what, value in values.items():
+                first = first_values[rel][what]
+                if value and value != first:  # an empty cell only does not repeat the first row's value
+                    problems.append(DataError(img_path, columns_of[what], f"{where}: {what} {value!r} disagrees "
+                                              f"with row {s.row} ({repr(first) if first else 'none'}); the rows "
+                                              "of one image may only add boxes"))
+                    bad_images.add(rel)
             if box:
                 s.boxes.append(box)
             continue
@@ -267,20 +335,29 @@ def load_manifest(path: str | Path, *, task: str | None = None, image_col: str |
                 continue
         by_image[rel] = Sample(image=img_path, y=y, mask=mask_path, boxes=[box] if box else [],
                                group=group or rel, split=split or None, row=i)
+        first_values[rel] = values
         order.append(rel)
     samples = [by_image[r] for r in order if r not in bad_images]
     if split_c and samples and any(s.split is None for s in samples):
         problems.append(DataError(path, "split", "some rows have a split and others none"))
+    warnings = _class_warnings(path, samples, label_names, labels is not None) if task == "multiclass" else []
     return Manifest(samples=samples, task=task, label_names=label_names, source=path,
-                    problems=problems, kind="csv")
+                    problems=problems, kind="csv", warnings=warnings)
 
 
-def _parse_y(row: dict, task: str, ycols: list[str], label_names: list[str]):
-    """Return (y, None) or (None, (field, reason))."""
+def _parse_y(row: dict, task: str, ycols: list[str], label_names: list[str], fixed_set: bool = False):
+    """Return (y, None) or (None, (field, reason)).
+
+    ``fixed_set``: the label set was given (``--labels``), so a missing-looking
+    value it names is a class on purpose.
+    """
     if task == "multiclass":
         v = (row.get(ycols[0]) or "").strip()
         if not v:
             return None, (ycols[0], "empty label")
+        if missing_like(v) and not (fixed_set and v in label_names):
+            return None, (ycols[0], f"label {v!r} looks like a missing value (empty, NaN, infinite or NA), "
+                                    "not a class; fix the row, or name the label set with --labels")
         if v not in label_names:
             return None, (ycols[0], f"label {v!r} not in the label set {label_names}")
         return label_names.index(v), None
@@ -314,6 +391,10 @@ def load_folder(root: str | Path, labels: Sequence[str] | None = None) -> Manife
     samples, problems = [], []
     for cls in classes:
         files = sorted(p for p in (root / cls).rglob("*") if p.is_file() and not p.name.startswith("."))
+        if labels is None and not any(is_image_file(f) for f in files):
+            problems.append(DataError(root / cls, "label", f"class folder {cls!r} holds no image, so its output "
+                                      "would never see an example; add images, remove the folder, or name "
+                                      "the classes with --labels"))
         for f in files:
             if not is_image_file(f):
                 problems.append(DataError(f, None, "not an image file of a supported format"))
@@ -321,12 +402,13 @@ def load_folder(root: str | Path, labels: Sequence[str] | None = None) -> Manife
                 problems.append(DataError(f, "label", f"folder {cls!r} is not in the label set {label_names}"))
             else:
                 samples.append(Sample(image=f, y=label_names.index(cls), group=str(f.relative_to(root))))
+    warnings = _class_warnings(root, samples, label_names, labels is not None)
     return Manifest(samples=samples, task="multiclass", label_names=label_names, source=root,
-                    problems=problems, kind="folder")
+                    problems=problems, kind="folder", warnings=warnings)
 
 
 def load_medmnist_npz(path: str | Path, *, task: str | None = None,
-                      labels: Sequence[str] | None = None) -> Manifest:
+                      labels: Sequence[str] | None = None, max_pixels: int | None = None) -> Manifest:
     """A MedMNIST ``.npz`` with its own train/val/test splits.
 
     Labels of shape (N, 1) are multi-class (``task`` may say ``regression`` for
@@ -335,7 +417,7 @@ def load_medmnist_npz(path: str | Path, *, task: str | None = None,
     from nemt.data.readers import read_medmnist
 
     path = Path(path)
-    parts = read_medmnist(path)
+    parts = read_medmnist(path, max_pixels=max_pixels)
     arrays, samples = [], []
     offset = 0
     for split in SPLITS:
@@ -366,26 +448,35 @@ def load_medmnist_npz(path: str | Path, *, task: str | None = None,
     else:
         label_names = list(labels) if labels is not None else ["target"]
     return Manifest(samples=samples, task=task, label_names=label_names, source=path,
-                    arrays=data, kind="medmnist")
+                    arrays=data, kind="medmnist", max_pixels=max_pixels)
 
 
-def open_dataset(path: str | Path, **options) -> Manifest:
+def open_dataset(path: str | Path, *, max_pixels: int | None = None, **options) -> Manifest:
     """One entry point: a CSV file, a folder with ``manifest.csv``, a MedMNIST ``.npz``,
-    or a class-per-folder tree."""
+    or a class-per-folder tree.
+
+    ``max_pixels`` is kept in the manifest and bounds every image read from it
+    (None: :data:`nemt.data.readers.DEFAULT_MAX_PIXELS`).
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(path, None, "no such file or folder")
     if path.is_file():
         if path.suffix.lower() == ".csv":
-            return load_manifest(path, **options)
-        if path.suffix.lower() == ".npz":
-            return load_medmnist_npz(path, task=options.get("task"), labels=options.get("labels"))
-        raise DataError(path, None, "expected a .csv manifest, a .npz MedMNIST file or a folder")
-    if (path / "manifest.csv").is_file():
-        return load_manifest(path / "manifest.csv", **options)
-    unknown = {k for k, v in options.items() if v is not None} - {"labels", "task"}
-    if unknown:
-        raise DataError(path, ",".join(sorted(unknown)), "column options apply to CSV manifests only")
-    if options.get("task") not in (None, "multiclass"):
-        raise DataError(path, "task", "a class-per-folder tree is multi-class")
-    return load_folder(path, labels=options.get("labels"))
+            m = load_manifest(path, **options)
+        elif path.suffix.lower() == ".npz":
+            return load_medmnist_npz(path, task=options.get("task"), labels=options.get("labels"),
+                                     max_pixels=max_pixels)
+        else:
+            raise DataError(path, None, "expected a .csv manifest, a .npz MedMNIST file or a folder")
+    elif (path / "manifest.csv").is_file():
+        m = load_manifest(path / "manifest.csv", **options)
+    else:
+        unknown = {k for k, v in options.items() if v is not None} - {"labels", "task"}
+        if unknown:
+            raise DataError(path, ",".join(sorted(unknown)), "column options apply to CSV manifests only")
+        if options.get("task") not in (None, "multiclass"):
+            raise DataError(path, "task", "a class-per-folder tree is multi-class")
+        m = load_folder(path, labels=options.get("labels"))
+    m.max_pixels = max_pixels
+    return m

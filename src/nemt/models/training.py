@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from nemt.checkpoint import load_state, save_state
+from nemt.data.check import read_every_item
 from nemt.data.dataset import ImageDataset, channel_stats, read_sample
 from nemt.data.manifest import Manifest
 from nemt.data.preprocess import Preprocessing
@@ -160,6 +161,8 @@ def train_classifier(manifest: Manifest, out_dir: str | Path, config: TrainConfi
     cfg = config or TrainConfig()
     log = log or (lambda s: console.print(s, soft_wrap=True, highlight=False))
     manifest.raise_problems()
+    for warning in manifest.warnings:  # e.g. a class with very few images (a typo?)
+        log(f"warning: {warning}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
@@ -178,6 +181,7 @@ def train_classifier(manifest: Manifest, out_dir: str | Path, config: TrainConfi
     channels = cfg.channels or (3 if first.array.shape[0] == 3 else 1)
     pre = Preprocessing(size=size, channels=channels, scale=cfg.scale)
     ds = {k: ImageDataset(manifest, pre, splits[k]) for k in ("train", "val", "test")}
+    read_every_item(ds)  # every image of every split (header, pixels, masks) before the first epoch
     pre.mean, pre.std = channel_stats(ds["train"])
 
     y_all = manifest.labels_array()

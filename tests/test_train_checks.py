@@ -1,0 +1,72 @@
+"""`nemt train` reads every image of every split before the first epoch, and hostile images stop it cleanly."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from nemt.cli import app
+from nemt.data import open_dataset, split_indices
+from nemt.errors import DataError
+from nemt.models import TrainConfig, train_classifier
+
+from test_readers import png_bomb
+
+CFG = dict(arch="smallcnn", size=(16, 16), epochs=2, batch_size=4, lr=3e-3, seed=0, arch_kwargs={"width": 4})
+
+
+def _in_split(manifest, split: str, k: int = 0):
+    return manifest.samples[int(split_indices(manifest, (0.7, 0.1, 0.2), 0)[split][k])]
+
+
+@pytest.mark.parametrize("split", ["test", "val"])
+def test_a_truncated_image_of_any_split_stops_training_before_the_first_epoch(small_csv, tmp_path, split):
+    m = open_dataset(small_csv)
+    bad = _in_split(m, split).image
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    logs: list[str] = []
+    with pytest.raises(DataError) as info:
+        train_classifier(open_dataset(small_csv), tmp_path / "run", TrainConfig(**CFG), progress=False,
+                         log=logs.append)
+    msg = str(info.value)
+    assert f"{split}: {bad}: pixels:" in msg and "1 of 24 images cannot be used, so nothing was trained" in msg
+    assert not any(line.startswith("epoch") for line in logs)
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    assert not (tmp_path / "run" / "state").exists()
+
+
+def test_a_bad_mask_of_a_test_image_is_found_before_training(small_csv, tmp_path):
+    m = open_dataset(small_csv)
+    s = _in_split(m, "test", 1)
+    from conftest import write_png
+    write_png(s.mask, np.zeros((5, 7), np.uint8))  # another shape than its 20x16 image
+    with pytest.raises(DataError, match=r"test: .*: shape: mask is 5x7, image is 20x16"):
+        train_classifier(open_dataset(small_csv), tmp_path / "run", TrainConfig(**CFG), progress=False,
+                         log=lambda s: None)
+
+
+def test_cli_train_and_check_refuse_a_bomb_from_its_header(small_csv, tmp_path):
+    m = open_dataset(small_csv)
+    victim = _in_split(m, "train", 3).image
+    png_bomb(victim, 30000, 30000)
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "--data", str(small_csv), "--out", str(tmp_path / "run"), "--arch",
+                              "smallcnn", "--size", "16", "--epochs", "1", "--batch-size", "4", "--no-progress"])
+    out = " ".join(res.output.split())
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert "image of 30000x30000 = 900 Mpx exceeds the limit of 256 Mpx" in out and "--max-pixels" in out
+    # data check: a per-file error, and the rest of the report, also as JSON
+    rep_path = tmp_path / "rep.json"
+    res = runner.invoke(app, ["data", "check", str(small_csv), "--no-progress", "--json", str(rep_path)])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    import json
+    rep = json.loads(rep_path.read_text())
+    assert rep["images"] == 23 and len(rep["fatal"]) == 1 and "900 Mpx" in rep["fatal"][0]
+    assert victim.name in rep["fatal"][0]
+    # --max-pixels moves the limit (here below the 20x16 images: every file is refused)
+    res = runner.invoke(app, ["data", "check", str(small_csv), "--no-progress", "--max-pixels", "319",
+                              "--json", str(rep_path)])
+    rep = json.loads(rep_path.read_text())
+    assert res.exit_code == 1 and rep["images"] == 0 and len(rep["fatal"]) == 24
+    assert sum("20x16 = 320 pixels exceeds the limit of 319 pixels" in f for f in rep["fatal"]) == 23
