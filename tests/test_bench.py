@@ -153,3 +153,117 @@ def test_xaitris_suite_small(tmp_path):
     assert all(0 <= float(r["top_k_precision"]) <= 1 and 0 <= float(r["emd_score"]) <= 1 for r in rows)
     assert (tmp_path / "report.html").is_file() and (tmp_path / "models" / "lin-white" / "cnn" / "model.json").is_file()
     assert run_suite(tmp_path, **kw) == table  # models read back, every run already done: same table
+
+
+# ---------------------------------------------------------------- issue 12: what a resumed run may reuse
+
+def test_results_of_another_model_or_explainer_are_refused_not_reused(tmp_path):
+    """Issue 12, item 1: the resume key holds the model's weights checksum and each fitted explainer's."""
+    from nemt.errors import NemtError
+    clf, data = _setup()
+    cfg = RunConfig(["gradcam"], ["relevance_mass"], batch_size=4)
+    run_benchmark(clf, data, {"gradcam": get_explainer("gradcam", clf)}, cfg, tmp_path, progress=False)
+    before = (tmp_path / "results.csv").read_bytes()
+    other = Classifier.from_module(build_model("smallcnn", spatial_dims=2, in_channels=1, out_channels=3, width=4),
+                                   spatial_dims=2, in_channels=1, input_size=(16, 16), task="multiclass",
+                                   label_names=["normal", "a", "b"]).eval()
+    other.load_state_dict(clf.state_dict())
+    with torch.no_grad():
+        other.net.fc.weight.add_(0.01)  # same card, perturbed weights
+    with pytest.raises(NemtError, match="another model"):
+        run_benchmark(other, data, {"gradcam": get_explainer("gradcam", other)}, cfg, tmp_path, progress=False)
+    assert (tmp_path / "results.csv").read_bytes() == before
+    # the same model again resumes; a fitted explainer is keyed by its checksum
+    run_benchmark(clf, data, {"gradcam": get_explainer("gradcam", clf)}, cfg, tmp_path, progress=False)
+    ex = {"sobel": get_explainer("sobel", clf)}
+    run_benchmark(clf, data, ex, RunConfig(["sobel"], ["relevance_mass"], batch_size=4), tmp_path, progress=False,
+                  explainer_sha256={"sobel": "a" * 64})
+    with pytest.raises(NemtError, match="fitted explainer of sobel"):
+        run_benchmark(clf, data, ex, RunConfig(["sobel"], ["relevance_mass"], batch_size=4), tmp_path,
+                      progress=False, explainer_sha256={"sobel": "b" * 64})
+
+
+def test_explainer_checksum_covers_weights_and_card(tmp_path):
+    from nemt.bench.runner import explainer_checksum
+    from nemt.errors import NemtError
+    (tmp_path / "explainer.safetensors").write_bytes(b"weights")
+    (tmp_path / "explainer.json").write_text("{}")
+    a = explainer_checksum(tmp_path)
+    (tmp_path / "explainer.safetensors").write_bytes(b"weightz")
+    b = explainer_checksum(tmp_path)
+    (tmp_path / "explainer.json").write_text("{ }")
+    assert len({a, b, explainer_checksum(tmp_path)}) == 3
+    (tmp_path / "explainer.json").unlink()
+    with pytest.raises(NemtError, match="explainer.json: missing"):
+        explainer_checksum(tmp_path)
+
+
+def test_cli_benchmark_refuses_the_results_of_another_model(tmp_path):
+    """Issue 12, item 1, end to end: `nemt benchmark --model OTHER --out X` after `--model M --out X`."""
+    runner = CliRunner()
+    manifest = write_phantom_dataset(tmp_path / "data", 30, 32, task="multiclass", seed=0)
+    labels = json.loads((tmp_path / "data" / "phantoms.json").read_text())["label_names"]
+    for name, seed in (("m", "0"), ("other", "0")):
+        res = runner.invoke(app, ["train", "--data", str(manifest), "--out", str(tmp_path / name), "--arch",
+                                  "smallcnn", "--size", "32", "--epochs", "1", "--batch-size", "8", "--labels",
+                                  ",".join(labels), "--seed", seed, "--lr", "0.01" if name == "m" else "0.02",
+                                  "--no-progress"])
+        assert res.exit_code == 0, res.output
+    args = ["benchmark", "--data", str(manifest), "--out", str(tmp_path / "b"), "--methods", "gradcam++,random",
+            "--metrics", "relevance_mass", "--gallery", "0", "--no-progress"]
+    res = runner.invoke(app, args + ["--model", str(tmp_path / "m")])
+    assert res.exit_code == 0, res.output
+    before = (tmp_path / "b" / "summary.md").read_text()
+    res = runner.invoke(app, args + ["--model", str(tmp_path / "other")])
+    assert res.exit_code == 2 and "another model" in " ".join(res.output.split()), res.output
+    assert (tmp_path / "b" / "summary.md").read_text() == before
+
+
+# ---------------------------------------------------------------- issue 12, item 12: the results log read strictly
+
+def _partial_run(tmp_path):
+    clf, data = _setup()
+    cfg = RunConfig(["sobel"], ["relevance_mass", "complexity"], batch_size=4)
+    full = run_benchmark(clf, data, {"sobel": get_explainer("sobel", clf)}, cfg, tmp_path / "full", progress=False)
+    return clf, data, cfg, full
+
+
+def test_a_torn_last_row_is_dropped_and_recomputed_with_a_message(tmp_path):
+    clf, data, cfg, full = _partial_run(tmp_path)
+    log = tmp_path / "full" / "results.partial.csv"
+    raw = log.read_bytes()
+    assert raw.endswith(b"\r\n")
+    log.write_bytes(raw[:-6])  # the last row's last number cut mid-way, as an interrupted append leaves it
+    (tmp_path / "full" / "results.csv").unlink()
+    again = _Counting(get_explainer("sobel", clf))
+    said = []
+    resumed = run_benchmark(clf, data, {"sobel": again}, cfg, tmp_path / "full", progress=False, log=said.append)
+    assert again.calls == 1  # the chunk of the torn row, only
+    assert len(said) == 1 and "cut short" in said[0] and "results.partial.csv" in said[0]
+    assert {k: v for k, v in resumed["sobel"].items() if k != "ms"} == \
+        {k: v for k, v in full["sobel"].items() if k != "ms"}
+    rows = list(csv.DictReader(open(tmp_path / "full" / "results.csv")))
+    assert [int(r["item"]) for r in rows] == list(range(len(data.items)))  # each item once
+    # the log now holds every row whole; a further run reads it without a message
+    said.clear()
+    run_benchmark(clf, data, {"sobel": _Counting(get_explainer("sobel", clf))}, cfg, tmp_path / "full",
+                  progress=False, log=said.append)
+    assert said == []
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda line: line.rsplit(",", 2)[0], r"line 4: 8 fields, expected 10"),
+    (lambda line: line.rsplit(",", 1)[0] + ",0.1x", r"line 4: field 'complexity': '0.1x' is not a number"),
+    (lambda line: line.replace(",True,", ",yes,").replace(",False,", ",yes,"), r"line 4: field 'has_gt'"),
+])
+def test_a_damaged_row_is_an_error_naming_line_and_field(tmp_path, damage, message):
+    from nemt.errors import NemtError
+    clf, data, cfg, full = _partial_run(tmp_path)
+    log = tmp_path / "full" / "results.partial.csv"
+    lines = log.read_text().split("\n")
+    lines[3] = damage(lines[3].rstrip("\r")) + "\r"
+    log.write_text("\n".join(lines))
+    (tmp_path / "full" / "results.csv").unlink()
+    with pytest.raises(NemtError, match=message):
+        run_benchmark(clf, data, {"sobel": get_explainer("sobel", clf)}, cfg, tmp_path / "full", progress=False)
+    assert not (tmp_path / "full" / "results.csv").exists()

@@ -15,9 +15,11 @@ divided by its size (metrics not included), on the device given.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +30,7 @@ import torch
 from nemt.errors import NemtError
 from nemt.files import atomic_open
 from nemt.metrics import DIRECTIONS, summarise
-from nemt.progress import progress_bar
+from nemt.progress import console, progress_bar
 
 #: metrics that compare a map with the ground-truth mask: fn(maps, masks)
 GT_METRICS = ("relevance_mass", "relevance_rank", "pointing_game", "top_k_intersection", "energy_pointing_game",
@@ -121,32 +123,92 @@ def score_maps(metrics: Sequence[str], maps: torch.Tensor, gt: torch.Tensor, mod
 
 
 class ResultsLog:
-    """Append-only per-item results (``results.partial.csv``), read back to resume."""
+    """Append-only per-item results (``results.partial.csv``), read back strictly to resume.
 
-    def __init__(self, path: Path, metrics: Sequence[str]):
+    Every row is checked on read: the field count, integers where integers
+    belong, ``True``/``False``, and numbers written as :func:`_fmt` writes them
+    (a number cut mid-way in a middle row cannot pass for a whole one, since
+    only the last row can be cut). A last row without its line end is a write
+    cut short by an interruption: it is dropped (the file is rewritten without
+    it, atomically) and its chunk recomputed, with a message. Any other bad row
+    is an error naming the file, line, field and reason. Rows of one (method,
+    item) written twice (a chunk recomputed after a cut) count once, the last.
+    """
+
+    def __init__(self, path: Path, metrics: Sequence[str], log: Callable[[str], None] | None = None):
         self.path, self.fields = path, list(RESULT_FIELDS) + list(metrics)
-        self.rows: list[dict] = []
+        self.metrics = list(metrics)
+        self.rows: dict[tuple[str, int], dict] = {}
         if path.is_file():
-            with open(path, newline="", encoding="utf-8") as fh:
-                reader = csv.DictReader(fh)
-                if reader.fieldnames != self.fields:
-                    raise NemtError(f"{path}: written by a run with other metrics ({reader.fieldnames}); "
-                                    "use another --out or --restart")
-                self.rows = [r for r in reader]
-        self.done = {(r["method"], int(r["item"])) for r in self.rows}
+            self._read(log or (lambda s: console.print(s, soft_wrap=True, highlight=False, markup=False)))
+
+    @property
+    def done(self) -> set[tuple[str, int]]:
+        return set(self.rows)
+
+    def _read(self, log: Callable[[str], None]) -> None:
+        raw = self.path.read_bytes()
+        end = raw.rfind(b"\n") + 1
+        if end < len(raw):  # the last row lacks its line end: cut short
+            torn = raw[end:].decode("utf-8", "replace")
+            shown = torn if len(torn) <= 60 else torn[:57] + "..."
+            what = "its header" if end == 0 else "its last row"
+            log(f"{self.path}: {what} was cut short by an interruption ({shown!r}); dropped, "
+                "its items are computed again")
+            if end == 0:
+                self.path.unlink()
+                return
+            with atomic_open(self.path, "wb") as fh:
+                fh.write(raw[:end])
+            raw = raw[:end]
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise NemtError(f"{self.path}: byte {e.start}: not UTF-8 text; the file is damaged: delete it or "
+                            "use --restart") from None
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header = next(reader, None)
+        if header != self.fields:
+            raise NemtError(f"{self.path}: written by a run with other metrics ({header}); "
+                            "use another --out or --restart")
+        for row in reader:
+            r = self._parse(row, reader.line_num)
+            self.rows[(r["method"], int(r["item"]))] = r
+
+    def _parse(self, row: list[str], line: int) -> dict:
+        where = f"{self.path}: line {line}"
+        if len(row) != len(self.fields):
+            raise NemtError(f"{where}: {len(row)} fields, expected {len(self.fields)} ({', '.join(self.fields)}); "
+                            "the file is damaged: delete it or use --restart")
+        r = dict(zip(self.fields, row))
+        checks = [("method", bool(r["method"]), "empty"), ("has_gt", r["has_gt"] in ("True", "False"),
+                                                              "not True or False")]
+        checks += [(k, _INT.fullmatch(r[k]) is not None, "not a non-negative integer")
+                   for k in ("item", "sample", "target")]
+        checks += [(k, _FLOAT.fullmatch(r[k]) is not None, "not a number") for k in ["ms"] + self.metrics]
+        for name, ok, reason in checks:
+            if not ok:
+                raise NemtError(f"{where}: field {name!r}: {r[name]!r} is {reason}; the file is damaged: "
+                                "delete it or use --restart")
+        return r
 
     def append(self, rows: list[dict]) -> None:
         new = not self.path.is_file()
+        text = [{k: _fmt(r.get(k)) for k in self.fields} for r in rows]
         with open(self.path, "a", newline="", encoding="utf-8") as fh:
             w = csv.DictWriter(fh, fieldnames=self.fields)
             if new:
                 w.writeheader()
-            for r in rows:
-                w.writerow({k: _fmt(r.get(k)) for k in self.fields})
+            w.writerows(text)
             fh.flush()
             os.fsync(fh.fileno())
-        self.rows.extend({k: _fmt(r.get(k)) for k in self.fields} for r in rows)
-        self.done |= {(r["method"], int(r["item"])) for r in rows}
+        for r in text:
+            self.rows[(r["method"], int(r["item"]))] = r
+
+
+#: what :func:`_fmt` writes: Python's repr of a float (or int), nan, inf
+_FLOAT = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|nan|-?inf")
+_INT = re.compile(r"\d+")
 
 
 def _fmt(v: Any) -> str:
@@ -156,37 +218,62 @@ def _fmt(v: Any) -> str:
 
 
 def run_benchmark(model, data: BenchmarkData, explainers: dict[str, Any], config: RunConfig, out: Path, *,
-                  progress: bool = True, metric_model=None) -> dict:
+                  progress: bool = True, metric_model=None, model_sha256: str | None = None,
+                  explainer_sha256: dict[str, str] | None = None,
+                  log: Callable[[str], None] | None = None) -> dict:
     """Explain and score every item with every method; write results, summary; return the summary dict.
 
     ``explainers`` maps method names to objects with ``explain(x, target)``.
     ``metric_model`` (default ``model``) runs the faithfulness metrics.
+    The results in ``out`` are reused only for the same data, items, metrics,
+    seed and parameters, the same model weights (``model_sha256``, by default
+    :func:`~nemt.explainers.nemt.model_checksum` of ``model``) and, per
+    method, the same fitted explainer (``explainer_sha256``, e.g. from
+    :func:`explainer_checksum`); any other run in ``out`` is refused.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     metrics = check_metrics(config.metrics)
+    if model_sha256 is None:
+        from nemt.explainers.nemt import model_checksum
+        model_sha256 = model_checksum(model)
+    fitted = {m: explainer_sha256[m] for m in explainers if explainer_sha256 and m in explainer_sha256}
     params = {m: config.method_params.get(m, {}) for m in explainers}
     meta = {"methods": list(explainers), "metrics": metrics, "batch_size": config.batch_size, "seed": config.seed,
             "items": len(data.items), "data": data.fingerprint, "metric_params": config.metric_params,
-            "method_params": params}
+            "method_params": params, "model_sha256": model_sha256, "explainer_sha256": fitted}
     meta_path = out / "run.json"
     if meta_path.is_file():
         old = json.loads(meta_path.read_text())
+        if old.get("model_sha256") != model_sha256:
+            recorded = old.get("model_sha256")
+            raise NemtError(f"{out}: holds a run of another model (weights checksum "
+                            f"{recorded[:16] + '...' if recorded else 'not recorded'}, this model "
+                            f"{model_sha256[:16]}...); use another --out or --restart")
         diff = [k for k in ("metrics", "items", "data", "seed", "metric_params") if k in old and old[k] != meta[k]]
         diff += [f"parameters of {m}" for m, p in params.items()
                  if m in old.get("method_params", {}) and old["method_params"][m] != p]
+        diff += [f"fitted explainer of {m}" for m in explainers
+                 if m in old.get("methods", []) and old.get("explainer_sha256", {}).get(m) != fitted.get(m)]
         if diff:
             raise NemtError(f"{out}: holds a run with other {', '.join(diff)}; use another --out or --restart")
         meta["methods"] = list(dict.fromkeys(old.get("methods", []) + meta["methods"]))
         meta["method_params"] = {**old.get("method_params", {}), **params}
+        meta["explainer_sha256"] = {**old.get("explainer_sha256", {}), **fitted}
+    out.mkdir(parents=True, exist_ok=True)
+    log_ = ResultsLog(out / "results.partial.csv", metrics, log)
+    for (name, i), r in log_.rows.items():
+        if name in explainers and (i >= len(data.items) or r["image"] != data.items[i].image
+                                   or int(r["target"]) != data.items[i].target):
+            raise NemtError(f"{log_.path}: the row of {name}, item {i} ({r['image']!r}, target {r['target']}) "
+                            "is not an item of this run's data; use another --out or --restart")
     with atomic_open(meta_path, "w") as fh:
         json.dump(meta, fh, indent=2)
-    log = ResultsLog(out / "results.partial.csv", metrics)
     mm = metric_model or model
     device = data.x.device
     chunks = [data.items[i:i + config.batch_size] for i in range(0, len(data.items), config.batch_size)]
+    done = log_.done
     todo = [(name, c) for name in explainers for c in chunks
-            if any((name, it.item) not in log.done for it in c)]
+            if any((name, it.item) not in done for it in c)]
     with progress_bar(progress) as bar:
         task = bar.add_task("benchmark", total=len(todo), info="")
         for name, chunk in todo:
@@ -207,16 +294,34 @@ def run_benchmark(model, data: BenchmarkData, explainers: dict[str, Any], config
                                                                        "has_gt")}, "ms": ms}
                 row.update({m: float(v[k]) for m, v in scores.items()})
                 rows.append(row)
-            log.append(rows)
+            log_.append(rows)
             bar.advance(task)
-    rows = [r for r in log.rows if r["method"] in explainers]
+    order = {m: k for k, m in enumerate(explainers)}
+    rows = [log_.rows[key] for key in sorted((k for k in log_.rows if k[0] in order),
+                                             key=lambda k: (order[k[0]], k[1]))]
     with atomic_open(out / "results.csv", "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=log.fields)
+        w = csv.DictWriter(fh, fieldnames=log_.fields)
         w.writeheader()
         w.writerows(rows)
     summary = summarise_results(rows, list(explainers), metrics)
     write_summary(out, summary, metrics)
     return summary
+
+
+def explainer_checksum(directory: str | Path) -> str:
+    """SHA-256 over a fitted explainer folder's ``explainer.safetensors`` and ``explainer.json`` bytes."""
+    import hashlib
+    directory = Path(directory)
+    h = hashlib.sha256()
+    for name in ("explainer.safetensors", "explainer.json"):
+        path = directory / name
+        if not path.is_file():
+            raise NemtError(f"{path}: missing; is {directory} an explainer folder written by `nemt fit`?")
+        h.update(f"{name}:{path.stat().st_size}:".encode())
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()
 
 
 def summarise_results(rows: list[dict], methods: Sequence[str], metrics: Sequence[str]) -> dict:
@@ -390,7 +495,9 @@ def benchmark_model(model_dir: Path, data_path: Path, out: Path, *, explainer_di
     data = load_benchmark_data(clf, manifest, splits[split], device=device, limit=limit)
     fast = inference_copy(clf)
     cfg = RunConfig(list(methods), list(metrics), batch_size, seed, metric_params, params)
-    summary = run_benchmark(clf, data, explainers, cfg, out, progress=progress, metric_model=fast)
+    fitted = {m: explainer_checksum(explainer_dir) for m in methods if m in ("nemt", "nem")}
+    summary = run_benchmark(clf, data, explainers, cfg, out, progress=progress, metric_model=fast,
+                            explainer_sha256=fitted)
     facts = {"model": f"{model_dir} ({clf.card.arch}, {clf.task}, labels {', '.join(clf.label_names)})",
              "data": f"{data_path}, {split} split: {len({it.sample for it in data.items})} images, "
                      f"{len(data.items)} items ({sum(not it.has_gt for it in data.items)} without ground truth)",
