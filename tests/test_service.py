@@ -101,7 +101,7 @@ def _json_safe(v):
 # -- GET endpoints ----------------------------------------------------------------------------------------
 
 def test_health(client):
-    assert client.get("/health").json() == {"status": "ok", "active": 0, "capacity": 18}
+    assert client.get("/health").json() == {"status": "ok", "active": 0, "capacity": 18, "receiving": 0}
 
 
 def test_model_card_methods_and_colormap(client, env):
@@ -110,7 +110,8 @@ def test_model_card_methods_and_colormap(client, env):
     assert info["labels"] == LABELS and info["task"] == "multiclass"
     assert info["methods"] == ["nemt", "gradcam++"] and info["default_method"] == "nemt"
     assert info["input_size"] == [32, 32] and info["channels"] == 1
-    assert info["limits"] == {"max_upload_bytes": 20 * 1024 * 1024, "workers": 2, "queue": 16}
+    assert info["limits"] == {"max_upload_bytes": 20 * 1024 * 1024, "max_pixels": 50_000_000, "body_timeout_s": 30.0,
+                              "max_receiving": 64, "workers": 2, "queue": 16}
     lut = np.array(info["colormap"]["lut"])
     assert lut.shape == (256, 3) and lut.min() >= 0 and lut.max() <= 255
 
@@ -121,7 +122,7 @@ def test_openapi_documents_the_form_and_the_errors(client):
     post_ = spec["paths"]["/v1/explain"]["post"]
     form = post_["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert set(form["properties"]) == {"file", "labels", "method", "format", "alpha"} and form["required"] == ["file"]
-    assert {"200", "413", "415", "422", "503"} <= set(post_["responses"])
+    assert {"200", "408", "413", "415", "422", "503"} <= set(post_["responses"])
     assert "ExplainResponse" in spec["components"]["schemas"]
     assert client.get("/docs").status_code == 404  # Swagger UI would load its scripts from a CDN
 
@@ -318,7 +319,7 @@ def test_full_queue_is_503_with_retry_after_and_a_burst_queues(env, upload_root)
             r = post(c, data)
             assert r.status_code == 503 and r.headers["retry-after"] == "1"
             assert "busy" in r.json()["detail"]
-            assert c.get("/health").json() == {"status": "ok", "active": 1, "capacity": 1}
+            assert c.get("/health").json() == {"status": "ok", "active": 1, "capacity": 1, "receiving": 0}
         first.join(10)
         assert results[0].status_code == 200
         assert c.get("/health").json()["active"] == 0
@@ -339,9 +340,9 @@ def test_uploads_live_only_in_a_temporary_folder(client, env, upload_root, monke
 
     seen = []
 
-    def spy(path):
+    def spy(path, **kw):
         seen.append((Path(path), sorted(p.name for p in Path(path).parent.iterdir())))
-        return read_image(path)
+        return read_image(path, **kw)
     monkeypatch.setattr(service, "read_image", spy)
     assert post(client, env["images"][0].read_bytes(), name="../../etc/passwd.png").status_code == 200
     path, listing = seen[0]
@@ -355,3 +356,151 @@ def test_build_explainers_needs_something_to_serve(env):
         build_explainers(env["clf"], None, [])
     with pytest.raises(NemtError, match="at least one explainer"):
         create_app(env["clf"], {})
+
+
+# -- hostile clients ----------------------------------------------------------------------------------------
+
+def _multipart_head(boundary: str = "nemtb", name: str = "a.png") -> bytes:
+    return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+
+
+def _stalled_socket(url: str, declared: int = 100_000, boundary: str = "nemtb"):
+    """A connection that sends its headers and the start of a body, then nothing (a slow or stalled client)."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    s = socket.create_connection((u.hostname, u.port), timeout=30)
+    s.sendall((f"POST /v1/explain HTTP/1.1\r\nHost: {u.hostname}\r\nContent-Length: {declared}\r\n"
+               f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n").encode()
+              + _multipart_head(boundary) + b"\x89PNG")
+    return s
+
+
+def test_stalled_uploads_hold_no_compute_slot_and_time_out(env, upload_root):
+    """One worker, no queue: 6 clients that stall mid-body must not turn a normal request into a 503."""
+    import httpx
+
+    from nemt.deploy.service import running
+
+    data = env["images"][0].read_bytes()
+    app = create_app(env["clf"], env["explainers"], workers=1, queue=0, body_timeout=1.5)
+    with running(app) as url:
+        stalled = [_stalled_socket(url) for _ in range(6)]
+        try:
+            with httpx.Client(base_url=url, timeout=30) as http:
+                deadline = time.monotonic() + 10
+                while http.get("/health").json()["receiving"] < 6 and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                health = http.get("/health").json()
+                assert health["receiving"] == 6 and health["active"] == 0
+                for _ in range(3):  # normal requests are answered while the six stall
+                    r = http.post("/v1/explain", files={"file": ("a.png", data)})
+                    assert r.status_code == 200, r.text
+            for s in stalled:  # after body_timeout each stalled client gets 408 and its connection closed
+                s.settimeout(10)
+                answer = b""
+                while chunk := s.recv(65536):  # until the server closes the connection
+                    answer += chunk
+                answer = answer.decode("latin-1")
+                assert answer.startswith("HTTP/1.1 408") and "not complete within 1.5 s" in answer, answer
+        finally:
+            for s in stalled:
+                s.close()
+        with httpx.Client(base_url=url, timeout=30) as http:
+            assert http.get("/health").json() == {"status": "ok", "active": 0, "capacity": 1, "receiving": 0}
+    assert list(upload_root.iterdir()) == []
+
+
+def test_upload_slots_are_bounded(env, upload_root):
+    import httpx
+
+    from nemt.deploy.service import running
+
+    app = create_app(env["clf"], env["explainers"], max_receiving=2, body_timeout=5)
+    with running(app) as url:
+        stalled = [_stalled_socket(url) for _ in range(2)]
+        try:
+            with httpx.Client(base_url=url, timeout=30) as http:
+                deadline = time.monotonic() + 10
+                while http.get("/health").json()["receiving"] < 2 and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                r = http.post("/v1/explain", files={"file": ("a.png", env["images"][0].read_bytes())})
+                assert r.status_code == 503 and "2 uploads in progress" in r.json()["detail"]
+                assert r.headers["retry-after"] == "1"
+        finally:
+            for s in stalled:
+                s.close()
+
+
+def test_oversized_dimensions_are_413_from_the_header(env, client, upload_root):
+    """A 10000x10000 PNG of a few bytes is refused before decoding (it would take gigabytes)."""
+    from test_readers import png_bomb
+
+    bomb = png_bomb(upload_root.parent / "bomb.png", 10000, 10000).read_bytes()
+    assert len(bomb) < 200
+    r = post(client, bomb, name="scan.png")
+    assert r.status_code == 413, r.text
+    assert r.json()["detail"] == ("scan.png: size: image of 10000x10000 = 100 Mpx is over this service's "
+                                  "limit of 50 Mpx")
+    # the limit is the service's own setting
+    with TestClient(create_app(env["clf"], env["explainers"], max_pixels=1000)) as small:
+        r = post(small, env["images"][0].read_bytes(), name="p.png")  # 32x32 = 1024 pixels
+        assert r.status_code == 413 and "32x32 = 1024 pixels is over this service's limit of 1000 pixels" in r.text
+    with pytest.raises(NemtError, match="max_pixels"):
+        create_app(env["clf"], env["explainers"], max_pixels=0)
+    assert list(upload_root.iterdir()) == []
+
+
+def test_decoder_messages_never_show_the_temporary_path(client, upload_root):
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((16, 16))
+    hdr.set_data_dtype(np.float32)
+    cut = hdr.binaryblock + b"\0" * 4 + b"\0" * 100  # 100 of the 1024 data bytes: nibabel names the file
+    r = post(client, cut, name="cut.nii")
+    assert r.status_code == 422
+    detail = r.json()["detail"]
+    assert detail.startswith("cut.nii: pixels: OSError: Expected 1024 bytes") and "from cut.nii" in detail, detail
+    assert "nemt-upload" not in detail and "upload.nii" not in detail and str(upload_root) not in detail
+    assert list(upload_root.iterdir()) == []
+
+
+def test_a_client_gone_mid_upload_logs_no_traceback(env, upload_root):
+    import logging
+
+    import httpx
+
+    from nemt.deploy.service import running
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+    keep = Keep(level=logging.DEBUG)
+    app = create_app(env["clf"], env["explainers"])
+    with running(app) as url:
+        loggers = [logging.getLogger(n) for n in ("uvicorn.error", "nemt.service")]
+        levels = [lg.level for lg in loggers]
+        for lg in loggers:
+            lg.addHandler(keep)
+            lg.setLevel(logging.DEBUG)
+        try:
+            for _ in range(3):
+                s = _stalled_socket(url)
+                time.sleep(0.2)
+                s.close()  # gone before the body is complete
+            with httpx.Client(base_url=url, timeout=30) as http:
+                deadline = time.monotonic() + 10
+                while http.get("/health").json().get("receiving", 0) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                time.sleep(0.2)  # the server has logged whatever it logs for the three
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.removeHandler(keep)
+                lg.setLevel(level)
+    assert not [r for r in records if r.exc_info or r.levelno >= logging.ERROR], [r.getMessage() for r in records]
+    gone = [r.getMessage() for r in records if r.name == "nemt.service"]
+    assert len(gone) == 3 and all("went away during its upload" in m for m in gone)
+    assert list(upload_root.iterdir()) == []

@@ -21,7 +21,7 @@ app.add_typer(data_app, name="data")
 TaskOpt = typer.Option(None, help="multiclass | multilabel | regression (default: from the data)")
 MaxPixelsOpt = typer.Option(None, "--max-pixels", min=1,
                             help="largest image to decode, in pixels (voxels, all frames), e.g. 1e9; a file "
-                                 "declaring more is refused from its header [default: 2.56e8]")
+                                 "declaring more is refused from its header [default: 2.56e8, 256 Mpx]")
 
 
 def _friendly(fn: Callable) -> Callable:
@@ -362,6 +362,11 @@ def serve(
     workers: int = typer.Option(2, help="worker threads"),
     queue: int = typer.Option(16, help="requests that may wait for a worker; more get 503"),
     max_upload_mb: float = typer.Option(20, help="upload size limit in MB"),
+    max_pixels: float = typer.Option(5e7, "--max-pixels", min=1,
+                                     help="largest image, in pixels (voxels), checked from the file's header "
+                                          "before decoding; larger ones get 413"),
+    body_timeout: float = typer.Option(30.0, min=0.001, help="seconds to receive a request body; slower gets 408"),
+    max_receiving: int = typer.Option(64, min=1, help="request bodies received at once; more get 503"),
     seed: int = typer.Option(0, help="seed of stochastic baselines"),
     device: str = typer.Option("cpu", help="torch device"),
 ) -> None:
@@ -369,7 +374,8 @@ def serve(
     from nemt.deploy.service import serve as run
 
     run(model, explainer, baselines=_csv_list(baselines) or [], host=host, port=port, workers=workers,
-        queue=queue, max_upload_mb=max_upload_mb, device=device, seed=seed)
+        queue=queue, max_upload_mb=max_upload_mb, max_pixels=int(max_pixels), body_timeout=body_timeout,
+        max_receiving=max_receiving, device=device, seed=seed)
 
 
 @app.command()

@@ -49,7 +49,14 @@ DEFAULT_MAX_PIXELS = 256_000_000
 
 
 class ImageTooLarge(DataError):
-    """The header declares more pixels than the reader's limit (checked before decoding)."""
+    """The header declares more pixels than the reader's limit (checked before decoding).
+
+    ``shape``, ``pixels`` and ``limit`` hold the figures, for callers that word their own message.
+    """
+
+    def __init__(self, path, field, reason, *, shape: tuple[int, ...] = (), pixels: int = 0, limit: int = 0):
+        super().__init__(path, field, reason)
+        self.shape, self.pixels, self.limit = shape, pixels, limit
 
 
 def check_pixels(path: str | Path, shape: Sequence[int], max_pixels: int | None, field: str = "size") -> None:
@@ -57,8 +64,9 @@ def check_pixels(path: str | Path, shape: Sequence[int], max_pixels: int | None,
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
     n = math.prod(int(s) for s in shape)
     if n > limit:
-        raise ImageTooLarge(path, field, f"image of {_fmt_shape(shape)} = {_fmt_mpx(n)} exceeds the limit of "
-                            f"{_fmt_mpx(limit)}; raise the limit with --max-pixels if the file is genuine")
+        raise ImageTooLarge(path, field, f"image of {_fmt_shape(shape)} = {format_pixels(n)} exceeds the limit of "
+                            f"{format_pixels(limit)}; raise the limit with --max-pixels if the file is genuine",
+                            shape=tuple(int(s) for s in shape), pixels=n, limit=limit)
 
 
 @dataclass
@@ -475,6 +483,6 @@ def _fmt_shape(shape) -> str:
     return "x".join(str(int(s)) for s in shape)
 
 
-def _fmt_mpx(n: int) -> str:
-    """A pixel count for messages: 900 Mpx, 50 Mpx, 0.25 Mpx; below 1000 pixels the count itself."""
-    return f"{n / 1e6:.4g} Mpx" if n >= 1000 else f"{n} pixels"
+def format_pixels(n: int) -> str:
+    """A pixel count for messages: 900 Mpx, 50 Mpx, 0.25 Mpx; below 0.1 Mpx the count itself."""
+    return f"{n / 1e6:.4g} Mpx" if n >= 100_000 else f"{n} pixels"

@@ -22,19 +22,27 @@ Endpoints (the OpenAPI schema is at ``/openapi.json``; FastAPI's ``/docs`` and
 
 A request's path: the upload is streamed, its bytes counted, into a
 ``tempfile.TemporaryDirectory`` that is removed when the request is done
-(also on errors and when the client goes away); a worker thread reads it
-with :func:`nemt.data.read_image`, preprocesses it with the card's
-preprocessing, predicts, explains and encodes. Errors answer with FastAPI's
-``{"detail": reason}``: 413 for an upload over the limit (Content-Length, and
-counted while reading), 415 for a file that is no format nemt reads, 422 for
-a file that cannot be decoded, a wrong number of dimensions or channels, or
-an unknown label, method, format or field, 503 with ``Retry-After`` when the
-queue is full.
+(also on errors and when the client goes away); only a complete body takes
+a compute slot. A worker thread then reads the file with
+:func:`nemt.data.read_image` (its size checked from the header first),
+preprocesses it with the card's preprocessing, predicts, explains and
+encodes. Errors answer with FastAPI's ``{"detail": reason}``: 408 for a body
+not complete within ``body_timeout`` seconds, 413 for an upload over the
+byte limit (Content-Length, and counted while reading) or an image over the
+pixel limit (``max_pixels``, default 50 Mpx, from the file's header before
+any decoding), 415 for a file that is no format nemt reads, 422 for a file
+that cannot be decoded, a wrong number of dimensions or channels, or an
+unknown label, method, format or field, 503 with ``Retry-After`` when the
+queue is full. Messages name the client's file name, never the server's
+temporary path; a client that goes away mid-upload is logged in one line.
 
-Bounds: ``workers`` threads do the work; at most ``workers + queue``
-requests are admitted at once (running or waiting, each holding at most one
-upload on disk); the next one gets 503 at once instead of piling up in
-memory. The model and explainer computations themselves run one at a time
+Bounds: a slow or stalled client holds only an upload slot (at most
+``max_receiving`` bodies are read at once, each for at most
+``body_timeout`` seconds and ``max_upload_bytes`` bytes), never a compute
+slot, so it cannot starve the others. ``workers`` threads do the work; at
+most ``workers + queue`` complete requests are admitted at once (running or
+waiting); the next one gets 503 at once instead of piling up in memory.
+The model and explainer computations themselves run one at a time
 (a lock): explainers read the model's activations through forward hooks on
 the one shared network, so two concurrent forward passes would mix their
 features. The workers overlap reading, preprocessing and encoding with it.
@@ -52,6 +60,7 @@ import asyncio
 import base64
 import contextlib
 import io
+import logging
 import tempfile
 import threading
 import time
@@ -68,14 +77,19 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect
 
 from nemt import __version__
-from nemt.data.readers import SUPPORTED_SUFFIXES, Image, read_image
+from nemt.data.readers import SUPPORTED_SUFFIXES, Image, ImageTooLarge, format_pixels, read_image
 from nemt.errors import DataError, NemtError
 from nemt.explainers.base import Explainer
 from nemt.models.classifier import predictions_from_outputs
 
 MB = 1024 * 1024
+DEFAULT_MAX_PIXELS = 50_000_000  # the service's own limit: a 285 KB PNG of 10000x10000 would take gigabytes
+DEFAULT_BODY_TIMEOUT = 30.0  # seconds to receive one whole request body
+DEFAULT_MAX_RECEIVING = 64  # request bodies read at once (each at most max_upload_bytes on disk)
+log = logging.getLogger("nemt.service")
 FORMATS = ("png", "array", "both")
 FIELDS = ("file", "labels", "method", "format", "alpha")
 DEFAULT_ALPHA = 0.45
@@ -137,10 +151,11 @@ _FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"
         "format": {"type": "string", "enum": list(FORMATS), "default": "png"},
         "alpha": {"type": "number", "minimum": 0, "maximum": 1, "default": DEFAULT_ALPHA,
                   "description": "overlay opacity"}}}}}}}
-_ERRORS = {413: {"description": "upload over the size limit"},
+_ERRORS = {408: {"description": "request body not received within the time limit"},
+           413: {"description": "upload over the size limit, or an image over the pixel limit"},
            415: {"description": "not a multipart form, or a file in no format nemt reads"},
            422: {"description": "undecodable file, wrong dimensions or channels, unknown label/method/format"},
-           503: {"description": "queue full; retry after the Retry-After seconds"}}
+           503: {"description": "queue (or upload slots) full; retry after the Retry-After seconds"}}
 
 
 # -- reading the upload ----------------------------------------------------------------------------------
@@ -227,6 +242,10 @@ class _FormReader:
             self._file.close()
 
 
+class _ClientGone(Exception):
+    """The client closed the connection before its body was complete (nobody is left to answer)."""
+
+
 async def _read_form(request: Request, boundary: bytes, directory: Path, limit: int) -> _Form:
     """Stream the body through the multipart parser, counting bytes; 413 as soon as it passes ``limit``."""
     reader = _FormReader(directory)
@@ -241,6 +260,8 @@ async def _read_form(request: Request, boundary: bytes, directory: Path, limit: 
         parser.finalize()
     except MultipartParseError as exc:
         raise HTTPException(400, f"malformed multipart body ({exc})") from exc
+    except ClientDisconnect as exc:
+        raise _ClientGone(f"after {total} bytes") from exc
     finally:
         reader.close()
     if not reader.finished:
@@ -322,18 +343,25 @@ class ExplanationService:
     """State behind the app: the model, its explainers, the worker pool and the admission count."""
 
     def __init__(self, clf: torch.nn.Module, explainers: Mapping[str, Explainer], *, max_upload_bytes: int = 20 * MB,
-                 workers: int = 2, queue: int = 16, colormap: str = "inferno"):
+                 workers: int = 2, queue: int = 16, colormap: str = "inferno", max_pixels: int = DEFAULT_MAX_PIXELS,
+                 body_timeout: float = DEFAULT_BODY_TIMEOUT, max_receiving: int = DEFAULT_MAX_RECEIVING):
         if not explainers:
             raise NemtError("the service needs at least one explainer")
         if workers < 1 or queue < 0 or max_upload_bytes < 1:
             raise NemtError(f"need workers >= 1, queue >= 0 and a positive upload limit "
                             f"(got {workers}, {queue}, {max_upload_bytes})")
+        if max_pixels < 1 or not body_timeout > 0 or max_receiving < 1:
+            raise NemtError(f"need max_pixels >= 1, body_timeout > 0 and max_receiving >= 1 "
+                            f"(got {max_pixels}, {body_timeout}, {max_receiving})")
         self.clf = clf.eval()
         self.explainers = dict(explainers)
         self.default_method = "nemt" if "nemt" in self.explainers else next(iter(self.explainers))
         self.max_upload_bytes, self.workers, self.queue = int(max_upload_bytes), int(workers), int(queue)
+        self.max_pixels, self.body_timeout = int(max_pixels), float(body_timeout)
+        self.max_receiving = int(max_receiving)
         self.capacity = self.workers + self.queue
-        self.active = 0  # admitted requests; only touched on the event loop
+        self.active = 0  # admitted requests (complete bodies); only touched on the event loop
+        self.receiving = 0  # bodies being read; only touched on the event loop
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="nemt-explain")
         self.compute = threading.Lock()
         self.colormap = colormap
@@ -347,13 +375,14 @@ class ExplanationService:
                 "spatial_dims": card.spatial_dims, "input_size": list(card.input_size),
                 "channels": card.in_channels, "methods": list(self.explainers),
                 "default_method": self.default_method, "formats": list(FORMATS),
-                "limits": {"max_upload_bytes": self.max_upload_bytes, "workers": self.workers,
-                           "queue": self.queue},
+                "limits": {"max_upload_bytes": self.max_upload_bytes, "max_pixels": self.max_pixels,
+                           "body_timeout_s": self.body_timeout, "max_receiving": self.max_receiving,
+                           "workers": self.workers, "queue": self.queue},
                 "colormap": {"name": self.colormap, "lut": self.lut.tolist()},
                 "nemt_version": __version__}
 
     def health(self) -> dict:
-        return {"status": "ok", "active": self.active, "capacity": self.capacity}
+        return {"status": "ok", "active": self.active, "capacity": self.capacity, "receiving": self.receiving}
 
     # -- POST /v1/explain -----------------------------------------------------
     async def explain(self, request: Request) -> dict:
@@ -368,22 +397,30 @@ class ExplanationService:
         kind, params = parse_options_header(request.headers.get("content-type", ""))
         if kind != b"multipart/form-data" or not params.get(b"boundary"):
             raise HTTPException(415, "send a multipart/form-data form with the image in the field 'file'")
-        if self.active >= self.capacity:
-            raise HTTPException(503, f"busy: {self.active} requests running or queued; try again shortly",
+        if self.receiving >= self.max_receiving:
+            raise HTTPException(503, f"busy: {self.receiving} uploads in progress; try again shortly",
                                 headers={"Retry-After": "1"})
         loop = asyncio.get_running_loop()
-        self.active += 1
         tmp = job = None
         try:
             tmp = tempfile.TemporaryDirectory(prefix="nemt-upload-", ignore_cleanup_errors=True)
-            form = await _read_form(request, params[b"boundary"], Path(tmp.name), self.max_upload_bytes)
+            form = await self._receive(request, params[b"boundary"], Path(tmp.name))
             opts = self._options(form.fields)
             if form.path is None:
                 raise HTTPException(422, "no file: send the image as a file upload in the form field 'file'")
             if form.size == 0:
                 raise HTTPException(422, f"{form.filename}: the uploaded file is empty")
+            # only now, with the whole body on disk, does the request take a compute slot
+            if self.active >= self.capacity:
+                raise HTTPException(503, f"busy: {self.active} requests running or queued; try again shortly",
+                                    headers={"Retry-After": "1"})
             t_received = time.perf_counter()
-            job = self.pool.submit(self._explain_file, form, opts, t_start, t_received)
+            self.active += 1
+            try:
+                job = self.pool.submit(self._explain_file, form, opts, t_start, t_received)
+            except BaseException:
+                self._release()
+                raise
 
             def done(_) -> None:  # the slot and the folder last until the job ends, even if the client is gone
                 tmp.cleanup()
@@ -392,10 +429,31 @@ class ExplanationService:
             job.add_done_callback(done)
             return await asyncio.wrap_future(job)
         finally:
-            if job is None:
-                if tmp is not None:
-                    tmp.cleanup()
-                self._release()
+            if job is None and tmp is not None:
+                tmp.cleanup()
+
+    async def _receive(self, request: Request, boundary: bytes, directory: Path) -> _Form:
+        """The whole body into ``directory`` within ``body_timeout`` seconds, holding an upload slot meanwhile.
+
+        A timeout answers 408 and closes the connection; a client that went
+        away gets a one-line log entry instead of a traceback (and an answer
+        nobody reads).
+        """
+        self.receiving += 1
+        try:
+            return await asyncio.wait_for(_read_form(request, boundary, directory, self.max_upload_bytes),
+                                          self.body_timeout)
+        except asyncio.TimeoutError:
+            raise HTTPException(408, f"the request body was not complete within {self.body_timeout:g} s",
+                                headers={"Connection": "close"}) from None
+        except _ClientGone as exc:
+            client = request.client
+            log.info("client %s went away during its upload (%s)", f"{client.host}:{client.port}" if client
+                     else "?", exc)
+            raise HTTPException(400, "the client closed the connection before the body was complete",
+                                headers={"Connection": "close"}) from None
+        finally:
+            self.receiving -= 1
 
     def _release(self) -> None:
         self.active -= 1
@@ -482,11 +540,17 @@ class ExplanationService:
 
     def _read(self, form: _Form) -> Image:
         try:
-            return read_image(form.path)
+            return read_image(form.path, max_pixels=self.max_pixels)
+        except ImageTooLarge as exc:  # from the header: nothing was decoded
+            raise HTTPException(413, f"{form.filename}: {exc.field}: image of {'x'.join(map(str, exc.shape))} = "
+                                     f"{format_pixels(exc.pixels)} is over this service's limit of "
+                                     f"{format_pixels(exc.limit)}") from exc
         except DataError as exc:
-            raise HTTPException(415 if exc.field in _UNSUPPORTED else 422, _reason(form.filename, exc)) from exc
-        except Exception as exc:  # a decoder's own limits, e.g. Pillow's decompression-bomb guard
-            raise HTTPException(422, f"{form.filename}: {type(exc).__name__}: {exc}") from exc
+            raise HTTPException(415 if exc.field in _UNSUPPORTED else 422,
+                                _reason(form.filename, exc, form.path)) from exc
+        except Exception as exc:  # a decoder's own limits
+            raise HTTPException(422, _hide_path(f"{form.filename}: {type(exc).__name__}: {exc}", form.path,
+                                                form.filename)) from exc
 
     def _to_unit(self, img: Image, filename: str) -> torch.Tensor:
         """Checks dimensions and channels, then intensities to [0, 1] and resize: (C, *input_size)."""
@@ -503,24 +567,40 @@ class ExplanationService:
         try:
             return pre.resize(pre.unit_scale(img))
         except DataError as exc:
-            raise HTTPException(422, _reason(filename, exc)) from exc
+            raise HTTPException(422, _reason(filename, exc, Path(img.path))) from exc
 
 
-def _reason(filename: str, exc: DataError) -> str:
+def _hide_path(text: str, path: Path | None, filename: str) -> str:
+    """``text`` with the server's temporary file (and its folder) written as the client's file name.
+
+    Decoders put the path they were given into their messages (nibabel:
+    ``File /tmp/nemt-upload-.../upload.nii is not a gzip file``).
+    """
+    if path is None:
+        return text
+    return text.replace(str(path), filename).replace(str(path.parent), "<upload>")
+
+
+def _reason(filename: str, exc: DataError, path: Path | None = None) -> str:
     """The DataError's field and reason under the client's file name (never the server's temporary path)."""
-    return ": ".join(p for p in (filename, exc.field, exc.reason) if p)
+    return _hide_path(": ".join(p for p in (filename, exc.field, exc.reason) if p), path, filename)
 
 
 # -- the app -------------------------------------------------------------------------------------------
 
 def create_app(clf: torch.nn.Module, explainers: Mapping[str, Explainer], *, max_upload_bytes: int = 20 * MB,
-               workers: int = 2, queue: int = 16) -> FastAPI:
+               workers: int = 2, queue: int = 16, max_pixels: int = DEFAULT_MAX_PIXELS,
+               body_timeout: float = DEFAULT_BODY_TIMEOUT, max_receiving: int = DEFAULT_MAX_RECEIVING) -> FastAPI:
     """The FastAPI app serving ``clf`` with ``explainers`` (name -> explainer; ``nemt`` is the default method).
 
-    ``max_upload_bytes`` bounds the request body; ``workers`` threads do the
-    work and at most ``workers + queue`` requests are admitted at once.
+    ``max_upload_bytes`` bounds the request body, ``body_timeout`` the
+    seconds to receive it and ``max_receiving`` the bodies read at once;
+    ``max_pixels`` bounds the image's size (from its header); ``workers``
+    threads do the work and at most ``workers + queue`` complete requests are
+    admitted at once.
     """
-    service = ExplanationService(clf, explainers, max_upload_bytes=max_upload_bytes, workers=workers, queue=queue)
+    service = ExplanationService(clf, explainers, max_upload_bytes=max_upload_bytes, workers=workers, queue=queue,
+                                 max_pixels=max_pixels, body_timeout=body_timeout, max_receiving=max_receiving)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -571,7 +651,9 @@ def build_explainers(clf: torch.nn.Module, explainer_dir: str | Path | None = No
 
 def serve(model_dir: str | Path, explainer_dir: str | Path | None = None, *, baselines: Sequence[str] = (),
           host: str = "127.0.0.1", port: int = 8000, workers: int = 2, queue: int = 16,
-          max_upload_mb: float = 20, device: str = "cpu", seed: int = 0, log_level: str = "info") -> None:
+          max_upload_mb: float = 20, max_pixels: int = DEFAULT_MAX_PIXELS, body_timeout: float = DEFAULT_BODY_TIMEOUT,
+          max_receiving: int = DEFAULT_MAX_RECEIVING, device: str = "cpu", seed: int = 0,
+          log_level: str = "info") -> None:
     """``nemt serve``: load the model and its explainers and run the service until interrupted."""
     import uvicorn
 
@@ -579,7 +661,8 @@ def serve(model_dir: str | Path, explainer_dir: str | Path | None = None, *, bas
 
     clf = load_model(model_dir, device=device)
     app = create_app(clf, build_explainers(clf, explainer_dir, baselines, seed=seed, device=device),
-                     max_upload_bytes=int(max_upload_mb * MB), workers=workers, queue=queue)
+                     max_upload_bytes=int(max_upload_mb * MB), workers=workers, queue=queue, max_pixels=max_pixels,
+                     body_timeout=body_timeout, max_receiving=max_receiving)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
