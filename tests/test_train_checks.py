@@ -70,3 +70,21 @@ def test_cli_train_and_check_refuse_a_bomb_from_its_header(small_csv, tmp_path):
     rep = json.loads(rep_path.read_text())
     assert res.exit_code == 1 and rep["images"] == 0 and len(rep["fatal"]) == 24
     assert sum("20x16 = 320 pixels exceeds the limit of 319 pixels" in f for f in rep["fatal"]) == 23
+
+
+def test_cli_explain_refuses_a_bomb_in_one_line(small_csv, tmp_path):
+    train_classifier(open_dataset(small_csv), tmp_path / "m", TrainConfig(**{**CFG, "epochs": 1}), progress=False,
+                     log=lambda s: None)
+    bomb = png_bomb(tmp_path / "bomb.png", 30000, 30000)
+    runner = CliRunner()
+    base = ["explain", "--model", str(tmp_path / "m"), "--method", "gradcam", "--out", str(tmp_path / "out")]
+    res = runner.invoke(app, base + [str(bomb)])
+    out = " ".join(res.output.split())
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert "bomb.png: size: image of 30000x30000 = 900 Mpx exceeds the limit of 256 Mpx" in out
+    assert "--max-pixels" in out
+    image = open_dataset(small_csv).samples[0].image  # 20x16 = 320 pixels
+    res = runner.invoke(app, base + ["--max-pixels", "319", str(image)])
+    assert res.exit_code == 2 and "320 pixels exceeds the limit of 319 pixels" in " ".join(res.output.split())
+    res = runner.invoke(app, base + ["--max-pixels", "320", str(image)])
+    assert res.exit_code == 0, res.output

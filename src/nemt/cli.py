@@ -231,6 +231,7 @@ def explain(
     param: list[str] = typer.Option([], "--param", help="method parameter KEY=VALUE (repeatable), e.g. n_masks=2000"),
     seed: int = typer.Option(0, help="random seed (for stochastic methods)"),
     device: str = typer.Option("cpu", help="torch device"),
+    max_pixels: Optional[float] = MaxPixelsOpt,
 ) -> None:
     """Explain images: one overlay PNG per image and target, plus the raw maps (.npy, or NIfTI for 3D)."""
     import numpy as np
@@ -253,7 +254,7 @@ def explain(
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for path in images:
-        img = read_image(path)
+        img = read_image(path, max_pixels=None if max_pixels is None else int(max_pixels))
         unit = pre.resize(pre.unit_scale(img))
         x = pre.normalise(unit)[None].to(device)
         probs = clf.predict(x)[0].cpu()
