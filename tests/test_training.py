@@ -1,6 +1,7 @@
 """A tiny training run: files written, figures reported, resume after interruption is exact."""
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -10,6 +11,7 @@ from typer.testing import CliRunner
 from conftest import Interrupted, stop_after_first_epoch
 from nemt.cli import app
 from nemt.data import open_dataset
+from nemt.data.splits import split_indices
 from nemt.errors import NemtError
 from nemt.models import TrainConfig, load_model, train_classifier
 from nemt.models.training import augment_batch
@@ -59,6 +61,45 @@ def test_resume_refuses_other_settings(small_csv, tmp_path):
     with pytest.raises(NemtError, match="other settings"):
         train_classifier(m, tmp_path, TrainConfig(**{**CFG, "epochs": 1, "lr": 0.1}), progress=False,
                          log=lambda s: None)
+
+
+def _folder(path):
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_a_refused_run_changes_nothing_in_the_folder(small_csv, tmp_path):
+    """Issue 12, item 2: another --seed is refused before splits.csv (or anything else) is rewritten."""
+    m = open_dataset(small_csv)
+    out = tmp_path / "run"
+    train_classifier(m, out, TrainConfig(**{**CFG, "epochs": 1}), progress=False, log=lambda s: None)
+    before = _folder(out)
+    for other in ({"seed": 1}, {"fractions": (0.5, 0.25, 0.25)}):
+        with pytest.raises(NemtError, match="other settings"):
+            train_classifier(m, out, TrainConfig(**{**CFG, "epochs": 1, **other}), progress=False,
+                             log=lambda s: None)
+        assert _folder(out) == before
+    # a resume whose splits.csv was changed since is refused too, and leaves it as it found it
+    rows = (out / "splits.csv").read_text().splitlines()
+    i = next(k for k, r in enumerate(rows) if r.endswith(",train"))
+    rows[i] = rows[i][:-len("train")] + "test"
+    (out / "splits.csv").write_text("\n".join(rows) + "\n")
+    changed = _folder(out)
+    with pytest.raises(NemtError, match=r"splits.csv: not the split of the run being resumed \(1 of 24 rows"):
+        train_classifier(m, out, TrainConfig(**{**CFG, "epochs": 1}), progress=False, log=lambda s: None)
+    assert _folder(out) == changed
+
+
+def test_fresh_writes_its_split_and_forgets_the_old_resume_point(small_csv, tmp_path):
+    m = open_dataset(small_csv)
+    out = tmp_path / "run"
+    train_classifier(m, out, TrainConfig(**{**CFG, "epochs": 1}), progress=False, log=lambda s: None)
+    logs = []
+    train_classifier(m, out, TrainConfig(**{**CFG, "epochs": 1, "seed": 1}), fresh=True, progress=False,
+                     log=logs.append)
+    assert not any(s.startswith("resuming") for s in logs)
+    sp = split_indices(m, TrainConfig().fractions, 1)
+    rows = list(csv.DictReader(open(out / "splits.csv", newline="")))
+    assert {int(r["index"]): r["split"] for r in rows} == {int(i): k for k, idx in sp.items() for i in idx}
 
 
 def test_bad_data_refused_before_training(small_csv, tmp_path):

@@ -137,13 +137,28 @@ def evaluate(clf: Classifier, ds: ImageDataset, device: str | torch.device = "cp
     return classification_metrics(clf.task, y, out, clf.label_names)
 
 
-def _write_splits(path: Path, manifest: Manifest, splits: dict[str, np.ndarray]) -> None:
+def _split_rows(manifest: Manifest, splits: dict[str, np.ndarray]) -> list[list[str]]:
+    """The rows of ``splits.csv`` (header first): index, image name, split, by index."""
     rows = sorted((int(i), name) for name, idx in splits.items() for i in idx)
+    return [["index", "image", "split"]] + [[str(i), manifest.samples[i].name, name] for i, name in rows]
+
+
+def _write_splits(path: Path, manifest: Manifest, splits: dict[str, np.ndarray]) -> None:
     with atomic_open(path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["index", "image", "split"])
-        for i, name in rows:
-            w.writerow([i, manifest.samples[i].name, name])
+        csv.writer(fh).writerows(_split_rows(manifest, splits))
+
+
+def _check_splits(path: Path, manifest: Manifest, splits: dict[str, np.ndarray]) -> None:
+    """Raise if ``path`` exists and holds another split than ``splits`` (the resumed run's own)."""
+    if not path.is_file():
+        return
+    with open(path, newline="", encoding="utf-8") as fh:
+        found = list(csv.reader(fh))
+    want = _split_rows(manifest, splits)
+    if found != want:
+        differ = sum(a != b for a, b in zip(found[1:], want[1:])) + abs(len(found) - len(want))
+        raise NemtError(f"{path}: not the split of the run being resumed ({differ} of {len(want) - 1} rows "
+                        "differ); the folder was changed since; use another --out or --fresh")
 
 
 def _format(metrics: dict) -> str:
@@ -164,7 +179,6 @@ def train_classifier(manifest: Manifest, out_dir: str | Path, config: TrainConfi
     for warning in manifest.warnings:  # e.g. a class with very few images (a typo?)
         log(f"warning: {warning}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
 
     splits = split_indices(manifest, cfg.fractions, cfg.seed)
@@ -172,7 +186,16 @@ def train_classifier(manifest: Manifest, out_dir: str | Path, config: TrainConfi
         if len(splits[name]) == 0:
             raise NemtError(f"the {name} split is empty ({len(manifest.samples)} samples, fractions "
                             f"{list(cfg.fractions)}); add data or change the fractions")
-    _write_splits(out_dir / "splits.csv", manifest, splits)
+    # settings, data and split are checked against the folder's resume point before anything in it changes
+    fingerprint = manifest.fingerprint()
+    state_path = out_dir / "state" / "last"
+    run_key = {"config": cfg.to_dict(), "data": fingerprint, "task": manifest.task}
+    st = None
+    if state_path.with_suffix(".json").is_file() and not fresh:
+        st = load_state(state_path)
+        if st["run_key"] != json.loads(json.dumps(run_key)):
+            raise NemtError(f"{out_dir} holds a run with other settings or data; use another --out or --fresh")
+        _check_splits(out_dir / "splits.csv", manifest, splits)
 
     size = tuple(int(s) for s in cfg.size)
     first = read_sample(manifest, manifest.samples[int(splits["train"][0])])
@@ -193,7 +216,7 @@ def train_classifier(manifest: Manifest, out_dir: str | Path, config: TrainConfi
         arch=cfg.arch, arch_kwargs=dict(cfg.arch_kwargs), spatial_dims=len(size), in_channels=channels,
         task=manifest.task, label_names=list(manifest.label_names), input_size=list(size),
         preprocessing=pre.to_dict(), target_scale=target_scale,
-        data={"source": str(manifest.source), "kind": manifest.kind, "sha256": manifest.fingerprint(),
+        data={"source": str(manifest.source), "kind": manifest.kind, "sha256": fingerprint,
               "split_seed": cfg.seed, "fractions": list(cfg.fractions),
               "n": {k: int(len(v)) for k, v in splits.items()}},
         training=cfg.to_dict(),
@@ -209,12 +232,14 @@ def train_classifier(manifest: Manifest, out_dir: str | Path, config: TrainConfi
     gen = torch.Generator().manual_seed(cfg.seed)
 
     start_epoch, best, history = 0, -math.inf, []
-    state_path = out_dir / "state" / "last"
-    run_key = {"config": cfg.to_dict(), "data": card.data["sha256"], "task": manifest.task}
-    if state_path.with_suffix(".json").is_file() and not fresh:
-        st = load_state(state_path)
-        if st["run_key"] != json.loads(json.dumps(run_key)):
-            raise NemtError(f"{out_dir} holds a run with other settings or data; use another --out or --fresh")
+    if st is None:  # a new run (or --fresh): its split, written once, and no resume point of an earlier run
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for suffix in (".json", ".safetensors"):  # the JSON first: a lone .safetensors is no resume point
+            state_path.with_suffix(suffix).unlink(missing_ok=True)
+        _write_splits(out_dir / "splits.csv", manifest, splits)
+    elif not (out_dir / "splits.csv").is_file():
+        _write_splits(out_dir / "splits.csv", manifest, splits)
+    if st is not None:
         clf.net.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
