@@ -85,3 +85,49 @@ def test_explain_names_a_wrong_parameter_and_lists_methods(tmp_path):
     listing = _ok(["methods"])
     for name in ("rise", "occlusion", "ig", "gradcam++", "relax"):
         assert name in listing
+
+
+def test_output_names_are_unique_within_a_run():
+    """Issue 12, item 3: the full stem (format suffix only removed), a numbered suffix where names collide."""
+    from nemt.files import OutputNames, image_stem
+    assert image_stem("a/scan.2023.png") == "scan.2023" and image_stem("1.2.840.10008.1.dcm") == "1.2.840.10008.1"
+    assert image_stem("brain.NII.GZ") == "brain" and image_stem("noext") == "noext" and image_stem(".hidden") == ".hidden"
+    names = OutputNames()
+    got = [names.claim(p, ["a", "b"]) for p in ("x/scan.png", "y/scan.png", "scan-2.png", "Scan.png", "scan.jpg")]
+    assert got == ["scan", "scan-2", "scan-2-2", "Scan-3", "scan-4"]
+    # an image stem and a label that join to the same name as another image's: told apart too
+    names = OutputNames()
+    assert [names.claim("p__q.png", ["r"]), names.claim("p.png", ["q__r"])] == ["p__q", "p-2"]
+
+
+def test_explain_never_overwrites_its_own_outputs(tmp_path):
+    """Issue 12, item 3, end to end: dotted names (dates, DICOM UIDs) and one name in two folders."""
+    import torch
+
+    from PIL import Image
+
+    from nemt.files import image_stem
+    from nemt.models import Classifier, build_model
+    torch.manual_seed(0)
+    net = build_model("smallcnn", spatial_dims=2, in_channels=1, out_channels=2)
+    Classifier.from_module(net, spatial_dims=2, in_channels=1, input_size=(16, 16), task="multiclass",
+                           label_names=["no", "yes"], arch="smallcnn").save(tmp_path / "m")
+    rng = np.random.default_rng(0)
+    paths = [tmp_path / n for n in ("scan.2023.png", "scan.2024.png", "1.2.840.113619.2.55.png",
+                                    "1.2.840.113619.2.56.png", "a/img.png", "b/img.png")]
+    for p in paths:
+        p.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(p)
+    out = _ok(["explain", *map(str, paths), "--model", str(tmp_path / "m"), "--method", "saliency",
+               "--target", "all", "--out", str(tmp_path / "x")])
+    res = json.loads(out[out.index("["):])
+    assert [r["outputs"] for r in res] == ["scan.2023", "scan.2024", "1.2.840.113619.2.55", "1.2.840.113619.2.56",
+                                           "img", "img-2"]
+    written = sorted(p.name for p in (tmp_path / "x").iterdir())
+    assert len(written) == 6 * 2 * 2  # 6 images x 2 targets x (.png, .npy), none overwritten
+    # each raw map is its own image's: the same map as explaining that image alone
+    for p, r in zip(paths, res):
+        _ok(["explain", str(p), "--model", str(tmp_path / "m"), "--method", "saliency", "--target", "all",
+             "--out", str(tmp_path / "one" / r["outputs"])])
+        alone = tmp_path / "one" / r["outputs"] / f"{image_stem(p)}__yes.npy"
+        assert np.array_equal(np.load(alone), np.load(tmp_path / "x" / f"{r['outputs']}__yes.npy"))

@@ -86,3 +86,45 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+#: suffixes that belong together: ``scan.nii.gz`` is ``scan`` in NIfTI, not ``scan.nii`` gzipped
+_DOUBLE_SUFFIXES = (".nii.gz", ".tar.gz")
+
+
+def image_stem(path: str | Path) -> str:
+    """A file's name without its format suffix; every other dot kept.
+
+    >>> image_stem("scan.2023.png"), image_stem("1.2.840.10008.dcm"), image_stem("brain.nii.gz")
+    ('scan.2023', '1.2.840.10008', 'brain')
+    """
+    name = Path(path).name
+    for double in _DOUBLE_SUFFIXES:
+        if name.lower().endswith(double) and len(name) > len(double):
+            return name[:-len(double)]
+    stem = Path(name).stem
+    return stem or name
+
+
+class OutputNames:
+    """Unique output stems within one run: the image's stem, else ``stem-2``, ``stem-3``, ...
+
+    ``claim(path, parts)`` returns the first stem for which none of the names
+    ``{stem}__{part}`` was handed out before in this run (compared without
+    case, as on a case-insensitive file system), and reserves them; so two
+    inputs never write the same output file, whatever their names or folders.
+    """
+
+    def __init__(self) -> None:
+        self._taken: set[str] = set()
+
+    def claim(self, path: str | Path, parts: list[str] | tuple[str, ...]) -> str:
+        base = image_stem(path)
+        k = 1
+        while True:
+            stem = base if k == 1 else f"{base}-{k}"
+            names = {f"{stem}__{p}".casefold() for p in parts}
+            if not names & self._taken:
+                self._taken |= names
+                return stem
+            k += 1
