@@ -4,12 +4,17 @@ Quantus definitions (``Complexity``, ``Sparseness``; defaults ``abs=True``),
 after the per-map normalisation of METHODS.md (min-max to [0, 1]). Both are
 scale-free, so Quantus' batch-wide ``normalise_by_max`` gives the same numbers
 as a per-map one.
+
+Both sum over every pixel of a map, so they are computed in float64 whatever
+the maps' dtype (and returned in float64): in float32 the rounding of the
+normalisation, the logarithms and the sums grows with the pixel count, and a
+metric would depend on how the library orders its additions.
 """
 from __future__ import annotations
 
 import torch
 
-from nemt.metrics._common import chunked, metric, prepare_maps, sort_values
+from nemt.metrics._common import chunked, float_maps, metric, prepare_maps, sort_values
 
 
 @metric("lower")
@@ -21,7 +26,7 @@ def complexity(maps: torch.Tensor, *, normalise: str | None = "minmax", abs: boo
     NaN for an all-zero map (after normalisation, e.g. a constant map), as in
     Quantus ``Complexity``.
     """
-    a, _ = prepare_maps(maps, normalise, abs)
+    a, _ = prepare_maps(float_maps(maps).double(), normalise, abs)
     p = a / (a.sum(-1, keepdim=True) if (abs or normalise == "minmax") else a.abs().sum(-1, keepdim=True))
     return -(p + 1e-12).log_().mul_(p).sum(-1)
 
@@ -35,7 +40,7 @@ def sparseness(maps: torch.Tensor, *, normalise: str | None = "minmax", abs: boo
     ``n`` pixels: ``Σ_i (2i - n - 1) a_i / (n Σ_i a_i)``. 0 for a uniform map,
     close to 1 when one pixel holds everything. Higher is better.
     """
-    a, _ = prepare_maps(maps, normalise, abs)
+    a, _ = prepare_maps(float_maps(maps).double(), normalise, abs)
     n = a.shape[-1]
     a = sort_values(a).to(a.device).add_(1e-7)
     i = torch.arange(1, n + 1, device=a.device, dtype=a.dtype)
