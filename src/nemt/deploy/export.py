@@ -91,8 +91,8 @@ class SelfExplainingModel(nn.Module):
         return super().train(False)  # a deployment module: training mode would draw random smoothing kernels
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        keep, out = self.explanation(x)
-        return predictions_from_outputs(out, self.task), 1 - keep
+        maps, out = self.explanation(x)
+        return predictions_from_outputs(out, self.task), maps
 
 
 def export_metadata(clf: nn.Module, explainer: Any) -> dict[str, Any]:

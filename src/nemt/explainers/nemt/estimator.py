@@ -29,7 +29,8 @@ from nemt.checkpoint import load_state, save_state
 from nemt.errors import CardError, NemtError
 from nemt.explainers.base import Explainer, Target, register, resolve_targets
 from nemt.explainers.layers import find_stages
-from nemt.explainers.nemt.losses import OCCLUSIONS, QUANTITIES, deletion_loss, nem_loss, occlude, target_quantity
+from nemt.explainers.nemt.losses import (OCCLUSIONS, QUANTITIES, deletion_loss, game_loss, log_odds, nem_loss,
+                                        nested_masks, occlude, target_quantity)
 from nemt.explainers.nemt.module import ExplanationModule
 from nemt.explainers.nemt.smoothing import kernel_size_for
 from nemt.files import atomic_path, write_json
@@ -115,16 +116,22 @@ class _MaskExplainer(Explainer):
     def _n_maps(self) -> int:
         raise NotImplementedError
 
+    def _map_kwargs(self) -> dict:
+        """How the module turns decoder logits into maps (see ``ExplanationModule.maps``)."""
+        return {"map_kind": "keep"}
+
     def _build(self) -> ExplanationModule:
-        torch.manual_seed(self.seed)
         if self.encoder == "model" and self.layers is None:
             self.layers = find_stages(self.model, (self.in_channels, *self.input_size))
         k = self.kernel_size or kernel_size_for(tuple(self.input_size))
         self.kernel_size = k
-        mod = ExplanationModule(self.model, spatial_dims=self.spatial_dims, in_channels=self.in_channels,
-                                input_size=self.input_size, n_maps=self._n_maps(), layers=self.layers,
-                                own_encoder=self.encoder == "own", decoder_channels=self.decoder_channels,
-                                init_keep=self.init_keep, kernel_size=k, smoothing=self.smoothing)
+        with torch.random.fork_rng(devices=[]):  # seeded initial weights; the caller's global RNG is left as it was
+            torch.manual_seed(self.seed)
+            mod = ExplanationModule(self.model, spatial_dims=self.spatial_dims, in_channels=self.in_channels,
+                                    input_size=self.input_size, n_maps=self._n_maps(), layers=self.layers,
+                                    own_encoder=self.encoder == "own", decoder_channels=self.decoder_channels,
+                                    init_keep=self.init_keep, kernel_size=k, smoothing=self.smoothing,
+                                    **self._map_kwargs())
         return mod.to(self.device)
 
     def init_module(self) -> "_MaskExplainer":
@@ -147,12 +154,14 @@ class _MaskExplainer(Explainer):
 
     def fit(self, data: Iterable, *, epochs: int | None = None, val_data: Iterable | None = None,
             out_dir: str | Path | None = None, progress: bool = True,
-            log: Callable[[str], None] | None = None) -> "_MaskExplainer":
+            log: Callable[[str], None] | None = None, guard: bool = True) -> "_MaskExplainer":
         """Train the explanation module; return ``self``.
 
         With ``out_dir`` a resume point is written after every epoch and a
         re-run continues from it (same settings required); the final
-        explainer is saved there too.
+        explainer is saved there too. With ``val_data`` and ``guard``, a
+        fitted explainer whose maps collapsed (see ``_check_collapse``)
+        raises :class:`CollapseError` instead of being saved.
         """
         log = log or (lambda s: console.print(s, soft_wrap=True, highlight=False))
         epochs = epochs or self.epochs
@@ -227,9 +236,15 @@ class _MaskExplainer(Explainer):
                     f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float) and k != "seconds")
                     + (f" val={record['val']}" if "val" in record else "") + f" ({record['seconds']}s)")
         mod.eval()
+        if val_data is not None:
+            self._check_collapse(val_data, out_dir, guard, log)
         if out_dir:
             self.save(out_dir)
         return self
+
+    def _check_collapse(self, val_data: Iterable, out_dir: str | Path | None, guard: bool,
+                        log: Callable[[str], None]) -> None:
+        """The collapse guard after fitting (NEMt); other explainers have none."""
 
     def _check_fitted(self) -> ExplanationModule:
         if self.module_ is None:
@@ -237,7 +252,8 @@ class _MaskExplainer(Explainer):
         return self.module_
 
     @torch.no_grad()
-    def _keep(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every output's map (B, n_maps, *spatial) and the model's outputs, from one pass."""
         mod = self._check_fitted()
         mod.eval()
         exp = (self.in_channels, *self.input_size)
@@ -294,42 +310,113 @@ class _MaskExplainer(Explainer):
         return self
 
 
+OBJECTIVES = ("nested", "paper")
+GAMES = ("both", "deletion", "preservation")
+DEFAULT_AREAS = (0.025, 0.05, 0.1, 0.2)
+
+
+class CollapseError(NemtError):
+    """A fitted explainer whose maps are empty or full for some targets (see ``NEMt.collapse_report``)."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
 @register("nemt")
 class NEMt(_MaskExplainer):
-    """Targeted neural explanation masks (Møller et al., NLDL 2025), one map per model output.
+    """Targeted neural explanation masks (Møller et al., NLDL 2025), one map per model output, one pass.
 
     The decoder has one channel per output (classes, labels, or the single
-    regression output); each channel is trained with the deletion loss of
-    its own target: ``area_weight * mean(1 - k) - change_weight *
-    mean((q(x*k) - q(x))^2)`` with the target gathered per sample.
-    ``explain`` returns ``1 - k`` (the deleted region) for the requested targets.
+    regression output). Two training objectives (``objective``):
 
-    Key parameters: ``occlusion`` (mean | zero | blur | inpaint), ``quantity`` (prob |
-    logit | one_minus_prob; regression always uses the value scaled by the
-    training targets' spread), ``area_target`` (explicit deleted-fraction
-    target), ``train_targets`` (true | predicted | all; default: true label
-    for multi-class, all outputs otherwise).
+    - ``nested`` (default), robust to saturated classifiers by construction:
+      each channel's logits are cut at fixed areas (``areas``, e.g. the top
+      2.5/5/10/20 % of pixels; one area drawn per sample and step), so a
+      mask can be neither empty nor full; the straight-through gradient
+      moves the pixels at the mask's edge. Rewards are the target's
+      log-odds (never saturates) in a deletion game (delete the mask:
+      evidence should fall to that of the fully filled image) and a
+      preservation game (keep only the mask: evidence should stay), each
+      normalised by the clean-to-filled gap and hinged once won
+      (:func:`~nemt.explainers.nemt.losses.game_loss`). The map is the
+      smoothed mean of the nested masks of ``map_areas``: about 1 in the
+      smallest, 0 outside the largest, and it ranks every pixel.
+    - ``paper``: the published deletion loss ``area_weight * mean(1 - k) -
+      change_weight * mean((q(x*k) - q(x))^2)``, kept for reproduction. Known
+      failure: on a confident classifier q = softmax saturates, the change
+      term has no gradient, and the area term empties the masks (the fit's
+      collapse guard then refuses the result).
+
+    Targets: each training image explains ``targets_per_image`` of the
+    outputs, each one its "present" target (the true class; a positive label
+    of a multi-label model; the predicted class without labels) with
+    probability ``present_fraction`` and otherwise any output uniformly, so
+    every channel learns on every kind of image. A target the image holds
+    no evidence for or against (its log-odds on the image and on the fully
+    filled image differ by much less than ``min_gap``, e.g. "normal" on a
+    normal image) gives no reward; its channel still shows the fixed-area
+    masks the decoder predicts, i.e. where the model's features look most
+    like evidence, and is never empty.
+    ``explain`` returns the maps of the requested targets.
     """
 
-    _param_names = ("occlusion", "blur_sigma", "quantity", "area_weight", "change_weight", "area_target",
-                    "train_targets")
+    _param_names = ("objective", "areas", "map_areas", "temperature", "map_temperature", "games", "min_gap",
+                    "targets_per_image", "present_fraction", "occlusion", "blur_sigma", "quantity",
+                    "area_weight", "change_weight", "area_target", "train_targets")
 
-    def __init__(self, model: nn.Module, *, occlusion: str = "inpaint", blur_sigma: float | None = None,
+    def __init__(self, model: nn.Module, *, objective: str = "nested", areas: Sequence[float] = DEFAULT_AREAS,
+                 map_areas: Sequence[float] | None = None, temperature: float = 1.0, map_temperature: float = 0.02,
+                 games: str = "both", min_gap: float = 0.5, targets_per_image: int = 1,
+                 present_fraction: float = 0.5, occlusion: str = "inpaint", blur_sigma: float | None = None,
                  quantity: str = "prob", area_weight: float = 1.0, change_weight: float = 2.0,
                  area_target: float | None = None, train_targets: str | None = None, **kw: Any):
         super().__init__(model, **kw)
+        if objective not in OBJECTIVES:
+            raise NemtError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         if occlusion not in OCCLUSIONS:
             raise NemtError(f"occlusion must be one of {OCCLUSIONS}, got {occlusion!r}")
         if quantity not in QUANTITIES:
             raise NemtError(f"quantity must be one of {QUANTITIES}, got {quantity!r}")
+        if games not in GAMES:
+            raise NemtError(f"games must be one of {GAMES}, got {games!r}")
+        for name, a in (("areas", areas), ("map_areas", map_areas or areas)):
+            if not a or not all(0 < float(v) < 1 for v in a):
+                raise NemtError(f"{name} must be fractions strictly between 0 and 1, got {list(a)!r}")
+        if targets_per_image < 1 or not 0 <= present_fraction <= 1:
+            raise NemtError("targets_per_image must be >= 1 and present_fraction in [0, 1]")
         card = getattr(model, "card", None)
         self.task = card.task if card else "multiclass"
         if train_targets not in (None, "true", "predicted", "all"):
             raise NemtError(f"train_targets must be true, predicted or all, got {train_targets!r}")
+        self.objective = objective
+        self.areas = [float(a) for a in areas]
+        self.map_areas = [float(a) for a in map_areas] if map_areas else None
+        self.temperature, self.map_temperature = float(temperature), float(map_temperature)
+        self.games, self.min_gap = games, float(min_gap)
+        self.targets_per_image, self.present_fraction = int(targets_per_image), float(present_fraction)
         self.occlusion, self.quantity = occlusion, quantity
         self.blur_sigma = blur_sigma
         self.area_weight, self.change_weight, self.area_target = area_weight, change_weight, area_target
         self.train_targets = train_targets
+        self.collapse_: dict | None = None
+
+    def _map_kwargs(self) -> dict:
+        if self.objective == "paper":
+            return {"map_kind": "keep"}
+        return {"map_kind": "nested", "map_areas": self.map_areas or self.areas,
+                "map_temperature": self.map_temperature}
+
+    def set_map_areas(self, map_areas: Sequence[float] | None) -> "NEMt":
+        """Change the areas the map is built from (no refit: the logits rank the pixels whatever the areas)."""
+        if self.objective == "paper":
+            raise NemtError("map_areas apply to the nested objective only")
+        if map_areas is not None and not all(0 < float(v) < 1 for v in map_areas):
+            raise NemtError(f"map_areas must be fractions strictly between 0 and 1, got {list(map_areas)!r}")
+        self.map_areas = [float(a) for a in map_areas] if map_areas else None
+        if self.module_ is not None:
+            self.module_.map_areas = tuple(self.map_areas or self.areas)
+        return self
 
     def _n_maps(self) -> int:
         card = getattr(self.model, "card", None)
@@ -341,14 +428,21 @@ class NEMt(_MaskExplainer):
         ts = getattr(self.model.card, "target_scale", None)
         return float(ts["std"]) if ts else 1.0
 
-    def _occlude(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def _zero_value(self) -> torch.Tensor | None:
         pre = getattr(self.model, "preprocessing", None)
-        zero = None
-        if pre is not None:
-            zero = pre.normalise(torch.zeros(1, self.in_channels, *([1] * self.spatial_dims)))[0].flatten()
-        sigma = self.blur_sigma or max(1.0, 8.0 * min(self.input_size) / 128)
-        return occlude(x, keep, self.occlusion, zero_value=zero, sigma=sigma)
+        if pre is None:
+            return None
+        return pre.normalise(torch.zeros(1, self.in_channels, *([1] * self.spatial_dims)))[0].flatten()
 
+    def _occlude(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        sigma = self.blur_sigma or max(1.0, 8.0 * min(self.input_size) / 128)
+        return occlude(x, keep, self.occlusion, zero_value=self._zero_value(), sigma=sigma)
+
+    def _filled(self, x: torch.Tensor) -> torch.Tensor:
+        """The fully filled image (nothing kept): the reference that carries no evidence."""
+        return self._occlude(x, torch.zeros_like(x[:, :1]))
+
+    # -- the paper's objective -----------------------------------------------
     def _train_targets(self, y: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
         mode = self.train_targets or ("true" if self.task == "multiclass" else "all")
         if mode == "true" and y is None:
@@ -360,12 +454,13 @@ class NEMt(_MaskExplainer):
         return resolve_targets(mode, self.model, outputs=out)
 
     def _deletion(self, x: torch.Tensor, y: torch.Tensor | None):
-        """Keep-masks of each sample's training targets and the target quantity before/after deletion.
+        """Paper objective: keep-masks of each sample's training targets and the target quantity before/after.
 
         Returns keep (B, T', *spatial), q_clean (B, T') and q_deleted (B, T'),
         every quantity gathered per sample (sample i, its own target(s)).
         """
-        keep_all, out = self.module_(x)
+        logits, out = self.module_.logits(x)
+        keep_all = self.module_.smoothing(torch.sigmoid(logits))
         t = self._train_targets(y, out)  # (B, T')
         b, tt = t.shape
         keep = _select_maps(keep_all, t)
@@ -375,32 +470,133 @@ class NEMt(_MaskExplainer):
         q_clean = target_quantity(out, self.task, self.quantity, self._scale())
         return keep, torch.gather(q_clean, 1, t), torch.gather(q_del, 2, t.unsqueeze(2)).squeeze(2)
 
+    # -- the nested objective --------------------------------------------------
+    def _sample_targets(self, y: torch.Tensor | None, out: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """(B, K) training targets: the present one with probability ``present_fraction``, else any output."""
+        b, n = out.shape
+        k = self.targets_per_image
+        if n == 1:
+            return torch.zeros(b, 1, dtype=torch.long, device=out.device)
+        if self.task == "multiclass":
+            present = (y.long().view(-1) if y is not None else out.argmax(1)).cpu()
+            present = present.view(b, 1).expand(b, k)
+        else:
+            pos = ((y > 0.5) if y is not None else (out > 0)).float().cpu().view(b, n)
+            none = pos.sum(1, keepdim=True) == 0
+            w = torch.where(none, torch.ones_like(pos), pos)
+            present = torch.multinomial(w, k, replacement=True, generator=gen)
+        rand = torch.randint(n, (b, k), generator=gen)
+        pick = torch.rand(b, k, generator=gen) < self.present_fraction
+        return torch.where(pick, present, rand).to(out.device)
+
+    def _games(self, x: torch.Tensor, logits: torch.Tensor, out: torch.Tensor, t: torch.Tensor,
+               areas: torch.Tensor, hard: bool = True):
+        """The games for targets ``t`` (B, K) at ``areas`` (B*K,): log-odds deleted, preserved, clean, filled."""
+        b, k = t.shape
+        sp = x.shape[2:]
+        lg = _select_maps(logits, t).reshape(b * k, *sp)
+        m = nested_masks(lg, areas.to(lg.device), self.temperature, hard=hard)
+        m = self.module_.smoothing(m.view(b, k, *sp)).reshape(b * k, 1, *sp)
+        xr = x.repeat_interleave(k, dim=0)
+        filled = self._filled(x)
+        x_del = self._occlude(xr, 1 - m)  # the mask deleted (a counterfactual fill for inpainting)
+        x_pres = xr * m + filled.repeat_interleave(k, dim=0) * (1 - m)  # only the mask kept, on the reference
+        with torch.no_grad():
+            ref = log_odds(self.model(filled), self.task, self._scale())
+        o = log_odds(self.model(torch.cat([x_del, x_pres])), self.task, self._scale())
+        flat_t = t.reshape(-1, 1)
+        m_del = o[:b * k].gather(1, flat_t).squeeze(1)
+        m_pres = o[b * k:].gather(1, flat_t).squeeze(1)
+        clean = log_odds(out, self.task, self._scale()).gather(1, t).reshape(-1)
+        return m_del, m_pres, clean, ref.gather(1, t).reshape(-1)
+
     def _step(self, x, y, gen):
-        keep, qc, qd = self._deletion(x, y)
-        return deletion_loss(keep, qc, qd, area_weight=self.area_weight, change_weight=self.change_weight,
-                             area_target=self.area_target)
+        if self.objective == "paper":
+            keep, qc, qd = self._deletion(x, y)
+            return deletion_loss(keep, qc, qd, area_weight=self.area_weight, change_weight=self.change_weight,
+                                 area_target=self.area_target)
+        logits, out = self.module_.logits(x)
+        gen = gen if gen is not None else torch.Generator().manual_seed(self.seed)
+        t = self._sample_targets(y, out, gen)
+        idx = torch.randint(len(self.areas), (t.numel(),), generator=gen)
+        areas = torch.tensor(self.areas)[idx]
+        loss, parts = game_loss(*self._games(x, logits, out, t, areas), min_gap=self.min_gap, games=self.games)
+        parts["area"] = float(areas.mean())
+        return loss, parts
+
+    # -- validation and the collapse guard --------------------------------------
+    @torch.no_grad()
+    def collapse_report(self, data: Iterable, *, empty_below: float = 0.5) -> dict:
+        """Per target, on held-out batches: how its maps look and what deleting them does.
+
+        For every image and every output t: the map of t. A map is *empty*
+        when no pixel reaches ``empty_below`` (nothing is marked), *full*
+        when every pixel does (everything is). Per target: ``area`` (mean map
+        value), ``empty`` and ``full`` (fractions of maps), ``change`` (mean
+        |Δ log-odds| of t when the map is deleted, keep = 1 - map, with this
+        explainer's fill), and ``collapsed``: more than half of its maps
+        empty or full. Returns {"targets": {name: {...}}, "collapsed": [names]}.
+        """
+        mod = self._check_fitted()
+        mod.eval()
+        names = list(self.model.card.label_names) if self.task != "regression" else \
+            list(self.model.card.label_names[:1] or ["output"])
+        n_maps = self._n_maps()
+        sums = {k: torch.zeros(n_maps, dtype=torch.float64) for k in ("area", "empty", "full", "change")}
+        n = 0
+        for x, _ in _batches(data):
+            x = x.to(self.device)
+            maps, out = mod(x)  # (B, T, *spatial)
+            b = x.shape[0]
+            flat = maps.flatten(2)
+            sums["area"] += flat.mean(2).sum(0).double().cpu()
+            sums["empty"] += (flat.amax(2) < empty_below).sum(0).double().cpu()
+            sums["full"] += (flat.amin(2) >= empty_below).sum(0).double().cpu()
+            keep = (1 - maps).reshape(b * n_maps, 1, *x.shape[2:])
+            occluded = self._occlude(x.repeat_interleave(n_maps, dim=0), keep)
+            lo = log_odds(self.model(occluded), self.task, self._scale()).view(b, n_maps, -1)
+            clean = log_odds(out, self.task, self._scale())
+            diag = torch.diagonal(lo, dim1=1, dim2=2)  # output t under map t deleted: (B, T)
+            sums["change"] += (diag - clean).abs().sum(0).double().cpu()
+            n += b
+        targets = {}
+        for i, name in enumerate(names[:n_maps]):
+            row = {k: round(float(v[i]) / max(n, 1), 4) for k, v in sums.items()}
+            row["collapsed"] = bool(row["empty"] > 0.5 or row["full"] > 0.5)
+            targets[name] = row
+        return {"n_images": n, "empty_below": empty_below, "targets": targets,
+                "collapsed": [k for k, v in targets.items() if v["collapsed"]]}
+
+    def _check_collapse(self, val_data, out_dir, guard, log) -> None:
+        rep = self.collapse_report(val_data)
+        self.collapse_ = rep
+        if out_dir:
+            write_json(Path(out_dir) / "collapse.json", rep)
+        for name, row in rep["targets"].items():
+            log(f"  target {name}: map area {row['area']:.3f}, empty {row['empty']:.0%}, full {row['full']:.0%}, "
+                f"|change of log-odds| {row['change']:.3f}" + ("  COLLAPSED" if row["collapsed"] else ""))
+        if rep["collapsed"] and guard:
+            raise CollapseError(
+                f"NEMt collapsed for target(s) {', '.join(rep['collapsed'])}: more than half of their validation "
+                f"maps are empty or full (figures in {Path(out_dir) / 'collapse.json' if out_dir else 'collapse_'}); "
+                "the explainer was not saved. The default objective (nested) cannot collapse by construction; "
+                "pass --allow-collapse to save it anyway", rep)
 
     @torch.no_grad()
     def validate(self, data: Iterable) -> dict:
-        """Mask quality on held-out batches: mean deleted area and mean |change| of the target quantity."""
-        self.module_.eval()
-        area = change = 0.0
-        n = 0
-        for x, y in _batches(data):
-            keep, qc, qd = self._deletion(x.to(self.device), None if y is None else y.to(self.device))
-            area += float((1 - keep).mean()) * len(x)
-            change += float((qd - qc).abs().mean()) * len(x)
-            n += len(x)
-        return {"area": round(area / max(n, 1), 4), "change": round(change / max(n, 1), 4)}
+        """Mean over targets of the collapse report's figures: map area, empty share, |Δ log-odds|."""
+        rep = self.collapse_report(data)
+        rows = list(rep["targets"].values())
+        return {k: round(sum(r[k] for r in rows) / max(len(rows), 1), 4) for k in ("area", "empty", "change")}
 
     def explain(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
-        """Maps (B, T, *spatial) in [0, 1]: the region whose deletion changes each target most."""
+        """Maps (B, T, *spatial) in [0, 1]: where each target's evidence is (see the class docstring)."""
         return self.explain_with_outputs(x, target)[0]
 
     def explain_with_outputs(self, x: torch.Tensor, target: Target = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``explain``'s maps and the model's raw outputs on ``x`` (B, n_outputs), from the same pass."""
-        keep_all, out = self._keep(x)
-        return 1 - _select_maps(keep_all, resolve_targets(target, self.model, x, outputs=out)), out
+        maps, out = self._maps(x)
+        return _select_maps(maps, resolve_targets(target, self.model, x, outputs=out)), out
 
 
 @register("nem")
@@ -423,7 +619,8 @@ class NEM(_MaskExplainer):
         return 1
 
     def _step(self, x, y, gen):
-        keep, e_clean = self.module_(x)
+        logits, e_clean = self.module_.logits(x)
+        keep = self.module_.smoothing(torch.sigmoid(logits))
         return nem_loss(e_clean, self.model(x * keep), self.model(x * (1 - keep)), keep,
                         lambda1=self.lambda1, lambda2=self.lambda2)
 
@@ -434,7 +631,8 @@ class NEM(_MaskExplainer):
         n = 0
         for x, _ in _batches(data):
             x = x.to(self.device)
-            keep, e = self.module_(x)
+            maps, e = self.module_(x)
+            keep = 1 - maps
             _, parts = nem_loss(e, self.model(x * keep), self.model(x * (1 - keep)), keep)
             for k in tot:
                 tot[k] += parts[k] * len(x)
@@ -443,5 +641,5 @@ class NEM(_MaskExplainer):
 
     def explain(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
         """The kept region (B, 1, *spatial) in [0, 1]; ``target`` is ignored (no output is targeted)."""
-        keep, _ = self._keep(x)
-        return keep
+        maps, _ = self._maps(x)
+        return 1 - maps

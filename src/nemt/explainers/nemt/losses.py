@@ -5,6 +5,8 @@ k (B, T, *spatial) in [0, 1]; model outputs (B, n_outputs).
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -118,3 +120,117 @@ def nem_loss(e_clean: torch.Tensor, e_kept: torch.Tensor, e_removed: torch.Tenso
     area = keep.flatten(1).mean(dim=1)
     loss = (keep_d + lambda1 * area + lambda2 * contrast).mean()
     return loss, {"area": area.detach().mean().item(), "distance": keep_d.detach().mean().item()}
+
+
+# -- the robust objective: nested fixed-area masks and normalised games ------------------------------------
+
+def log_odds(out: torch.Tensor, task: str, scale: float = 1.0) -> torch.Tensor:
+    """Every output's evidence on an unbounded scale, (…, n_outputs) -> (…, n_outputs).
+
+    Multi-class: the smooth margin ``z_t - logsumexp_{j != t} z_j``, which is
+    exactly ``log(p_t / (1 - p_t))`` for the softmax p, computed from the
+    logits so that it never saturates (the probability's gradient ``p(1-p)``
+    vanishes on a confident model; this one does not). Multi-label: the
+    logit, the same log-odds for a sigmoid. Regression: the value divided by
+    the training targets' spread.
+    """
+    if task == "regression":
+        return out / scale
+    if task != "multiclass":
+        return out
+    n = out.shape[-1]
+    if n == 1:
+        return out
+    eye = torch.eye(n, dtype=torch.bool, device=out.device)
+    others = out.unsqueeze(-2).expand(*out.shape[:-1], n, n).masked_fill(eye, float("-inf"))
+    return out - torch.logsumexp(others, dim=-1)
+
+
+def area_thresholds(logits: torch.Tensor, areas: torch.Tensor) -> torch.Tensor:
+    """Per map, the logit value above which a fraction ``area`` of its pixels lies.
+
+    ``logits`` (N, P) flattened maps; ``areas`` (N, A) or (A,) fractions in
+    (0, 1). Returns (N, A): the midpoint between the k-th and (k+1)-th
+    largest logit, k = round(area · P) (at least 1, at most P - 1), so that
+    ``logits > threshold`` keeps exactly k pixels when there are no ties.
+    """
+    n, p = logits.shape
+    srt = torch.sort(logits, dim=1, descending=True).values
+    a = areas.to(logits).expand(n, -1) if areas.ndim == 1 else areas.to(logits)
+    k = (a * p).round().long().clamp(1, p - 1)
+    return 0.5 * (torch.gather(srt, 1, k - 1) + torch.gather(srt, 1, k))
+
+
+def nested_masks(logits: torch.Tensor, areas: torch.Tensor, temperature: float = 1.0,
+                 hard: bool = True) -> torch.Tensor:
+    """Masks of fixed area from one logit map: the top ``area`` of its pixels.
+
+    ``logits`` (N, *spatial), ``areas`` (N,) -> masks (N, *spatial) in [0, 1].
+    The area is a constraint, not a penalty: each mask selects exactly its
+    share of pixels, so it can be neither empty nor full whatever the reward
+    does. With ``hard`` the forward value is the binary top-k mask and the
+    gradient is that of ``sigmoid((l - threshold) / (temperature · std(l)))``
+    (straight-through); masks of several areas from the same logits are
+    nested, so the logits rank every pixel.
+    """
+    flat = logits.flatten(1)
+    thr = area_thresholds(flat.detach(), areas.view(-1, 1)).detach()  # (N, 1)
+    spread = flat.detach().std(dim=1, keepdim=True).clamp_min(1e-6)
+    soft = torch.sigmoid((flat - thr) / (temperature * spread))
+    if not hard:
+        return soft.view_as(logits)
+    binary = (flat > thr).to(flat.dtype)
+    return (binary + soft - soft.detach()).view_as(logits)
+
+
+def staircase(logits: torch.Tensor, areas: Sequence[float], temperature: float = 0.02,
+              tie_break: float = 1e-3) -> torch.Tensor:
+    """The explanation map from mask logits: the mean of the nested masks of ``areas``.
+
+    ``logits`` (B, T, *spatial) -> (B, T, *spatial) in [0, 1]. A pixel in
+    the smallest mask scores about 1, one outside the largest about 0; the
+    soft edges (``temperature`` times the map's logit spread) and a
+    ``tie_break`` share of ``sigmoid((l - median) / spread)`` keep the
+    logits' order inside and between the steps, so the map ranks every pixel.
+    """
+    b, t = logits.shape[:2]
+    flat = logits.reshape(b * t, -1)
+    a = torch.tensor([*areas, 0.5], dtype=flat.dtype, device=flat.device)
+    thr = area_thresholds(flat, a)  # (N, A + 1): the last is the median (one sort, exportable to ONNX TopK)
+    scale = 1.0 / (temperature * flat.std(dim=1, keepdim=True).clamp_min(1e-6))
+    out = torch.zeros_like(flat)
+    for i in range(len(areas)):  # one area at a time: (N, P) memory instead of (N, A, P)
+        out += torch.sigmoid((flat - thr[:, i:i + 1]) * scale)
+    order = torch.sigmoid((flat - thr[:, -1:]) * (scale * temperature))
+    return ((1 - tie_break) * out / len(areas) + tie_break * order).view_as(logits)
+
+
+def game_loss(m_del: torch.Tensor, m_pres: torch.Tensor, clean: torch.Tensor, filled: torch.Tensor, *,
+              min_gap: float = 0.5, games: str = "both") -> tuple[torch.Tensor, dict]:
+    """Deletion and preservation games on the target's evidence, normalised by the clean-to-filled gap.
+
+    All arguments (N,): the target's log-odds (see :func:`log_odds`) with the
+    mask deleted (``m_del``), with only the mask kept (``m_pres``), on the
+    clean image and on the fully filled image. With the gap g = clean -
+    filled, the scores ``s = (m - filled) · g / (g² + min_gap²)`` are about
+    ``(m - filled) / g``: 0 when the image looks like the filled one, 1 when
+    it looks like the clean one, whatever the sign of g (a target the image
+    argues against is explained by the region that argues against it). The
+    loss is ``relu(s_del) + relu(1 - s_pres)``: deleting the mask should
+    remove the evidence, keeping it alone should restore it; a game already
+    won pushes no further. Where |g| is small against ``min_gap`` (the image
+    holds no evidence for or against the target) the weight fades to 0.
+    """
+    g = (clean - filled).detach()
+    w = g / (g * g + min_gap ** 2)
+    s_del = (m_del - filled.detach()) * w
+    s_pres = (m_pres - filled.detach()) * w
+    parts = []
+    if games in ("both", "deletion"):
+        parts.append(F.relu(s_del))
+    if games in ("both", "preservation"):
+        parts.append(F.relu(1 - s_pres))
+    if not parts:
+        raise NemtError(f"games must be both, deletion or preservation, got {games!r}")
+    loss = torch.stack(parts).sum(0).mean()
+    return loss, {"s_del": s_del.detach().mean().item(), "s_pres": s_pres.detach().mean().item()}

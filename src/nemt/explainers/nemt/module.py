@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from nemt.explainers.layers import FeatureTap
+from nemt.explainers.nemt.losses import staircase
 from nemt.explainers.nemt.smoothing import RandomSmoothing
 
 
@@ -116,15 +117,18 @@ class OwnEncoder(nn.Module):
 class ExplanationModule(nn.Module):
     """Encoder (frozen model's stages, or its own) + decoder + sigmoid + smoothing.
 
-    ``forward(x)`` returns (keep-masks (B, T, *spatial), model outputs of the
-    clean x (B, n_outputs)). The explained model is kept outside this module's
+    ``forward(x)`` returns (explanation maps (B, T, *spatial), model outputs
+    of the clean x (B, n_outputs)); ``logits(x)`` the decoder's raw mask logits
+    instead of the maps (training uses them). The explained model is kept outside this module's
     parameters, stays in eval mode and never receives a gradient step.
     """
 
     def __init__(self, model: nn.Module, *, spatial_dims: int, in_channels: int, input_size: Sequence[int],
                  n_maps: int, layers: Sequence[str] | None, own_encoder: bool,
-                 decoder_channels: Sequence[int], init_keep: float, kernel_size: int, smoothing: bool):
+                 decoder_channels: Sequence[int], init_keep: float, kernel_size: int, smoothing: bool,
+                 map_kind: str = "keep", map_areas: Sequence[float] = (), map_temperature: float = 0.02):
         super().__init__()
+        self.map_kind, self.map_areas, self.map_temperature = map_kind, tuple(map_areas), float(map_temperature)
         object.__setattr__(self, "model", model)  # not a submodule: no parameters, no train()
         self.own_encoder = own_encoder
         if own_encoder:
@@ -144,6 +148,22 @@ class ExplanationModule(nn.Module):
             self._tap.enabled = False
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(explanation maps (B, T, *spatial) in [0, 1], model outputs of the clean x (B, n_outputs))."""
+        logits, out = self.logits(x)
+        return self.maps(logits), out
+
+    def maps(self, logits: torch.Tensor) -> torch.Tensor:
+        """Explanation maps from the decoder's logits, by the objective's map kind.
+
+        ``keep`` (the paper's objective): the deleted region 1 - smooth(sigmoid(logits)).
+        ``nested``: the smoothed mean of the nested fixed-area masks (``map_areas``).
+        """
+        if self.map_kind == "keep":
+            return 1 - self.smoothing(torch.sigmoid(logits))
+        return self.smoothing(staircase(logits, self.map_areas, self.map_temperature))
+
+    def logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask logits (B, T, *spatial) and the model's outputs (B, n_outputs), from one pass of the model."""
         self.model.eval()
         if self.own_encoder:
             with torch.no_grad():
@@ -157,5 +177,4 @@ class ExplanationModule(nn.Module):
             finally:
                 self._tap.enabled = False
             feats = [self._tap.features.pop(n) for n in self.layers]
-        keep = self.smoothing(torch.sigmoid(self.decoder(feats, x)))
-        return keep, out
+        return self.decoder(feats, x), out

@@ -45,7 +45,7 @@ class RandomSmoothing(nn.Module):
         t, d = m.shape[1], self.spatial_dims
         lo, hi = (self.size - 1) // 2, self.size // 2
         padded = F.pad(m, [lo, hi] * d, mode="circular")
-        conv = (F.conv2d, F.conv3d)[d - 2]
+        conv = (F.conv1d, F.conv2d, F.conv3d)[d - 1]
         if self.training:
             k = self.kernel(m.device, m.dtype).expand(t, 1, *(self.size,) * d)
             return conv(padded, k, groups=t)
