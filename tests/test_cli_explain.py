@@ -91,7 +91,8 @@ def test_output_names_are_unique_within_a_run():
     """Issue 12, item 3: the full stem (format suffix only removed), a numbered suffix where names collide."""
     from nemt.files import OutputNames, image_stem
     assert image_stem("a/scan.2023.png") == "scan.2023" and image_stem("1.2.840.10008.1.dcm") == "1.2.840.10008.1"
-    assert image_stem("brain.NII.GZ") == "brain" and image_stem("noext") == "noext" and image_stem(".hidden") == ".hidden"
+    assert image_stem("brain.NII.GZ") == "brain" and image_stem("noext") == "noext"
+    assert image_stem(".hidden") == ".hidden"
     names = OutputNames()
     got = [names.claim(p, ["a", "b"]) for p in ("x/scan.png", "y/scan.png", "scan-2.png", "Scan.png", "scan.jpg")]
     assert got == ["scan", "scan-2", "scan-2-2", "Scan-3", "scan-4"]

@@ -200,7 +200,8 @@ class ExtremalPerturbation(_MaskOptimisation):
     direction : {1, -1}
         Sign of the score to preserve: -1 keeps a *low* regression value.
     batch_size : int
-        Masks optimised at once (memory bound; results do not depend on it).
+        Masks optimised at once (memory bound; results do not depend on it beyond the float
+        rounding of the network's kernels, see the module docstring).
     seed : int
         Seed of the tie-breaking jitter of the initial mask.
 
@@ -312,7 +313,8 @@ class CounterfactualInpainting(_MaskOptimisation):
     direction : {1, -1}
         Sign of the score to lower: -1 finds what keeps a regression value low.
     batch_size : int
-        Masks optimised at once (memory bound; results do not depend on it).
+        Masks optimised at once (memory bound; results do not depend on it beyond the float
+        rounding of the network's kernels, see the module docstring).
     seed : int
         Unused (the method has no randomness); kept for a uniform signature.
 
