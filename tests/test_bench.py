@@ -267,3 +267,15 @@ def test_a_damaged_row_is_an_error_naming_line_and_field(tmp_path, damage, messa
     with pytest.raises(NemtError, match=message):
         run_benchmark(clf, data, {"sobel": get_explainer("sobel", clf)}, cfg, tmp_path / "full", progress=False)
     assert not (tmp_path / "full" / "results.csv").exists()
+
+
+def test_a_run_that_does_not_record_its_model_is_not_reused(tmp_path):
+    from nemt.errors import NemtError
+    clf, data = _setup()
+    cfg = RunConfig(["sobel"], ["complexity"], batch_size=4)
+    run_benchmark(clf, data, {"sobel": get_explainer("sobel", clf)}, cfg, tmp_path, progress=False)
+    meta = json.loads((tmp_path / "run.json").read_text())
+    del meta["model_sha256"]  # as written before the checksum was recorded
+    (tmp_path / "run.json").write_text(json.dumps(meta))
+    with pytest.raises(NemtError, match="run.json: does not record its model's checksum"):
+        run_benchmark(clf, data, {"sobel": get_explainer("sobel", clf)}, cfg, tmp_path, progress=False)

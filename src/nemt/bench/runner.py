@@ -244,11 +244,13 @@ def run_benchmark(model, data: BenchmarkData, explainers: dict[str, Any], config
     meta_path = out / "run.json"
     if meta_path.is_file():
         old = json.loads(meta_path.read_text())
-        if old.get("model_sha256") != model_sha256:
-            recorded = old.get("model_sha256")
-            raise NemtError(f"{out}: holds a run of another model (weights checksum "
-                            f"{recorded[:16] + '...' if recorded else 'not recorded'}, this model "
-                            f"{model_sha256[:16]}...); use another --out or --restart")
+        recorded = old.get("model_sha256")
+        if recorded is None:
+            raise NemtError(f"{meta_path}: does not record its model's checksum (written by an earlier nemt), so "
+                            "its results may be another model's; use another --out or --restart")
+        if recorded != model_sha256:
+            raise NemtError(f"{out}: holds a run of another model (weights checksum {recorded[:16]}..., this "
+                            f"model {model_sha256[:16]}...); use another --out or --restart")
         diff = [k for k in ("metrics", "items", "data", "seed", "metric_params") if k in old and old[k] != meta[k]]
         diff += [f"parameters of {m}" for m, p in params.items()
                  if m in old.get("method_params", {}) and old["method_params"][m] != p]
