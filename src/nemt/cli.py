@@ -40,6 +40,13 @@ def _csv_list(value: Optional[str]) -> Optional[list[str]]:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
+def _floats(value: str, option: str) -> list[float]:
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise NemtError(f"{option}: expected comma-separated numbers, got {value!r}") from None
+
+
 def _size(value: str, spatial_dims: int | None = None) -> tuple[int, ...]:
     parts = [int(v) for v in value.lower().replace("x", ",").split(",") if v.strip()]
     if len(parts) == 1 and spatial_dims:
@@ -175,12 +182,22 @@ def fit(
     optimizer: str = typer.Option("adamw", help="adamw | prodigy"),
     schedule: str = typer.Option("cosine", help="learning-rate schedule: cosine | constant"),
     lr: Optional[float] = typer.Option(None, help="learning rate (default: 1 for Prodigy, 3e-3 for AdamW)"),
+    objective: str = typer.Option("nested", help="nested (fixed-area masks, deletion and preservation games on "
+                                  "log-odds; cannot collapse) | paper (the published loss; collapses on confident "
+                                  "models)"),
+    areas: str = typer.Option("0.025,0.05,0.1,0.2", help="nested: mask areas trained (fractions of the image)"),
+    map_areas: Optional[str] = typer.Option(None, help="nested: areas the map is the mean of (default: --areas)"),
+    games: str = typer.Option("both", help="nested: both | deletion | preservation"),
+    min_gap: float = typer.Option(0.5, help="nested: log-odds gap below which an image holds no evidence"),
+    targets_per_image: int = typer.Option(1, help="nested: targets trained per image and step"),
+    present_fraction: float = typer.Option(0.5, help="nested: share of targets that are the image's own"),
+    allow_collapse: bool = typer.Option(False, help="save the explainer even if the collapse guard fires"),
     occlusion: str = typer.Option("inpaint", help="what deleted pixels become: mean | zero | blur | inpaint"),
     blur_sigma: Optional[float] = typer.Option(None, help="blur / inpainting sigma in pixels (default 8 at 128 px)"),
-    quantity: str = typer.Option("prob", help="target quantity: prob | logit | one_minus_prob"),
-    area_weight: float = typer.Option(1.0, help="weight of the deleted-area term"),
-    change_weight: float = typer.Option(2.0, help="weight of the squared target change"),
-    area_target: Optional[float] = typer.Option(None, help="explicit deleted-fraction target"),
+    quantity: str = typer.Option("prob", help="paper: target quantity: prob | logit | one_minus_prob"),
+    area_weight: float = typer.Option(1.0, help="paper: weight of the deleted-area term"),
+    change_weight: float = typer.Option(2.0, help="paper: weight of the squared target change"),
+    area_target: Optional[float] = typer.Option(None, help="paper: explicit deleted-fraction target"),
     kernel_size: Optional[int] = typer.Option(None, help="smoothing kernel side (default: 21 at 224 px)"),
     smoothing: bool = typer.Option(True, help="integrated smoothing operator"),
     init_keep: float = typer.Option(0.95, help="initial kept fraction of the mask head"),
@@ -191,7 +208,11 @@ def fit(
     device: str = typer.Option("cpu", help="torch device"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ) -> None:
-    """Train a NEMt explainer once for a frozen model (on the model's training split)."""
+    """Train a NEMt explainer once for a frozen model (on the model's training split).
+
+    After training, the collapse guard checks every target's maps on the validation split and exits
+    with status 3, naming the targets, when more than half of a target's maps are empty or full.
+    """
     from torch.utils.data import DataLoader
 
     from nemt.data.dataset import ImageDataset
@@ -208,14 +229,24 @@ def fit(
     import torch
     loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(seed))
-    explainer = NEMt(clf, occlusion=occlusion, blur_sigma=blur_sigma, quantity=quantity, area_weight=area_weight,
+    explainer = NEMt(clf, objective=objective, areas=_floats(areas, "--areas"),
+                     map_areas=_floats(map_areas, "--map-areas") if map_areas else None, games=games,
+                     min_gap=min_gap, targets_per_image=targets_per_image, present_fraction=present_fraction,
+                     occlusion=occlusion, blur_sigma=blur_sigma, quantity=quantity, area_weight=area_weight,
                      change_weight=change_weight, area_target=area_target, kernel_size=kernel_size,
                      smoothing=smoothing, init_keep=init_keep, encoder=encoder, train_targets=train_targets,
                      decoder_channels=[int(c) for c in decoder_channels.split(",")],
                      optimizer=optimizer, lr=lr, schedule=schedule, batch_size=batch_size, accumulate=accumulate, epochs=epochs,
                      seed=seed, device=device)
-    explainer.fit(loader, val_data=DataLoader(val_ds, batch_size=32), out_dir=out, progress=progress)
-    typer.echo(json.dumps({"explainer": str(out), "history": explainer.history_}, indent=2))
+    from nemt.explainers.nemt.estimator import CollapseError
+    try:
+        explainer.fit(loader, val_data=DataLoader(val_ds, batch_size=32), out_dir=out, progress=progress,
+                      guard=not allow_collapse)
+    except CollapseError as exc:
+        console.print(f"[red]collapsed:[/red] {exc}", highlight=False, markup=True)
+        raise typer.Exit(3)
+    typer.echo(json.dumps({"explainer": str(out), "history": explainer.history_,
+                           "collapsed": explainer.collapse_["collapsed"]}, indent=2))
 
 
 @app.command()
@@ -240,7 +271,7 @@ def explain(
     from nemt.data.readers import read_image
     from nemt.explainers.base import resolve_targets
     from nemt.explainers.build import make_explainer, parse_params
-    from nemt.files import atomic_open
+    from nemt.files import OutputNames, atomic_open
     from nemt.models import load_model
     from nemt.visualize import save_overlay
 
@@ -253,6 +284,7 @@ def explain(
     pre = clf.preprocessing
     out.mkdir(parents=True, exist_ok=True)
     results = []
+    outputs = OutputNames()  # full stem; a numbered suffix where two images would write the same file
     for path in images:
         img = read_image(path, max_pixels=None if max_pixels is None else int(max_pixels))
         unit = pre.resize(pre.unit_scale(img))
@@ -261,7 +293,7 @@ def explain(
         t = resolve_targets(tgt, clf, x)
         maps = ex.explain(x, target=t).detach().cpu()[0]
         names = [clf.label_names[int(i)] for i in t[0]]
-        stem = path.name.split(".")[0]
+        stem = outputs.claim(path, names)
         for name, m in zip(names, maps):
             arr = m.numpy().astype(np.float32)
             if clf.spatial_dims == 3:
@@ -278,7 +310,7 @@ def explain(
             pred = ", ".join(f"{n} {p:.2f}" for n, p in zip(clf.label_names, probs.tolist()))
             save_overlay(out / f"{stem}__{name}.png", shown, [arr], [f"{method}: {name}"],
                          suptitle=f"{path.name} | {pred}")
-        results.append({"image": str(path), "targets": names,
+        results.append({"image": str(path), "outputs": stem, "targets": names,
                         "prediction": dict(zip(clf.label_names, [round(p, 4) for p in probs.tolist()]))})
     typer.echo(json.dumps(results, indent=2))
 
@@ -444,8 +476,9 @@ def demo(
     train_ds = ImageDataset(manifest, clf.preprocessing, splits["train"])
     loader = DataLoader(train_ds, batch_size=16, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(seed))
+    val_loader = DataLoader(ImageDataset(manifest, clf.preprocessing, splits["val"]), batch_size=32)
     explainer = NEMt(clf, epochs=fit_epochs, seed=seed, device=device)
-    explainer.fit(loader, out_dir=out / "explainer", progress=progress)
+    explainer.fit(loader, val_data=val_loader, out_dir=out / "explainer", progress=progress)  # collapse guard
     console.rule("5. benchmark NEMt against the baselines on the test split (true label)")
     from nemt.bench.runner import benchmark_model, markdown_summary
     methods = _csv_list(bench_methods) or []
@@ -458,12 +491,19 @@ def demo(
                               device=device, progress=progress)
     table = markdown_summary(summary, metric_list)
     console.print(table)
+    guard_text = ", ".join(f"{k} map area {v['area']:.3f}, empty {v['empty']:.0%}"
+                           for k, v in explainer.collapse_["targets"].items())
+    collapsed = len(explainer.collapse_["collapsed"])
+    console.print(f"NEMt collapsed channels: {collapsed} of {len(clf.label_names)}")
     report = out / "benchmark" / "report.html"
     with atomic_open(out / "summary.md", "w", encoding="utf-8") as fh:
         fh.write(f"# nemt demo (seed {seed})\n\nClassifier test figures: "
-                 f"{json.dumps(result['metrics'].get('test', {}))}\n\n{table}\nReport: {report}\n")
+                 f"{json.dumps(result['metrics'].get('test', {}))}\n\n"
+                 f"NEMt collapsed channels: {collapsed} of {len(clf.label_names)} (validation split: {guard_text})"
+                 f"\n\n{table}\nReport: {report}\n")
     console.rule("done")
     typer.echo(json.dumps({"model": str(out / "model"), "explainer": str(out / "explainer"),
+                           "nemt_collapsed_channels": collapsed,
                            "test": result["metrics"].get("test", {}), "report": str(report)}, indent=2))
     if open_report:
         import webbrowser
