@@ -140,6 +140,13 @@ def test_save_load_round_trip_and_refuses_other_model(tmp_path):
         NEMt.load(tmp_path, _clf(seed=1))
     with pytest.raises(CardError, match="kind"):
         NEM.load(tmp_path, clf)
+    # the weights are checked against the checksum in the card
+    w = tmp_path / "explainer.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 1
+    w.write_bytes(bytes(data))
+    with pytest.raises(CardError, match="weights_sha256"):
+        NEMt.load(tmp_path, clf)
 
 
 def test_resume_from_checkpoint(tmp_path):

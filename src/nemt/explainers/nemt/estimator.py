@@ -33,7 +33,7 @@ from nemt.explainers.nemt.losses import (OCCLUSIONS, QUANTITIES, deletion_loss, 
                                         nested_masks, occlude, target_quantity)
 from nemt.explainers.nemt.module import ExplanationModule
 from nemt.explainers.nemt.smoothing import kernel_size_for
-from nemt.files import atomic_path, write_json
+from nemt.files import atomic_path, sha256_file, write_json
 from nemt.progress import console, progress_bar
 
 FORMAT = "nemt-explainer/1"
@@ -273,7 +273,7 @@ class _MaskExplainer(Explainer):
         card = getattr(self.model, "card", None)
         write_json(directory / CARD, {
             "format": FORMAT, "kind": type(self).__name__, "params": self.get_params(),
-            "model_sha256": model_checksum(self.model),
+            "model_sha256": model_checksum(self.model), "weights_sha256": sha256_file(directory / WEIGHTS),
             "model": {"arch": getattr(card, "arch", None), "task": getattr(card, "task", None),
                       "label_names": getattr(card, "label_names", None)},
             "n_maps": self._n_maps(), "history": self.history_, "nemt_version": __version__,
@@ -298,7 +298,18 @@ class _MaskExplainer(Explainer):
         if card.get("model_sha256") != model_checksum(model):
             raise CardError(path, "model_sha256", "the explainer was fitted for another model (weights differ); "
                             "fit a new explainer for this model")
-        self = cls(model, device=device, **card["params"])
+        digest = card.get("weights_sha256")
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise CardError(path, "weights_sha256", "missing or not a SHA-256 hex digest; re-save the explainer")
+        if not (directory / WEIGHTS).is_file():
+            raise CardError(directory / WEIGHTS, None, "explainer weights not found")
+        if sha256_file(directory / WEIGHTS) != digest:
+            raise CardError(directory / WEIGHTS, "weights_sha256", "the weights file does not match its card "
+                            "(changed or damaged after saving)")
+        params = dict(card["params"])
+        if cls is NEMt and "objective" not in params:
+            params["objective"] = "paper"  # saved before the nested objective existed: trained with the paper loss
+        self = cls(model, device=device, **params)
         self.module_ = self._build()
         try:
             state = load_file(str(directory / WEIGHTS))
