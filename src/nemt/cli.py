@@ -186,7 +186,7 @@ def fit(
                                   "log-odds; cannot collapse) | paper (the published loss; collapses on confident "
                                   "models)"),
     areas: str = typer.Option("0.025,0.05,0.1,0.2", help="nested: mask areas trained (fractions of the image)"),
-    map_areas: Optional[str] = typer.Option(None, help="nested: areas the map is the mean of (default: --areas)"),
+    map_areas: str = typer.Option("0.01", help="nested: areas the map is the mean of ('train': --areas)"),
     games: str = typer.Option("both", help="nested: both | deletion | preservation"),
     min_gap: float = typer.Option(0.5, help="nested: log-odds gap below which an image holds no evidence"),
     targets_per_image: int = typer.Option(1, help="nested: targets trained per image and step"),
@@ -230,7 +230,7 @@ def fit(
     loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(seed))
     explainer = NEMt(clf, objective=objective, areas=_floats(areas, "--areas"),
-                     map_areas=_floats(map_areas, "--map-areas") if map_areas else None, games=games,
+                     map_areas=None if map_areas == "train" else _floats(map_areas, "--map-areas"), games=games,
                      min_gap=min_gap, targets_per_image=targets_per_image, present_fraction=present_fraction,
                      occlusion=occlusion, blur_sigma=blur_sigma, quantity=quantity, area_weight=area_weight,
                      change_weight=change_weight, area_target=area_target, kernel_size=kernel_size,

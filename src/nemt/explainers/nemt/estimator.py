@@ -324,6 +324,7 @@ class _MaskExplainer(Explainer):
 OBJECTIVES = ("nested", "paper")
 GAMES = ("both", "deletion", "preservation")
 DEFAULT_AREAS = (0.025, 0.05, 0.1, 0.2)
+DEFAULT_MAP_AREAS = (0.01,)  # chosen on the demo's validation split (README); the logits rank every pixel anyway
 
 
 class CollapseError(NemtError):
@@ -351,8 +352,11 @@ class NEMt(_MaskExplainer):
       preservation game (keep only the mask: evidence should stay), each
       normalised by the clean-to-filled gap and hinged once won
       (:func:`~nemt.explainers.nemt.losses.game_loss`). The map is the
-      smoothed mean of the nested masks of ``map_areas``: about 1 in the
-      smallest, 0 outside the largest, and it ranks every pixel.
+      smoothed mean of the nested masks of ``map_areas`` (default: the top
+      1 %; ``None``: the training areas): about 1 in the smallest, about 0
+      outside the largest, and a small share of the logits' own order
+      keeps every pixel ranked (for insertion/deletion curves and
+      relevance rank). ``set_map_areas`` changes them without a refit.
     - ``paper``: the published deletion loss ``area_weight * mean(1 - k) -
       change_weight * mean((q(x*k) - q(x))^2)``, kept for reproduction. Known
       failure: on a confident classifier q = softmax saturates, the change
@@ -377,7 +381,7 @@ class NEMt(_MaskExplainer):
                     "area_weight", "change_weight", "area_target", "train_targets")
 
     def __init__(self, model: nn.Module, *, objective: str = "nested", areas: Sequence[float] = DEFAULT_AREAS,
-                 map_areas: Sequence[float] | None = None, temperature: float = 1.0, map_temperature: float = 0.02,
+                 map_areas: Sequence[float] | None = DEFAULT_MAP_AREAS, temperature: float = 1.0, map_temperature: float = 0.02,
                  games: str = "both", min_gap: float = 0.5, targets_per_image: int = 1,
                  present_fraction: float = 0.5, occlusion: str = "inpaint", blur_sigma: float | None = None,
                  quantity: str = "prob", area_weight: float = 1.0, change_weight: float = 2.0,
