@@ -68,17 +68,18 @@ def test_staircase_ranks_pixels_and_marks_the_smallest_area():
 
 
 def test_game_loss_scores_and_hinges():
-    clean, filled = torch.tensor([10.0, -6.0]), torch.tensor([0.0, 2.0])
-    # deletion reaches the filled level and preservation the clean level: both games won, loss 0
-    loss, parts = game_loss(filled.clone(), clean.clone(), clean, filled, min_gap=0.0)
-    assert loss.item() == pytest.approx(0.0) and parts["s_pres"] == pytest.approx(1.0)
-    # nothing happens under either game: s_del = 1, s_pres = 0 -> loss 2, for either sign of the gap
-    loss, _ = game_loss(clean.clone(), filled.clone(), clean, filled, min_gap=0.0)
+    clean = torch.tensor([10.0, -6.0, 0.2])
+    scale = torch.tensor([10.0, 6.0, 1.0])  # max(|c|, min_scale = 1)
+    # deletion removes one scale of evidence and preservation keeps it all: both games won, loss 0
+    loss, parts = game_loss(clean - scale, clean.clone(), clean)
+    assert loss.item() == pytest.approx(0.0) and parts["s_del"] == pytest.approx(-1.0)
+    # nothing happens under deletion, everything is lost under preservation: 1 + 1 per target
+    loss, _ = game_loss(clean.clone(), clean - scale, clean)
     assert loss.item() == pytest.approx(2.0)
-    # an image with no evidence either way (gap 0) gives no gradient
-    m = torch.tensor([3.0], requires_grad=True)
-    game_loss(m, m, torch.tensor([1.0]), torch.tensor([1.0]))[0].backward()
-    assert m.grad.abs().item() == 0
+    # a game won beyond its goal pushes no further (hinge): no gradient
+    m = torch.tensor([-30.0, 40.0], requires_grad=True)
+    game_loss(m[:1], m[1:], torch.tensor([10.0]))[0].backward()
+    assert m.grad.abs().sum().item() == 0
 
 
 # -- a saturated classifier: softmax > 0.999 on its finding ----------------------------------------------

@@ -188,7 +188,7 @@ def fit(
     areas: str = typer.Option("0.025,0.05,0.1,0.2", help="nested: mask areas trained (fractions of the image)"),
     map_areas: str = typer.Option("0.01", help="nested: areas the map is the mean of ('train': --areas)"),
     games: str = typer.Option("both", help="nested: both | deletion | preservation"),
-    min_gap: float = typer.Option(0.5, help="nested: log-odds gap below which an image holds no evidence"),
+    min_scale: float = typer.Option(1.0, help="nested: smallest evidence size (log-odds) the games normalise by"),
     targets_per_image: int = typer.Option(1, help="nested: targets trained per image and step"),
     present_fraction: float = typer.Option(0.5, help="nested: share of targets that are the image's own"),
     allow_collapse: bool = typer.Option(False, help="save the explainer even if the collapse guard fires"),
@@ -231,7 +231,7 @@ def fit(
                         generator=torch.Generator().manual_seed(seed))
     explainer = NEMt(clf, objective=objective, areas=_floats(areas, "--areas"),
                      map_areas=None if map_areas == "train" else _floats(map_areas, "--map-areas"), games=games,
-                     min_gap=min_gap, targets_per_image=targets_per_image, present_fraction=present_fraction,
+                     min_scale=min_scale, targets_per_image=targets_per_image, present_fraction=present_fraction,
                      occlusion=occlusion, blur_sigma=blur_sigma, quantity=quantity, area_weight=area_weight,
                      change_weight=change_weight, area_target=area_target, kernel_size=kernel_size,
                      smoothing=smoothing, init_keep=init_keep, encoder=encoder, train_targets=train_targets,

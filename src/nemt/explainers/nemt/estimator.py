@@ -347,10 +347,10 @@ class NEMt(_MaskExplainer):
       2.5/5/10/20 % of pixels; one area drawn per sample and step), so a
       mask can be neither empty nor full; the straight-through gradient
       moves the pixels at the mask's edge. Rewards are the target's
-      log-odds (never saturates) in a deletion game (delete the mask:
-      evidence should fall to that of the fully filled image) and a
-      preservation game (keep only the mask: evidence should stay), each
-      normalised by the clean-to-filled gap and hinged once won
+      log-odds (never saturates) in a deletion game (delete the mask: the
+      evidence should fall by its own size, max(|c|, ``min_scale``)) and a
+      preservation game (keep only the mask on the filled image: the
+      evidence should stay), hinged once won
       (:func:`~nemt.explainers.nemt.losses.game_loss`). The map is the
       smoothed mean of the nested masks of ``map_areas`` (default: the top
       1 %; ``None``: the training areas): about 1 in the smallest, about 0
@@ -367,22 +367,21 @@ class NEMt(_MaskExplainer):
     outputs, each one its "present" target (the true class; a positive label
     of a multi-label model; the predicted class without labels) with
     probability ``present_fraction`` and otherwise any output uniformly, so
-    every channel learns on every kind of image. A target the image holds
-    no evidence for or against (its log-odds on the image and on the fully
-    filled image differ by much less than ``min_gap``, e.g. "normal" on a
-    normal image) gives no reward; its channel still shows the fixed-area
-    masks the decoder predicts, i.e. where the model's features look most
-    like evidence, and is never empty.
+    every channel learns on every kind of image. Every map shows evidence
+    *for* its target: for a class the image argues against (negative
+    log-odds) it is the region that supports the class most, and for a class
+    with no localised evidence (e.g. "normal") the region whose deletion
+    lowers it most; it always has its fixed area, never empty.
     ``explain`` returns the maps of the requested targets.
     """
 
-    _param_names = ("objective", "areas", "map_areas", "temperature", "map_temperature", "games", "min_gap",
+    _param_names = ("objective", "areas", "map_areas", "temperature", "map_temperature", "games", "min_scale",
                     "targets_per_image", "present_fraction", "occlusion", "blur_sigma", "quantity",
                     "area_weight", "change_weight", "area_target", "train_targets")
 
     def __init__(self, model: nn.Module, *, objective: str = "nested", areas: Sequence[float] = DEFAULT_AREAS,
                  map_areas: Sequence[float] | None = DEFAULT_MAP_AREAS, temperature: float = 1.0, map_temperature: float = 0.02,
-                 games: str = "both", min_gap: float = 0.5, targets_per_image: int = 1,
+                 games: str = "both", min_scale: float = 1.0, targets_per_image: int = 1,
                  present_fraction: float = 0.5, occlusion: str = "inpaint", blur_sigma: float | None = None,
                  quantity: str = "prob", area_weight: float = 1.0, change_weight: float = 2.0,
                  area_target: float | None = None, train_targets: str | None = None, **kw: Any):
@@ -408,7 +407,7 @@ class NEMt(_MaskExplainer):
         self.areas = [float(a) for a in areas]
         self.map_areas = [float(a) for a in map_areas] if map_areas else None
         self.temperature, self.map_temperature = float(temperature), float(map_temperature)
-        self.games, self.min_gap = games, float(min_gap)
+        self.games, self.min_scale = games, float(min_scale)
         self.targets_per_image, self.present_fraction = int(targets_per_image), float(present_fraction)
         self.occlusion, self.quantity = occlusion, quantity
         self.blur_sigma = blur_sigma
@@ -454,7 +453,7 @@ class NEMt(_MaskExplainer):
         return occlude(x, keep, self.occlusion, zero_value=self._zero_value(), sigma=sigma)
 
     def _filled(self, x: torch.Tensor) -> torch.Tensor:
-        """The fully filled image (nothing kept): the reference that carries no evidence."""
+        """The fully filled image (nothing kept): the background of the preservation game."""
         return self._occlude(x, torch.zeros_like(x[:, :1]))
 
     # -- the paper's objective -----------------------------------------------
@@ -506,7 +505,7 @@ class NEMt(_MaskExplainer):
 
     def _games(self, x: torch.Tensor, logits: torch.Tensor, out: torch.Tensor, t: torch.Tensor,
                areas: torch.Tensor, hard: bool = True):
-        """The games for targets ``t`` (B, K) at ``areas`` (B*K,): log-odds deleted, preserved, clean, filled."""
+        """The games for targets ``t`` (B, K) at ``areas`` (B*K,): log-odds deleted, preserved, clean."""
         b, k = t.shape
         sp = x.shape[2:]
         lg = _select_maps(logits, t).reshape(b * k, *sp)
@@ -516,14 +515,12 @@ class NEMt(_MaskExplainer):
         filled = self._filled(x)
         x_del = self._occlude(xr, 1 - m)  # the mask deleted (a counterfactual fill for inpainting)
         x_pres = xr * m + filled.repeat_interleave(k, dim=0) * (1 - m)  # only the mask kept, on the reference
-        with torch.no_grad():
-            ref = log_odds(self.model(filled), self.task, self._scale())
         o = log_odds(self.model(torch.cat([x_del, x_pres])), self.task, self._scale())
         flat_t = t.reshape(-1, 1)
         m_del = o[:b * k].gather(1, flat_t).squeeze(1)
         m_pres = o[b * k:].gather(1, flat_t).squeeze(1)
         clean = log_odds(out, self.task, self._scale()).gather(1, t).reshape(-1)
-        return m_del, m_pres, clean, ref.gather(1, t).reshape(-1)
+        return m_del, m_pres, clean
 
     def _step(self, x, y, gen):
         if self.objective == "paper":
@@ -535,7 +532,7 @@ class NEMt(_MaskExplainer):
         t = self._sample_targets(y, out, gen)
         idx = torch.randint(len(self.areas), (t.numel(),), generator=gen)
         areas = torch.tensor(self.areas)[idx]
-        loss, parts = game_loss(*self._games(x, logits, out, t, areas), min_gap=self.min_gap, games=self.games)
+        loss, parts = game_loss(*self._games(x, logits, out, t, areas), min_scale=self.min_scale, games=self.games)
         parts["area"] = float(areas.mean())
         return loss, parts
 
@@ -545,8 +542,10 @@ class NEMt(_MaskExplainer):
         """Per target, on held-out batches: how its maps look and what deleting them does.
 
         For every image and every output t: the map of t. A map is *empty*
-        when no pixel reaches ``empty_below`` (nothing is marked), *full*
-        when every pixel does (everything is). Per target: ``area`` (mean map
+        when no pixel of it before the smoothing operator reaches
+        ``empty_below`` (nothing is marked; the smoothing spreads a small
+        mask's peak, so it is left out of this test), *full* when every
+        pixel does (everything is). Per target: ``area`` (mean map
         value), ``empty`` and ``full`` (fractions of maps), ``change`` (mean
         |Δ log-odds| of t when the map is deleted, keep = 1 - map, with this
         explainer's fill), and ``collapsed``: more than half of its maps
@@ -561,12 +560,13 @@ class NEMt(_MaskExplainer):
         n = 0
         for x, _ in _batches(data):
             x = x.to(self.device)
-            maps, out = mod(x)  # (B, T, *spatial)
+            logits, out = mod.logits(x)
+            maps = mod.maps(logits)  # (B, T, *spatial)
             b = x.shape[0]
-            flat = maps.flatten(2)
-            sums["area"] += flat.mean(2).sum(0).double().cpu()
-            sums["empty"] += (flat.amax(2) < empty_below).sum(0).double().cpu()
-            sums["full"] += (flat.amin(2) >= empty_below).sum(0).double().cpu()
+            raw = mod.maps(logits, smooth=False).flatten(2)
+            sums["area"] += maps.flatten(2).mean(2).sum(0).double().cpu()
+            sums["empty"] += (raw.amax(2) < empty_below).sum(0).double().cpu()
+            sums["full"] += (raw.amin(2) >= empty_below).sum(0).double().cpu()
             keep = (1 - maps).reshape(b * n_maps, 1, *x.shape[2:])
             occluded = self._occlude(x.repeat_interleave(n_maps, dim=0), keep)
             lo = log_odds(self.model(occluded), self.task, self._scale()).view(b, n_maps, -1)

@@ -210,31 +210,31 @@ def staircase(logits: torch.Tensor, areas: Sequence[float], temperature: float =
     return ((1 - tie_break) * out / len(areas) + tie_break * order).view_as(logits)
 
 
-def game_loss(m_del: torch.Tensor, m_pres: torch.Tensor, clean: torch.Tensor, filled: torch.Tensor, *,
-              min_gap: float = 0.5, games: str = "both") -> tuple[torch.Tensor, dict]:
-    """Deletion and preservation games on the target's evidence, normalised by the clean-to-filled gap.
+def game_loss(m_del: torch.Tensor, m_pres: torch.Tensor, clean: torch.Tensor, *, min_scale: float = 1.0,
+              games: str = "both") -> tuple[torch.Tensor, dict]:
+    """Deletion and preservation games on the target's evidence, normalised by the clean evidence's size.
 
     All arguments (N,): the target's log-odds (see :func:`log_odds`) with the
-    mask deleted (``m_del``), with only the mask kept (``m_pres``), on the
-    clean image and on the fully filled image. With the gap g = clean -
-    filled, the scores ``s = (m - filled) · g / (g² + min_gap²)`` are about
-    ``(m - filled) / g``: 0 when the image looks like the filled one, 1 when
-    it looks like the clean one, whatever the sign of g (a target the image
-    argues against is explained by the region that argues against it). The
-    loss is ``relu(s_del) + relu(1 - s_pres)``: deleting the mask should
-    remove the evidence, keeping it alone should restore it; a game already
-    won pushes no further. Where |g| is small against ``min_gap`` (the image
-    holds no evidence for or against the target) the weight fades to 0.
+    mask deleted (``m_del``), with only the mask kept on the fully filled
+    image (``m_pres``), and on the clean image (``clean``, c). With
+    S = max(|c|, ``min_scale``), the scores ``s = (m - c) / S`` measure the
+    change in units of the clean evidence; the loss is
+    ``relu(1 + s_del) + relu(-s_pres)``: deleting the mask should remove one
+    S of evidence (a confident positive c falls to the decision boundary),
+    keeping only the mask should keep all of it; a game already won pushes
+    no further. The reference is the clean image, not the filled one: a
+    fill can itself look like a class (on BUSI the mean image is "benign"
+    with log-odds 9, more than the benign images' 3), and a gap to it would
+    point the games at evidence against the target.
     """
-    g = (clean - filled).detach()
-    w = g / (g * g + min_gap ** 2)
-    s_del = (m_del - filled.detach()) * w
-    s_pres = (m_pres - filled.detach()) * w
+    scale = clean.detach().abs().clamp_min(min_scale)
+    s_del = (m_del - clean.detach()) / scale
+    s_pres = (m_pres - clean.detach()) / scale
     parts = []
     if games in ("both", "deletion"):
-        parts.append(F.relu(s_del))
+        parts.append(F.relu(1 + s_del))
     if games in ("both", "preservation"):
-        parts.append(F.relu(1 - s_pres))
+        parts.append(F.relu(-s_pres))
     if not parts:
         raise NemtError(f"games must be both, deletion or preservation, got {games!r}")
     loss = torch.stack(parts).sum(0).mean()

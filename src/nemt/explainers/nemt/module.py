@@ -152,15 +152,17 @@ class ExplanationModule(nn.Module):
         logits, out = self.logits(x)
         return self.maps(logits), out
 
-    def maps(self, logits: torch.Tensor) -> torch.Tensor:
+    def maps(self, logits: torch.Tensor, smooth: bool = True) -> torch.Tensor:
         """Explanation maps from the decoder's logits, by the objective's map kind.
 
         ``keep`` (the paper's objective): the deleted region 1 - smooth(sigmoid(logits)).
         ``nested``: the smoothed mean of the nested fixed-area masks (``map_areas``).
+        ``smooth=False`` leaves out the smoothing operator.
         """
+        sm = self.smoothing if smooth else (lambda m: m)
         if self.map_kind == "keep":
-            return 1 - self.smoothing(torch.sigmoid(logits))
-        return self.smoothing(staircase(logits, self.map_areas, self.map_temperature))
+            return 1 - sm(torch.sigmoid(logits))
+        return sm(staircase(logits, self.map_areas, self.map_temperature))
 
     def logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask logits (B, T, *spatial) and the model's outputs (B, n_outputs), from one pass of the model."""
