@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from nemt.errors import NemtError
-from nemt.files import atomic_open
+from nemt.files import atomic_open, write_json
 from nemt.metrics import DIRECTIONS, summarise
 from nemt.progress import console, progress_bar
 
@@ -268,8 +268,7 @@ def run_benchmark(model, data: BenchmarkData, explainers: dict[str, Any], config
                                    or int(r["target"]) != data.items[i].target):
             raise NemtError(f"{log_.path}: the row of {name}, item {i} ({r['image']!r}, target {r['target']}) "
                             "is not an item of this run's data; use another --out or --restart")
-    with atomic_open(meta_path, "w") as fh:
-        json.dump(meta, fh, indent=2)
+    write_json(meta_path, meta)
     mm = metric_model or model
     device = data.x.device
     chunks = [data.items[i:i + config.batch_size] for i in range(0, len(data.items), config.batch_size)]
@@ -380,8 +379,7 @@ def write_summary(out: Path, summary: dict, metrics: Sequence[str]) -> None:
             w.writerow([method, "ms_per_image", "lower", s["ms"], "", "", s["n_items"], 0])
     with atomic_open(out / "summary.md", "w", encoding="utf-8") as fh:
         fh.write(markdown_summary(summary, metrics))
-    with atomic_open(out / "summary.json", "w", encoding="utf-8") as fh:
-        json.dump(summary, fh, indent=2)
+    write_json(out / "summary.json", summary)  # strict JSON: an undefined mean is null, not NaN
 
 
 def gallery_items(data: BenchmarkData, n: int) -> list[Item]:
