@@ -133,11 +133,12 @@ def test_nested_objective_lands_on_the_finding_of_a_saturated_classifier(saturat
     e = NEMt(clf, **FAST).fit(train, epochs=3, val_data=[(x, y)], progress=False, log=lambda s: None)
     maps = e.explain(x, target=y)
     # the finding is 64 of 1024 pixels: a map with no idea puts ~6 % of its mass there and points in it 6 % of
-    # the time; the paper's loss gives empty maps here (METHODS.md section 7: relevance mass 0.059)
+    # the time; the paper's loss gives empty maps here (relevance mass 0.04-0.06, pointing game 0, seeds 0-2),
+    # this objective 0.99-1.00 and 1.0 (seeds 0-2, README): 0.8 leaves room for other CPUs' rounding
     assert e.collapse_["collapsed"] == []
     assert (maps.flatten(1).amax(1) >= 0.5).all()  # no empty map
     assert pointing_game(maps, m).nanmean() >= 0.9
-    assert relevance_mass(maps, m).nanmean() >= 0.3
+    assert relevance_mass(maps, m).nanmean() >= 0.8
 
 
 @pytest.mark.slow
