@@ -199,9 +199,10 @@ def staircase(logits: torch.Tensor, areas: Sequence[float], temperature: float =
     """
     b, t = logits.shape[:2]
     flat = logits.reshape(b * t, -1)
-    step = -(-flat.shape[1] // max_samples)
+    step = -(-int(flat.shape[1]) // max_samples)  # a Python int: the map size is fixed (and constant in ONNX)
     a = torch.tensor([*areas, 0.5], dtype=flat.dtype, device=flat.device)
-    thr = area_thresholds(flat[:, ::step], a)  # (N, A + 1): the last is the median (one sort, ONNX TopK)
+    sample = flat[:, ::step] if step > 1 else flat
+    thr = area_thresholds(sample, a)  # (N, A + 1): the last is the median (one sort, ONNX TopK)
     scale = 1.0 / (temperature * flat.std(dim=1, keepdim=True).clamp_min(1e-6))
     out = torch.zeros_like(flat)
     for i in range(len(areas)):  # one area at a time: (N, P) memory instead of (N, A, P)
