@@ -378,6 +378,13 @@ def _stalled_socket(url: str, declared: int = 100_000, boundary: str = "nemtb"):
     return s
 
 
+def _wait_receiving(http, n: int, timeout: float = 10) -> None:
+    """Poll /health until ``n`` uploads are being received (or ``timeout`` seconds pass)."""
+    deadline = time.monotonic() + timeout
+    while http.get("/health").json()["receiving"] < n and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def test_stalled_uploads_hold_no_compute_slot_and_time_out(env, upload_root):
     """One worker, no queue: 6 clients that stall mid-body must not turn a normal request into a 503."""
     import httpx
@@ -390,9 +397,7 @@ def test_stalled_uploads_hold_no_compute_slot_and_time_out(env, upload_root):
         stalled = [_stalled_socket(url) for _ in range(6)]
         try:
             with httpx.Client(base_url=url, timeout=30) as http:
-                deadline = time.monotonic() + 10
-                while http.get("/health").json()["receiving"] < 6 and time.monotonic() < deadline:
-                    time.sleep(0.02)
+                _wait_receiving(http, 6)
                 health = http.get("/health").json()
                 assert health["receiving"] == 6 and health["active"] == 0
                 for _ in range(3):  # normal requests are answered while the six stall
@@ -423,9 +428,7 @@ def test_upload_slots_are_bounded(env, upload_root):
         stalled = [_stalled_socket(url) for _ in range(2)]
         try:
             with httpx.Client(base_url=url, timeout=30) as http:
-                deadline = time.monotonic() + 10
-                while http.get("/health").json()["receiving"] < 2 and time.monotonic() < deadline:
-                    time.sleep(0.02)
+                _wait_receiving(http, 2)
                 r = http.post("/v1/explain", files={"file": ("a.png", env["images"][0].read_bytes())})
                 assert r.status_code == 503 and "2 uploads in progress" in r.json()["detail"]
                 assert r.headers["retry-after"] == "1"
