@@ -195,6 +195,7 @@ class _MaskExplainer(Explainer):
             torch.set_rng_state(st["torch_rng"])
             start, self.history_ = st["epoch"], st["history"]
             log(f"resuming explainer in {out_dir} after epoch {start}")
+        self._last_report = None  # set by validate(); the guard reuses the final epoch's report
         with progress_bar(progress) as bar:
             tid = bar.add_task("fit", total=None if n_batches is None else n_batches * (epochs - start), info="")
             for epoch in range(start, epochs):
@@ -414,6 +415,7 @@ class NEMt(_MaskExplainer):
         self.area_weight, self.change_weight, self.area_target = area_weight, change_weight, area_target
         self.train_targets = train_targets
         self.collapse_: dict | None = None
+        self._last_report: dict | None = None
 
     def _map_kwargs(self) -> dict:
         if self.objective == "paper":
@@ -583,7 +585,9 @@ class NEMt(_MaskExplainer):
                 "collapsed": [k for k, v in targets.items() if v["collapsed"]]}
 
     def _check_collapse(self, val_data, out_dir, guard, log) -> None:
-        rep = self.collapse_report(val_data)
+        # the last epoch's validation already scored these weights on this data; a resumed, finished run has none
+        rep = self._last_report or self.collapse_report(val_data)
+        self._last_report = None
         self.collapse_ = rep
         if out_dir:
             write_json(Path(out_dir) / "collapse.json", rep)
@@ -600,7 +604,7 @@ class NEMt(_MaskExplainer):
     @torch.no_grad()
     def validate(self, data: Iterable) -> dict:
         """Mean over targets of the collapse report's figures: map area, empty share, |Δ log-odds|."""
-        rep = self.collapse_report(data)
+        rep = self._last_report = self.collapse_report(data)
         rows = list(rep["targets"].values())
         return {k: round(sum(r[k] for r in rows) / max(len(rows), 1), 4) for k in ("area", "empty", "change")}
 
