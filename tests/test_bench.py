@@ -152,7 +152,10 @@ def test_xaitris_suite_small(tmp_path):
     assert len(fitted) == 1 and not list((tmp_path / "models" / "lin-white" / "linear").glob("nemt-*"))
     assert all(0 <= float(r["top_k_precision"]) <= 1 and 0 <= float(r["emd_score"]) <= 1 for r in rows)
     assert (tmp_path / "report.html").is_file() and (tmp_path / "models" / "lin-white" / "cnn" / "model.json").is_file()
-    assert run_suite(tmp_path, **kw) == table  # models read back, every run already done: same table
+    # the NEMt fit is checked on the validation split: its collapse report is saved and counted in the summary
+    assert (fitted[0].parent / "collapse.json").is_file()
+    assert "NEMt collapse guard (validation split):" in table and "of 1 fitted models collapsed" in table
+    assert run_suite(tmp_path, **kw) == table  # models (and the collapse report) read back: same table
 
 
 # ---------------------------------------------------------------- issue 12: what a resumed run may reuse

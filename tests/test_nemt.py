@@ -1,6 +1,8 @@
 """NEMt / NEM: per-sample targets, determinism, multi-label, regression, 3D, persistence."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -46,8 +48,8 @@ def test_per_sample_targets_equal_one_by_one():
     single = torch.cat([e.explain(x[i:i + 1], target=int(t[i])) for i in range(4)])
     assert batch.shape == (4, 1, 32, 32)
     with torch.no_grad():
-        lb = e.module_.logits(x)[0]
-        ls = torch.cat([e.module_.logits(x[i:i + 1])[0] for i in range(4)])
+        lb = e.module_.logits(x, native=True)[0]  # the map is made on the decoder's own grid
+        ls = torch.cat([e.module_.logits(x[i:i + 1], native=True)[0] for i in range(4)])
     # the decoder's logits differ only by the convolutions' batch-size-dependent summation order (float32)
     assert torch.allclose(lb, ls, atol=1e-6)
     # the map is a sum of sigmoids of (logit - threshold) / (T * spread): its slope in the logits is at most
@@ -226,12 +228,35 @@ def test_eval_fast_path_equals_the_plain_decoder():
     x = torch.randn(2, 1, 32, 32)
     fast = e.explain(x, "all")
     with torch.no_grad():
-        fast_logits = e.module_.logits(x)[0]
+        fast_logits = e.module_.logits(x, native=True)[0]
     with torch.enable_grad():
         maps, _ = e.module_(x)  # grad enabled: the plain blocks
-        plain_logits = e.module_.logits(x)[0].detach()
+        plain_logits = e.module_.logits(x, native=True)[0].detach()
     assert torch.allclose(fast_logits, plain_logits, atol=1e-5)  # folding BatchNorm reorders float32 sums
     # the map's slope in the logits is at most 1 / (4 T spread) (see test_per_sample_targets_equal_one_by_one)
     tol = 2e-5 / (4 * e.map_temperature * float(plain_logits.flatten(2).std(2).min()))
     assert torch.allclose(fast, maps.detach(), atol=tol)
     assert not any("_fused" in k for k in e.module_.state_dict())
+
+
+def test_decoder_stops_at_the_finest_stage_and_old_cards_keep_the_full_resolution_block(tmp_path):
+    """New fits decode to the finest feature grid and resize; a card saved before that loads as it was."""
+    clf = _clf()
+    e = NEMt(clf, **FAST).init_module()
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        native = e.module_.logits(x, native=True)[0]
+        full = e.module_.logits(x)[0]
+    assert native.shape[:2] == (2, 3) and native.shape[-1] < 32  # the finest stage is coarser than the image
+    assert full.shape == (2, 3, 32, 32) and e.explain(x, "all").shape == (2, 3, 32, 32)
+    old = NEMt(clf, decoder_full_resolution=True, **FAST).fit(_data(n_batches=1), epochs=1, progress=False,
+                                                               log=lambda s: None)
+    with torch.no_grad():
+        assert old.module_.logits(x, native=True)[0].shape == (2, 3, 32, 32)
+    old.save(tmp_path)
+    card = json.loads((tmp_path / "explainer.json").read_text())
+    del card["params"]["decoder_full_resolution"]  # as written before the option existed
+    (tmp_path / "explainer.json").write_text(json.dumps(card))
+    back = NEMt.load(tmp_path, clf)
+    assert back.decoder_full_resolution is True
+    assert torch.equal(back.explain(x, "all"), old.explain(x, "all"))

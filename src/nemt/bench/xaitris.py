@@ -201,11 +201,14 @@ def _needs_conv(method: str) -> bool:
 
 
 def fit_suite_nemt(clf, train: XaiTrisData, directory: Path, params: dict, *, seed: int = 0,
-                   device: str = "cpu", progress: bool = True, batch_size: int = 16):
+                   device: str = "cpu", progress: bool = True, batch_size: int = 16,
+                   val: XaiTrisData | None = None):
     """A NEMt for one suite model, fitted on its training split (true labels) or read back.
 
     The folder is ``directory/nemt-<hash of params>``: other settings fit anew
-    instead of mixing; an interrupted fit resumes from its last epoch.
+    instead of mixing; an interrupted fit resumes from its last epoch. With
+    ``val``, the collapse report is computed on it and written to
+    ``collapse.json`` (the suite reports collapsed models instead of stopping).
     """
     import hashlib
     import json
@@ -215,10 +218,21 @@ def fit_suite_nemt(clf, train: XaiTrisData, directory: Path, params: dict, *, se
     tag = hashlib.sha256(json.dumps({**params, "seed": seed}, sort_keys=True).encode()).hexdigest()[:8]
     folder = Path(directory) / f"nemt-{tag}"
     if (folder / "explainer.json").is_file():
-        return NEMt.load(folder, clf, device=device)
+        ex = NEMt.load(folder, clf, device=device)
+        if (folder / "collapse.json").is_file():  # written by the same fit, just before the explainer
+            ex.collapse_ = json.loads((folder / "collapse.json").read_text(encoding="utf-8"))
+        return ex
     ex = NEMt(clf, seed=seed, device=device, **params)
     batches = [(train.x[i:i + batch_size], train.y[i:i + batch_size]) for i in range(0, len(train.x), batch_size)]
-    return ex.fit(batches, out_dir=folder, progress=progress, log=lambda s: None)
+    val_batches = None if val is None else \
+        [(val.x[i:i + batch_size], val.y[i:i + batch_size]) for i in range(0, len(val.x), batch_size)]
+    return ex.fit(batches, val_data=val_batches, guard=False, out_dir=folder, progress=progress, log=lambda s: None)
+
+
+def suite_nemt_collapsed(explainer) -> list[str] | None:
+    """The targets the collapse guard flagged for a suite NEMt (None: fitted without a validation split)."""
+    rep = getattr(explainer, "collapse_", None)
+    return None if rep is None else list(rep["collapsed"])
 
 
 def run_suite(out: str | Path, *, methods: Sequence[str] = (), seed: int = 0, device: str = "cpu",
@@ -255,11 +269,12 @@ def run_suite(out: str | Path, *, methods: Sequence[str] = (), seed: int = 0, de
     budgets = {m: {**SUITE_PARAMS.get(m, {}), **(params or {}).get(m, {})} for m in methods}
     rows: list[dict] = []
     skipped: list[str] = []
+    collapse: dict[str, list[str] | None] = {}
     for scenario in scenarios or SCENARIOS:
         for background in backgrounds or BACKGROUNDS:
             key = f"{scenario}-{background}"
             model_dir = out / "models" / key
-            train, _, test = xaitris_splits(scenario, background, n=n, seed=seed)
+            train, val, test = xaitris_splits(scenario, background, n=n, seed=seed)
             if all((model_dir / m / "model.json").is_file() for m in models):
                 trained = {m: (load_model(model_dir / m, device=device), None) for m in models}
                 trained = {m: (c, accuracy(c, test)) for m, (c, _) in trained.items()}
@@ -280,8 +295,10 @@ def run_suite(out: str | Path, *, methods: Sequence[str] = (), seed: int = 0, de
                 data = BenchmarkData(x, unit, sub.gt.to(device), items, LABEL_NAMES, f"{key}:{seed}:{n}")
                 usable = [m for m in methods if not (_needs_conv(m) and name != "cnn")]
                 explainers = {m: fit_suite_nemt(clf, train, model_dir / name, budgets[m], seed=seed, device=device,
-                                                progress=progress) if m == "nemt"
+                                                progress=progress, val=val) if m == "nemt"
                               else make_explainer(m, clf, seed=seed, device=device, **budgets[m]) for m in usable}
+                if "nemt" in explainers:
+                    collapse[f"{key}/{name}"] = suite_nemt_collapsed(explainers["nemt"])
                 # EMD on 32 x 32 sum-pooled maps: 0.015 s a map instead of 0.26 s, values within about 5e-4
                 cfg = RunConfig(usable, list(SUITE_METRICS), batch_size, seed, {"emd_score": {"max_side": 32}},
                                 {m: budgets[m] for m in usable})
@@ -301,7 +318,7 @@ def run_suite(out: str | Path, *, methods: Sequence[str] = (), seed: int = 0, de
         for r in rows:
             w.writerow([r["scenario"], r["background"], r["model"], f"{r['accuracy']:.3f}", r["method"], r["n"],
                         f"{r['ms']:.2f}", *(f"{r[k]:.4f}" for k in SUITE_METRICS)])
-    table = suite_markdown(rows, methods, skipped)
+    table = suite_markdown(rows, methods, skipped, collapse)
     with atomic_open(out / "summary.md", "w", encoding="utf-8") as fh:
         fh.write(table)
     _suite_report(out, rows, methods, skipped, table, write_report)
@@ -324,7 +341,8 @@ def beats_references(rows: list[dict], metric: str = "top_k_precision") -> dict[
     return wins
 
 
-def suite_markdown(rows: list[dict], methods: Sequence[str], skipped: Sequence[str]) -> str:
+def suite_markdown(rows: list[dict], methods: Sequence[str], skipped: Sequence[str],
+                   collapse: dict[str, list[str] | None] | None = None) -> str:
     """Per metric a table: one row per method, one column per scenario-background/model; best in bold."""
     cols = sorted({(r["scenario"], r["background"], r["model"]) for r in rows},
                   key=lambda k: (k[0], k[1], XAITRIS_MODELS.index(k[2]) if k[2] in XAITRIS_MODELS else 9))
@@ -350,6 +368,13 @@ def suite_markdown(rows: list[dict], methods: Sequence[str], skipped: Sequence[s
         lines.append(f"- **{m}**: {len(where)} of {n_cols}" + (f" ({', '.join(where)})" if where else ""))
     if skipped:
         lines += ["", "Models below the accuracy threshold, not scored: " + "; ".join(skipped) + "."]
+    if collapse:
+        bad = {k: v for k, v in collapse.items() if v}
+        unknown = [k for k, v in collapse.items() if v is None]
+        lines += ["", f"NEMt collapse guard (validation split): {len(bad)} of {len(collapse)} fitted models collapsed"
+                  + (" (" + "; ".join(f"{k}: {', '.join(v)}" for k, v in bad.items()) + ")" if bad else "")
+                  + (f"; not checked (fitted without a validation split): {', '.join(unknown)}" if unknown else "")
+                  + "."]
     parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
 

@@ -73,7 +73,8 @@ class _MaskExplainer(Explainer):
 
     def __init__(self, model: nn.Module, *, layers: Sequence[str] | None = None, encoder: str = "model",
                  smoothing: bool = True, kernel_size: int | None = None, init_keep: float = 0.95,
-                 decoder_channels: Sequence[int] = (256, 128, 64, 32, 16), optimizer: str = "adamw",
+                 decoder_channels: Sequence[int] = (256, 128, 64, 32, 16), decoder_full_resolution: bool = False,
+                 optimizer: str = "adamw",
                  lr: float | None = None, weight_decay: float = 0.01, schedule: str = "cosine",
                  batch_size: int = 16,
                  accumulate: int = 1, epochs: int = 10, seed: int = 0,
@@ -94,6 +95,7 @@ class _MaskExplainer(Explainer):
         self.layers = list(layers) if layers else None
         self.encoder, self.smoothing, self.kernel_size = encoder, smoothing, kernel_size
         self.init_keep, self.decoder_channels = init_keep, list(decoder_channels)
+        self.decoder_full_resolution = bool(decoder_full_resolution)
         if schedule not in ("constant", "cosine"):
             raise NemtError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
         self.optimizer, self.lr, self.weight_decay, self.schedule = optimizer, lr, weight_decay, schedule
@@ -105,6 +107,7 @@ class _MaskExplainer(Explainer):
     def get_params(self) -> dict:
         """Hyper-parameters (round-trip through ``__init__``)."""
         common = ("layers", "encoder", "smoothing", "kernel_size", "init_keep", "decoder_channels",
+                  "decoder_full_resolution",
                   "optimizer", "lr", "weight_decay", "schedule", "batch_size", "accumulate", "epochs", "seed",
                   "input_size", "in_channels")
         return {k: getattr(self, k) for k in common + self._param_names}
@@ -131,6 +134,7 @@ class _MaskExplainer(Explainer):
                                     input_size=self.input_size, n_maps=self._n_maps(), layers=self.layers,
                                     own_encoder=self.encoder == "own", decoder_channels=self.decoder_channels,
                                     init_keep=self.init_keep, kernel_size=k, smoothing=self.smoothing,
+                                    decoder_full_resolution=self.decoder_full_resolution,
                                     **self._map_kwargs())
         return mod.to(self.device)
 
@@ -310,6 +314,7 @@ class _MaskExplainer(Explainer):
         params = dict(card["params"])
         if cls is NEMt and "objective" not in params:
             params["objective"] = "paper"  # saved before the nested objective existed: trained with the paper loss
+        params.setdefault("decoder_full_resolution", True)  # saved before the lighter decoder existed
         self = cls(model, device=device, **params)
         self.module_ = self._build()
         try:
@@ -562,10 +567,10 @@ class NEMt(_MaskExplainer):
         n = 0
         for x, _ in _batches(data):
             x = x.to(self.device)
-            logits, out = mod.logits(x)
-            maps = mod.maps(logits)  # (B, T, *spatial)
+            logits, out = mod.logits(x, native=True)
+            maps = mod.maps(logits, size=x.shape[2:])  # (B, T, *spatial), as explain makes them
             b = x.shape[0]
-            raw = mod.maps(logits, smooth=False).flatten(2)
+            raw = mod.maps(logits, smooth=False, size=x.shape[2:]).flatten(2)
             sums["area"] += maps.flatten(2).mean(2).sum(0).double().cpu()
             sums["empty"] += (raw.amax(2) < empty_below).sum(0).double().cpu()
             sums["full"] += (raw.amin(2) >= empty_below).sum(0).double().cpu()

@@ -155,10 +155,11 @@ def area_thresholds(logits: torch.Tensor, areas: torch.Tensor) -> torch.Tensor:
     ``logits > threshold`` keeps exactly k pixels when there are no ties.
     """
     n, p = logits.shape
-    srt = torch.sort(logits, dim=1, descending=True).values
     a = areas.to(logits).expand(n, -1) if areas.ndim == 1 else areas.to(logits)
     k = (a * p).round().long().clamp(1, p - 1)
-    return 0.5 * (torch.gather(srt, 1, k - 1) + torch.gather(srt, 1, k))
+    # only the largest k + 1 values are needed: a partial sort (TopK), far cheaper than a full sort for small areas
+    top = torch.topk(logits, int(k.max()) + 1, dim=1, sorted=True).values
+    return 0.5 * (torch.gather(top, 1, k - 1) + torch.gather(top, 1, k))
 
 
 def nested_masks(logits: torch.Tensor, areas: torch.Tensor, temperature: float = 1.0,
@@ -190,7 +191,7 @@ def staircase(logits: torch.Tensor, areas: Sequence[float], temperature: float =
     ``logits`` (B, T, *spatial) -> (B, T, *spatial) in [0, 1]. A pixel in
     the smallest mask scores about 1, one outside the largest about 0; the
     soft edges (``temperature`` times the map's logit spread) and a
-    ``tie_break`` share of ``sigmoid((l - median) / spread)`` keep the
+    ``tie_break`` share of ``sigmoid((l - mean) / spread)`` keep the
     logits' order inside and between the steps, so the map ranks every pixel.
     The thresholds come from every s-th pixel, s = ceil(P / ``max_samples``)
     (a 224 px map sorts 16,725 values instead of 50,176): the steps' areas
@@ -200,14 +201,15 @@ def staircase(logits: torch.Tensor, areas: Sequence[float], temperature: float =
     b, t = logits.shape[:2]
     flat = logits.reshape(b * t, -1)
     step = -(-int(flat.shape[1]) // max_samples)  # a Python int: the map size is fixed (and constant in ONNX)
-    a = torch.tensor([*areas, 0.5], dtype=flat.dtype, device=flat.device)
+    a = torch.tensor(list(areas), dtype=flat.dtype, device=flat.device)
     sample = flat[:, ::step] if step > 1 else flat
-    thr = area_thresholds(sample, a)  # (N, A + 1): the last is the median (one sort, ONNX TopK)
-    scale = 1.0 / (temperature * flat.std(dim=1, keepdim=True).clamp_min(1e-6))
+    thr = area_thresholds(sample, a)  # (N, A): one partial sort (ONNX TopK)
+    std, mean = torch.std_mean(flat, dim=1, keepdim=True)
+    scale = 1.0 / (temperature * std.clamp_min(1e-6))
     out = torch.zeros_like(flat)
     for i in range(len(areas)):  # one area at a time: (N, P) memory instead of (N, A, P)
         out += torch.sigmoid((flat - thr[:, i:i + 1]) * scale)
-    order = torch.sigmoid((flat - thr[:, -1:]) * (scale * temperature))
+    order = torch.sigmoid((flat - mean) * (scale * temperature))  # monotone in the logit: keeps their order
     return ((1 - tie_break) * out / len(areas) + tie_break * order).view_as(logits)
 
 
