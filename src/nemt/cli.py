@@ -202,7 +202,7 @@ def fit(
     smoothing: bool = typer.Option(True, help="integrated smoothing operator"),
     init_keep: float = typer.Option(0.95, help="initial kept fraction of the mask head"),
     encoder: str = typer.Option("model", help="model (frozen model's stages) | own (model-agnostic)"),
-    decoder_channels: str = typer.Option("256,128,64,32,16", help="decoder block widths, deepest first"),
+    decoder_channels: str = typer.Option("128,64,32,16,8", help="decoder block widths, deepest first (the last one only with --full-resolution)"),
     full_resolution: bool = typer.Option(False, help="add a decoder block at the image's resolution (the first "
                                          "design; slower, same maps after smoothing)"),
     train_targets: Optional[str] = typer.Option(None, help="true | predicted | all (default by task)"),
@@ -337,6 +337,8 @@ def benchmark(
     param: list[str] = typer.Option([], "--param", help="METHOD.KEY=VALUE or METRIC.KEY=VALUE (repeatable), "
                                                        "e.g. rise.n_masks=2000"),
     suite: Optional[str] = typer.Option(None, help="xai-tris: the ground-truth suite (no --model/--data)"),
+    suite_models: Optional[str] = typer.Option(None, help="xai-tris: comma-separated models to train and explain "
+                                                          "(linear,mlp,cnn; default all three)"),
     seed: int = typer.Option(0, help="random seed"),
     device: str = typer.Option("cpu", help="torch device"),
     progress: bool = typer.Option(True, help="show a progress bar"),
@@ -354,7 +356,8 @@ def benchmark(
         from nemt.bench.xaitris import run_suite
         table = run_suite(out, methods=method_list, seed=seed, device=device, progress=progress, restart=restart,
                           params=split_method_params(param), batch_size=batch_size,
-                          **({"max_samples": limit} if limit else {}))
+                          **({"max_samples": limit} if limit else {}),
+                          **({"models": tuple(_csv_list(suite_models))} if suite_models else {}))
         console.print(table)
         typer.echo(json.dumps({"report": str(out / "report.html"), "table": str(out / "summary.md")}))
         return

@@ -190,7 +190,7 @@ REFERENCES = ("random", "sobel", "laplace", "input")
 #: budgets for 64 px images of tiny models
 SUITE_PARAMS = {"occlusion": {"window": 8, "stride": 4}, "rise": {"n_masks": 1000},
                 "extremal": {"mask_stride": 4, "steps": 150},
-                # fit settings: a decoder a quarter as wide as the default suits 64 px and a tiny CNN
+                # fit settings: a decoder half as wide as the default suits 64 px and a tiny CNN
                 "nemt": {"epochs": 10, "decoder_channels": [64, 32, 16, 8, 4]}}
 
 

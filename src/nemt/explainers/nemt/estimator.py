@@ -66,6 +66,11 @@ def _select_maps(maps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.gather(maps, 1, idx)
 
 
+#: decoder widths, deepest first: half the first design's (256 … 16); on BUSI's validation split (seed 0) as good
+#: (relevance mass 0.464 against 0.452, pointing game 0.646 against 0.631) at a quarter of the decoder's MACs
+DECODER_CHANNELS = (128, 64, 32, 16, 8)
+
+
 class _MaskExplainer(Explainer):
     """Shared machinery of NEMt and NEM: module building, training loop, checkpoints, save/load."""
 
@@ -73,7 +78,7 @@ class _MaskExplainer(Explainer):
 
     def __init__(self, model: nn.Module, *, layers: Sequence[str] | None = None, encoder: str = "model",
                  smoothing: bool = True, kernel_size: int | None = None, init_keep: float = 0.95,
-                 decoder_channels: Sequence[int] = (256, 128, 64, 32, 16), decoder_full_resolution: bool = False,
+                 decoder_channels: Sequence[int] = DECODER_CHANNELS, decoder_full_resolution: bool = False,
                  optimizer: str = "adamw",
                  lr: float | None = None, weight_decay: float = 0.01, schedule: str = "cosine",
                  batch_size: int = 16,
