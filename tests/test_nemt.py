@@ -260,3 +260,21 @@ def test_decoder_stops_at_the_finest_stage_and_old_cards_keep_the_full_resolutio
     back = NEMt.load(tmp_path, clf)
     assert back.decoder_full_resolution is True
     assert torch.equal(back.explain(x, "all"), old.explain(x, "all"))
+
+
+def test_fit_and_resume_leave_the_callers_parameters_and_global_rng_alone(tmp_path):
+    """The model's requires_grad flags are restored after fitting (also after an interrupted fit), no weight of
+    the model receives a gradient, and neither a fit nor a resumed fit moves the global torch RNG."""
+    clf = _clf()
+    clf.net.fc.weight.requires_grad_(False)  # a caller's own mix of flags
+    flags = {n: p.requires_grad for n, p in clf.named_parameters()}
+    assert any(flags.values()) and not all(flags.values())
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    with pytest.raises(Interrupted):
+        NEMt(clf, **FAST).fit(_data(), epochs=2, out_dir=tmp_path, progress=False, log=stop_after_first_epoch)
+    assert {n: p.requires_grad for n, p in clf.named_parameters()} == flags
+    NEMt(clf, **FAST).fit(_data(), epochs=2, out_dir=tmp_path, progress=False, log=lambda s: None)
+    assert {n: p.requires_grad for n, p in clf.named_parameters()} == flags
+    assert all(p.grad is None for p in clf.parameters())
+    assert torch.equal(torch.get_rng_state(), state)

@@ -14,7 +14,8 @@ map per requested target. ``target`` may be
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -101,6 +102,21 @@ def baseline_image(x: torch.Tensor, baseline: float | str) -> torch.Tensor | flo
     if baseline == "mean":
         return x.flatten(2).mean(dim=2).view(keep)
     raise NemtError(f"baseline must be a number, 'min' or 'mean', got {baseline!r}")
+
+
+@contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """The model's parameters without ``requires_grad`` inside the block (no weight gradients are computed
+    while gradients flow to inputs or masks), each restored to the caller's flag after, also on error."""
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
 
 
 class Explainer:

@@ -15,30 +15,16 @@ parameters are frozen for the duration of ``explain`` and restored after.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nemt.errors import NemtError
-from nemt.explainers.base import Explainer, Target, normalise_maps, register, resolve_targets
+from nemt.explainers.base import (Explainer, Target, frozen_parameters, normalise_maps, register,
+                                  resolve_targets)
 from nemt.explainers.fast import inference_copy
 from nemt.explainers.nemt.losses import gaussian_blur, occlude, target_quantity
-
-
-@contextmanager
-def _frozen(model: nn.Module) -> Iterator[None]:
-    """Parameters without ``requires_grad`` inside the block (no weight gradients computed), restored after."""
-    flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
 
 
 def _upsample(grid: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
@@ -104,7 +90,7 @@ class _MaskOptimisation(Explainer):
         sample = torch.arange(b, device=x.device).repeat_interleave(n_t)  # pair k = (sample k // T, target k % T)
         pair_target = t.reshape(-1)
         chunks = []
-        with _frozen(self.model), torch.enable_grad():
+        with frozen_parameters(self.model), torch.enable_grad():
             for start in range(0, b * n_t, self.batch_size):
                 k = slice(start, start + self.batch_size)
                 chunks.append(self._optimise(x[sample[k]].detach(), pair_target[k]).detach())

@@ -27,7 +27,7 @@ from torch import nn
 from nemt import __version__
 from nemt.checkpoint import load_state, save_state
 from nemt.errors import CardError, NemtError
-from nemt.explainers.base import Explainer, Target, register, resolve_targets
+from nemt.explainers.base import Explainer, Target, frozen_parameters, register, resolve_targets
 from nemt.explainers.layers import find_stages
 from nemt.explainers.nemt.losses import (OCCLUSIONS, QUANTITIES, deletion_loss, game_loss, log_odds, nem_loss,
                                         nested_masks, occlude, target_quantity)
@@ -86,8 +86,6 @@ class _MaskExplainer(Explainer):
                  input_size: Sequence[int] | None = None, in_channels: int | None = None,
                  device: str | torch.device | None = None):
         super().__init__(model, device)
-        for p in self.model.parameters():
-            p.requires_grad_(False)
         card = getattr(model, "card", None)
         self.input_size = list(input_size or (card.input_size if card else []))
         self.in_channels = int(in_channels or (card.in_channels if card else 0))
@@ -170,8 +168,16 @@ class _MaskExplainer(Explainer):
         re-run continues from it (same settings required); the final
         explainer is saved there too. With ``val_data`` and ``guard``, a
         fitted explainer whose maps collapsed (see ``_check_collapse``)
-        raises :class:`CollapseError` instead of being saved.
+        raises :class:`CollapseError` instead of being saved. The model's
+        parameters are frozen while fitting (no weight gradients) and their
+        ``requires_grad`` flags restored after.
         """
+        with frozen_parameters(self.model):
+            return self._fit(data, epochs=epochs, val_data=val_data, out_dir=out_dir, progress=progress, log=log,
+                             guard=guard)
+
+    def _fit(self, data: Iterable, *, epochs: int | None, val_data: Iterable | None, out_dir: str | Path | None,
+             progress: bool, log: Callable[[str], None] | None, guard: bool) -> "_MaskExplainer":
         log = log or (lambda s: console.print(s, soft_wrap=True, highlight=False))
         epochs = epochs or self.epochs
         self.epochs = epochs
@@ -201,7 +207,6 @@ class _MaskExplainer(Explainer):
             opt.load_state_dict(st["optimizer"])
             sched.load_state_dict(st["scheduler"])
             gen.set_state(st["generator"])
-            torch.set_rng_state(st["torch_rng"])
             start, self.history_ = st["epoch"], st["history"]
             log(f"resuming explainer in {out_dir} after epoch {start}")
         self._last_report = None  # set by validate(); the guard reuses the final epoch's report
@@ -241,7 +246,7 @@ class _MaskExplainer(Explainer):
                     save_state(state_path, {"key": key, "epoch": epoch + 1, "history": self.history_,
                                             "module": mod.state_dict(), "optimizer": opt.state_dict(),
                                             "scheduler": sched.state_dict(),
-                                            "generator": gen.get_state(), "torch_rng": torch.get_rng_state()})
+                                            "generator": gen.get_state()})  # the fit draws only from gen
                 log(f"epoch {epoch + 1}/{epochs} " + " ".join(
                     f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float) and k != "seconds")
                     + (f" val={record['val']}" if "val" in record else "") + f" ({record['seconds']}s)")
