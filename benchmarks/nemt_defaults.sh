@@ -7,7 +7,7 @@
 #
 #   bash benchmarks/nemt_defaults.sh [OUT=runs/defaults] [SEED=0]
 #
-# Data: 3D phantoms (written here, 32^3 voxels) and BreastMNIST (../shared/data/medmnist, labels only,
+# Data: 3D phantoms (written here, 800 volumes of 32^3 voxels) and BreastMNIST (../shared/data/medmnist, labels only,
 # 28 px; skipped when absent). The 2D phantoms are the demo's (scripts/demo.sh), BUSI and XAI-TRIS
 # have their own sections in the README. The chest radiograph samples (7 images) are too few to
 # train a classifier on, and no pretrained weights may be downloaded: not covered.
@@ -18,9 +18,9 @@ N=${NEMT:-.venv/bin/nemt}
 mkdir -p "$OUT"
 M=relevance_mass,relevance_rank,pointing_game
 
-echo "== 3D phantoms (32^3, 300 volumes, smallcnn)"
-[ -f "$OUT/ph3d/manifest.csv" ] || $N data phantoms "$OUT/ph3d" --dims 3 --size 32 --n 300 --seed "$SEED"
-$N train --data "$OUT/ph3d/manifest.csv" --out "$OUT/ph3d-model" --arch smallcnn --size 32x32x32 --epochs 15 \
+echo "== 3D phantoms (32^3, 800 volumes, smallcnn)"
+[ -f "$OUT/ph3d/manifest.csv" ] || $N data phantoms "$OUT/ph3d" --dims 3 --size 32 --n 800 --seed "$SEED"
+$N train --data "$OUT/ph3d/manifest.csv" --out "$OUT/ph3d-model" --arch smallcnn --size 32x32x32 --epochs 30 \
   --seed "$SEED" --no-progress > "$OUT/ph3d-train.log"
 $N fit --model "$OUT/ph3d-model" --data "$OUT/ph3d/manifest.csv" --out "$OUT/ph3d-nemt" --seed "$SEED" \
   --no-progress > "$OUT/ph3d-fit.log"
