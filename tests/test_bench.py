@@ -282,3 +282,24 @@ def test_a_run_that_does_not_record_its_model_is_not_reused(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps(meta))
     with pytest.raises(NemtError, match="run.json: does not record its model's checksum"):
         run_benchmark(clf, data, {"sobel": get_explainer("sobel", clf)}, cfg, tmp_path, progress=False)
+
+
+def test_figures_leave_the_callers_matplotlib_backend_alone(tmp_path):
+    """Importing and drawing (overlay PNGs, the report's plots) never selects a backend: the caller's stays."""
+    import importlib
+
+    import matplotlib
+    import numpy as np
+
+    import nemt.bench.report as report
+    import nemt.visualize as visualize
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # a caller's choice (not the Agg that the library used to force on import)
+    try:
+        importlib.reload(visualize)
+        importlib.reload(report)
+        out = visualize.save_overlay(tmp_path / "o.png", np.zeros((8, 8)), [np.ones((8, 8))], ["m"])
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)

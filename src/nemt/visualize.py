@@ -9,13 +9,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
+from matplotlib.figure import Figure
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from nemt.files import atomic_path
 
-from nemt.files import atomic_path  # noqa: E402
+
+def subplots(*grid: int, figsize: tuple[float, float], **kw):
+    """``pyplot.subplots`` without pyplot: a bare Figure (saved through its own Agg canvas), so drawing never
+    selects or changes the caller's matplotlib backend and leaves no figure open in pyplot's registry."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid, **kw)
 
 
 def _slices(a: np.ndarray, m: np.ndarray, gt: np.ndarray | None):
@@ -38,7 +42,7 @@ def save_overlay(path: str | Path, image: np.ndarray, maps: Sequence[np.ndarray]
     """
     panels = [(t, s) for t, m in zip(titles, maps) for s in _slices(image, np.asarray(m), gt)]
     n = 1 + len(panels)
-    fig, axes = plt.subplots(1, n, figsize=(3 * n, 3.2), squeeze=False)
+    fig, axes = subplots(1, n, figsize=(3 * n, 3.2), squeeze=False)
     first = _slices(image, np.asarray(maps[0]), gt)[0][1]
     show = np.moveaxis(first, 0, -1) if first.ndim == 3 else first
     axes[0, 0].imshow(show, cmap="gray", vmin=0, vmax=1)
@@ -58,5 +62,4 @@ def save_overlay(path: str | Path, image: np.ndarray, maps: Sequence[np.ndarray]
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
     return path

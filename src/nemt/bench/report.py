@@ -14,20 +14,16 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from nemt.files import atomic_open  # noqa: E402
-from nemt.metrics import DIRECTIONS  # noqa: E402
+from nemt.files import atomic_open
+from nemt.visualize import subplots
+from nemt.metrics import DIRECTIONS
 
 
 def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -37,7 +33,7 @@ def metric_plots(summary: dict, metrics: Sequence[str]) -> str:
     n = len(metrics)
     cols = min(n, 4)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 0.35 * len(methods) * rows + 1.2 * rows),
+    fig, axes = subplots(rows, cols, figsize=(3.4 * cols, 0.35 * len(methods) * rows + 1.2 * rows),
                              squeeze=False)
     for ax, m in zip(axes.flat, metrics):
         means = np.array([summary[k][m]["mean"] for k in methods], dtype=float)
@@ -58,7 +54,7 @@ def metric_plots(summary: dict, metrics: Sequence[str]) -> str:
 def time_plot(summary: dict) -> str:
     methods = list(summary)
     ms = [max(summary[k]["ms"], 1e-3) for k in methods]
-    fig, ax = plt.subplots(figsize=(6, 0.35 * len(methods) + 1))
+    fig, ax = subplots(figsize=(6, 0.35 * len(methods) + 1))
     ax.barh(range(len(methods)), ms, color="#dd8452")
     ax.set_xscale("log")
     ax.set_yticks(range(len(methods)), methods, fontsize=8)
@@ -78,7 +74,7 @@ def gallery_figure(unit: np.ndarray, gt: np.ndarray, maps: dict[str, np.ndarray]
         maps = {m: v[k] for m, v in maps.items()}
     img = unit[0] if unit.shape[0] == 1 else np.moveaxis(unit, 0, -1)
     n = 1 + len(maps)
-    fig, axes = plt.subplots(1, n, figsize=(2.1 * n, 2.3), squeeze=False)
+    fig, axes = subplots(1, n, figsize=(2.1 * n, 2.3), squeeze=False)
     for ax in axes[0]:
         ax.imshow(img, cmap="gray", vmin=0, vmax=1)
         if gt.any():
