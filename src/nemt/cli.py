@@ -202,7 +202,8 @@ def fit(
     smoothing: bool = typer.Option(True, help="integrated smoothing operator"),
     init_keep: float = typer.Option(0.95, help="initial kept fraction of the mask head"),
     encoder: str = typer.Option("model", help="model (frozen model's stages) | own (model-agnostic)"),
-    decoder_channels: str = typer.Option("128,64,32,16,8", help="decoder block widths, deepest first (the last one only with --full-resolution)"),
+    decoder_channels: str = typer.Option("128,64,32,16,8", help="decoder block widths, deepest first (the last "
+                                         "one only with --full-resolution)"),
     full_resolution: bool = typer.Option(False, help="add a decoder block at the image's resolution (the first "
                                          "design; slower, same maps after smoothing)"),
     train_targets: Optional[str] = typer.Option(None, help="true | predicted | all (default by task)"),
@@ -238,7 +239,8 @@ def fit(
                      change_weight=change_weight, area_target=area_target, kernel_size=kernel_size,
                      smoothing=smoothing, init_keep=init_keep, encoder=encoder, train_targets=train_targets,
                      decoder_channels=[int(c) for c in decoder_channels.split(",")],
-                     decoder_full_resolution=full_resolution, optimizer=optimizer, lr=lr, schedule=schedule, batch_size=batch_size, accumulate=accumulate, epochs=epochs,
+                     decoder_full_resolution=full_resolution, optimizer=optimizer, lr=lr, schedule=schedule,
+                     batch_size=batch_size, accumulate=accumulate, epochs=epochs,
                      seed=seed, device=device)
     from nemt.explainers.nemt.estimator import CollapseError
     try:

@@ -17,8 +17,8 @@ from typing import Sequence
 import numpy as np
 
 from nemt.files import atomic_open
-from nemt.visualize import subplots
 from nemt.metrics import DIRECTIONS
+from nemt.visualize import subplots
 
 
 def _png(fig) -> str:

@@ -222,11 +222,12 @@ def fit_suite_nemt(clf, train: XaiTrisData, directory: Path, params: dict, *, se
         if (folder / "collapse.json").is_file():  # written by the same fit, just before the explainer
             ex.collapse_ = json.loads((folder / "collapse.json").read_text(encoding="utf-8"))
         return ex
+    def batches(d: XaiTrisData) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(d.x[i:i + batch_size], d.y[i:i + batch_size]) for i in range(0, len(d.x), batch_size)]
+
     ex = NEMt(clf, seed=seed, device=device, **params)
-    batches = [(train.x[i:i + batch_size], train.y[i:i + batch_size]) for i in range(0, len(train.x), batch_size)]
-    val_batches = None if val is None else \
-        [(val.x[i:i + batch_size], val.y[i:i + batch_size]) for i in range(0, len(val.x), batch_size)]
-    return ex.fit(batches, val_data=val_batches, guard=False, out_dir=folder, progress=progress, log=lambda s: None)
+    return ex.fit(batches(train), val_data=None if val is None else batches(val), guard=False, out_dir=folder,
+                  progress=progress, log=lambda s: None)
 
 
 def suite_nemt_collapsed(explainer) -> list[str] | None:

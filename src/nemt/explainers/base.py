@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nemt.errors import NemtError
@@ -102,6 +103,19 @@ def baseline_image(x: torch.Tensor, baseline: float | str) -> torch.Tensor | flo
     if baseline == "mean":
         return x.flatten(2).mean(dim=2).view(keep)
     raise NemtError(f"baseline must be a number, 'min' or 'mean', got {baseline!r}")
+
+
+_LINEAR_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
+
+
+def resize_linear(t: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """(B, C, *grid) -> (B, C, *size) by linear, bilinear or trilinear interpolation (by the number of
+    spatial axes, ``align_corners=False``: each value a convex combination of its neighbours, so maps stay in
+    their range); ``t`` itself when it already has that size."""
+    size = tuple(int(s) for s in size)
+    if tuple(t.shape[2:]) == size:
+        return t
+    return F.interpolate(t, size=size, mode=_LINEAR_MODES[t.ndim - 2], align_corners=False)
 
 
 @contextmanager

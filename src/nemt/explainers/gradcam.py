@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nemt.explainers.base import Explainer, Target, normalise_maps, register, resolve_targets
+from nemt.explainers.base import Explainer, Target, normalise_maps, register, resize_linear, resolve_targets
 from nemt.explainers.fast import inference_copy
 from nemt.explainers.layers import FeatureTap, find_stages, output_leaf
 
@@ -68,8 +68,7 @@ class GradCAM(Explainer):
                 cam = F.relu((w.view(*w.shape, *([1] * d)) * acts.detach()).sum(dim=1))
                 maps.append(cam)
         cams = torch.stack(maps, dim=1)
-        mode = "bilinear" if d == 2 else "trilinear"
-        cams = F.interpolate(cams, size=x.shape[2:], mode=mode, align_corners=False)
+        cams = resize_linear(cams, x.shape[2:])
         return normalise_maps(cams, d)
 
 

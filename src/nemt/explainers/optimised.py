@@ -21,16 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from nemt.errors import NemtError
-from nemt.explainers.base import (Explainer, Target, frozen_parameters, normalise_maps, register,
+from nemt.explainers.base import (Explainer, Target, frozen_parameters, normalise_maps, register, resize_linear,
                                   resolve_targets)
 from nemt.explainers.fast import inference_copy
 from nemt.explainers.nemt.losses import gaussian_blur, occlude, target_quantity
-
-
-def _upsample(grid: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
-    """(N, 1, *grid) -> (N, 1, *size), bilinear in 2D, trilinear in 3D (a convex combination: stays in [0, 1])."""
-    mode = ("linear", "bilinear", "trilinear")[grid.ndim - 3]
-    return F.interpolate(grid, size=size, mode=mode, align_corners=False)
 
 
 def _total_variation(m: torch.Tensor) -> torch.Tensor:
@@ -231,7 +225,7 @@ class ExtremalPerturbation(_MaskOptimisation):
         param = self._grid(x, 1.0, jitter=0.01).requires_grad_(True)
         opt = torch.optim.Adam([param], lr=self.lr)
         for step in range(self.steps):
-            m = _upsample(param, size)
+            m = resize_linear(param, size)
             preserved = (self._target_score(self._perturb(x, m), target) - s_perturbed) / gap
             area = ((m.flatten(1).sort(dim=1).values - reference) ** 2).mean(dim=1)
             loss = (self.area_weight_start * growth ** step * area - preserved).sum()  # a sum: each mask its own
@@ -240,7 +234,7 @@ class ExtremalPerturbation(_MaskOptimisation):
             with torch.no_grad():
                 param.clamp_(0, 1)
         with torch.no_grad():
-            return _upsample(param, size)[:, 0]
+            return resize_linear(param, size)[:, 0]
 
 
 @register("inpainting")
@@ -340,7 +334,7 @@ class CounterfactualInpainting(_MaskOptimisation):
         opt = torch.optim.Adam([logits], lr=self.lr)
         fill = self._counterfactual(x, torch.zeros_like(x[:, :1], dtype=torch.bool))
         for step in range(self.steps):
-            m = _upsample(logits.sigmoid(), size)
+            m = resize_linear(logits.sigmoid(), size)
             if step and step % self.refresh == 0:
                 fill = self._counterfactual(x, m.detach() > 0.5)
             score = self._target_score((1 - m) * x + m * fill, target)
@@ -349,4 +343,4 @@ class CounterfactualInpainting(_MaskOptimisation):
             logits.grad, = torch.autograd.grad(loss, [logits])
             opt.step()
         with torch.no_grad():
-            return _upsample(logits.sigmoid(), size)[:, 0]
+            return resize_linear(logits.sigmoid(), size)[:, 0]

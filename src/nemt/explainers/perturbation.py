@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nemt.errors import NemtError
-from nemt.explainers.base import Explainer, Target, baseline_image, normalise_maps, register, resolve_targets
+from nemt.explainers.base import (Explainer, Target, baseline_image, normalise_maps, register, resize_linear,
+                                  resolve_targets)
 from nemt.explainers.fast import inference_copy
 from nemt.explainers.layers import FeatureTap
 from nemt.models.classifier import predictions_from_outputs
@@ -190,10 +191,8 @@ class RandomMasks:
 
     def chunk(self, index: Sequence[int] | range) -> torch.Tensor:
         """(len(index), 1, *spatial) masks in [0, 1]."""
-        d = len(self.spatial)
         up = [(self.grid + 1) * c for c in self.cells]
-        mode = "bilinear" if d == 2 else "trilinear"
-        big = F.interpolate(self.grids[list(index)], size=up, mode=mode, align_corners=False)
+        big = resize_linear(self.grids[list(index)], up)
         out = torch.empty(len(index), 1, *self.spatial, device=big.device)
         for i, k in enumerate(index):
             sl = tuple(slice(s, s + n) for s, n in zip(self.shifts[k], self.spatial))

@@ -25,12 +25,10 @@ from monai.networks.layers.factories import Conv, Norm, Pool
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from nemt.explainers.base import resize_linear
 from nemt.explainers.layers import FeatureTap
 from nemt.explainers.nemt.losses import staircase
 from nemt.explainers.nemt.smoothing import RandomSmoothing
-
-
-_LINEAR = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
 
 def conv_block(spatial_dims: int, cin: int, cout: int) -> nn.Sequential:
@@ -112,8 +110,7 @@ class MaskDecoder(nn.Module):
         if self.full_resolution:
             skips.append(image)
         else:
-            skips[-1] = torch.cat([skips[-1], F.interpolate(image, size=skips[-1].shape[2:], mode=_LINEAR[
-                self.spatial_dims], align_corners=False)], dim=1)
+            skips[-1] = torch.cat([skips[-1], resize_linear(image, skips[-1].shape[2:])], dim=1)
         for block, skip in zip(blocks, skips):
             x = F.interpolate(x, size=skip.shape[2:], mode="nearest")
             x = block(torch.cat([x, skip], dim=1))
@@ -179,12 +176,6 @@ class ExplanationModule(nn.Module):
         logits, out = self.logits(x, native=True)
         return self.maps(logits, size=x.shape[2:]), out
 
-    def upsample(self, t: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-        """Linear (bilinear, trilinear) resize of (B, T, *grid) to ``size``; a no-op at that size already."""
-        if tuple(t.shape[2:]) == tuple(size):
-            return t
-        return F.interpolate(t, size=tuple(size), mode=_LINEAR[t.ndim - 2], align_corners=False)
-
     def maps(self, logits: torch.Tensor, smooth: bool = True, size: Sequence[int] | None = None) -> torch.Tensor:
         """Explanation maps from the decoder's logits, by the objective's map kind.
 
@@ -198,8 +189,8 @@ class ExplanationModule(nn.Module):
         sm = self.smoothing if smooth else (lambda m: m)
         size = tuple(size) if size is not None else tuple(logits.shape[2:])
         if self.map_kind == "keep":
-            return 1 - sm(self.upsample(torch.sigmoid(logits), size))
-        return sm(self.upsample(staircase(logits, self.map_areas, self.map_temperature), size))
+            return 1 - sm(resize_linear(torch.sigmoid(logits), size))
+        return sm(resize_linear(staircase(logits, self.map_areas, self.map_temperature), size))
 
     def logits(self, x: torch.Tensor, native: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask logits (B, T, *spatial) and the model's outputs (B, n_outputs), from one pass of the model.
@@ -221,4 +212,4 @@ class ExplanationModule(nn.Module):
                 self._tap.enabled = False
             feats = [self._tap.features.pop(n) for n in self.layers]
         logits = self.decoder(feats, x)
-        return (logits if native else self.upsample(logits, x.shape[2:])), out
+        return (logits if native else resize_linear(logits, x.shape[2:])), out
