@@ -173,3 +173,15 @@ def test_cli_fit_fails_loudly_on_a_broken_fit(tmp_path):
     assert res.exit_code == 0, res.output
     assert json.loads(res.output[res.output.rindex('{\n  "explainer"'):])["collapsed"] == []
     assert (tmp_path / "ok" / "explainer.json").is_file()
+
+
+def test_cli_fit_areas_default_is_the_library_default():
+    """`nemt fit` and `NEMt(...)` train the same areas when no flag is given (two literals, one value)."""
+    import typer.main
+
+    from nemt.cli import app
+    from nemt.explainers.nemt.estimator import DEFAULT_AREAS
+
+    fit = typer.main.get_command(app).commands["fit"]
+    default = next(p.default for p in fit.params if p.name == "areas")
+    assert tuple(float(a) for a in default.split(",")) == DEFAULT_AREAS

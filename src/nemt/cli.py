@@ -185,7 +185,7 @@ def fit(
     objective: str = typer.Option("nested", help="nested (fixed-area masks, deletion and preservation games on "
                                   "log-odds; cannot collapse) | paper (the published loss; collapses on confident "
                                   "models)"),
-    areas: str = typer.Option("0.025,0.05,0.1,0.2", help="nested: mask areas trained (fractions of the image)"),
+    areas: str = typer.Option("0.01,0.025,0.05,0.1,0.2", help="nested: mask areas trained (fractions of the image)"),
     map_areas: str = typer.Option("0.01", help="nested: areas the map is the mean of ('train': --areas)"),
     games: str = typer.Option("both", help="nested: both | deletion | preservation"),
     min_scale: float = typer.Option(1.0, help="nested: smallest evidence size (log-odds) the games normalise by"),

@@ -339,7 +339,7 @@ class _MaskExplainer(Explainer):
 
 OBJECTIVES = ("nested", "paper")
 GAMES = ("both", "deletion", "preservation")
-DEFAULT_AREAS = (0.025, 0.05, 0.1, 0.2)
+DEFAULT_AREAS = (0.01, 0.025, 0.05, 0.1, 0.2)  # 1 % added on BUSI/demo validation (pointing game; README)
 DEFAULT_MAP_AREAS = (0.01,)  # chosen on the demo's validation split (README); the logits rank every pixel anyway
 
 
@@ -360,7 +360,7 @@ class NEMt(_MaskExplainer):
 
     - ``nested`` (default), robust to saturated classifiers by construction:
       each channel's logits are cut at fixed areas (``areas``, e.g. the top
-      2.5/5/10/20 % of pixels; one area drawn per sample and step), so a
+      1/2.5/5/10/20 % of pixels; one area drawn per sample and step), so a
       mask can be neither empty nor full; the straight-through gradient
       moves the pixels at the mask's edge. Rewards are the target's
       log-odds (never saturates) in a deletion game (delete the mask: the
