@@ -29,16 +29,24 @@ from nemt.explainers.attribution import grid_segments
 from nemt.models import Classifier, build_model
 
 PEERS = ["occlusion", "gradcam", "gradcam++", "saliency", "ig", "gradshap", "lime", "kernelshap"]
-SOLO = ["rise", "extremal", "inpainting", "relax"]
+SOLO = ["nemt", "rise", "extremal", "inpainting", "relax"]
 
 
-def timed(fn, warm, repeats: int = 3, budget_s: float = 10.0):
+def synchronize(device) -> None:
+    """Wait for queued GPU work, so that a wall-clock interval covers the kernels it launched."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, warm, repeats: int = 3, budget_s: float = 10.0, device="cpu"):
     """Best of up to ``repeats`` runs (fewer when one run takes longer than ``budget_s`` in all)."""
     warm()
+    synchronize(device)
     best, out, spent = float("inf"), None, 0.0
     for _ in range(repeats):
         t0 = time.perf_counter()
         out = fn()
+        synchronize(device)
         dt = time.perf_counter() - t0
         best, spent = min(best, dt), spent + dt
         if spent > budget_s:
@@ -90,6 +98,9 @@ def peers(name, clf, x, t, args):
 
 
 def ours(name, clf, args):
+    if name == "nemt":  # untrained decoder: its cost does not depend on its weights
+        from nemt.explainers import NEMt
+        return NEMt(clf, device=args.device).init_module()
     params = {
         "occlusion": {"window": args.window, "stride": args.stride, "batch_size": args.batch},
         "ig": {"batch_size": args.batch}, "lime": {"batch_size": args.batch, "n_samples": 200},
@@ -97,7 +108,7 @@ def ours(name, clf, args):
         "rise": {"n_masks": args.rise_masks, "batch_size": args.batch}, "relax": {"n_masks": args.rise_masks,
                                                                                  "batch_size": args.batch},
     }.get(name, {})
-    return get_explainer(name, clf, **params)
+    return get_explainer(name, clf, device=args.device, **params)
 
 
 def main():
@@ -111,20 +122,23 @@ def main():
     p.add_argument("--stride", type=int, default=16)
     p.add_argument("--rise-masks", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     net = build_model("resnet18", spatial_dims=2, in_channels=1, out_channels=3)
     clf = Classifier.from_module(net, spatial_dims=2, in_channels=1, input_size=(args.size,) * 2,
-                                 task="multiclass", label_names=["a", "b", "c"], arch="resnet18").eval()
-    x = torch.randn(args.images, 1, args.size, args.size)
+                                 task="multiclass", label_names=["a", "b", "c"], arch="resnet18").to(args.device).eval()
+    x = torch.randn(args.images, 1, args.size, args.size).to(args.device)
     with torch.no_grad():
         t = clf(x).argmax(dim=1)
-    print(f"ResNet-18, 1 x {args.size} px, {args.images} images, {args.threads} threads, batch {args.batch}; "
-          f"torch {torch.__version__}")
+    where = torch.cuda.get_device_name(args.device) if torch.device(args.device).type == "cuda" else "CPU"
+    print(f"ResNet-18, 1 x {args.size} px, {args.images} images, {args.threads} threads, batch {args.batch}, "
+          f"{args.device} ({where}); torch {torch.__version__}")
     print("| method | ours ms/image | peer | peer ms/image | peer / ours | max abs diff |")
     print("|---|---|---|---|---|---|")
     n = args.images
+    ms = {}
     for name in args.methods.split(","):
         try:
             ex = ours(name, clf, args)
@@ -136,12 +150,13 @@ def main():
             (lambda xx, tt: ex.explain(xx, tt))
         if name == "relax":
             run = lambda xx, tt: ex.explain(xx)  # noqa: E731
-        mine, sec = timed(lambda: run(x, t), lambda: run(x[:1], t[:1]))
+        mine, sec = timed(lambda: run(x, t), lambda: run(x[:1], t[:1]), device=args.device)
+        ms[name] = 1000 * sec / n
         rows = peers(name, clf, x, t, args)
         if not rows:
             print(f"| {name} | {1000 * sec / n:.0f} | (none in Captum or MONAI) | | | |")
         for peer, fn in rows.items():
-            theirs, psec = timed(lambda: fn(x, t), lambda: fn(x[:1], t[:1]))
+            theirs, psec = timed(lambda: fn(x, t), lambda: fn(x[:1], t[:1]), device=args.device)
             diff = ""
             if name != "occlusion" or peer == "captum":
                 if name.startswith("gradcam"):  # compare normalised maps: MONAI normalises, Captum does not
@@ -156,6 +171,9 @@ def main():
                 diff = "" if a is None else f"{float((a.reshape(n, -1) - b.reshape(n, -1)).abs().max()):.1e}"
             print(f"| {name} | {1000 * sec / n:.0f} | {peer} | {1000 * psec / n:.0f} | "
                   f"**{psec / sec:.2f}x** | {diff} |", flush=True)
+    if "nemt" in ms:
+        print("\nNEMt (one pass, untrained decoder) against each method, ms per image of theirs / of NEMt's:")
+        print(", ".join(f"{k} {v / ms['nemt']:.3g}x" for k, v in ms.items() if k != "nemt"))
 
 
 def _norm(m):

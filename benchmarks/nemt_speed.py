@@ -20,19 +20,29 @@ from nemt.explainers import NEMt
 from nemt.models import Classifier, build_model
 
 
-def paired(fwd, exp, repeats: int) -> tuple[float, float, float]:
+def synchronize(device) -> None:
+    """Wait for queued GPU work, so that a wall-clock interval covers the kernels it launched."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def paired(fwd, exp, repeats: int, device="cpu") -> tuple[float, float, float]:
     """Median seconds of ``fwd`` and of ``exp``, and the median of their per-repeat ratios.
 
     The two are timed back to back in every repeat (after one warm-up each),
     so a slow spell of a shared machine slows both and cancels in the ratio.
+    On a GPU each interval ends with a synchronisation.
     """
     fwd(), exp()
+    synchronize(device)
     tf, te = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fwd()
+        synchronize(device)
         t1 = time.perf_counter()
         exp()
+        synchronize(device)
         t2 = time.perf_counter()
         tf.append(t1 - t0)
         te.append(t2 - t1)
@@ -50,7 +60,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = torch.randn(args.batch, 1, args.size, args.size, device=args.device)
-    print(f"ResNet-18, 1 channel, {args.size} px, batch {args.batch}, {args.threads} threads, {args.device}")
+    where = torch.cuda.get_device_name(args.device) if torch.device(args.device).type == "cuda" else "CPU"
+    print(f"ResNet-18, 1 channel, {args.size} px, batch {args.batch}, {args.threads} threads, {args.device} ({where}); "
+          f"torch {torch.__version__}")
     print("| model | forward ms/image | NEMt explain ms/image | maps per call | ratio |")
     print("|---|---|---|---|---|")
     for task, n in (("multiclass", 3), ("multilabel", 14)):
@@ -63,7 +75,7 @@ def main() -> None:
             with torch.no_grad():
                 clf(x)
 
-        fwd, exp, ratio = paired(forward, lambda: ex.explain(x, target="all"), args.repeats)
+        fwd, exp, ratio = paired(forward, lambda: ex.explain(x, target="all"), args.repeats, args.device)
         maps = ex.explain(x, target="all").shape[1]
         print(f"| {task} ({n} outputs) | {1000 * fwd / args.batch:.1f} | {1000 * exp / args.batch:.1f} | "
               f"{maps} | {ratio:.2f}x |")
