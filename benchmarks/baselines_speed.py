@@ -59,7 +59,7 @@ def peers(name, clf, x, t, args):
     from captum import attr as ca
     import monai.visualize as mv
     w, s = args.window, args.stride
-    seg = grid_segments(tuple(x.shape[2:]), 16, 1)
+    seg = grid_segments(tuple(x.shape[2:]), 16, 1).to(x.device)
     layer = "layer4"
 
     def captum_gradcam(xx, tt):
