@@ -5,8 +5,8 @@ models: our target convention (``"all"`` labels, ``"predicted"``, per-sample
 tensors, label names), a memory bound per method (``batch_size``: Captum's
 ``internal_batch_size`` or ``perturbations_per_eval``, or chunks of Gradient
 SHAP's samples), seeded and batch-independent randomness (each sample of a
-random method is explained under ``torch.manual_seed(seed)`` on its own, so
-its map does not depend on the rest of the batch), grid superpixels for
+random method is explained on its own under ``seed``, the caller's global RNG
+restored after, so its map does not depend on the rest of the batch), grid superpixels for
 LIME/KernelSHAP that work in 2D and 3D, and maps reduced to (B, T, *spatial).
 
 :meth:`attribute` returns Captum's raw attributions, (B, T, C, *spatial),
@@ -26,26 +26,29 @@ import torch
 from captum import attr as ca
 from torch import nn
 
-from nemt.errors import NemtError
-from nemt.explainers.base import Explainer, Target, baseline_image, normalise_maps, register, resolve_targets
+from nemt.explainers.base import Explainer, Target, baseline_image, register
+from nemt.ops import ParameterError, chunks, evaluating, seeded
 from nemt.explainers.fast import inference_copy
 
 SIGNS = ("abs", "positive", "signed")
 
 
 class CaptumExplainer(Explainer):
-    """Base: one Captum call per target column; random methods one sample at a time under a fixed seed."""
+    """Base: one Captum call per target column; random methods one image at a time, each column under ``seed``."""
 
     captum_class: type = ca.Saliency
     random = False  # does the Captum method draw random numbers?
     gradient = True  # does it differentiate the model (then the input must require gradients)?
 
     def __init__(self, model: nn.Module, device=None, sign: str = "abs", seed: int = 0, batch_size: int = 64,
-                 fast: bool = True):
-        super().__init__(model, device)
+                 fast: bool = True, **kw):
         if sign not in SIGNS:
-            raise NemtError(f"sign must be one of {SIGNS}, got {sign!r}")
+            raise ParameterError(f"sign must be one of {SIGNS}, got {sign!r}")
+        kw.setdefault("postprocess", sign)  # "abs", "positive" or "signed": :func:`nemt.ops.postprocess`
+        super().__init__(model, device, **kw)
         self.sign, self.seed, self.batch_size = sign, int(seed), int(batch_size)
+        if self.random:  # one image per call, so that no map depends on the rest of its batch
+            self.images_per_call = 1
         self.method = self.captum_class(inference_copy(self.model, fast))
 
     def captum_kwargs(self, x: torch.Tensor) -> dict:
@@ -55,32 +58,28 @@ class CaptumExplainer(Explainer):
     def _call(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.method.attribute(x, target=target, **self.captum_kwargs(x))
 
-    def attribute(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
-        """Captum's attributions, (B, T, C, *spatial)."""
-        x = x.to(self.device).detach()
-        t = resolve_targets(target, self.model, x)
+    def _columns(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Captum's attributions (b, T, C, *spatial) for a chunk whose targets are resolved."""
         if self.gradient:
-            x.requires_grad_(True)
+            x = x.requires_grad_(True)
         columns = []
         for j in range(t.shape[1]):
             if self.random:
-                parts = []
-                for i in range(x.shape[0]):
-                    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-                        torch.manual_seed(self.seed)
-                        parts.append(self._call(x[i:i + 1], t[i:i + 1, j]))
-                columns.append(torch.cat(parts))
+                with seeded(self.seed, x.device):
+                    columns.append(self._call(x, t[:, j]))
             else:
                 columns.append(self._call(x, t[:, j]))
         return torch.stack(columns, dim=1).detach()
 
-    def explain(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
-        a = self.attribute(x, target).sum(dim=2)
-        d = x.ndim - 2
-        if self.sign == "signed":
-            scale = a.flatten(start_dim=2).abs().amax(dim=2).clamp_min(1e-12)
-            return a / scale.view(*scale.shape, *(1,) * d)
-        return normalise_maps(a.abs() if self.sign == "abs" else a.clamp_min(0), d)
+    def attribute(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
+        """Captum's attributions, (B, T, C, *spatial)."""
+        x = self.check_input(x)
+        with evaluating(self.model):
+            t = self.targets(x, target)
+            return torch.cat([self._columns(x[sl], t[sl]) for sl in chunks(x.shape[0], self.images_per_call)])
+
+    def _attribute(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self._columns(x, t).sum(dim=2)
 
 
 def grid_segments(spatial: tuple[int, ...], cell: int, channels: int, device=None) -> torch.Tensor:

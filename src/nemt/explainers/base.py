@@ -1,159 +1,109 @@
-"""What every explainer shares: the protocol, the target convention, map normalisation, the registry.
+"""What every explainer shares: the pipeline, the registry, and the vocabulary of :mod:`nemt.ops`.
 
-An explainer is built from a :class:`~nemt.models.Classifier` and answers
-``explain(x, target=...) -> (B, T, *spatial)`` maps at input resolution, one
-map per requested target. ``target`` may be
+An explainer is built from any ``nn.Module`` (a :class:`~nemt.models.Classifier`
+adds its card: labels and task) and answers ``explain(x, target=...) ->
+(B, T, *spatial)`` maps at input resolution, one map per requested target.
+The base class runs the steps every method shares (:meth:`Explainer.explain`):
+check the input, put the model in eval mode for the call (restored after),
+resolve the targets once, cut the batch into chunks of
+:attr:`~Explainer.images_per_call` images (seeded one by one for methods that
+draw from the global RNG), call the method's own :meth:`~Explainer._attribute`
+for raw maps, and end with one post-processing step (:func:`nemt.ops.postprocess`).
+A new method is one short class: ``_attribute`` and ``@register(name)``.
 
-- ``None``: the method's default (multi-class: the predicted class;
-  multi-label and regression: every output);
-- ``"all"``: every output (each label of a multi-label model);
-- ``"predicted"``: the highest-scoring output of each sample;
-- an int or a label name: that output for every sample;
-- a list of ints or names: those outputs, T = len(list);
-- a tensor of shape (B,) (one target per sample) or (B, T).
+Targets: see :data:`nemt.ops.TARGET_HELP`.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from nemt.errors import NemtError
+from nemt.ops import (ArgumentTypeError, ParameterError, Target, chunks, evaluating, fill_values, frozen_parameters,
+                      normalise_maps, postprocess, resize_linear, resolve_targets)
 
-Target = Any
-
-
-def resolve_targets(target: Target, model: nn.Module, x: torch.Tensor | None = None, *,
-                    n_outputs: int | None = None, label_names: Sequence[str] | None = None,
-                    task: str | None = None, batch_size: int | None = None,
-                    outputs: torch.Tensor | None = None) -> torch.Tensor:
-    """Turn any accepted ``target`` into a (B, T) int64 tensor of output indices.
-
-    ``model`` supplies ``task``/``label_names`` when it is a Classifier;
-    ``x`` or ``outputs`` (the model's (B, n_outputs) outputs) serve
-    ``"predicted"``.
-    """
-    card = getattr(model, "card", None)
-    task = task or (card.task if card else "multiclass")
-    label_names = list(label_names or (card.label_names if card else []))
-    if n_outputs is None:
-        n_outputs = (1 if task == "regression" else len(label_names)) if card or label_names else None
-    b = batch_size if batch_size is not None else (x.shape[0] if x is not None else outputs.shape[0])
-    dev = x.device if x is not None else (outputs.device if outputs is not None else torch.device("cpu"))
-
-    def index(t) -> int:
-        if isinstance(t, str):
-            if t not in label_names:
-                raise NemtError(f"target {t!r} is not a label of the model; labels are {label_names}")
-            return label_names.index(t)
-        t = int(t)
-        if n_outputs is not None and not 0 <= t < n_outputs:
-            raise NemtError(f"target {t} out of range: the model has {n_outputs} outputs")
-        return t
-
-    if target is None:
-        target = "predicted" if task == "multiclass" else "all"
-    if isinstance(target, str) and target == "all":
-        if n_outputs is None:
-            raise NemtError("target='all' needs the number of outputs (a Classifier or n_outputs=)")
-        return torch.arange(n_outputs, device=dev).expand(b, n_outputs).clone()
-    if isinstance(target, str) and target == "predicted":
-        if outputs is None:
-            if x is None:
-                raise NemtError("target='predicted' needs the input x")
-            with torch.no_grad():
-                outputs = model(x)
-        return outputs.argmax(dim=1, keepdim=True).to(dev)
-    if torch.is_tensor(target):
-        t = target.to(dev).long()
-        if t.ndim == 0:
-            t = t.expand(b)
-        if t.ndim == 1:
-            t = t[:, None]
-        if t.ndim != 2 or t.shape[0] != b:
-            raise NemtError(f"target tensor must be (B,) or (B, T) with B={b}, got {tuple(target.shape)}")
-        if n_outputs is not None and ((t < 0) | (t >= n_outputs)).any():
-            raise NemtError(f"target indices out of range 0..{n_outputs - 1}")
-        return t
-    if isinstance(target, (list, tuple)):
-        idx = [index(t) for t in target]
-        return torch.tensor(idx, device=dev).expand(b, len(idx)).clone()
-    return torch.full((b, 1), index(target), dtype=torch.long, device=dev)
-
-
-def normalise_maps(maps: torch.Tensor, spatial_dims: int, eps: float = 1e-12) -> torch.Tensor:
-    """Min-max normalise each map of (…, *spatial) to [0, 1] over its spatial axes (constant maps -> 0)."""
-    flat = maps.flatten(start_dim=-spatial_dims)
-    lo = flat.min(dim=-1, keepdim=True).values
-    hi = flat.max(dim=-1, keepdim=True).values
-    out = (flat - lo) / (hi - lo).clamp_min(eps)
-    return out.view_as(maps)
+__all__ = ["Explainer", "Target", "available", "baseline_image", "frozen_parameters", "get_explainer",
+           "normalise_maps", "register", "resize_linear", "resolve_targets"]
 
 
 def baseline_image(x: torch.Tensor, baseline: float | str) -> torch.Tensor | float:
-    """A number, or ``"min"`` (each image's minimum, the darkest value) or ``"mean"``, as a (B, C, 1…) tensor."""
-    if not isinstance(baseline, str):
-        return float(baseline)
-    keep = (x.shape[0], x.shape[1]) + (1,) * (x.ndim - 2)
-    if baseline == "min":
-        return x.flatten(1).min(dim=1).values.view(-1, *(1,) * (x.ndim - 1)).expand(keep).contiguous()
-    if baseline == "mean":
-        return x.flatten(2).mean(dim=2).view(keep)
-    raise NemtError(f"baseline must be a number, 'min' or 'mean', got {baseline!r}")
-
-
-_LINEAR_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
-
-
-def resize_linear(t: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """(B, C, *grid) -> (B, C, *size) by linear, bilinear or trilinear interpolation (by the number of
-    spatial axes, ``align_corners=False``: each value a convex combination of its neighbours, so maps stay in
-    their range); ``t`` itself when it already has that size."""
-    size = tuple(int(s) for s in size)
-    if tuple(t.shape[2:]) == size:
-        return t
-    return F.interpolate(t, size=size, mode=_LINEAR_MODES[t.ndim - 2], align_corners=False)
-
-
-@contextmanager
-def frozen_parameters(model: nn.Module) -> Iterator[None]:
-    """The model's parameters without ``requires_grad`` inside the block (no weight gradients are computed
-    while gradients flow to inputs or masks), each restored to the caller's flag after, also on error."""
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
+    """A number, or ``"min"`` (each image's minimum) or ``"mean"`` (per channel): :func:`nemt.ops.fill_values`."""
+    if isinstance(baseline, str) and baseline not in ("min", "mean"):
+        raise ParameterError(f"baseline must be a number, 'min' or 'mean', got {baseline!r}")
+    return fill_values(x, baseline)
 
 
 class Explainer:
-    """Base of all explainers: holds the model (frozen, eval mode) and the device."""
+    """Base of all explainers: the model, the device, and the pipeline of :meth:`explain`.
+
+    Subclasses implement :meth:`_attribute` (raw maps for a chunk of images
+    whose targets are resolved) and may set :attr:`default_postprocess` and
+    :attr:`images_per_call`. The model is any ``nn.Module`` mapping (B, C,
+    *spatial) to (B, n_outputs); it is never modified: its training flags are
+    set to eval for the duration of a call and restored after, and methods that
+    need gradients only with respect to the input freeze its parameters the same way.
+    """
 
     name = "explainer"
+    #: what :meth:`explain` does to the raw maps unless the caller passes ``postprocess`` (see :func:`nemt.ops.postprocess`)
+    default_postprocess: str | Callable = "minmax"
+    #: images per :meth:`_attribute` call (None: the whole batch at once), the memory bound of methods that need one
+    images_per_call: int | None = None
 
-    def __init__(self, model: nn.Module, device: str | torch.device | None = None):
+    def __init__(self, model: nn.Module, device: str | torch.device | None = None,
+                 postprocess: str | Callable | None = None):
+        if not isinstance(model, nn.Module):
+            raise ArgumentTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.device = torch.device(device) if device is not None else _device_of(model)
-        self.model.eval()
+        self.postprocess = self.default_postprocess if postprocess is None else postprocess
+        if not callable(self.postprocess):
+            from nemt.ops import POSTPROCESS
+            if self.postprocess not in POSTPROCESS:
+                raise ParameterError(f"postprocess must be one of {sorted(POSTPROCESS)} or a callable, "
+                                     f"got {self.postprocess!r}")
 
     @property
-    def spatial_dims(self) -> int:
-        card = getattr(self.model, "card", None)
-        if card is None:
-            raise NemtError("the model has no card; wrap it with Classifier.from_module")
-        return card.spatial_dims
+    def card(self):
+        """The model's card (labels, task, input size), or None for a plain module."""
+        return getattr(self.model, "card", None)
+
+    @property
+    def spatial_dims(self) -> int | None:
+        """The card's number of spatial axes (None for a plain module: taken from each input)."""
+        return self.card.spatial_dims if self.card is not None else None
 
     def targets(self, x: torch.Tensor, target: Target) -> torch.Tensor:
+        """``target`` as a (B, T) tensor of output indices (see :data:`nemt.ops.TARGET_HELP`)."""
         return resolve_targets(target, self.model, x)
 
-    def explain(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:  # pragma: no cover
+    def check_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as a detached floating tensor (B, C, *spatial) on the explainer's device, or a clear error."""
+        if not torch.is_tensor(x):
+            raise ArgumentTypeError(f"x must be a torch.Tensor (B, C, *spatial), got {type(x).__name__}")
+        if x.ndim < 3 or x.ndim > 5:
+            raise ParameterError(f"x must be (B, C, *spatial) with 1 to 3 spatial axes, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ParameterError(f"x must be a floating tensor, got {x.dtype}")
+        if self.spatial_dims is not None and x.ndim - 2 != self.spatial_dims:
+            raise ParameterError(f"the model takes {self.spatial_dims}D inputs, got x of shape {tuple(x.shape)}")
+        return x.detach().to(self.device)
+
+    def raw(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
+        """The method's maps (B, T, *spatial) before post-processing."""
+        x = self.check_input(x)
+        with evaluating(self.model):
+            t = self.targets(x, target)
+            parts = [self._attribute(x[sl], t[sl]) for sl in chunks(x.shape[0], self.images_per_call)]
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def explain(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
+        """Maps (B, T, *spatial) for inputs ``x`` (B, C, *spatial), one per target (see :data:`nemt.ops.TARGET_HELP`)."""
+        return postprocess(self.raw(x, target), self.postprocess, x.ndim - 2)
+
+    def _attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        """Raw maps (b, T, *spatial) for a chunk ``x`` (b, C, *spatial) and its targets (b, T)."""
         raise NotImplementedError
 
 
@@ -182,5 +132,5 @@ def available() -> list[str]:
 def get_explainer(name: str, model: nn.Module, **params: Any) -> Explainer:
     """Build an explainer by name, e.g. ``get_explainer("gradcam", clf)``."""
     if name not in _REGISTRY:
-        raise NemtError(f"unknown explainer {name!r}; available: {available()}")
+        raise ParameterError(f"unknown explainer {name!r}; available: {available()}")
     return _REGISTRY[name](model, **params)

@@ -16,25 +16,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nemt.explainers.base import Explainer, Target, normalise_maps, register, resize_linear, resolve_targets
+from nemt.explainers.base import Explainer, register, resize_linear
 from nemt.explainers.fast import inference_copy
 from nemt.explainers.layers import FeatureTap, find_stages, output_leaf
 
 
 @register("gradcam")
 class GradCAM(Explainer):
-    """Selvaraju et al. 2017: weights = spatial mean of the gradient; map = ReLU(Σ_k w_k A_k)."""
+    """Selvaraju et al. 2017: weights = spatial mean of the gradient; map = ReLU(Σ_k w_k A_k).
+
+    ``layer``: a module name of the network (default: the deepest stage whose
+    output is still spatial, found on the first input for a plain module);
+    ``batch_size``: images per forward/backward pass (the memory bound).
+    """
 
     def __init__(self, model: nn.Module, layer: str | None = None, device=None, batch_size: int = 32,
-                 fast: bool = True):
-        super().__init__(model, device)
-        self.batch_size = int(batch_size)  # images per forward/backward pass (the memory bound)
-        card = model.card
-        shape = (card.in_channels, *card.input_size)
-        self.layer = layer or find_stages(model, shape)[-1]
+                 fast: bool = True, **kw):
+        super().__init__(model, device, **kw)
+        self.images_per_call = self.batch_size = int(batch_size)
+        self.layer, self.fast = layer, fast
+        self.net, self.tap_name = None, None
+        if self.card is not None:  # find the layer now: a wrong name fails at construction
+            self._setup((self.card.in_channels, *self.card.input_size))
+
+    def _setup(self, shape) -> None:
+        """Find the layer for inputs of ``shape`` (C, *spatial) and, with ``fast``, the folded copy that has it."""
+        self.layer = self.layer or find_stages(self.model, shape)[-1]
         # run on the folded channels-last copy when the stage's output is a leaf module's output there
         self.net, self.tap_name = self.model, self.layer
-        if fast:
+        if self.fast:
             leaf = output_leaf(self.model, self.layer, shape)
             if leaf is not None:
                 copy = inference_copy(self.model)
@@ -46,20 +56,14 @@ class GradCAM(Explainer):
     def _weights(self, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         return grads.flatten(2).mean(dim=2)
 
-    def explain(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
-        if x.shape[0] > self.batch_size:
-            if torch.is_tensor(target) and target.ndim > 0:
-                parts = [self.explain(x[i:i + self.batch_size], target[i:i + self.batch_size])
-                         for i in range(0, x.shape[0], self.batch_size)]
-            else:
-                parts = [self.explain(x[i:i + self.batch_size], target) for i in range(0, x.shape[0], self.batch_size)]
-            return torch.cat(parts)
-        x = x.to(self.device).detach().requires_grad_(True)  # a graph exists even for a frozen model
+    def _attribute(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.net is None:
+            self._setup(tuple(x.shape[1:]))
+        x = x.requires_grad_(True)  # a graph exists even for a frozen model
         d = x.ndim - 2
         with FeatureTap(self.net, [self.tap_name]) as tap, torch.enable_grad():
             out = self.net(x)
             acts = tap.features[self.tap_name]
-            t = resolve_targets(target, self.model, x, outputs=out.detach())  # no second forward pass
             maps = []
             for j in range(t.shape[1]):
                 score = out.gather(1, t[:, j:j + 1]).sum()  # each sample's own target
@@ -67,9 +71,7 @@ class GradCAM(Explainer):
                 w = self._weights(acts.detach(), grads)
                 cam = F.relu((w.view(*w.shape, *([1] * d)) * acts.detach()).sum(dim=1))
                 maps.append(cam)
-        cams = torch.stack(maps, dim=1)
-        cams = resize_linear(cams, x.shape[2:])
-        return normalise_maps(cams, d)
+        return resize_linear(torch.stack(maps, dim=1), x.shape[2:])
 
 
 @register("gradcam++")

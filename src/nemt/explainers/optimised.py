@@ -20,11 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nemt.errors import NemtError
-from nemt.explainers.base import (Explainer, Target, frozen_parameters, normalise_maps, register, resize_linear,
-                                  resolve_targets)
+from nemt.explainers.base import Explainer, register, resize_linear
 from nemt.explainers.fast import inference_copy
-from nemt.explainers.nemt.losses import gaussian_blur, occlude, target_quantity
+from nemt.ops import (ParameterError, diffusion_fill, fill_values, frozen_parameters, gaussian_blur, output_score,
+                      task_of)
 
 
 def _total_variation(m: torch.Tensor) -> torch.Tensor:
@@ -57,29 +56,29 @@ class _MaskOptimisation(Explainer):
     """What both methods share: pairing samples with targets, chunking, the score, the mask grid, the seed."""
 
     scores = ("logit", "prob")
+    default_postprocess = "mask"  # masks in [0, 1] as they are (a constant one becomes 0)
 
     def __init__(self, model: nn.Module, device: str | torch.device | None = None, *, steps: int, lr: float,
-                 mask_stride: int, score: str, direction: int, batch_size: int, seed: int, fast: bool = True):
-        super().__init__(model, device)
+                 mask_stride: int, score: str, direction: int, batch_size: int, seed: int, fast: bool = True,
+                 **kw):
+        super().__init__(model, device, **kw)
         # forward and backward through the BatchNorm-folded, channels-last copy (about 1.4x faster on a CPU)
         self.forward_model = inference_copy(self.model, fast)
         if score not in self.scores:
-            raise NemtError(f"score must be one of {self.scores}, got {score!r}")
+            raise ParameterError(f"score must be one of {self.scores}, got {score!r}")
         if direction not in (1, -1):
-            raise NemtError(f"direction must be 1 or -1, got {direction!r}")
+            raise ParameterError(f"direction must be 1 or -1, got {direction!r}")
         for name, value in (("steps", steps), ("mask_stride", mask_stride), ("batch_size", batch_size)):
             if int(value) < 1:
-                raise NemtError(f"{name} must be a positive integer, got {value!r}")
+                raise ParameterError(f"{name} must be a positive integer, got {value!r}")
         if not lr > 0:
-            raise NemtError(f"lr must be positive, got {lr!r}")
+            raise ParameterError(f"lr must be positive, got {lr!r}")
         self.steps, self.lr, self.mask_stride = int(steps), float(lr), int(mask_stride)
         self.score, self.direction = score, int(direction)
         self.batch_size, self.seed = int(batch_size), int(seed)
 
-    def explain(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
-        """Masks (B, T, *spatial) in [0, 1] for inputs ``x`` (B, C, *spatial) and ``target`` (see base)."""
-        x = x.to(self.device)
-        t = resolve_targets(target, self.model, x)
+    def _attribute(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Masks (B, T, *spatial) in [0, 1]: all (sample, target) pairs optimised in chunks of ``batch_size``."""
         b, n_t = t.shape
         sample = torch.arange(b, device=x.device).repeat_interleave(n_t)  # pair k = (sample k // T, target k % T)
         pair_target = t.reshape(-1)
@@ -88,10 +87,7 @@ class _MaskOptimisation(Explainer):
             for start in range(0, b * n_t, self.batch_size):
                 k = slice(start, start + self.batch_size)
                 chunks.append(self._optimise(x[sample[k]].detach(), pair_target[k]).detach())
-        maps = torch.cat(chunks).view(b, n_t, *x.shape[2:])
-        flat = maps.flatten(2)
-        constant = (flat.amax(dim=2) - flat.amin(dim=2) < 1e-12).view(b, n_t, *([1] * (x.ndim - 2)))
-        return torch.where(constant, normalise_maps(maps, x.ndim - 2), maps)
+        return torch.cat(chunks).view(b, n_t, *x.shape[2:])
 
     def _optimise(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         """One mask (N, *spatial) in [0, 1] per input of ``x`` (N, C, *spatial) and its ``target`` (N,)."""
@@ -99,8 +95,7 @@ class _MaskOptimisation(Explainer):
 
     def _target_score(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The signed score of each input's own target, (N,): logit or probability, or the regression value."""
-        card = getattr(self.model, "card", None)
-        q = target_quantity(self.forward_model(x), card.task if card else "multiclass", self.score)
+        q = output_score(self.forward_model(x), task_of(self.model), self.score)
         return self.direction * q.gather(1, target[:, None]).squeeze(1)
 
     def _grid(self, x: torch.Tensor, value: float, jitter: float = 0.0) -> torch.Tensor:
@@ -201,17 +196,18 @@ class ExtremalPerturbation(_MaskOptimisation):
         super().__init__(model, device, steps=steps, lr=lr, mask_stride=mask_stride, score=score,
                          direction=direction, batch_size=batch_size, seed=seed, fast=fast)
         if not 0 < area < 1:
-            raise NemtError(f"area must be in (0, 1), got {area!r}")
+            raise ParameterError(f"area must be in (0, 1), got {area!r}")
         if perturbation not in self.perturbations:
-            raise NemtError(f"perturbation must be one of {self.perturbations}, got {perturbation!r}")
+            raise ParameterError(f"perturbation must be one of {self.perturbations}, got {perturbation!r}")
         if not 0 < area_weight_start <= area_weight:
-            raise NemtError(f"need 0 < area_weight_start <= area_weight, got {area_weight_start!r} "
+            raise ParameterError(f"need 0 < area_weight_start <= area_weight, got {area_weight_start!r} "
                             f"and {area_weight!r}")
         self.area, self.perturbation, self.blur_sigma = float(area), perturbation, float(blur_sigma)
         self.area_weight, self.area_weight_start = float(area_weight), float(area_weight_start)
 
     def _perturb(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        return occlude(x, m, "blur" if self.perturbation == "blur" else "mean", sigma=self.blur_sigma)
+        fill = fill_values(x, "blur" if self.perturbation == "blur" else "zero", sigma=self.blur_sigma)
+        return x * m + fill * (1 - m)
 
     def _optimise(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         size = tuple(x.shape[2:])
@@ -310,9 +306,9 @@ class CounterfactualInpainting(_MaskOptimisation):
         super().__init__(model, device, steps=steps, lr=lr, mask_stride=mask_stride, score=score,
                          direction=direction, batch_size=batch_size, seed=seed, fast=fast)
         if inpainter not in self.inpainters:
-            raise NemtError(f"inpainter must be one of {self.inpainters}, got {inpainter!r}")
+            raise ParameterError(f"inpainter must be one of {self.inpainters}, got {inpainter!r}")
         if int(refresh) < 1:
-            raise NemtError(f"refresh must be a positive integer, got {refresh!r}")
+            raise ParameterError(f"refresh must be a positive integer, got {refresh!r}")
         self.area_weight, self.tv_weight = float(area_weight), float(tv_weight)
         self.refresh, self.inpainter, self.sigma = int(refresh), inpainter, float(sigma)
 
@@ -325,7 +321,7 @@ class CounterfactualInpainting(_MaskOptimisation):
         if inpainter == "biharmonic":
             filled = _biharmonic(x, hole)
         else:
-            filled = occlude(x, (~hole).to(x.dtype), "inpaint", sigma=self.sigma)
+            filled = diffusion_fill(x, (~hole).to(x.dtype), self.sigma)
         return torch.where(hole, filled, blurred)
 
     def _optimise(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -18,33 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nemt.errors import NemtError
-from nemt.explainers.base import (Explainer, Target, baseline_image, normalise_maps, register, resize_linear,
-                                  resolve_targets)
+from nemt.explainers.base import Explainer, Target, baseline_image, register, resize_linear
 from nemt.explainers.fast import inference_copy
 from nemt.explainers.layers import FeatureTap
-from nemt.models.classifier import predictions_from_outputs
+from nemt.ops import ParameterError, evaluating, output_score, task_of
 
-Score = str  # "logit" | "prob"
-
-
-def output_scores(out: torch.Tensor, task: str, score: Score) -> torch.Tensor:
-    """The quantity a perturbation method watches: raw outputs, or probabilities.
-
-    ``"prob"`` is a softmax over the classes of a multi-class model and a
-    sigmoid per label of a multi-label model; a regression output is always
-    used as it is.
-    """
-    if score == "logit" or task == "regression":
-        return out
-    if score == "prob":
-        return predictions_from_outputs(out, task)
-    raise NemtError(f"score must be 'logit' or 'prob', got {score!r}")
+Score = str  # "logit" | "prob" (see :func:`nemt.ops.output_score`)
 
 
-def _task(model: nn.Module) -> str:
-    card = getattr(model, "card", None)
-    return card.task if card is not None else "multiclass"
+def _check_score(score: Score) -> Score:
+    if score not in ("logit", "prob"):
+        raise ParameterError(f"score must be 'logit' or 'prob', got {score!r}")
+    return score
 
 
 def _score_batches(model: nn.Module, n_jobs: int, build: Callable[[Sequence[int]], tuple[torch.Tensor, Any]],
@@ -69,9 +54,9 @@ def _window_slices(spatial: Sequence[int], window: Sequence[int], stride: Sequen
     axes = []
     for n, w, s in zip(spatial, window, stride):
         if w > n:
-            raise NemtError(f"occlusion window {tuple(window)} is larger than the input {tuple(spatial)}")
+            raise ParameterError(f"occlusion window {tuple(window)} is larger than the input {tuple(spatial)}")
         if s > w and n != w:
-            raise NemtError(f"occlusion stride {tuple(stride)} must not exceed the window {tuple(window)}")
+            raise ParameterError(f"occlusion stride {tuple(stride)} must not exceed the window {tuple(window)}")
         count = math.ceil((n - w) / s) + 1
         axes.append([slice(i * s, min(i * s + w, n)) for i in range(count)])
     return list(itertools.product(*axes))
@@ -80,7 +65,7 @@ def _window_slices(spatial: Sequence[int], window: Sequence[int], stride: Sequen
 def _per_axis(value: int | Sequence[int], d: int, what: str) -> tuple[int, ...]:
     v = (int(value),) * d if isinstance(value, int) else tuple(int(i) for i in value)
     if len(v) != d:
-        raise NemtError(f"{what} needs {d} values (one per spatial axis), got {v}")
+        raise ParameterError(f"{what} needs {d} values (one per spatial axis), got {v}")
     return v
 
 
@@ -107,11 +92,12 @@ class Occlusion(Explainer):
 
     def __init__(self, model: nn.Module, device=None, window: int | Sequence[int] = 16,
                  stride: int | Sequence[int] = 8, baseline: float | str = 0.0, score: Score = "logit",
-                 batch_size: int = 64, signed: bool = False, fast: bool = True):
-        super().__init__(model, device)
+                 batch_size: int = 64, signed: bool = False, fast: bool = True, **kw):
+        kw.setdefault("postprocess", "signed" if signed else "positive")
+        super().__init__(model, device, **kw)
         self.forward_model = inference_copy(self.model, fast)
         self.window, self.stride, self.baseline = window, stride, baseline
-        self.score, self.batch_size, self.signed = score, int(batch_size), signed
+        self.score, self.batch_size, self.signed = _check_score(score), int(batch_size), signed
 
     def _baseline(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, 1, …) fill value per image."""
@@ -122,14 +108,15 @@ class Occlusion(Explainer):
 
     def attribute(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
         """Raw occlusion values, (B, T, *spatial)."""
-        x = x.to(self.device)
+        return self.raw(x, target)
+
+    def _attribute(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         d = x.ndim - 2
         slices = _window_slices(x.shape[2:], _per_axis(self.window, d, "window"), _per_axis(self.stride, d, "stride"))
-        task = _task(self.model)
+        task = task_of(self.model)
         with torch.inference_mode():
             out0 = self.forward_model(x)
-        t = resolve_targets(target, self.model, x, outputs=out0)
-        s0 = output_scores(out0, task, self.score).gather(1, t)  # (B, T)
+        s0 = output_score(out0, task, self.score).gather(1, t)  # (B, T)
         fill = self._baseline(x)
         n_win = len(slices)
 
@@ -143,7 +130,7 @@ class Occlusion(Explainer):
         total = torch.zeros(x.shape[0], t.shape[1], *x.shape[2:], device=x.device)
         for jobs, out, _ in _score_batches(self.forward_model, x.shape[0] * n_win, build, self.batch_size):
             bs = torch.tensor([j // n_win for j in jobs], device=x.device)
-            drop = (s0[bs] - output_scores(out, task, self.score).gather(1, t[bs])).tolist()
+            drop = (s0[bs] - output_score(out, task, self.score).gather(1, t[bs])).tolist()
             for i, j in enumerate(jobs):
                 b, w = divmod(j, n_win)
                 view = total[(b, slice(None)) + slices[w]]
@@ -152,17 +139,6 @@ class Occlusion(Explainer):
         for sl in slices:
             counts[sl] += 1
         return total / counts
-
-    def explain(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
-        a = self.attribute(x, target)
-        return _finish(a, x.ndim - 2, self.signed)
-
-
-def _finish(a: torch.Tensor, d: int, signed: bool) -> torch.Tensor:
-    """Positive part min-max normalised to [0, 1], or signed values divided by their largest magnitude."""
-    if signed:
-        return a / a.flatten(start_dim=-d).abs().amax(dim=-1).clamp_min(1e-12).view(*a.shape[:-d], *(1,) * d)
-    return normalise_maps(a.clamp_min(0), d)
 
 
 # --------------------------------------------------------------------------- random masks (RISE, RELAX)
@@ -181,7 +157,7 @@ class RandomMasks:
     def __init__(self, n: int, spatial: Sequence[int], grid: int = 7, p: float = 0.5, seed: int = 0,
                  device=None):
         if not 0 < p <= 1:
-            raise NemtError(f"mask probability p must be in (0, 1], got {p}")
+            raise ParameterError(f"mask probability p must be in (0, 1], got {p}")
         self.n, self.spatial, self.grid, self.p = int(n), tuple(int(s) for s in spatial), int(grid), float(p)
         g = torch.Generator().manual_seed(int(seed))
         d = len(self.spatial)
@@ -228,31 +204,29 @@ class RISE(Explainer):
     """
 
     def __init__(self, model: nn.Module, device=None, n_masks: int = 4000, grid: int = 7, p: float = 0.5,
-                 score: Score = "prob", batch_size: int = 64, seed: int = 0, fast: bool = True):
-        super().__init__(model, device)
+                 score: Score = "prob", batch_size: int = 64, seed: int = 0, fast: bool = True, **kw):
+        super().__init__(model, device, **kw)
         self.forward_model = inference_copy(self.model, fast)
-        self.n_masks, self.grid, self.p, self.score = int(n_masks), int(grid), float(p), score
+        self.n_masks, self.grid, self.p, self.score = int(n_masks), int(grid), float(p), _check_score(score)
         self.batch_size, self.seed = int(batch_size), int(seed)
 
     def masks(self, spatial: Sequence[int]) -> RandomMasks:
         return RandomMasks(self.n_masks, spatial, self.grid, self.p, self.seed, self.device)
 
     def attribute(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
-        x = x.to(self.device)
+        """The raw sums, (B, T, *spatial)."""
+        return self.raw(x, target)
+
+    def _attribute(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         masks = self.masks(x.shape[2:])
-        with torch.inference_mode():  # a clean pass only for "predicted" (the multi-class default)
-            t = resolve_targets(target, self.model, x)
-        task, n = _task(self.model), masks.n
+        task, n = task_of(self.model), masks.n
         total = torch.zeros(x.shape[0], t.shape[1], *x.shape[2:], device=x.device)
         for jobs, out, m in _score_batches(self.forward_model, x.shape[0] * n, _masked_jobs(x, masks),
                                            self.batch_size):
             bs = torch.tensor([j // n for j in jobs], device=x.device)
-            s = output_scores(out, task, self.score).gather(1, t[bs])  # (k, T); m: (k, 1, *spatial)
+            s = output_score(out, task, self.score).gather(1, t[bs])  # (k, T); m: (k, 1, *spatial)
             total.index_add_(0, bs, s.view(*s.shape, *(1,) * (x.ndim - 2)) * m)
         return total / (n * self.p)
-
-    def explain(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
-        return normalise_maps(self.attribute(x, target), x.ndim - 2)
 
 
 @register("relax")
@@ -273,15 +247,23 @@ class RELAX(Explainer):
 
     def __init__(self, model: nn.Module, device=None, n_masks: int = 3000, grid: int = 7, p: float = 0.5,
                  layer: str | None = None, uncertainty: bool = False, batch_size: int = 64, seed: int = 0,
-                 fast: bool = True):
-        super().__init__(model, device)
+                 fast: bool = True, **kw):
+        super().__init__(model, device, **kw)
         self.n_masks, self.grid, self.p, self.layer = int(n_masks), int(grid), float(p), layer
         self.uncertainty, self.batch_size, self.seed = uncertainty, int(batch_size), int(seed)
         self._encoder = inference_copy(self.model, fast) if layer is None else _LayerOutput(self.model, layer)
 
+    def targets(self, x: torch.Tensor, target: Target) -> torch.Tensor:
+        """One map per image whatever ``target`` says: an encoder's representation has no classes."""
+        return torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
+
     def importance_and_uncertainty(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw R and U, each (B, 1, *spatial)."""
-        x = x.to(self.device)
+        x = self.check_input(x)
+        with evaluating(self.model):
+            return self._importance_and_uncertainty(x)
+
+    def _importance_and_uncertainty(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         masks = RandomMasks(self.n_masks, x.shape[2:], self.grid, self.p, self.seed, self.device)
         n, d = masks.n, x.ndim - 2
         with torch.inference_mode():
@@ -307,13 +289,13 @@ class RELAX(Explainer):
             vsum[:, 0] += ((s - importance) ** 2 * m).sum(dim=1)
         return importance, vsum / wsum.clamp_min(1e-12)
 
-    def explain(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
+    def _attribute(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         d = x.ndim - 2
-        r, u = self.importance_and_uncertainty(x)
+        r, u = self._importance_and_uncertainty(x)
         if self.uncertainty:
             med = u.flatten(1).median(dim=1).values.view(-1, 1, *(1,) * d)
             r = torch.where(u <= med, r, torch.zeros_like(r))
-        return normalise_maps(r, d)
+        return r
 
 
 @register("u-relax")
@@ -321,7 +303,7 @@ class URELAX(RELAX):
     """U-RELAX: RELAX importance kept only where its uncertainty is at or below the median."""
 
     def __init__(self, model: nn.Module, device=None, **params):
-        params.setdefault("uncertainty", True)
+        params.setdefault("uncertainty", True)  # the rest: RELAX's parameters
         super().__init__(model, device, **params)
 
 

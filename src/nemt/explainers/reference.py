@@ -12,20 +12,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nemt.explainers.base import Explainer, Target, normalise_maps, register
+from nemt.explainers.base import Explainer, register
 
 
 class _Reference(Explainer):
-    def __init__(self, model: nn.Module, device=None, seed: int = 0):
-        super().__init__(model, device)
+    def __init__(self, model: nn.Module, device=None, seed: int = 0, **kw):
+        super().__init__(model, device, **kw)
         self.seed = seed
 
     def _map(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, *spatial)
         raise NotImplementedError
 
-    def explain(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
-        t = self.targets(x, target)
-        m = normalise_maps(self._map(x.to(self.device)), x.ndim - 2)
+    def _attribute(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        m = self._map(x)
         return m.expand(-1, t.shape[1], *m.shape[2:]).clone()
 
 
@@ -87,8 +86,8 @@ class LaplaceMap(_Reference):
 class CentredGaussian(_Reference):
     """A centred Gaussian blob (peak 1) whose mean value over the image is ``area`` (default 0.1)."""
 
-    def __init__(self, model: nn.Module, device=None, area: float = 0.1, seed: int = 0):
-        super().__init__(model, device, seed)
+    def __init__(self, model: nn.Module, device=None, area: float = 0.1, seed: int = 0, **kw):
+        super().__init__(model, device, seed, **kw)
         self.area = float(area)
 
     @staticmethod

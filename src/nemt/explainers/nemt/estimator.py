@@ -27,7 +27,8 @@ from torch import nn
 from nemt import __version__
 from nemt.checkpoint import load_state, save_state
 from nemt.errors import CardError, NemtError
-from nemt.explainers.base import Explainer, Target, frozen_parameters, register, resolve_targets
+from nemt.explainers.base import Explainer, Target, register
+from nemt.ops import evaluating, frozen_parameters, label_names_of, n_outputs_of, postprocess, resolve_targets
 from nemt.explainers.layers import find_stages
 from nemt.explainers.nemt.losses import (OCCLUSIONS, QUANTITIES, deletion_loss, game_loss, log_odds, nem_loss,
                                         nested_masks, occlude, target_quantity)
@@ -75,6 +76,7 @@ class _MaskExplainer(Explainer):
     """Shared machinery of NEMt and NEM: module building, training loop, checkpoints, save/load."""
 
     _param_names: tuple[str, ...] = ()
+    default_postprocess = "none"  # the module's maps are in [0, 1] already
 
     def __init__(self, model: nn.Module, *, layers: Sequence[str] | None = None, encoder: str = "model",
                  smoothing: bool = True, kernel_size: int | None = None, init_keep: float = 0.95,
@@ -172,7 +174,7 @@ class _MaskExplainer(Explainer):
         parameters are frozen while fitting (no weight gradients) and their
         ``requires_grad`` flags restored after.
         """
-        with frozen_parameters(self.model):
+        with frozen_parameters(self.model), evaluating(self.model):
             return self._fit(data, epochs=epochs, val_data=val_data, out_dir=out_dir, progress=progress, log=log,
                              guard=guard)
 
@@ -431,6 +433,7 @@ class NEMt(_MaskExplainer):
         self.train_targets = train_targets
         self.collapse_: dict | None = None
         self._last_report: dict | None = None
+        self._n_outputs: int | None = None
 
     def _map_kwargs(self) -> dict:
         if self.objective == "paper":
@@ -451,12 +454,16 @@ class NEMt(_MaskExplainer):
 
     def _n_maps(self) -> int:
         card = getattr(self.model, "card", None)
-        if card is None:
-            raise NemtError("NEMt needs a Classifier (nemt.models.Classifier.from_module wraps any network)")
-        return card.out_channels
+        if card is not None:
+            return card.out_channels
+        if self._n_outputs is None:  # a plain module: its outputs on one blank input
+            dev = next(iter(self.model.parameters()), torch.zeros(())).device
+            self._n_outputs = n_outputs_of(self.model, x=torch.zeros(1, self.in_channels, *self.input_size,
+                                                                    device=dev))
+        return self._n_outputs
 
     def _scale(self) -> float:
-        ts = getattr(self.model.card, "target_scale", None)
+        ts = getattr(getattr(self.model, "card", None), "target_scale", None)
         return float(ts["std"]) if ts else 1.0
 
     def _zero_value(self) -> torch.Tensor | None:
@@ -568,11 +575,16 @@ class NEMt(_MaskExplainer):
         explainer's fill), and ``collapsed``: more than half of its maps
         empty or full. Returns {"targets": {name: {...}}, "collapsed": [names]}.
         """
+        with evaluating(self.model):
+            return self._collapse_report(data, empty_below)
+
+    def _collapse_report(self, data: Iterable, empty_below: float) -> dict:
         mod = self._check_fitted()
         mod.eval()
-        names = list(self.model.card.label_names) if self.task != "regression" else \
-            list(self.model.card.label_names[:1] or ["output"])
         n_maps = self._n_maps()
+        labels = label_names_of(self.model)
+        names = (labels[:1] or ["output"]) if self.task == "regression" else \
+            (labels or [f"output {i}" for i in range(n_maps)])
         sums = {k: torch.zeros(n_maps, dtype=torch.float64) for k in ("area", "empty", "full", "change")}
         n = 0
         for x, _ in _batches(data):
@@ -629,8 +641,11 @@ class NEMt(_MaskExplainer):
 
     def explain_with_outputs(self, x: torch.Tensor, target: Target = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``explain``'s maps and the model's raw outputs on ``x`` (B, n_outputs), from the same pass."""
-        maps, out = self._maps(x)
-        return _select_maps(maps, resolve_targets(target, self.model, x, outputs=out)), out
+        x = self.check_input(x)
+        with evaluating(self.model):
+            maps, out = self._maps(x)
+        maps = _select_maps(maps, resolve_targets(target, self.model, x, outputs=out))
+        return postprocess(maps, self.postprocess, x.ndim - 2), out
 
 
 @register("nem")
@@ -660,6 +675,10 @@ class NEM(_MaskExplainer):
 
     @torch.no_grad()
     def validate(self, data: Iterable) -> dict:
+        with evaluating(self.model):
+            return self._validate(data)
+
+    def _validate(self, data: Iterable) -> dict:
         self.module_.eval()
         tot = {"area": 0.0, "distance": 0.0}
         n = 0
@@ -675,5 +694,7 @@ class NEM(_MaskExplainer):
 
     def explain(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
         """The kept region (B, 1, *spatial) in [0, 1]; ``target`` is ignored (no output is targeted)."""
-        maps, _ = self._maps(x)
-        return 1 - maps
+        x = self.check_input(x)
+        with evaluating(self.model):
+            maps, _ = self._maps(x)
+        return postprocess(1 - maps, self.postprocess, x.ndim - 2)

@@ -11,30 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from nemt.errors import NemtError
+from nemt.ops import SCORES, diffusion_fill, fill_values, output_score
 
 OCCLUSIONS = ("mean", "zero", "blur", "inpaint")
-QUANTITIES = ("prob", "logit", "one_minus_prob")
-
-
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (B, C, *spatial) with reflect padding, any spatial_dims."""
-    d = x.ndim - 2
-    radius = max(1, int(round(3 * sigma)))
-    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    g = torch.exp(-0.5 * (t / sigma) ** 2)
-    g = g / g.sum()
-    c = x.shape[1]
-    conv = (F.conv1d, F.conv2d, F.conv3d)[d - 1]
-    out = x
-    for axis in range(d):
-        shape = [1] * d
-        shape[axis] = -1
-        k = g.view(1, 1, *shape).expand(c, 1, *shape)
-        pad = [0, 0] * d
-        pad[2 * (d - 1 - axis)] = pad[2 * (d - 1 - axis) + 1] = radius
-        mode = "reflect" if all(s > radius for s in out.shape[2:]) else "replicate"
-        out = conv(F.pad(out, pad, mode=mode), k, groups=c)
-    return out
+QUANTITIES = SCORES
 
 
 def occlude(x: torch.Tensor, keep: torch.Tensor, kind: str, *, zero_value: torch.Tensor | None = None,
@@ -55,38 +35,24 @@ def occlude(x: torch.Tensor, keep: torch.Tensor, kind: str, *, zero_value: torch
       biharmonic or Telea inpainters, which are too slow to run per training step.
     """
     if kind == "mean":
-        fill = torch.zeros_like(x)
+        fill = fill_values(x, "zero")  # 0 in the normalised space: the data set's mean
     elif kind == "zero":
         if zero_value is None:
             raise NemtError("occlusion 'zero' needs the normalised value of black")
         fill = zero_value.to(x).view(1, -1, *([1] * (x.ndim - 2))).expand_as(x)
     elif kind == "blur":
-        fill = gaussian_blur(x, sigma)
+        fill = fill_values(x, "blur", sigma=sigma)
     elif kind == "inpaint":
-        weight = gaussian_blur(keep, sigma)
-        fill = gaussian_blur(x * keep, sigma) / (weight + 1e-3)
+        return diffusion_fill(x, keep, sigma)
     else:
         raise NemtError(f"unknown occlusion {kind!r}; choose one of {OCCLUSIONS}")
     return x * keep + fill * (1 - keep)
 
 
 def target_quantity(out: torch.Tensor, task: str, quantity: str, scale: float = 1.0) -> torch.Tensor:
-    """The per-output quantity whose change is rewarded: (…, n_outputs), outputs on the last axis.
-
-    Classification: softmax/sigmoid probability, the logit, or 1 - p.
-    Regression: the predicted value divided by ``scale`` (the training
-    targets' spread), whatever ``quantity`` says.
-    """
-    if task == "regression":
-        return out / scale
-    if quantity == "logit":
-        return out
-    p = out.softmax(dim=-1) if task == "multiclass" else out.sigmoid()  # outputs on the last axis
-    if quantity == "prob":
-        return p
-    if quantity == "one_minus_prob":
-        return 1 - p
-    raise NemtError(f"unknown target quantity {quantity!r}; choose one of {QUANTITIES}")
+    """The per-output quantity whose change is rewarded: :func:`nemt.ops.output_score` (``quantity`` one of
+    :data:`QUANTITIES`; a regression value divided by ``scale``, the training targets' spread)."""
+    return output_score(out, task, quantity, scale)
 
 
 def deletion_loss(keep: torch.Tensor, q_clean: torch.Tensor, q_occluded: torch.Tensor, *,

@@ -25,7 +25,7 @@ from monai.networks.layers.factories import Conv, Norm, Pool
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from nemt.explainers.base import resize_linear
+from nemt.ops import evaluating, resize_linear
 from nemt.explainers.layers import FeatureTap
 from nemt.explainers.nemt.losses import staircase
 from nemt.explainers.nemt.smoothing import RandomSmoothing
@@ -160,7 +160,7 @@ class ExplanationModule(nn.Module):
             self.layers: list[str] = []
         else:
             self.layers = list(layers)
-            with FeatureTap(model, self.layers) as tap, torch.no_grad():
+            with FeatureTap(model, self.layers) as tap, torch.no_grad(), evaluating(model):
                 dev = next(model.parameters()).device
                 model(torch.zeros(2, in_channels, *input_size, device=dev))
                 skip_channels = [int(tap.features[n].shape[1]) for n in self.layers]
@@ -198,15 +198,14 @@ class ExplanationModule(nn.Module):
         ``native``: the logits on the decoder's own grid (the finest feature
         stage's, unless the decoder has a full-resolution block), not resized to x.
         """
-        self.model.eval()
         if self.own_encoder:
-            with torch.no_grad():
+            with torch.no_grad(), evaluating(self.model):
                 out = self.model(x)
             feats = self.encoder(x)
         else:
             self._tap.enabled = True
             try:
-                with torch.no_grad():
+                with torch.no_grad(), evaluating(self.model):
                     out = self.model(x)
             finally:
                 self._tap.enabled = False

@@ -1,0 +1,364 @@
+"""The vocabulary shared by explainers and metrics: one name and one implementation per idea.
+
+- **targets**: :func:`resolve_targets` turns any accepted ``target`` into a
+  (B, T) tensor of output indices (see :data:`TARGET_HELP`);
+- **model facts**: :func:`task_of`, :func:`label_names_of`, :func:`n_outputs_of`
+  read a :class:`~nemt.models.Classifier`'s card when there is one and the
+  model's outputs otherwise, so that any ``nn.Module`` works;
+- **scores**: :func:`output_score`, the quantity a method watches
+  (``"logit"``, ``"prob"``, ``"one_minus_prob"``);
+- **fills**: :func:`fill_values`, what replaces deleted pixels;
+- **blur**: :func:`gaussian_blur`;
+- **resizing**: :func:`resize_linear`;
+- **normalisation**: :func:`minmax` and :func:`normalise_maps` (per map,
+  over the spatial axes), :func:`scale_signed`, and :func:`postprocess`,
+  the one step every explainer ends with;
+- **the caller's state**: :func:`evaluating`, :func:`frozen_parameters` and
+  :func:`seeded` change the model's flags or the global RNG inside a block
+  and restore them after, also on error.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nemt.errors import NemtError
+
+
+class ParameterError(NemtError, ValueError):
+    """A value that a method or a metric does not accept (also a ``ValueError``)."""
+
+
+class ArgumentTypeError(NemtError, TypeError):
+    """An argument of the wrong type (also a ``TypeError``)."""
+
+
+Target = Any
+TARGET_HELP = """``target`` may be
+- ``None``: the method's default (multi-class: the predicted class; multi-label and regression: every output);
+- ``"all"``: every output (each label of a multi-label model);
+- ``"predicted"``: the highest-scoring output of each sample;
+- an int or a label name: that output for every sample;
+- a list of ints or names: those outputs, T = len(list);
+- a tensor of shape (B,) (one target per sample) or (B, T)."""
+
+
+# ---------------------------------------------------------------------------- model facts
+
+def task_of(model: nn.Module) -> str:
+    """``"multiclass"``, ``"multilabel"`` or ``"regression"``: the card's, or multi-class for a plain module."""
+    card = getattr(model, "card", None)
+    return card.task if card is not None else "multiclass"
+
+
+def label_names_of(model: nn.Module) -> list[str]:
+    """The card's label names, or none for a plain module."""
+    card = getattr(model, "card", None)
+    return list(card.label_names) if card is not None else []
+
+
+def n_outputs_of(model: nn.Module, x: torch.Tensor | None = None, outputs: torch.Tensor | None = None) -> int | None:
+    """Number of outputs: from the card, else from ``outputs`` or one forward pass on ``x`` (None without either)."""
+    card = getattr(model, "card", None)
+    if card is not None:
+        return 1 if card.task == "regression" else len(card.label_names)
+    if outputs is None and x is not None:
+        with torch.no_grad(), evaluating(model):
+            outputs = model(x)
+    if outputs is None:
+        return None
+    return int(outputs.shape[1]) if outputs.ndim > 1 else 1
+
+
+# ---------------------------------------------------------------------------- targets
+
+def resolve_targets(target: Target, model: nn.Module, x: torch.Tensor | None = None, *,
+                    n_outputs: int | None = None, label_names: Sequence[str] | None = None,
+                    task: str | None = None, batch_size: int | None = None,
+                    outputs: torch.Tensor | None = None) -> torch.Tensor:
+    """Turn any accepted ``target`` into a (B, T) int64 tensor of output indices.
+
+    ``model`` supplies ``task``/``label_names`` when it has a card; for a plain
+    module the task is multi-class and the number of outputs comes from
+    ``outputs`` or one forward pass on ``x`` when it is needed (``"all"``,
+    range checks). ``x`` or ``outputs`` (the model's (B, n_outputs) outputs)
+    serve ``"predicted"``.
+    """
+    card = getattr(model, "card", None)
+    task = task or task_of(model)
+    label_names = list(label_names or label_names_of(model))
+    if n_outputs is None:
+        if card is not None or label_names:
+            n_outputs = 1 if task == "regression" else len(label_names)
+        elif outputs is not None:
+            n_outputs = n_outputs_of(model, outputs=outputs)
+    if x is None and outputs is None and batch_size is None:
+        raise ParameterError("resolve_targets needs x, outputs or batch_size")
+    b = batch_size if batch_size is not None else (x.shape[0] if x is not None else outputs.shape[0])
+    dev = x.device if x is not None else (outputs.device if outputs is not None else torch.device("cpu"))
+
+    def index(t) -> int:
+        if isinstance(t, str):
+            if t not in label_names:
+                raise ParameterError(f"target {t!r} is not a label of the model; labels are {label_names}")
+            return label_names.index(t)
+        if isinstance(t, bool) or not isinstance(t, (int, torch.Tensor)) and not hasattr(t, "__index__"):
+            raise ArgumentTypeError(f"a target must be an int, a label name, a list or a tensor, got {t!r}")
+        t = int(t)
+        if n_outputs is not None and not 0 <= t < n_outputs:
+            raise ParameterError(f"target {t} out of range: the model has {n_outputs} outputs")
+        return t
+
+    if target is None:
+        target = "predicted" if task == "multiclass" else "all"
+    if isinstance(target, str) and target == "all":
+        if n_outputs is None:
+            n_outputs = n_outputs_of(model, x=x)
+        if n_outputs is None:
+            raise ParameterError("target='all' needs the number of outputs (a card, x, or n_outputs=)")
+        return torch.arange(n_outputs, device=dev).expand(b, n_outputs).clone()
+    if isinstance(target, str) and target == "predicted":
+        if outputs is None:
+            if x is None:
+                raise ParameterError("target='predicted' needs the input x")
+            with torch.no_grad(), evaluating(model):
+                outputs = model(x)
+        return outputs.argmax(dim=1, keepdim=True).to(dev)
+    if torch.is_tensor(target):
+        t = target.to(dev).long()
+        if t.ndim == 0:
+            t = t.expand(b)
+        if t.ndim == 1:
+            t = t[:, None]
+        if t.ndim != 2 or t.shape[0] != b:
+            raise ParameterError(f"target tensor must be (B,) or (B, T) with B={b}, got {tuple(target.shape)}")
+        if n_outputs is not None and ((t < 0) | (t >= n_outputs)).any():
+            raise ParameterError(f"target indices out of range 0..{n_outputs - 1}")
+        return t
+    if isinstance(target, (list, tuple)):
+        idx = [index(t) for t in target]
+        return torch.tensor(idx, device=dev).expand(b, len(idx)).clone()
+    return torch.full((b, 1), index(target), dtype=torch.long, device=dev)
+
+
+# ---------------------------------------------------------------------------- scores
+
+SCORES = ("logit", "prob", "one_minus_prob")
+_SCORE_ALIASES = {"probability": "prob"}
+
+
+def output_score(out: torch.Tensor, task: str, score: str, scale: float = 1.0) -> torch.Tensor:
+    """The quantity a method watches, outputs on the last axis.
+
+    ``"logit"``: the raw outputs; ``"prob"`` (alias ``"probability"``): a
+    softmax over the classes of a multi-class model, a sigmoid per label of a
+    multi-label model; ``"one_minus_prob"``: 1 - that. A regression output is
+    always the predicted value divided by ``scale``, whatever ``score`` says.
+    """
+    score = _SCORE_ALIASES.get(score, score)
+    if score not in SCORES:
+        raise ParameterError(f"score must be one of {SCORES}, got {score!r}")
+    if task == "regression":
+        return out / scale if scale != 1.0 else out
+    if score == "logit":
+        return out
+    p = out.softmax(dim=-1) if task == "multiclass" else out.sigmoid()
+    return p if score == "prob" else 1 - p
+
+
+# ---------------------------------------------------------------------------- blur, fills, resizing
+
+def gaussian_blur(x: torch.Tensor, sigma: float, radius: int | None = None, mode: str = "reflect") -> torch.Tensor:
+    """Separable Gaussian blur of ``(N, C, *spatial)`` (1D, 2D or 3D) over the spatial axes.
+
+    The kernel is truncated at ``radius`` pixels (default ``max(1, round(3 sigma))``)
+    and normalised to sum 1; ``mode`` is the padding (``"reflect"``, which
+    falls back to ``"replicate"`` on an axis no longer than the radius,
+    ``"replicate"``, or ``"constant"`` for zeros). ``sigma <= 0`` returns ``x``.
+    """
+    if sigma <= 0:
+        return x
+    d = x.ndim - 2
+    r = int(radius) if radius is not None else max(1, int(round(3 * sigma)))
+    t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
+    g = torch.exp(-0.5 * (t / sigma) ** 2)
+    g = g / g.sum()
+    c = x.shape[1]
+    conv = (F.conv1d, F.conv2d, F.conv3d)[d - 1]
+    out = x
+    for axis in range(d):
+        shape = [1] * d
+        shape[axis] = -1
+        k = g.view(1, 1, *shape).expand(c, 1, *shape)
+        pad = [0, 0] * d
+        pad[2 * (d - 1 - axis)] = pad[2 * (d - 1 - axis) + 1] = r
+        if mode == "constant":
+            out = F.pad(out, pad)
+        else:
+            pad_mode = "replicate" if mode == "reflect" and out.shape[2 + axis] <= r else mode
+            out = F.pad(out, pad, mode=pad_mode)
+        out = conv(out, k, groups=c)
+    return out
+
+
+FILLS = ("zero", "min", "black", "max", "white", "mean", "blur")
+
+
+def fill_values(x: torch.Tensor, fill: float | str | torch.Tensor, *, sigma: float = 5.0,
+                radius: int | None = None) -> torch.Tensor | float:
+    """What replaces deleted pixels of ``x`` (B, C, *spatial), broadcastable to ``x``.
+
+    A number (returned as it is), a tensor (moved to x), or: ``"zero"`` (0,
+    the data set's mean in the normalised space), ``"min"``/``"black"`` and
+    ``"max"``/``"white"`` (each image's extreme over all its channels),
+    ``"mean"`` (each image's mean per channel), ``"blur"`` (the image blurred
+    with a Gaussian of ``sigma`` pixels, truncated at ``radius``).
+    """
+    if torch.is_tensor(fill):
+        return fill.to(x.device, x.dtype)
+    if not isinstance(fill, str):
+        return float(fill)
+    ones = (1,) * (x.ndim - 1)
+    keep = (x.shape[0], x.shape[1]) + (1,) * (x.ndim - 2)
+    if fill == "zero":
+        return 0.0
+    if fill in ("min", "black"):
+        return x.flatten(1).amin(dim=1).view(-1, *ones).expand(keep).contiguous()
+    if fill in ("max", "white"):
+        return x.flatten(1).amax(dim=1).view(-1, *ones).expand(keep).contiguous()
+    if fill == "mean":
+        return x.flatten(2).mean(dim=2).view(keep)
+    if fill == "blur":
+        return gaussian_blur(x, sigma, radius=radius)
+    raise ParameterError(f"unknown fill {fill!r}: use a number, a tensor or one of {FILLS}")
+
+
+def diffusion_fill(x: torch.Tensor, keep: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``x`` with the region ``1 - keep`` filled from the kept surroundings by normalised convolution:
+    x·k + (blur(x·k) / blur(k))·(1 − k), Gaussian of ``sigma`` pixels (0, the mean, where no kept pixel is
+    near). A dark lesion is replaced by the tissue around it. Differentiable, torch-only, any spatial_dims."""
+    weight = gaussian_blur(keep, sigma)
+    fill = gaussian_blur(x * keep, sigma) / (weight + 1e-3)
+    return x * keep + fill * (1 - keep)
+
+
+_LINEAR_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
+
+
+def resize_linear(t: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """(B, C, *grid) -> (B, C, *size) by linear, bilinear or trilinear interpolation (by the number of
+    spatial axes, ``align_corners=False``: each value a convex combination of its neighbours, so maps stay in
+    their range); ``t`` itself when it already has that size."""
+    size = tuple(int(s) for s in size)
+    if tuple(t.shape[2:]) == size:
+        return t
+    return F.interpolate(t, size=size, mode=_LINEAR_MODES[t.ndim - 2], align_corners=False)
+
+
+# ---------------------------------------------------------------------------- normalisation
+
+def minmax(flat: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Min-max normalise along the last axis to [0, 1]; constant rows become 0."""
+    lo = flat.amin(-1, keepdim=True)
+    hi = flat.amax(-1, keepdim=True)
+    return (flat - lo).mul_((hi - lo).clamp_min(eps).reciprocal())
+
+
+def normalise_maps(maps: torch.Tensor, spatial_dims: int, eps: float = 1e-12) -> torch.Tensor:
+    """Min-max normalise each map of (…, *spatial) to [0, 1] over its spatial axes (constant maps -> 0)."""
+    flat = maps.flatten(start_dim=-spatial_dims)
+    lo = flat.min(dim=-1, keepdim=True).values
+    hi = flat.max(dim=-1, keepdim=True).values
+    out = (flat - lo) / (hi - lo).clamp_min(eps)
+    return out.view_as(maps)
+
+
+def scale_signed(maps: torch.Tensor, spatial_dims: int, eps: float = 1e-12) -> torch.Tensor:
+    """Signed maps divided by their largest magnitude (per map), in [-1, 1]."""
+    scale = maps.flatten(start_dim=-spatial_dims).abs().amax(dim=-1).clamp_min(eps)
+    return maps / scale.view(*scale.shape, *(1,) * spatial_dims)
+
+
+def zero_constant(maps: torch.Tensor, spatial_dims: int) -> torch.Tensor:
+    """Maps already in [0, 1] kept as they are, except constant maps, which become 0 (as min-max would)."""
+    flat = maps.flatten(start_dim=-spatial_dims)
+    constant = (flat.amax(dim=-1) - flat.amin(dim=-1) < 1e-12).view(*maps.shape[:-spatial_dims],
+                                                                      *([1] * spatial_dims))
+    return torch.where(constant, normalise_maps(maps, spatial_dims), maps)
+
+
+POSTPROCESS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
+    "minmax": normalise_maps,
+    "abs": lambda m, d: normalise_maps(m.abs(), d),
+    "positive": lambda m, d: normalise_maps(m.clamp_min(0), d),
+    "signed": scale_signed,
+    "mask": zero_constant,
+    "none": lambda m, d: m,
+}
+
+
+def postprocess(maps: torch.Tensor, how: str | Callable[[torch.Tensor, int], torch.Tensor], spatial_dims: int
+                ) -> torch.Tensor:
+    """The last step of every explainer, on raw (B, T, *spatial) maps.
+
+    ``"minmax"`` (each map to [0, 1]), ``"abs"`` (min-max of the magnitude),
+    ``"positive"`` (min-max of the positive part), ``"signed"`` (divided by
+    the largest magnitude, in [-1, 1]), ``"mask"`` (masks already in [0, 1];
+    constant ones become 0), ``"none"``, or a callable ``(maps, spatial_dims) -> maps``.
+    """
+    if callable(how):
+        return how(maps, spatial_dims)
+    if how not in POSTPROCESS:
+        raise ParameterError(f"postprocess must be one of {sorted(POSTPROCESS)} or a callable, got {how!r}")
+    return POSTPROCESS[how](maps, spatial_dims)
+
+
+# ---------------------------------------------------------------------------- the caller's state
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode inside the block; every submodule's ``training`` flag restored after, also on error."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+@contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """The model's parameters without ``requires_grad`` inside the block (no weight gradients are computed
+    while gradients flow to inputs or masks), each restored to the caller's flag after, also on error."""
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+@contextmanager
+def seeded(seed: int, device: torch.device | str | None = None) -> Iterator[None]:
+    """The global torch RNG (and the GPU's, for a CUDA ``device``) seeded with ``seed`` inside the block and
+    restored to the caller's state after: for libraries (Captum) that draw from the global generator."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(int(seed))
+        yield
+
+
+def chunks(n: int, size: int | None) -> list[slice]:
+    """``slice`` objects that cut ``n`` items into runs of at most ``size`` (one run when ``size`` is None)."""
+    if size is None or size >= n:
+        return [slice(0, n)]
+    size = max(1, int(size))
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
