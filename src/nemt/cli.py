@@ -229,9 +229,6 @@ def fit(
     splits = load_splits(model, manifest)
     train_ds = ImageDataset(manifest, clf.preprocessing, splits["train"])
     val_ds = ImageDataset(manifest, clf.preprocessing, splits["val"])
-    import torch
-    loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(seed))
     explainer = NEMt(clf, objective=objective, areas=_floats(areas, "--areas"),
                      map_areas=None if map_areas == "train" else _floats(map_areas, "--map-areas"), games=games,
                      min_scale=min_scale, targets_per_image=targets_per_image, present_fraction=present_fraction,
@@ -244,7 +241,7 @@ def fit(
                      seed=seed, device=device)
     from nemt.explainers.nemt.estimator import CollapseError
     try:
-        explainer.fit(loader, val_data=DataLoader(val_ds, batch_size=32), out_dir=out, progress=progress,
+        explainer.fit(train_ds, val_data=DataLoader(val_ds, batch_size=32), out_dir=out, progress=progress,
                       guard=not allow_collapse)
     except CollapseError as exc:
         console.print(f"[red]collapsed:[/red] {exc}", highlight=False, markup=True)
@@ -426,13 +423,13 @@ def methods() -> None:
 
     from nemt.explainers import available
     from nemt.explainers.base import _REGISTRY
-    from nemt.explainers.build import _parameters
+    from nemt.explainers.base import init_parameters
 
     table = Table("method", "what", "parameters")
     for name in available():
         cls = _REGISTRY[name]
         doc = (cls.__doc__ or "").strip().split("\n")[0]
-        table.add_row(name, doc, ", ".join(sorted(_parameters(cls) - {"device"})))
+        table.add_row(name, doc, ", ".join(sorted(init_parameters(cls) - {"device"})))
     console.print(table)
 
 
@@ -454,7 +451,6 @@ def demo(
     progress: bool = typer.Option(True, help="show progress bars"),
 ) -> None:
     """The main job on built-in phantoms: data, check, classifier, NEMt, benchmark against the baselines, report."""
-    import torch
     from torch.utils.data import DataLoader
 
     from nemt.data import ImageDataset
@@ -481,11 +477,9 @@ def demo(
     console.rule("4. fit NEMt")
     splits = load_splits(out / "model", manifest)
     train_ds = ImageDataset(manifest, clf.preprocessing, splits["train"])
-    loader = DataLoader(train_ds, batch_size=16, shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(seed))
     val_loader = DataLoader(ImageDataset(manifest, clf.preprocessing, splits["val"]), batch_size=32)
-    explainer = NEMt(clf, epochs=fit_epochs, seed=seed, device=device)
-    explainer.fit(loader, val_data=val_loader, out_dir=out / "explainer", progress=progress)  # collapse guard
+    explainer = NEMt(clf, epochs=fit_epochs, seed=seed, device=device)  # batches of 16 (its batch_size), seeded
+    explainer.fit(train_ds, val_data=val_loader, out_dir=out / "explainer", progress=progress)  # collapse guard
     console.rule("5. benchmark NEMt against the baselines on the test split (true label)")
     from nemt.bench.runner import benchmark_model, markdown_summary
     methods = _csv_list(bench_methods) or []

@@ -115,7 +115,7 @@ def export_metadata(clf: nn.Module, explainer: Any) -> dict[str, Any]:
         "io": {INPUT: "(B, C, *input_size) float32: intensities to [0, 1] by `scale`, then (x - mean) / std",
                OUTPUTS: "(B, T)", MAPS: "(B, T, *input_size) in [0, 1], one map per label"},
         "model_card": card.to_dict(),
-        "explainer": {"kind": type(explainer).__name__, "params": explainer.get_params(),
+        "explainer": {"kind": type(explainer).__name__, "params": explainer.hyper_params(),
                       "model_sha256": model_checksum(clf)},
         "nemt_version": __version__,
     })

@@ -15,13 +15,14 @@ Targets: see :data:`nemt.ops.TARGET_HELP`.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from nemt.ops import (ArgumentTypeError, ParameterError, Target, chunks, evaluating, fill_values, frozen_parameters,
-                      normalise_maps, postprocess, resize_linear, resolve_targets)
+                      n_outputs_of, normalise_maps, postprocess, resize_linear, resolve_targets)
 
 __all__ = ["Explainer", "Target", "available", "baseline_image", "frozen_parameters", "get_explainer",
            "normalise_maps", "register", "resize_linear", "resolve_targets"]
@@ -75,8 +76,16 @@ class Explainer:
         return self.card.spatial_dims if self.card is not None else None
 
     def targets(self, x: torch.Tensor, target: Target) -> torch.Tensor:
-        """``target`` as a (B, T) tensor of output indices (see :data:`nemt.ops.TARGET_HELP`)."""
-        return resolve_targets(target, self.model, x)
+        """``target`` as a (B, T) tensor of output indices (see :data:`nemt.ops.TARGET_HELP`).
+
+        A plain module's number of outputs is read once, from one image, and checked on every call after.
+        """
+        n_outputs = None
+        if self.card is None:
+            if getattr(self, "_n_outputs", None) is None:
+                self._n_outputs = n_outputs_of(self.model, x=x[:1])
+            n_outputs = self._n_outputs
+        return resolve_targets(target, self.model, x, n_outputs=n_outputs)
 
     def check_input(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as a detached floating tensor (B, C, *spatial) on the explainer's device, or a clear error."""
@@ -105,6 +114,21 @@ class Explainer:
     def _attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         """Raw maps (b, T, *spatial) for a chunk ``x`` (b, C, *spatial) and its targets (b, T)."""
         raise NotImplementedError
+
+
+def init_parameters(cls: type) -> set[str]:
+    """Keyword parameters of ``cls.__init__`` and of its bases reached through ``**kw`` (``model`` excluded)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        sig = inspect.signature(init)
+        names |= {p.name for p in sig.parameters.values()
+                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in ("self", "model")}
+        if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+            break
+    return names
 
 
 def _device_of(model: nn.Module) -> torch.device:

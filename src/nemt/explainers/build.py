@@ -1,14 +1,13 @@
 """Building an explainer from the command line: a name, a seed, a device and ``key=value`` budget parameters."""
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any, Sequence
 
 from torch import nn
 
 from nemt.errors import NemtError
-from nemt.explainers.base import Explainer, _REGISTRY, get_explainer
+from nemt.explainers.base import Explainer, _REGISTRY, get_explainer, init_parameters
 
 
 def parse_params(items: Sequence[str]) -> dict[str, Any]:
@@ -52,7 +51,7 @@ def make_explainer(name: str, model: nn.Module, *, seed: int = 0, device=None, e
     cls = _REGISTRY.get(name)
     if cls is None:
         return get_explainer(name, model)  # raises with the list of names
-    accepted = _parameters(cls)
+    accepted = init_parameters(cls) - {"model"}
     unknown = sorted(set(params) - accepted)
     if unknown:
         raise NemtError(f"method {name!r} has no parameter {unknown}; its parameters are {sorted(accepted)}")
@@ -61,18 +60,3 @@ def make_explainer(name: str, model: nn.Module, *, seed: int = 0, device=None, e
     if device is not None:
         params.setdefault("device", device)
     return get_explainer(name, model, **params)
-
-
-def _parameters(cls: type) -> set[str]:
-    """Keyword parameters of ``cls.__init__`` and of its bases (through ``**kw``)."""
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        sig = inspect.signature(init)
-        names |= {p.name for p in sig.parameters.values()
-                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in ("self", "model")}
-        if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
-            break
-    return names

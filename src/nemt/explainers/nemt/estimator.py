@@ -27,8 +27,8 @@ from torch import nn
 from nemt import __version__
 from nemt.checkpoint import load_state, save_state
 from nemt.errors import CardError, NemtError
-from nemt.explainers.base import Explainer, Target, register
-from nemt.ops import evaluating, frozen_parameters, label_names_of, n_outputs_of, postprocess, resolve_targets
+from nemt.explainers.base import Explainer, Target, init_parameters, register
+from nemt.ops import ParameterError, evaluating, frozen_parameters, label_names_of, n_outputs_of, postprocess, resolve_targets
 from nemt.explainers.layers import find_stages
 from nemt.explainers.nemt.losses import (OCCLUSIONS, QUANTITIES, deletion_loss, game_loss, log_odds, nem_loss,
                                         nested_masks, occlude, target_quantity)
@@ -75,7 +75,6 @@ DECODER_CHANNELS = (128, 64, 32, 16, 8)
 class _MaskExplainer(Explainer):
     """Shared machinery of NEMt and NEM: module building, training loop, checkpoints, save/load."""
 
-    _param_names: tuple[str, ...] = ()
     default_postprocess = "none"  # the module's maps are in [0, 1] already
 
     def __init__(self, model: nn.Module, *, layers: Sequence[str] | None = None, encoder: str = "model",
@@ -88,58 +87,91 @@ class _MaskExplainer(Explainer):
                  input_size: Sequence[int] | None = None, in_channels: int | None = None,
                  device: str | torch.device | None = None):
         super().__init__(model, device)
+        self._params = {k: v for k, v in locals().items() if k not in ("self", "__class__")}  # as given
         card = getattr(model, "card", None)
-        self.input_size = list(input_size or (card.input_size if card else []))
-        self.in_channels = int(in_channels or (card.in_channels if card else 0))
-        if not self.input_size or not self.in_channels:
-            raise NemtError("give input_size= and in_channels= for a model without a card")
+        # resolved values, used by the code; the parameters themselves stay as given (scikit-learn's rule)
+        self._input_size = [int(s) for s in (input_size or (card.input_size if card else []))]
+        self._in_channels = int(in_channels or (card.in_channels if card else 0))
+        if not self._input_size or not self._in_channels:
+            raise ParameterError("give input_size= and in_channels= for a model without a card")
         if encoder not in ("model", "own"):
-            raise NemtError(f"encoder must be 'model' or 'own', got {encoder!r}")
+            raise ParameterError(f"encoder must be 'model' or 'own', got {encoder!r}")
         if optimizer not in ("prodigy", "adamw"):
-            raise NemtError(f"optimizer must be 'prodigy' or 'adamw', got {optimizer!r}")
-        self.layers = list(layers) if layers else None
-        self.encoder, self.smoothing, self.kernel_size = encoder, smoothing, kernel_size
-        self.init_keep, self.decoder_channels = init_keep, list(decoder_channels)
-        self.decoder_full_resolution = bool(decoder_full_resolution)
+            raise ParameterError(f"optimizer must be 'prodigy' or 'adamw', got {optimizer!r}")
         if schedule not in ("constant", "cosine"):
-            raise NemtError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+            raise ParameterError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+        self.layers, self.encoder, self.smoothing, self.kernel_size = layers, encoder, smoothing, kernel_size
+        self.init_keep, self.decoder_channels = init_keep, decoder_channels
+        self.decoder_full_resolution = decoder_full_resolution
         self.optimizer, self.lr, self.weight_decay, self.schedule = optimizer, lr, weight_decay, schedule
         self.batch_size, self.accumulate, self.epochs, self.seed = batch_size, accumulate, epochs, seed
+        self.input_size, self.in_channels = input_size, in_channels
+        # learned state (scikit-learn's trailing underscore): set by fit or load
         self.module_: ExplanationModule | None = None
         self.history_: list[dict] = []
+        self.layers_: list[str] | None = None
+        self.kernel_size_: int | None = None
+        self.epochs_: int | None = None
 
-    # -- parameters ---------------------------------------------------------
-    def get_params(self) -> dict:
-        """Hyper-parameters (round-trip through ``__init__``)."""
-        common = ("layers", "encoder", "smoothing", "kernel_size", "init_keep", "decoder_channels",
-                  "decoder_full_resolution",
-                  "optimizer", "lr", "weight_decay", "schedule", "batch_size", "accumulate", "epochs", "seed",
-                  "input_size", "in_channels")
-        return {k: getattr(self, k) for k in common + self._param_names}
+    # -- parameters (scikit-learn's estimator protocol) -----------------------
+    def get_params(self, deep: bool = True) -> dict:
+        """The ``__init__`` parameters as given (``model`` and ``device`` included), so that
+        ``type(ex)(**ex.get_params())`` and :func:`sklearn.base.clone` build an unfitted copy."""
+        return {name: self._params[name] for name in init_parameters(type(self)) | {"model"}}
+
+    def set_params(self, **params: Any) -> "_MaskExplainer":
+        """Change parameters; the explainer is built anew from them (any fit is forgotten)."""
+        unknown = sorted(set(params) - set(self._params))
+        if unknown:
+            raise ParameterError(f"{type(self).__name__} has no parameter {unknown}")
+        self.__init__(**{**self.get_params(), **params})
+        return self
+
+    def hyper_params(self) -> dict:
+        """The parameters without ``model`` and ``device``: what an explainer card records (JSON)."""
+        out = {k: v for k, v in self.get_params().items() if k not in ("model", "device")}
+        return json.loads(json.dumps(out))  # tuples as lists: equal to what a card reads back
+
+    def fitted_facts(self) -> dict:
+        """What fitting resolved: the feature layers, the smoothing kernel, the epochs, the input's shape."""
+        return {"layers": self.layers_, "kernel_size": self.kernel_size_, "epochs": self.epochs_,
+                "input_size": self._input_size, "in_channels": self._in_channels}
 
     @property
     def spatial_dims(self) -> int:
-        return len(self.input_size)
+        return len(self._input_size)
 
     def _n_maps(self) -> int:
         raise NotImplementedError
+
+    def _loader(self, data: Any) -> Iterable:
+        """Batches to train on: ``data`` as it is when it yields batches (a DataLoader, a list of (x, y)), or a
+        DataLoader of ``batch_size`` shuffled items (seeded by ``seed``, the last partial batch dropped) when it
+        is a map-style ``torch.utils.data.Dataset``."""
+        from torch.utils.data import DataLoader, Dataset
+        if isinstance(data, Dataset) and not isinstance(data, DataLoader):
+            return DataLoader(data, batch_size=int(self.batch_size), shuffle=True, drop_last=True,
+                              generator=torch.Generator().manual_seed(int(self.seed)))
+        return data
 
     def _map_kwargs(self) -> dict:
         """How the module turns decoder logits into maps (see ``ExplanationModule.maps``)."""
         return {"map_kind": "keep"}
 
     def _build(self) -> ExplanationModule:
-        if self.encoder == "model" and self.layers is None:
-            self.layers = find_stages(self.model, (self.in_channels, *self.input_size))
-        k = self.kernel_size or kernel_size_for(tuple(self.input_size))
-        self.kernel_size = k
+        if self.layers_ is None:
+            self.layers_ = list(self.layers) if self.layers else (
+                find_stages(self.model, (self._in_channels, *self._input_size)) if self.encoder == "model" else [])
+        if self.kernel_size_ is None:
+            self.kernel_size_ = int(self.kernel_size or kernel_size_for(tuple(self._input_size)))
+        k = self.kernel_size_
         with torch.random.fork_rng(devices=[]):  # seeded initial weights; the caller's global RNG is left as it was
             torch.manual_seed(self.seed)
-            mod = ExplanationModule(self.model, spatial_dims=self.spatial_dims, in_channels=self.in_channels,
-                                    input_size=self.input_size, n_maps=self._n_maps(), layers=self.layers,
-                                    own_encoder=self.encoder == "own", decoder_channels=self.decoder_channels,
+            mod = ExplanationModule(self.model, spatial_dims=self.spatial_dims, in_channels=self._in_channels,
+                                    input_size=self._input_size, n_maps=self._n_maps(), layers=self.layers_,
+                                    own_encoder=self.encoder == "own", decoder_channels=list(self.decoder_channels),
                                     init_keep=self.init_keep, kernel_size=k, smoothing=self.smoothing,
-                                    decoder_full_resolution=self.decoder_full_resolution,
+                                    decoder_full_resolution=bool(self.decoder_full_resolution),
                                     **self._map_kwargs())
         return mod.to(self.device)
 
@@ -181,8 +213,8 @@ class _MaskExplainer(Explainer):
     def _fit(self, data: Iterable, *, epochs: int | None, val_data: Iterable | None, out_dir: str | Path | None,
              progress: bool, log: Callable[[str], None] | None, guard: bool) -> "_MaskExplainer":
         log = log or (lambda s: console.print(s, soft_wrap=True, highlight=False))
-        epochs = epochs or self.epochs
-        self.epochs = epochs
+        epochs = self.epochs_ = int(epochs or self.epochs)
+        data = self._loader(data)
         mod = self.init_module().module_
         params = [p for p in mod.parameters() if p.requires_grad]
         opt = self._make_optimizer(params)
@@ -199,7 +231,8 @@ class _MaskExplainer(Explainer):
         mod.smoothing.generator = gen
         start = 0
         state_path = Path(out_dir) / "state" / "last" if out_dir else None
-        key = json.loads(json.dumps({"params": self.get_params(), "model": model_checksum(self.model)}))
+        key = json.loads(json.dumps({"params": self.hyper_params(), "epochs": epochs,
+                                     "model": model_checksum(self.model)}))
         if state_path and state_path.with_suffix(".json").is_file():
             st = load_state(state_path)
             if st["key"] != key:
@@ -273,7 +306,7 @@ class _MaskExplainer(Explainer):
         """Every output's map (B, n_maps, *spatial) and the model's outputs, from one pass."""
         mod = self._check_fitted()
         mod.eval()
-        exp = (self.in_channels, *self.input_size)
+        exp = (self._in_channels, *self._input_size)
         if tuple(x.shape[1:]) != exp:
             raise NemtError(f"input is {tuple(x.shape[1:])}, the explainer was fitted for {exp}")
         return mod(x.to(self.device))
@@ -289,7 +322,8 @@ class _MaskExplainer(Explainer):
             save_file(state, str(tmp))
         card = getattr(self.model, "card", None)
         write_json(directory / CARD, {
-            "format": FORMAT, "kind": type(self).__name__, "params": self.get_params(),
+            "format": FORMAT, "kind": type(self).__name__, "params": self.hyper_params(),
+            "fitted": self.fitted_facts(),
             "model_sha256": model_checksum(self.model), "weights_sha256": sha256_file(directory / WEIGHTS),
             "model": {"arch": getattr(card, "arch", None), "task": getattr(card, "task", None),
                       "label_names": getattr(card, "label_names", None)},
@@ -328,6 +362,9 @@ class _MaskExplainer(Explainer):
             params["objective"] = "paper"  # saved before the nested objective existed: trained with the paper loss
         params.setdefault("decoder_full_resolution", True)  # saved before the lighter decoder existed
         self = cls(model, device=device, **params)
+        fitted = card.get("fitted") or {}
+        self.layers_, self.kernel_size_ = fitted.get("layers"), fitted.get("kernel_size")
+        self.epochs_ = fitted.get("epochs", params.get("epochs"))
         self.module_ = self._build()
         try:
             state = load_file(str(directory / WEIGHTS))
@@ -393,10 +430,6 @@ class NEMt(_MaskExplainer):
     ``explain`` returns the maps of the requested targets.
     """
 
-    _param_names = ("objective", "areas", "map_areas", "temperature", "map_temperature", "games", "min_scale",
-                    "targets_per_image", "present_fraction", "occlusion", "blur_sigma", "quantity",
-                    "area_weight", "change_weight", "area_target", "train_targets")
-
     def __init__(self, model: nn.Module, *, objective: str = "nested", areas: Sequence[float] = DEFAULT_AREAS,
                  map_areas: Sequence[float] | None = DEFAULT_MAP_AREAS, temperature: float = 1.0, map_temperature: float = 0.02,
                  games: str = "both", min_scale: float = 1.0, targets_per_image: int = 1,
@@ -404,6 +437,7 @@ class NEMt(_MaskExplainer):
                  quantity: str = "prob", area_weight: float = 1.0, change_weight: float = 2.0,
                  area_target: float | None = None, train_targets: str | None = None, **kw: Any):
         super().__init__(model, **kw)
+        self._params.update({k: v for k, v in locals().items() if k not in ("self", "__class__", "model", "kw")})
         if objective not in OBJECTIVES:
             raise NemtError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         if occlusion not in OCCLUSIONS:
@@ -448,6 +482,7 @@ class NEMt(_MaskExplainer):
         if map_areas is not None and not all(0 < float(v) < 1 for v in map_areas):
             raise NemtError(f"map_areas must be fractions strictly between 0 and 1, got {list(map_areas)!r}")
         self.map_areas = [float(a) for a in map_areas] if map_areas else None
+        self._params["map_areas"] = map_areas
         if self.module_ is not None:
             self.module_.map_areas = tuple(self.map_areas or self.areas)
         return self
@@ -458,7 +493,7 @@ class NEMt(_MaskExplainer):
             return card.out_channels
         if self._n_outputs is None:  # a plain module: its outputs on one blank input
             dev = next(iter(self.model.parameters()), torch.zeros(())).device
-            self._n_outputs = n_outputs_of(self.model, x=torch.zeros(1, self.in_channels, *self.input_size,
+            self._n_outputs = n_outputs_of(self.model, x=torch.zeros(1, self._in_channels, *self._input_size,
                                                                     device=dev))
         return self._n_outputs
 
@@ -470,10 +505,10 @@ class NEMt(_MaskExplainer):
         pre = getattr(self.model, "preprocessing", None)
         if pre is None:
             return None
-        return pre.normalise(torch.zeros(1, self.in_channels, *([1] * self.spatial_dims)))[0].flatten()
+        return pre.normalise(torch.zeros(1, self._in_channels, *([1] * self.spatial_dims)))[0].flatten()
 
     def _occlude(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        sigma = self.blur_sigma or max(1.0, 8.0 * min(self.input_size) / 128)
+        sigma = self.blur_sigma or max(1.0, 8.0 * min(self._input_size) / 128)
         return occlude(x, keep, self.occlusion, zero_value=self._zero_value(), sigma=sigma)
 
     def _filled(self, x: torch.Tensor) -> torch.Tensor:
@@ -658,10 +693,9 @@ class NEM(_MaskExplainer):
     masking replaces removed pixels by 0 (the mean in normalised space).
     """
 
-    _param_names = ("lambda1", "lambda2")
-
     def __init__(self, model: nn.Module, *, lambda1: float = 1 / 8, lambda2: float = 1 / 4, **kw: Any):
         super().__init__(model, **kw)
+        self._params.update({k: v for k, v in locals().items() if k not in ("self", "__class__", "model", "kw")})
         self.lambda1, self.lambda2 = lambda1, lambda2
 
     def _n_maps(self) -> int:

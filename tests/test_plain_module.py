@@ -1,0 +1,137 @@
+"""Any ``nn.Module`` works with every explainer, and no call changes the caller's state.
+
+The model is a plain ``torch.nn.Sequential`` (no card, no labels), left by
+the caller in *training* mode with some parameters frozen and some not: after
+every call its training flags, ``requires_grad`` flags, weights and BatchNorm
+statistics, the global RNG state and the thread count must be exactly what
+they were (a BatchNorm layer run in training mode would move its running
+statistics; any ``model.eval()`` or ``requires_grad_`` not undone shows in the flags).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from nemt.explainers import NEM, NEMt, available, get_explainer
+
+FAST = {
+    "ig": {"n_steps": 4}, "gradshap": {"n_samples": 3}, "lime": {"n_samples": 12, "cell": 8},
+    "kernelshap": {"n_samples": 12, "cell": 8}, "occlusion": {"window": 8, "stride": 8},
+    "rise": {"n_masks": 16}, "relax": {"n_masks": 16}, "u-relax": {"n_masks": 16},
+    "extremal": {"steps": 3}, "inpainting": {"steps": 3, "inpainter": "diffusion"},
+}
+SIZE = 16
+
+
+def plain_net(n_out: int = 3) -> nn.Sequential:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, n_out))
+    net.train()  # the caller's choice: must survive every call
+    net[0].weight.requires_grad_(False)  # mixed flags: each must come back as it was
+    return net
+
+
+def snapshot(net: nn.Module) -> dict:
+    return {"training": [m.training for m in net.modules()],
+            "requires_grad": [p.requires_grad for p in net.parameters()],
+            "state": {k: v.clone() for k, v in net.state_dict().items()},
+            "rng": torch.get_rng_state(), "threads": torch.get_num_threads()}
+
+
+def assert_unchanged(before: dict, net: nn.Module) -> None:
+    after = snapshot(net)
+    assert after["training"] == before["training"], "training flags changed"
+    assert after["requires_grad"] == before["requires_grad"], "requires_grad flags changed"
+    for k, v in before["state"].items():
+        assert torch.equal(after["state"][k], v), f"{k} changed (weights or BatchNorm statistics)"
+    assert torch.equal(after["rng"], before["rng"]), "the global RNG state changed"
+    assert after["threads"] == before["threads"], "the thread count changed"
+
+
+def _explainer(name: str, net: nn.Module):
+    if name in ("nemt", "nem"):
+        cls = NEMt if name == "nemt" else NEM
+        return cls(net, input_size=(SIZE, SIZE), in_channels=1, decoder_channels=(8, 8, 8, 8, 8)).init_module()
+    return get_explainer(name, net, **FAST.get(name, {}))
+
+
+@pytest.mark.parametrize("name", available())
+def test_every_explainer_takes_a_plain_module_and_leaves_no_trace(name):
+    net = plain_net()
+    x = torch.randn(2, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    before = snapshot(net)
+    ex = _explainer(name, net)
+    maps = ex.explain(x)  # default target: the predicted class of a (multi-class) plain module
+    per_sample = ex.explain(x, target=torch.tensor([2, 0]))
+    every = ex.explain(x, target="all")
+    assert_unchanged(before, net)
+    n_maps = 1 if name in ("nem", "relax", "u-relax") else None
+    assert maps.shape == (2, 1, SIZE, SIZE)
+    assert per_sample.shape == (2, 1, SIZE, SIZE)
+    assert every.shape == (2, n_maps or 3, SIZE, SIZE), "'all' must count a plain module's outputs"
+    assert torch.isfinite(every).all()
+
+
+def test_nemt_fits_a_plain_module_and_restores_its_state():
+    net = plain_net()
+    g = torch.Generator().manual_seed(2)
+    data = [(torch.randn(4, 1, SIZE, SIZE, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(2)]
+    before = snapshot(net)
+    ex = NEMt(net, input_size=(SIZE, SIZE), in_channels=1, decoder_channels=(8, 8, 8, 8, 8), epochs=1, seed=0)
+    ex.fit(data, val_data=data, progress=False, log=lambda s: None)
+    assert_unchanged(before, net)
+    assert ex.collapse_ is not None and set(ex.collapse_["targets"]) == {"output 0", "output 1", "output 2"}
+    assert ex.explain(data[0][0], target="all").shape == (4, 3, SIZE, SIZE)
+
+
+def test_wrong_inputs_raise_standard_exception_types():
+    net = plain_net().eval()
+    ex = get_explainer("gradcam", net)
+    with pytest.raises(TypeError):
+        ex.explain([[0.0]])
+    with pytest.raises(ValueError):
+        ex.explain(torch.zeros(2, 16))  # no spatial axis
+    with pytest.raises(ValueError):
+        ex.explain(torch.zeros(2, 1, SIZE, SIZE), target=7)  # out of range for 3 outputs
+    with pytest.raises(ValueError):
+        get_explainer("no-such-method", net)
+
+
+def test_nemt_is_a_scikit_learn_estimator():
+    """Parameters from the signature, unchanged by fit; learned state in trailing-underscore attributes; clone."""
+    from sklearn.base import clone
+
+    net = plain_net()
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randn(4, 1, SIZE, SIZE, generator=g), torch.randint(0, 3, (4,), generator=g))]
+    ex = NEMt(net, input_size=(SIZE, SIZE), in_channels=1, decoder_channels=(8, 8, 8, 8, 8), epochs=1)
+    before = ex.get_params()
+    assert before["layers"] is None and before["kernel_size"] is None and before["epochs"] == 1
+    assert before["model"] is net
+    ex.fit(data, epochs=2, progress=False, log=lambda s: None)
+    after = ex.get_params()
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before), "fit edited a parameter"
+    assert ex.layers_ and ex.kernel_size_ and ex.epochs_ == 2 and ex.module_ is not None
+    twin = clone(ex)  # scikit-learn's own check: the constructor stores each parameter as given
+    assert twin.module_ is None and twin.layers_ is None
+    assert {k: v for k, v in twin.get_params().items() if k != "model"} == \
+        {k: v for k, v in before.items() if k != "model"}
+    assert ex.set_params(seed=5).get_params()["seed"] == 5 and ex.module_ is None
+
+
+def test_nemt_fit_batches_a_dataset_by_its_batch_size():
+    from torch.utils.data import TensorDataset
+
+    net = plain_net()
+    g = torch.Generator().manual_seed(4)
+    ds = TensorDataset(torch.randn(10, 1, SIZE, SIZE, generator=g), torch.randint(0, 3, (10,), generator=g))
+    ex = NEMt(net, input_size=(SIZE, SIZE), in_channels=1, decoder_channels=(8, 8, 8, 8, 8), epochs=1,
+              batch_size=4)
+    seen = []
+    ex._step = (lambda step: (lambda x, y, gen: (seen.append(len(x)), step(x, y, gen))[1]))(ex._step)
+    ex.fit(ds, progress=False, log=lambda s: None)
+    assert seen == [4, 4], "10 items in batches of 4, the partial batch dropped"
