@@ -303,3 +303,96 @@ def test_figures_leave_the_callers_matplotlib_backend_alone(tmp_path):
         assert matplotlib.get_backend() == "svg"
     finally:
         matplotlib.use(before)
+
+
+def test_a_metric_defined_here_runs_in_the_benchmark_without_editing_the_runner(tmp_path):
+    """A metric registered with @metric where it is defined (here) is checked, called with its inputs and its
+    --param keywords, and given its column, direction and ground-truth note, by the runner's dispatch."""
+    import nemt.metrics as M
+    from nemt.bench.runner import check_metrics, runnable_metrics
+    from nemt.errors import NemtError
+
+    @M.metric("lower", inputs=("maps", "gt"), name="test_outside_share")
+    def test_outside_share(maps, masks, *, scale=1.0):
+        """Share of |map| outside the ground truth, times ``scale``; NaN where there is none (B, T)."""
+        a = maps.abs().flatten(2)
+        m = masks.expand_as(maps).flatten(2)
+        v = scale * (a * ~m).sum(-1) / a.sum(-1).clamp_min(1e-12)
+        return torch.where(m.any(-1), v, torch.full_like(v, float("nan")))
+
+    @M.metric("higher", inputs=("model", "x", "maps", "target"), name="test_target_logit")
+    def test_target_logit(model, x, maps, target):
+        """The model's output for the explained target (one value per map, the same for every map of an image)."""
+        with torch.no_grad():
+            return model(x).gather(1, target.view(-1, 1))
+
+    @M.metric("higher", inputs=("maps", "gaze"), name="test_needs_gaze")
+    def test_needs_gaze(maps, gaze):
+        """A metric whose inputs the benchmark does not have: registered, but not runnable by the runner."""
+        return maps.flatten(2).sum(-1)
+
+    try:
+        assert {"test_outside_share", "test_target_logit"} <= set(runnable_metrics())
+        assert "test_needs_gaze" not in runnable_metrics() and "test_needs_gaze" in M.available_metrics()
+        with pytest.raises(NemtError, match="test_needs_gaze needs gaze"):
+            check_metrics(["relevance_mass", "test_needs_gaze"])
+        clf, data = _setup()
+        metrics = ["test_outside_share", "relevance_mass", "test_target_logit"]
+        cfg = RunConfig(["sobel"], metrics, batch_size=4, metric_params={"test_outside_share": {"scale": 2.0}})
+        summary = run_benchmark(clf, data, {"sobel": get_explainer("sobel", clf)}, cfg, tmp_path, progress=False)
+        rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+        assert list(rows[0])[-3:] == metrics and len(rows) == len(data.items)
+        maps = get_explainer("sobel", clf).explain(data.x, target=torch.tensor([it.target for it in data.items]))
+        share = test_outside_share(maps.float(), data.gt, scale=2.0).reshape(-1)
+        rm = M.relevance_mass(maps.float(), data.gt).reshape(-1)
+        for r, it in zip(rows, data.items):
+            assert (r["test_outside_share"] == "nan") == (not it.has_gt)
+            if it.has_gt:
+                assert float(r["test_outside_share"]) == pytest.approx(float(share[it.item]), rel=1e-6)
+                assert float(r["test_outside_share"]) == pytest.approx(2 * (1 - float(rm[it.item])), rel=1e-5)
+            logit = clf(data.x[it.sample:it.sample + 1])[0, it.target].item()
+            assert float(r["test_target_logit"]) == pytest.approx(logit, rel=1e-5, abs=1e-6)
+        assert summary["sobel"]["test_outside_share"]["n_excluded"] == 4
+        directions = {r["metric"]: r["direction"] for r in csv.DictReader(open(tmp_path / "summary.csv"))}
+        assert directions["test_outside_share"] == "lower" and directions["test_target_logit"] == "higher"
+        table = markdown_summary(summary, ["test_outside_share", "test_target_logit"])
+        assert "test_outside_share ↓" in table and "excluded from the localisation means): 4" in table
+    finally:
+        for name in ("test_outside_share", "test_target_logit", "test_needs_gaze"):
+            M.unregister_metric(name)
+    assert "test_outside_share" not in M.registry() and "test_outside_share" not in M.DIRECTIONS
+    with pytest.raises(NemtError, match="unknown metric"):
+        check_metrics(["test_outside_share"])
+
+
+def test_metric_workers_give_the_same_results(tmp_path, monkeypatch):
+    """run_benchmark(metric_workers=2) spreads the per-map metrics' slices over worker threads (opt-in), with
+    results identical to the default (serial, in the calling thread, torch's thread count untouched)."""
+    import nemt.metrics._common as common
+    from nemt.bench.runner import runnable_metrics
+    clf, data = _setup()
+    monkeypatch.setattr(common, "CHUNK_ELEMENTS", 256)  # one 16 x 16 map per slice
+    used = []  # worker counts of the thread pools that chunked starts
+
+    class Pool(common.ThreadPoolExecutor):
+        def __init__(self, workers):
+            used.append(workers)
+            super().__init__(workers)
+
+    monkeypatch.setattr(common, "ThreadPoolExecutor", Pool)
+    metrics = runnable_metrics()
+    params = {"faithfulness_estimate": {"features_in_step": 32}, "deletion_auc": {"steps": 4},
+              "insertion_auc": {"steps": 4}, "road": {"percentages": [10, 50]}}
+    ex = {"sobel": get_explainer("sobel", clf)}
+    threads = torch.get_num_threads()
+    run_benchmark(clf, data, ex, RunConfig(["sobel"], metrics, batch_size=5, metric_params=params),
+                  tmp_path / "a", progress=False)
+    assert used == [] and torch.get_num_threads() == threads
+    run_benchmark(clf, data, ex, RunConfig(["sobel"], metrics, batch_size=5, metric_params=params),
+                  tmp_path / "b", progress=False, metric_workers=2)
+    assert used and set(used) == {2} and torch.get_num_threads() == threads
+    a, b = (list(csv.DictReader(open(tmp_path / d / "results.csv"))) for d in "ab")
+    assert len(a) == len(b) == len(data.items) and set(metrics) <= set(a[0])
+    for ra, rb in zip(a, b):
+        ra.pop("ms"), rb.pop("ms")  # timings
+        assert ra == rb  # the numbers as written: bit-identical

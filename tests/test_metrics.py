@@ -44,6 +44,37 @@ def test_every_metric_has_a_direction():
     assert DIRECTIONS["deletion_auc"] == "lower" and DIRECTIONS["insertion_auc"] == "higher"
 
 
+def test_registry_describes_every_metric():
+    reg = M.registry()
+    assert set(reg) == set(DIRECTIONS) and len(reg) == 20
+    for name, spec in reg.items():
+        assert spec.name == name and spec.fn is getattr(M, name) and M.get_metric(name) is spec
+        assert spec.direction == DIRECTIONS[name] == spec.fn.direction
+        assert set(spec.inputs) <= set(M.INPUTS)
+    assert M.get_metric("relevance_mass").inputs == ("maps", "gt") and M.get_metric("relevance_mass").needs_gt
+    assert M.get_metric("complexity").inputs == ("maps",)
+    assert M.get_metric("road").inputs == ("model", "x", "maps", "target")
+    assert M.get_metric("nss").inputs == ("maps", "fixations")
+    assert M.get_metric("random_logit").inputs == ("model", "x", "explain", "target")
+    assert M.available_metrics(("maps",)) == ["complexity", "sparseness"]
+    assert M.available_metrics() == sorted(reg)
+    from nemt.errors import NemtError
+    with pytest.raises(NemtError, match="unknown metric 'nope'"):
+        M.get_metric("nope")
+    with pytest.raises(ValueError, match="direction"):
+        M.metric("best", inputs=("maps",))
+    with pytest.raises(ValueError, match="unknown input"):
+        M.metric("higher", inputs=("maps", "mask"))
+    with pytest.raises(ValueError, match="already registered"):
+        M.metric("higher", inputs=("maps",), name="complexity")(lambda maps: maps)
+    with pytest.raises(TypeError):
+        DIRECTIONS["complexity"] = "higher"  # a read-only view of the registry
+    with pytest.raises(NemtError, match="needs gt"):
+        M.get_metric("relevance_mass").call({"maps": grid4()})
+    assert M.get_metric("relevance_mass").call({"maps": grid4(), "gt": mask4((3, 3))}).item() == \
+        relevance_mass(grid4(), mask4((3, 3))).item()
+
+
 # ---------------------------------------------------------------- localisation by definition
 
 def test_localisation_by_definition():
@@ -533,12 +564,68 @@ def test_chunked_equals_one_call(monkeypatch):
                                                  top_k_precision, importance_mass_accuracy, nss, cc)}
     whole["complexity"], whole["sparseness"] = complexity(maps), sparseness(maps)
     monkeypatch.setattr(common, "CHUNK_ELEMENTS", 200)  # one sample per slice
-    torch.set_num_threads(2)  # slices spread over worker threads
+    torch.set_num_threads(2)
     try:
-        for name, v in whole.items():
-            f = getattr(M, name)
-            got = f(maps) if name in ("complexity", "sparseness") else f(maps, masks)
-            assert torch.equal(torch.isnan(got), torch.isnan(v)) and torch.allclose(got, v, equal_nan=True), name
-        assert torch.get_num_threads() == 2
+        for workers in (0, 2):  # serial in this thread (the default), then over worker threads
+            with M.parallel_chunks(workers):
+                for name, v in whole.items():
+                    f = getattr(M, name)
+                    got = f(maps) if name in ("complexity", "sparseness") else f(maps, masks)
+                    assert torch.equal(torch.isnan(got), torch.isnan(v)), name
+                    assert torch.allclose(got, v, equal_nan=True), name
+            assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(1)
+
+
+def test_chunked_metrics_leave_torch_threads_alone(monkeypatch):
+    """By default chunked metrics run their slices serially in the calling thread, never touching torch's
+    (process-wide) thread count; parallel_chunks opts in to worker threads, with identical results."""
+    import threading
+
+    import nemt.metrics._common as common
+    g = torch.Generator().manual_seed(11)
+    maps = torch.randn(9, 1, 512, 512, generator=g)  # large maps: 3 slices of CHUNK_ELEMENTS
+    masks = torch.rand(9, 1, 512, 512, generator=g) > 0.7
+    masks[3] = False
+    assert max(1, common.CHUNK_ELEMENTS // maps[0].numel()) < maps.shape[0]
+    seen = []  # (thread, torch threads) of every slice's call
+
+    def spy(fn):
+        def inner(*a, **kw):
+            seen.append((threading.get_ident(), torch.get_num_threads()))
+            return fn(*a, **kw)
+        return inner
+
+    def scores():
+        out = {f.__name__: f(maps, masks) for f in (relevance_mass, relevance_rank, pointing_game, top_k_precision)}
+        out["complexity"] = complexity(maps)
+        return out
+
+    wrapped = common.chunked(spy(relevance_mass.__wrapped__))  # the same metric, its slices watched
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n, _set=torch.set_num_threads: (calls.append(n), _set(n)))
+    assert torch.get_num_threads() == 1
+    serial = scores()  # serial, single-threaded operations: what each worker thread computes
+    torch.set_num_threads(2)  # a multi-threaded caller: the old code set 1 process-wide while its workers ran
+    calls.clear()
+    try:
+        serial2 = scores()
+        wrapped(maps, masks)
+        assert calls == [] and torch.get_num_threads() == 2
+        assert seen == [(threading.get_ident(), 2)] * 3  # 3 slices, in this thread, torch's threads untouched
+        with M.parallel_chunks(3):
+            assert common.chunk_workers() == 3
+            par = scores()
+            seen.clear()
+            wrapped(maps, masks)
+        assert common.chunk_workers() == 0 and torch.get_num_threads() == 2
+        assert len(seen) == 3 and threading.get_ident() not in {t for t, _ in seen}  # over worker threads
+        assert {n for _, n in seen} == {1}  # each running single-threaded operations
+    finally:
+        torch.set_num_threads(1)
+    for name, v in serial.items():
+        assert torch.equal(torch.isnan(par[name]), torch.isnan(v)), name
+        assert torch.equal(par[name].nan_to_num(), v.nan_to_num()), name  # bit-identical
+        # with 2 intra-op threads a float sum may round differently in its last bits, as any torch reduction
+        assert torch.allclose(serial2[name], v, rtol=1e-12, atol=0, equal_nan=True), name

@@ -11,9 +11,14 @@ chunks are done the per-item results are written atomically to
 
 Milliseconds per image are wall-clock time of ``explain`` on the chunk
 divided by its size (metrics not included), on the device given.
+
+Metrics are those of :mod:`nemt.metrics`' registry whose inputs the runner
+has (:data:`RUNNER_INPUTS`): each is called through its registered
+description, so a new metric needs no change here.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -29,16 +34,12 @@ import torch
 
 from nemt.errors import NemtError
 from nemt.files import atomic_open, write_json
-from nemt.metrics import DIRECTIONS, summarise
+from nemt.metrics import DIRECTIONS, available_metrics, get_metric, parallel_chunks, registry, summarise
 from nemt.progress import console, progress_bar
 
-#: metrics that compare a map with the ground-truth mask: fn(maps, masks)
-GT_METRICS = ("relevance_mass", "relevance_rank", "pointing_game", "top_k_intersection", "energy_pointing_game",
-              "top_k_precision", "importance_mass_accuracy", "emd_score")
-#: metrics of the map alone: fn(maps)
-MAP_METRICS = ("complexity", "sparseness")
-#: metrics that run the model: fn(model, x, maps, target)
-MODEL_METRICS = ("faithfulness_estimate", "deletion_auc", "insertion_auc", "road")
+#: the inputs (names of :data:`nemt.metrics.INPUTS`) the runner gives metrics: maps (B, 1, *spatial), ground-truth
+#: masks, the metric model, its inputs and the targets; every registered metric that needs no others can run
+RUNNER_INPUTS = ("maps", "gt", "model", "x", "target")
 DEFAULT_METRICS = ("relevance_mass", "relevance_rank", "pointing_game", "energy_pointing_game", "complexity",
                    "sparseness", "faithfulness_estimate")
 RESULT_FIELDS = ("method", "item", "sample", "image", "target", "label", "has_gt", "ms")
@@ -95,29 +96,35 @@ def make_items(y: torch.Tensor, task: str, label_names: Sequence[str], images: S
     return items
 
 
+def runnable_metrics() -> list[str]:
+    """Sorted names of the registered metrics the runner can compute (those needing only :data:`RUNNER_INPUTS`)."""
+    return available_metrics(RUNNER_INPUTS)
+
+
 def check_metrics(metrics: Sequence[str]) -> list[str]:
-    known = set(GT_METRICS) | set(MAP_METRICS) | set(MODEL_METRICS)
+    known = set(runnable_metrics())
     bad = [m for m in metrics if m not in known]
     if bad:
-        raise NemtError(f"unknown metric(s) {bad}; available: {sorted(known)}")
+        reg = registry()
+        other = {m: [k for k in reg[m].inputs if k not in RUNNER_INPUTS] for m in bad if m in reg}
+        why = "".join(f"; {m} needs {', '.join(ks)}, which the benchmark does not have" for m, ks in other.items())
+        raise NemtError(f"unknown metric(s) {bad}; available: {sorted(known)}{why}")
     return list(metrics)
 
 
 def score_maps(metrics: Sequence[str], maps: torch.Tensor, gt: torch.Tensor, model, x: torch.Tensor,
                target: torch.Tensor, params: dict[str, dict] | None = None) -> dict[str, torch.Tensor]:
-    """{metric: (B,) values} for maps (B, 1, *spatial) of per-sample targets."""
-    import nemt.metrics as M
+    """{metric: (B,) values} for maps (B, 1, *spatial) of per-sample targets.
+
+    Each metric is called as registered (:meth:`nemt.metrics.MetricSpec.call`)
+    with its inputs among maps, ``gt``, ``model``, ``x`` and ``target``, and
+    its ``params[name]`` as keywords.
+    """
     params = params or {}
+    values = {"maps": maps, "gt": gt, "model": model, "x": x, "target": target}
     out: dict[str, torch.Tensor] = {}
     for name in metrics:
-        fn = getattr(M, name)
-        kw = params.get(name, {})
-        if name in GT_METRICS:
-            v = fn(maps, gt, **kw)
-        elif name in MAP_METRICS:
-            v = fn(maps, **kw)
-        else:
-            v = fn(model, x, maps, target, **kw)
+        v = get_metric(name).call(values, **params.get(name, {}))
         out[name] = v.reshape(-1).detach().cpu().double()
     return out
 
@@ -220,7 +227,7 @@ def _fmt(v: Any) -> str:
 def run_benchmark(model, data: BenchmarkData, explainers: dict[str, Any], config: RunConfig, out: Path, *,
                   progress: bool = True, metric_model=None, model_sha256: str | None = None,
                   explainer_sha256: dict[str, str] | None = None,
-                  log: Callable[[str], None] | None = None) -> dict:
+                  log: Callable[[str], None] | None = None, metric_workers: int = 0) -> dict:
     """Explain and score every item with every method; write results, summary; return the summary dict.
 
     ``explainers`` maps method names to objects with ``explain(x, target)``.
@@ -230,6 +237,12 @@ def run_benchmark(model, data: BenchmarkData, explainers: dict[str, Any], config
     :func:`~nemt.explainers.nemt.model_checksum` of ``model``) and, per
     method, the same fitted explainer (``explainer_sha256``, e.g. from
     :func:`explainer_checksum`); any other run in ``out`` is refused.
+    ``metric_workers`` > 1 spreads the per-map metrics' batch slices over that
+    many worker threads (:func:`nemt.metrics.parallel_chunks`; torch's thread
+    count is 1 process-wide while they run: for a command-line run, not a
+    multi-threaded caller); the default 0 leaves them serial in this thread
+    (or as an enclosing ``parallel_chunks`` block chose). The results equal
+    those of serial slices at one torch thread, bit for bit.
     """
     out = Path(out)
     metrics = check_metrics(config.metrics)
@@ -288,7 +301,8 @@ def run_benchmark(model, data: BenchmarkData, explainers: dict[str, Any], config
             if device.type == "cuda":
                 torch.cuda.synchronize()
             ms = 1000 * (time.perf_counter() - t0) / len(chunk)
-            scores = score_maps(metrics, maps.float(), data.gt[idx], mm, x, t, config.metric_params)
+            with parallel_chunks(metric_workers) if metric_workers > 0 else contextlib.nullcontext():
+                scores = score_maps(metrics, maps.float(), data.gt[idx], mm, x, t, config.metric_params)
             rows = []
             for k, it in enumerate(chunk):
                 row = {"method": name, **{f: getattr(it, f) for f in ("item", "sample", "image", "target", "label",
@@ -360,7 +374,8 @@ def markdown_summary(summary: dict, metrics: Sequence[str]) -> str:
         cells = [method] + [("**" + _cell(s[m]) + "**") if best.get(m) == method else _cell(s[m]) for m in metrics]
         cells.append(f"{s['ms']:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
-    excluded = {s[m]["n_excluded"] for s in summary.values() for m in metrics if m in GT_METRICS}
+    reg = registry()
+    excluded = {s[m]["n_excluded"] for s in summary.values() for m in metrics if m in reg and reg[m].needs_gt}
     if excluded and max(excluded) > 0:
         lines.append("")
         lines.append(f"Items without ground truth (excluded from the localisation means): {max(excluded)}.")
@@ -460,8 +475,12 @@ def benchmark_model(model_dir: Path, data_path: Path, out: Path, *, explainer_di
                     methods: Sequence[str] = DEFAULT_METHODS, metrics: Sequence[str] = DEFAULT_METRICS,
                     split: str = "test", limit: int | None = None, batch_size: int = 16, gallery: int = 6,
                     params: dict[str, dict] | None = None, seed: int = 0, device: str = "cpu",
-                    progress: bool = True, restart: bool = False, open_data: Callable | None = None) -> dict:
-    """``nemt benchmark``: a trained model's split of its data set, every method, every metric, the report."""
+                    progress: bool = True, restart: bool = False, open_data: Callable | None = None,
+                    metric_workers: int = 0) -> dict:
+    """``nemt benchmark``: a trained model's split of its data set, every method, every metric, the report.
+
+    ``metric_workers``: see :func:`run_benchmark` (default 0: metrics serial in the calling thread).
+    """
     from nemt.explainers.build import make_explainer
     from nemt.explainers.fast import inference_copy
     from nemt.models import load_model
@@ -497,7 +516,7 @@ def benchmark_model(model_dir: Path, data_path: Path, out: Path, *, explainer_di
     cfg = RunConfig(list(methods), list(metrics), batch_size, seed, metric_params, params)
     fitted = {m: explainer_checksum(explainer_dir) for m in methods if m in ("nemt", "nem")}
     summary = run_benchmark(clf, data, explainers, cfg, out, progress=progress, metric_model=fast,
-                            explainer_sha256=fitted)
+                            explainer_sha256=fitted, metric_workers=metric_workers)
     facts = {"model": f"{model_dir} ({clf.card.arch}, {clf.task}, labels {', '.join(clf.label_names)})",
              "data": f"{data_path}, {split} split: {len({it.sample for it in data.items})} images, "
                      f"{len(data.items)} items ({sum(not it.has_gt for it in data.items)} without ground truth)",

@@ -1,11 +1,21 @@
 """Metrics over batched maps (B, T, *spatial), 2D or 3D; one value per map. See each function's docstring.
 
+Every metric registers itself where it is defined (``@metric(direction,
+inputs=...)`` in its family module): :func:`registry` gives {name:
+:class:`MetricSpec`}, :func:`get_metric` one spec (its ``fn``, ``direction``
+and positional ``inputs`` by name, :data:`INPUTS`), :func:`available_metrics`
+the names, optionally only those a caller has the inputs for.
 ``DIRECTIONS[name]`` (and ``fn.direction``) says whether higher or lower is
 better. Localisation, gaze and ground-truth metrics give NaN where no score
 exists (empty ground truth); :func:`summarise` averages excluding and
 counting those.
+
+Per-map metrics run over slices of the batch serially in the calling thread,
+with torch's thread settings untouched; an entry point may opt in to worker
+threads with ``with parallel_chunks(workers): ...`` (same results).
 """
-from nemt.metrics._common import DIRECTIONS
+from nemt.metrics._common import (DIRECTIONS, INPUTS, MetricSpec, available_metrics, get_metric, metric,
+                                  parallel_chunks, registry, unregister_metric)
 from nemt.metrics.complexity import complexity, sparseness
 from nemt.metrics.faithfulness import (deletion_auc, faithfulness_estimate, insertion_auc, linear_imputation,
                                        road)
@@ -17,7 +27,8 @@ from nemt.metrics.randomisation import model_parameter_randomisation, random_log
 from nemt.metrics.summary import summarise
 
 __all__ = [
-    "DIRECTIONS", "summarise",
+    "DIRECTIONS", "INPUTS", "MetricSpec", "metric", "registry", "get_metric", "available_metrics",
+    "unregister_metric", "parallel_chunks", "summarise",
     "relevance_mass", "relevance_rank", "pointing_game", "top_k_intersection", "energy_pointing_game",
     "complexity", "sparseness",
     "faithfulness_estimate", "deletion_auc", "insertion_auc", "road", "linear_imputation",

@@ -1,4 +1,4 @@
-"""What the metric modules share: map preparation, mask broadcasting, the direction registry.
+"""What the metric modules share: the metric registry, map preparation, mask broadcasting, batch slices.
 
 Conventions
 -----------
@@ -10,31 +10,148 @@ Conventions
   ``"minmax"`` (METHODS.md: every map to [0, 1]; constant maps become 0),
   ``"max"`` (divide by the largest absolute value; Quantus' ``normalise_by_max``
   but per map, all-zero maps unchanged), or ``None``.
-- :data:`DIRECTIONS` maps each metric name to ``"higher"`` or ``"lower"``
-  (which is better); each metric function also carries ``fn.direction``.
+- Each metric registers itself where it is defined with the :func:`metric`
+  decorator: its direction (``"higher"`` or ``"lower"`` is better; also
+  ``fn.direction``) and its positional inputs by name (:data:`INPUTS`).
+  :func:`registry`, :func:`get_metric` and :func:`available_metrics` read the
+  registry; :data:`DIRECTIONS` is its read-only {name: direction} view.
+- Per-map metrics run over slices of the batch (:func:`chunked`), serially in
+  the calling thread; :func:`parallel_chunks` opts in to worker threads.
 """
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import contextvars
+import functools
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from nemt.errors import NemtError
 
-DIRECTIONS: dict[str, str] = {}
+#: what a metric's positional arguments may be, by name (``inputs=`` of :func:`metric`)
+INPUTS: dict[str, str] = {
+    "maps": "the maps, (B, T, *spatial)",
+    "gt": "ground-truth masks, (B, 1 or T, *spatial) bool",
+    "gaze": "gaze (saliency) maps, (B, 1 or T, *spatial)",
+    "fixations": "fixation maps (weights), (B, 1 or T, *spatial)",
+    "model": "the model, a torch.nn.Module giving (B, outputs)",
+    "x": "the model's inputs, (B, C, *spatial)",
+    "target": "the output explained per sample, (B,) int",
+    "explain": "a function explain(model, x, target) -> maps",
+}
 
 
-def metric(direction: str, name: str | None = None) -> Callable:
-    """Decorator: record ``direction`` (``"higher"``/``"lower"`` is better) on the function and in DIRECTIONS."""
+@dataclass(frozen=True)
+class MetricSpec:
+    """One registered metric: its ``name``, function, ``direction`` and positional ``inputs`` (names of :data:`INPUTS`).
+
+    ``fn(*(values[k] for k in inputs), **params)`` gives one value per map, a ``(B, T)`` tensor (the
+    randomisation tests: an ordered dict of them).
+    """
+
+    name: str
+    fn: Callable = field(repr=False)
+    direction: str
+    inputs: tuple[str, ...]
+
+    @property
+    def needs_gt(self) -> bool:
+        """Whether the metric compares the maps with ground truth (and gives NaN where there is none)."""
+        return "gt" in self.inputs
+
+    def call(self, values: Mapping[str, Any], **params) -> torch.Tensor:
+        """Call the metric with its inputs taken by name from ``values`` and keyword ``params``."""
+        missing = [k for k in self.inputs if k not in values]
+        if missing:
+            raise NemtError(f"metric {self.name!r} needs {', '.join(missing)}, which the caller does not give")
+        return self.fn(*(values[k] for k in self.inputs), **params)
+
+
+_REGISTRY: dict[str, MetricSpec] = {}
+
+
+def metric(direction: str, *, inputs: Sequence[str], name: str | None = None) -> Callable:
+    """Decorator that registers a metric where it is defined.
+
+    ``direction``: ``"higher"`` or ``"lower"`` (which is better; also set as
+    ``fn.direction``); ``inputs``: the names (keys of :data:`INPUTS`) of the
+    function's positional arguments in order, e.g. ``("maps", "gt")`` or
+    ``("model", "x", "maps", "target")``; ``name``: default the function's
+    name. A caller that has some inputs (the benchmark runner: maps, gt, model,
+    x, target) can run every registered metric whose inputs it has, through
+    :func:`get_metric` and :meth:`MetricSpec.call`, with no list of names.
+    """
     if direction not in ("higher", "lower"):
-        raise ValueError(direction)
+        raise ValueError(f"direction must be 'higher' or 'lower', got {direction!r}")
+    if isinstance(inputs, str) or not inputs:
+        raise ValueError(f"inputs must be a non-empty sequence of names, got {inputs!r}")
+    inputs = tuple(inputs)
+    bad = [k for k in inputs if k not in INPUTS]
+    if bad:
+        raise ValueError(f"unknown input(s) {bad}; known: {sorted(INPUTS)}")
 
     def deco(fn):
+        key = name or fn.__name__
+        old = _REGISTRY.get(key)
+        if old is not None and (old.fn.__module__, old.fn.__qualname__) != (fn.__module__, fn.__qualname__):
+            raise ValueError(f"metric {key!r} is already registered by {old.fn.__module__}.{old.fn.__qualname__}")
         fn.direction = direction
-        DIRECTIONS[name or fn.__name__] = direction
+        _REGISTRY[key] = MetricSpec(key, fn, direction, inputs)
         return fn
     return deco
+
+
+def registry() -> dict[str, MetricSpec]:
+    """{name: :class:`MetricSpec`} of every registered metric, in registration order (a copy)."""
+    return dict(_REGISTRY)
+
+
+def get_metric(name: str) -> MetricSpec:
+    """The :class:`MetricSpec` registered as ``name``; :class:`~nemt.errors.NemtError` if none."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise NemtError(f"unknown metric {name!r}; available: {sorted(_REGISTRY)}") from None
+
+
+def available_metrics(inputs: Iterable[str] | None = None) -> list[str]:
+    """Sorted names of the registered metrics; with ``inputs``, only those that need no other inputs."""
+    have = None if inputs is None else set(inputs)
+    return sorted(k for k, s in _REGISTRY.items() if have is None or set(s.inputs) <= have)
+
+
+def unregister_metric(name: str) -> MetricSpec:
+    """Remove ``name`` from the registry (for metrics defined temporarily, e.g. in tests); return its spec."""
+    try:
+        return _REGISTRY.pop(name)
+    except KeyError:
+        raise NemtError(f"unknown metric {name!r}") from None
+
+
+class _Directions(Mapping):
+    """Read-only {name: direction} view of the registry (kept for callers of ``DIRECTIONS``)."""
+
+    def __getitem__(self, name: str) -> str:
+        return _REGISTRY[name].direction
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(_REGISTRY))
+
+    def __len__(self) -> int:
+        return len(_REGISTRY)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+#: {metric name: "higher" or "lower"}, derived from the registry (live, read-only)
+DIRECTIONS: Mapping[str, str] = _Directions()
 
 
 def normalise(maps: torch.Tensor, how: str | None, spatial_dims: int) -> torch.Tensor:
@@ -260,6 +377,62 @@ def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 CHUNK_ELEMENTS = 1 << 20  # ~4 MB of float32 per chunk: temporaries stay in cache and are reused
 
 
+_CHUNK_WORKERS: contextvars.ContextVar[int] = contextvars.ContextVar("nemt_chunk_workers", default=0)
+_THREADS_LOCK = threading.Lock()
+_THREADS_USERS = 0
+_THREADS_SAVED = 1
+
+
+@contextlib.contextmanager
+def parallel_chunks(workers: int | None = None):
+    """Opt in, within this ``with`` block and this thread, to spreading :func:`chunked` slices over worker threads.
+
+    For entry points (benchmark scripts, the benchmark runner when asked),
+    not for library code: while a chunked metric runs its slices on CPU over
+    ``workers`` threads (default: ``torch.get_num_threads()`` on entry), each
+    worker runs single-threaded torch operations, so torch's intra-op thread
+    count is set to 1 *process-wide* for the duration of that call and then
+    restored (one parallel region per small operation would otherwise make
+    every operation wait for all intra-op threads, which costs milliseconds
+    each as soon as another process holds a core). Overlapping calls from
+    several threads share that setting (the first saves it, the last
+    restores it), but other threads' torch work runs single-threaded
+    meanwhile, so a multi-threaded program (a web service) should not use
+    this. ``workers`` <= 1 runs the slices serially (the default outside this
+    block). Nested blocks: the innermost wins. Results equal, bit for bit,
+    serial slices at one torch thread; serial slices with several intra-op
+    threads may differ in the last bits of float sums, as any torch reduction.
+    """
+    n = torch.get_num_threads() if workers is None else int(workers)
+    token = _CHUNK_WORKERS.set(max(0, n))
+    try:
+        yield
+    finally:
+        _CHUNK_WORKERS.reset(token)
+
+
+def chunk_workers() -> int:
+    """Worker threads that :func:`chunked` uses here and now (0 or 1: serial; see :func:`parallel_chunks`)."""
+    return _CHUNK_WORKERS.get()
+
+
+@contextlib.contextmanager
+def _single_threaded_ops():
+    global _THREADS_USERS, _THREADS_SAVED
+    with _THREADS_LOCK:
+        if _THREADS_USERS == 0:
+            _THREADS_SAVED = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _THREADS_USERS += 1
+    try:
+        yield
+    finally:
+        with _THREADS_LOCK:
+            _THREADS_USERS -= 1
+            if _THREADS_USERS == 0:
+                torch.set_num_threads(_THREADS_SAVED)
+
+
 def chunked(fn: Callable) -> Callable:
     """Run a per-map metric ``fn(maps, *tensors, **kw) -> (B, T)`` over slices of the batch and concatenate.
 
@@ -269,16 +442,12 @@ def chunked(fn: Callable) -> Callable:
     (256, 1, 224, 224) maps); results are identical to one call. Positional
     tensors whose first axis is the batch are sliced alongside.
 
-    On CPU with ``torch.get_num_threads() > 1`` the slices are spread over
-    that many worker threads, each running single-threaded torch operations
-    (``torch.set_num_threads(1)`` while the workers start; restored after):
-    one parallel region per small operation would otherwise make every
-    operation wait for all intra-op threads, which costs milliseconds each as
-    soon as another process holds a core.
+    By default the slices run one after another in the calling thread, with
+    torch's thread settings untouched (safe in a multi-threaded caller).
+    Inside :func:`parallel_chunks` (an entry point's explicit choice) they
+    are spread over worker threads on CPU, each single-threaded (the same
+    results as serial slices at one torch thread).
     """
-    import functools
-    from concurrent.futures import ThreadPoolExecutor
-
     @functools.wraps(fn)
     def wrapper(maps, *args, **kw):
         if not torch.is_tensor(maps) or maps.ndim < 3:
@@ -293,15 +462,11 @@ def chunked(fn: Callable) -> Callable:
             return fn(maps[i:i + step], *sl, **kw)
 
         starts = range(0, b, step)
-        threads = torch.get_num_threads()
-        if maps.device.type != "cpu" or threads == 1:
+        workers = min(_CHUNK_WORKERS.get(), len(starts))
+        if maps.device.type != "cpu" or workers <= 1:
             return torch.cat([run(i) for i in starts])
-        torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(min(threads, len(starts))) as pool:
-                outs = list(pool.map(run, starts))
-        finally:
-            torch.set_num_threads(threads)
+        with _single_threaded_ops(), ThreadPoolExecutor(workers) as pool:
+            outs = list(pool.map(run, starts))
         return torch.cat(outs)
     return wrapper
 

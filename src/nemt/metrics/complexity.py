@@ -17,7 +17,7 @@ import torch
 from nemt.metrics._common import chunked, float_maps, metric, prepare_maps, sort_values
 
 
-@metric("lower")
+@metric("lower", inputs=("maps",))
 @chunked
 def complexity(maps: torch.Tensor, *, normalise: str | None = "minmax", abs: bool = True) -> torch.Tensor:
     """Shannon entropy (natural log) of ``p = a / Σ|a|`` per map, ``-Σ p log(p + 1e-12)``, (B, T).
@@ -31,7 +31,7 @@ def complexity(maps: torch.Tensor, *, normalise: str | None = "minmax", abs: boo
     return -(p + 1e-12).log_().mul_(p).sum(-1)
 
 
-@metric("higher")
+@metric("higher", inputs=("maps",))
 @chunked
 def sparseness(maps: torch.Tensor, *, normalise: str | None = "minmax", abs: bool = True) -> torch.Tensor:
     """Gini index of the map's values per map, (B, T).

@@ -126,7 +126,7 @@ def _scores_for_pairs(model, x, base, img, t, pair_i, pair_s, replace_fn, batch_
 
 # ---------------------------------------------------------------- faithfulness estimate
 
-@metric("higher")
+@metric("higher", inputs=("model", "x", "maps", "target"))
 def faithfulness_estimate(model, x: torch.Tensor, maps: torch.Tensor, target: Any = None, *,
                           features_in_step: int | None = None, baseline: Any = "min",
                           normalise: str | None = "minmax", abs: bool = False,
@@ -194,7 +194,7 @@ def _auc(curve: torch.Tensor) -> torch.Tensor:
     return (curve.sum(1) - (curve[:, 0] + curve[:, -1]) / 2) / s
 
 
-@metric("lower")
+@metric("lower", inputs=("model", "x", "maps", "target"))
 def deletion_auc(model, x: torch.Tensor, maps: torch.Tensor, target: Any = None, *, steps: int = 50,
                  baseline: Any = "min", output: str = "probability", batch_size: int = 64,
                  return_curve: bool = False):
@@ -214,7 +214,7 @@ def deletion_auc(model, x: torch.Tensor, maps: torch.Tensor, target: Any = None,
     return (auc, curve.float().view(*shape, -1)) if return_curve else auc
 
 
-@metric("higher")
+@metric("higher", inputs=("model", "x", "maps", "target"))
 def insertion_auc(model, x: torch.Tensor, maps: torch.Tensor, target: Any = None, *, steps: int = 50,
                   baseline: Any = "blur", output: str = "probability", batch_size: int = 64,
                   return_curve: bool = False):
@@ -291,7 +291,7 @@ def linear_imputation(image: np.ndarray, unknown: np.ndarray, noise: float = 0.0
     return out.reshape(image.shape)
 
 
-@metric("lower")
+@metric("lower", inputs=("model", "x", "maps", "target"))
 def road(model, x: torch.Tensor, maps: torch.Tensor, target: Any = None, *,
          percentages: Sequence[float] = tuple(range(1, 100, 2)), order: str = "morf", noise: float = 0.01,
          output: str = "accuracy", normalise: str | None = "minmax", abs: bool = False,

@@ -29,7 +29,7 @@ def _distribution(v: torch.Tensor) -> torch.Tensor:
     return v / v.sum(-1, keepdim=True).clamp_min(1e-300)
 
 
-@metric("lower")
+@metric("lower", inputs=("maps", "gaze"))
 @chunked
 def kl_divergence(maps: torch.Tensor, gaze: torch.Tensor, *, normalise: str | None = "minmax") -> torch.Tensor:
     """KL divergence of the saliency distribution from the gaze distribution, (B, T).
@@ -44,7 +44,7 @@ def kl_divergence(maps: torch.Tensor, gaze: torch.Tensor, *, normalise: str | No
     return nan_where(g.sum(-1) <= 0, kl).float()
 
 
-@metric("higher")
+@metric("higher", inputs=("maps", "fixations"))
 @chunked
 def nss(maps: torch.Tensor, fixations: torch.Tensor, *, normalise: str | None = "minmax") -> torch.Tensor:
     """Normalised scanpath saliency (Peters et al. 2005), (B, T).
@@ -62,7 +62,7 @@ def nss(maps: torch.Tensor, fixations: torch.Tensor, *, normalise: str | None = 
     return nan_where(w <= 0, out).float()
 
 
-@metric("higher")
+@metric("higher", inputs=("maps", "gaze"))
 @chunked
 def cc(maps: torch.Tensor, gaze: torch.Tensor, *, normalise: str | None = "minmax") -> torch.Tensor:
     """Linear correlation coefficient (Pearson) between the map and the gaze map over pixels, (B, T).
@@ -75,7 +75,7 @@ def cc(maps: torch.Tensor, gaze: torch.Tensor, *, normalise: str | None = "minma
     return nan_where(g.sum(-1) <= 0, out).float()
 
 
-@metric("higher")
+@metric("higher", inputs=("maps", "gaze"))
 @chunked
 def similarity(maps: torch.Tensor, gaze: torch.Tensor, *, normalise: str | None = "minmax") -> torch.Tensor:
     """Similarity, histogram intersection (Swain & Ballard 1991; MIT benchmark SIM), (B, T).

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from nemt.metrics._common import chunked, count, expand_masks, metric, nan_where, prepare_maps, top_k_hits
 
 
-@metric("higher")
+@metric("higher", inputs=("maps", "gt"))
 @chunked
 def top_k_precision(maps: torch.Tensor, masks: torch.Tensor, *, abs: bool = True,
                     normalise: str | None = None) -> torch.Tensor:
@@ -39,7 +39,7 @@ def top_k_precision(maps: torch.Tensor, masks: torch.Tensor, *, abs: bool = True
     return nan_where(k == 0, out)
 
 
-@metric("higher")
+@metric("higher", inputs=("maps", "gt"))
 @chunked
 def importance_mass_accuracy(maps: torch.Tensor, masks: torch.Tensor, *, abs: bool = True,
                              normalise: str | None = None) -> torch.Tensor:
@@ -65,7 +65,7 @@ def _pool_sum(v: torch.Tensor, f: int) -> torch.Tensor:
     return pool(v, f).squeeze(1) * f ** d
 
 
-@metric("higher")
+@metric("higher", inputs=("maps", "gt"))
 def emd_score(maps: torch.Tensor, masks: torch.Tensor, *, abs: bool = True, max_side: int = 64,
               num_iter_max: int = 1_000_000) -> torch.Tensor:
     """Earth mover's distance score (XAI-TRIS), ``1 - EMD / D_max``, (B, T).

@@ -30,7 +30,7 @@ def _prepare(maps, masks, normalise, abs):
     return a, m, d
 
 
-@metric("higher")
+@metric("higher", inputs=("maps", "gt"))
 @chunked
 def relevance_mass(maps: torch.Tensor, masks: torch.Tensor, *, normalise: str | None = "minmax",
                    abs: bool = False) -> torch.Tensor:
@@ -47,7 +47,7 @@ def relevance_mass(maps: torch.Tensor, masks: torch.Tensor, *, normalise: str | 
     return nan_where(~m.any(-1), mass)
 
 
-@metric("higher")
+@metric("higher", inputs=("maps", "gt"))
 def energy_pointing_game(maps: torch.Tensor, masks: torch.Tensor, *, normalise: str | None = "minmax",
                          abs: bool = False) -> torch.Tensor:
     """Energy-based pointing game (Wang et al. 2020, Score-CAM): energy inside the box over the total, (B, T).
@@ -59,7 +59,7 @@ def energy_pointing_game(maps: torch.Tensor, masks: torch.Tensor, *, normalise: 
     return relevance_mass(maps, masks, normalise=normalise, abs=abs)
 
 
-@metric("higher")
+@metric("higher", inputs=("maps", "gt"))
 @chunked
 def relevance_rank(maps: torch.Tensor, masks: torch.Tensor, *, normalise: str | None = "minmax",
                    abs: bool = False) -> torch.Tensor:
@@ -77,7 +77,7 @@ def relevance_rank(maps: torch.Tensor, masks: torch.Tensor, *, normalise: str | 
     return nan_where(k == 0, hits / k.clamp_min(1).to(v.dtype))
 
 
-@metric("higher")
+@metric("higher", inputs=("maps", "gt"))
 @chunked
 def pointing_game(maps: torch.Tensor, masks: torch.Tensor, *, tolerance: int = 0,
                   normalise: str | None = "minmax", abs: bool = False) -> torch.Tensor:
@@ -103,7 +103,7 @@ def pointing_game(maps: torch.Tensor, masks: torch.Tensor, *, tolerance: int = 0
     return nan_where(empty, hit)
 
 
-@metric("higher")
+@metric("higher", inputs=("maps", "gt"))
 @chunked
 def top_k_intersection(maps: torch.Tensor, masks: torch.Tensor, *, k: int = 1000,
                        concept_influence: bool = False, normalise: str | None = "minmax",

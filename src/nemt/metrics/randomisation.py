@@ -79,7 +79,7 @@ def _prep(maps: torch.Tensor, normalise, abs) -> torch.Tensor:
     return m.abs() if abs else m
 
 
-@metric("lower")
+@metric("lower", inputs=("model", "x", "explain", "target"))
 def model_parameter_randomisation(model: torch.nn.Module, x: torch.Tensor, explain: Explain, target: Any = None, *,
                                   similarity: str | Callable = "spearman", order: str = "top_down",
                                   seed: int = 42, normalise: str | None = "minmax", abs: bool = True,
@@ -134,7 +134,7 @@ def _n_outputs(model, x) -> int:
         return int(model(x[:1]).shape[1])
 
 
-@metric("lower")
+@metric("lower", inputs=("model", "x", "explain", "target"))
 def random_logit(model: torch.nn.Module, x: torch.Tensor, explain: Explain, target: Any = None, *,
                  num_classes: int | None = None, similarity: str | Callable = "ssim", seed: int = 42,
                  normalise: str | None = "minmax", abs: bool = False,
