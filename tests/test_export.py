@@ -13,7 +13,6 @@ from nemt.deploy import (SelfExplainingModel, check_onnx, export_metadata, expor
 from nemt.deploy.export import check_torchscript
 from nemt.errors import NemtError
 from nemt.explainers import NEMt, get_explainer
-from nemt.explainers.build import make_explainer
 from nemt.models import Classifier, ModelCard, build_model, load_model
 
 from conftest import train_and_fit
@@ -26,7 +25,7 @@ def fitted(tmp_path_factory):
     """A 1-epoch smallcnn and a 1-epoch NEMt on 32 px phantoms (through the CLI), both exported."""
     root = tmp_path_factory.mktemp("export")
     clf, images = train_and_fit(root)
-    nemt = make_explainer("nemt", clf, explainer_dir=root / "e")
+    nemt = get_explainer("nemt", clf, path=root / "e")
     onnx_path = export_onnx(clf, nemt, root / "out" / "model.onnx")
     ts_path = export_torchscript(clf, nemt, root / "out" / "model.pt")
     x = torch.stack([clf.preprocessing(read_image(p)) for p in images[-6:]])  # phantom test images

@@ -271,14 +271,17 @@ def explain(
 
     from nemt.data.readers import read_image
     from nemt.explainers.base import resolve_targets
-    from nemt.explainers.build import make_explainer, parse_params
+    from nemt.explainers import get_explainer
+    from nemt.params import parse_params
     from nemt.files import OutputNames, atomic_open
     from nemt.models import load_model
     from nemt.visualize import save_overlay
 
     torch.manual_seed(seed)
     clf = load_model(model, device=device)
-    ex = make_explainer(method, clf, seed=seed, device=device, explainer_dir=explainer, **parse_params(param))
+    if method in ("nemt", "nem") and explainer is None:
+        raise NemtError(f"method {method!r} needs a fitted explainer folder (--explainer DIR from `nemt fit`)")
+    ex = get_explainer(method, clf, path=explainer, seed=seed, device=device, **parse_params(param))
     tgt: object = target
     if target not in ("all", "predicted"):
         tgt = int(target) if target.isdigit() else target

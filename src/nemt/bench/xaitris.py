@@ -260,7 +260,7 @@ def run_suite(out: str | Path, *, methods: Sequence[str] = (), seed: int = 0, de
     from nemt.bench.report import write_report
     from nemt.bench.runner import BenchmarkData, RunConfig, make_items, run_benchmark
     from nemt.data.xaitris import BACKGROUNDS, SCENARIOS
-    from nemt.explainers.build import make_explainer
+    from nemt.explainers import get_explainer
     from nemt.files import atomic_open
     from nemt.models import load_model
 
@@ -297,7 +297,7 @@ def run_suite(out: str | Path, *, methods: Sequence[str] = (), seed: int = 0, de
                 usable = [m for m in methods if not (_needs_conv(m) and name != "cnn")]
                 explainers = {m: fit_suite_nemt(clf, train, model_dir / name, budgets[m], seed=seed, device=device,
                                                 progress=progress, val=val) if m == "nemt"
-                              else make_explainer(m, clf, seed=seed, device=device, **budgets[m]) for m in usable}
+                              else get_explainer(m, clf, seed=seed, device=device, **budgets[m]) for m in usable}
                 if "nemt" in explainers:
                     collapse[f"{key}/{name}"] = suite_nemt_collapsed(explainers["nemt"])
                 # EMD on 32 x 32 sum-pooled maps: 0.015 s a map instead of 0.26 s, values within about 5e-4

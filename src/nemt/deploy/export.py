@@ -264,13 +264,13 @@ def export_model(model_dir: str | Path, explainer_dir: str | Path, out: str | Pa
     the dynamic batch axis is exercised) and raises :class:`NemtError` when
     an output differs by more than ``tolerance``. Returns a summary.
     """
-    from nemt.explainers.build import make_explainer
+    from nemt.explainers import get_explainer
     from nemt.models import load_model
 
     if format not in ("onnx", "torchscript"):
         raise NemtError(f"--format must be onnx or torchscript, got {format!r}")
     clf = load_model(model_dir, device="cpu")
-    nemt = make_explainer("nemt", clf, seed=seed, device="cpu", explainer_dir=explainer_dir)
+    nemt = get_explainer("nemt", clf, path=explainer_dir, device="cpu")
     example = _example(clf, 2, seed)
     if format == "onnx":
         path = export_onnx(clf, nemt, out, opset, example=example)

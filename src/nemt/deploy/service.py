@@ -637,13 +637,13 @@ def create_app(clf: torch.nn.Module, explainers: Mapping[str, Explainer], *, max
 def build_explainers(clf: torch.nn.Module, explainer_dir: str | Path | None = None, baselines: Sequence[str] = (),
                      *, seed: int = 0, device: str | torch.device | None = None) -> dict[str, Explainer]:
     """``{"nemt": NEMt from explainer_dir, baseline: its explainer, ...}`` (NEMt only with a folder)."""
-    from nemt.explainers.build import make_explainer
+    from nemt.explainers import get_explainer
 
     out: dict[str, Explainer] = {}
     if explainer_dir is not None:
-        out["nemt"] = make_explainer("nemt", clf, seed=seed, device=device, explainer_dir=explainer_dir)
+        out["nemt"] = get_explainer("nemt", clf, path=explainer_dir, device=device)
     for name in baselines:
-        out[name] = make_explainer(name, clf, seed=seed, device=device)
+        out[name] = get_explainer(name, clf, seed=seed, device=device)
     if not out:
         raise NemtError("nothing to serve: give a NEMt explainer folder and/or baseline methods")
     return out

@@ -16,6 +16,7 @@ Targets: see :data:`nemt.ops.TARGET_HELP`.
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -51,6 +52,8 @@ class Explainer:
     default_postprocess: str | Callable = "minmax"
     #: images per :meth:`_attribute` call (None: the whole batch at once), the memory bound of methods that need one
     images_per_call: int | None = None
+    #: one map per requested target (False: one map per image whatever the target, e.g. an encoder's explainer)
+    targeted = True
 
     def __init__(self, model: nn.Module, device: str | torch.device | None = None,
                  postprocess: str | Callable | None = None):
@@ -153,8 +156,30 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_explainer(name: str, model: nn.Module, **params: Any) -> Explainer:
-    """Build an explainer by name, e.g. ``get_explainer("gradcam", clf)``."""
-    if name not in _REGISTRY:
+def get_explainer(name: str, model: nn.Module, *, path: str | Path | None = None, seed: int | None = None,
+                  **params: Any) -> Explainer:
+    """The one builder of explainers (the CLI, the benchmark and the service use it): a method by name.
+
+    ``get_explainer("gradcam", net)``, ``get_explainer("rise", clf, n_masks=2000, seed=1)``,
+    ``get_explainer("nemt", clf, path="explainer/")`` (a fitted explainer, read from the folder that
+    ``nemt fit`` wrote; without ``path``, an unfitted one to ``fit``). Parameters are checked against the
+    method's signature; ``seed`` goes to the methods that draw random numbers and is ignored by the others.
+    """
+    cls = _REGISTRY.get(name)
+    if cls is None:
         raise ParameterError(f"unknown explainer {name!r}; available: {available()}")
-    return _REGISTRY[name](model, **params)
+    accepted = init_parameters(cls)
+    unknown = sorted(set(params) - accepted)
+    if unknown:
+        raise ParameterError(f"method {name!r} has no parameter {unknown}; its parameters are {sorted(accepted)}")
+    if path is not None:
+        load = getattr(cls, "load", None)
+        if load is None:
+            raise ParameterError(f"method {name!r} is not fitted: it takes no path")
+        extra = sorted(set(params) - {"device"})
+        if extra:
+            raise ParameterError(f"a fitted {name!r} takes its parameters from its card, not {extra}")
+        return load(path, model, device=params.get("device"))
+    if seed is not None and "seed" in accepted:
+        params.setdefault("seed", seed)
+    return cls(model, **params)

@@ -253,6 +253,8 @@ class RELAX(Explainer):
         self.uncertainty, self.batch_size, self.seed = uncertainty, int(batch_size), int(seed)
         self._encoder = inference_copy(self.model, fast) if layer is None else _LayerOutput(self.model, layer)
 
+    targeted = False
+
     def targets(self, x: torch.Tensor, target: Target) -> torch.Tensor:
         """One map per image whatever ``target`` says: an encoder's representation has no classes."""
         return torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)

@@ -693,6 +693,8 @@ class NEM(_MaskExplainer):
     masking replaces removed pixels by 0 (the mean in normalised space).
     """
 
+    targeted = False
+
     def __init__(self, model: nn.Module, *, lambda1: float = 1 / 8, lambda2: float = 1 / 4, **kw: Any):
         super().__init__(model, **kw)
         self._params.update({k: v for k, v in locals().items() if k not in ("self", "__class__", "model", "kw")})
