@@ -460,7 +460,7 @@ DEFAULT_METHODS = ("nemt", "gradcam++", "ig", "gradshap", "rise", "extremal", "r
 
 def split_method_params(items: Sequence[str]) -> dict[str, dict]:
     """``["rise.n_masks=2000", "faithfulness_estimate.batch_size=64"]`` -> ``{"rise": {"n_masks": 2000}, ...}``."""
-    from nemt.explainers.build import parse_params
+    from nemt.params import parse_params
     out: dict[str, dict] = {}
     for item in items:
         head, dot, rest = item.partition(".")
@@ -481,7 +481,7 @@ def benchmark_model(model_dir: Path, data_path: Path, out: Path, *, explainer_di
 
     ``metric_workers``: see :func:`run_benchmark` (default 0: metrics serial in the calling thread).
     """
-    from nemt.explainers.build import make_explainer
+    from nemt.explainers import get_explainer
     from nemt.explainers.fast import inference_copy
     from nemt.models import load_model
     from nemt.models.training import load_splits
@@ -509,8 +509,8 @@ def benchmark_model(model_dir: Path, data_path: Path, out: Path, *, explainer_di
         raise NemtError(f"--param for {unknown}: neither a chosen method ({list(methods)}) nor metric ({metrics})")
     if "nemt" in methods and explainer_dir is None:
         raise NemtError("method 'nemt' needs --explainer DIR (from `nemt fit`); or leave it out of --methods")
-    explainers = {m: make_explainer(m, clf, seed=seed, device=device, explainer_dir=explainer_dir,
-                                    **params.get(m, {})) for m in methods}
+    explainers = {m: get_explainer(m, clf, path=explainer_dir if m in ("nemt", "nem") else None, seed=seed,
+                                   device=device, **params.get(m, {})) for m in methods}
     data = load_benchmark_data(clf, manifest, splits[split], device=device, limit=limit)
     fast = inference_copy(clf)
     cfg = RunConfig(list(methods), list(metrics), batch_size, seed, metric_params, params)
