@@ -9,6 +9,8 @@ statistics; any ``model.eval()`` or ``requires_grad_`` not undone shows in the f
 """
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from torch import nn
@@ -135,3 +137,30 @@ def test_nemt_fit_batches_a_dataset_by_its_batch_size():
     ex._step = (lambda step: (lambda x, y, gen: (seen.append(len(x)), step(x, y, gen))[1]))(ex._step)
     ex.fit(ds, progress=False, log=lambda s: None)
     assert seen == [4, 4], "10 items in batches of 4, the partial batch dropped"
+
+
+def test_every_metric_takes_a_plain_module_and_leaves_no_trace():
+    """Every registered metric, fed by its declared inputs, on the plain module left in training mode."""
+    from nemt.metrics import registry
+
+    net = plain_net()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 1, SIZE, SIZE, generator=g)
+    target = torch.tensor([1, 2])
+    gt = torch.zeros(2, 1, SIZE, SIZE, dtype=torch.bool)
+    gt[:, :, 4:9, 5:11] = True
+    explain = lambda m, xx, t: get_explainer("saliency", m).explain(xx, target=t)  # noqa: E731
+    maps = explain(net, x, target)
+    values = {"maps": maps, "gt": gt, "gaze": torch.rand(2, 1, SIZE, SIZE, generator=g),
+              "fixations": (torch.rand(2, 1, SIZE, SIZE, generator=g) > 0.9).float(), "model": net, "x": x,
+              "target": target, "explain": explain}
+    budgets = {"faithfulness_estimate": {"subset_size": 16, "n_perturbations": 4},
+               "deletion_auc": {"steps": 4}, "insertion_auc": {"steps": 4}, "road": {"percentages": (10, 50)}}
+    before = snapshot(net)
+    for name, spec in registry().items():
+        params = {k: v for k, v in budgets.get(name, {}).items()
+                  if k in inspect.signature(spec.fn).parameters}
+        out = spec.call(values, **params)
+        first = next(iter(out.values())) if isinstance(out, dict) else out
+        assert first.shape == (2, 1), name
+        assert_unchanged(before, net)

@@ -36,6 +36,12 @@ def _friendly(fn: Callable) -> Callable:
     return wrapper
 
 
+def _metric_workers(value: int | None) -> int:
+    """The command line is an entry point: it may spread the metrics over torch's threads (the library never does)."""
+    import torch
+    return torch.get_num_threads() if value is None else max(0, int(value))
+
+
 def _csv_list(value: Optional[str]) -> Optional[list[str]]:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
@@ -345,6 +351,8 @@ def benchmark(
     device: str = typer.Option("cpu", help="torch device"),
     progress: bool = typer.Option(True, help="show a progress bar"),
     restart: bool = typer.Option(False, help="forget earlier results in --out instead of resuming"),
+    metric_workers: Optional[int] = typer.Option(None, help="threads for the per-map metrics (default: torch's "
+                                                            "thread count; 0 or 1: serial)"),
 ) -> None:
     """Explain and score every test image with every method; resumes where it stopped; writes the report."""
     from nemt.bench.runner import (DEFAULT_METHODS, DEFAULT_METRICS, benchmark_model, markdown_summary,
@@ -370,7 +378,7 @@ def benchmark(
     summary = benchmark_model(model, data, out, explainer_dir=explainer, methods=method_list, metrics=metric_list,
                               split=split, limit=limit, batch_size=batch_size, gallery=gallery,
                               params=split_method_params(param), seed=seed, device=device, progress=progress,
-                              restart=restart)
+                              restart=restart, metric_workers=_metric_workers(metric_workers))
     console.print(markdown_summary(summary, metric_list))
     typer.echo(json.dumps({"report": str(out / "report.html"), "results": str(out / "results.csv")}))
 
@@ -492,7 +500,7 @@ def demo(
     summary = benchmark_model(out / "model", manifest_path, out / "benchmark", explainer_dir=out / "explainer",
                               methods=methods, metrics=metric_list, limit=bench_images,
                               params={k: v for k, v in budgets.items() if k in methods}, seed=seed,
-                              device=device, progress=progress)
+                              device=device, progress=progress, metric_workers=_metric_workers(None))
     table = markdown_summary(summary, metric_list)
     console.print(table)
     guard_text = ", ".join(f"{k} map area {v['area']:.3f}, empty {v['empty']:.0%}"

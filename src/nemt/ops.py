@@ -331,6 +331,17 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
             m.training = flag
 
 
+def with_model_in_eval(fn: Callable) -> Callable:
+    """Decorator for functions whose first argument is a model: the call runs under :func:`evaluating`."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        with evaluating(model):
+            return fn(model, *args, **kwargs)
+    return wrapper
+
+
 @contextmanager
 def frozen_parameters(model: nn.Module) -> Iterator[None]:
     """The model's parameters without ``requires_grad`` inside the block (no weight gradients are computed

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from nemt.errors import NemtError
+from nemt.ops import gaussian_blur, minmax  # noqa: F401  (the one blur and min-max; re-exported for the families)
 
 #: what a metric's positional arguments may be, by name (``inputs=`` of :func:`metric`)
 INPUTS: dict[str, str] = {
@@ -169,17 +170,6 @@ def normalise(maps: torch.Tensor, how: str | None, spatial_dims: int) -> torch.T
         s = torch.where(s > 0, s, torch.ones_like(s))
         return maps / s.view(*s.shape, *([1] * spatial_dims))
     raise NemtError(f"normalise must be 'minmax', 'max', 'sum' or None, got {how!r}")
-
-
-def minmax(flat: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Min-max normalise along the last axis to [0, 1]; constant rows become 0.
-
-    Same values as :func:`nemt.explainers.base.normalise_maps` (up to rounding),
-    in fewer passes over memory.
-    """
-    lo = flat.amin(-1, keepdim=True)
-    hi = flat.amax(-1, keepdim=True)
-    return (flat - lo).mul_((hi - lo).clamp_min(eps).reciprocal())
 
 
 def order_values(maps: torch.Tensor, how: str | None, abs: bool) -> tuple[torch.Tensor, int]:
@@ -325,37 +315,6 @@ def pearson(a: torch.Tensor, b: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
 def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Spearman rank correlation along the last axis (average ranks for ties, as scipy)."""
     return pearson(rankdata(a), rankdata(b))
-
-
-def gaussian_blur(x: torch.Tensor, sigma: float, radius: int | None = None, mode: str = "reflect") -> torch.Tensor:
-    """Separable Gaussian blur of ``(N, C, *spatial)`` (2D or 3D) over the spatial axes.
-
-    The kernel is truncated at ``radius`` (default ``ceil(4 sigma)``) and
-    normalised to sum 1; ``mode`` is the padding (``"reflect"``,
-    ``"replicate"`` or ``"constant"`` for zeros). ``sigma <= 0`` returns ``x``.
-    """
-    if sigma <= 0:
-        return x
-    d = x.ndim - 2
-    r = int(radius if radius is not None else max(1, int(-(-4 * sigma // 1))))
-    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    n, c = x.shape[:2]
-    y = x.reshape(n * c, 1, *x.shape[2:])
-    conv = torch.nn.functional.conv2d if d == 2 else torch.nn.functional.conv3d
-    for axis in range(d):
-        shape = [1, 1] + [1] * d
-        shape[2 + axis] = 2 * r + 1
-        pad = [0, 0] * d
-        # F.pad lists the last axis first
-        pad[2 * (d - 1 - axis)] = pad[2 * (d - 1 - axis) + 1] = r
-        size = y.shape[2 + axis]
-        pad_mode = mode if not (mode == "reflect" and size <= r) else "replicate"
-        y = torch.nn.functional.pad(y, pad, mode=pad_mode) if pad_mode != "constant" \
-            else torch.nn.functional.pad(y, pad)
-        y = conv(y, k.view(shape))
-    return y.reshape(x.shape)
 
 
 def sort_values(v: torch.Tensor) -> torch.Tensor:

@@ -29,19 +29,15 @@ from scipy.sparse import csc_matrix
 from scipy.sparse.linalg import spsolve
 
 from nemt.errors import NemtError
-from nemt.explainers.base import resolve_targets
-from nemt.metrics._common import check_maps, descending_order, float_maps, gaussian_blur, metric, pearson
+from nemt.metrics._common import check_maps, descending_order, float_maps, metric, pearson
 from nemt.metrics._common import normalise as _normalise
-from nemt.models.classifier import predictions_from_outputs
+from nemt.ops import fill_values, output_score, resolve_targets, task_of, with_model_in_eval
 
 
 # ---------------------------------------------------------------- shared plumbing
 
 def _pairs(model, x: torch.Tensor, maps: torch.Tensor, target: Any):
     """Flatten (sample, target) pairs: image index (N,), target index (N,), maps (N, *spatial), targets (B, T)."""
-    if getattr(model, "training", False):
-        raise NemtError("the model is in training mode; call model.eval() first (BatchNorm and dropout would "
-                        "make its outputs depend on the batch)")
     maps = float_maps(maps)
     d = check_maps(maps)
     if x.ndim != d + 2 or x.shape[0] != maps.shape[0] or x.shape[2:] != maps.shape[2:]:
@@ -61,19 +57,14 @@ def _baseline(x: torch.Tensor, baseline: Any) -> torch.Tensor:
     ones = [1] * (x.ndim - 1)
     if torch.is_tensor(baseline):
         return baseline.to(x.device, x.dtype).expand_as(x)
-    if isinstance(baseline, (int, float)):
-        return torch.full((x.shape[0], *ones), float(baseline), device=x.device, dtype=x.dtype)
-    if baseline == "min" or baseline == "black":
-        return x.flatten(1).amin(1).view(-1, *ones)
-    if baseline == "max" or baseline == "white":
-        return x.flatten(1).amax(1).view(-1, *ones)
-    if baseline == "mean":
+    if baseline == "mean":  # Quantus: each image's mean over all its channels
         return x.flatten(1).mean(1).view(-1, *ones)
-    if baseline == "zero":
-        return torch.zeros((x.shape[0], *ones), device=x.device, dtype=x.dtype)
-    if baseline == "blur":
-        return gaussian_blur(x, 5.0, radius=5, mode="reflect")
-    raise NemtError(f"unknown baseline {baseline!r}: use 'min', 'mean', 'zero', 'blur', a number or a tensor")
+    if isinstance(baseline, str) and baseline not in ("min", "black", "max", "white", "zero", "blur"):
+        raise NemtError(f"unknown baseline {baseline!r}: use 'min', 'mean', 'zero', 'blur', a number or a tensor")
+    value = fill_values(x, baseline, sigma=5.0, radius=5)  # the shared fills; blur: sigma 5, radius 5 pixels
+    if not torch.is_tensor(value):
+        return torch.full((x.shape[0], *ones), value, device=x.device, dtype=x.dtype)
+    return value[:, :1] if value.shape[2:] == (1,) * (x.ndim - 2) else value
 
 
 def _select(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -81,12 +72,9 @@ def _select(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def _transform(model, out: torch.Tensor, output: str) -> torch.Tensor:
-    if output == "logit":
-        return out
-    if output != "probability":
-        raise NemtError(f"output must be 'probability' or 'logit', got {output!r}")
-    card = getattr(model, "card", None)
-    return predictions_from_outputs(out, card.task if card is not None else "multiclass")
+    if output not in ("probability", "prob", "logit"):
+        raise NemtError(f"output must be 'probability' (or 'prob') or 'logit', got {output!r}")
+    return output_score(out, task_of(model), output)
 
 
 @torch.no_grad()
@@ -127,6 +115,7 @@ def _scores_for_pairs(model, x, base, img, t, pair_i, pair_s, replace_fn, batch_
 # ---------------------------------------------------------------- faithfulness estimate
 
 @metric("higher", inputs=("model", "x", "maps", "target"))
+@with_model_in_eval
 def faithfulness_estimate(model, x: torch.Tensor, maps: torch.Tensor, target: Any = None, *,
                           features_in_step: int | None = None, baseline: Any = "min",
                           normalise: str | None = "minmax", abs: bool = False,
@@ -195,6 +184,7 @@ def _auc(curve: torch.Tensor) -> torch.Tensor:
 
 
 @metric("lower", inputs=("model", "x", "maps", "target"))
+@with_model_in_eval
 def deletion_auc(model, x: torch.Tensor, maps: torch.Tensor, target: Any = None, *, steps: int = 50,
                  baseline: Any = "min", output: str = "probability", batch_size: int = 64,
                  return_curve: bool = False):
@@ -215,6 +205,7 @@ def deletion_auc(model, x: torch.Tensor, maps: torch.Tensor, target: Any = None,
 
 
 @metric("higher", inputs=("model", "x", "maps", "target"))
+@with_model_in_eval
 def insertion_auc(model, x: torch.Tensor, maps: torch.Tensor, target: Any = None, *, steps: int = 50,
                   baseline: Any = "blur", output: str = "probability", batch_size: int = 64,
                   return_curve: bool = False):
@@ -292,6 +283,7 @@ def linear_imputation(image: np.ndarray, unknown: np.ndarray, noise: float = 0.0
 
 
 @metric("lower", inputs=("model", "x", "maps", "target"))
+@with_model_in_eval
 def road(model, x: torch.Tensor, maps: torch.Tensor, target: Any = None, *,
          percentages: Sequence[float] = tuple(range(1, 100, 2)), order: str = "morf", noise: float = 0.01,
          output: str = "accuracy", normalise: str | None = "minmax", abs: bool = False,

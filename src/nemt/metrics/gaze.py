@@ -8,6 +8,8 @@ durations used as weights). A map whose gaze map is empty (all zero) gets NaN.
 """
 from __future__ import annotations
 
+import math
+
 from typing import Sequence
 
 import numpy as np
@@ -127,6 +129,6 @@ def fixations_to_heatmap(fixations, shape: Sequence[int], sigma: float, *, order
             flat = flat * shape[k] + idx[:, k]
         heat.index_add_(0, flat, w)
     heat = heat.view(1, 1, *shape)
-    heat = gaussian_blur(heat, float(sigma), mode="constant")[0, 0]
+    heat = gaussian_blur(heat, float(sigma), radius=max(1, math.ceil(4 * sigma)), mode="constant")[0, 0]
     total = heat.sum()
     return (heat / total if total > 0 else heat).float()

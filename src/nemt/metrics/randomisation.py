@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from nemt.errors import NemtError
-from nemt.explainers.base import resolve_targets
+from nemt.ops import n_outputs_of, resolve_targets, seeded, with_model_in_eval
 from nemt.metrics._common import check_maps, float_maps, metric, pearson, spearman
 from nemt.metrics._common import normalise as _normalise
 
@@ -80,6 +80,7 @@ def _prep(maps: torch.Tensor, normalise, abs) -> torch.Tensor:
 
 
 @metric("lower", inputs=("model", "x", "explain", "target"))
+@with_model_in_eval
 def model_parameter_randomisation(model: torch.nn.Module, x: torch.Tensor, explain: Explain, target: Any = None, *,
                                   similarity: str | Callable = "spearman", order: str = "top_down",
                                   seed: int = 42, normalise: str | None = "minmax", abs: bool = True,
@@ -116,8 +117,7 @@ def model_parameter_randomisation(model: torch.nn.Module, x: torch.Tensor, expla
     for i, (name, module) in enumerate(modules):
         if order == "independent":
             rmodel.load_state_dict(state)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + i)
+        with seeded(seed + i):
             module.reset_parameters()
         rmodel.eval()
         with torch.enable_grad():
@@ -126,15 +126,8 @@ def model_parameter_randomisation(model: torch.nn.Module, x: torch.Tensor, expla
     return out
 
 
-def _n_outputs(model, x) -> int:
-    card = getattr(model, "card", None)
-    if card is not None and card.label_names:
-        return len(card.label_names)
-    with torch.no_grad():
-        return int(model(x[:1]).shape[1])
-
-
 @metric("lower", inputs=("model", "x", "explain", "target"))
+@with_model_in_eval
 def random_logit(model: torch.nn.Module, x: torch.Tensor, explain: Explain, target: Any = None, *,
                  num_classes: int | None = None, similarity: str | Callable = "ssim", seed: int = 42,
                  normalise: str | None = "minmax", abs: bool = False,
@@ -149,7 +142,7 @@ def random_logit(model: torch.nn.Module, x: torch.Tensor, explain: Explain, targ
     (see the module docstring), ours over the image axes.
     """
     targets = resolve_targets(target, model, x)
-    n = int(num_classes) if num_classes else _n_outputs(model, x)
+    n = int(num_classes) if num_classes else n_outputs_of(model, x=x[:1])
     if n < 2:
         raise NemtError("random_logit needs at least two classes")
     g = torch.Generator().manual_seed(seed)
