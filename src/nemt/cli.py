@@ -276,8 +276,7 @@ def explain(
     import torch
 
     from nemt.data.readers import read_image
-    from nemt.explainers.base import resolve_targets
-    from nemt.explainers import get_explainer
+    from nemt.explainers import get_explainer, resolve_targets
     from nemt.params import parse_params
     from nemt.files import OutputNames, atomic_open
     from nemt.models import load_model
@@ -297,11 +296,11 @@ def explain(
     outputs = OutputNames()  # full stem; a numbered suffix where two images would write the same file
     for path in images:
         img = read_image(path, max_pixels=None if max_pixels is None else int(max_pixels))
-        unit = pre.resize(pre.unit_scale(img))
+        unit = pre.unit(img)
         x = pre.normalise(unit)[None].to(device)
-        probs = clf.predict(x)[0].cpu()
         t = resolve_targets(tgt, clf, x)
-        maps = ex.explain(x, target=t).detach().cpu()[0]
+        maps, probs = ex.explain_and_predict(x, target=t)
+        maps, probs = maps.detach().cpu()[0], probs[0].cpu()
         names = [clf.label_names[int(i)] for i in t[0]]
         stem = outputs.claim(path, names)
         for name, m in zip(names, maps):

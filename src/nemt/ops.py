@@ -262,19 +262,15 @@ def resize_linear(t: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 # ---------------------------------------------------------------------------- normalisation
 
 def minmax(flat: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Min-max normalise along the last axis to [0, 1]; constant rows become 0."""
+    """Min-max normalise along the last axis to [0, 1]: (v - min) / (max - min); constant rows become 0."""
     lo = flat.amin(-1, keepdim=True)
     hi = flat.amax(-1, keepdim=True)
-    return (flat - lo).mul_((hi - lo).clamp_min(eps).reciprocal())
+    return (flat - lo).div_((hi - lo).clamp_min(eps))
 
 
 def normalise_maps(maps: torch.Tensor, spatial_dims: int, eps: float = 1e-12) -> torch.Tensor:
-    """Min-max normalise each map of (…, *spatial) to [0, 1] over its spatial axes (constant maps -> 0)."""
-    flat = maps.flatten(start_dim=-spatial_dims)
-    lo = flat.min(dim=-1, keepdim=True).values
-    hi = flat.max(dim=-1, keepdim=True).values
-    out = (flat - lo) / (hi - lo).clamp_min(eps)
-    return out.view_as(maps)
+    """:func:`minmax` of each map of (…, *spatial) over its spatial axes (constant maps -> 0)."""
+    return minmax(maps.flatten(start_dim=-spatial_dims), eps).view_as(maps)
 
 
 def scale_signed(maps: torch.Tensor, spatial_dims: int, eps: float = 1e-12) -> torch.Tensor:

@@ -115,9 +115,13 @@ class Preprocessing:
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(shape)
         return x * std + mean
 
+    def unit(self, img: Image) -> torch.Tensor:
+        """A read image at the model's size with intensities in [0, 1] (what an overlay shows): (C, *size)."""
+        return self.resize(self.unit_scale(img))
+
     def __call__(self, img: Image) -> torch.Tensor:
         """A read image to the model's input: (C, *size) float32."""
-        return self.normalise(self.resize(self.unit_scale(img)))
+        return self.normalise(self.unit(img))
 
     def boxes(self, boxes: Sequence[tuple[float, float, float, float]],
               original: Sequence[int]) -> list[tuple[float, float, float, float]]:

@@ -83,7 +83,6 @@ from nemt import __version__
 from nemt.data.readers import SUPPORTED_SUFFIXES, Image, ImageTooLarge, format_pixels, read_image
 from nemt.errors import DataError, NemtError
 from nemt.explainers.base import Explainer
-from nemt.models.classifier import predictions_from_outputs
 
 MB = 1024 * 1024
 DEFAULT_MAX_PIXELS = 50_000_000  # the service's own limit: a 285 KB PNG of 10000x10000 would take gigabytes
@@ -496,14 +495,9 @@ class ExplanationService:
         explainer = self.explainers[opts.method]
         with self.compute:
             t_model = time.perf_counter()
-            if hasattr(explainer, "explain_with_outputs"):  # NEMt: one pass gives the maps and the predictions
-                t2 = t_model
-                maps, out = explainer.explain_with_outputs(x, target=opts.indices)
-                probs = predictions_from_outputs(out, self.clf.card.task)[0].float().cpu()
-            else:
-                probs = self.clf.predict(x)[0].float().cpu()
-                t2 = time.perf_counter()
-                maps = explainer.explain(x, target=opts.indices)
+            maps, probs = explainer.explain_and_predict(x, target=opts.indices)  # NEMt: from one pass
+            t2 = t_model  # the prediction is timed with the explanation ("predict" stays 0 for old clients)
+            probs = probs[0].float().cpu()
             maps = maps.detach()[0].float().cpu().numpy()
             t3 = time.perf_counter()
         shown = unit.numpy()
@@ -565,7 +559,7 @@ class ExplanationService:
             raise HTTPException(422, f"{filename}: channels: the image has 3 channels (colour), the model takes "
                                      "1 (grey); send a grey-scale image")
         try:
-            return pre.resize(pre.unit_scale(img))
+            return pre.unit(img)
         except DataError as exc:
             raise HTTPException(422, _reason(filename, exc, Path(img.path))) from exc
 

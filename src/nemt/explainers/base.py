@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from nemt.ops import (ArgumentTypeError, ParameterError, Target, chunks, evaluating, fill_values, frozen_parameters,
-                      n_outputs_of, normalise_maps, postprocess, resize_linear, resolve_targets)
+                      n_outputs_of, normalise_maps, output_score, postprocess, resize_linear, resolve_targets,
+                      task_of)
 
 __all__ = ["Explainer", "Target", "available", "baseline_image", "frozen_parameters", "get_explainer",
            "normalise_maps", "register", "resize_linear", "resolve_targets"]
@@ -113,6 +114,14 @@ class Explainer:
     def explain(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
         """Maps (B, T, *spatial) for inputs ``x`` (B, C, *spatial), one per target (see :data:`nemt.ops.TARGET_HELP`)."""
         return postprocess(self.raw(x, target), self.postprocess, x.ndim - 2)
+
+    def explain_and_predict(self, x: torch.Tensor, target: Target = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`explain`'s maps and the model's predictions on ``x`` (probabilities, or values for
+        regression; (B, n_outputs)): what the CLI's ``explain`` and the service report for an image."""
+        x = self.check_input(x)
+        with torch.no_grad(), evaluating(self.model):
+            out = self.model(x)
+        return self.explain(x, target), output_score(out, task_of(self.model), "prob")
 
     def _attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         """Raw maps (b, T, *spatial) for a chunk ``x`` (b, C, *spatial) and its targets (b, T)."""

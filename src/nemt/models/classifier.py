@@ -31,12 +31,9 @@ CARD = "model.json"
 
 def predictions_from_outputs(out: torch.Tensor, task: str) -> torch.Tensor:
     """A model's raw outputs (B, T) as predictions: softmax over the classes (multi-class), a sigmoid
-    per label (multi-label), or the values themselves (regression)."""
-    if task == "multiclass":
-        return out.softmax(dim=1)
-    if task == "multilabel":
-        return out.sigmoid()
-    return out
+    per label (multi-label), or the values themselves (regression): :func:`nemt.ops.output_score` with ``"prob"``."""
+    from nemt.ops import output_score
+    return output_score(out, task, "prob")
 
 
 class Classifier(nn.Module):

@@ -28,7 +28,8 @@ from nemt import __version__
 from nemt.checkpoint import load_state, save_state
 from nemt.errors import CardError, NemtError
 from nemt.explainers.base import Explainer, Target, init_parameters, register
-from nemt.ops import ParameterError, evaluating, frozen_parameters, label_names_of, n_outputs_of, postprocess, resolve_targets
+from nemt.ops import (ParameterError, evaluating, frozen_parameters, label_names_of, n_outputs_of, output_score,
+                      postprocess, resolve_targets, task_of)
 from nemt.explainers.layers import find_stages
 from nemt.explainers.nemt.losses import (OCCLUSIONS, QUANTITIES, deletion_loss, game_loss, log_odds, nem_loss,
                                         nested_masks, occlude, target_quantity)
@@ -673,6 +674,11 @@ class NEMt(_MaskExplainer):
     def explain(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
         """Maps (B, T, *spatial) in [0, 1]: where each target's evidence is (see the class docstring)."""
         return self.explain_with_outputs(x, target)[0]
+
+    def explain_and_predict(self, x: torch.Tensor, target: Target = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Maps and predictions from one pass of the model (see :meth:`Explainer.explain_and_predict`)."""
+        maps, out = self.explain_with_outputs(x, target)
+        return maps, output_score(out, task_of(self.model), "prob")
 
     def explain_with_outputs(self, x: torch.Tensor, target: Target = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``explain``'s maps and the model's raw outputs on ``x`` (B, n_outputs), from the same pass."""
