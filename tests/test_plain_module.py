@@ -164,3 +164,36 @@ def test_every_metric_takes_a_plain_module_and_leaves_no_trace():
         first = next(iter(out.values())) if isinstance(out, dict) else out
         assert first.shape == (2, 1), name
         assert_unchanged(before, net)
+
+
+def test_training_a_classifier_hands_back_the_global_generators(tmp_path):
+    """train_classifier seeds Python, NumPy and torch for reproducible training, then restores the caller's states."""
+    import random
+
+    import numpy as np
+
+    from nemt.data import open_dataset, write_phantom_dataset
+    from nemt.models import TrainConfig, train_classifier
+
+    manifest = open_dataset(write_phantom_dataset(tmp_path / "ph", 24, 32, seed=0))
+    random.seed(123), np.random.seed(123), torch.manual_seed(123)
+    states = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
+    threads = torch.get_num_threads()
+    train_classifier(manifest, tmp_path / "m", TrainConfig(arch="smallcnn", size=(32, 32), epochs=1, seed=0),
+                     progress=False, log=lambda s: None)
+    assert random.getstate() == states[0]
+    assert np.array_equal(np.random.get_state()[1], states[1])
+    assert torch.equal(torch.get_rng_state(), states[2])
+    assert torch.get_num_threads() == threads
+
+
+def test_layers_by_name_or_by_module():
+    net = plain_net().eval()
+    x = torch.randn(2, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(6))
+    by_name = get_explainer("gradcam", net, layer="3").explain(x, target="all")
+    by_module = get_explainer("gradcam", net, layer=net[3]).explain(x, target="all")
+    assert torch.equal(by_name, by_module)
+    ex = NEMt(net, input_size=(SIZE, SIZE), in_channels=1, layers=[net[2], "5"], decoder_channels=(8, 8)).init_module()
+    assert ex.layers_ == ["2", "5"] and ex.hyper_params()["layers"] == ["2", "5"]
+    with pytest.raises(ValueError):
+        get_explainer("gradcam", net, layer=nn.Conv2d(1, 1, 1))  # not part of the model

@@ -363,6 +363,26 @@ def seeded(seed: int, device: torch.device | str | None = None) -> Iterator[None
         yield
 
 
+@contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Python's, NumPy's and torch's global generators (CUDA's too, once initialised) restored to the
+    caller's states after the block, also on error: for code that seeds them for reproducible training."""
+    import random
+
+    import numpy as np
+
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+              torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if states[3] is not None:
+            torch.cuda.set_rng_state_all(states[3])
+
+
 def chunks(n: int, size: int | None) -> list[slice]:
     """``slice`` objects that cut ``n`` items into runs of at most ``size`` (one run when ``size`` is None)."""
     if size is None or size >= n:

@@ -34,6 +34,7 @@ import torch
 
 from nemt.errors import NemtError
 from nemt.files import atomic_open, write_json
+from nemt.ops import seeded
 from nemt.metrics import DIRECTIONS, available_metrics, get_metric, parallel_chunks, registry, summarise
 from nemt.progress import console, progress_bar
 
@@ -295,9 +296,9 @@ def run_benchmark(model, data: BenchmarkData, explainers: dict[str, Any], config
             idx = torch.tensor([it.sample for it in chunk], device=device)
             t = torch.tensor([it.target for it in chunk], device=device)
             x = data.x[idx]
-            torch.manual_seed(config.seed)
-            t0 = time.perf_counter()
-            maps = explainers[name].explain(x, target=t).detach()
+            with seeded(config.seed, device):  # the caller's global RNG is restored after
+                t0 = time.perf_counter()
+                maps = explainers[name].explain(x, target=t).detach()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             ms = 1000 * (time.perf_counter() - t0) / len(chunk)
@@ -417,8 +418,8 @@ def gallery_maps(data: BenchmarkData, items: list[Item], explainers: dict[str, A
     t = torch.tensor([it.target for it in items], device=data.x.device)
     out = {}
     for name, ex in explainers.items():
-        torch.manual_seed(seed)
-        out[name] = ex.explain(data.x[idx], target=t).detach()[:, 0].cpu()
+        with seeded(seed, data.x.device):
+            out[name] = ex.explain(data.x[idx], target=t).detach()[:, 0].cpu()
     return out
 
 

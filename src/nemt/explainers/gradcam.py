@@ -18,23 +18,23 @@ from torch import nn
 
 from nemt.explainers.base import Explainer, register, resize_linear
 from nemt.explainers.fast import inference_copy
-from nemt.explainers.layers import FeatureTap, find_stages, output_leaf
+from nemt.explainers.layers import FeatureTap, find_stages, layer_name, output_leaf
 
 
 @register("gradcam")
 class GradCAM(Explainer):
     """Selvaraju et al. 2017: weights = spatial mean of the gradient; map = ReLU(Σ_k w_k A_k).
 
-    ``layer``: a module name of the network (default: the deepest stage whose
-    output is still spatial, found on the first input for a plain module);
+    ``layer``: a module name of the network or the module itself (default: the
+    deepest stage whose output is still spatial, found on the first input for a plain module);
     ``batch_size``: images per forward/backward pass (the memory bound).
     """
 
-    def __init__(self, model: nn.Module, layer: str | None = None, device=None, batch_size: int = 32,
+    def __init__(self, model: nn.Module, layer: str | nn.Module | None = None, device=None, batch_size: int = 32,
                  fast: bool = True, **kw):
         super().__init__(model, device, **kw)
         self.images_per_call = self.batch_size = int(batch_size)
-        self.layer, self.fast = layer, fast
+        self.layer, self.fast = (None if layer is None else layer_name(model, layer)), fast
         self.net, self.tap_name = None, None
         if self.card is not None:  # find the layer now: a wrong name fails at construction
             self._setup((self.card.in_channels, *self.card.input_size))

@@ -15,12 +15,25 @@ import torch
 from torch import nn
 
 from nemt.errors import NemtError
+from nemt.ops import ArgumentTypeError, ParameterError
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
     """The network inside a Classifier (its module names are what users see)."""
     net = getattr(model, "net", None)
     return net if isinstance(net, nn.Module) else model
+
+
+def layer_name(model: nn.Module, layer: str | nn.Module) -> str:
+    """A layer given by name (as in ``model.net`` for a Classifier) or as the module object itself, as its name."""
+    if isinstance(layer, str):
+        return layer
+    if isinstance(layer, nn.Module):
+        for name, mod in _unwrap(model).named_modules():
+            if mod is layer and name:
+                return name
+        raise ParameterError("the layer module given is not a submodule of the model")
+    raise ArgumentTypeError(f"a layer is a module name or an nn.Module, got {type(layer).__name__}")
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from torch import nn
 
 from nemt.explainers.base import Explainer, Target, baseline_image, register, resize_linear
 from nemt.explainers.fast import inference_copy
-from nemt.explainers.layers import FeatureTap
+from nemt.explainers.layers import FeatureTap, layer_name
 from nemt.ops import ParameterError, evaluating, output_score, task_of
 
 Score = str  # "logit" | "prob" (see :func:`nemt.ops.output_score`)
@@ -251,7 +251,8 @@ class RELAX(Explainer):
         super().__init__(model, device, **kw)
         self.n_masks, self.grid, self.p, self.layer = int(n_masks), int(grid), float(p), layer
         self.uncertainty, self.batch_size, self.seed = uncertainty, int(batch_size), int(seed)
-        self._encoder = inference_copy(self.model, fast) if layer is None else _LayerOutput(self.model, layer)
+        self._encoder = inference_copy(self.model, fast) if layer is None else \
+            _LayerOutput(self.model, layer_name(self.model, layer))
 
     targeted = False
 

@@ -44,6 +44,7 @@ from nemt.models.card import ModelCard
 from nemt.models.classifier import Classifier, load_model
 from nemt.models.metrics import classification_metrics, score_for_selection
 from nemt.models.zoo import build_model
+from nemt.ops import preserved_rng
 from nemt.progress import console, progress_bar
 
 
@@ -169,6 +170,15 @@ def _format(metrics: dict) -> str:
 def train_classifier(manifest: Manifest, out_dir: str | Path, config: TrainConfig | None = None, *,
                      device: str | torch.device = "cpu", fresh: bool = False, progress: bool = True,
                      log: Callable[[str], None] | None = None) -> tuple[Classifier, dict]:
+    """Train a classifier on ``manifest`` (see :func:`_train_classifier`); the global random generators,
+    seeded inside for reproducible training, are handed back in the caller's states."""
+    with preserved_rng():
+        return _train_classifier(manifest, out_dir, config, device=device, fresh=fresh, progress=progress, log=log)
+
+
+def _train_classifier(manifest: Manifest, out_dir: str | Path, config: TrainConfig | None = None, *,
+                      device: str | torch.device = "cpu", fresh: bool = False, progress: bool = True,
+                      log: Callable[[str], None] | None = None) -> tuple[Classifier, dict]:
     """Train a classifier on ``manifest``; return the best model (test figures in its card) and the history.
 
     See the module docstring for what is written to ``out_dir``.

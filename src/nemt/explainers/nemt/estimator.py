@@ -30,7 +30,7 @@ from nemt.errors import CardError, NemtError
 from nemt.explainers.base import Explainer, Target, init_parameters, register
 from nemt.ops import (ParameterError, evaluating, frozen_parameters, label_names_of, n_outputs_of, output_score,
                       postprocess, resolve_targets, task_of)
-from nemt.explainers.layers import find_stages
+from nemt.explainers.layers import find_stages, layer_name
 from nemt.explainers.nemt.losses import (OCCLUSIONS, QUANTITIES, deletion_loss, game_loss, log_odds, nem_loss,
                                         nested_masks, occlude, target_quantity)
 from nemt.explainers.nemt.module import ExplanationModule
@@ -131,6 +131,8 @@ class _MaskExplainer(Explainer):
     def hyper_params(self) -> dict:
         """The parameters without ``model`` and ``device``: what an explainer card records (JSON)."""
         out = {k: v for k, v in self.get_params().items() if k not in ("model", "device")}
+        if out.get("layers"):  # modules given as objects are recorded by name
+            out["layers"] = [layer_name(self.model, la) for la in out["layers"]]
         return json.loads(json.dumps(out))  # tuples as lists: equal to what a card reads back
 
     def fitted_facts(self) -> dict:
@@ -161,7 +163,7 @@ class _MaskExplainer(Explainer):
 
     def _build(self) -> ExplanationModule:
         if self.layers_ is None:
-            self.layers_ = list(self.layers) if self.layers else (
+            self.layers_ = [layer_name(self.model, la) for la in self.layers] if self.layers else (
                 find_stages(self.model, (self._in_channels, *self._input_size)) if self.encoder == "model" else [])
         if self.kernel_size_ is None:
             self.kernel_size_ = int(self.kernel_size or kernel_size_for(tuple(self._input_size)))
