@@ -11,12 +11,8 @@ with ``x`` already in the model's normalised input space.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
-import math
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -25,7 +21,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nemt import __version__
-from nemt.checkpoint import load_state, save_state
 from nemt.errors import CardError, NemtError
 from nemt.explainers.base import Explainer, Target, init_parameters, register
 from nemt.ops import (ParameterError, evaluating, frozen_parameters, label_names_of, n_outputs_of, output_score,
@@ -33,10 +28,11 @@ from nemt.ops import (ParameterError, evaluating, frozen_parameters, label_names
 from nemt.explainers.layers import find_stages, layer_name
 from nemt.explainers.nemt.losses import (OCCLUSIONS, QUANTITIES, deletion_loss, game_loss, log_odds, nem_loss,
                                         nested_masks, occlude, target_quantity)
+from nemt.explainers.nemt.loop import batches, fit_loop
 from nemt.explainers.nemt.module import ExplanationModule
 from nemt.explainers.nemt.smoothing import kernel_size_for
 from nemt.files import atomic_path, sha256_file, write_json
-from nemt.progress import console, progress_bar
+from nemt.progress import console
 
 FORMAT = "nemt-explainer/1"
 WEIGHTS, CARD = "explainer.safetensors", "explainer.json"
@@ -50,16 +46,6 @@ def model_checksum(model: nn.Module) -> str:
         h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def _batches(data: Iterable) -> Iterable[tuple[torch.Tensor, torch.Tensor | None]]:
-    for b in data:
-        if isinstance(b, dict):
-            yield b["image"], b.get("y")
-        elif isinstance(b, (list, tuple)):
-            yield b[0], (b[1] if len(b) > 1 else None)
-        else:
-            yield b, None
 
 
 def _select_maps(maps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -185,13 +171,6 @@ class _MaskExplainer(Explainer):
             self.module_.eval()
         return self
 
-    def _make_optimizer(self, params) -> torch.optim.Optimizer:
-        if self.optimizer == "prodigy":
-            from prodigyopt import Prodigy
-            with contextlib.redirect_stdout(io.StringIO()):  # it prints a notice on construction
-                return Prodigy(params, lr=self.lr or 1.0, weight_decay=self.weight_decay, safeguard_warmup=True)
-        return torch.optim.AdamW(params, lr=self.lr or 3e-3, weight_decay=self.weight_decay)
-
     # -- training -----------------------------------------------------------
     def _step(self, x: torch.Tensor, y: torch.Tensor | None, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
@@ -219,76 +198,19 @@ class _MaskExplainer(Explainer):
         epochs = self.epochs_ = int(epochs or self.epochs)
         data = self._loader(data)
         mod = self.init_module().module_
-        params = [p for p in mod.parameters() if p.requires_grad]
-        opt = self._make_optimizer(params)
-        try:
-            n_batches = len(data)  # type: ignore[arg-type]
-        except TypeError:
-            n_batches = None
-        total_steps = None if n_batches is None else max(1, epochs * n_batches // self.accumulate)
-        # cosine decay to zero over the whole run: the masks settle instead of fluctuating epoch to epoch
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-            if self.schedule == "cosine" and total_steps else 1.0)
-        gen = torch.Generator().manual_seed(self.seed)
-        mod.smoothing.generator = gen
-        start = 0
-        state_path = Path(out_dir) / "state" / "last" if out_dir else None
         key = json.loads(json.dumps({"params": self.hyper_params(), "epochs": epochs,
                                      "model": model_checksum(self.model)}))
-        if state_path and state_path.with_suffix(".json").is_file():
-            st = load_state(state_path)
-            if st["key"] != key:
-                raise NemtError(f"{out_dir} holds an explainer trained with other settings or another model; "
-                                "use another output folder")
-            mod.load_state_dict(st["module"])
-            opt.load_state_dict(st["optimizer"])
-            sched.load_state_dict(st["scheduler"])
-            gen.set_state(st["generator"])
-            start, self.history_ = st["epoch"], st["history"]
-            log(f"resuming explainer in {out_dir} after epoch {start}")
         self._last_report = None  # set by validate(); the guard reuses the final epoch's report
-        with progress_bar(progress) as bar:
-            tid = bar.add_task("fit", total=None if n_batches is None else n_batches * (epochs - start), info="")
-            for epoch in range(start, epochs):
-                t0 = time.time()
-                mod.train()
-                sums: dict[str, float] = {}
-                n = 0
-                opt.zero_grad(set_to_none=True)
-                for i, (x, y) in enumerate(_batches(data)):
-                    x = x.to(self.device)
-                    y = y.to(self.device) if y is not None else None
-                    loss, parts = self._step(x, y, gen)
-                    (loss / self.accumulate).backward()
-                    if (i + 1) % self.accumulate == 0:
-                        opt.step()
-                        sched.step()
-                        opt.zero_grad(set_to_none=True)
-                    parts["loss"] = loss.detach().item()
-                    for k, v in parts.items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    n += 1
-                    bar.update(tid, advance=1, description=f"epoch {epoch + 1}/{epochs}",
-                               info=" ".join(f"{k} {v / n:.4f}" for k, v in sums.items()))
-                if n % self.accumulate:
-                    opt.step()
-                    sched.step()
-                    opt.zero_grad(set_to_none=True)
-                record = {"epoch": epoch + 1, **{k: v / max(n, 1) for k, v in sums.items()},
-                          "seconds": round(time.time() - t0, 1)}
-                if val_data is not None:
-                    record["val"] = self.validate(val_data)
-                self.history_.append(record)
-                if state_path:
-                    save_state(state_path, {"key": key, "epoch": epoch + 1, "history": self.history_,
-                                            "module": mod.state_dict(), "optimizer": opt.state_dict(),
-                                            "scheduler": sched.state_dict(),
-                                            "generator": gen.get_state()})  # the fit draws only from gen
-                log(f"epoch {epoch + 1}/{epochs} " + " ".join(
-                    f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float) and k != "seconds")
-                    + (f" val={record['val']}" if "val" in record else "") + f" ({record['seconds']}s)")
-        mod.eval()
+
+        def use_generator(gen: torch.Generator) -> None:
+            mod.smoothing.generator = gen  # the random smoothing draws from the fit's one generator
+
+        self.history_ = fit_loop(mod, data, self._step, epochs=epochs, optimizer=self.optimizer, lr=self.lr,
+                                 weight_decay=self.weight_decay, schedule=self.schedule,
+                                 accumulate=self.accumulate, seed=self.seed, device=self.device, key=key,
+                                 out_dir=out_dir, history=self.history_, log=log, progress=progress,
+                                 validate=None if val_data is None else (lambda: self.validate(val_data)),
+                                 on_generator=use_generator)
         if val_data is not None:
             self._check_collapse(val_data, out_dir, guard, log)
         if out_dir:
@@ -625,7 +547,7 @@ class NEMt(_MaskExplainer):
             (labels or [f"output {i}" for i in range(n_maps)])
         sums = {k: torch.zeros(n_maps, dtype=torch.float64) for k in ("area", "empty", "full", "change")}
         n = 0
-        for x, _ in _batches(data):
+        for x, _ in batches(data):
             x = x.to(self.device)
             logits, out = mod.logits(x, native=True)
             maps = mod.maps(logits, size=x.shape[2:])  # (B, T, *spatial), as explain makes them
@@ -726,7 +648,7 @@ class NEM(_MaskExplainer):
         self.module_.eval()
         tot = {"area": 0.0, "distance": 0.0}
         n = 0
-        for x, _ in _batches(data):
+        for x, _ in batches(data):
             x = x.to(self.device)
             maps, e = self.module_(x)
             keep = 1 - maps

@@ -1,0 +1,128 @@
+"""The training loop of NEMt's decoder (and of the students that reuse it), apart from any objective.
+
+:func:`fit_loop` runs epochs over batches with an optimiser, a cosine schedule
+over the whole run, gradient accumulation, a resume point written after every
+epoch (``state/last``: weights, optimiser, schedule, the one generator the fit
+draws from, the history) that a re-run continues from when its ``key`` (the
+settings and the model's checksum) is the same, a progress bar and one log
+line per epoch. The objective comes in as ``step(x, y, gen) -> (loss, parts)``
+and the validation as ``validate() -> dict``.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from nemt.checkpoint import load_state, save_state
+from nemt.errors import NemtError
+from nemt.progress import progress_bar
+
+Step = Callable[[torch.Tensor, "torch.Tensor | None", torch.Generator], "tuple[torch.Tensor, dict]"]
+
+
+def make_optimizer(params, name: str, lr: float | None, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW (learning rate 3e-3 unless ``lr``) or Prodigy (``lr`` 1 unless given; its own step size)."""
+    if name == "prodigy":
+        from prodigyopt import Prodigy
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints a notice on construction
+            return Prodigy(params, lr=lr or 1.0, weight_decay=weight_decay, safeguard_warmup=True)
+    return torch.optim.AdamW(params, lr=lr or 3e-3, weight_decay=weight_decay)
+
+
+def batches(data: Iterable) -> Iterable[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(x, y or None) from batches given as dicts ({"image", "y"}), tuples or bare tensors."""
+    for b in data:
+        if isinstance(b, dict):
+            yield b["image"], b.get("y")
+        elif isinstance(b, (list, tuple)):
+            yield b[0], (b[1] if len(b) > 1 else None)
+        else:
+            yield b, None
+
+
+def fit_loop(module: nn.Module, data: Iterable, step: Step, *, epochs: int, optimizer: str, lr: float | None,
+             weight_decay: float, schedule: str, accumulate: int, seed: int, device: torch.device,
+             key: dict, out_dir: str | Path | None, history: list[dict], log: Callable[[str], None],
+             progress: bool, validate: Callable[[], dict] | None = None,
+             on_generator: Callable[[torch.Generator], None] | None = None) -> list[dict]:
+    """Train ``module``'s trainable parameters with ``step``; return the history (one record per epoch).
+
+    ``key`` must equal the one stored with a resume point in ``out_dir`` (a run with other settings is refused);
+    ``on_generator`` receives the fit's generator (seeded by ``seed``, restored on resume) before the first step.
+    """
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = make_optimizer(params, optimizer, lr, weight_decay)
+    try:
+        n_batches = len(data)  # type: ignore[arg-type]
+    except TypeError:
+        n_batches = None
+    total_steps = None if n_batches is None else max(1, epochs * n_batches // accumulate)
+    # cosine decay to zero over the whole run: the masks settle instead of fluctuating epoch to epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
+        if schedule == "cosine" and total_steps else 1.0)
+    gen = torch.Generator().manual_seed(seed)
+    if on_generator is not None:
+        on_generator(gen)
+    start = 0
+    state_path = Path(out_dir) / "state" / "last" if out_dir else None
+    if state_path and state_path.with_suffix(".json").is_file():
+        st = load_state(state_path)
+        if st["key"] != key:
+            raise NemtError(f"{out_dir} holds an explainer trained with other settings or another model; "
+                            "use another output folder")
+        module.load_state_dict(st["module"])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        gen.set_state(st["generator"])
+        start, history = st["epoch"], st["history"]
+        log(f"resuming explainer in {out_dir} after epoch {start}")
+    with progress_bar(progress) as bar:
+        tid = bar.add_task("fit", total=None if n_batches is None else n_batches * (epochs - start), info="")
+        for epoch in range(start, epochs):
+            t0 = time.time()
+            module.train()
+            sums: dict[str, float] = {}
+            n = 0
+            opt.zero_grad(set_to_none=True)
+            for i, (x, y) in enumerate(batches(data)):
+                x = x.to(device)
+                y = y.to(device) if y is not None else None
+                loss, parts = step(x, y, gen)
+                (loss / accumulate).backward()
+                if (i + 1) % accumulate == 0:
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+                parts["loss"] = loss.detach().item()
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n += 1
+                bar.update(tid, advance=1, description=f"epoch {epoch + 1}/{epochs}",
+                           info=" ".join(f"{k} {v / n:.4f}" for k, v in sums.items()))
+            if n % accumulate:
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+            record = {"epoch": epoch + 1, **{k: v / max(n, 1) for k, v in sums.items()},
+                      "seconds": round(time.time() - t0, 1)}
+            if validate is not None:
+                record["val"] = validate()
+            history.append(record)
+            if state_path:
+                save_state(state_path, {"key": key, "epoch": epoch + 1, "history": history,
+                                        "module": module.state_dict(), "optimizer": opt.state_dict(),
+                                        "scheduler": sched.state_dict(),
+                                        "generator": gen.get_state()})  # the fit draws only from gen
+            log(f"epoch {epoch + 1}/{epochs} " + " ".join(
+                f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float) and k != "seconds")
+                + (f" val={record['val']}" if "val" in record else "") + f" ({record['seconds']}s)")
+    module.eval()
+    return history
