@@ -213,6 +213,14 @@ def fit(
     full_resolution: bool = typer.Option(False, help="add a decoder block at the image's resolution (the first "
                                          "design; slower, same maps after smoothing)"),
     train_targets: Optional[str] = typer.Option(None, help="true | predicted | all (default by task)"),
+    teacher: Optional[str] = typer.Option(None, help="train a student of this explainer instead (e.g. extremal, "
+                                          "rise, kernelshap, occlusion, inpainting): its maps on the training "
+                                          "split are computed once (cached in OUT/teacher, resumable) and learnt"),
+    teacher_param: list[str] = typer.Option([], "--teacher-param", help="teacher parameter KEY=VALUE (repeatable), "
+                                            "e.g. steps=30"),
+    teacher_budget: Optional[int] = typer.Option(None, help="at most this many training images for the teacher "
+                                                 "(a seeded draw)"),
+    teacher_loss: str = typer.Option("bce", help="student loss: bce (per pixel) | kl (maps as distributions)"),
     seed: int = typer.Option(0, help="random seed"),
     device: str = typer.Option("cpu", help="torch device"),
     progress: bool = typer.Option(True, help="show a progress bar"),
@@ -235,7 +243,12 @@ def fit(
     splits = load_splits(model, manifest)
     train_ds = ImageDataset(manifest, clf.preprocessing, splits["train"])
     val_ds = ImageDataset(manifest, clf.preprocessing, splits["val"])
+    from nemt.params import parse_params
+    if teacher is not None:
+        objective = "teacher"
     explainer = NEMt(clf, objective=objective, areas=_floats(areas, "--areas"),
+                     teacher=teacher, teacher_params=parse_params(teacher_param) or None,
+                     teacher_budget=teacher_budget, teacher_loss=teacher_loss,
                      map_areas=None if map_areas == "train" else _floats(map_areas, "--map-areas"), games=games,
                      min_scale=min_scale, targets_per_image=targets_per_image, present_fraction=present_fraction,
                      occlusion=occlusion, blur_sigma=blur_sigma, quantity=quantity, area_weight=area_weight,
@@ -396,6 +409,45 @@ def export(
     from nemt.deploy.export import export_model
 
     typer.echo(json.dumps(export_model(model, explainer, out, format=fmt, seed=seed, opset=opset), indent=2))
+
+
+@app.command()
+@_friendly
+def fidelity(
+    model: Path = typer.Option(..., help="model folder written by `nemt train`"),
+    data: Path = typer.Option(..., help="the data set the model was trained on (with masks or boxes)"),
+    explainer: Path = typer.Option(..., help="a student's folder (`nemt fit --teacher ...`)"),
+    out: Path = typer.Option(..., help="output folder: fidelity.json, fidelity.md, the teacher's maps (cache)"),
+    split: str = typer.Option("test", help="split of the model's data: train | val | test"),
+    limit: Optional[int] = typer.Option(None, help="at most this many images"),
+    batch_size: int = typer.Option(16, help="images per explain call"),
+    seed: int = typer.Option(0, help="random seed"),
+    device: str = typer.Option("cpu", help="torch device"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+) -> None:
+    """A student against its teacher on a split: map correlation, relevance mass and pointing game, time, break-even."""
+    from nemt.bench.fidelity import fidelity_report, markdown
+    from nemt.bench.runner import load_benchmark_data
+    from nemt.data.manifest import open_dataset
+    from nemt.explainers import get_explainer
+    from nemt.models import load_model
+    from nemt.models.training import load_splits
+
+    clf = load_model(model, device=device)
+    student = get_explainer("nemt", clf, path=explainer, device=device)
+    if getattr(student, "teacher", None) is None:
+        raise NemtError(f"{explainer}: not a student (fitted without --teacher)")
+    kw = {"labels": list(clf.label_names)} if clf.task == "multiclass" else {}
+    manifest = open_dataset(data, task=clf.task, **kw)
+    manifest.raise_problems()
+    splits = load_splits(model, manifest)
+    if split not in splits:
+        raise NemtError(f"--split must be one of {sorted(splits)}, got {split!r}")
+    bench = load_benchmark_data(clf, manifest, splits[split], device=device, limit=limit)
+    rep = fidelity_report(student, bench, out, batch_size=batch_size, seed=seed, progress=progress,
+                          log=lambda s: console.print(s, highlight=False))
+    console.print(markdown(rep), highlight=False)
+    typer.echo(json.dumps({"report": str(out / "fidelity.json")}))
 
 
 @app.command()

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
+import torch.utils.data
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -46,6 +48,64 @@ def model_checksum(model: nn.Module) -> str:
         h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+class _Items:
+    """Training items (x, y) by index from a map-style Dataset (or a DataLoader's), or from batches, materialised."""
+
+    def __init__(self, data: Any):
+        from torch.utils.data import DataLoader, Dataset
+        if isinstance(data, DataLoader):
+            data = data.dataset
+        if isinstance(data, Dataset):
+            self._get, self._n = (lambda i: _xy(data[i])), len(data)  # type: ignore[arg-type]
+        else:
+            rows = [(x[i], None if y is None else y[i]) for x, y in batches(data) for i in range(x.shape[0])]
+            self._get, self._n = rows.__getitem__, len(rows)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def view(self, order: Sequence[int], part: int) -> "_View":
+        return _View(self, order, part)
+
+    def item(self, i: int):
+        return self._get(i)
+
+
+class _View:
+    """``items.view(order, 0)[k]``: the x of item ``order[k]`` (part 1: its y), read when asked for."""
+
+    def __init__(self, items: _Items, order: Sequence[int], part: int):
+        self.items, self.order, self.part = items, list(order), part
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, k: int):
+        return self.items.item(self.order[k])[self.part]
+
+
+def _xy(item: Any) -> tuple[torch.Tensor, Any]:
+    if isinstance(item, dict):
+        return item["image"], item.get("y")
+    if isinstance(item, (list, tuple)):
+        return item[0], (item[1] if len(item) > 1 else None)
+    return item, None
+
+
+class _Paired(torch.utils.data.Dataset):
+    """(x, y, teacher maps, targets) per training item, for the student's loader."""
+
+    def __init__(self, xs: _View, ys: _View, maps: torch.Tensor, targets: torch.Tensor):
+        self.xs, self.ys, self.maps, self.targets = xs, ys, maps, targets
+
+    def __len__(self) -> int:
+        return len(self.xs)
+
+    def __getitem__(self, k: int):
+        y = self.ys[k]
+        return self.xs[k], (torch.as_tensor(-1) if y is None else y), self.maps[k], self.targets[k]
 
 
 def _select_maps(maps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -123,8 +183,11 @@ class _MaskExplainer(Explainer):
 
     def fitted_facts(self) -> dict:
         """What fitting resolved: the feature layers, the smoothing kernel, the epochs, the input's shape."""
-        return {"layers": self.layers_, "kernel_size": self.kernel_size_, "epochs": self.epochs_,
-                "input_size": self._input_size, "in_channels": self._in_channels}
+        facts = {"layers": self.layers_, "kernel_size": self.kernel_size_, "epochs": self.epochs_,
+                 "input_size": self._input_size, "in_channels": self._in_channels}
+        if getattr(self, "teacher_seconds_", None) is not None:  # a student: what its teacher cost on the training split
+            facts["teacher_seconds"] = self.teacher_seconds_
+        return facts
 
     @property
     def spatial_dims(self) -> int:
@@ -196,8 +259,9 @@ class _MaskExplainer(Explainer):
              progress: bool, log: Callable[[str], None] | None, guard: bool) -> "_MaskExplainer":
         log = log or (lambda s: console.print(s, soft_wrap=True, highlight=False))
         epochs = self.epochs_ = int(epochs or self.epochs)
-        data = self._loader(data)
         mod = self.init_module().module_
+        data = self._teacher_data(data, out_dir, progress, log) if getattr(self, "objective", None) == "teacher" \
+            else self._loader(data)
         key = json.loads(json.dumps({"params": self.hyper_params(), "epochs": epochs,
                                      "model": model_checksum(self.model)}))
         self._last_report = None  # set by validate(); the guard reuses the final epoch's report
@@ -290,6 +354,8 @@ class _MaskExplainer(Explainer):
         fitted = card.get("fitted") or {}
         self.layers_, self.kernel_size_ = fitted.get("layers"), fitted.get("kernel_size")
         self.epochs_ = fitted.get("epochs", params.get("epochs"))
+        if "teacher_seconds" in fitted:
+            self.teacher_seconds_ = fitted["teacher_seconds"]
         self.module_ = self._build()
         try:
             state = load_file(str(directory / WEIGHTS))
@@ -301,7 +367,8 @@ class _MaskExplainer(Explainer):
         return self
 
 
-OBJECTIVES = ("nested", "paper")
+OBJECTIVES = ("nested", "paper", "teacher")
+TEACHER_LOSSES = ("bce", "kl")
 GAMES = ("both", "deletion", "preservation")
 DEFAULT_AREAS = (0.01, 0.025, 0.05, 0.1, 0.2)  # 1 % added on BUSI/demo validation (pointing game; README)
 DEFAULT_MAP_AREAS = (0.01,)  # chosen on the demo's validation split (README); the logits rank every pixel anyway
@@ -360,7 +427,10 @@ class NEMt(_MaskExplainer):
                  games: str = "both", min_scale: float = 1.0, targets_per_image: int = 1,
                  present_fraction: float = 0.5, occlusion: str = "inpaint", blur_sigma: float | None = None,
                  quantity: str = "prob", area_weight: float = 1.0, change_weight: float = 2.0,
-                 area_target: float | None = None, train_targets: str | None = None, **kw: Any):
+                 area_target: float | None = None, train_targets: str | None = None,
+                 teacher: str | None = None, teacher_params: dict | None = None, teacher_budget: int | None = None,
+                 teacher_targets: str | None = None, teacher_loss: str = "bce", teacher_batch: int = 16,
+                 **kw: Any):
         super().__init__(model, **kw)
         self._params.update({k: v for k, v in locals().items() if k not in ("self", "__class__", "model", "kw")})
         if objective not in OBJECTIVES:
@@ -380,6 +450,21 @@ class NEMt(_MaskExplainer):
         self.task = card.task if card else "multiclass"
         if train_targets not in (None, "true", "predicted", "all"):
             raise NemtError(f"train_targets must be true, predicted or all, got {train_targets!r}")
+        if (objective == "teacher") != (teacher is not None):
+            raise ParameterError("objective='teacher' and teacher=METHOD go together (a student of METHOD)")
+        if teacher is not None:
+            from nemt.explainers.base import available
+            if teacher in ("nemt", "nem") or teacher not in available():
+                raise ParameterError(f"teacher must be one of {[m for m in available() if m not in ('nemt', 'nem')]}"
+                                     f", got {teacher!r}")
+        if teacher_loss not in TEACHER_LOSSES:
+            raise ParameterError(f"teacher_loss must be one of {TEACHER_LOSSES}, got {teacher_loss!r}")
+        if teacher_budget is not None and int(teacher_budget) < 1:
+            raise ParameterError(f"teacher_budget must be a positive number of images, got {teacher_budget!r}")
+        self.teacher, self.teacher_params, self.teacher_budget = teacher, dict(teacher_params or {}), teacher_budget
+        self.teacher_targets = teacher_targets or ("true" if self.task == "multiclass" else "all")
+        self.teacher_loss, self.teacher_batch = teacher_loss, int(teacher_batch)
+        self.teacher_seconds_: float | None = None
         self.objective = objective
         self.areas = [float(a) for a in areas]
         self.map_areas = [float(a) for a in map_areas] if map_areas else None
@@ -397,6 +482,8 @@ class NEMt(_MaskExplainer):
     def _map_kwargs(self) -> dict:
         if self.objective == "paper":
             return {"map_kind": "keep"}
+        if self.objective == "teacher":
+            return {"map_kind": "sigmoid"}
         return {"map_kind": "nested", "map_areas": self.map_areas or self.areas,
                 "map_temperature": self.map_temperature}
 
@@ -506,7 +593,59 @@ class NEMt(_MaskExplainer):
         clean = log_odds(out, self.task, self._scale()).gather(1, t).reshape(-1)
         return m_del, m_pres, clean
 
+    # -- the teacher objective (a student of another explainer) ------------------
+    def make_teacher(self):
+        """The teacher explainer, built from ``teacher`` and ``teacher_params`` (with this explainer's seed)."""
+        from nemt.explainers.base import get_explainer
+        return get_explainer(self.teacher, self.model, seed=self.seed, device=self.device, **self.teacher_params)
+
+    def _teacher_data(self, data: Any, out_dir: str | Path | None, progress: bool, log: Callable[[str], None]):
+        """A loader of (x, (y, teacher maps, their targets)) over the training items (at most ``teacher_budget``,
+        a seeded draw), the teacher's maps computed or read from ``out_dir/teacher``."""
+        from torch.utils.data import DataLoader
+
+        from nemt.explainers.nemt.teacher import TeacherCache, items_fingerprint
+        items = _Items(data)
+        order = list(range(len(items)))
+        if self.teacher_budget is not None and self.teacher_budget < len(items):
+            perm = torch.randperm(len(items), generator=torch.Generator().manual_seed(int(self.seed))).tolist()
+            order = sorted(perm[:int(self.teacher_budget)])
+        xs, ys = items.view(order, 0), items.view(order, 1)
+        key = {"teacher": self.teacher, "params": self.teacher_params, "targets": self.teacher_targets,
+               "seed": self.seed, "model": model_checksum(self.model), "items": len(order),
+               "first_items": items_fingerprint([xs[i] for i in range(min(8, len(order)))])}
+        cache = TeacherCache(Path(out_dir) / "teacher" if out_dir else None, key)
+        teacher = self.make_teacher()
+        cache.fill(teacher, xs, ys, self.model, targets=self.teacher_targets, seed=self.seed, device=self.device,
+                   batch_size=self.teacher_batch, progress=progress, log=log)
+        maps, targets, seconds = cache.load(len(order))
+        self.teacher_seconds_ = seconds
+        log(f"teacher {self.teacher}: {len(order)} training images, {seconds:.1f} s of explaining "
+            f"({1000 * seconds / max(len(order), 1):.0f} ms/image)")
+        paired = _Paired(xs, ys, maps, targets)
+        return DataLoader(paired, batch_size=int(self.batch_size), shuffle=True,
+                          drop_last=len(paired) > int(self.batch_size),
+                          generator=torch.Generator().manual_seed(int(self.seed)))
+
+    def _teacher_step(self, x, y, gen):
+        _, maps, targets = y
+        logits, _ = self.module_.logits(x)  # (B, n_maps, *spatial), at the image's size
+        lg = _select_maps(logits, targets.long())
+        m = maps.float().clamp(0, 1)
+        if self.teacher_loss == "bce":
+            loss = F.binary_cross_entropy_with_logits(lg, m)
+        else:  # KL(teacher || student) between maps normalised to distributions over the pixels
+            p = m.flatten(2)
+            p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
+            logq = lg.flatten(2).log_softmax(-1)
+            loss = (p * (p.clamp_min(1e-12).log() - logq)).sum(-1).mean()
+        with torch.no_grad():
+            err = (torch.sigmoid(lg) - m).abs().mean()
+        return loss, {"teacher_mae": float(err)}
+
     def _step(self, x, y, gen):
+        if self.objective == "teacher":
+            return self._teacher_step(x, y, gen)
         if self.objective == "paper":
             keep, qc, qd = self._deletion(x, y)
             return deletion_loss(keep, qc, qd, area_weight=self.area_weight, change_weight=self.change_weight,

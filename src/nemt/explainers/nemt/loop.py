@@ -42,9 +42,17 @@ def batches(data: Iterable) -> Iterable[tuple[torch.Tensor, torch.Tensor | None]
         if isinstance(b, dict):
             yield b["image"], b.get("y")
         elif isinstance(b, (list, tuple)):
-            yield b[0], (b[1] if len(b) > 1 else None)
+            yield b[0], (b[1] if len(b) == 2 else tuple(b[1:]) if len(b) > 2 else None)
         else:
             yield b, None
+
+
+def _to(y, device):
+    if y is None:
+        return None
+    if isinstance(y, (list, tuple)):
+        return type(y)(_to(v, device) for v in y)
+    return y.to(device)
 
 
 def fit_loop(module: nn.Module, data: Iterable, step: Step, *, epochs: int, optimizer: str, lr: float | None,
@@ -94,7 +102,7 @@ def fit_loop(module: nn.Module, data: Iterable, step: Step, *, epochs: int, opti
             opt.zero_grad(set_to_none=True)
             for i, (x, y) in enumerate(batches(data)):
                 x = x.to(device)
-                y = y.to(device) if y is not None else None
+                y = _to(y, device)
                 loss, parts = step(x, y, gen)
                 (loss / accumulate).backward()
                 if (i + 1) % accumulate == 0:

@@ -180,6 +180,7 @@ class ExplanationModule(nn.Module):
         """Explanation maps from the decoder's logits, by the objective's map kind.
 
         ``keep`` (the paper's objective): the deleted region 1 - smooth(sigmoid(logits)).
+        ``sigmoid`` (a student of another explainer): sigmoid(logits), resized.
         ``nested``: the smoothed mean of the nested fixed-area masks (``map_areas``).
         Logits on a coarser grid (``logits(x, native=True)``) are turned into a
         map there and the map is resized to ``size`` before the smoothing
@@ -188,6 +189,8 @@ class ExplanationModule(nn.Module):
         """
         sm = self.smoothing if smooth else (lambda m: m)
         size = tuple(size) if size is not None else tuple(logits.shape[2:])
+        if self.map_kind == "sigmoid":  # a student: the teacher's map as a per-pixel probability, no smoothing
+            return resize_linear(torch.sigmoid(logits), size)
         if self.map_kind == "keep":
             return 1 - sm(resize_linear(torch.sigmoid(logits), size))
         return sm(resize_linear(staircase(logits, self.map_areas, self.map_temperature), size))
