@@ -32,9 +32,11 @@ def _mean_sd(v: list[float]) -> dict:
 
 
 def fidelity_report(student: Any, data: Any, out: str | Path, *, batch_size: int = 16, seed: int = 0,
-                    progress: bool = True, log: Callable[[str], None] = print) -> dict:
+                    progress: bool = True, log: Callable[[str], None] = print,
+                    cache_dir: str | Path | None = None) -> dict:
     """Student against its teacher on ``data`` (a :class:`~nemt.bench.runner.BenchmarkData`); writes
-    ``fidelity.json`` and ``fidelity.md`` in ``out`` and returns the figures."""
+    ``fidelity.json`` and ``fidelity.md`` in ``out`` and returns the figures. The teacher's maps are cached in
+    ``cache_dir`` (default ``out/teacher``): students of one teacher can share them."""
     from nemt.explainers.nemt.estimator import model_checksum
     from nemt.explainers.nemt.teacher import TeacherCache, items_fingerprint
 
@@ -43,10 +45,11 @@ def fidelity_report(student: Any, data: Any, out: str | Path, *, batch_size: int
     items = data.items
     xs = [data.x[it.sample] for it in items]
     ys = [torch.tensor(it.target) for it in items]
+    seed = student.teacher_seed
     key = {"teacher": student.teacher, "params": student.teacher_params, "seed": seed,
            "model": model_checksum(student.model), "items": len(items), "fingerprint": data.fingerprint,
            "first_items": items_fingerprint(xs[:8])}
-    cache = TeacherCache(out / "teacher", key)
+    cache = TeacherCache(Path(cache_dir) if cache_dir is not None else out / "teacher", key)
     cache.fill(student.make_teacher(), xs, ys, student.model, targets="true", seed=seed, device=student.device,
                batch_size=batch_size, progress=progress, log=log)
     t_maps, _, t_seconds = cache.load(len(items))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import ot
 import torch
 import torch.nn.functional as F
 
@@ -85,6 +84,8 @@ def emd_score(maps: torch.Tensor, masks: torch.Tensor, *, abs: bool = True, max_
     small). Higher is better (1 = the map's mass lies exactly on GT); 0 for an
     all-zero map; NaN for an empty GT.
     """
+    import ot  # POT: imported when the metric is used (a large package)
+
     a, d = prepare_maps(maps, None, abs)
     m = expand_masks(masks, maps)
     spatial = tuple(maps.shape[2:])

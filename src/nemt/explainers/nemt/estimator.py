@@ -430,7 +430,7 @@ class NEMt(_MaskExplainer):
                  area_target: float | None = None, train_targets: str | None = None,
                  teacher: str | None = None, teacher_params: dict | None = None, teacher_budget: int | None = None,
                  teacher_targets: str | None = None, teacher_loss: str = "bce", teacher_batch: int = 16,
-                 **kw: Any):
+                 teacher_seed: int = 0, **kw: Any):
         super().__init__(model, **kw)
         self._params.update({k: v for k, v in locals().items() if k not in ("self", "__class__", "model", "kw")})
         if objective not in OBJECTIVES:
@@ -464,6 +464,7 @@ class NEMt(_MaskExplainer):
         self.teacher, self.teacher_params, self.teacher_budget = teacher, dict(teacher_params or {}), teacher_budget
         self.teacher_targets = teacher_targets or ("true" if self.task == "multiclass" else "all")
         self.teacher_loss, self.teacher_batch = teacher_loss, int(teacher_batch)
+        self.teacher_seed = int(teacher_seed)  # the teacher's own draws: students of any seed share its maps
         self.teacher_seconds_: float | None = None
         self.objective = objective
         self.areas = [float(a) for a in areas]
@@ -597,7 +598,8 @@ class NEMt(_MaskExplainer):
     def make_teacher(self):
         """The teacher explainer, built from ``teacher`` and ``teacher_params`` (with this explainer's seed)."""
         from nemt.explainers.base import get_explainer
-        return get_explainer(self.teacher, self.model, seed=self.seed, device=self.device, **self.teacher_params)
+        return get_explainer(self.teacher, self.model, seed=self.teacher_seed, device=self.device,
+                             **self.teacher_params)
 
     def _teacher_data(self, data: Any, out_dir: str | Path | None, progress: bool, log: Callable[[str], None]):
         """A loader of (x, (y, teacher maps, their targets)) over the training items (at most ``teacher_budget``,
@@ -608,15 +610,17 @@ class NEMt(_MaskExplainer):
         items = _Items(data)
         order = list(range(len(items)))
         if self.teacher_budget is not None and self.teacher_budget < len(items):
-            perm = torch.randperm(len(items), generator=torch.Generator().manual_seed(int(self.seed))).tolist()
+            perm = torch.randperm(len(items), generator=torch.Generator().manual_seed(self.teacher_seed)).tolist()
             order = sorted(perm[:int(self.teacher_budget)])
         xs, ys = items.view(order, 0), items.view(order, 1)
         key = {"teacher": self.teacher, "params": self.teacher_params, "targets": self.teacher_targets,
-               "seed": self.seed, "model": model_checksum(self.model), "items": len(order),
+               "seed": self.teacher_seed,
+               "model": model_checksum(self.model), "items": len(order),
                "first_items": items_fingerprint([xs[i] for i in range(min(8, len(order)))])}
         cache = TeacherCache(Path(out_dir) / "teacher" if out_dir else None, key)
         teacher = self.make_teacher()
-        cache.fill(teacher, xs, ys, self.model, targets=self.teacher_targets, seed=self.seed, device=self.device,
+        cache.fill(teacher, xs, ys, self.model, targets=self.teacher_targets, seed=self.teacher_seed,
+                   device=self.device,
                    batch_size=self.teacher_batch, progress=progress, log=log)
         maps, targets, seconds = cache.load(len(order))
         self.teacher_seconds_ = seconds

@@ -1,0 +1,197 @@
+"""Students of extremal perturbation and RISE on BUSI (128 px): teacher cost, student fidelity, break-even.
+
+Two steps, so that the heavy part can run on a GPU machine that cannot read the data folder:
+
+    # 1. here: BUSI's 128 px images (8-bit, as the model sees them before normalisation), masks, labels, split
+    python benchmarks/students_busi.py pack --model runs/busi-r18 --data ../shared/data/busi --out .carry/busi128
+    # 2. anywhere (e.g. --device cuda): teachers on the training split, students (3 seeds), fidelity on test
+    python benchmarks/students_busi.py run --pack .carry/busi128 --out runs/students --device cuda
+
+The pack holds the model folder's card, weights and split, so step 2 needs nothing else. Teachers: extremal
+perturbation (300 steps) and RISE (4000 masks), and the noisy ones (30 steps; 200 masks). Each student: NEMt's
+decoder, 10 epochs, BCE on the teacher's maps; seeds 0, 1, 2 share the teacher's maps (teacher_seed 0).
+Prints one table: relevance mass and pointing game of teacher and student on the test split, Pearson
+correlation of the maps, ms per image of both, the teacher's minutes on the training split, break-even images.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+TEACHERS = {  # name: (method, parameters)
+    "extremal": ("extremal", {}),
+    "rise": ("rise", {"n_masks": 4000}),
+    "extremal-30": ("extremal", {"steps": 30}),
+    "rise-200": ("rise", {"n_masks": 200}),
+}
+SPLITS = {"train": 0, "val": 1, "test": 2}
+
+
+def pack(args) -> None:
+    from nemt.data.manifest import open_dataset
+    from nemt.data.dataset import ImageDataset
+    from nemt.models import load_model
+    from nemt.models.training import load_splits
+
+    clf = load_model(args.model)
+    manifest = open_dataset(args.data, task=clf.task, labels=list(clf.label_names))
+    splits = load_splits(args.model, manifest)
+    out = Path(args.out)
+    (out / "model").mkdir(parents=True, exist_ok=True)
+    for name in ("model.json", "model.safetensors", "splits.csv"):
+        shutil.copy2(Path(args.model) / name, out / "model" / name)
+    units, masks, ys, split, index = [], [], [], [], []
+    for name, code in SPLITS.items():
+        ds = ImageDataset(manifest, clf.preprocessing, splits[name])
+        for i in range(len(ds)):
+            x, gt, _ = ds.unit_item(i)
+            units.append((x.clamp(0, 1) * 255).round().to(torch.uint8))
+            masks.append(gt.to(torch.uint8))
+            ys.append(int(manifest.samples[ds.indices[i]].y))
+            split.append(code)
+            index.append(int(ds.indices[i]))
+    import numpy as np
+    gt = torch.stack(masks)
+    bits = torch.from_numpy(np.packbits(gt.numpy().astype(bool).reshape(-1)))  # 1 bit a pixel: the pack stays small
+    save_file({"unit": torch.stack(units), "gt_bits": bits, "gt_shape": torch.tensor(gt.shape), "y": torch.tensor(ys),
+               "split": torch.tensor(split), "index": torch.tensor(index)}, str(out / "busi128.safetensors"))
+    print(f"packed {len(ys)} images into {out}")
+
+
+def run(args) -> None:
+    from nemt.bench.fidelity import fidelity_report
+    from nemt.bench.runner import BenchmarkData, Item
+    from nemt.explainers import NEMt
+    from nemt.models import load_model
+
+    torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    pk = Path(args.pack)
+    clf = load_model(pk / "model", device=args.device)
+    t = load_file(str(pk / "busi128.safetensors"))
+    import numpy as np
+    shape = tuple(int(v) for v in t["gt_shape"])
+    t["gt"] = torch.from_numpy(np.unpackbits(t["gt_bits"].numpy())[:int(np.prod(shape))].reshape(shape).copy())
+    x = clf.preprocessing.normalise(t["unit"].float() / 255)
+    y, split = t["y"], t["split"]
+
+    def part(code, limit=None):
+        idx = (split == code).nonzero().flatten()[:limit]
+        return x[idx], y[idx], t["gt"][idx].bool(), idx
+
+    xtr, ytr, _, _ = part(0, args.limit)
+    xva, yva, _, _ = part(1, args.limit)
+    xte, yte, gte, ite = part(2, args.limit)
+    names = list(clf.label_names)
+    items = [Item(k, k, f"test-{int(ite[k])}", int(yte[k]), names[int(yte[k])], bool(gte[k].any()))
+             for k in range(len(yte))]
+    bench = BenchmarkData(xte.to(dev), (t["unit"][ite].float() / 255), gte.to(dev), items, names,
+                          fingerprint=f"busi128-test-{len(items)}")
+    train = torch.utils.data.TensorDataset(xtr, ytr)
+    val = [(xva[i:i + 32], yva[i:i + 32]) for i in range(0, len(yva), 32)]
+    out = Path(args.out)
+    rows = []
+    for tname in args.teachers.split(","):
+        method, params = TEACHERS[tname]
+        params = {**params, **{k.split(".", 1)[1].split("=")[0]: _num(k.split("=", 1)[1])
+                               for k in args.teacher_param if k.split(".", 1)[0] == method}}
+        seeds = [0] if "-" in tname else [int(s) for s in args.seeds.split(",")]
+        for seed in seeds:
+            folder = out / f"{tname}-s{seed}"
+            cache = out / f"{tname}-teacher"  # the teacher's maps, shared by the seeds
+            if (folder / "teacher").exists() is False and cache.exists():
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / "teacher").symlink_to(cache.resolve(), target_is_directory=True)
+            t0 = time.perf_counter()
+            st = NEMt(clf, objective="teacher", teacher=method, teacher_params=params, epochs=args.epochs,
+                      seed=seed, device=args.device, teacher_batch=args.teacher_batch)
+            st.fit(train, val_data=val, out_dir=folder, progress=False, log=print, guard=False)
+            if not cache.exists():
+                (folder / "teacher").rename(cache)
+                (folder / "teacher").symlink_to(cache.resolve(), target_is_directory=True)
+            fit_s = time.perf_counter() - t0
+            rep = fidelity_report(st, bench, out / f"{tname}-fidelity-s{seed}", batch_size=args.teacher_batch,
+                                  progress=False, log=print, cache_dir=out / f"{tname}-teacher-test")
+            rep.update({"student_seed": seed, "fit_seconds_total": fit_s, "teacher_name": tname})
+            rows.append(rep)
+            print(json.dumps({k: rep[k] for k in ("teacher_name", "student_seed", "pearson", "student",
+                                                   "teacher_maps", "teacher_seconds_on_training_split",
+                                                   "break_even_images")}), flush=True)
+            for where in [out] + ([Path(args.artifacts)] if args.artifacts else []):
+                where.mkdir(parents=True, exist_ok=True)
+                (where / "students.json").write_text(json.dumps(rows, indent=1))
+                (where / "students.md").write_text(table(rows) + "\n")
+    print(table(rows))
+    if args.artifacts:  # the seed-0 students of the full-budget teachers, to check on other machines
+        import tarfile
+        with tarfile.open(Path(args.artifacts) / "students-s0.tar.gz", "w:gz") as tar:
+            for tname in ("extremal", "rise"):
+                for f in ("explainer.json", "explainer.safetensors", "collapse.json"):
+                    p = out / f"{tname}-s0" / f
+                    if p.is_file():
+                        tar.add(p, arcname=f"{tname}-s0/{f}")
+
+
+def _num(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def table(rows) -> str:
+    def ms(vals):
+        return f"{statistics.fmean(vals):.3f} ± {statistics.stdev(vals):.3f}" if len(vals) > 1 else f"{vals[0]:.3f}"
+    lines = ["| teacher | student seeds | rm teacher | rm student | pg teacher | pg student | Pearson | "
+             "ms/img teacher | ms/img student | teacher on train (min) | break-even (images) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    by = {}
+    for r in rows:
+        by.setdefault(r["teacher_name"], []).append(r)
+    for name, rs in by.items():
+        g = lambda k, s: [r[k][s]["mean"] for r in rs]  # noqa: E731
+        be = [r["break_even_images"] for r in rs if r["break_even_images"]]
+        lines.append(f"| {name} | {len(rs)} | {ms(g('teacher_maps', 'relevance_mass'))} | "
+                     f"{ms(g('student', 'relevance_mass'))} | {ms(g('teacher_maps', 'pointing_game'))} | "
+                     f"{ms(g('student', 'pointing_game'))} | {ms([r['pearson']['mean'] for r in rs])} | "
+                     f"{statistics.fmean(r['teacher_maps']['ms_per_image'] for r in rs):.1f} | "
+                     f"{statistics.fmean(r['student']['ms_per_image'] for r in rs):.2f} | "
+                     f"{rs[0]['teacher_seconds_on_training_split'] / 60:.2f} | "
+                     f"{statistics.fmean(be):.0f} |" if be else "| - |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("pack")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--pack", required=True)
+    r.add_argument("--out", required=True)
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--teachers", default="extremal,rise,extremal-30,rise-200")
+    r.add_argument("--seeds", default="0,1,2")
+    r.add_argument("--epochs", type=int, default=10)
+    r.add_argument("--teacher-batch", type=int, default=16)
+    r.add_argument("--limit", type=int, default=None, help="at most this many images per split (a quick check)")
+    r.add_argument("--artifacts", default=None, help="also write the table and the seed-0 students here")
+    r.add_argument("--teacher-param", action="append", default=[], help="TEACHER.KEY=VALUE, e.g. rise.batch_size=500")
+    args = ap.parse_args()
+    pack(args) if args.cmd == "pack" else run(args)
+
+
+if __name__ == "__main__":
+    main()
