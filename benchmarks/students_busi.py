@@ -87,56 +87,81 @@ def run(args) -> None:
         return x[idx], y[idx], t["gt"][idx].bool(), idx
 
     xtr, ytr, _, _ = part(0, args.limit)
-    xva, yva, _, _ = part(1, args.limit)
-    xte, yte, gte, ite = part(2, args.limit)
     names = list(clf.label_names)
-    items = [Item(k, k, f"test-{int(ite[k])}", int(yte[k]), names[int(yte[k])], bool(gte[k].any()))
-             for k in range(len(yte))]
-    bench = BenchmarkData(xte.to(dev), (t["unit"][ite].float() / 255), gte.to(dev), items, names,
-                          fingerprint=f"busi128-test-{len(items)}")
+
+    def bench_of(code, tag):
+        xs, ys, gs, ids = part(code, args.limit)
+        items = [Item(k, k, f"{tag}-{int(ids[k])}", int(ys[k]), names[int(ys[k])], bool(gs[k].any()))
+                 for k in range(len(ys))]
+        return BenchmarkData(xs.to(dev), (t["unit"][ids].float() / 255), gs.to(dev), items, names,
+                             fingerprint=f"busi128-{tag}-{len(items)}"), xs, ys
+
+    val_bench, xva, yva = bench_of(1, "val")
+    test_bench, _, _ = bench_of(2, "test")
     train = torch.utils.data.TensorDataset(xtr, ytr)
     val = [(xva[i:i + 32], yva[i:i + 32]) for i in range(0, len(yva), 32)]
     out = Path(args.out)
     rows = []
+
+    def student(tname, method, params, seed, loss, epochs, bench, split):
+        folder = out / f"{tname}-{loss}{epochs}-s{seed}"
+        cache = out / f"{tname}-teacher"  # the teacher's maps, shared by the seeds and variants
+        if not (folder / "teacher").exists() and cache.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "teacher").symlink_to(cache.resolve(), target_is_directory=True)
+        t0 = time.perf_counter()
+        st = NEMt(clf, objective="teacher", teacher=method, teacher_params=params, epochs=epochs, seed=seed,
+                  device=args.device, teacher_batch=args.teacher_batch, teacher_loss=loss)
+        st.fit(train, val_data=val, out_dir=folder, progress=False, log=print, guard=False)
+        if not cache.exists():
+            (folder / "teacher").rename(cache)
+            (folder / "teacher").symlink_to(cache.resolve(), target_is_directory=True)
+        fit_s = time.perf_counter() - t0
+        rep = fidelity_report(st, bench, out / f"{tname}-{loss}{epochs}-{split}-s{seed}",
+                              batch_size=args.teacher_batch, progress=False, log=print,
+                              cache_dir=out / f"{tname}-teacher-{split}")
+        rep.update({"student_seed": seed, "fit_seconds_total": fit_s, "teacher_name": tname, "split": split,
+                    "loss": loss, "epochs": epochs, "folder": folder.name})
+        print(json.dumps({k: rep[k] for k in ("teacher_name", "split", "loss", "epochs", "student_seed", "pearson",
+                                               "student", "teacher_maps", "teacher_seconds_on_training_split",
+                                               "break_even_images")}), flush=True)
+        return rep
+
+    variants = [(v.split(":")[0], int(v.split(":")[1])) for v in args.variants.split(",")]
+    chosen = {}
     for tname in args.teachers.split(","):
         method, params = TEACHERS[tname]
         params = {**params, **{k.split(".", 1)[1].split("=")[0]: _num(k.split("=", 1)[1])
                                for k in args.teacher_param if k.split(".", 1)[0] == method}}
+        loss, epochs = variants[0]
+        if len(variants) > 1:  # chosen on the validation split (seed 0); the test split only reports
+            scored = []
+            for v_loss, v_epochs in variants:
+                rep = student(tname, method, params, 0, v_loss, v_epochs, val_bench, "val")
+                score = (rep["student"]["relevance_mass"]["mean"] + rep["student"]["pointing_game"]["mean"]) / 2
+                scored.append((score, v_loss, v_epochs))
+                rows.append(rep)
+            _, loss, epochs = max(scored)
+            chosen[tname] = {"loss": loss, "epochs": epochs, "val": scored}
+            print(f"{tname}: chosen on validation: {loss}, {epochs} epochs ({scored})", flush=True)
         seeds = [0] if "-" in tname else [int(s) for s in args.seeds.split(",")]
         for seed in seeds:
-            folder = out / f"{tname}-s{seed}"
-            cache = out / f"{tname}-teacher"  # the teacher's maps, shared by the seeds
-            if (folder / "teacher").exists() is False and cache.exists():
-                folder.mkdir(parents=True, exist_ok=True)
-                (folder / "teacher").symlink_to(cache.resolve(), target_is_directory=True)
-            t0 = time.perf_counter()
-            st = NEMt(clf, objective="teacher", teacher=method, teacher_params=params, epochs=args.epochs,
-                      seed=seed, device=args.device, teacher_batch=args.teacher_batch)
-            st.fit(train, val_data=val, out_dir=folder, progress=False, log=print, guard=False)
-            if not cache.exists():
-                (folder / "teacher").rename(cache)
-                (folder / "teacher").symlink_to(cache.resolve(), target_is_directory=True)
-            fit_s = time.perf_counter() - t0
-            rep = fidelity_report(st, bench, out / f"{tname}-fidelity-s{seed}", batch_size=args.teacher_batch,
-                                  progress=False, log=print, cache_dir=out / f"{tname}-teacher-test")
-            rep.update({"student_seed": seed, "fit_seconds_total": fit_s, "teacher_name": tname})
-            rows.append(rep)
-            print(json.dumps({k: rep[k] for k in ("teacher_name", "student_seed", "pearson", "student",
-                                                   "teacher_maps", "teacher_seconds_on_training_split",
-                                                   "break_even_images")}), flush=True)
+            rows.append(student(tname, method, params, seed, loss, epochs, test_bench, "test"))
             for where in [out] + ([Path(args.artifacts)] if args.artifacts else []):
                 where.mkdir(parents=True, exist_ok=True)
-                (where / "students.json").write_text(json.dumps(rows, indent=1))
-                (where / "students.md").write_text(table(rows) + "\n")
-    print(table(rows))
-    if args.artifacts:  # the seed-0 students of the full-budget teachers, to check on other machines
+                (where / "students.json").write_text(json.dumps({"chosen": chosen, "rows": rows}, indent=1))
+                (where / "students.md").write_text(table([r for r in rows if r["split"] == "test"]) + "\n")
+    rows_test = [r for r in rows if r["split"] == "test"]
+    print(table(rows_test))
+    if args.artifacts:  # the students of --tar-teachers, to check on other machines
         import tarfile
-        with tarfile.open(Path(args.artifacts) / "students-s0.tar.gz", "w:gz") as tar:
-            for tname in ("extremal", "rise"):
-                for f in ("explainer.json", "explainer.safetensors", "collapse.json"):
-                    p = out / f"{tname}-s0" / f
-                    if p.is_file():
-                        tar.add(p, arcname=f"{tname}-s0/{f}")
+        with tarfile.open(Path(args.artifacts) / "students.tar.gz", "w:gz") as tar:
+            for r in rows_test:
+                if r["teacher_name"] in args.tar_teachers.split(","):
+                    for f in ("explainer.json", "explainer.safetensors", "collapse.json"):
+                        p = out / r["folder"] / f
+                        if p.is_file():
+                            tar.add(p, arcname=f"{r['folder']}/{f}")
 
 
 def _num(v: str):
@@ -160,7 +185,7 @@ def table(rows) -> str:
     for name, rs in by.items():
         g = lambda k, s: [r[k][s]["mean"] for r in rs]  # noqa: E731
         be = [r["break_even_images"] for r in rs if r["break_even_images"]]
-        lines.append(f"| {name} | {len(rs)} | {ms(g('teacher_maps', 'relevance_mass'))} | "
+        lines.append(f"| {name} ({rs[0]['loss']}, {rs[0]['epochs']} ep.) | {len(rs)} | {ms(g('teacher_maps', 'relevance_mass'))} | "
                      f"{ms(g('student', 'relevance_mass'))} | {ms(g('teacher_maps', 'pointing_game'))} | "
                      f"{ms(g('student', 'pointing_game'))} | {ms([r['pearson']['mean'] for r in rs])} | "
                      f"{statistics.fmean(r['teacher_maps']['ms_per_image'] for r in rs):.1f} | "
@@ -184,10 +209,12 @@ def main() -> None:
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--teachers", default="extremal,rise,extremal-30,rise-200")
     r.add_argument("--seeds", default="0,1,2")
-    r.add_argument("--epochs", type=int, default=10)
+    r.add_argument("--variants", default="bce:10", help="student loss:epochs to compare on the validation split "
+                   "(seed 0), e.g. bce:10,kl:10,bce:30; the best (mean of relevance mass and pointing game) goes on")
     r.add_argument("--teacher-batch", type=int, default=16)
     r.add_argument("--limit", type=int, default=None, help="at most this many images per split (a quick check)")
-    r.add_argument("--artifacts", default=None, help="also write the table and the seed-0 students here")
+    r.add_argument("--artifacts", default=None, help="also write the table and the students of --tar-teachers here")
+    r.add_argument("--tar-teachers", default="extremal", help="whose students go into ARTIFACTS/students.tar.gz")
     r.add_argument("--teacher-param", action="append", default=[], help="TEACHER.KEY=VALUE, e.g. rise.batch_size=500")
     args = ap.parse_args()
     pack(args) if args.cmd == "pack" else run(args)

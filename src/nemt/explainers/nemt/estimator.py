@@ -430,7 +430,7 @@ class NEMt(_MaskExplainer):
                  area_target: float | None = None, train_targets: str | None = None,
                  teacher: str | None = None, teacher_params: dict | None = None, teacher_budget: int | None = None,
                  teacher_targets: str | None = None, teacher_loss: str = "bce", teacher_batch: int = 16,
-                 teacher_seed: int = 0, **kw: Any):
+                 teacher_seed: int = 0, student_map: str = "sigmoid", **kw: Any):
         super().__init__(model, **kw)
         self._params.update({k: v for k, v in locals().items() if k not in ("self", "__class__", "model", "kw")})
         if objective not in OBJECTIVES:
@@ -465,6 +465,9 @@ class NEMt(_MaskExplainer):
         self.teacher_targets = teacher_targets or ("true" if self.task == "multiclass" else "all")
         self.teacher_loss, self.teacher_batch = teacher_loss, int(teacher_batch)
         self.teacher_seed = int(teacher_seed)  # the teacher's own draws: students of any seed share its maps
+        if student_map not in ("sigmoid", "areas"):
+            raise ParameterError(f"student_map must be 'sigmoid' or 'areas', got {student_map!r}")
+        self.student_map = student_map
         self.teacher_seconds_: float | None = None
         self.objective = objective
         self.areas = [float(a) for a in areas]
@@ -483,10 +486,26 @@ class NEMt(_MaskExplainer):
     def _map_kwargs(self) -> dict:
         if self.objective == "paper":
             return {"map_kind": "keep"}
-        if self.objective == "teacher":
+        if self.objective == "teacher" and self.student_map == "sigmoid":
             return {"map_kind": "sigmoid"}
         return {"map_kind": "nested", "map_areas": self.map_areas or self.areas,
                 "map_temperature": self.map_temperature}
+
+    def set_student_map(self, student_map: str, map_areas: Sequence[float] | None = None) -> "NEMt":
+        """A student's map (no refit): ``"sigmoid"`` (the teacher's map as learnt) or ``"areas"`` (the nested
+        fixed-area map of its logits, like NEMt's, at ``map_areas``: e.g. the teacher's own area)."""
+        if self.objective != "teacher":
+            raise NemtError("student_map applies to students (objective='teacher') only")
+        if student_map not in ("sigmoid", "areas"):
+            raise ParameterError(f"student_map must be 'sigmoid' or 'areas', got {student_map!r}")
+        self.student_map = self._params["student_map"] = student_map
+        if map_areas is not None:
+            self.map_areas = [float(a) for a in map_areas]
+            self._params["map_areas"] = map_areas
+        if self.module_ is not None:
+            for k, v in self._map_kwargs().items():
+                setattr(self.module_, k, tuple(v) if k == "map_areas" else v)
+        return self
 
     def set_map_areas(self, map_areas: Sequence[float] | None) -> "NEMt":
         """Change the areas the map is built from (no refit: the logits rank the pixels whatever the areas)."""
