@@ -164,6 +164,60 @@ def run(args) -> None:
                             tar.add(p, arcname=f"{r['folder']}/{f}")
 
 
+MAP_CANDIDATES = [("sigmoid", None), ("areas", [0.01]), ("areas", [0.025]), ("areas", [0.05]), ("areas", [0.1]),
+                  ("areas", [0.01, 0.05])]
+
+
+def evaluate(args) -> None:
+    """Students brought back from `run` on this machine's exact inputs: the student's map chosen on the
+    validation split (seed 0), then relevance mass and pointing game of every seed on the test split."""
+    from nemt.bench.runner import load_benchmark_data
+    from nemt.data.manifest import open_dataset
+    from nemt.explainers import get_explainer
+    from nemt.metrics import pointing_game, relevance_mass
+    from nemt.models import load_model
+    from nemt.models.training import load_splits
+
+    torch.set_num_threads(args.threads)
+    clf = load_model(args.model)
+    man = open_dataset(args.data, task=clf.task, labels=list(clf.label_names))
+    splits = load_splits(args.model, man)
+    data = {s: load_benchmark_data(clf, man, splits[s]) for s in ("val", "test")}
+
+    def score(st, split):
+        bd = data[split]
+        idx = torch.tensor([it.sample for it in bd.items])
+        t = torch.tensor([it.target for it in bd.items])
+        maps = torch.cat([st.explain(bd.x[idx[i:i + 16]], target=t[i:i + 16]) for i in range(0, len(idx), 16)])
+        gt = bd.gt[idx]
+        return (float(relevance_mass(maps, gt)[:, 0].nanmean()), float(pointing_game(maps, gt)[:, 0].nanmean()))
+
+    root = Path(args.students)
+    lines = ["| teacher | student map (chosen on val) | val rm / pg (seed 0) | test rm | test pg | seeds |",
+             "|---|---|---|---|---|---|"]
+    for teacher in args.teachers.split(","):
+        folders = sorted(root.glob(f"{teacher}-*-s*"))
+        s0 = get_explainer("nemt", clf, path=folders[0])
+        val = []
+        for kind, areas in MAP_CANDIDATES:
+            s0.set_student_map(kind, areas)
+            rm, pg = score(s0, "val")
+            val.append(((rm + pg) / 2, kind, areas, rm, pg))
+            print(teacher, "val", kind, areas, f"rm {rm:.3f} pg {pg:.3f}", flush=True)
+        best = max(val, key=lambda v: v[0])
+        tests = []
+        for f in folders:
+            st = get_explainer("nemt", clf, path=f).set_student_map(best[1], best[2])
+            tests.append(score(st, "test"))
+            print(teacher, f.name, "test", tests[-1], flush=True)
+        rms, pgs = [a for a, _ in tests], [b for _, b in tests]
+        sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
+        lines.append(f"| {teacher} | {best[1]} {best[2] or ''} | {best[3]:.3f} / {best[4]:.3f} | "
+                     f"{statistics.fmean(rms):.3f} ± {sd(rms):.3f} | {statistics.fmean(pgs):.3f} ± {sd(pgs):.3f} | "
+                     f"{len(tests)} |")
+    print("\n".join(lines))
+
+
 def _num(v: str):
     for cast in (int, float):
         try:
@@ -216,8 +270,14 @@ def main() -> None:
     r.add_argument("--artifacts", default=None, help="also write the table and the students of --tar-teachers here")
     r.add_argument("--tar-teachers", default="extremal", help="whose students go into ARTIFACTS/students.tar.gz")
     r.add_argument("--teacher-param", action="append", default=[], help="TEACHER.KEY=VALUE, e.g. rise.batch_size=500")
+    e = sub.add_parser("evaluate")
+    e.add_argument("--students", required=True, help="folder with TEACHER-...-sN student folders (from run)")
+    e.add_argument("--model", required=True)
+    e.add_argument("--data", required=True)
+    e.add_argument("--teachers", default="extremal,rise")
+    e.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    pack(args) if args.cmd == "pack" else run(args)
+    {"pack": pack, "run": run, "evaluate": evaluate}[args.cmd](args)
 
 
 if __name__ == "__main__":
