@@ -579,3 +579,106 @@ def main() -> None:  # pragma: no cover
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+@app.command()
+@_friendly
+def concepts(
+    model: Path = typer.Option(..., help="model folder"),
+    layer: str = typer.Option(..., help="module name in the network (e.g. stage4, layer4, fc), or 'output'"),
+    data: Path = typer.Option(..., help="probe images: manifest.csv, a folder with one, a class-per-folder tree"),
+    vlm: str = typer.Option("tiny", help="a local vision-language model folder (open_clip, Hugging Face CLIP, a "
+                                         "saved tiny CLIP) or 'tiny' (nemt's tiny CLIP, trained on phantoms)"),
+    concepts_file: Optional[Path] = typer.Option(None, "--concepts", help="concept file, one a line "
+                                                 "[default: nemt's radiology/ultrasound list]"),
+    method: str = typer.Option("mammi", help="mammi | clip-dissect"),
+    template: Optional[str] = typer.Option(None, help="prompt before each concept [default: 'a chest x-ray image "
+                                                      "of a' for mammi, none for clip-dissect]"),
+    out: Path = typer.Option(..., help="output folder"),
+    limit: Optional[int] = typer.Option(None, min=1, help="probe only the first N images"),
+    sheets: int = typer.Option(24, min=0, help="contact sheets in the report (labelled neurons first)"),
+    batch_size: int = typer.Option(32, min=1, help="images per forward pass"),
+    seed: int = typer.Option(0, help="random seed (the tiny CLIP's training)"),
+    device: str = typer.Option("cpu", help="torch device"),
+    max_pixels: Optional[float] = MaxPixelsOpt,
+) -> None:
+    """What a layer's neurons detect (CLIP-Dissect or MAMMI): tables per neuron, a summary, an HTML report."""
+    import csv
+    import hashlib
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from nemt.concepts import DEFAULT_CONCEPTS, annotate, load_vlm, read_concepts
+    from nemt.concepts.report import contact_sheet, write_concept_report
+    from nemt.data import ImageDataset
+    from nemt.explainers import GradCAM
+    from nemt.explainers.layers import FeatureTap
+    from nemt.files import atomic_open, write_json
+    from nemt.models import load_model
+    from nemt.ops import evaluating
+
+    torch.manual_seed(seed)
+    clf = load_model(model, device=device)
+    manifest = _open(data, None, None, max_pixels=max_pixels)
+    n = len(manifest.samples) if limit is None else min(limit, len(manifest.samples))
+    ds = ImageDataset(manifest, clf.preprocessing, list(range(n)))
+    words = read_concepts(concepts_file or DEFAULT_CONCEPTS)
+    out.mkdir(parents=True, exist_ok=True)
+    size = min(clf.preprocessing.size) if clf.spatial_dims == 2 else 48
+    vl = load_vlm(vlm, device=device, seed=seed, size=max(32, int(size)), cache_dir=out / "tiny-clip")
+    src = manifest.path if getattr(manifest, "path", None) else data
+    key = hashlib.sha256(json.dumps([str(Path(src).resolve()), n, clf.preprocessing.to_dict()],
+                                    sort_keys=True, default=str).encode()).hexdigest()
+    ann = annotate(clf, layer, ds, vl, words, method=method, template=template, batch_size=batch_size,
+                   device=device, cache=out / "cache" / "image_embeddings.safetensors", cache_key=key)
+    rows = ann.rows()
+    write_json(out / "neurons.json", {"method": method, "layer": layer, "vlm": vl.name, "params": ann.params,
+                                      "probe_images": n, "concepts": words, "neurons": rows})
+    with atomic_open(out / "neurons.csv", "w", encoding="utf-8", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(["neuron", "status", "n_images", "label", "concepts", "best", "best_score"])
+        for r in rows:
+            w.writerow([r["neuron"], r["status"], r["n_images"], r["label"] or "",
+                        "; ".join(f"{c} ({s:.4g})" for c, s in r["concepts"]), r["best"], r["best_score"]])
+    summary = ann.summary()
+    write_json(out / "summary.json", {c: {"neurons": len(v), "which": v} for c, v in summary.items()})
+    with atomic_open(out / "summary.csv", "w", encoding="utf-8", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(["concept", "neurons", "which"])
+        w.writerows([c, len(v), " ".join(v)] for c, v in summary.items())
+    order = sorted(range(len(rows)), key=lambda k: (rows[k]["status"] != "ok", -(rows[k]["best_score"] or 0)))
+    is_output = ann.neurons == list(clf.label_names)
+    sheet_png: dict[int, bytes] = {}
+    for k in order[:sheets]:
+        idx = ann.top_images[k].tolist()
+        units = torch.stack([ds.unit_item(i)[0] for i in idx])
+        x = clf.preprocessing.normalise(units).to(device)
+        if is_output:
+            maps = GradCAM(clf, device=device).explain(x, target=k)[:, 0].detach().cpu()
+        else:
+            with evaluating(clf), torch.no_grad(), FeatureTap(clf, [layer]) as tap:
+                clf(x)
+                f = tap.features[layer][:, k:k + 1].float().cpu()
+            if f.ndim < 4:
+                maps = None
+            else:
+                f = F.interpolate(f, size=units.shape[2:], mode="bilinear" if f.ndim == 4 else "trilinear",
+                                  align_corners=False)[:, 0]
+                lo, hi = f.amin(), f.amax()
+                maps = (f - lo) / (hi - lo) if hi > lo else torch.zeros_like(f)
+        caps = [f"#{i} {float(ann.activations[i, k]):.3g}" for i in idx]
+        label = ", ".join(c for c, _ in rows[k]["concepts"][:3]) or rows[k]["status"]
+        png = contact_sheet(units.numpy(), None if maps is None else maps.numpy(), f"{ann.neurons[k]}: {label}",
+                            caps)
+        with atomic_open(out / "sheets" / f"neuron_{k:04d}.png", "wb") as fh:
+            fh.write(png)
+        sheet_png[k] = png
+    facts = {"model": str(model), "layer": layer, "method": method, "vision-language model": vl.name,
+             "probe images": str(n), "concepts": f"{len(words)} ({concepts_file or DEFAULT_CONCEPTS.name})",
+             "prompt": repr(ann.params.get("template", "")), "seed": str(seed)}
+    report = write_concept_report(out, ann, title=f"Concepts of {layer} ({method})", facts=facts, sheets=sheet_png)
+    typer.echo(json.dumps({"neurons": len(rows), "labelled": sum(1 for r in rows if r["label"]),
+                           "dead": sum(1 for r in rows if r["status"] == "dead"),
+                           "summary": {c: len(v) for c, v in summary.items()}, "report": str(report)}, indent=2))

@@ -1,0 +1,247 @@
+"""Concept annotation (issue 15): known answers of CLIP-Dissect and MAMMI, the VLMs, the phantom end to end.
+
+The classifier, the tiny CLIP and the phantoms are built once per module (about half a minute on one CPU thread).
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from nemt.concepts import (DISTRACTORS, OracleVLM, TinyCLIP, annotate, clip_dissect, concept_probabilities,
+                           hit_rate, image_embeddings, load_vlm, mammi, read_concepts, soft_wpmi, train_tiny_clip)
+from nemt.concepts.annotate import DEFAULT_CONCEPTS
+from nemt.errors import NemtError
+
+FINDINGS = ["nodule", "opacity", "cyst"]
+CONCEPTS = ["normal", *FINDINGS, *DISTRACTORS, "lung", "heart"]
+SIZE = 48
+
+
+# ---------------------------------------------------------------------------- known answers on hand-made tensors
+
+def _groups(k: int = 4, m: int = 6):
+    """Images in k groups of m; neuron j fires on group j; P: image i is similar only to concept group(i)."""
+    g = torch.arange(k).repeat_interleave(m)
+    acts = torch.rand(k * m, k, generator=torch.Generator().manual_seed(0)) * 0.1
+    acts[torch.arange(k * m), g] += 1.0 + torch.linspace(0, 0.5, k * m)
+    sim = torch.nn.functional.one_hot(g, k).float() * 0.8 + 0.1
+    return acts, sim, g
+
+
+def test_identity_assignment_both_methods():
+    acts, sim, _ = _groups()
+    scores = clip_dissect(acts, sim, top_k=6)
+    assert scores.argmax(1).tolist() == [0, 1, 2, 3]
+    res = mammi(acts, sim, torch.full((len(sim),), 0.1))
+    assert [s[0] for s in res.selected] == [0, 1, 2, 3] and res.status == ["ok"] * 4
+    assert all(len(s) == 1 for s in res.selected)
+
+
+def test_soft_wpmi_without_prior_and_full_weights_is_summed_log_probabilities():
+    acts, sim, _ = _groups()
+    probs = concept_probabilities(sim, alpha=2.0)  # probabilities far from 0: 1 + (q - 1) keeps float32 digits
+    scores = soft_wpmi(acts, probs, top_k=5, lam=0.0, p_start=1.0, p_end=1.0)
+    top = torch.topk(acts, 5, dim=0).indices.T
+    expect = torch.stack([torch.log(probs[top[k]] + 1e-7).sum(0) for k in range(4)])
+    assert torch.allclose(scores, expect, atol=1e-5)
+    # lambda = 1 subtracts log p(c) = logsumexp over neurons - log K from every neuron alike
+    full = soft_wpmi(acts, probs, top_k=5, lam=1.0, p_start=1.0, p_end=1.0)
+    prior = torch.logsumexp(expect, 0) - math.log(4)
+    assert torch.allclose(full, expect - prior, atol=1e-4)
+
+
+def test_soft_wpmi_weights_fall_linearly():
+    probs = torch.tensor([[0.5, 0.5]] * 3)
+    acts = torch.tensor([[3.0], [2.0], [1.0]])
+    got = soft_wpmi(acts, probs, top_k=3, lam=0.0)[0, 0]
+    p = [0.998, 0.984, 0.97]
+    assert float(got) == pytest.approx(sum(math.log(1 + pj * (0.5 - 1) + 1e-7) for pj in p), rel=1e-5)
+
+
+def test_mammi_threshold_and_edge_cases():
+    acts = torch.tensor([[0.0, 1.0, 5.0], [0.93, 1.0, 4.0], [0.94, 1.0, 3.0], [1.0, 1.0, 2.0]])
+    sim = torch.tensor([[0.2, -0.1], [0.1, 0.3], [0.5, 0.0], [0.4, 0.1]])
+    res = mammi(acts, sim)
+    # neuron 0: min 0, max 1 -> images above 0.93: rows 2 and 3 (0.93 itself is not above)
+    assert res.n_images.tolist()[0] == 2
+    assert torch.allclose(res.weights[0], sim[2] + sim[3])
+    assert res.selected[0] == [0] and res.status[0] == "ok"
+    # neuron 1 is dead (max == min): no image, no concept
+    assert res.status[1] == "dead" and res.selected[1] == [] and res.n_images[1] == 0
+    assert torch.equal(res.weights[1], torch.zeros(2))
+    # neuron 2: only row 0 passes (5 > 2 + 0.93 * 3); all scores negative after the template
+    res = mammi(acts, sim, torch.full((4,), 0.6))
+    assert res.status[2] == "no-positive-concept" and res.selected[2] == []
+    assert (res.weights[2] < 0).all()
+    # several concepts within 5 % of the best are kept, best first
+    res = mammi(torch.tensor([[0.0], [1.0]]), torch.tensor([[0.0, 0.0, 0.0], [0.97, 1.0, 0.5]]))
+    assert res.selected[0] == [1, 0]
+
+
+def test_concept_file_and_shipped_list(tmp_path):
+    p = tmp_path / "c.txt"
+    p.write_text("# comment\nnodule\n\ncyst\nnodule\n")
+    assert read_concepts(p) == ["nodule", "cyst"]
+    shipped = read_concepts(DEFAULT_CONCEPTS)
+    assert len(shipped) >= 40 and "nodule" in shipped and "hypoechoic" in shipped
+    with pytest.raises(NemtError):
+        read_concepts(tmp_path / "missing.txt")
+
+
+def test_real_vlms_load_only_from_a_given_folder(tmp_path):
+    with pytest.raises(NemtError, match="never downloads"):
+        load_vlm(tmp_path / "nowhere")
+    (tmp_path / "odd").mkdir()
+    with pytest.raises(NemtError, match="not a vision-language model folder"):
+        load_vlm(tmp_path / "odd")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    with pytest.raises(NemtError, match="model.safetensors"):
+        load_vlm(hf)
+    (hf / "model.safetensors").write_bytes(b"")
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        with pytest.raises(NemtError, match="pip install transformers"):
+            load_vlm(hf)
+    oc = tmp_path / "oc"
+    oc.mkdir()
+    (oc / "open_clip_config.json").write_text("{}")
+    (oc / "open_clip_model.safetensors").write_bytes(b"")
+    try:
+        import open_clip  # noqa: F401
+    except ImportError:
+        with pytest.raises(NemtError, match="pip install open_clip_torch"):
+            load_vlm(oc)
+
+
+def test_embedding_cache_is_reused(tmp_path):
+    calls = []
+
+    class Counting:
+        name = "counting"
+
+        def encode_image(self, x):
+            calls.append(len(x))
+            return x.flatten(1)[:, :4]
+
+        def encode_text(self, texts):
+            return torch.ones(len(texts), 4)
+
+    x = torch.rand(6, 1, 4, 4)
+    a = image_embeddings(Counting(), [x[:3], x[3:]], cache=tmp_path / "e.safetensors", key="k")
+    b = image_embeddings(Counting(), [x[:3], x[3:]], cache=tmp_path / "e.safetensors", key="k")
+    assert torch.equal(a, b) and calls == [3, 3]
+    image_embeddings(Counting(), [x], cache=tmp_path / "e.safetensors", key="other")
+    assert calls == [3, 3, 6]
+
+
+# ---------------------------------------------------------------------------- phantoms end to end
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from nemt.data import ImageDataset, make_phantoms, write_phantom_dataset
+    from nemt.data.manifest import open_dataset
+    from nemt.models import TrainConfig, train_classifier
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("concepts")
+    manifest_path = write_phantom_dataset(root / "data", 400, SIZE, seed=3)
+    names = json.loads((root / "data" / "phantoms.json").read_text())["label_names"]
+    manifest = open_dataset(manifest_path, labels=names)
+    cfg = TrainConfig(arch="smallcnn", size=(SIZE, SIZE), epochs=25, batch_size=32, lr=3e-3, seed=0, augment=False,
+                      arch_kwargs={"width": 8})  # about 20 s on one CPU thread
+    clf, _ = train_classifier(manifest, root / "m", cfg, progress=False)
+    probe = ImageDataset(manifest, clf.preprocessing, list(range(200)))
+    ps = make_phantoms(400, SIZE, seed=3)[:200]
+    units = torch.stack([probe.unit_item(i)[0] for i in range(len(probe))])
+    findings = [[f for f, p in zip(ps.findings, row) if p] for row in ps.present]
+    oracle = OracleVLM(units, findings, CONCEPTS)
+    tiny = train_tiny_clip(n=400, size=SIZE, epochs=30, seed=0, out_dir=root / "tiny")
+    return dict(root=root, clf=clf, probe=probe, oracle=oracle, tiny=tiny, manifest=manifest_path)
+
+
+@pytest.mark.parametrize("method", ["mammi", "clip-dissect"])
+def test_oracle_labels_every_output_neuron_with_its_class(world, method):
+    ann = annotate(world["clf"], "fc", world["probe"], world["oracle"], CONCEPTS, method=method)
+    assert ann.neurons == ["normal", *FINDINGS]
+    assert hit_rate(ann, {f: f for f in FINDINGS}) == 1.0
+    assert ann.labels[0][0][0] == "normal"
+    chosen = {c for lab in ann.labels for c, _ in lab[:1]}
+    assert not chosen & set(DISTRACTORS)
+
+
+def test_oracle_on_an_intermediate_layer_lists_neurons_per_finding(world):
+    clf = world["clf"]
+    flags = [(m, m.training) for m in clf.modules()]
+    clf.train()
+    grads = [p.requires_grad for p in clf.parameters()]
+    rng = torch.get_rng_state()
+    ann = annotate(clf, "stage4", world["probe"], world["oracle"], CONCEPTS, method="mammi")
+    assert all(m.training for m in clf.modules()) and [p.requires_grad for p in clf.parameters()] == grads
+    assert torch.equal(rng, torch.get_rng_state())
+    for m, flag in flags:
+        m.training = flag
+    assert len(ann.neurons) == 64 and ann.neurons[0] == "stage4:0"
+    summary = ann.summary()
+    assert set(summary) <= {"normal", *FINDINGS} and set(summary) & set(FINDINGS)
+    assert not {c for lab in ann.labels for c, _ in lab} & set(DISTRACTORS)
+
+
+@pytest.fixture(scope="module")
+def tiny_hits(world):
+    hits, chosen = {}, set()
+    for method in ("mammi", "clip-dissect"):
+        ann = annotate(world["clf"], "fc", world["probe"], world["tiny"], CONCEPTS, method=method,
+                       template="a chest x-ray image of a")
+        hits[method] = hit_rate(ann, {f: f for f in FINDINGS})
+        chosen |= {c for lab in ann.labels for c, _ in lab[:1]}
+    print("tiny CLIP hit rates (3 finding classes):", hits)
+    return hits, chosen
+
+
+def test_tiny_clip_never_chooses_distractors(tiny_hits):
+    assert not tiny_hits[1] & set(DISTRACTORS)
+
+
+@pytest.mark.xfail(reason="the tiny CLIP trained in the test's budget (400 phantoms, 30 epochs) does not yet "
+                          "separate the findings well enough: 1 of 3 (MAMMI), 0 of 3 (CLIP-Dissect)", strict=False)
+def test_tiny_clip_labels_most_finding_neurons(tiny_hits):
+    assert max(tiny_hits[0].values()) >= 2 / 3
+
+
+def test_tiny_clip_saves_and_loads(world, tmp_path):
+    tiny = world["tiny"]
+    again = load_vlm(world["root"] / "tiny")
+    assert isinstance(again, TinyCLIP)
+    x = torch.rand(2, 1, SIZE, SIZE)
+    assert torch.allclose(tiny.encode_image(x), again.encode_image(x), atol=1e-6)
+    assert torch.equal(again.encode_text(["fracture"]), torch.zeros(1, again.dim))  # never in a caption
+
+
+def test_cli_concepts(world):
+    from typer.testing import CliRunner
+
+    from nemt.cli import app
+
+    out = world["root"] / "cli"
+    res = CliRunner().invoke(app, ["concepts", "--model", str(world["root"] / "m"), "--layer", "stage4",
+                                   "--data", str(world["manifest"]), "--vlm", str(world["root"] / "tiny"),
+                                   "--method", "clip-dissect", "--out", str(out), "--limit", "120",
+                                   "--sheets", "3", "--template", "a chest x-ray image of a"])
+    assert res.exit_code == 0, res.output
+    for name in ("neurons.json", "neurons.csv", "summary.json", "summary.csv", "report.html",
+                 "cache/image_embeddings.safetensors"):
+        assert (out / name).is_file(), name
+    assert len(list((out / "sheets").glob("neuron_*.png"))) == 3
+    rows = json.loads((out / "neurons.json").read_text())["neurons"]
+    assert len(rows) == 64
+    assert "<h2>Summary</h2>" in (out / "report.html").read_text()
+    res = CliRunner().invoke(app, ["concepts", "--model", str(world["root"] / "m"), "--layer", "nope",
+                                   "--data", str(world["manifest"]), "--vlm", "/no/such/vlm", "--out", str(out)])
+    assert res.exit_code == 2 and "never downloads" in res.output
