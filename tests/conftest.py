@@ -50,6 +50,20 @@ def small_csv(tmp_path: Path):
     return tmp_path / "manifest.csv"
 
 
+def train_phantom_model(root: Path, n: int = 48, size: int = 32) -> tuple[Path, Path]:
+    """Phantoms in ``root/data`` and a 1-epoch smallcnn in ``root/m``, via the CLI: (manifest, model folder)."""
+    from typer.testing import CliRunner
+
+    from nemt.cli import app
+    from nemt.data import write_phantom_dataset
+
+    manifest = write_phantom_dataset(root / "data", n, size, seed=0)
+    res = CliRunner().invoke(app, ["train", "--data", str(manifest), "--out", str(root / "m"), "--arch", "smallcnn",
+                                   "--size", str(size), "--epochs", "1", "--batch-size", "8", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    return manifest, root / "m"
+
+
 def train_and_fit(root: Path, n: int = 48, size: int = 32):
     """Phantoms in ``root/data``, a 1-epoch smallcnn in ``root/m`` and a 1-epoch NEMt in ``root/e``, via the CLI.
 
@@ -60,17 +74,12 @@ def train_and_fit(root: Path, n: int = 48, size: int = 32):
     from typer.testing import CliRunner
 
     from nemt.cli import app
-    from nemt.data import write_phantom_dataset
     from nemt.models import load_model
 
     torch.set_num_threads(1)
 
-    manifest = write_phantom_dataset(root / "data", n, size, seed=0)
-    runner = CliRunner()
-    for args in (["train", "--data", str(manifest), "--out", str(root / "m"), "--arch", "smallcnn", "--size",
-                  str(size), "--epochs", "1", "--batch-size", "8", "--no-progress"],
-                 ["fit", "--model", str(root / "m"), "--data", str(manifest), "--out", str(root / "e"),
-                  "--epochs", "1", "--batch-size", "4", "--optimizer", "adamw", "--no-progress"]):
-        res = runner.invoke(app, args)
-        assert res.exit_code == 0, res.output
-    return load_model(root / "m"), sorted((root / "data" / "images").glob("*.png"))
+    manifest, model = train_phantom_model(root, n, size)
+    res = CliRunner().invoke(app, ["fit", "--model", str(model), "--data", str(manifest), "--out", str(root / "e"),
+                                   "--epochs", "1", "--batch-size", "4", "--optimizer", "adamw", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    return load_model(model), sorted((root / "data" / "images").glob("*.png"))

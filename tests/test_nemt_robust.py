@@ -154,14 +154,11 @@ def test_paper_objective_collapses_there_and_the_guard_refuses_it(saturated, tmp
 
 def test_cli_fit_fails_loudly_on_a_broken_fit(tmp_path):
     """A deliberately broken fit (paper objective, masks started at keep-everything, no learning): exit 3."""
+    from conftest import train_phantom_model
     from nemt.cli import app
-    from nemt.data import write_phantom_dataset
 
-    manifest = write_phantom_dataset(tmp_path / "data", 48, 32, seed=0)
+    manifest, _ = train_phantom_model(tmp_path)
     runner = CliRunner()
-    res = runner.invoke(app, ["train", "--data", str(manifest), "--out", str(tmp_path / "m"), "--arch", "smallcnn",
-                              "--size", "32", "--epochs", "1", "--batch-size", "8", "--no-progress"])
-    assert res.exit_code == 0, res.output
     args = ["fit", "--model", str(tmp_path / "m"), "--data", str(manifest), "--epochs", "1", "--batch-size", "8",
             "--no-progress", "--decoder-channels", "16,8,8,8,8"]
     res = runner.invoke(app, args + ["--out", str(tmp_path / "broken"), "--objective", "paper",

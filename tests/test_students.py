@@ -113,16 +113,13 @@ def test_cli_student_of_a_baseline_then_fidelity_and_export(tmp_path):
     """`nemt fit --teacher`, then `nemt fidelity`, `nemt explain` and ONNX export treat the student like NEMt."""
     from typer.testing import CliRunner
 
+    from conftest import train_phantom_model
     from nemt.cli import app
-    from nemt.data import write_phantom_dataset
     from nemt.deploy.export import export_onnx
     from nemt.models import load_model
 
-    manifest = write_phantom_dataset(tmp_path / "data", 48, 32, seed=0)
+    manifest, _ = train_phantom_model(tmp_path)
     runner = CliRunner()
-    res = runner.invoke(app, ["train", "--data", str(manifest), "--out", str(tmp_path / "m"), "--arch", "smallcnn",
-                              "--size", "32", "--epochs", "1", "--batch-size", "8", "--no-progress"])
-    assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["fit", "--model", str(tmp_path / "m"), "--data", str(manifest), "--out",
                               str(tmp_path / "s"), "--teacher", "occlusion", "--teacher-param", "window=8",
                               "--teacher-param", "stride=8", "--teacher-budget", "20", "--epochs", "1",
