@@ -396,3 +396,40 @@ def test_metric_workers_give_the_same_results(tmp_path, monkeypatch):
     for ra, rb in zip(a, b):
         ra.pop("ms"), rb.pop("ms")  # timings
         assert ra == rb  # the numbers as written: bit-identical
+
+
+def test_sharded_benchmark_merges_to_the_single_run_row_for_row(tmp_path):
+    """N independent jobs (--shard I/N), then --merge: the same results.csv as one process (timings aside)."""
+    import csv
+
+    from typer.testing import CliRunner
+
+    from conftest import train_phantom_model
+    from nemt.cli import app
+
+    manifest, model = train_phantom_model(tmp_path, n=60)
+    base = ["benchmark", "--model", str(model), "--data", str(manifest), "--methods", "gradcam,random,sobel",
+            "--metrics", "relevance_mass,pointing_game,complexity", "--batch-size", "3", "--no-progress"]
+    runner = CliRunner()
+    res = runner.invoke(app, base + ["--out", str(tmp_path / "one")])
+    assert res.exit_code == 0, res.output
+    for i in range(3):
+        res = runner.invoke(app, base + ["--out", str(tmp_path / "sh"), "--shard", f"{i}/3"])
+        assert res.exit_code == 0, res.output
+        assert not (tmp_path / "sh" / "results.csv").exists(), "a shard writes no results"
+    res = runner.invoke(app, base + ["--out", str(tmp_path / "sh"), "--merge"])
+    assert res.exit_code == 0, res.output
+
+    def rows(p):
+        with open(p, newline="") as fh:
+            return [{k: v for k, v in r.items() if k != "ms"} for r in csv.DictReader(fh)]
+
+    one, merged = rows(tmp_path / "one" / "results.csv"), rows(tmp_path / "sh" / "results.csv")
+    assert len(one) > 9 and merged == one
+    res = runner.invoke(app, base + ["--out", str(tmp_path / "bad"), "--shard", "3/3"])
+    assert res.exit_code != 0 and "0 <= I < N" in res.output
+    (tmp_path / "part").mkdir()
+    res = runner.invoke(app, base + ["--out", str(tmp_path / "part"), "--shard", "0/2"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, base + ["--out", str(tmp_path / "part"), "--merge"])
+    assert res.exit_code != 0 and "missing" in res.output  # shard 1 of 2 never ran

@@ -42,6 +42,15 @@ def _metric_workers(value: int | None) -> int:
     return torch.get_num_threads() if value is None else max(0, int(value))
 
 
+def _shard(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    i, sep, n = value.partition("/")
+    if not sep or not i.strip().isdigit() or not n.strip().isdigit() or not 0 <= int(i) < int(n):
+        raise NemtError(f"--shard {value!r}: expected I/N with 0 <= I < N, e.g. 0/4")
+    return int(i), int(n)
+
+
 def _csv_list(value: Optional[str]) -> Optional[list[str]]:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
@@ -365,6 +374,9 @@ def benchmark(
     restart: bool = typer.Option(False, help="forget earlier results in --out instead of resuming"),
     metric_workers: Optional[int] = typer.Option(None, help="threads for the per-map metrics (default: torch's "
                                                             "thread count; 0 or 1: serial)"),
+    shard: Optional[str] = typer.Option(None, help="I/N: this job's share (every N-th chunk from the I-th), in "
+                                        "OUT/shards/I-of-N; no report (for N independent jobs, e.g. a SLURM array)"),
+    merge: bool = typer.Option(False, help="collect OUT/shards/* first, then write results, summary and report"),
 ) -> None:
     """Explain and score every test image with every method; resumes where it stopped; writes the report."""
     from nemt.bench.runner import (DEFAULT_METHODS, DEFAULT_METRICS, benchmark_model, markdown_summary,
@@ -390,7 +402,11 @@ def benchmark(
     summary = benchmark_model(model, data, out, explainer_dir=explainer, methods=method_list, metrics=metric_list,
                               split=split, limit=limit, batch_size=batch_size, gallery=gallery,
                               params=split_method_params(param), seed=seed, device=device, progress=progress,
-                              restart=restart, metric_workers=_metric_workers(metric_workers))
+                              restart=restart, metric_workers=_metric_workers(metric_workers),
+                              shard=_shard(shard), merge=merge)
+    if shard is not None:
+        typer.echo(json.dumps(summary))
+        return
     console.print(markdown_summary(summary, metric_list))
     typer.echo(json.dumps({"report": str(out / "report.html"), "results": str(out / "results.csv")}))
 
@@ -606,7 +622,6 @@ def concepts(
     import csv
     import hashlib
 
-    import numpy as np
     import torch
     import torch.nn.functional as F
 

@@ -228,8 +228,14 @@ def _fmt(v: Any) -> str:
 def run_benchmark(model, data: BenchmarkData, explainers: dict[str, Any], config: RunConfig, out: Path, *,
                   progress: bool = True, metric_model=None, model_sha256: str | None = None,
                   explainer_sha256: dict[str, str] | None = None,
-                  log: Callable[[str], None] | None = None, metric_workers: int = 0) -> dict:
+                  log: Callable[[str], None] | None = None, metric_workers: int = 0,
+                  shard: tuple[int, int] | None = None) -> dict:
     """Explain and score every item with every method; write results, summary; return the summary dict.
+
+    ``shard=(i, n)``: only every n-th chunk of ``batch_size`` items from the i-th (the same chunks as one
+    process makes, so the same maps), logged in ``out/shards/i-of-n/``; no results or summary are written
+    (:func:`merge_shards` collects the shards, then a run without ``shard`` writes them). For N independent
+    jobs (a SLURM array) or ranks of one launch.
 
     ``explainers`` maps method names to objects with ``explain(x, target)``.
     ``metric_model`` (default ``model``) runs the faithfulness metrics.
@@ -255,6 +261,12 @@ def run_benchmark(model, data: BenchmarkData, explainers: dict[str, Any], config
     meta = {"methods": list(explainers), "metrics": metrics, "batch_size": config.batch_size, "seed": config.seed,
             "items": len(data.items), "data": data.fingerprint, "metric_params": config.metric_params,
             "method_params": params, "model_sha256": model_sha256, "explainer_sha256": fitted}
+    home = out
+    if shard is not None:
+        i, n = int(shard[0]), int(shard[1])
+        if not 0 <= i < n:
+            raise NemtError(f"--shard {i}/{n}: expected I/N with 0 <= I < N")
+        out = out / "shards" / f"{i}-of-{n}"
     meta_path = out / "run.json"
     if meta_path.is_file():
         old = json.loads(meta_path.read_text())
@@ -286,6 +298,8 @@ def run_benchmark(model, data: BenchmarkData, explainers: dict[str, Any], config
     mm = metric_model or model
     device = data.x.device
     chunks = [data.items[i:i + config.batch_size] for i in range(0, len(data.items), config.batch_size)]
+    if shard is not None:
+        chunks = chunks[int(shard[0])::int(shard[1])]
     done = log_.done
     todo = [(name, c) for name in explainers for c in chunks
             if any((name, it.item) not in done for it in c)]
@@ -312,6 +326,8 @@ def run_benchmark(model, data: BenchmarkData, explainers: dict[str, Any], config
                 rows.append(row)
             log_.append(rows)
             bar.advance(task)
+    if shard is not None:
+        return {"shard": f"{shard[0]}-of-{shard[1]}", "folder": str(out.relative_to(home)), "rows": len(log_.rows)}
     order = {m: k for k, m in enumerate(explainers)}
     rows = [log_.rows[key] for key in sorted((k for k in log_.rows if k[0] in order),
                                              key=lambda k: (order[k[0]], k[1]))]
@@ -322,6 +338,47 @@ def run_benchmark(model, data: BenchmarkData, explainers: dict[str, Any], config
     summary = summarise_results(rows, list(explainers), metrics)
     write_summary(out, summary, metrics)
     return summary
+
+
+def merge_shards(out: Path, metrics: Sequence[str], log: Callable[[str], None] | None = None) -> int:
+    """Collect the rows of ``out/shards/*`` (runs with ``shard``) into ``out``'s results log; return how many
+    were added. The shards must record the same run (model, explainers, data, items, metrics, seed,
+    parameters); a later run without ``shard`` then finds every item done and writes results, summary and
+    report. Rows already in ``out`` are kept."""
+    out = Path(out)
+    folders = sorted(p for p in (out / "shards").glob("*-of-*") if (p / "run.json").is_file())
+    if not folders:
+        raise NemtError(f"{out}: no shards to merge (out/shards/I-of-N/run.json, written by --shard I/N)")
+    metas = [json.loads((f / "run.json").read_text()) for f in folders]
+    counts = {f.name.split("-of-")[1] for f in folders}
+    if len(counts) != 1:
+        raise NemtError(f"{out}/shards: shards of different splits ({sorted(f.name for f in folders)})")
+    n = int(counts.pop())
+    missing = sorted(set(range(n)) - {int(f.name.split("-of-")[0]) for f in folders})
+    if missing:
+        raise NemtError(f"{out}/shards: shards {missing} of {n} are missing; run them (--shard I/{n}) first")
+    for f, m in zip(folders[1:], metas[1:]):
+        if m != metas[0]:
+            diff = sorted(k for k in set(m) | set(metas[0]) if m.get(k) != metas[0].get(k))
+            raise NemtError(f"{f}: another run than {folders[0].name} (differs in {', '.join(diff)})")
+    main = out / "run.json"
+    if main.is_file():
+        old = json.loads(main.read_text())
+        diff = sorted(k for k in ("model_sha256", "data", "items", "metrics", "seed", "metric_params")
+                      if old.get(k) != metas[0].get(k))
+        if diff:
+            raise NemtError(f"{main}: another run than the shards (differs in {', '.join(diff)}); use another "
+                            "--out or --restart")
+    else:
+        write_json(main, metas[0])
+    target = ResultsLog(out / "results.partial.csv", metas[0]["metrics"], log)
+    added = []
+    for f in folders:
+        part = ResultsLog(f / "results.partial.csv", metas[0]["metrics"], log)
+        added += [r for k, r in sorted(part.rows.items(), key=lambda kv: kv[0][1]) if k not in target.rows]
+    if added:
+        target.append(added)
+    return len(added)
 
 
 def explainer_checksum(directory: str | Path) -> str:
@@ -477,7 +534,7 @@ def benchmark_model(model_dir: Path, data_path: Path, out: Path, *, explainer_di
                     split: str = "test", limit: int | None = None, batch_size: int = 16, gallery: int = 6,
                     params: dict[str, dict] | None = None, seed: int = 0, device: str = "cpu",
                     progress: bool = True, restart: bool = False, open_data: Callable | None = None,
-                    metric_workers: int = 0) -> dict:
+                    metric_workers: int = 0, shard: tuple[int, int] | None = None, merge: bool = False) -> dict:
     """``nemt benchmark``: a trained model's split of its data set, every method, every metric, the report.
 
     ``metric_workers``: see :func:`run_benchmark` (default 0: metrics serial in the calling thread).
@@ -516,8 +573,13 @@ def benchmark_model(model_dir: Path, data_path: Path, out: Path, *, explainer_di
     fast = inference_copy(clf)
     cfg = RunConfig(list(methods), list(metrics), batch_size, seed, metric_params, params)
     fitted = {m: explainer_checksum(explainer_dir) for m in methods if m in ("nemt", "nem")}
+    if merge:
+        added = merge_shards(out, metrics)
+        console.print(f"merged {added} rows from {out / 'shards'}", highlight=False)
     summary = run_benchmark(clf, data, explainers, cfg, out, progress=progress, metric_model=fast,
-                            explainer_sha256=fitted, metric_workers=metric_workers)
+                            explainer_sha256=fitted, metric_workers=metric_workers, shard=shard)
+    if shard is not None:
+        return summary
     facts = {"model": f"{model_dir} ({clf.card.arch}, {clf.task}, labels {', '.join(clf.label_names)})",
              "data": f"{data_path}, {split} split: {len({it.sample for it in data.items})} images, "
                      f"{len(data.items)} items ({sum(not it.has_gt for it in data.items)} without ground truth)",
