@@ -433,3 +433,33 @@ def test_sharded_benchmark_merges_to_the_single_run_row_for_row(tmp_path):
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, base + ["--out", str(tmp_path / "part"), "--merge"])
     assert res.exit_code != 0 and "missing" in res.output  # shard 1 of 2 never ran
+
+
+def test_torchrun_benchmark_equals_one_process(tmp_path):
+    """`torchrun --nproc-per-node 2 -m nemt benchmark`: ranks take shards, rank 0 merges: the single run's rows."""
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    from conftest import train_phantom_model
+
+    manifest, model = train_phantom_model(tmp_path, n=40)
+    args = ["benchmark", "--model", str(model), "--data", str(manifest), "--methods", "gradcam,random",
+            "--metrics", "relevance_mass,pointing_game", "--batch-size", "2", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "nemt", *args, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--standalone", "-m", "nemt", *args, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "two" / "shards").iterdir()) == ["0-of-2", "1-of-2"]
+
+    def rows(p):
+        with open(p, newline="") as fh:
+            return [{k: v for k, v in r.items() if k != "ms"} for r in csv.DictReader(fh)]
+
+    assert rows(tmp_path / "two" / "results.csv") == rows(tmp_path / "one" / "results.csv")
+    assert (tmp_path / "two" / "report.html").is_file()

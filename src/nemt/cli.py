@@ -42,6 +42,18 @@ def _metric_workers(value: int | None) -> int:
     return torch.get_num_threads() if value is None else max(0, int(value))
 
 
+def _torchrun_group():
+    """``torch.distributed`` with a gloo group when this process was launched by torchrun with several ranks
+    (WORLD_SIZE > 1); None otherwise (one process, behaviour unchanged)."""
+    import os
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist
+
+
 def _shard(value: str | None) -> tuple[int, int] | None:
     if value is None:
         return None
@@ -399,6 +411,23 @@ def benchmark(
         raise NemtError("nemt benchmark needs --model and --data (or --suite xai-tris)")
     metric_list = metric_list or list(DEFAULT_METRICS)
     method_list = method_list or list(DEFAULT_METHODS)
+    dist = _torchrun_group() if shard is None and not merge else None
+    if dist is not None:  # launched by torchrun: each rank a shard, rank 0 merges and reports
+        rank, world = dist.get_rank(), dist.get_world_size()
+        try:
+            benchmark_model(model, data, out, explainer_dir=explainer, methods=method_list, metrics=metric_list,
+                            split=split, limit=limit, batch_size=batch_size, gallery=gallery,
+                            params=split_method_params(param), seed=seed, device=device,
+                            progress=progress and rank == 0, restart=restart and rank == 0,
+                            metric_workers=_metric_workers(metric_workers), shard=(rank, world))
+            dist.barrier()
+        finally:
+            if rank != 0:
+                dist.destroy_process_group()
+        if rank != 0:
+            return
+        merge = True
+        dist.destroy_process_group()
     summary = benchmark_model(model, data, out, explainer_dir=explainer, methods=method_list, metrics=metric_list,
                               split=split, limit=limit, batch_size=batch_size, gallery=gallery,
                               params=split_method_params(param), seed=seed, device=device, progress=progress,
