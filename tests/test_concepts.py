@@ -245,3 +245,31 @@ def test_cli_concepts(world):
     res = CliRunner().invoke(app, ["concepts", "--model", str(world["root"] / "m"), "--layer", "nope",
                                    "--data", str(world["manifest"]), "--vlm", "/no/such/vlm", "--out", str(out)])
     assert res.exit_code == 2 and "never downloads" in res.output
+
+
+def test_concepts_the_vlm_cannot_represent_are_left_out_not_tied():
+    """Concepts without a known word embed like the bare template: they would tie and win by list order."""
+    from nemt.concepts import annotate
+
+    class Words:
+        name = "words"
+
+        def encode_image(self, x):
+            return torch.eye(2)[torch.arange(x.shape[0]) % 2]
+
+        def encode_text(self, texts):
+            vocab = {"nodule": 0, "cyst": 1}
+            out = torch.zeros(len(texts), 2)
+            for i, t in enumerate(texts):
+                for w in t.split():
+                    if w in vocab:
+                        out[i, vocab[w]] = 1.0
+            return out
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    x = torch.zeros(8, 1, 4, 4)
+    x[1::2] = 1.0  # odd images (the "cyst" ones for the VLM) light up the layer's channels
+    ann = annotate(net, "output", x, Words(), ["pacemaker", "nodule", "fracture", "cyst"],
+                   method="clip-dissect", to_unit=lambda t: t)
+    assert ann.params["unrepresented"] == ["pacemaker", "fracture"]
+    assert all(not lab or lab[0][0] in ("nodule", "cyst") for lab in ann.labels)

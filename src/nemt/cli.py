@@ -677,6 +677,10 @@ def concepts(
                                     sort_keys=True, default=str).encode()).hexdigest()
     ann = annotate(clf, layer, ds, vl, words, method=method, template=template, batch_size=batch_size,
                    device=device, cache=out / "cache" / "image_embeddings.safetensors", cache_key=key)
+    if ann.params.get("unrepresented"):
+        console.print(f"[yellow]left out:[/yellow] {len(ann.params['unrepresented'])} concepts the VLM cannot "
+                      f"represent (no known word): {', '.join(ann.params['unrepresented'][:12])}"
+                      + (" ..." if len(ann.params["unrepresented"]) > 12 else ""), highlight=False)
     rows = ann.rows()
     write_json(out / "neurons.json", {"method": method, "layer": layer, "vlm": vl.name, "params": ann.params,
                                       "probe_images": n, "concepts": words, "neurons": rows})

@@ -162,7 +162,20 @@ def annotate(model: nn.Module, layer: str, data: Any, vlm: VisionLanguageModel, 
         raise NemtError(f"{acts.shape[0]} activations but {emb.shape[0]} image embeddings (stale cache?)")
     template = TEMPLATES[method] if template is None else template
     prompts = [f"{template} {c}".strip() for c in concepts]
-    sim = cosine(emb, vlm.encode_text(prompts).float())
+    text = vlm.encode_text(prompts).float()
+    # a concept the VLM cannot represent (no known word: a zero vector, or the bare template's vector) would
+    # tie with every other such concept and win by list order: it is left out and reported
+    blank = text.norm(dim=1) < 1e-8
+    if template:
+        blank |= cosine(text, vlm.encode_text([template]).float())[:, 0] > 1 - 1e-6
+    unrepresented = [c for c, b in zip(concepts, blank.tolist()) if b]
+    if len(unrepresented) == len(concepts):
+        raise ParameterError(f"the VLM represents none of the {len(concepts)} concepts (no known word in any)")
+    if unrepresented:
+        keep = (~blank).nonzero().flatten()
+        concepts = [concepts[int(i)] for i in keep]
+        text = text[keep]
+    sim = cosine(emb, text)
     dead = dead_neurons(acts)
     if method == "mammi":
         tmpl = cosine(emb, vlm.encode_text([template]).float())[:, 0] if template else None
@@ -181,7 +194,7 @@ def annotate(model: nn.Module, layer: str, data: Any, vlm: VisionLanguageModel, 
     top = torch.topk(acts, min(n_top, acts.shape[0]), dim=0).indices.T
     return ConceptAnnotation(method, layer, concepts, neurons, scores, labels, status, n_images, top, acts,
                              params={"template": template, "vlm": getattr(vlm, "name", type(vlm).__name__),
-                                     **method_kwargs})
+                                     "unrepresented": unrepresented, **method_kwargs})
 
 
 def hit_rate(annotation: ConceptAnnotation, truth: dict[str, str]) -> float:
