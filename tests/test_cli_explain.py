@@ -47,6 +47,21 @@ def test_train_fit_explain(tmp_path, dims, size, n):
     _ok(["explain", str(imgs[0]), "--model", str(tmp_path / "m"), "--method", "gradcam", "--target", "predicted",
          "--out", str(tmp_path / "g")])
     assert len(list((tmp_path / "g").glob("*.png"))) == 1
+    if dims == 3:  # a volume of another shape and a real affine: the map keeps the input's world coordinates
+        vol = np.asarray(nib.load(imgs[0]).dataobj, dtype=np.float32)
+        big = np.kron(vol, np.ones((2, 1, 2), dtype=np.float32))  # 32 x 16 x 32 voxels
+        affine = np.array([[0.0, 0, 1.5, -20], [-0.8, 0, 0, 30], [0, 2.5, 0, 7], [0, 0, 0, 1]])
+        nib.save(nib.Nifti1Image(big, affine), tmp_path / "scan.nii.gz")
+        _ok(["explain", str(tmp_path / "scan.nii.gz"), "--model", str(tmp_path / "m"), "--method", "gradcam",
+             "--target", "0", "--out", str(tmp_path / "w")])
+        out_img = nib.load(next((tmp_path / "w").glob("scan__*.nii.gz")))
+        assert out_img.shape == (size,) * 3
+        # the centre of the volume is the same point in the world in the input and in the map
+        centre_in = affine @ np.r_[(np.array(big.shape) - 1) / 2, 1]
+        centre_map = out_img.affine @ np.r_[(np.array(out_img.shape) - 1) / 2, 1]
+        assert np.allclose(centre_in, centre_map)
+        # a map voxel is as large as the input's voxels it covers (2 along the first and last axes)
+        assert np.allclose(np.linalg.norm(out_img.affine[:3, :3], axis=0), [2 * 0.8, 2.5, 2 * 1.5])
     # a seeded baseline with budget parameters; the same seed gives the same map
     for run in ("r1", "r2"):
         _ok(["explain", str(imgs[0]), "--model", str(tmp_path / "m"), "--method", "rise", "--param", "n_masks=40",

@@ -343,8 +343,9 @@ def explain(
                 import gzip
 
                 import nibabel as nib
+                affine = pre.resized_affine(img.affine, img.array.shape[1:])  # the input's world coordinates
                 with atomic_open(out / f"{stem}__{name}.nii.gz", "wb") as fh:
-                    fh.write(gzip.compress(nib.Nifti1Image(arr, np.eye(4)).to_bytes(), mtime=0))
+                    fh.write(gzip.compress(nib.Nifti1Image(arr, affine).to_bytes(), mtime=0))
             else:
                 with atomic_open(out / f"{stem}__{name}.npy", "wb") as fh:
                     np.save(fh, arr)

@@ -101,6 +101,19 @@ class Preprocessing:
             out = F.interpolate(t, size=self.size, mode="trilinear", align_corners=False)
         return out[0]
 
+    def resized_affine(self, affine: np.ndarray | None, original: Sequence[int]) -> np.ndarray:
+        """The voxel-to-world affine of the resized grid (``size``) for an image of ``original`` spatial shape
+        with ``affine``: voxel i' of the new grid is the continuous voxel (i' + 0.5) s - 0.5 of the original,
+        s = original / size per axis (the centre convention of every mode :meth:`resize` uses). Identity
+        when the image has no affine."""
+        if affine is None:
+            return np.eye(4)
+        m = np.eye(4)
+        for axis, (o, n) in enumerate(zip(original, self.size)):
+            s = float(o) / float(n)
+            m[axis, axis], m[axis, 3] = s, 0.5 * s - 0.5
+        return np.asarray(affine, dtype=np.float64) @ m  # a 2D grid keeps the world's third axis as it is
+
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """(…, C, *spatial) in [0, 1] to the model's input scale."""
         shape = (-1,) + (1,) * self.spatial_dims
