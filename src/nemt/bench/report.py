@@ -67,23 +67,31 @@ def time_plot(summary: dict) -> str:
 
 
 def gallery_figure(unit: np.ndarray, gt: np.ndarray, maps: dict[str, np.ndarray], title: str) -> str:
-    """One row: the image with its ground-truth outline, then each method's map over it (2D, or a 3D slice)."""
-    if unit.ndim == 4:  # (C, D, H, W): the slice with most ground truth
-        k = int(gt.reshape(gt.shape[0], -1).sum(1).argmax()) if gt.any() else unit.shape[1] // 2
-        unit, gt = unit[:, k], gt[k]
-        maps = {m: v[k] for m, v in maps.items()}
-    img = unit[0] if unit.shape[0] == 1 else np.moveaxis(unit, 0, -1)
+    """The image with its ground-truth outline, then each method's map over it: one row in 2D; in 3D three
+    rows, the orthogonal slices through the ground truth's centre (the volume's centre without one)."""
+    if unit.ndim == 4:  # (C, D, H, W)
+        pts = np.argwhere(gt) if gt.any() else None
+        centre = (pts.mean(0).round().astype(int) if pts is not None else np.array(unit.shape[1:]) // 2)
+        planes = []
+        for axis, name in enumerate(("axis 0", "axis 1", "axis 2")):
+            k = int(centre[axis])
+            take = (lambda a, off=0: np.take(a, k, axis=axis + off))
+            planes.append((f"{name} = {k}", take(unit, 1), take(gt), {m: take(v) for m, v in maps.items()}))
+    else:
+        planes = [("", unit, gt, maps)]
     n = 1 + len(maps)
-    fig, axes = subplots(1, n, figsize=(2.1 * n, 2.3), squeeze=False)
-    for ax in axes[0]:
-        ax.imshow(img, cmap="gray", vmin=0, vmax=1)
-        if gt.any():
-            ax.contour(gt.astype(float), levels=[0.5], colors="cyan", linewidths=0.8)
-        ax.axis("off")
-    axes[0, 0].set_title("image + ground truth", fontsize=8)
-    for ax, (name, m) in zip(axes[0, 1:], maps.items()):
-        ax.imshow(m, cmap="inferno", alpha=0.5, vmin=0, vmax=1)
-        ax.set_title(name, fontsize=8)
+    fig, axes = subplots(len(planes), n, figsize=(2.1 * n, 2.3 * len(planes)), squeeze=False)
+    for row, (plane, u, g, ms) in zip(axes, planes):
+        img = u[0] if u.shape[0] == 1 else np.moveaxis(u, 0, -1)
+        for ax in row:
+            ax.imshow(img, cmap="gray", vmin=0, vmax=1)
+            if g.any():
+                ax.contour(g.astype(float), levels=[0.5], colors="cyan", linewidths=0.8)
+            ax.axis("off")
+        row[0].set_title(("image + ground truth" + (f"\n{plane}" if plane else "")), fontsize=8)
+        for ax, (name, m) in zip(row[1:], ms.items()):
+            ax.imshow(m, cmap="inferno", alpha=0.5, vmin=0, vmax=1)
+            ax.set_title(name, fontsize=8)
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     return _png(fig)
