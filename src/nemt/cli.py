@@ -412,15 +412,15 @@ def benchmark(
         raise NemtError("nemt benchmark needs --model and --data (or --suite xai-tris)")
     metric_list = metric_list or list(DEFAULT_METRICS)
     method_list = method_list or list(DEFAULT_METHODS)
+    run = dict(explainer_dir=explainer, methods=method_list, metrics=metric_list, split=split, limit=limit,
+               batch_size=batch_size, gallery=gallery, params=split_method_params(param), seed=seed, device=device,
+               metric_workers=_metric_workers(metric_workers))
     dist = _torchrun_group() if shard is None and not merge else None
     if dist is not None:  # launched by torchrun: each rank a shard, rank 0 merges and reports
         rank, world = dist.get_rank(), dist.get_world_size()
         try:
-            benchmark_model(model, data, out, explainer_dir=explainer, methods=method_list, metrics=metric_list,
-                            split=split, limit=limit, batch_size=batch_size, gallery=gallery,
-                            params=split_method_params(param), seed=seed, device=device,
-                            progress=progress and rank == 0, restart=restart and rank == 0,
-                            metric_workers=_metric_workers(metric_workers), shard=(rank, world))
+            benchmark_model(model, data, out, **run, progress=progress and rank == 0,
+                            restart=restart and rank == 0, shard=(rank, world))
             dist.barrier()
         finally:
             if rank != 0:
@@ -429,11 +429,8 @@ def benchmark(
             return
         merge = True
         dist.destroy_process_group()
-    summary = benchmark_model(model, data, out, explainer_dir=explainer, methods=method_list, metrics=metric_list,
-                              split=split, limit=limit, batch_size=batch_size, gallery=gallery,
-                              params=split_method_params(param), seed=seed, device=device, progress=progress,
-                              restart=restart, metric_workers=_metric_workers(metric_workers),
-                              shard=_shard(shard), merge=merge)
+    summary = benchmark_model(model, data, out, **run, progress=progress, restart=restart, shard=_shard(shard),
+                              merge=merge)
     if shard is not None:
         typer.echo(json.dumps(summary))
         return

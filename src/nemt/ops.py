@@ -297,6 +297,13 @@ POSTPROCESS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
 }
 
 
+def check_postprocess(how: str | Callable) -> str | Callable:
+    """``how`` if :func:`postprocess` accepts it (a name of :data:`POSTPROCESS` or a callable), else an error."""
+    if not callable(how) and how not in POSTPROCESS:
+        raise ParameterError(f"postprocess must be one of {sorted(POSTPROCESS)} or a callable, got {how!r}")
+    return how
+
+
 def postprocess(maps: torch.Tensor, how: str | Callable[[torch.Tensor, int], torch.Tensor], spatial_dims: int
                 ) -> torch.Tensor:
     """The last step of every explainer, on raw (B, T, *spatial) maps.
@@ -306,11 +313,8 @@ def postprocess(maps: torch.Tensor, how: str | Callable[[torch.Tensor, int], tor
     the largest magnitude, in [-1, 1]), ``"mask"`` (masks already in [0, 1];
     constant ones become 0), ``"none"``, or a callable ``(maps, spatial_dims) -> maps``.
     """
-    if callable(how):
-        return how(maps, spatial_dims)
-    if how not in POSTPROCESS:
-        raise ParameterError(f"postprocess must be one of {sorted(POSTPROCESS)} or a callable, got {how!r}")
-    return POSTPROCESS[how](maps, spatial_dims)
+    how = check_postprocess(how)
+    return how(maps, spatial_dims) if callable(how) else POSTPROCESS[how](maps, spatial_dims)
 
 
 # ---------------------------------------------------------------------------- the caller's state

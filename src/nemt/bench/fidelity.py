@@ -50,7 +50,8 @@ def fidelity_report(student: Any, data: Any, out: str | Path, *, batch_size: int
            "model": model_checksum(student.model), "items": len(items), "fingerprint": data.fingerprint,
            "first_items": items_fingerprint(xs[:8])}
     cache = TeacherCache(Path(cache_dir) if cache_dir is not None else out / "teacher", key)
-    cache.fill(student.make_teacher(), xs, ys, student.model, targets="true", seed=seed, device=student.device,
+    cache.fill(student.make_teacher(), list(zip(xs, ys)), student.model, targets="true", seed=seed,
+               device=student.device,
                batch_size=batch_size, progress=progress, log=log)
     t_maps, _, t_seconds = cache.load(len(items))
     s_maps, s_seconds = [], 0.0

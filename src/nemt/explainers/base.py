@@ -22,7 +22,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from nemt.ops import (ArgumentTypeError, ParameterError, Target, chunks, evaluating, fill_values, frozen_parameters,
+from nemt.ops import (ArgumentTypeError, ParameterError, Target, check_postprocess, chunks, evaluating, fill_values,
+                      frozen_parameters,
                       n_outputs_of, normalise_maps, output_score, postprocess, resize_linear, resolve_targets,
                       task_of)
 
@@ -62,12 +63,7 @@ class Explainer:
             raise ArgumentTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.device = torch.device(device) if device is not None else _device_of(model)
-        self.postprocess = self.default_postprocess if postprocess is None else postprocess
-        if not callable(self.postprocess):
-            from nemt.ops import POSTPROCESS
-            if self.postprocess not in POSTPROCESS:
-                raise ParameterError(f"postprocess must be one of {sorted(POSTPROCESS)} or a callable, "
-                                     f"got {self.postprocess!r}")
+        self.postprocess = check_postprocess(self.default_postprocess if postprocess is None else postprocess)
 
     @property
     def card(self):

@@ -30,7 +30,7 @@ from nemt.ops import (ParameterError, evaluating, frozen_parameters, label_names
 from nemt.explainers.layers import find_stages, layer_name
 from nemt.explainers.nemt.losses import (OCCLUSIONS, QUANTITIES, deletion_loss, game_loss, log_odds, nem_loss,
                                         nested_masks, occlude, target_quantity)
-from nemt.explainers.nemt.loop import batches, fit_loop
+from nemt.explainers.nemt.loop import batches, fit_loop, split_xy
 from nemt.explainers.nemt.module import ExplanationModule
 from nemt.explainers.nemt.smoothing import kernel_size_for
 from nemt.files import atomic_path, sha256_file, write_json
@@ -51,61 +51,45 @@ def model_checksum(model: nn.Module) -> str:
 
 
 class _Items:
-    """Training items (x, y) by index from a map-style Dataset (or a DataLoader's), or from batches, materialised."""
+    """Training items (x, y) by index from a map-style Dataset (or a DataLoader's), or from batches,
+    materialised; each item is read once per access."""
 
-    def __init__(self, data: Any):
+    def __init__(self, data: Any, order: Sequence[int] | None = None):
         from torch.utils.data import DataLoader, Dataset
         if isinstance(data, DataLoader):
             data = data.dataset
         if isinstance(data, Dataset):
-            self._get, self._n = (lambda i: _xy(data[i])), len(data)  # type: ignore[arg-type]
+            self._get, n = (lambda i: split_xy(data[i])), len(data)  # type: ignore[arg-type]
         else:
             rows = [(x[i], None if y is None else y[i]) for x, y in batches(data) for i in range(x.shape[0])]
-            self._get, self._n = rows.__getitem__, len(rows)
+            self._get, n = rows.__getitem__, len(rows)
+        self.order = list(range(n)) if order is None else list(order)
 
-    def __len__(self) -> int:
-        return self._n
-
-    def view(self, order: Sequence[int], part: int) -> "_View":
-        return _View(self, order, part)
-
-    def item(self, i: int):
-        return self._get(i)
-
-
-class _View:
-    """``items.view(order, 0)[k]``: the x of item ``order[k]`` (part 1: its y), read when asked for."""
-
-    def __init__(self, items: _Items, order: Sequence[int], part: int):
-        self.items, self.order, self.part = items, list(order), part
+    def subset(self, order: Sequence[int]) -> "_Items":
+        """The items ``order`` (indices into these items), read when asked for."""
+        out = object.__new__(_Items)
+        out._get, out.order = self._get, [self.order[k] for k in order]
+        return out
 
     def __len__(self) -> int:
         return len(self.order)
 
-    def __getitem__(self, k: int):
-        return self.items.item(self.order[k])[self.part]
-
-
-def _xy(item: Any) -> tuple[torch.Tensor, Any]:
-    if isinstance(item, dict):
-        return item["image"], item.get("y")
-    if isinstance(item, (list, tuple)):
-        return item[0], (item[1] if len(item) > 1 else None)
-    return item, None
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, Any]:
+        return self._get(self.order[k])
 
 
 class _Paired(torch.utils.data.Dataset):
     """(x, y, teacher maps, targets) per training item, for the student's loader."""
 
-    def __init__(self, xs: _View, ys: _View, maps: torch.Tensor, targets: torch.Tensor):
-        self.xs, self.ys, self.maps, self.targets = xs, ys, maps, targets
+    def __init__(self, items: _Items, maps: torch.Tensor, targets: torch.Tensor):
+        self.items, self.maps, self.targets = items, maps, targets
 
     def __len__(self) -> int:
-        return len(self.xs)
+        return len(self.items)
 
     def __getitem__(self, k: int):
-        y = self.ys[k]
-        return self.xs[k], (torch.as_tensor(-1) if y is None else y), self.maps[k], self.targets[k]
+        x, y = self.items[k]
+        return x, (torch.as_tensor(-1) if y is None else y), self.maps[k], self.targets[k]
 
 
 def _select_maps(maps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -627,25 +611,23 @@ class NEMt(_MaskExplainer):
 
         from nemt.explainers.nemt.teacher import TeacherCache, items_fingerprint
         items = _Items(data)
-        order = list(range(len(items)))
         if self.teacher_budget is not None and self.teacher_budget < len(items):
             perm = torch.randperm(len(items), generator=torch.Generator().manual_seed(self.teacher_seed)).tolist()
-            order = sorted(perm[:int(self.teacher_budget)])
-        xs, ys = items.view(order, 0), items.view(order, 1)
+            items = items.subset(sorted(perm[:int(self.teacher_budget)]))
         key = {"teacher": self.teacher, "params": self.teacher_params, "targets": self.teacher_targets,
                "seed": self.teacher_seed,
-               "model": model_checksum(self.model), "items": len(order),
-               "first_items": items_fingerprint([xs[i] for i in range(min(8, len(order)))])}
+               "model": model_checksum(self.model), "items": len(items),
+               "first_items": items_fingerprint([items[i][0] for i in range(min(8, len(items)))])}
         cache = TeacherCache(Path(out_dir) / "teacher" if out_dir else None, key)
         teacher = self.make_teacher()
-        cache.fill(teacher, xs, ys, self.model, targets=self.teacher_targets, seed=self.teacher_seed,
+        cache.fill(teacher, items, self.model, targets=self.teacher_targets, seed=self.teacher_seed,
                    device=self.device,
                    batch_size=self.teacher_batch, progress=progress, log=log)
-        maps, targets, seconds = cache.load(len(order))
+        maps, targets, seconds = cache.load(len(items))
         self.teacher_seconds_ = seconds
-        log(f"teacher {self.teacher}: {len(order)} training images, {seconds:.1f} s of explaining "
-            f"({1000 * seconds / max(len(order), 1):.0f} ms/image)")
-        paired = _Paired(xs, ys, maps, targets)
+        log(f"teacher {self.teacher}: {len(items)} training images, {seconds:.1f} s of explaining "
+            f"({1000 * seconds / max(len(items), 1):.0f} ms/image)")
+        paired = _Paired(items, maps, targets)
         return DataLoader(paired, batch_size=int(self.batch_size), shuffle=True,
                           drop_last=len(paired) > int(self.batch_size),
                           generator=torch.Generator().manual_seed(int(self.seed)))

@@ -15,7 +15,7 @@ import io
 import math
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -36,15 +36,19 @@ def make_optimizer(params, name: str, lr: float | None, weight_decay: float) -> 
     return torch.optim.AdamW(params, lr=lr or 3e-3, weight_decay=weight_decay)
 
 
-def batches(data: Iterable) -> Iterable[tuple[torch.Tensor, torch.Tensor | None]]:
-    """(x, y or None) from batches given as dicts ({"image", "y"}), tuples or bare tensors."""
-    for b in data:
-        if isinstance(b, dict):
-            yield b["image"], b.get("y")
-        elif isinstance(b, (list, tuple)):
-            yield b[0], (b[1] if len(b) == 2 else tuple(b[1:]) if len(b) > 2 else None)
-        else:
-            yield b, None
+def split_xy(b: Any) -> tuple[torch.Tensor, Any]:
+    """(x, y or None) from a batch or an item given as a dict ({"image", "y"}), a tuple (x, y, ...: y is the
+    rest as a tuple) or a bare tensor."""
+    if isinstance(b, dict):
+        return b["image"], b.get("y")
+    if isinstance(b, (list, tuple)):
+        return b[0], (b[1] if len(b) == 2 else tuple(b[1:]) if len(b) > 2 else None)
+    return b, None
+
+
+def batches(data: Iterable) -> Iterable[tuple[torch.Tensor, Any]]:
+    """:func:`split_xy` of every batch of ``data``."""
+    return (split_xy(b) for b in data)
 
 
 def _to(y, device):

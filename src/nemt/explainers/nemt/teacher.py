@@ -78,12 +78,12 @@ class TeacherCache:
     def get(self, i: int) -> dict[str, torch.Tensor]:
         return self._memory[i] if i in self._memory else load_file(str(self._path(i)))
 
-    def fill(self, explainer: Any, xs: Sequence[torch.Tensor], ys: Sequence[Any], model: nn.Module, *,
+    def fill(self, explainer: Any, items: Sequence[tuple[torch.Tensor, Any]], model: nn.Module, *,
              targets: str, seed: int, device: torch.device, batch_size: int, progress: bool,
              log: Callable[[str], None]) -> None:
-        """Compute the missing shards: each item explained for its ``targets`` (``"true"``: its label,
+        """Compute the missing shards: each item (x, y) explained for its ``targets`` (``"true"``: its label,
         ``"all"``: every output, ``"predicted"``), ``batch_size`` items per explain call, under ``seed``."""
-        n = len(xs)
+        n = len(items)
         shards = [range(s, min(s + self.shard, n)) for s in range(0, n, self.shard)]
         todo = [k for k in range(len(shards)) if not self.has(k)]
         if len(todo) < len(shards):
@@ -94,8 +94,9 @@ class TeacherCache:
                 maps, tg, t0 = [], [], time.perf_counter()
                 for s in range(shards[k].start, shards[k].stop, batch_size):
                     idx = list(range(s, min(s + batch_size, shards[k].stop)))
-                    x = torch.stack([xs[i] for i in idx]).to(device)
-                    y = [ys[i] for i in idx]
+                    pairs = [items[i] for i in idx]  # each item read once
+                    x = torch.stack([p[0] for p in pairs]).to(device)
+                    y = [p[1] for p in pairs]
                     t = _teacher_targets(targets, y, model, x)
                     with seeded(seed, device):
                         maps.append(explainer.explain(x, target=t).detach().cpu())
