@@ -42,18 +42,6 @@ def _metric_workers(value: int | None) -> int:
     return torch.get_num_threads() if value is None else max(0, int(value))
 
 
-def _torchrun_group():
-    """``torch.distributed`` with a gloo group when this process was launched by torchrun with several ranks
-    (WORLD_SIZE > 1); None otherwise (one process, behaviour unchanged)."""
-    import os
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    return dist
-
-
 def _shard(value: str | None) -> tuple[int, int] | None:
     if value is None:
         return None
@@ -167,7 +155,9 @@ def train(
     size: str = typer.Option("128", help="input size: 128, 128x96 or 64x64x64"),
     spatial_dims: Optional[int] = typer.Option(None, "--dims", help="2 or 3 (default: from --size, else 2)"),
     epochs: int = typer.Option(30, help="epochs"),
-    batch_size: int = typer.Option(32, help="batch size"),
+    batch_size: int = typer.Option(32, help="batch size (per process under torchrun)"),
+    accumulate: int = typer.Option(1, help="micro-batches per optimiser step (per process under torchrun: "
+                                   "N processes with --accumulate A train like 1 process with N*A)"),
     lr: float = typer.Option(1e-3, help="peak learning rate (one-cycle schedule)"),
     weight_decay: float = typer.Option(1e-4, help="AdamW weight decay"),
     seed: int = typer.Option(0, help="seed for split, initialisation, order and augmentation"),
@@ -192,8 +182,11 @@ def train(
     cfg = TrainConfig(arch=arch, size=_size(size, dims), epochs=epochs, batch_size=batch_size, lr=lr,
                       weight_decay=weight_decay, seed=seed,
                       fractions=tuple(float(f) for f in fractions.split(",")), augment=augment,
-                      class_weighting=class_weighting, scale=scale)
+                      class_weighting=class_weighting, scale=scale, accumulate=accumulate)
     clf, result = train_classifier(manifest, out, cfg, device=device, fresh=fresh, progress=progress)
+    from nemt.distributed import context
+    if not context().main:  # under torchrun rank 0 reports
+        return
     typer.echo(json.dumps(json_safe({"model": str(out), "metrics": result["metrics"]}), indent=2, allow_nan=False))
 
 
@@ -204,8 +197,9 @@ def fit(
     data: Path = typer.Option(..., help="the data set the model was trained on"),
     out: Path = typer.Option(..., help="explainer folder (weights, card, resume state)"),
     epochs: int = typer.Option(10, help="epochs"),
-    batch_size: int = typer.Option(16, help="batch size"),
-    accumulate: int = typer.Option(1, help="gradient accumulation steps"),
+    batch_size: int = typer.Option(16, help="batch size (per process under torchrun)"),
+    accumulate: int = typer.Option(1, help="gradient accumulation steps (per process under torchrun: N processes "
+                                   "with --accumulate A fit like 1 process with N*A)"),
     optimizer: str = typer.Option("adamw", help="adamw | prodigy"),
     schedule: str = typer.Option("cosine", help="learning-rate schedule: cosine | constant"),
     lr: Optional[float] = typer.Option(None, help="learning rate (default: 1 for Prodigy, 3e-3 for AdamW)"),
@@ -258,6 +252,9 @@ def fit(
     from nemt.models import load_model
     from nemt.models.training import load_splits
 
+    from nemt.distributed import context, local_device
+    ctx = context(device)
+    device = str(local_device(device, ctx))
     clf = load_model(model, device=device)
     manifest = _open(data, clf.task, ",".join(clf.label_names) if clf.task == "multiclass" else None)
     manifest.raise_problems()
@@ -286,6 +283,8 @@ def fit(
     except CollapseError as exc:
         console.print(f"[red]collapsed:[/red] {exc}", highlight=False, markup=True)
         raise typer.Exit(3)
+    if not ctx.main:  # under torchrun rank 0 checks, saves and reports
+        return
     typer.echo(json.dumps({"explainer": str(out), "history": explainer.history_,
                            "collapsed": explainer.collapse_["collapsed"]}, indent=2))
 
@@ -415,20 +414,15 @@ def benchmark(
     run = dict(explainer_dir=explainer, methods=method_list, metrics=metric_list, split=split, limit=limit,
                batch_size=batch_size, gallery=gallery, params=split_method_params(param), seed=seed, device=device,
                metric_workers=_metric_workers(metric_workers))
-    dist = _torchrun_group() if shard is None and not merge else None
-    if dist is not None:  # launched by torchrun: each rank a shard, rank 0 merges and reports
-        rank, world = dist.get_rank(), dist.get_world_size()
-        try:
-            benchmark_model(model, data, out, **run, progress=progress and rank == 0,
-                            restart=restart and rank == 0, shard=(rank, world))
-            dist.barrier()
-        finally:
-            if rank != 0:
-                dist.destroy_process_group()
-        if rank != 0:
+    from nemt.distributed import context
+    ctx = context() if shard is None and not merge else None
+    if ctx is not None and ctx.distributed:  # launched by torchrun: each rank a shard, rank 0 merges and reports
+        benchmark_model(model, data, out, **run, progress=progress and ctx.main,
+                        restart=restart and ctx.main, shard=(ctx.rank, ctx.world))
+        ctx.barrier()
+        if not ctx.main:
             return
         merge = True
-        dist.destroy_process_group()
     summary = benchmark_model(model, data, out, **run, progress=progress, restart=restart, shard=_shard(shard),
                               merge=merge)
     if shard is not None:

@@ -17,6 +17,7 @@ whole batch at once on the batch's device (``affine_grid`` works for 2D and
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -33,6 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from nemt.checkpoint import load_state, save_state
+from nemt.distributed import StepBatches, all_reduce_sum, batch_generator, context, local_device, steps_per_epoch
 from nemt.data.check import read_every_item
 from nemt.data.dataset import ImageDataset, channel_stats, read_sample
 from nemt.data.manifest import Manifest
@@ -65,6 +67,9 @@ class TrainConfig:
     scale: str = "range"
     channels: int | None = None
     arch_kwargs: dict = field(default_factory=dict)
+    #: micro-batches of ``batch_size`` per optimiser step (per process under torchrun: the effective batch is
+    #: batch_size x accumulate x processes, so 2 processes with accumulate=A train like 1 with 2A)
+    accumulate: int = 1
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -184,7 +189,11 @@ def _train_classifier(manifest: Manifest, out_dir: str | Path, config: TrainConf
     See the module docstring for what is written to ``out_dir``.
     """
     cfg = config or TrainConfig()
+    ctx = context(device)
+    device = local_device(device, ctx)
     log = log or (lambda s: console.print(s, soft_wrap=True, highlight=False))
+    if not ctx.main:
+        log = lambda s: None  # noqa: E731 - rank 0 speaks for the run
     manifest.raise_problems()
     for warning in manifest.warnings:  # e.g. a class with very few images (a typo?)
         log(f"warning: {warning}")
@@ -236,72 +245,83 @@ def _train_classifier(manifest: Manifest, out_dir: str | Path, config: TrainConf
     clf = Classifier(net, card).to(device)
     loss_fn = _loss_fn(manifest.task, y_train, card.out_channels, cfg.class_weighting, device)
     opt = torch.optim.AdamW(clf.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, len(ds["train"]) // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
+    # this rank's micro-batches, in an order fixed by the seed and the epoch (see nemt.distributed)
+    loader = StepBatches(ds["train"], cfg.batch_size, seed=cfg.seed, accumulate=cfg.accumulate, ctx=ctx)
+    n_micro = len(loader)
+    n_steps = steps_per_epoch(n_micro, cfg.accumulate)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * n_steps,
                                                 pct_start=0.15)
-    gen = torch.Generator().manual_seed(cfg.seed)
 
     start_epoch, best, history = 0, -math.inf, []
-    if st is None:  # a new run (or --fresh): its split, written once, and no resume point of an earlier run
+    if ctx.main and st is None:  # a new run (or --fresh): its split, written once, and no resume point of an earlier run
         out_dir.mkdir(parents=True, exist_ok=True)
         for suffix in (".json", ".safetensors"):  # the JSON first: a lone .safetensors is no resume point
             state_path.with_suffix(suffix).unlink(missing_ok=True)
         _write_splits(out_dir / "splits.csv", manifest, splits)
-    elif not (out_dir / "splits.csv").is_file():
+    elif ctx.main and not (out_dir / "splits.csv").is_file():
         _write_splits(out_dir / "splits.csv", manifest, splits)
+    ctx.barrier()  # the other ranks start once the folder is ready
     if st is not None:
         clf.net.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
-        gen.set_state(st["generator"])
         torch.set_rng_state(st["torch_rng"])
         start_epoch, best, history = st["epoch"], st["best"], st["history"]
         log(f"resuming {out_dir} after epoch {start_epoch} (best {best:.4f})")
 
-    order_gen = torch.Generator()
-    loader = DataLoader(ds["train"], batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                        generator=order_gen)
-    with progress_bar(progress) as bar:
-        task_id = bar.add_task("train", total=(cfg.epochs - start_epoch) * steps_per_epoch, info="")
+    net: nn.Module = clf.net
+    if ctx.distributed:  # gradients averaged over the ranks once per optimiser step; batch-norm buffers from rank 0
+        from torch.nn.parallel import DistributedDataParallel
+        net = DistributedDataParallel(clf.net, device_ids=[device] if device.type == "cuda" else None)
+    with progress_bar(progress and ctx.main) as bar:
+        task_id = bar.add_task("train", total=(cfg.epochs - start_epoch) * n_micro, info="")
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.time()
-            order_gen.manual_seed(cfg.seed * 100_003 + epoch)  # the epoch's order survives a resume
+            loader.set_epoch(epoch)  # the epoch's order survives a resume
             clf.train()
             total, seen = 0.0, 0
-            for batch in loader:
+            opt.zero_grad(set_to_none=True)
+            for i, (index, batch) in enumerate(loader):
                 x, y = batch["image"].to(device), batch["y"].to(device)
-                if cfg.augment:
-                    x = augment_batch(x, gen)
-                out = clf.net(x)
-                if manifest.task == "regression":
-                    loss = loss_fn(out.squeeze(1), (y - target_scale["mean"]) / target_scale["std"])
-                else:
-                    loss = loss_fn(out, y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
+                last = (i + 1) % cfg.accumulate == 0 or i + 1 == n_micro
+                with net.no_sync() if ctx.distributed and not last else contextlib.nullcontext():
+                    if cfg.augment:  # drawn from the micro-batch's own generator: the same on any rank
+                        x = augment_batch(x, batch_generator(cfg.seed, epoch, index))
+                    out = net(x)
+                    if manifest.task == "regression":
+                        loss = loss_fn(out.squeeze(1), (y - target_scale["mean"]) / target_scale["std"])
+                    else:
+                        loss = loss_fn(out, y)
+                    (loss / cfg.accumulate).backward()
+                if last:
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
                 total += loss.item() * len(x)
                 seen += len(x)
                 bar.update(task_id, advance=1, description=f"epoch {epoch + 1}/{cfg.epochs}",
                            info=f"loss {total / seen:.4f}")
-            val = evaluate(clf, ds["val"], device)
-            score = score_for_selection(manifest.task, val)
-            improved = score > best
-            if improved:
-                best = score
-                clf.card.metrics = {"val": val, "best_epoch": epoch + 1}
-                clf.save(out_dir)
-            history.append({"epoch": epoch + 1, "train_loss": total / max(seen, 1), "val": val,
-                            "seconds": round(time.time() - t0, 2)})
-            save_state(state_path, {"run_key": run_key, "epoch": epoch + 1, "best": best, "history": history,
-                                    "model": clf.net.state_dict(), "optimizer": opt.state_dict(),
-                                    "scheduler": sched.state_dict(), "generator": gen.get_state(),
-                                    "torch_rng": torch.get_rng_state()})
-            write_json(out_dir / "history.json", history)
-            log(f"epoch {epoch + 1}/{cfg.epochs} loss {total / max(seen, 1):.4f} val {_format(val)}"
-                f"{' *' if improved else ''} ({time.time() - t0:.1f}s)")
+            total, seen = all_reduce_sum([total, seen], ctx)
+            if ctx.main:  # rank 0 validates, keeps the best checkpoint and writes the resume point
+                val = evaluate(clf, ds["val"], device)
+                score = score_for_selection(manifest.task, val)
+                improved = score > best
+                if improved:
+                    best = score
+                    clf.card.metrics = {"val": val, "best_epoch": epoch + 1}
+                    clf.save(out_dir)
+                history.append({"epoch": epoch + 1, "train_loss": total / max(seen, 1), "val": val,
+                                "seconds": round(time.time() - t0, 2)})
+                save_state(state_path, {"run_key": run_key, "epoch": epoch + 1, "best": best, "history": history,
+                                        "model": clf.net.state_dict(), "optimizer": opt.state_dict(),
+                                        "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()})
+                write_json(out_dir / "history.json", history)
+                log(f"epoch {epoch + 1}/{cfg.epochs} loss {total / max(seen, 1):.4f} val {_format(val)}"
+                    f"{' *' if improved else ''} ({time.time() - t0:.1f}s)")
+            ctx.barrier()
 
+    if not ctx.main:
+        return clf, {"history": history, "metrics": {}}
     best_clf = load_model(out_dir, device=device)
     metrics = dict(best_clf.card.metrics)
     if len(splits["test"]):

@@ -30,6 +30,7 @@ from nemt.ops import (ParameterError, evaluating, frozen_parameters, label_names
 from nemt.explainers.layers import find_stages, layer_name
 from nemt.explainers.nemt.losses import (OCCLUSIONS, QUANTITIES, deletion_loss, game_loss, log_odds, nem_loss,
                                         nested_masks, occlude, target_quantity)
+from nemt.distributed import Context, StepBatches, context
 from nemt.explainers.nemt.loop import batches, fit_loop, split_xy
 from nemt.explainers.nemt.module import ExplanationModule
 from nemt.explainers.nemt.smoothing import kernel_size_for
@@ -90,6 +91,17 @@ class _Paired(torch.utils.data.Dataset):
     def __getitem__(self, k: int):
         x, y = self.items[k]
         return x, (torch.as_tensor(-1) if y is None else y), self.maps[k], self.targets[k]
+
+
+class _LogitsOf(nn.Module):
+    """``module.logits`` as a forward pass, for ``DistributedDataParallel`` (which hooks ``forward``)."""
+
+    def __init__(self, module: ExplanationModule):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.module.logits(x)
 
 
 def _select_maps(maps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -180,14 +192,15 @@ class _MaskExplainer(Explainer):
     def _n_maps(self) -> int:
         raise NotImplementedError
 
-    def _loader(self, data: Any) -> Iterable:
-        """Batches to train on: ``data`` as it is when it yields batches (a DataLoader, a list of (x, y)), or a
-        DataLoader of ``batch_size`` shuffled items (seeded by ``seed``, the last partial batch dropped) when it
-        is a map-style ``torch.utils.data.Dataset``."""
+    def _loader(self, data: Any, ctx: Context | None = None) -> Iterable:
+        """Batches to train on: ``data`` as it is when it yields batches (a DataLoader, a list of (x, y)), or
+        this rank's micro-batches of ``batch_size`` items (:class:`~nemt.distributed.StepBatches`: an order
+        fixed by ``seed`` and the epoch, the last partial batch dropped) when it is a map-style
+        ``torch.utils.data.Dataset``."""
         from torch.utils.data import DataLoader, Dataset
         if isinstance(data, Dataset) and not isinstance(data, DataLoader):
-            return DataLoader(data, batch_size=int(self.batch_size), shuffle=True, drop_last=True,
-                              generator=torch.Generator().manual_seed(int(self.seed)))
+            return StepBatches(data, int(self.batch_size), seed=int(self.seed), accumulate=int(self.accumulate),
+                               ctx=ctx)
         return data
 
     def _map_kwargs(self) -> dict:
@@ -244,26 +257,45 @@ class _MaskExplainer(Explainer):
         log = log or (lambda s: console.print(s, soft_wrap=True, highlight=False))
         epochs = self.epochs_ = int(epochs or self.epochs)
         mod = self.init_module().module_
-        data = self._teacher_data(data, out_dir, progress, log) if getattr(self, "objective", None) == "teacher" \
-            else self._loader(data)
+        ctx = context(self.device)
+        data = self._teacher_data(data, out_dir, progress, log, ctx) \
+            if getattr(self, "objective", None) == "teacher" else self._loader(data, ctx)
         key = json.loads(json.dumps({"params": self.hyper_params(), "epochs": epochs,
                                      "model": model_checksum(self.model)}))
         self._last_report = None  # set by validate(); the guard reuses the final epoch's report
+        ddp = None
+        if ctx.distributed:  # the decoder learns on every rank; the frozen model inside it has no trainable weights
+            from torch.nn.parallel import DistributedDataParallel
+            ddp = DistributedDataParallel(_LogitsOf(mod), device_ids=[self.device] if self.device.type == "cuda"
+                                          else None)
+            self._train_logits = ddp
 
         def use_generator(gen: torch.Generator) -> None:
-            mod.smoothing.generator = gen  # the random smoothing draws from the fit's one generator
+            mod.smoothing.generator = gen  # the random smoothing draws from the micro-batch's generator
 
-        self.history_ = fit_loop(mod, data, self._step, epochs=epochs, optimizer=self.optimizer, lr=self.lr,
-                                 weight_decay=self.weight_decay, schedule=self.schedule,
-                                 accumulate=self.accumulate, seed=self.seed, device=self.device, key=key,
-                                 out_dir=out_dir, history=self.history_, log=log, progress=progress,
-                                 validate=None if val_data is None else (lambda: self.validate(val_data)),
-                                 on_generator=use_generator)
+        try:
+            self.history_ = fit_loop(mod, data, self._step, epochs=epochs, optimizer=self.optimizer, lr=self.lr,
+                                     weight_decay=self.weight_decay, schedule=self.schedule,
+                                     accumulate=self.accumulate, seed=self.seed, device=self.device, key=key,
+                                     out_dir=out_dir, history=self.history_, log=log, progress=progress,
+                                     validate=None if val_data is None else (lambda: self.validate(val_data)),
+                                     on_generator=use_generator, ddp=ddp, ctx=ctx)
+        finally:
+            self._train_logits = None
+        if not ctx.main:  # rank 0 checks the result and saves it
+            return self
         if val_data is not None:
             self._check_collapse(val_data, out_dir, guard, log)
         if out_dir:
             self.save(out_dir)
         return self
+
+    _train_logits: nn.Module | None = None
+
+    def _logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's mask logits and the model's outputs in a training step: through the
+        ``DistributedDataParallel`` wrapper under torchrun (so the ranks' gradients are averaged), else directly."""
+        return (self._train_logits or self.module_.logits)(x)
 
     def _check_collapse(self, val_data: Iterable, out_dir: str | Path | None, guard: bool,
                         log: Callable[[str], None]) -> None:
@@ -548,7 +580,7 @@ class NEMt(_MaskExplainer):
         Returns keep (B, T', *spatial), q_clean (B, T') and q_deleted (B, T'),
         every quantity gathered per sample (sample i, its own target(s)).
         """
-        logits, out = self.module_.logits(x)
+        logits, out = self._logits(x)
         keep_all = self.module_.smoothing(torch.sigmoid(logits))
         t = self._train_targets(y, out)  # (B, T')
         b, tt = t.shape
@@ -604,11 +636,10 @@ class NEMt(_MaskExplainer):
         return get_explainer(self.teacher, self.model, seed=self.teacher_seed, device=self.device,
                              **self.teacher_params)
 
-    def _teacher_data(self, data: Any, out_dir: str | Path | None, progress: bool, log: Callable[[str], None]):
+    def _teacher_data(self, data: Any, out_dir: str | Path | None, progress: bool, log: Callable[[str], None],
+                      ctx: Context | None = None):
         """A loader of (x, (y, teacher maps, their targets)) over the training items (at most ``teacher_budget``,
         a seeded draw), the teacher's maps computed or read from ``out_dir/teacher``."""
-        from torch.utils.data import DataLoader
-
         from nemt.explainers.nemt.teacher import TeacherCache, items_fingerprint
         items = _Items(data)
         if self.teacher_budget is not None and self.teacher_budget < len(items):
@@ -622,19 +653,17 @@ class NEMt(_MaskExplainer):
         teacher = self.make_teacher()
         cache.fill(teacher, items, self.model, targets=self.teacher_targets, seed=self.teacher_seed,
                    device=self.device,
-                   batch_size=self.teacher_batch, progress=progress, log=log)
+                   batch_size=self.teacher_batch, progress=progress, log=log, ctx=ctx)
         maps, targets, seconds = cache.load(len(items))
         self.teacher_seconds_ = seconds
         log(f"teacher {self.teacher}: {len(items)} training images, {seconds:.1f} s of explaining "
             f"({1000 * seconds / max(len(items), 1):.0f} ms/image)")
         paired = _Paired(items, maps, targets)
-        return DataLoader(paired, batch_size=int(self.batch_size), shuffle=True,
-                          drop_last=len(paired) > int(self.batch_size),
-                          generator=torch.Generator().manual_seed(int(self.seed)))
+        return self._loader(paired, ctx)
 
     def _teacher_step(self, x, y, gen):
         _, maps, targets = y
-        logits, _ = self.module_.logits(x)  # (B, n_maps, *spatial), at the image's size
+        logits, _ = self._logits(x)  # (B, n_maps, *spatial), at the image's size
         lg = _select_maps(logits, targets.long())
         m = maps.float().clamp(0, 1)
         if self.teacher_loss == "bce":
@@ -655,7 +684,7 @@ class NEMt(_MaskExplainer):
             keep, qc, qd = self._deletion(x, y)
             return deletion_loss(keep, qc, qd, area_weight=self.area_weight, change_weight=self.change_weight,
                                  area_target=self.area_target)
-        logits, out = self.module_.logits(x)
+        logits, out = self._logits(x)
         gen = gen if gen is not None else torch.Generator().manual_seed(self.seed)
         t = self._sample_targets(y, out, gen)
         idx = torch.randint(len(self.areas), (t.numel(),), generator=gen)
@@ -778,7 +807,7 @@ class NEM(_MaskExplainer):
         return 1
 
     def _step(self, x, y, gen):
-        logits, e_clean = self.module_.logits(x)
+        logits, e_clean = self._logits(x)
         keep = self.module_.smoothing(torch.sigmoid(logits))
         return nem_loss(e_clean, self.model(x * keep), self.model(x * (1 - keep)), keep,
                         lambda1=self.lambda1, lambda2=self.lambda2)

@@ -2,8 +2,8 @@
 
 :func:`fit_loop` runs epochs over batches with an optimiser, a cosine schedule
 over the whole run, gradient accumulation, a resume point written after every
-epoch (``state/last``: weights, optimiser, schedule, the one generator the fit
-draws from, the history) that a re-run continues from when its ``key`` (the
+epoch (``state/last``: weights, optimiser, schedule, the history; the random
+draws are keyed by seed, epoch and micro-batch, so they need no saved state) that a re-run continues from when its ``key`` (the
 settings and the model's checksum) is the same, a progress bar and one log
 line per epoch. The objective comes in as ``step(x, y, gen) -> (loss, parts)``
 and the validation as ``validate() -> dict``.
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from nemt.checkpoint import load_state, save_state
+from nemt.distributed import Context, StepBatches, all_reduce_sum, batch_generator, steps_per_epoch
 from nemt.errors import NemtError
 from nemt.progress import progress_bar
 
@@ -63,26 +64,34 @@ def fit_loop(module: nn.Module, data: Iterable, step: Step, *, epochs: int, opti
              weight_decay: float, schedule: str, accumulate: int, seed: int, device: torch.device,
              key: dict, out_dir: str | Path | None, history: list[dict], log: Callable[[str], None],
              progress: bool, validate: Callable[[], dict] | None = None,
-             on_generator: Callable[[torch.Generator], None] | None = None) -> list[dict]:
+             on_generator: Callable[[torch.Generator], None] | None = None,
+             ddp: nn.Module | None = None, ctx: Context | None = None) -> list[dict]:
     """Train ``module``'s trainable parameters with ``step``; return the history (one record per epoch).
 
-    ``key`` must equal the one stored with a resume point in ``out_dir`` (a run with other settings is refused);
-    ``on_generator`` receives the fit's generator (seeded by ``seed``, restored on resume) before the first step.
+    ``data``: a :class:`~nemt.distributed.StepBatches` (this rank's micro-batches, in an order fixed by the seed
+    and the epoch) or any iterable of batches. Each micro-batch's random draws come from its own generator
+    (:func:`~nemt.distributed.batch_generator` of the seed, the epoch and its index), handed to ``on_generator``
+    and to ``step``. ``key`` must equal the one stored with a resume point in ``out_dir`` (a run with other
+    settings is refused). Under torchrun (``ctx.distributed``), ``ddp`` is the ``DistributedDataParallel``
+    wrapper that ``step`` calls the module through: gradients are averaged over the ranks once per optimiser
+    step (``no_sync`` on the other micro-batches), only rank 0 validates, logs and writes the resume point,
+    and every rank resumes from it.
     """
+    ctx = ctx or Context()
+    if ctx.distributed and not isinstance(data, StepBatches):
+        raise NemtError("a distributed fit needs a map-style data set (torch.utils.data.Dataset) to shard; "
+                        "got batches")
     params = [p for p in module.parameters() if p.requires_grad]
     opt = make_optimizer(params, optimizer, lr, weight_decay)
     try:
         n_batches = len(data)  # type: ignore[arg-type]
     except TypeError:
         n_batches = None
-    total_steps = None if n_batches is None else max(1, epochs * n_batches // accumulate)
+    total_steps = None if n_batches is None else epochs * steps_per_epoch(n_batches, accumulate)
     # cosine decay to zero over the whole run: the masks settle instead of fluctuating epoch to epoch
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
         if schedule == "cosine" and total_steps else 1.0)
-    gen = torch.Generator().manual_seed(seed)
-    if on_generator is not None:
-        on_generator(gen)
     start = 0
     state_path = Path(out_dir) / "state" / "last" if out_dir else None
     if state_path and state_path.with_suffix(".json").is_file():
@@ -93,10 +102,10 @@ def fit_loop(module: nn.Module, data: Iterable, step: Step, *, epochs: int, opti
         module.load_state_dict(st["module"])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
-        gen.set_state(st["generator"])
         start, history = st["epoch"], st["history"]
-        log(f"resuming explainer in {out_dir} after epoch {start}")
-    with progress_bar(progress) as bar:
+        if ctx.main:
+            log(f"resuming explainer in {out_dir} after epoch {start}")
+    with progress_bar(progress and ctx.main) as bar:
         tid = bar.add_task("fit", total=None if n_batches is None else n_batches * (epochs - start), info="")
         for epoch in range(start, epochs):
             t0 = time.time()
@@ -104,12 +113,23 @@ def fit_loop(module: nn.Module, data: Iterable, step: Step, *, epochs: int, opti
             sums: dict[str, float] = {}
             n = 0
             opt.zero_grad(set_to_none=True)
-            for i, (x, y) in enumerate(batches(data)):
+            if isinstance(data, StepBatches):
+                data.set_epoch(epoch)
+                numbered = iter(data)
+            else:
+                numbered = enumerate(data)
+            for i, (index, b) in enumerate(numbered):
+                x, y = split_xy(b)
                 x = x.to(device)
                 y = _to(y, device)
-                loss, parts = step(x, y, gen)
-                (loss / accumulate).backward()
-                if (i + 1) % accumulate == 0:
+                gen = batch_generator(seed, epoch, index)
+                if on_generator is not None:
+                    on_generator(gen)
+                last = (i + 1) % accumulate == 0 or (n_batches is not None and i + 1 == n_batches)
+                with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
+                    loss, parts = step(x, y, gen)
+                    (loss / accumulate).backward()
+                if last:
                     opt.step()
                     sched.step()
                     opt.zero_grad(set_to_none=True)
@@ -119,22 +139,25 @@ def fit_loop(module: nn.Module, data: Iterable, step: Step, *, epochs: int, opti
                 n += 1
                 bar.update(tid, advance=1, description=f"epoch {epoch + 1}/{epochs}",
                            info=" ".join(f"{k} {v / n:.4f}" for k, v in sums.items()))
-            if n % accumulate:
+            if n_batches is None and n % accumulate:  # batches of unknown number: the last partial step
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-            record = {"epoch": epoch + 1, **{k: v / max(n, 1) for k, v in sums.items()},
+            names = sorted(sums)
+            totals = all_reduce_sum([sums[k] for k in names] + [n], ctx)  # the log covers every rank's batches
+            record = {"epoch": epoch + 1, **{k: v / max(totals[-1], 1) for k, v in zip(names, totals)},
                       "seconds": round(time.time() - t0, 1)}
-            if validate is not None:
+            if validate is not None and ctx.main:
                 record["val"] = validate()
             history.append(record)
-            if state_path:
+            if state_path and ctx.main:
                 save_state(state_path, {"key": key, "epoch": epoch + 1, "history": history,
                                         "module": module.state_dict(), "optimizer": opt.state_dict(),
-                                        "scheduler": sched.state_dict(),
-                                        "generator": gen.get_state()})  # the fit draws only from gen
-            log(f"epoch {epoch + 1}/{epochs} " + " ".join(
-                f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float) and k != "seconds")
-                + (f" val={record['val']}" if "val" in record else "") + f" ({record['seconds']}s)")
+                                        "scheduler": sched.state_dict()})  # draws are keyed: no generator state
+            ctx.barrier()  # no rank starts the next epoch before the resume point of this one exists
+            if ctx.main:
+                log(f"epoch {epoch + 1}/{epochs} " + " ".join(
+                    f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float) and k != "seconds")
+                    + (f" val={record['val']}" if "val" in record else "") + f" ({record['seconds']}s)")
     module.eval()
     return history

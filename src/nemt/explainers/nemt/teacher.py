@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from nemt.distributed import Context
 from nemt.errors import NemtError
 from nemt.files import atomic_path, write_json
 from nemt.ops import ParameterError, resolve_targets, seeded
@@ -80,15 +81,19 @@ class TeacherCache:
 
     def fill(self, explainer: Any, items: Sequence[tuple[torch.Tensor, Any]], model: nn.Module, *,
              targets: str, seed: int, device: torch.device, batch_size: int, progress: bool,
-             log: Callable[[str], None]) -> None:
+             log: Callable[[str], None], ctx: Context | None = None) -> None:
         """Compute the missing shards: each item (x, y) explained for its ``targets`` (``"true"``: its label,
-        ``"all"``: every output, ``"predicted"``), ``batch_size`` items per explain call, under ``seed``."""
+        ``"all"``: every output, ``"predicted"``), ``batch_size`` items per explain call, under ``seed``.
+        Under torchrun, rank r computes the shards k with k mod world = r, and every rank waits for all."""
+        ctx = ctx or Context()
+        if ctx.distributed and self.directory is None:
+            raise NemtError("a distributed teacher cache needs a folder that every rank can read (an out_dir)")
         n = len(items)
         shards = [range(s, min(s + self.shard, n)) for s in range(0, n, self.shard)]
-        todo = [k for k in range(len(shards)) if not self.has(k)]
+        todo = [k for k in range(len(shards)) if not self.has(k) and k % ctx.world == ctx.rank]
         if len(todo) < len(shards):
             log(f"teacher: {len(shards) - len(todo)} of {len(shards)} shards cached, computing {len(todo)}")
-        with progress_bar(progress) as bar:
+        with progress_bar(progress and ctx.main) as bar:
             task = bar.add_task("teacher", total=sum(len(shards[k]) for k in todo), info="")
             for k in todo:
                 maps, tg, t0 = [], [], time.perf_counter()
@@ -103,6 +108,7 @@ class TeacherCache:
                     tg.append(t.cpu())
                     bar.update(task, advance=len(idx))
                 self.put(k, torch.cat(maps), torch.cat(tg), time.perf_counter() - t0)
+        ctx.barrier()
 
     def load(self, n: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         """All maps (N, T', *spatial) float16, targets (N, T') and the seconds the teacher took for them."""

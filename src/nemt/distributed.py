@@ -1,0 +1,164 @@
+"""Several processes, one result: torchrun support for training, fitting and benchmarking.
+
+PyTorch's own engine does the work (``torch.distributed``: gloo on CPUs, NCCL
+on GPUs; ``DistributedDataParallel`` for the weights that learn). This module
+adds the two things our loops need to give the same answer however many
+processes run them:
+
+- :class:`StepBatches`: the items of an epoch in one seeded order (a function
+  of the seed and the epoch only, so a resumed run sees the same order), cut
+  into micro-batches of ``batch_size``; ``accumulate x world`` consecutive
+  micro-batches make one optimiser step, and rank ``r`` takes the
+  ``accumulate`` micro-batches ``r * accumulate ...`` of each step. One
+  process with ``accumulate = A * W`` therefore sees exactly the micro-batches
+  that ``W`` processes with ``accumulate = A`` see together: the same
+  effective batch, the same batch-norm groups.
+- :func:`batch_generator`: the random draws of a micro-batch (augmentation,
+  training targets, mask areas, the smoothing kernel) come from a generator
+  seeded by (seed, epoch, micro-batch index), not from one generator that
+  runs through the epoch; so they do not depend on which process handles the
+  micro-batch, nor on where a run was resumed.
+
+:func:`context` is the process group when launched by torchrun with several
+ranks (``WORLD_SIZE > 1``), else a one-process stand-in: every call here is
+a no-op then and single-process behaviour is unchanged.
+"""
+from __future__ import annotations
+
+import atexit
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Context:
+    """Rank and world size of this process (0 and 1 when not distributed)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the process that logs, shows progress and writes checkpoints and reports."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+
+def context(device: str | torch.device | None = None) -> Context:
+    """The process group of a torchrun launch (initialised here on first use: NCCL for a CUDA ``device``,
+    gloo otherwise), or a one-process :class:`Context`."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Context()
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        cuda = device is not None and torch.device(device).type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo")
+        atexit.register(_close)
+    return Context(dist.get_rank(), dist.get_world_size())
+
+
+def _close() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def local_device(device: str | torch.device, ctx: Context) -> torch.device:
+    """``cuda`` means this rank's GPU (``LOCAL_RANK``) under torchrun; any other device is used as given."""
+    device = torch.device(device)
+    if ctx.distributed and device.type == "cuda" and device.index is None:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def batch_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for micro-batch ``index`` of ``epoch`` (NumPy's SeedSequence mixes the three)."""
+    words = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(index)]).generate_state(2)
+    return int((int(words[0]) << 31) ^ int(words[1])) & ((1 << 63) - 1)
+
+
+def batch_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The CPU generator that every random draw of micro-batch ``index`` in ``epoch`` comes from."""
+    return torch.Generator().manual_seed(batch_seed(seed, epoch, index))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The items' order in ``epoch``: a permutation that depends on (seed, epoch) only."""
+    return torch.randperm(n, generator=batch_generator(seed, epoch, -1 & 0x7FFFFFFF)).tolist()
+
+
+class StepBatches:
+    """This rank's micro-batches of a map-style dataset, epoch by epoch (see the module docstring).
+
+    Iterating yields ``(index, batch)``: the micro-batch's index in the epoch
+    (the same on every rank for the same micro-batch; it keys
+    :func:`batch_generator`) and the batch collated as a ``DataLoader``
+    would. Micro-batches that would not fill a whole optimiser step of every
+    rank are dropped (the last partial batch too), so each rank steps the same
+    number of times; a data set smaller than one batch is one micro-batch of
+    all its items. Call :meth:`set_epoch` before each epoch.
+    """
+
+    def __init__(self, dataset: Any, batch_size: int, *, seed: int, accumulate: int = 1,
+                 ctx: Context | None = None, num_workers: int = 0, shuffle: bool = True):
+        self.dataset, self.batch_size, self.seed = dataset, int(batch_size), int(seed)
+        self.accumulate, self.ctx = int(accumulate), ctx or Context()
+        self.num_workers, self.shuffle, self.epoch = int(num_workers), shuffle, 0
+        if self.batch_size < 1 or self.accumulate < 1:
+            raise ValueError(f"batch_size and accumulate must be >= 1, got {batch_size} and {accumulate}")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    @property
+    def group(self) -> int:
+        """Micro-batches per optimiser step, all ranks together."""
+        return self.accumulate * self.ctx.world
+
+    def _micro_batches(self) -> list[list[int]]:
+        n = len(self.dataset)
+        order = epoch_order(n, self.seed, self.epoch) if self.shuffle else list(range(n))
+        if n < self.batch_size:
+            return [order] if self.ctx.world == 1 and n else []
+        k = n // self.batch_size
+        k -= k % self.group
+        return [order[i * self.batch_size:(i + 1) * self.batch_size] for i in range(k)]
+
+    def _mine(self) -> list[tuple[int, list[int]]]:
+        lo, a = self.ctx.rank * self.accumulate, self.accumulate
+        return [(i, idx) for i, idx in enumerate(self._micro_batches()) if lo <= i % self.group < lo + a]
+
+    def __len__(self) -> int:
+        return len(self._mine())
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
+        from torch.utils.data import DataLoader
+        mine = self._mine()
+        loader = DataLoader(self.dataset, batch_sampler=[idx for _, idx in mine], num_workers=self.num_workers)
+        for (i, _), batch in zip(mine, loader):
+            yield i, batch
+
+
+def all_reduce_sum(values: Sequence[float], ctx: Context) -> list[float]:
+    """Per-rank sums (e.g. of losses for the log) added over the ranks; unchanged in one process."""
+    if not ctx.distributed:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def steps_per_epoch(n_micro: int, accumulate: int) -> int:
+    """Optimiser steps of an epoch of ``n_micro`` micro-batches on one rank (a last partial step counts)."""
+    return max(1, math.ceil(n_micro / accumulate))
