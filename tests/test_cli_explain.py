@@ -70,6 +70,20 @@ def test_train_fit_explain(tmp_path, dims, size, n):
     for label in ("normal", "cyst"):
         a, b = (tmp_path / r / f"{stem}__{label}{suffix}" for r in ("r1", "r2"))
         assert a.read_bytes() == b.read_bytes()
+    if dims == 3:  # the rest of the 3D path through the CLI: data check, benchmark and its report, ONNX export
+        out = _ok(["data", "check", str(manifest), "--no-progress", "--json", str(tmp_path / "check.json")])
+        check = json.loads((tmp_path / "check.json").read_text())
+        assert check["images"] == n and not check["fatal"]
+        _ok(["benchmark", "--model", str(tmp_path / "m"), "--data", str(manifest), "--explainer", str(tmp_path / "e"),
+             "--methods", "nemt,gradcam++,random", "--metrics", "relevance_mass,pointing_game", "--limit", "6",
+             "--out", str(tmp_path / "b"), "--no-progress"])
+        rows = (tmp_path / "b" / "results.csv").read_text().splitlines()
+        assert len(rows) > 1 and {r.split(",")[0] for r in rows[1:]} == {"nemt", "gradcam++", "random"}
+        assert "<img" in (tmp_path / "b" / "report.html").read_text()  # the gallery's orthogonal slices
+        pytest.importorskip("onnx")
+        res = json.loads(_ok(["export", "--model", str(tmp_path / "m"), "--explainer", str(tmp_path / "e"),
+                              "--out", str(tmp_path / "m3d.onnx")]))
+        assert (tmp_path / "m3d.onnx").is_file() and res
 
 
 def test_explain_refuses_explainer_of_another_model(tmp_path):

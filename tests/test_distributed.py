@@ -164,3 +164,32 @@ def test_killed_rank_resumes_to_the_same_result(runs):
     again = _run(TRAIN + ["--out", "killed"], runs, procs=2)
     assert f"resuming {Path('killed')}" in again or "resuming" in again
     _assert_same_weights(_weights(runs / "killed", "model")[0], _weights(runs / "two", "model")[0])
+
+
+def test_explain_a_data_set_over_two_ranks_and_resume(runs):
+    """`nemt explain --data`: 2 ranks write the maps and index 1 process writes; a re-run redoes only what is missing."""
+    import json
+    args = ["explain", "--model", "one", "--data", "data/manifest.csv", "--split", "test", "--method", "gradcam",
+            "--target", "predicted", "--no-progress"]
+    _run(args + ["--out", "x1"], runs)
+    _run(args + ["--out", "x2"], runs, procs=2)
+    index = json.loads((runs / "x1" / "explanations.json").read_text())
+    assert json.loads((runs / "x2" / "explanations.json").read_text()) == index and len(index) >= 5
+    assert sorted(p.name for p in (runs / "x2" / "log").iterdir()) == ["rank-0.jsonl", "rank-1.jsonl"]
+    for rec in index:
+        for name in rec["targets"]:
+            f = f"{rec['outputs']}__{name}.npy"
+            assert (runs / "x1" / f).read_bytes() == (runs / "x2" / f).read_bytes()
+    # a kill during the last item: its log line is cut and its map gone; the re-run redoes that item only
+    log = runs / "x2" / "log" / "rank-1.jsonl"
+    lines = log.read_text().splitlines()
+    last = json.loads(lines[-1])
+    log.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
+    victim = runs / "x2" / f"{last['outputs']}__{last['targets'][0]}.npy"
+    victim.unlink()
+    _run(args + ["--out", "x2"], runs, procs=2)
+    assert victim.is_file() and json.loads((runs / "x2" / "explanations.json").read_text()) == index
+    # other settings into the same folder are refused, naming the log
+    p = _nemt(args[:-3] + ["--target", "all", "--no-progress", "--out", "x2"], runs)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode != 0 and "other settings" in out

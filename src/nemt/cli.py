@@ -292,50 +292,70 @@ def fit(
 @app.command()
 @_friendly
 def explain(
-    images: list[Path] = typer.Argument(..., help="image files (PNG, JPEG, BMP, TIFF, DICOM, NIfTI)"),
+    images: Optional[list[Path]] = typer.Argument(None, help="image files (PNG, JPEG, BMP, TIFF, DICOM, NIfTI)"),
     model: Path = typer.Option(..., help="model folder"),
     explainer: Optional[Path] = typer.Option(None, help="NEMt explainer folder (for --method nemt)"),
     method: str = typer.Option("nemt", help="explainer name: nemt, gradcam, gradcam++, ig, gradshap, occlusion, "
                                               "rise, extremal, inpainting, ... (see `nemt methods`)"),
     target: str = typer.Option("all", help="a label name or index, 'predicted' or 'all'"),
     out: Path = typer.Option(..., help="output folder for overlays and raw maps"),
+    data: Optional[Path] = typer.Option(None, help="explain a data set instead of files (the model's data: "
+                                        "manifest, folder or .npz); resumable; under torchrun each rank takes "
+                                        "a share and rank 0 writes the index"),
+    split: str = typer.Option("test", help="with --data: train | val | test | all"),
+    limit: Optional[int] = typer.Option(None, help="with --data: at most this many items of the split"),
     param: list[str] = typer.Option([], "--param", help="method parameter KEY=VALUE (repeatable), e.g. n_masks=2000"),
     seed: int = typer.Option(0, help="random seed (for stochastic methods)"),
     device: str = typer.Option("cpu", help="torch device"),
     max_pixels: Optional[float] = MaxPixelsOpt,
+    progress: bool = typer.Option(True, help="with --data: show a progress bar"),
+    superpixelify: Optional[str] = SuperpixelifyOpt,
 ) -> None:
-    """Explain images: one overlay PNG per image and target, plus the raw maps (.npy, or NIfTI for 3D)."""
+    """Explain images: one overlay PNG per image and target, plus the raw maps (.npy, or NIfTI for 3D).
+
+    With --data, every item of a split is explained (outputs named INDEX-STEM__TARGET, INDEX the item's row in
+    the data set), each finished item is logged (OUT/log/rank-R.jsonl) so that a re-run skips it, and
+    OUT/explanations.json lists them all.
+    """
     import numpy as np
     import torch
 
     from nemt.data.readers import read_image
+    from nemt.distributed import context, local_device
     from nemt.explainers import get_explainer, resolve_targets
     from nemt.params import parse_params
-    from nemt.files import OutputNames, atomic_open
+    from nemt.files import OutputNames, atomic_open, image_stem, write_json
     from nemt.models import load_model
     from nemt.visualize import save_overlay
 
+    if (data is None) == (not images):
+        raise NemtError("give image files or --data (one of the two)")
+    ctx = context(device) if data is not None else None
+    if ctx is not None:
+        device = str(local_device(device, ctx))
     torch.manual_seed(seed)
     clf = load_model(model, device=device)
     if method in ("nemt", "nem") and explainer is None:
         raise NemtError(f"method {method!r} needs a fitted explainer folder (--explainer DIR from `nemt fit`)")
     ex = get_explainer(method, clf, path=explainer, seed=seed, device=device, **parse_params(param))
+    if superpixelify is not None:  # the maps averaged within segments of each image (the last step)
+        from nemt.clustering import Superpixelified, load_segmenter
+        ex = Superpixelified(ex, load_segmenter(superpixelify, clf))
+        method = ex.name
     tgt: object = target
     if target not in ("all", "predicted"):
         tgt = int(target) if target.isdigit() else target
     pre = clf.preprocessing
     out.mkdir(parents=True, exist_ok=True)
-    results = []
-    outputs = OutputNames()  # full stem; a numbered suffix where two images would write the same file
-    for path in images:
-        img = read_image(path, max_pixels=None if max_pixels is None else int(max_pixels))
+
+    def explain_one(img, path: str, stem_of) -> dict:
         unit = pre.unit(img)
         x = pre.normalise(unit)[None].to(device)
         t = resolve_targets(tgt, clf, x)
         maps, probs = ex.explain_and_predict(x, target=t)
         maps, probs = maps.detach().cpu()[0], probs[0].cpu()
         names = [clf.label_names[int(i)] for i in t[0]]
-        stem = outputs.claim(path, names)
+        stem = stem_of(names)
         for name, m in zip(names, maps):
             arr = m.numpy().astype(np.float32)
             if clf.spatial_dims == 3:
@@ -352,10 +372,76 @@ def explain(
             shown = shown[0] if shown.shape[0] == 1 else shown
             pred = ", ".join(f"{n} {p:.2f}" for n, p in zip(clf.label_names, probs.tolist()))
             save_overlay(out / f"{stem}__{name}.png", shown, [arr], [f"{method}: {name}"],
-                         suptitle=f"{path.name} | {pred}")
-        results.append({"image": str(path), "outputs": stem, "targets": names,
-                        "prediction": dict(zip(clf.label_names, [round(p, 4) for p in probs.tolist()]))})
-    typer.echo(json.dumps(results, indent=2))
+                         suptitle=f"{Path(path).name} | {pred}")
+        return {"image": str(path), "outputs": stem, "targets": names,
+                "prediction": dict(zip(clf.label_names, [round(p, 4) for p in probs.tolist()]))}
+
+    if data is None:
+        results = []
+        outputs = OutputNames()  # full stem; a numbered suffix where two images would write the same file
+        for path in images:
+            img = read_image(path, max_pixels=None if max_pixels is None else int(max_pixels))
+            results.append(explain_one(img, str(path), lambda names, p=path: outputs.claim(p, names)))
+        typer.echo(json.dumps(results, indent=2))
+        return
+
+    from nemt.data.dataset import read_sample
+    from nemt.models.training import load_splits
+    from nemt.progress import progress_bar
+    manifest = _open(data, clf.task, ",".join(clf.label_names) if clf.task == "multiclass" else None,
+                     max_pixels=max_pixels)
+    if split == "all":
+        todo = list(range(len(manifest.samples)))
+    elif split in ("train", "val", "test"):
+        todo = [int(i) for i in load_splits(model, manifest)[split]]
+    else:
+        raise NemtError(f"--split {split!r}: expected train, val, test or all")
+    todo = todo[:limit] if limit is not None else todo
+    logs = out / "log"
+    run = {"model": str(model), "explainer": None if explainer is None else str(explainer), "method": method,
+           "target": target, "params": sorted(param), "seed": seed, "data": manifest.fingerprint()}
+    done = _explained(logs, run)  # items any rank finished in an earlier run (the same settings)
+    mine = [i for k, i in enumerate(todo) if k % ctx.world == ctx.rank and i not in done]
+    logs.mkdir(parents=True, exist_ok=True)
+    mylog = logs / f"rank-{ctx.rank}.jsonl"
+    with open(mylog, "a", encoding="utf-8") as log, progress_bar(progress and ctx.main) as bar:
+        if mylog.stat().st_size and not mylog.read_bytes().endswith(b"\n"):
+            log.write("\n")  # a line cut by a kill stays alone on its line (and is ignored)
+        task = bar.add_task("explain", total=len(mine), info="")
+        for i in mine:
+            sample = manifest.samples[i]
+            rec = explain_one(read_sample(manifest, sample), sample.name,
+                              lambda names, i=i, s=sample: f"{i:05d}-{image_stem(s.name)}")
+            log.write(json.dumps({"run": run, "index": i, **rec}) + "\n")
+            log.flush()  # a killed run keeps every finished item
+            bar.update(task, advance=1)
+    ctx.barrier()
+    if not ctx.main:
+        return
+    done = _explained(logs, run)
+    missing = [i for i in todo if i not in done]
+    if missing:
+        raise NemtError(f"{len(missing)} items have no explanation in {logs} (a rank failed?); run again to finish")
+    write_json(out / "explanations.json", [done[i] for i in todo])
+    typer.echo(json.dumps({"explained": len(todo), "index": str(out / "explanations.json")}))
+
+
+def _explained(logs: Path, run: dict) -> dict[int, dict]:
+    """Items logged as explained in ``logs/rank-*.jsonl`` by a run with these settings: {index: record}.
+    A record of other settings is refused; a last line cut by a kill is ignored (its item is redone)."""
+    done: dict[int, dict] = {}
+    for path in sorted(logs.glob("rank-*.jsonl")) if logs.is_dir() else []:
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("run") != run:
+                raise NemtError(f"{path}, line {n}: written by a run with other settings (model, method, "
+                                "target, parameters, seed or data); use another --out")
+            rec.pop("run")
+            done[int(rec.pop("index"))] = rec
+    return done
 
 
 @app.command()
