@@ -27,7 +27,8 @@ FAST = {
 }
 # every registered method with one map per target that needs no fit: a new explainer is tested without an edit
 # here (FAST only shortens the budgets of slow ones)
-CLASSIFIER_METHODS = [m for m in available() if EXPLAINERS[m].targeted and not hasattr(EXPLAINERS[m], "load")]
+CLASSIFIER_METHODS = [m for m in available() if EXPLAINERS[m].targeted and not hasattr(EXPLAINERS[m], "load")
+                      and getattr(EXPLAINERS[m], "model_arch", None) is None]  # not the methods of one architecture
 
 
 def _clf(dims=2, size=32, task="multiclass", n=3):

@@ -161,3 +161,26 @@ def test_explain_never_overwrites_its_own_outputs(tmp_path):
              "--out", str(tmp_path / "one" / r["outputs"])])
         alone = tmp_path / "one" / r["outputs"] / f"{image_stem(p)}__yes.npy"
         assert np.array_equal(np.load(alone), np.load(tmp_path / "x" / f"{r['outputs']}__yes.npy"))
+
+
+def test_ecg_1d_through_the_cli(tmp_path):
+    """1D signals end to end: `data ecg`, `train --dims 1`, `fit`, `explain` a .npy record (curve + map strip PNG,
+    raw map .npy of the signal's length), `benchmark` with its report gallery."""
+    _ok(["data", "ecg", "--out", str(tmp_path / "d"), "--n", "40", "--duration", "4", "--seed", "0"])
+    manifest = tmp_path / "d" / "manifest.csv"
+    _ok(["train", "--data", str(manifest), "--out", str(tmp_path / "m"), "--arch", "resnet10", "--dims", "1",
+         "--size", "400", "--epochs", "1", "--batch-size", "8", "--no-progress"])
+    _ok(["fit", "--model", str(tmp_path / "m"), "--data", str(manifest), "--out", str(tmp_path / "e"),
+         "--epochs", "1", "--batch-size", "4", "--kernel-size", "11", "--no-progress", "--allow-collapse"])
+    rec = sorted((tmp_path / "d" / "signals").glob("*.npy"))[0]
+    res = json.loads(_ok(["explain", str(rec), "--model", str(tmp_path / "m"), "--explainer", str(tmp_path / "e"),
+                          "--target", "all", "--out", str(tmp_path / "x")]))
+    assert len(res[0]["targets"]) == 5
+    for name in res[0]["targets"]:
+        m = np.load(tmp_path / "x" / f"{res[0]['outputs']}__{name}.npy")
+        assert m.shape == (400,) and 0 <= m.min() and m.max() <= 1
+        assert (tmp_path / "x" / f"{res[0]['outputs']}__{name}.png").stat().st_size > 1000
+    _ok(["benchmark", "--model", str(tmp_path / "m"), "--data", str(manifest), "--explainer", str(tmp_path / "e"),
+         "--methods", "nemt,gradcam,ig,random", "--metrics", "relevance_mass,pointing_game", "--limit", "6",
+         "--out", str(tmp_path / "b"), "--no-progress"])
+    assert (tmp_path / "b" / "report.html").read_text().count("<img") >= 3  # speed plot and signal galleries

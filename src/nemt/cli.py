@@ -24,6 +24,11 @@ MaxPixelsOpt = typer.Option(None, "--max-pixels", min=1,
                                  "declaring more is refused from its header [default: 2.56e8, 256 Mpx]")
 
 
+SuperpixelifyOpt = typer.Option(None, "--superpixelify", help="average each map within segments of its image: "
+                                "a folder written by `nemt clusters --out` (the model's activation clusters), nas:K "
+                                "(K neuro-activated superpixels per image) or slic:N (SLIC, N segments)")
+
+
 def _friendly(fn: Callable) -> Callable:
     """Print nemt's own errors as one clear line and exit 2, instead of a traceback."""
     @functools.wraps(fn)
@@ -145,6 +150,67 @@ def data_phantoms(
     typer.echo(str(manifest))
 
 
+@data_app.command("gaze")
+@_friendly
+def data_gaze(
+    path: Path = typer.Argument(..., help="the data set: manifest.csv, a folder with one, or a class-per-folder tree"),
+    simulate: bool = typer.Option(False, "--simulate", help="simulate fixations: mostly on the finding masks, "
+                                  "the rest on an anatomy prior with a centre bias; normal images anatomy only"),
+    gaze: Optional[Path] = typer.Option(None, "--gaze", help="a real fixation CSV (image,x,y,duration; EGD's "
+                                        "fixations.csv reads as it is) to check against the data and install"),
+    out: Optional[Path] = typer.Option(None, help="fixation CSV to write [default: gaze.csv beside the manifest, "
+                                       "where nemt benchmark finds it]"),
+    seed: int = typer.Option(0, help="random seed of the simulation"),
+    fixations: float = typer.Option(40.0, help="mean number of simulated fixations per image (Poisson)"),
+    p_finding: float = typer.Option(0.7, help="share of simulated fixations inside the finding's mask"),
+    max_pixels: Optional[float] = MaxPixelsOpt,
+    progress: bool = typer.Option(True, help="show a progress bar"),
+) -> None:
+    """Give a data set eye gaze: simulated (--simulate) or real (--gaze FILE); the benchmark then scores KL and NSS."""
+    from nemt.data.gaze import (default_gaze_path, match_fixations, read_fixations, simulate_gaze,
+                                write_fixations)
+
+    if simulate == (gaze is not None):
+        raise NemtError("nemt data gaze: give exactly one of --simulate and --gaze FILE")
+    manifest = _open(path, None, None, max_pixels=max_pixels)
+    manifest.raise_problems()
+    target = out or default_gaze_path(manifest)
+    if simulate:
+        with progress_bar(progress) as bar:
+            tid = bar.add_task("gaze", total=len(manifest.samples), info="")
+            table = simulate_gaze(manifest, seed=seed, n_fixations=fixations, p_finding=p_finding,
+                                  progress=lambda k: bar.update(tid, advance=k))
+        unknown: list[str] = []
+    else:
+        table = read_fixations(gaze)
+        matched, unknown = match_fixations(manifest, table, gaze)
+        for name in unknown[:10]:
+            console.print(f"[yellow]warning[/yellow] {gaze}: image {name!r} is not a sample of {path}; "
+                          "its fixations are ignored", highlight=False)
+    if gaze is None or Path(gaze).resolve() != Path(target).resolve():
+        write_fixations(target, table)
+    n_fix = int(sum(len(v) for v in table.values()))
+    typer.echo(json.dumps({"gaze": str(target), "images": len(manifest.samples),
+                           "images_with_gaze": len(table) - len(unknown), "fixations": n_fix,
+                           "unknown_images": len(unknown)}))
+
+
+@data_app.command("ecg")
+@_friendly
+def data_ecg(
+    out: Path = typer.Option(..., help="folder to write signals/, findings/, waves/ and manifest.csv into"),
+    n: int = typer.Option(500, help="number of records (classes in turn: normal, inverted_t, wide_qrs, "
+                          "st_elevation, afib)"),
+    leads: int = typer.Option(1, help="1 (lead II) or 12"),
+    fs: float = typer.Option(100.0, help="sampling rate, Hz"),
+    duration: float = typer.Option(10.0, help="seconds per record"),
+    seed: int = typer.Option(0, help="random seed"),
+) -> None:
+    """Write synthetic ECGs with exact wave labels; train on them with --dims 1 --size <samples>."""
+    from nemt.data.ecg import write_ecg_dataset
+    typer.echo(str(write_ecg_dataset(out, n, leads=leads, fs=fs, duration=duration, seed=seed)))
+
+
 @app.command()
 @_friendly
 def train(
@@ -153,7 +219,8 @@ def train(
     arch: str = typer.Option("resnet18", help="resnet18 | resnet34 | resnet50 | densenet121 | smallcnn"),
     task: Optional[str] = TaskOpt,
     size: str = typer.Option("128", help="input size: 128, 128x96 or 64x64x64"),
-    spatial_dims: Optional[int] = typer.Option(None, "--dims", help="2 or 3 (default: from --size, else 2)"),
+    spatial_dims: Optional[int] = typer.Option(None, "--dims", help="1 (signals), 2 or 3 (default: from --size, "
+                                               "else 2)"),
     epochs: int = typer.Option(30, help="epochs"),
     batch_size: int = typer.Option(32, help="batch size (per process under torchrun)"),
     accumulate: int = typer.Option(1, help="micro-batches per optimiser step (per process under torchrun: "
@@ -172,6 +239,14 @@ def train(
     fresh: bool = typer.Option(False, help="ignore a resume state in --out and start over"),
     max_pixels: Optional[float] = MaxPixelsOpt,
     progress: bool = typer.Option(True, help="show a progress bar"),
+    guide: Optional[str] = typer.Option(None, help="explanation-guided training: mimic (M copies and a "
+                                        "discriminator of their explanations, Watson et al. 2023) or mask "
+                                        "(penalise input gradients outside the lesion masks, Ross et al. 2017)"),
+    copies: int = typer.Option(3, help="--guide mimic: copies of --arch trained together"),
+    beta: float = typer.Option(1.0, help="--guide mimic: weight of the discriminator's cross-entropy"),
+    mask_weight: float = typer.Option(1.0, help="--guide mask: weight of the right-reasons penalty"),
+    mask_penalty: str = typer.Option("fraction", help="--guide mask: fraction (share of the squared input "
+                                     "gradient outside the mask) or ross (its sum, Ross et al.'s eq. 1)"),
 ) -> None:
     """Train a classifier to explain. Re-run the same command to resume an interrupted run."""
     from nemt.files import json_safe
@@ -183,7 +258,12 @@ def train(
                       weight_decay=weight_decay, seed=seed,
                       fractions=tuple(float(f) for f in fractions.split(",")), augment=augment,
                       class_weighting=class_weighting, scale=scale, accumulate=accumulate)
-    clf, result = train_classifier(manifest, out, cfg, device=device, fresh=fresh, progress=progress)
+    if guide is not None:  # the guided loop (nemt.models.guided) writes the same folder
+        from nemt.models.guided import GuideConfig, train_guided
+        gcfg = GuideConfig(kind=guide, copies=copies, beta=beta, mask_weight=mask_weight, mask_penalty=mask_penalty)
+        clf, result = train_guided(manifest, out, cfg, gcfg, device=device, fresh=fresh, progress=progress)
+    else:
+        clf, result = train_classifier(manifest, out, cfg, device=device, fresh=fresh, progress=progress)
     from nemt.distributed import context
     if not context().main:  # under torchrun rank 0 reports
         return
@@ -340,7 +420,7 @@ def explain(
     ex = get_explainer(method, clf, path=explainer, seed=seed, device=device, **parse_params(param))
     if superpixelify is not None:  # the maps averaged within segments of each image (the last step)
         from nemt.clustering import Superpixelified, load_segmenter
-        ex = Superpixelified(ex, load_segmenter(superpixelify, clf))
+        ex = Superpixelified(ex, load_segmenter(superpixelify, clf, seed=seed))
         method = ex.name
     tgt: object = target
     if target not in ("all", "predicted"):
@@ -475,6 +555,12 @@ def benchmark(
     shard: Optional[str] = typer.Option(None, help="I/N: this job's share (every N-th chunk from the I-th), in "
                                         "OUT/shards/I-of-N; no report (for N independent jobs, e.g. a SLURM array)"),
     merge: bool = typer.Option(False, help="collect OUT/shards/* first, then write results, summary and report"),
+    superpixelify: list[str] = typer.Option([], "--superpixelify", help="also score every method's maps averaged "
+                                            "within segments (repeatable): a folder written by `nemt clusters "
+                                            "--out` (rows METHOD@clusters), nas:K (per-image neuro-activated "
+                                            "superpixels, METHOD@nas) or slic:N (METHOD@slic)"),
+    gaze: Optional[Path] = typer.Option(None, help="eye-gaze fixation CSV (image,x,y,duration) to score the maps "
+                                        "against (KL, NSS); default: gaze.csv beside the data's manifest, if any"),
 ) -> None:
     """Explain and score every test image with every method; resumes where it stopped; writes the report."""
     from nemt.bench.runner import (DEFAULT_METHODS, DEFAULT_METRICS, benchmark_model, markdown_summary,
@@ -499,7 +585,7 @@ def benchmark(
     method_list = method_list or list(DEFAULT_METHODS)
     run = dict(explainer_dir=explainer, methods=method_list, metrics=metric_list, split=split, limit=limit,
                batch_size=batch_size, gallery=gallery, params=split_method_params(param), seed=seed, device=device,
-               metric_workers=_metric_workers(metric_workers))
+               metric_workers=_metric_workers(metric_workers), superpixelify=superpixelify or None, gaze=gaze)
     from nemt.distributed import context
     ctx = context() if shard is None and not merge else None
     if ctx is not None and ctx.distributed:  # launched by torchrun: each rank a shard, rank 0 merges and reports
@@ -514,7 +600,8 @@ def benchmark(
     if shard is not None:
         typer.echo(json.dumps(summary))
         return
-    console.print(markdown_summary(summary, metric_list))
+    scored = [k for k in next(iter(summary.values()), {}) if k not in ("ms", "n_items")]  # gaze metrics included
+    console.print(markdown_summary(summary, scored or metric_list))
     typer.echo(json.dumps({"report": str(out / "report.html"), "results": str(out / "results.csv")}))
 
 
@@ -808,3 +895,33 @@ def concepts(
     typer.echo(json.dumps({"neurons": len(rows), "labelled": sum(1 for r in rows if r["label"]),
                            "dead": sum(1 for r in rows if r["status"] == "dead"),
                            "summary": {c: len(v) for c, v in summary.items()}, "report": str(report)}, indent=2))
+
+
+@app.command()
+@_friendly
+def clusters(
+    model: Path = typer.Option(..., help="model folder written by `nemt train`"),
+    data: Path = typer.Option(..., help="the data set the model was trained on"),
+    out: Path = typer.Option(..., help="output folder: clustering, label/uncertainty maps, report.html"),
+    layers: Optional[str] = typer.Option(None, help="comma-separated module names (default: the last 3 stages)"),
+    k: int = typer.Option(12, min=2, help="number of clusters"),
+    method: str = typer.Option("kmeans", help="kmeans | module (the clustering module of Boubekki et al. 2021)"),
+    fit_split: str = typer.Option("train", help="split the clustering is fitted on: train | val | test | all"),
+    split: str = typer.Option("test", help="split mapped and reported: train | val | test | all"),
+    max_samples: int = typer.Option(20000, min=2, help="pixels clustered (a seeded uniform draw over all images)"),
+    epochs: int = typer.Option(20, min=1, help="module: training epochs"),
+    batch_size: int = typer.Option(32, min=1, help="images per forward pass"),
+    limit: Optional[int] = typer.Option(None, min=1, help="map at most this many images of --split"),
+    gallery: int = typer.Option(6, min=1, help="images per cluster in the gallery"),
+    seed: int = typer.Option(0, help="random seed (pixel draw, k-means, module)"),
+    device: str = typer.Option("cpu", help="torch device"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+) -> None:
+    """Activation clusters (NAVE / NAS): fit on the model's training split, label and uncertainty maps, a report."""
+    from nemt.bench.clusters import run_clusters
+
+    summary = run_clusters(model, data, out, layers=_csv_list(layers), k=k, method=method, seed=seed,
+                           fit_split=fit_split, split=split, max_samples=max_samples, epochs=epochs,
+                           batch_size=batch_size, limit=limit, per_cluster=gallery, device=device, progress=progress)
+    typer.echo(json.dumps({key: summary[key] for key in ("clustering", "maps", "report", "layers", "grid", "k",
+                                                         "images", "localisation")}, indent=2))

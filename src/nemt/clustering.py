@@ -14,6 +14,14 @@ The recipe of Boubekki et al. (NAVE, arXiv 2411.19700; NAS, arXiv 2406.04933; EC
    uncertainty of the assignment).
 4. :func:`superpixelify`: any saliency map averaged within each segment; :func:`superpixel_postprocess` makes
    it an explainer's ``postprocess=`` step, so every explainer gets it without being edited.
+5. :class:`ActivationClustering`: the estimator behind ``nemt clusters``: ``fit`` on a data set (a seeded
+   uniform draw of pixels), ``assign`` (label map, uncertainty), ``save`` / ``load`` (safetensors + JSON,
+   refused for another model's weights).
+6. Segments for superpixelification, computed from each input: the fitted clusters (shared concepts, tag
+   ``clusters``), :class:`NasSegments` (k-means on each image's own activations, tag ``nas``) and
+   :class:`SlicSegments` (scikit-image SLIC, the baseline, tag ``slic``); :class:`Superpixelified` wraps any
+   explainer with one of them (``nemt explain/benchmark --superpixelify``), :func:`load_segmenter` reads
+   the command line's choice.
 
 Any ``spatial_dims`` (1, 2, 3). Nothing here changes the caller's state: models run under
 :func:`~nemt.ops.evaluating` and ``torch.no_grad``, random draws come from local generators.
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -324,3 +333,374 @@ def superpixel_postprocess(segments: torch.Tensor | Callable[[torch.Tensor], tor
 
     step.__name__ = "superpixelify"
     return step
+
+
+# ---------------------------------------------------------------------------- 5. a fitted clustering (estimator)
+
+#: the methods of :class:`ActivationClustering`
+CLUSTER_METHODS = ("kmeans", "module")
+_CLUSTERING_FORMAT = 1
+
+
+def _image_batches(data, batch_size: int):
+    """Batches (b, C, *spatial) of model inputs from a tensor (N, C, *spatial), a map-style Dataset of tensors,
+    dicts with ``"image"`` or (x, y) pairs, or an iterable of such batches."""
+    def image_of(item):
+        if torch.is_tensor(item):
+            return item
+        if isinstance(item, dict):
+            if "image" not in item:
+                raise ParameterError(f"a data item is a dict without 'image' (keys {sorted(item)})")
+            return item["image"]
+        if isinstance(item, (tuple, list)) and item and torch.is_tensor(item[0]):
+            return item[0]
+        raise ParameterError(f"cannot read images from a data item of type {type(item).__name__}")
+
+    if torch.is_tensor(data):
+        for i in range(0, data.shape[0], batch_size):
+            yield data[i:i + batch_size]
+        return
+    if hasattr(data, "__len__") and hasattr(data, "__getitem__") and not isinstance(data, (list, tuple)):
+        for i in range(0, len(data), batch_size):
+            yield torch.stack([image_of(data[j]) for j in range(i, min(i + batch_size, len(data)))])
+        return
+    for batch in data:
+        yield image_of(batch)
+
+
+class ActivationClustering:
+    """Clusters of a frozen model's composite activations fitted over a data set: shared concepts (NAVE) whose
+    label maps are segments (NAS), with a per-pixel uncertainty.
+
+    Hyper-parameters (``__init__``, nothing else there): ``layers`` (module names; None: the last 3 stages of
+    :func:`~nemt.explainers.layers.find_stages`), ``k`` clusters, ``method`` (``"kmeans"``: scikit-learn, or
+    ``"module"``: the clustering module), ``seed``, ``max_samples`` (pixels clustered, a seeded uniform draw
+    from all pixels of all images: bounds memory and time), ``epochs`` (the module's), ``batch_size`` (images
+    per forward pass).
+
+    ``fit(data)`` (a tensor (N, C, *spatial) of model inputs, a Dataset of them, e.g.
+    :class:`~nemt.data.ImageDataset`, or batches) learns ``layers_`` (names), ``grid_`` (the composite grid),
+    ``clusters_`` (:class:`KMeansClusters` or :class:`ClusteringModule`), ``n_pixels_`` (pixels seen) and
+    ``model_sha256_``, and returns ``self``. Then for inputs x (B, C, *spatial): :meth:`assign` gives the
+    label map (B, *spatial) int64, the uncertainty (entropy, B, *spatial) and gamma (B, K, *grid);
+    :meth:`segments` (also ``self(x)``) the label map alone, the segments of :class:`Superpixelified`.
+    :meth:`save` writes ``clustering.safetensors`` and ``clustering.json`` atomically; :meth:`load` refuses
+    another model's weights. The model is never changed (eval mode inside calls, restored after).
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[str] | None = None, k: int = 12, method: str = "kmeans",
+                 seed: int = 0, max_samples: int = 20_000, epochs: int = 20, batch_size: int = 32):
+        self.model = model
+        self.layers = None if layers is None else list(layers)
+        self.k = k
+        self.method = method
+        self.seed = seed
+        self.max_samples = max_samples
+        self.epochs = epochs
+        self.batch_size = batch_size
+
+    def get_params(self, deep: bool = False) -> dict:
+        return {k: getattr(self, k) for k in ("model", "layers", "k", "method", "seed", "max_samples", "epochs",
+                                               "batch_size")}
+
+    def _check(self) -> None:
+        if self.method not in CLUSTER_METHODS:
+            raise ParameterError(f"method must be one of {CLUSTER_METHODS}, got {self.method!r}")
+        if int(self.k) < 2:
+            raise ParameterError(f"k must be at least 2 clusters, got {self.k}")
+        if int(self.max_samples) < int(self.k):
+            raise ParameterError(f"max_samples ({self.max_samples}) must be at least k ({self.k})")
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, *spatial) -> composite activations (B, D, *grid_) of the fitted layers and grid."""
+        self._fitted()
+        dev = _device(self.model)
+        return composite_activations(self.model, x.to(dev), self.layers_, self.grid_)
+
+    def fit(self, data, progress: Callable[[int], None] | None = None) -> "ActivationClustering":
+        """Cluster the composite activations of every image of ``data`` (pixels pooled; ``max_samples`` of them
+        drawn uniformly without replacement: each pixel gets a seeded random key and the smallest keys are
+        kept, batch by batch). ``progress(n)`` is called after each batch of n images."""
+        self._check()
+        from nemt.explainers.nemt.estimator import model_checksum
+        dev = _device(self.model)
+        g = torch.Generator().manual_seed(int(self.seed))
+        keys = feats = None
+        layers, grid, seen = self.layers, None, 0
+        for x in _image_batches(data, int(self.batch_size)):
+            if layers is None:
+                with evaluating(self.model):
+                    layers = find_stages(self.model, tuple(x.shape[1:]))[-3:]
+            layers = [layer_name(self.model, layer) for layer in layers]
+            f = composite_activations(self.model, x.to(dev), layers, grid)
+            grid = tuple(f.shape[2:])
+            px = _pixels(f).cpu()
+            seen += px.shape[0]
+            k = torch.rand(px.shape[0], generator=g, dtype=torch.float64)
+            keys = k if keys is None else torch.cat([keys, k])
+            feats = px if feats is None else torch.cat([feats, px])
+            if keys.shape[0] > self.max_samples:
+                keep = torch.topk(keys, int(self.max_samples), largest=False).indices.sort().values
+                keys, feats = keys[keep], feats[keep]
+            if progress is not None:
+                progress(int(x.shape[0]))
+        if feats is None:
+            raise ParameterError("fit needs at least one image")
+        if feats.shape[0] < int(self.k):
+            raise ParameterError(f"k={self.k} clusters need at least {self.k} pixels, got {feats.shape[0]}")
+        pixels = feats.T[None, :, :]  # (1, D, n): the sample as a 1D "image" of n pixels
+        if self.method == "kmeans":
+            clusters = fit_kmeans(pixels, int(self.k), seed=int(self.seed))
+        else:
+            clusters = fit_clustering_module(pixels, int(self.k), epochs=int(self.epochs), seed=int(self.seed))
+        self.layers_, self.grid_, self.clusters_, self.n_pixels_ = list(layers), tuple(grid), clusters, seen
+        self.model_sha256_ = model_checksum(self.model)
+        return self
+
+    def _fitted(self) -> None:
+        if not hasattr(self, "clusters_"):
+            raise ParameterError("this ActivationClustering is not fitted: call fit(data) or load(path, model)")
+
+    def _clusters_on(self, device, dtype):
+        c = self.clusters_
+        if isinstance(c, KMeansClusters):
+            return KMeansClusters(c.centroids.to(device, dtype), c.temperature)
+        return c.to(device, dtype)
+
+    @torch.no_grad()
+    def assign(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, C, *spatial) -> label map (B, *spatial) int64, uncertainty (B, *spatial) (entropy of gamma, nats,
+        in [0, log K]) and gamma (B, K, *grid_); both maps upsampled nearest to the input's grid."""
+        f = self.features(x)
+        _, gamma = self._clusters_on(f.device, f.dtype).assign(f)
+        size = tuple(x.shape[2:])
+        return label_map(gamma, size), entropy(gamma, size), gamma
+
+    def segments(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, *spatial) -> cluster ids (B, *spatial) int64: the segments for :func:`superpixelify`."""
+        return self.assign(x)[0]
+
+    __call__ = segments
+
+    #: short name in the method names of superpixelified maps (``gradcam++@clusters``)
+    tag = "clusters"
+
+    def save(self, directory: str | Path) -> Path:
+        """``directory/clustering.safetensors`` (centroids; the module's weights) and ``clustering.json`` (method,
+        k, layers, grid, temperature, seed, the model's checksum), each written atomically."""
+        from safetensors.torch import save_file
+
+        from nemt.files import atomic_path, write_json
+        self._fitted()
+        directory = Path(directory)
+        c = self.clusters_
+        if isinstance(c, KMeansClusters):
+            tensors = {"centroids": c.centroids.detach().cpu().contiguous()}
+            extra = {"temperature": c.temperature}
+        else:
+            tensors = {k: v.detach().cpu().contiguous() for k, v in c.state_dict().items()}
+            extra = {"dim": c.dim, "bias": c.bias is not None, "alpha": c.alpha}
+        with atomic_path(directory / "clustering.safetensors") as tmp:
+            save_file(tensors, str(tmp))
+        write_json(directory / "clustering.json", {
+            "format": _CLUSTERING_FORMAT, "method": self.method, "k": int(self.k), "layers": self.layers_,
+            "grid": list(self.grid_), "seed": int(self.seed), "max_samples": int(self.max_samples),
+            "epochs": int(self.epochs), "batch_size": int(self.batch_size), "n_pixels": int(self.n_pixels_),
+            "model_sha256": self.model_sha256_, **extra})
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, model: nn.Module, *, check_model: bool = True) -> "ActivationClustering":
+        """A clustering saved by :meth:`save` (or ``nemt clusters --out``), for ``model``; refuses another model's
+        weights (``check_model=False`` skips the check)."""
+        import json
+
+        from safetensors.torch import load_file
+
+        from nemt.errors import NemtError
+        directory = Path(directory)
+        meta_path, weights = directory / "clustering.json", directory / "clustering.safetensors"
+        for p in (meta_path, weights):
+            if not p.is_file():
+                raise NemtError(f"{p}: missing; is {directory} a folder written by `nemt clusters --out`?")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise NemtError(f"{meta_path}: not valid JSON ({exc})") from None
+        need = ("format", "method", "k", "layers", "grid", "seed", "model_sha256")
+        missing = [k for k in need if k not in meta]
+        if missing:
+            raise NemtError(f"{meta_path}: field(s) {missing} missing")
+        if meta["format"] != _CLUSTERING_FORMAT:
+            raise NemtError(f"{meta_path}: field 'format' is {meta['format']!r}; this nemt reads {_CLUSTERING_FORMAT}")
+        if meta["method"] not in CLUSTER_METHODS:
+            raise NemtError(f"{meta_path}: field 'method' is {meta['method']!r}, not one of {CLUSTER_METHODS}")
+        if check_model:
+            from nemt.explainers.nemt.estimator import model_checksum
+            if model_checksum(model) != meta["model_sha256"]:
+                raise NemtError(f"{meta_path}: fitted on another model (weights checksum "
+                                f"{str(meta['model_sha256'])[:16]}...); fit it again for this model")
+        t = load_file(str(weights))
+        self = cls(model, layers=meta["layers"], k=meta["k"], method=meta["method"], seed=meta["seed"],
+                   max_samples=meta.get("max_samples", 20_000), epochs=meta.get("epochs", 20),
+                   batch_size=meta.get("batch_size", 32))
+        try:
+            if meta["method"] == "kmeans":
+                clusters = KMeansClusters(t["centroids"], float(meta["temperature"]))
+            else:
+                clusters = ClusteringModule(int(meta["dim"]), int(meta["k"]), bias=bool(meta["bias"]),
+                                            alpha=float(meta["alpha"]))
+                clusters.load_state_dict(t)
+                clusters.eval()
+        except (KeyError, RuntimeError) as exc:
+            raise NemtError(f"{weights}: does not hold a {meta['method']} clustering of k={meta['k']} ({exc})") \
+                from None
+        if clusters.k != int(meta["k"]):
+            raise NemtError(f"{weights}: {clusters.k} clusters, but {meta_path} says k={meta['k']}")
+        self.layers_, self.grid_, self.clusters_ = list(meta["layers"]), tuple(meta["grid"]), clusters
+        self.n_pixels_, self.model_sha256_ = int(meta.get("n_pixels", 0)), meta["model_sha256"]
+        return self
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------- 6. superpixelified explainers
+
+class SlicSegments:
+    """SLIC superpixels (scikit-image) of each input, the classic baseline of NAS: ``SlicSegments(12)(x)`` ->
+    (B, *spatial) int64 ids. Each image is min-max scaled to [0, 1] first (per image, all channels);
+    ``compactness`` as scikit-image's (for [0, 1] intensities, 0.1 to 1 is the usual range). SLIC often
+    returns fewer segments than asked; ``at_least=True`` raises the request (up to 4x) until an image has
+    at least ``n_segments``, for comparisons at equal segment count."""
+
+    tag = "slic"
+
+    def __init__(self, n_segments: int = 12, compactness: float = 0.1, sigma: float = 1.0, at_least: bool = False):
+        if int(n_segments) < 1:
+            raise ParameterError(f"n_segments must be positive, got {n_segments}")
+        self.n_segments, self.compactness, self.sigma = int(n_segments), float(compactness), float(sigma)
+        self.at_least = bool(at_least)
+
+    def _one(self, img, n: int):
+        import numpy as np
+        from skimage.segmentation import slic
+        ask = n
+        while True:
+            seg = slic(np.moveaxis(img, 0, -1), n_segments=ask, compactness=self.compactness, sigma=self.sigma,
+                       channel_axis=-1, start_label=0, enforce_connectivity=True)
+            if not self.at_least or len(np.unique(seg)) >= n or ask >= 4 * n:
+                return seg
+            ask += max(1, n // 8)
+
+    def __call__(self, x: torch.Tensor, n_segments: Sequence[int] | int | None = None) -> torch.Tensor:
+        """``n_segments``: a count for all images or one per image (default: the constructor's)."""
+        import numpy as np
+        a = x.detach().cpu().double().numpy()
+        out = []
+        for i, img in enumerate(a):
+            lo, hi = img.min(), img.max()
+            img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+            n = self.n_segments if n_segments is None else int(n_segments if isinstance(n_segments, int)
+                                                                   else n_segments[i])
+            out.append(torch.from_numpy(np.asarray(self._one(img, n), dtype=np.int64)))
+        return torch.stack(out).to(x.device)
+
+
+class NasSegments:
+    """Neuro-activated superpixels of each image on its own: k-means (``k`` clusters, scikit-learn, seeded) on the
+    pixels of that image's composite activations (:func:`composite_activations` of ``layers``; default the last
+    3 stages), the label map upsampled nearest to the input: ``NasSegments(clf, 12)(x)`` -> (B, *spatial) int64.
+
+    Unlike :class:`ActivationClustering` (clusters fitted once over a data set, shared ids: concepts), the
+    segments adapt to each image, as a superpixel algorithm's do. The model is never changed.
+    """
+
+    tag = "nas"
+
+    def __init__(self, model: nn.Module, k: int = 12, layers: Sequence[str] | None = None, seed: int = 0):
+        if int(k) < 2:
+            raise ParameterError(f"k must be at least 2 segments, got {k}")
+        self.model, self.k, self.layers, self.seed = model, int(k), None if layers is None else list(layers), int(seed)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, n_segments: Sequence[int] | int | None = None) -> torch.Tensor:
+        f = composite_activations(self.model, x.to(_device(self.model)), self.layers)
+        out = []
+        for i in range(f.shape[0]):
+            k = self.k if n_segments is None else int(n_segments if isinstance(n_segments, int) else n_segments[i])
+            km = fit_kmeans(f[i:i + 1], min(k, math.prod(f.shape[2:])), seed=self.seed)
+            labels, _ = km.assign(f[i:i + 1])
+            out.append(_nearest(labels, tuple(x.shape[2:])))
+        return torch.cat(out).to(x.device)
+
+
+class Superpixelified:
+    """Any explainer's maps averaged within segments of the image (NAS superpixelification): the explainer's own
+    post-processing runs first, then :func:`superpixelify` with ``segmenter(x)`` (B, *spatial) ids, e.g. an
+    :class:`ActivationClustering` (fitted clusters of the model's activations) or :class:`SlicSegments`.
+
+    ``Superpixelified(get_explainer("gradcam++", clf), clustering).explain(x, target=y)`` -> (B, T, *spatial),
+    constant within each segment. Each map is then divided by its largest magnitude (maps that were in
+    [0, 1] have their maximum at 1 again; signs, zeros and the ratios between segments are kept): a small
+    bright spot averaged over a large segment would otherwise be a faint map. Segments are computed per call
+    from ``x`` (the segmenter's forward pass is part of the time per image).
+    """
+
+    def __init__(self, explainer, segmenter: Callable[[torch.Tensor], torch.Tensor]):
+        self.explainer, self.segmenter = explainer, segmenter
+        self.name = f"{getattr(explainer, 'name', 'explainer')}@{getattr(segmenter, 'tag', 'sp')}"
+
+    def __getattr__(self, name):  # card, spatial_dims, model, ... of the wrapped explainer
+        if name in ("explainer", "segmenter"):
+            raise AttributeError(name)
+        return getattr(self.explainer, name)
+
+    def _average(self, maps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        m = superpixelify(maps, self.segmenter(x).to(maps.device))
+        top = m.abs().flatten(2).amax(-1)
+        top = torch.where(top > 0, top, torch.ones_like(top))
+        return m / top.view(*top.shape, *[1] * (m.ndim - 2))
+
+    def explain(self, x: torch.Tensor, target=None) -> torch.Tensor:
+        return self._average(self.explainer.explain(x, target), x)
+
+    def explain_and_predict(self, x: torch.Tensor, target=None) -> tuple[torch.Tensor, torch.Tensor]:
+        maps, probs = self.explainer.explain_and_predict(x, target)
+        return self._average(maps, x), probs
+
+
+def load_segmenter(source: str | Path, model: nn.Module, seed: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The segments of ``--superpixelify SOURCE``: a folder written by ``nemt clusters --out`` (the model's
+    activation clusters fitted over its training split, shared by all images: :class:`ActivationClustering`,
+    tag ``clusters``), ``nas:K`` (K neuro-activated superpixels per image, :class:`NasSegments`, tag ``nas``)
+    or ``slic:N`` (SLIC with N segments per image, :class:`SlicSegments`, tag ``slic``); K, N default 12."""
+    from nemt.errors import NemtError
+    text = str(source)
+    head, sep, n = text.partition(":")
+    if head.lower() in ("slic", "nas") and not Path(text).is_dir():
+        try:
+            count = int(n) if sep else 12
+            return SlicSegments(count) if head.lower() == "slic" else NasSegments(model, count, seed=seed)
+        except (ValueError, ParameterError):
+            raise NemtError(f"--superpixelify {text!r}: expected {head.lower()} or {head.lower()}:N with N a "
+                            "positive integer") from None
+    if not Path(text).is_dir():
+        raise NemtError(f"--superpixelify {text!r}: neither a folder written by `nemt clusters --out` nor "
+                        "nas:K or slic:N")
+    return ActivationClustering.load(text, model)
+
+
+def segmenter_checksum(source: str | Path) -> str:
+    """What identifies ``--superpixelify SOURCE`` for resuming a benchmark: ``slic:N``, or the SHA-256 of a
+    clustering folder's two files."""
+    import hashlib
+    text = str(source)
+    if text.split(":")[0].lower() in ("slic", "nas") and not Path(text).is_dir():
+        return text.lower()
+    h = hashlib.sha256()
+    for name in ("clustering.safetensors", "clustering.json"):
+        h.update((Path(text) / name).read_bytes())
+    return h.hexdigest()

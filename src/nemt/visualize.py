@@ -40,6 +40,8 @@ def save_overlay(path: str | Path, image: np.ndarray, maps: Sequence[np.ndarray]
     ``image`` is (H, W) or (3, H, W) in [0, 1] (or (D, H, W) for volumes);
     each map is (*spatial) in [0, 1].
     """
+    if np.asarray(maps[0]).ndim == 1:
+        return _save_signal_overlay(path, image, maps, titles, gt=gt, suptitle=suptitle)
     panels = [(t, s) for t, m in zip(titles, maps) for s in _slices(image, np.asarray(m), gt)]
     n = 1 + len(panels)
     fig, axes = subplots(1, n, figsize=(3 * n, 3.2), squeeze=False)
@@ -59,6 +61,45 @@ def save_overlay(path: str | Path, image: np.ndarray, maps: Sequence[np.ndarray]
     if suptitle:
         fig.suptitle(suptitle, fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.92) if suptitle else None)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    return path
+
+
+def signal_panels(fig, signal: np.ndarray, maps: Sequence[np.ndarray], titles: Sequence[str],
+                  gt: np.ndarray | None = None, cmap: str = "inferno"):
+    """A 1D signal as curves (one per channel; (L,) or (C, L)) with the ground truth shaded, and under it one
+    strip per map ((L,) in [0, 1], the same time axis). Returns the axes (signal first)."""
+    sig = np.atleast_2d(np.asarray(signal, dtype=float))
+    n = len(maps)
+    axes = fig.subplots(1 + n, 1, sharex=True, gridspec_kw={"height_ratios": [3] + [1] * n})
+    axes = np.atleast_1d(axes)
+    t = np.arange(sig.shape[-1])
+    for c in sig:
+        axes[0].plot(t, c, lw=0.8, color="black" if len(sig) == 1 else None)
+    if gt is not None and np.asarray(gt).any():
+        g = np.asarray(gt).astype(bool).reshape(-1)
+        edges = np.flatnonzero(np.diff(np.r_[0, g.astype(int), 0]))
+        for lo, hi in zip(edges[::2], edges[1::2]):
+            axes[0].axvspan(lo - 0.5, hi - 0.5, color="cyan", alpha=0.25, lw=0)
+    axes[0].set_ylabel("signal", fontsize=8)
+    for ax, m, title in zip(axes[1:], maps, titles):
+        m = np.asarray(m, dtype=float).reshape(1, -1)
+        ax.imshow(m, aspect="auto", cmap=cmap, vmin=0, vmax=1, extent=(-0.5, m.shape[1] - 0.5, 0, 1),
+                  interpolation="nearest")
+        ax.set_yticks([])
+        ax.set_ylabel(title, fontsize=7, rotation=0, ha="right", va="center")
+    axes[-1].set_xlabel("sample", fontsize=8)
+    return axes
+
+
+def _save_signal_overlay(path, image, maps, titles, *, gt=None, suptitle=None) -> Path:
+    fig = Figure(figsize=(9, 2.2 + 0.6 * len(maps)))
+    signal_panels(fig, image, maps, titles, gt)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=9)
+    fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")

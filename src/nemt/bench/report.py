@@ -18,7 +18,7 @@ import numpy as np
 
 from nemt.files import atomic_open
 from nemt.metrics import DIRECTIONS
-from nemt.visualize import subplots
+from nemt.visualize import signal_panels, subplots
 
 
 def _png(fig) -> str:
@@ -69,6 +69,13 @@ def time_plot(summary: dict) -> str:
 def gallery_figure(unit: np.ndarray, gt: np.ndarray, maps: dict[str, np.ndarray], title: str) -> str:
     """The image with its ground-truth outline, then each method's map over it: one row in 2D; in 3D three
     rows, the orthogonal slices through the ground truth's centre (the volume's centre without one)."""
+    if unit.ndim == 2:  # (C, L): a signal as curves, each method's map as a strip under it
+        from matplotlib.figure import Figure
+        fig = Figure(figsize=(7, 1.6 + 0.5 * len(maps)))
+        signal_panels(fig, unit, list(maps.values()), list(maps), gt)
+        fig.suptitle(title, fontsize=8)
+        fig.tight_layout()
+        return _png(fig)
     if unit.ndim == 4:  # (C, D, H, W)
         pts = np.argwhere(gt) if gt.any() else None
         centre = (pts.mean(0).round().astype(int) if pts is not None else np.array(unit.shape[1:]) // 2)

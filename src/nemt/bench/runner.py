@@ -14,7 +14,12 @@ divided by its size (metrics not included), on the device given.
 
 Metrics are those of :mod:`nemt.metrics`' registry whose inputs the runner
 has (:data:`RUNNER_INPUTS`): each is called through its registered
-description, so a new metric needs no change here.
+description, so a new metric needs no change here. A dataset-level metric
+(MaxBoxAccV2, whose best threshold is chosen over the whole data set) stores
+each chunk's per-map statistic in ``statistics/METHOD/`` (safetensors, written
+before the chunk's rows); when every chunk is done the statistics are pooled
+and reduced once, each item's row gets its share (the results' mean is the
+metric) and the metric's own figures go to ``dataset_metrics.json``.
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from nemt.errors import NemtError
-from nemt.files import atomic_open, write_json
+from nemt.files import atomic_open, atomic_path, write_json
 from nemt.ops import seeded
 from nemt.metrics import DIRECTIONS, available_metrics, get_metric, parallel_chunks, registry, summarise
 from nemt.progress import console, progress_bar
@@ -41,6 +46,10 @@ from nemt.progress import console, progress_bar
 #: the inputs (names of :data:`nemt.metrics.INPUTS`) the runner gives metrics: maps (B, 1, *spatial), ground-truth
 #: masks, the metric model, its inputs and the targets; every registered metric that needs no others can run
 RUNNER_INPUTS = ("maps", "gt", "model", "x", "target")
+#: the inputs a run also has when its data set has eye gaze (:mod:`nemt.data.gaze`): heat maps and fixation maps
+GAZE_INPUTS = ("gaze", "fixations")
+#: the metrics added to the default ones when the data set has gaze
+GAZE_METRICS = ("kl_divergence", "nss")
 DEFAULT_METRICS = ("relevance_mass", "relevance_rank", "pointing_game", "energy_pointing_game", "complexity",
                    "sparseness", "faithfulness_estimate")
 RESULT_FIELDS = ("method", "item", "sample", "image", "target", "label", "has_gt", "ms")
@@ -68,6 +77,8 @@ class BenchmarkData:
     items: list[Item]
     label_names: list[str]
     fingerprint: str = ""
+    gaze: torch.Tensor | None = None  # (N, 1, *spatial) gaze heat maps in [0, 1] (zeros: no gaze), or None
+    fixations: torch.Tensor | None = None  # (N, 1, *spatial) fixation counts, or None
 
 
 @dataclass
@@ -102,32 +113,121 @@ def runnable_metrics() -> list[str]:
     return available_metrics(RUNNER_INPUTS)
 
 
-def check_metrics(metrics: Sequence[str]) -> list[str]:
-    known = set(runnable_metrics())
+def check_metrics(metrics: Sequence[str], gaze: bool = False) -> list[str]:
+    """``metrics`` if the runner can compute each (with ``gaze``: also the gaze metrics), else a clear error."""
+    known = set(available_metrics(RUNNER_INPUTS + GAZE_INPUTS)) if gaze else set(runnable_metrics())
     bad = [m for m in metrics if m not in known]
     if bad:
         reg = registry()
-        other = {m: [k for k in reg[m].inputs if k not in RUNNER_INPUTS] for m in bad if m in reg}
+        have = RUNNER_INPUTS + (GAZE_INPUTS if gaze else ())
+        other = {m: [k for k in reg[m].inputs if k not in have] for m in bad if m in reg}
         why = "".join(f"; {m} needs {', '.join(ks)}, which the benchmark does not have" for m, ks in other.items())
+        if any(k in GAZE_INPUTS for ks in other.values() for k in ks):
+            why += (" (eye gaze: a fixation file, gaze.csv beside the manifest or --gaze FILE; "
+                    "`nemt data gaze DATA --simulate` makes one)")
         raise NemtError(f"unknown metric(s) {bad}; available: {sorted(known)}{why}")
     return list(metrics)
 
 
 def score_maps(metrics: Sequence[str], maps: torch.Tensor, gt: torch.Tensor, model, x: torch.Tensor,
-               target: torch.Tensor, params: dict[str, dict] | None = None) -> dict[str, torch.Tensor]:
+               target: torch.Tensor, params: dict[str, dict] | None = None, *, gaze: torch.Tensor | None = None,
+               fixations: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """{metric: (B,) values} for maps (B, 1, *spatial) of per-sample targets.
 
     Each metric is called as registered (:meth:`nemt.metrics.MetricSpec.call`)
-    with its inputs among maps, ``gt``, ``model``, ``x`` and ``target``, and
-    its ``params[name]`` as keywords.
+    with its inputs among maps, ``gt``, ``model``, ``x`` and ``target`` (and
+    ``gaze``, ``fixations`` (B, 1, *spatial) when given), and its
+    ``params[name]`` as keywords.
     """
+    params = params or {}
+    values = {"maps": maps, "gt": gt, "model": model, "x": x, "target": target}
+    values.update({k: v for k, v in (("gaze", gaze), ("fixations", fixations)) if v is not None})
+    out: dict[str, torch.Tensor] = {}
+    for name in metrics:
+        spec = get_metric(name)
+        if spec.dataset_level:  # a share of a data-set maximum: only the whole run gives it (score_statistics)
+            out[name] = torch.full((maps.shape[0],), float("nan"), dtype=torch.float64)
+            continue
+        v = spec.call(values, **params.get(name, {}))
+        out[name] = v.reshape(-1).detach().cpu().double()
+    return out
+
+
+def score_statistics(metrics: Sequence[str], maps: torch.Tensor, gt: torch.Tensor, model, x: torch.Tensor,
+                     target: torch.Tensor, params: dict[str, dict] | None = None) -> dict[str, torch.Tensor]:
+    """{metric: (B, S) statistic} of the dataset-level metrics among ``metrics`` (e.g. ``max_box_acc_v2``: the
+    IoU at every threshold) for maps (B, 1, *spatial); the run pools them and reduces once (:func:`reduce_statistics`)."""
     params = params or {}
     values = {"maps": maps, "gt": gt, "model": model, "x": x, "target": target}
     out: dict[str, torch.Tensor] = {}
     for name in metrics:
-        v = get_metric(name).call(values, **params.get(name, {}))
-        out[name] = v.reshape(-1).detach().cpu().double()
+        spec = get_metric(name)
+        if spec.dataset_level:
+            v = spec.call_statistic(values, **params.get(name, {}))
+            out[name] = v.reshape(maps.shape[0], -1).detach().cpu().double()
     return out
+
+
+def _statistics_dir(out: Path, method: str) -> Path:
+    return out / "statistics" / method
+
+
+def save_statistics(out: Path, method: str, items: Sequence[int], stats: dict[str, torch.Tensor]) -> None:
+    """One chunk's statistics, ``out/statistics/METHOD/ITEM.safetensors`` (ITEM: the chunk's first item), atomically,
+    before its rows enter the results log (so a logged row always has its statistic)."""
+    if not stats:
+        return
+    from safetensors.torch import save_file
+    path = _statistics_dir(out, method) / f"{int(items[0]):07d}.safetensors"
+    tensors = {"item": torch.tensor([int(i) for i in items], dtype=torch.int64),
+               **{k: v.contiguous() for k, v in stats.items()}}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
+
+
+def reduce_statistics(out: Path, rows: list[dict], methods: Sequence[str], metrics: Sequence[str],
+                      params: dict[str, dict] | None = None) -> dict[str, dict]:
+    """Fill the dataset-level metrics of ``rows`` (in place) with each item's share of the whole run's value.
+
+    Per method and metric, the statistics of every item (``out/statistics/METHOD/*.safetensors``) are pooled
+    and reduced once (:attr:`nemt.metrics.MetricSpec.reduce`); returns {method: {metric: details}}.
+    """
+    from safetensors.torch import load_file
+    params = params or {}
+    levels = [m for m in metrics if get_metric(m).dataset_level]
+    details: dict[str, dict] = {}
+    if not levels:
+        return details
+    for method in methods:
+        mine = [r for r in rows if r["method"] == method]
+        if not mine:
+            continue
+        folder = _statistics_dir(out, method)
+        found: dict[str, dict[int, torch.Tensor]] = {m: {} for m in levels}
+        for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+            try:
+                t = load_file(str(path))
+            except Exception as exc:  # a damaged file: name it
+                raise NemtError(f"{path}: unreadable ({exc}); delete it (its chunk is recomputed) or use "
+                                "--restart") from None
+            for m in levels:
+                if m not in t:
+                    raise NemtError(f"{path}: has no statistic of {m!r}; written by a run with other metrics; "
+                                    "use --restart")
+                for k, i in enumerate(t["item"].tolist()):
+                    found[m][int(i)] = t[m][k]
+        details[method] = {}
+        for m in levels:
+            missing = [int(r["item"]) for r in mine if int(r["item"]) not in found[m]]
+            if missing:
+                raise NemtError(f"{folder}: no statistic of {m!r} for items {missing[:5]}"
+                                f"{' ...' if len(missing) > 5 else ''} of {method}; use --restart")
+            stats = torch.stack([found[m][int(r["item"])] for r in mine])
+            share, info = get_metric(m).reduce(stats, **params.get(m, {}))
+            for r, v in zip(mine, share.tolist()):
+                r[m] = _fmt(float(v))
+            details[method][m] = info
+    return details
 
 
 class ResultsLog:
@@ -252,7 +352,7 @@ def run_benchmark(model, data: BenchmarkData, explainers: dict[str, Any], config
     those of serial slices at one torch thread, bit for bit.
     """
     out = Path(out)
-    metrics = check_metrics(config.metrics)
+    metrics = check_metrics(config.metrics, gaze=data.gaze is not None)
     if model_sha256 is None:
         from nemt.explainers.nemt import model_checksum
         model_sha256 = model_checksum(model)
@@ -317,7 +417,11 @@ def run_benchmark(model, data: BenchmarkData, explainers: dict[str, Any], config
                 torch.cuda.synchronize()
             ms = 1000 * (time.perf_counter() - t0) / len(chunk)
             with parallel_chunks(metric_workers) if metric_workers > 0 else contextlib.nullcontext():
-                scores = score_maps(metrics, maps.float(), data.gt[idx], mm, x, t, config.metric_params)
+                scores = score_maps(metrics, maps.float(), data.gt[idx], mm, x, t, config.metric_params,
+                                    gaze=None if data.gaze is None else data.gaze[idx],
+                                    fixations=None if data.fixations is None else data.fixations[idx])
+            save_statistics(out, name, [it.item for it in chunk],
+                            score_statistics(metrics, maps.float(), data.gt[idx], mm, x, t, config.metric_params))
             rows = []
             for k, it in enumerate(chunk):
                 row = {"method": name, **{f: getattr(it, f) for f in ("item", "sample", "image", "target", "label",
@@ -329,8 +433,11 @@ def run_benchmark(model, data: BenchmarkData, explainers: dict[str, Any], config
     if shard is not None:
         return {"shard": f"{shard[0]}-of-{shard[1]}", "folder": str(out.relative_to(home)), "rows": len(log_.rows)}
     order = {m: k for k, m in enumerate(explainers)}
-    rows = [log_.rows[key] for key in sorted((k for k in log_.rows if k[0] in order),
-                                             key=lambda k: (order[k[0]], k[1]))]
+    rows = [dict(log_.rows[key]) for key in sorted((k for k in log_.rows if k[0] in order),
+                                                   key=lambda k: (order[k[0]], k[1]))]
+    details = reduce_statistics(out, rows, list(explainers), metrics, config.metric_params)
+    if details:  # the dataset-level metrics' own figures (e.g. MaxBoxAcc per IoU threshold, best threshold)
+        write_json(out / "dataset_metrics.json", details)
     with atomic_open(out / "results.csv", "w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=log_.fields)
         w.writeheader()
@@ -375,7 +482,13 @@ def merge_shards(out: Path, metrics: Sequence[str], log: Callable[[str], None] |
     added = []
     for f in folders:
         part = ResultsLog(f / "results.partial.csv", metas[0]["metrics"], log)
-        added += [r for k, r in sorted(part.rows.items(), key=lambda kv: kv[0][1]) if k not in target.rows]
+        new = [r for k, r in sorted(part.rows.items(), key=lambda kv: kv[0][1]) if k not in target.rows]
+        for src in sorted((f / "statistics").glob("*/*.safetensors")):  # dataset-level metrics' statistics
+            dst = out / "statistics" / src.parent.name / src.name
+            if not dst.is_file():
+                with atomic_open(dst, "wb") as fh:
+                    fh.write(src.read_bytes())
+        added += new
     if added:
         target.append(added)
     return len(added)
@@ -480,8 +593,12 @@ def gallery_maps(data: BenchmarkData, items: list[Item], explainers: dict[str, A
     return out
 
 
-def load_benchmark_data(clf, manifest, indices: Sequence[int], device=None, limit: int | None = None) -> BenchmarkData:
-    """Images of ``manifest`` rows ``indices`` at the model's size, with their ground truth and items."""
+def load_benchmark_data(clf, manifest, indices: Sequence[int], device=None, limit: int | None = None,
+                        gaze: str | Path | None = None) -> BenchmarkData:
+    """Images of ``manifest`` rows ``indices`` at the model's size, with their ground truth and items.
+
+    ``gaze``: a fixation CSV (:mod:`nemt.data.gaze`) whose heat maps and fixation maps join the data (its
+    bytes join the fingerprint, so a resumed run refuses other gaze)."""
     from nemt.data import ImageDataset
     indices = [int(i) for i in indices][:limit] if limit else [int(i) for i in indices]
     if not indices:
@@ -492,9 +609,17 @@ def load_benchmark_data(clf, manifest, indices: Sequence[int], device=None, limi
     names = [manifest.samples[i].name for i in indices]
     items = make_items(st["y"], clf.card.task, clf.label_names, names, [bool(h) for h in st["has_gt"]])
     fp = f"{manifest.fingerprint()}:{','.join(map(str, indices))}"
+    heat = fix = None
+    if gaze is not None:
+        from nemt.data.gaze import gaze_targets, match_fixations, read_fixations
+        from nemt.files import sha256_file
+        matched, _ = match_fixations(manifest, read_fixations(gaze), gaze)
+        heat, fix, _ = gaze_targets(manifest, indices, clf.card.input_size, matched)
+        heat, fix = heat.to(device), fix.to(device)
+        fp += f":gaze {sha256_file(gaze)}"
     import hashlib
     return BenchmarkData(st["image"].to(device), unit, st["gt"].bool().to(device), items, list(clf.label_names),
-                         hashlib.sha256(fp.encode()).hexdigest()[:16])
+                         hashlib.sha256(fp.encode()).hexdigest()[:16], gaze=heat, fixations=fix)
 
 
 def report_run(out: Path, data: BenchmarkData, explainers: dict[str, Any], summary: dict, metrics: Sequence[str], *,
@@ -534,10 +659,20 @@ def benchmark_model(model_dir: Path, data_path: Path, out: Path, *, explainer_di
                     split: str = "test", limit: int | None = None, batch_size: int = 16, gallery: int = 6,
                     params: dict[str, dict] | None = None, seed: int = 0, device: str = "cpu",
                     progress: bool = True, restart: bool = False, open_data: Callable | None = None,
-                    metric_workers: int = 0, shard: tuple[int, int] | None = None, merge: bool = False) -> dict:
+                    metric_workers: int = 0, shard: tuple[int, int] | None = None, merge: bool = False,
+                    superpixelify: str | Path | Sequence[str | Path] | None = None,
+                    gaze: str | Path | None = None) -> dict:
     """``nemt benchmark``: a trained model's split of its data set, every method, every metric, the report.
 
+    ``gaze``: a fixation CSV (:mod:`nemt.data.gaze`; default: ``gaze.csv`` beside the data set's manifest,
+    when there is one). With gaze, the default metrics also score the maps against it
+    (:data:`GAZE_METRICS`: KL divergence from the gaze heat map, NSS at the fixations).
     ``metric_workers``: see :func:`run_benchmark` (default 0: metrics serial in the calling thread).
+    ``superpixelify``: one or several segment sources (:func:`~nemt.clustering.load_segmenter`): a folder
+    written by ``nemt clusters --out`` (the model's activation clusters), ``nas:K`` (per-image neuro-activated
+    superpixels) or ``slic:N``; every method then also runs superpixelified
+    (:class:`~nemt.clustering.Superpixelified`), as ``METHOD@clusters``, ``METHOD@nas``, ``METHOD@slic``, each
+    next to its raw maps.
     """
     from nemt.explainers import get_explainer
     from nemt.explainers.fast import inference_copy
@@ -549,6 +684,9 @@ def benchmark_model(model_dir: Path, data_path: Path, out: Path, *, explainer_di
     if restart:  # forget earlier results in this folder
         for name in ("results.partial.csv", "run.json"):
             (out / name).unlink(missing_ok=True)
+        if (out / "statistics").is_dir():
+            import shutil
+            shutil.rmtree(out / "statistics")
     clf = load_model(model_dir, device=device)
     if open_data is None:
         from nemt.data.manifest import open_dataset
@@ -560,7 +698,15 @@ def benchmark_model(model_dir: Path, data_path: Path, out: Path, *, explainer_di
     splits = load_splits(model_dir, manifest)
     if split not in splits:
         raise NemtError(f"--split must be one of {sorted(splits)}, got {split!r}")
-    metrics = check_metrics(metrics)
+    if gaze is None:
+        from nemt.data.gaze import default_gaze_path
+        found = default_gaze_path(manifest)
+        gaze = found if found.is_file() else None
+    elif not Path(gaze).is_file():
+        raise NemtError(f"{gaze}: --gaze: fixation file not found")
+    if gaze is not None and list(metrics) == list(DEFAULT_METRICS):
+        metrics = list(metrics) + list(GAZE_METRICS)
+    metrics = check_metrics(metrics, gaze=gaze is not None)
     metric_params = {m: params.pop(m) for m in list(params) if m in metrics}
     unknown = [k for k in params if k not in methods]
     if unknown:
@@ -569,10 +715,32 @@ def benchmark_model(model_dir: Path, data_path: Path, out: Path, *, explainer_di
         raise NemtError("method 'nemt' needs --explainer DIR (from `nemt fit`); or leave it out of --methods")
     explainers = {m: get_explainer(m, clf, path=explainer_dir if m in ("nemt", "nem") else None, seed=seed,
                                    device=device, **params.get(m, {})) for m in methods}
-    data = load_benchmark_data(clf, manifest, splits[split], device=device, limit=limit)
+    data = load_benchmark_data(clf, manifest, splits[split], device=device, limit=limit, gaze=gaze)
     fast = inference_copy(clf)
     cfg = RunConfig(list(methods), list(metrics), batch_size, seed, metric_params, params)
     fitted = {m: explainer_checksum(explainer_dir) for m in methods if m in ("nemt", "nem")}
+    sources = [] if superpixelify is None else (
+        [superpixelify] if isinstance(superpixelify, (str, Path)) else list(superpixelify))
+    if sources:  # each method, then its superpixelified maps
+        from nemt.clustering import Superpixelified, load_segmenter, segmenter_checksum
+        segmenters = {}
+        for src in sources:
+            seg = load_segmenter(src, clf, seed=seed)
+            if seg.tag in segmenters:
+                raise NemtError(f"--superpixelify {src}: a second source of kind {seg.tag!r} "
+                                f"(after {segmenters[seg.tag][0]}); give one of each kind")
+            segmenters[seg.tag] = (str(src), seg, segmenter_checksum(src))
+        both: dict[str, Any] = {}
+        cfg.method_params = dict(cfg.method_params)  # the caller's --param dict stays as given
+        for m, ex in explainers.items():
+            both[m] = ex
+            for tag, (src, seg, seg_sum) in segmenters.items():
+                sp = f"{m}@{tag}"
+                both[sp] = Superpixelified(ex, seg)
+                cfg.method_params[sp] = {**params.get(m, {}), "superpixelify": src}
+                fitted[sp] = f"{fitted.get(m, '')}+{seg_sum}"
+        explainers = both
+        cfg.methods = list(explainers)
     if merge:
         added = merge_shards(out, metrics)
         console.print(f"merged {added} rows from {out / 'shards'}", highlight=False)
@@ -586,6 +754,31 @@ def benchmark_model(model_dir: Path, data_path: Path, out: Path, *, explainer_di
              "input": f"{clf.card.in_channels} x {'x'.join(map(str, clf.card.input_size))}",
              "device": f"{device}, {__import__('torch').get_num_threads()} threads", "seed": str(seed),
              "methods": ", ".join(methods), "parameters": json.dumps(params) if params else "defaults"}
+    if sources:
+        facts["superpixelify"] = "; ".join(f"METHOD@{tag}: {src}" for tag, (src, _, _) in segmenters.items()) + \
+            " (maps averaged within the segments of each image)"
+    if data.fixations is not None:
+        n_gaze = int((data.fixations.flatten(1).sum(1) > 0).sum())
+        facts["gaze"] = (f"{gaze}: fixations on {n_gaze} of {data.x.shape[0]} images (heat maps: a box of 0.8 % and "
+                         "a Gaussian of 5.9 % of the width per fixation, min-max; KL and NSS are NaN without gaze)")
     report_run(out, data, explainers, summary, metrics, title="nemt benchmark", facts=facts, gallery=gallery,
-               seed=seed)
+               seed=seed, notes=dataset_metric_notes(out))
     return summary
+
+
+def dataset_metric_notes(out: Path) -> list[str]:
+    """One line per method and dataset-level metric from ``out/dataset_metrics.json`` (e.g. MaxBoxAcc per IoU
+    threshold and the best map threshold), for the report."""
+    path = Path(out) / "dataset_metrics.json"
+    if not path.is_file():
+        return []
+    lines = []
+    for method, per in json.loads(path.read_text()).items():
+        for metric_name, d in per.items():
+            if "max_box_acc" in d and d["max_box_acc"]:
+                accs = " / ".join(f"{v:.3f}" for v in d["max_box_acc"].values())
+                taus = " / ".join(f"{v:.2f}" for v in d["best_threshold"].values())
+                lines.append(f"{method}: {metric_name} = {d['max_box_acc_v2']:.3f}, MaxBoxAcc at IoU "
+                             f"{' / '.join(d['max_box_acc'])} = {accs} (best map thresholds {taus}; {d['n']} maps; "
+                             "its interval in the table is conditional on these thresholds)")
+    return lines

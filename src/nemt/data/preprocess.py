@@ -84,8 +84,8 @@ class Preprocessing:
 
         Written on ``F.interpolate`` rather than MONAI's ``Resize``: the latter's
         anti-aliasing pads with zeros and darkens the borders of the image.
-        2D uses bilinear with anti-aliasing; 3D uses area averaging when every
-        axis shrinks and trilinear otherwise. Constant images stay constant.
+        2D uses bilinear with anti-aliasing; 1D signals and 3D use area averaging
+        when every axis shrinks and (tri)linear otherwise. Constant images stay constant.
         """
         t = torch.as_tensor(a)
         if tuple(t.shape[1:]) == self.size:
@@ -98,7 +98,8 @@ class Preprocessing:
         elif all(s <= o for s, o in zip(self.size, t.shape[2:])):
             out = F.interpolate(t, size=self.size, mode="area")
         else:
-            out = F.interpolate(t, size=self.size, mode="trilinear", align_corners=False)
+            out = F.interpolate(t, size=self.size, mode="linear" if self.spatial_dims == 1 else "trilinear",
+                                align_corners=False)
         return out[0]
 
     def resized_affine(self, affine: np.ndarray | None, original: Sequence[int]) -> np.ndarray:

@@ -1,10 +1,14 @@
-"""Read one medical image (PNG, JPEG, BMP, TIFF, DICOM, NIfTI), a mask, or a MedMNIST file.
+"""Read one medical image (PNG, JPEG, BMP, TIFF, DICOM, NIfTI), a NumPy array or signal, a mask, or a MedMNIST file.
 
 Every reader returns channel-first float32 with no resizing or normalisation:
 
 * 2D images: ``(C, H, W)``, C = 1 for grey and 3 for colour;
 * DICOM multi-frame: ``(C, F, H, W)``, frames first;
-* NIfTI: ``(C, X, Y, Z)`` in nibabel's voxel order (``(1, X, Y)`` for a 2D file).
+* NIfTI: ``(C, X, Y, Z)`` in nibabel's voxel order (``(1, X, Y)`` for a 2D file);
+* NumPy ``.npy`` (told by its magic bytes): the array as stored, channel-first ``(C, *spatial)`` with 1 to 3
+  spatial axes; a 1-D array ``(L,)`` is one channel ``(1, L)``. A signal is ``(C, L)``: ECG leads are channels.
+  A sidecar ``<name>.json`` may give ``fs`` (samples per second of a 1D signal), ``spacing``, ``range``
+  (the nominal value range), ``channels`` (names, e.g. leads) and ``units`` (see :func:`_read_npy`).
 
 ``Image.value_range`` is the nominal intensity range of ``array``, so
 ``(array - lo) / (hi - lo)`` lies in [0, 1]. Anything unreadable raises
@@ -105,7 +109,9 @@ def read_image(path: str | Path, *, max_pixels: int | None = None) -> Image:
     if kind == "npz":
         raise DataError(path, "file", "an .npz archive holds a data set, not one image; "
                         "read it with read_medmnist (a MedMNIST data set)")
-    raise DataError(path, "file", "unsupported format (not PNG, JPEG, BMP, TIFF, DICOM or NIfTI; "
+    if kind == "npy":
+        return _read_npy(path, max_pixels=max_pixels)
+    raise DataError(path, "file", "unsupported format (not PNG, JPEG, BMP, TIFF, DICOM, NIfTI or NumPy .npy; "
                     f"supported suffixes: {', '.join(_IMAGE_SUFFIXES)})")
 
 
@@ -197,6 +203,8 @@ def _sniff(path: Path) -> str | None:
         return "pil"
     if head.startswith(b"PK\x03\x04"):
         return "npz"
+    if head.startswith(b"\x93NUMPY"):
+        return "npy"
     if head.startswith(b"\x1f\x8b"):
         try:
             with gzip.open(path, "rb") as f:
@@ -432,6 +440,87 @@ def _read_nifti(path: Path, max_pixels: int | None = None) -> Image:
             "axcodes": list(nib.aff2axcodes(img.affine))}
     return Image(array, spacing, np.asarray(img.affine, dtype=np.float64), _data_range(array),
                  "nifti", str(path), meta)
+
+
+# -- NumPy arrays and signals -----------------------------------------------
+
+def _read_npy(path: Path, max_pixels: int | None = None) -> Image:
+    """A ``.npy`` array as ``(C, *spatial)`` float32 (see the module docstring); its sidecar read by :func:`_sidecar`.
+
+    The header's shape is checked against ``max_pixels`` (all values, channels included) before the data
+    is read; object and complex arrays are refused.
+    """
+    fmt = np.lib.format
+    with _decoding(path, "header"):
+        with open(path, "rb") as f:
+            version = fmt.read_magic(f)
+            read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, _, dtype = read(f)
+    if dtype.kind not in "biuf":
+        raise DataError(path, "dtype", f"{dtype} is not a real number type (bool, int, uint or float)")
+    if not 1 <= len(shape) <= 4:
+        raise DataError(path, "shape", f"{len(shape)}-D array {_fmt_shape(shape)}; readable: (L,) or "
+                        "channel-first (C, *spatial) with 1 to 3 spatial axes")
+    check_pixels(path, shape, max_pixels, "shape")
+    with _decoding(path, "pixels"):
+        a = np.load(path, allow_pickle=False)
+    array = np.ascontiguousarray(a[None] if a.ndim == 1 else a, dtype=np.float32)
+    spacing, value_range, meta = _sidecar(path, array)
+    meta.update({"dtype": str(dtype), "shape": [int(s) for s in shape]})
+    return Image(array, spacing, None, value_range, "npy", str(path), meta)
+
+
+def _sidecar(path: Path, array: np.ndarray) -> tuple[tuple[float, ...], tuple[float, float], dict]:
+    """(spacing, value range, meta) for an array from its optional sidecar ``<name>.json``.
+
+    Keys (all optional): ``fs`` (samples per second, 1D only: spacing 1/fs seconds), ``spacing`` (one
+    positive number per spatial axis), ``range`` ([lo, hi], lo < hi: the nominal value range that
+    ``scale="range"`` maps to [0, 1]; default the data's own min and max), ``channels`` (one name per
+    channel) and ``units`` (text). ``fs`` and ``channels`` are kept in ``meta``.
+    """
+    import json
+
+    nd = array.ndim - 1
+    spacing, value_range, meta = (1.0,) * nd, _data_range(array), {}
+    side = path.with_suffix(".json")
+    if not side.is_file():
+        return spacing, value_range, meta
+    try:
+        d = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(side, None, f"sidecar is not valid JSON ({exc})") from exc
+    if not isinstance(d, dict):
+        raise DataError(side, None, "sidecar must be a JSON object")
+
+    def positive(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+    if "fs" in d:
+        if not positive(d["fs"]):
+            raise DataError(side, "fs", f"sampling rate must be a positive number (samples per second), "
+                            f"got {d['fs']!r}")
+        if nd != 1:
+            raise DataError(side, "fs", f"a sampling rate is for 1D signals (C, L); the array has {nd} spatial axes")
+        spacing, meta["fs"] = (1.0 / float(d["fs"]),), float(d["fs"])
+    if "spacing" in d:
+        sp = d["spacing"]
+        if not (isinstance(sp, list) and len(sp) == nd and all(positive(v) for v in sp)):
+            raise DataError(side, "spacing", f"need {nd} positive numbers (one per spatial axis), got {sp!r}")
+        spacing = tuple(float(v) for v in sp)
+    if "range" in d:
+        r = d["range"]
+        if not (isinstance(r, list) and len(r) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                           and math.isfinite(v) for v in r) and r[0] < r[1]):
+            raise DataError(side, "range", f"need [lo, hi] with finite lo < hi, got {r!r}")
+        value_range = (float(r[0]), float(r[1]))
+    if "channels" in d:
+        names = d["channels"]
+        if not (isinstance(names, list) and len(names) == array.shape[0] and all(isinstance(n, str) for n in names)):
+            raise DataError(side, "channels", f"need {array.shape[0]} names (one per channel), got {names!r}")
+        meta["channels"] = list(names)
+    if "units" in d:
+        meta["units"] = str(d["units"])
+    return spacing, value_range, meta
 
 
 # -- MedMNIST -----------------------------------------------------------------

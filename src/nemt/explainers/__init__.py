@@ -13,11 +13,12 @@ from nemt.explainers.gradcam import GradCAM, GradCAMPlusPlus
 from nemt.explainers.nemt import NEM, NEMt
 from nemt.explainers.optimised import CounterfactualInpainting, ExtremalPerturbation
 from nemt.explainers.perturbation import RELAX, RISE, URELAX, Occlusion
+from nemt.explainers.prototypes import PrototypeExplainer
 from nemt.explainers.reference import CentredGaussian, InputMap, LaplaceMap, RandomMap, SobelMap
 
 __all__ = [
     "Explainer", "available", "get_explainer", "init_parameters", "normalise_maps", "register", "resolve_targets",
     "GradCAM", "GradCAMPlusPlus", "Saliency", "IntegratedGradients", "GradientShap", "Lime", "KernelShap",
     "Occlusion", "RISE", "RELAX", "URELAX", "ExtremalPerturbation", "CounterfactualInpainting",
-    "RandomMap", "InputMap", "SobelMap", "LaplaceMap", "CentredGaussian", "NEMt", "NEM",
+    "RandomMap", "InputMap", "SobelMap", "LaplaceMap", "CentredGaussian", "NEMt", "NEM", "PrototypeExplainer",
 ]

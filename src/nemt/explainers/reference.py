@@ -47,14 +47,14 @@ class InputMap(_Reference):
 
 @register("sobel")
 class SobelMap(_Reference):
-    """Gradient magnitude of the input by Sobel filters along every spatial axis (2D or 3D)."""
+    """Gradient magnitude of the input by Sobel filters along every spatial axis (1D: the central difference)."""
 
     def _map(self, x):
         d = x.ndim - 2
         img = x.mean(dim=1, keepdim=True)
         smooth = torch.tensor([1.0, 2.0, 1.0], device=x.device)
         diff = torch.tensor([-1.0, 0.0, 1.0], device=x.device)
-        conv = (F.conv2d, F.conv3d)[d - 2]
+        conv = (F.conv1d, F.conv2d, F.conv3d)[d - 1]
         padded = F.pad(img, [1, 1] * d, mode="replicate")
         mag = torch.zeros_like(img)
         for axis in range(d):

@@ -8,7 +8,8 @@ the names, optionally only those a caller has the inputs for.
 ``DIRECTIONS[name]`` (and ``fn.direction``) says whether higher or lower is
 better. Localisation, gaze and ground-truth metrics give NaN where no score
 exists (empty ground truth); :func:`summarise` averages excluding and
-counting those.
+counting those. Dataset-level metrics (MaxBoxAccV2: a maximum over the data set)
+carry a per-map statistic and a reduction (:attr:`MetricSpec.dataset_level`).
 
 Per-map metrics run over slices of the batch serially in the calling thread,
 with torch's thread settings untouched; an entry point may opt in to worker
@@ -25,6 +26,7 @@ from nemt.metrics.localisation import (energy_pointing_game, pointing_game, rele
                                        top_k_intersection)
 from nemt.metrics.randomisation import model_parameter_randomisation, random_logit, similarity_of, ssim
 from nemt.metrics.summary import summarise
+from nemt.metrics.wsol import box_iou_curves, max_box_acc_reduce, max_box_acc_v2
 
 __all__ = [
     "DIRECTIONS", "INPUTS", "MetricSpec", "metric", "registry", "get_metric", "available_metrics",
@@ -35,4 +37,5 @@ __all__ = [
     "model_parameter_randomisation", "random_logit", "similarity_of", "ssim",
     "kl_divergence", "nss", "cc", "similarity", "fixations_to_heatmap",
     "top_k_precision", "emd_score", "importance_mass_accuracy",
+    "max_box_acc_v2", "box_iou_curves", "max_box_acc_reduce",
 ]

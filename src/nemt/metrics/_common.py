@@ -2,7 +2,7 @@
 
 Conventions
 -----------
-- ``maps`` are ``(B, T, *spatial)`` (2D or 3D), one map per sample and target;
+- ``maps`` are ``(B, T, *spatial)`` (1D signals, 2D or 3D), one map per sample and target;
   ``masks`` (and gaze maps) are ``(B, 1 or T, *spatial)``; a ``(B, *spatial)``
   mask is read as ``(B, 1, *spatial)``.
 - Every metric returns a ``(B, T)`` tensor, one value per map.
@@ -54,12 +54,34 @@ class MetricSpec:
 
     ``fn(*(values[k] for k in inputs), **params)`` gives one value per map, a ``(B, T)`` tensor (the
     randomisation tests: an ordered dict of them).
+
+    A *dataset-level* metric (a maximum over a data set, e.g. MaxBoxAccV2's best threshold) also has
+    ``statistic`` and ``reduce``: ``statistic(*inputs, **params)`` gives a (B, T, S) statistic per map,
+    ``reduce(stats (N, S), **params)`` turns the statistics of the whole data set into per-map shares (N,)
+    whose mean is the metric, and a dict of details. A caller that scores a data set in batches (the
+    benchmark runner) pools the statistics and reduces once; ``fn`` does both over the maps it is given.
     """
 
     name: str
     fn: Callable = field(repr=False)
     direction: str
     inputs: tuple[str, ...]
+    statistic: Callable | None = field(default=None, repr=False)
+    reduce: Callable | None = field(default=None, repr=False)
+
+    @property
+    def dataset_level(self) -> bool:
+        """Whether the metric's value is a statistic of the whole data set (see :attr:`statistic`)."""
+        return self.reduce is not None
+
+    def call_statistic(self, values: Mapping[str, Any], **params) -> torch.Tensor:
+        """A dataset-level metric's per-map statistic (B, T, S), inputs taken by name from ``values``."""
+        if self.statistic is None:
+            raise NemtError(f"metric {self.name!r} is not dataset-level: it has no per-map statistic")
+        missing = [k for k in self.inputs if k not in values]
+        if missing:
+            raise NemtError(f"metric {self.name!r} needs {', '.join(missing)}, which the caller does not give")
+        return self.statistic(*(values[k] for k in self.inputs), **params)
 
     @property
     def needs_gt(self) -> bool:
@@ -77,7 +99,8 @@ class MetricSpec:
 _REGISTRY: dict[str, MetricSpec] = {}
 
 
-def metric(direction: str, *, inputs: Sequence[str], name: str | None = None) -> Callable:
+def metric(direction: str, *, inputs: Sequence[str], name: str | None = None,
+           dataset: tuple[Callable, Callable] | None = None) -> Callable:
     """Decorator that registers a metric where it is defined.
 
     ``direction``: ``"higher"`` or ``"lower"`` (which is better; also set as
@@ -87,7 +110,10 @@ def metric(direction: str, *, inputs: Sequence[str], name: str | None = None) ->
     name. A caller that has some inputs (the benchmark runner: maps, gt, model,
     x, target) can run every registered metric whose inputs it has, through
     :func:`get_metric` and :meth:`MetricSpec.call`, with no list of names.
+    ``dataset=(statistic, reduce)`` marks a dataset-level metric (:class:`MetricSpec`).
     """
+    if dataset is not None and (len(dataset) != 2 or not all(callable(f) for f in dataset)):
+        raise ValueError("dataset must be a pair (statistic, reduce) of functions")
     if direction not in ("higher", "lower"):
         raise ValueError(f"direction must be 'higher' or 'lower', got {direction!r}")
     if isinstance(inputs, str) or not inputs:
@@ -103,7 +129,7 @@ def metric(direction: str, *, inputs: Sequence[str], name: str | None = None) ->
         if old is not None and (old.fn.__module__, old.fn.__qualname__) != (fn.__module__, fn.__qualname__):
             raise ValueError(f"metric {key!r} is already registered by {old.fn.__module__}.{old.fn.__qualname__}")
         fn.direction = direction
-        _REGISTRY[key] = MetricSpec(key, fn, direction, inputs)
+        _REGISTRY[key] = MetricSpec(key, fn, direction, inputs, *(dataset or (None, None)))
         return fn
     return deco
 
@@ -246,8 +272,8 @@ def float_maps(maps: torch.Tensor) -> torch.Tensor:
 
 
 def check_maps(maps: torch.Tensor) -> int:
-    if maps.ndim not in (4, 5):
-        raise NemtError(f"maps must be (B, T, H, W) or (B, T, D, H, W), got shape {tuple(maps.shape)}")
+    if maps.ndim not in (3, 4, 5):
+        raise NemtError(f"maps must be (B, T, L), (B, T, H, W) or (B, T, D, H, W), got shape {tuple(maps.shape)}")
     return maps.ndim - 2
 
 

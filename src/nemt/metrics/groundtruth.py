@@ -60,7 +60,7 @@ def _pool_sum(v: torch.Tensor, f: int) -> torch.Tensor:
     for s in reversed(v.shape[1:]):
         pad += [0, (-s) % f]
     v = F.pad(v.unsqueeze(1), pad)
-    pool = F.avg_pool2d if d == 2 else F.avg_pool3d
+    pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[d - 1]
     return pool(v, f).squeeze(1) * f ** d
 
 

@@ -86,7 +86,7 @@ def pointing_game(maps: torch.Tensor, masks: torch.Tensor, *, tolerance: int = 0
     When several pixels share the maximum, any of them inside GT is a hit
     (Quantus ``PointingGame``). ``tolerance`` (pixels, default 0 as Quantus;
     Zhang et al. used 15) grows the mask by that many pixels in every
-    direction (a square/cube, i.e. Chebyshev distance) first. Higher is better;
+    direction (an interval/square/cube, i.e. Chebyshev distance) first. Higher is better;
     NaN for an empty GT (Quantus 0.6.0 returns 1 there: it writes NaN into a
     boolean array).
     """
@@ -95,7 +95,7 @@ def pointing_game(maps: torch.Tensor, masks: torch.Tensor, *, tolerance: int = 0
     empty = ~m.any(-1)
     if tolerance > 0:
         shape = (m.shape[0] * m.shape[1], 1, *maps.shape[2:])
-        pool = F.max_pool2d if d == 2 else F.max_pool3d
+        pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[d - 1]
         grown = pool(m.reshape(shape).float(), 2 * tolerance + 1, stride=1, padding=tolerance)
         m = grown.reshape(m.shape) > 0
     # a hit when the largest value inside GT equals the map's maximum (any tied maximum in GT counts)

@@ -42,7 +42,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor, win_size: int = 7, k1: float = 0.01, 
     bt = a.shape[:2]
     x = a.reshape(-1, 1, *a.shape[2:])
     y = b.reshape(-1, 1, *b.shape[2:])
-    pool = F.avg_pool2d if d == 2 else F.avg_pool3d
+    pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[d - 1]
     filt = lambda z: pool(z, win_size, stride=1)  # noqa: E731  (valid positions only: skimage crops the rest)
     np_ = win_size ** d
     cov_norm = np_ / (np_ - 1)

@@ -115,8 +115,8 @@ class ModelCard:
                 raise CardError(path, name, f"must be {typ.__name__}, got {type(d[name]).__name__}")
         if d["task"] not in TASKS:
             raise CardError(path, "task", f"{d['task']!r} is not one of {TASKS}")
-        if d["spatial_dims"] not in (2, 3):
-            raise CardError(path, "spatial_dims", f"must be 2 or 3, got {d['spatial_dims']}")
+        if d["spatial_dims"] not in (1, 2, 3):
+            raise CardError(path, "spatial_dims", f"must be 1, 2 or 3, got {d['spatial_dims']}")
         if len(d["input_size"]) != d["spatial_dims"] or not all(isinstance(s, int) and s > 0 for s in d["input_size"]):
             raise CardError(path, "input_size", f"need {d['spatial_dims']} positive sizes, got {d['input_size']}")
         if not d["label_names"] or not all(isinstance(s, str) for s in d["label_names"]):

@@ -45,7 +45,7 @@ from nemt.files import atomic_open, write_json
 from nemt.models.card import ModelCard
 from nemt.models.classifier import Classifier, load_model
 from nemt.models.metrics import classification_metrics, score_for_selection
-from nemt.models.zoo import build_model
+from nemt.models.zoo import build_model, sized_arch_kwargs
 from nemt.ops import preserved_rng
 from nemt.progress import console, progress_bar
 
@@ -86,12 +86,20 @@ def seed_everything(seed: int) -> None:
 
 def augment_batch(x: torch.Tensor, gen: torch.Generator, *, flip: bool = True, max_rotate: float = 10.0,
                   max_scale: float = 0.1, max_shift: float = 0.05, jitter: float = 0.1) -> torch.Tensor:
-    """Random flip along the last axis, small affine and brightness/contrast jitter; (B, C, *spatial)."""
+    """Random flip along the last axis, small affine and brightness/contrast jitter; (B, C, *spatial).
+
+    A 1D signal (B, C, L) gets the amplitude (gain and offset) jitter only: time has a direction (a
+    flipped ECG puts T before QRS) and no plane to rotate in.
+    """
     b, d = x.shape[0], x.ndim - 2
     dev = x.device
 
     def u(*shape):  # uniform in [-1, 1], drawn on CPU from ``gen`` for reproducibility
         return (torch.rand(*shape, generator=gen) * 2 - 1).to(dev)
+
+    if d == 1:
+        shape = (b, 1, 1)
+        return x * (1 + u(*shape) * jitter) + u(*shape) * jitter
 
     ang = u(b) * math.radians(max_rotate)
     rot = torch.eye(d, device=dev).repeat(b, 1, 1)  # rotation in the plane of the last two axes
@@ -232,7 +240,8 @@ def _train_classifier(manifest: Manifest, out_dir: str | Path, config: TrainConf
     if manifest.task == "regression":
         target_scale = {"mean": float(y_train.mean()), "std": float(max(y_train.std(), 1e-8))}
     card = ModelCard(
-        arch=cfg.arch, arch_kwargs=dict(cfg.arch_kwargs), spatial_dims=len(size), in_channels=channels,
+        arch=cfg.arch, arch_kwargs=sized_arch_kwargs(cfg.arch, cfg.arch_kwargs, size), spatial_dims=len(size),
+        in_channels=channels,
         task=manifest.task, label_names=list(manifest.label_names), input_size=list(size),
         preprocessing=pre.to_dict(), target_scale=target_scale,
         data={"source": str(manifest.source), "kind": manifest.kind, "sha256": fingerprint,
@@ -241,7 +250,9 @@ def _train_classifier(manifest: Manifest, out_dir: str | Path, config: TrainConf
         training=cfg.to_dict(),
     )
     net = build_model(cfg.arch, spatial_dims=len(size), in_channels=channels, out_channels=card.out_channels,
-                      **cfg.arch_kwargs)
+                      **card.arch_kwargs)
+    # a model with loss terms of its own (Pantypes: KL, reconstruction, volume) adds them to the loss below
+    auxiliary_loss = getattr(net, "auxiliary_loss", None)
     clf = Classifier(net, card).to(device)
     loss_fn = _loss_fn(manifest.task, y_train, card.out_channels, cfg.class_weighting, device)
     opt = torch.optim.AdamW(clf.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -292,6 +303,8 @@ def _train_classifier(manifest: Manifest, out_dir: str | Path, config: TrainConf
                         loss = loss_fn(out.squeeze(1), (y - target_scale["mean"]) / target_scale["std"])
                     else:
                         loss = loss_fn(out, y)
+                    if auxiliary_loss is not None:  # from this forward pass, which the model kept
+                        loss = loss + auxiliary_loss(y, pre)
                     (loss / cfg.accumulate).backward()
                 if last:
                     opt.step()

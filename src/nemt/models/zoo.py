@@ -1,6 +1,6 @@
-"""The classifiers we train and explain, built by name for 2D or 3D.
+"""The classifiers we train and explain, built by name for 1D signals, 2D images or 3D volumes.
 
-ResNet-18/34/50 and DenseNet-121 come from MONAI (``monai.networks.nets``),
+ResNet-10/18/34/50 and DenseNet-121 come from MONAI (``monai.networks.nets``),
 built with the standard ImageNet-style stem (7x7 stride-2 convolution and
 max-pool; MONAI's default stride is 1) and non-in-place activations, so that
 hooks and gradient-based explainers see each stage's output unchanged.
@@ -9,7 +9,19 @@ and ``cnn`` are the small models of the XAI-TRIS benchmark (Clark, Wilming &
 Haufe 2024); they take the optional ``input_size`` keyword (spatial size) to
 size their dense layers, and infer it at the first forward pass (or when
 weights are loaded) without it. No weights are ever downloaded: every model
-starts from random initialisation.
+starts from random initialisation. ``pantypes`` (2D) is the Pantypes prototype
+classifier (:mod:`nemt.models.pantypes`): logits like the others, plus loss
+terms of its own that training adds (its ``auxiliary_loss``), and layers sized
+by ``input_size``, which training fills in (:data:`SIZED_BY_INPUT`). ``mimic``
+is M copies of a ``base`` architecture whose outputs are the mean of the copies'
+log-softmax (:class:`nemt.models.guided.GuidedEnsemble`, trained by ``nemt train --guide mimic``).
+
+1D (``spatial_dims=1``, inputs (B, C, L), e.g. ECG leads as channels): every
+architecture is built with MONAI's 1D layers. ``resnet10`` (one basic residual
+block per stage, so ``layer1`` … ``layer4`` are the four residual blocks) is the
+1D ResNet of the ECG examples; ``widen_factor=0.5`` halves its widths
+(32/64/128/256) and ``no_max_pool=True`` keeps twice the time resolution
+(stages at L/2 … L/16 instead of L/4 … L/32).
 """
 from __future__ import annotations
 
@@ -18,7 +30,7 @@ from typing import Any, Callable
 
 import torch
 from monai.networks.layers.factories import Conv, Norm, Pool
-from monai.networks.nets import DenseNet121, resnet18, resnet34, resnet50
+from monai.networks.nets import DenseNet121, resnet10, resnet18, resnet34, resnet50
 from torch import nn
 
 from nemt.errors import NemtError
@@ -173,7 +185,18 @@ def _xaitris_cnn(spatial_dims: int, in_channels: int, out_channels: int, **kw: A
     return XaiTrisCNN(spatial_dims, in_channels, out_channels, **kw)
 
 
+def _pantypes(spatial_dims: int, in_channels: int, out_channels: int, **kw: Any) -> nn.Module:
+    from nemt.models.pantypes import Pantypes  # a prototype model with its own loss terms (see that module)
+    return Pantypes(spatial_dims, in_channels, out_channels, **kw)
+
+
+def _mimic(spatial_dims: int, in_channels: int, out_channels: int, **kw: Any) -> nn.Module:
+    from nemt.models.guided import GuidedEnsemble  # M copies of a base architecture (``nemt train --guide mimic``)
+    return GuidedEnsemble(spatial_dims, in_channels, out_channels, **kw)
+
+
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "resnet10": _resnet(resnet10),
     "resnet18": _resnet(resnet18),
     "resnet34": _resnet(resnet34),
     "resnet50": _resnet(resnet50),
@@ -182,7 +205,21 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "linear": _linear,
     "mlp": _mlp,
     "cnn": _xaitris_cnn,
+    "pantypes": _pantypes,
+    "mimic": _mimic,
 }
+
+#: architectures whose layers are sized by the input: training passes ``input_size`` (the training size)
+#: unless the architecture keywords give it, so that the card rebuilds the same network
+SIZED_BY_INPUT = frozenset({"pantypes"})
+
+
+def sized_arch_kwargs(arch: str, arch_kwargs: dict, size: Any) -> dict:
+    """``arch_kwargs`` plus ``input_size`` (``size``) for the architectures of :data:`SIZED_BY_INPUT`."""
+    out = dict(arch_kwargs)
+    if arch in SIZED_BY_INPUT:
+        out.setdefault("input_size", [int(s) for s in size])
+    return out
 
 
 def build_model(arch: str, *, spatial_dims: int, in_channels: int, out_channels: int,
@@ -192,9 +229,12 @@ def build_model(arch: str, *, spatial_dims: int, in_channels: int, out_channels:
     >>> net = build_model("smallcnn", spatial_dims=2, in_channels=1, out_channels=3)
     >>> net(torch.zeros(2, 1, 32, 32)).shape
     torch.Size([2, 3])
+    >>> ecg = build_model("resnet10", spatial_dims=1, in_channels=12, out_channels=5, widen_factor=0.5)
+    >>> ecg(torch.zeros(2, 12, 1000)).shape
+    torch.Size([2, 5])
     """
     if arch not in ARCHITECTURES:
         raise NemtError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
-    if spatial_dims not in (2, 3):
-        raise NemtError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    if spatial_dims not in (1, 2, 3):
+        raise NemtError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims}")
     return ARCHITECTURES[arch](spatial_dims, in_channels, out_channels, **arch_kwargs)

@@ -96,6 +96,8 @@ class MaskDecoder(nn.Module):
 
     @property
     def _channels_last(self) -> torch.memory_format:
+        if self.spatial_dims == 1:  # (B, C, L) has no channels-last format
+            return torch.contiguous_format
         return torch.channels_last if self.spatial_dims == 2 else torch.channels_last_3d
 
     def forward(self, feats: Sequence[torch.Tensor], image: torch.Tensor) -> torch.Tensor:
