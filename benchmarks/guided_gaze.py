@@ -154,7 +154,8 @@ def summarise(rows: list[dict]) -> tuple[str, dict]:
             lines.append(f"| {model} | {fmt([r['accuracy'] for r in mine])} | "
                          f"{fmt([r['auroc_macro'] for r in mine])} |")
             out[model] = {"accuracy": [r["accuracy"] for r in mine], "auroc_macro": [r["auroc_macro"] for r in mine]}
-    lines += ["", "| method | model | KL ↓ | NSS ↑ | relevance mass ↑ | copy agreement ↑ |", "|---|---|---|---|---|---|"]
+    lines += ["", "| method | model | KL ↓ | NSS ↑ | relevance mass ↑ | copy agreement ↑ |",
+              "|---|---|---|---|---|---|"]
     for method in METHODS + ("random",):
         for model in MODELS + ("chance",):
             mine = [r for r in rows if r["model"] == model and r["method"] == method]

@@ -188,7 +188,11 @@ def data_gaze(
             console.print(f"[yellow]warning[/yellow] {gaze}: image {name!r} is not a sample of {path}; "
                           "its fixations are ignored", highlight=False)
     if gaze is None or Path(gaze).resolve() != Path(target).resolve():
-        write_fixations(target, table)
+        try:
+            write_fixations(target, table)
+        except OSError as exc:  # e.g. a read-only shared data folder
+            raise NemtError(f"{target}: cannot write the fixation file ({exc.strerror or exc}); "
+                            "give --out FILE elsewhere and pass it to nemt benchmark --gaze") from None
     n_fix = int(sum(len(v) for v in table.values()))
     typer.echo(json.dumps({"gaze": str(target), "images": len(manifest.samples),
                            "images_with_gaze": len(table) - len(unknown), "fixations": n_fix,
