@@ -52,7 +52,6 @@ not be. The mask is augmented with the image (the same flip and affine).
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -64,11 +63,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nemt.checkpoint import load_state, save_state
+from nemt.checkpoint import save_state
 from nemt.errors import NemtError
 from nemt.files import write_json
 from nemt.models.card import ModelCard
-from nemt.models.classifier import Classifier, load_model
+from nemt.models.classifier import Classifier
 from nemt.models.zoo import build_model, sized_arch_kwargs
 from nemt.ops import preserved_rng
 
@@ -280,14 +279,10 @@ def train_guided(manifest, out_dir: str | Path, config=None, guide: GuideConfig 
 
 
 def _train_guided(manifest, out_dir, config, guide: GuideConfig, *, device, fresh, progress, log):
-    from nemt.data.check import read_every_item
-    from nemt.data.dataset import ImageDataset, channel_stats, read_sample
-    from nemt.data.preprocess import Preprocessing
-    from nemt.data.splits import split_indices
     from nemt.distributed import StepBatches, batch_generator, context, steps_per_epoch
     from nemt.models.metrics import score_for_selection
-    from nemt.models.training import (TrainConfig, _check_splits, _format, _loss_fn, _write_splits, augment_batch,
-                                      evaluate, seed_everything)
+    from nemt.models.training import (TrainConfig, _format, _loss_fn, _write_splits, augment_batch, evaluate,
+                                      finish_run, prepare_run, seed_everything)
     from nemt.progress import console, progress_bar
 
     cfg = config or TrainConfig()
@@ -309,32 +304,14 @@ def _train_guided(manifest, out_dir, config, guide: GuideConfig, *, device, fres
     out_dir = Path(out_dir)
     seed_everything(cfg.seed)
 
-    splits = split_indices(manifest, cfg.fractions, cfg.seed)
-    for name in ("train", "val"):
-        if len(splits[name]) == 0:
-            raise NemtError(f"the {name} split is empty ({len(manifest.samples)} samples, fractions "
-                            f"{list(cfg.fractions)}); add data or change the fractions")
-    if guide.kind == "mask" and not any(manifest.samples[int(i)].has_gt for i in splits["train"]):
-        raise NemtError(f"--guide mask needs lesion masks or boxes; no training image of {manifest.source} has one")
-    fingerprint = manifest.fingerprint()
-    state_path = out_dir / "state" / "last"
-    run_key = {"config": cfg.to_dict(), "guide": guide.to_dict(), "data": fingerprint, "task": task}
-    st = None
-    if state_path.with_suffix(".json").is_file() and not fresh:
-        st = load_state(state_path)
-        if st["run_key"] != json.loads(json.dumps(run_key)):
-            raise NemtError(f"{out_dir} holds a run with other settings or data; use another --out or --fresh")
-        _check_splits(out_dir / "splits.csv", manifest, splits)
+    def needs_masks(splits):
+        if guide.kind == "mask" and not any(manifest.samples[int(i)].has_gt for i in splits["train"]):
+            raise NemtError(f"--guide mask needs lesion masks or boxes; no training image of {manifest.source} "
+                            "has one")
 
-    size = tuple(int(s) for s in cfg.size)
-    first = read_sample(manifest, manifest.samples[int(splits["train"][0])])
-    if first.array.ndim - 1 != len(size):
-        raise NemtError(f"images are {first.array.ndim - 1}D but --size gives {len(size)} sizes {size}")
-    channels = cfg.channels or (3 if first.array.shape[0] == 3 else 1)
-    pre = Preprocessing(size=size, channels=channels, scale=cfg.scale)
-    ds = {k: ImageDataset(manifest, pre, splits[k]) for k in ("train", "val", "test")}
-    read_every_item(ds)
-    pre.mean, pre.std = channel_stats(ds["train"])
+    run = prepare_run(manifest, out_dir, cfg, fresh=fresh, extra_key={"guide": guide.to_dict()}, check=needs_masks)
+    splits, state_path, run_key, st = run.splits, run.state_path, run.run_key, run.state
+    size, channels, pre, ds, fingerprint = run.size, run.channels, run.pre, run.ds, run.fingerprint
     y_train = manifest.labels_array()[splits["train"]]
 
     base_kwargs = sized_arch_kwargs(cfg.arch, cfg.arch_kwargs, size)
@@ -467,14 +444,7 @@ def _train_guided(manifest, out_dir, config, guide: GuideConfig, *, device, fres
             log(f"epoch {epoch + 1}/{cfg.epochs} loss {means['loss']:.4f}{extra} val {_format(val)}"
                 f"{' *' if improved else ''} ({time.time() - t0:.1f}s)")
 
-    best_clf = load_model(out_dir, device=device)
-    metrics = dict(best_clf.card.metrics)
-    if len(splits["test"]):
-        metrics["test"] = evaluate(best_clf, ds["test"], device)
-        log(f"test ({len(splits['test'])} images): {_format(metrics['test'])}")
-    best_clf.card.metrics = metrics
-    best_clf.card.save(out_dir / "model.json")
-    return best_clf, {"history": history, "metrics": metrics}
+    return finish_run(out_dir, ds, history, device, log)
 
 
 def copy_agreement(maps: Sequence[torch.Tensor]) -> torch.Tensor:

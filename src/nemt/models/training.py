@@ -180,6 +180,58 @@ def _format(metrics: dict) -> str:
     return " ".join(f"{k}={metrics[k]:.3f}" for k in keys if k in metrics)
 
 
+@dataclass
+class RunSetup:
+    """What a training run starts from (see :func:`prepare_run`)."""
+
+    splits: dict[str, np.ndarray]
+    fingerprint: str
+    state_path: Path
+    run_key: dict
+    state: dict | None  #: the resume point in ``out_dir`` (None: a new run)
+    size: tuple[int, ...]
+    channels: int
+    pre: Preprocessing  #: with the training split's channel statistics
+    ds: dict[str, ImageDataset]  #: train / val / test, every item read once already
+
+
+def prepare_run(manifest: Manifest, out_dir: Path, cfg: TrainConfig, *, fresh: bool, extra_key: dict | None = None,
+                check: Callable[[dict[str, np.ndarray]], None] | None = None) -> RunSetup:
+    """The split, the resume point and the data sets of a training run (plain or guided).
+
+    Settings (``cfg`` and ``extra_key``), data and split are checked against the folder's resume point before
+    anything in it changes; ``check(splits)`` may refuse the split (e.g. guided training without masks).
+    """
+    splits = split_indices(manifest, cfg.fractions, cfg.seed)
+    for name in ("train", "val"):
+        if len(splits[name]) == 0:
+            raise NemtError(f"the {name} split is empty ({len(manifest.samples)} samples, fractions "
+                            f"{list(cfg.fractions)}); add data or change the fractions")
+    if check is not None:
+        check(splits)
+    fingerprint = manifest.fingerprint()
+    state_path = Path(out_dir) / "state" / "last"
+    run_key = {"config": cfg.to_dict(), **(extra_key or {}), "data": fingerprint, "task": manifest.task}
+    st = None
+    if state_path.with_suffix(".json").is_file() and not fresh:
+        st = load_state(state_path)
+        if st["run_key"] != json.loads(json.dumps(run_key)):
+            raise NemtError(f"{out_dir} holds a run with other settings or data; use another --out or --fresh")
+        _check_splits(Path(out_dir) / "splits.csv", manifest, splits)
+
+    size = tuple(int(s) for s in cfg.size)
+    first = read_sample(manifest, manifest.samples[int(splits["train"][0])])
+    if first.array.ndim - 1 != len(size):
+        raise NemtError(f"images are {first.array.ndim - 1}D but --size gives {len(size)} sizes {size}")
+    channels = cfg.channels or (3 if first.array.shape[0] == 3 else 1)
+    pre = Preprocessing(size=size, channels=channels, scale=cfg.scale)
+    ds = {k: ImageDataset(manifest, pre, splits[k]) for k in ("train", "val", "test")}
+    read_every_item(ds)  # every image of every split (header, pixels, masks) before the first epoch
+    pre.mean, pre.std = channel_stats(ds["train"])
+    return RunSetup(splits, fingerprint, state_path, run_key, st, size, channels, pre, ds)
+
+
+
 def train_classifier(manifest: Manifest, out_dir: str | Path, config: TrainConfig | None = None, *,
                      device: str | torch.device = "cpu", fresh: bool = False, progress: bool = True,
                      log: Callable[[str], None] | None = None) -> tuple[Classifier, dict]:
@@ -208,31 +260,9 @@ def _train_classifier(manifest: Manifest, out_dir: str | Path, config: TrainConf
     out_dir = Path(out_dir)
     seed_everything(cfg.seed)
 
-    splits = split_indices(manifest, cfg.fractions, cfg.seed)
-    for name in ("train", "val"):
-        if len(splits[name]) == 0:
-            raise NemtError(f"the {name} split is empty ({len(manifest.samples)} samples, fractions "
-                            f"{list(cfg.fractions)}); add data or change the fractions")
-    # settings, data and split are checked against the folder's resume point before anything in it changes
-    fingerprint = manifest.fingerprint()
-    state_path = out_dir / "state" / "last"
-    run_key = {"config": cfg.to_dict(), "data": fingerprint, "task": manifest.task}
-    st = None
-    if state_path.with_suffix(".json").is_file() and not fresh:
-        st = load_state(state_path)
-        if st["run_key"] != json.loads(json.dumps(run_key)):
-            raise NemtError(f"{out_dir} holds a run with other settings or data; use another --out or --fresh")
-        _check_splits(out_dir / "splits.csv", manifest, splits)
-
-    size = tuple(int(s) for s in cfg.size)
-    first = read_sample(manifest, manifest.samples[int(splits["train"][0])])
-    if first.array.ndim - 1 != len(size):
-        raise NemtError(f"images are {first.array.ndim - 1}D but --size gives {len(size)} sizes {size}")
-    channels = cfg.channels or (3 if first.array.shape[0] == 3 else 1)
-    pre = Preprocessing(size=size, channels=channels, scale=cfg.scale)
-    ds = {k: ImageDataset(manifest, pre, splits[k]) for k in ("train", "val", "test")}
-    read_every_item(ds)  # every image of every split (header, pixels, masks) before the first epoch
-    pre.mean, pre.std = channel_stats(ds["train"])
+    run = prepare_run(manifest, out_dir, cfg, fresh=fresh)
+    splits, state_path, run_key, st = run.splits, run.state_path, run.run_key, run.state
+    size, channels, pre, ds, fingerprint = run.size, run.channels, run.pre, run.ds, run.fingerprint
 
     y_all = manifest.labels_array()
     y_train = y_all[splits["train"]]
@@ -335,11 +365,17 @@ def _train_classifier(manifest: Manifest, out_dir: str | Path, config: TrainConf
 
     if not ctx.main:
         return clf, {"history": history, "metrics": {}}
+    return finish_run(out_dir, ds, history, device, log)
+
+
+def finish_run(out_dir: Path, ds: dict[str, ImageDataset], history: list[dict], device,
+               log: Callable[[str], None]) -> tuple[Classifier, dict]:
+    """The best checkpoint of a finished run, its test figures added to its card: (classifier, result)."""
     best_clf = load_model(out_dir, device=device)
     metrics = dict(best_clf.card.metrics)
-    if len(splits["test"]):
+    if len(ds["test"]):
         metrics["test"] = evaluate(best_clf, ds["test"], device)
-        log(f"test ({len(splits['test'])} images): {_format(metrics['test'])}")
+        log(f"test ({len(ds['test'])} images): {_format(metrics['test'])}")
     best_clf.card.metrics = metrics
     best_clf.card.save(out_dir / "model.json")
     return best_clf, {"history": history, "metrics": metrics}
