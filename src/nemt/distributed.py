@@ -93,9 +93,13 @@ def batch_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(batch_seed(seed, epoch, index))
 
 
+#: the generator index of an epoch's order (no micro-batch has it: SeedSequence takes no negative words)
+ORDER_INDEX = 2 ** 31 - 1
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The items' order in ``epoch``: a permutation that depends on (seed, epoch) only."""
-    return torch.randperm(n, generator=batch_generator(seed, epoch, -1 & 0x7FFFFFFF)).tolist()
+    return torch.randperm(n, generator=batch_generator(seed, epoch, ORDER_INDEX)).tolist()
 
 
 class StepBatches:

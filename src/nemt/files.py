@@ -79,6 +79,17 @@ def write_json(path: str | Path, obj: Any) -> None:
         fh.write(text + "\n")
 
 
+def write_html(path: str | Path, title: str, body: list[str] | str, style: str = "") -> Path:
+    """A self-contained HTML page (``body`` parts joined, ``style`` as CSS), written atomically; returns the path."""
+    import html
+    body = "".join(body) if not isinstance(body, str) else body
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{body}</body></html>")
+    with atomic_open(path, "w", encoding="utf-8") as fh:
+        fh.write(page)
+    return Path(path)
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file's bytes."""
     h = hashlib.sha256()

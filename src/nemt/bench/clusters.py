@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from nemt.errors import NemtError
-from nemt.files import atomic_open, atomic_path, write_json
+from nemt.files import atomic_open, atomic_path, write_html, write_json
 from nemt.visualize import subplots
 
 
@@ -267,11 +267,7 @@ def write_clusters_report(out: Path, *, title: str, facts: dict[str, str], galle
     style = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right;font-size:12px}th{background:#f4f4f4}"
              "img{max-width:100%}table.facts td,table.facts th{text-align:left}h3{margin:0.8em 0 0.2em}")
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
-    with atomic_open(out / "report.html", "w", encoding="utf-8") as fh:
-        fh.write(page)
-    return out / "report.html"
+    return write_html(out / "report.html", title, parts, style)
 
 
 # ---------------------------------------------------------------------------- the command

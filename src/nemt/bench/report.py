@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from nemt.files import atomic_open
+from nemt.files import atomic_open, write_html
 from nemt.metrics import DIRECTIONS
 from nemt.visualize import signal_panels, subplots
 
@@ -151,10 +151,7 @@ def write_report(out: Path, summary: dict, metrics: Sequence[str], *, title: str
              "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right;font-size:13px}"
              "th{background:#f4f4f4}td.best{font-weight:bold;background:#e8f4e8}img{max-width:100%}"
              "table.facts td,table.facts th{text-align:left}")
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
-    with atomic_open(out / "report.html", "w", encoding="utf-8") as fh:
-        fh.write(page)
+    write_html(out / "report.html", title, parts, style)
     facts_md = "\n".join(f"- {k}: {v}" for k, v in facts.items())
     with atomic_open(out / "report.md", "w", encoding="utf-8") as fh:
         fh.write(f"# {title}\n\n{facts_md}\n\n{markdown}\n" + "".join(f"\n{n}\n" for n in notes))

@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from nemt.concepts.annotate import ConceptAnnotation
-from nemt.files import atomic_open
+from nemt.files import write_html
 from nemt.visualize import subplots
 
 __all__ = ["contact_sheet", "write_concept_report"]
@@ -75,8 +75,4 @@ def write_concept_report(out: str | Path, ann: ConceptAnnotation, *, title: str,
                     f"<td>{conc}</td><td>{img}</td></tr>")
     parts.append("<table><thead><tr><th>neuron</th><th>status</th><th>images</th><th>concepts</th>"
                  f"<th>top images</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
-            f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>")
-    with atomic_open(out / "report.html", "w", encoding="utf-8") as fh:
-        fh.write(page)
-    return out / "report.html"
+    return write_html(out / "report.html", title, parts, _STYLE)

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
-from nemt.data.manifest import Manifest, Sample
+from nemt.data.manifest import Manifest, Sample, read_csv_table
 from nemt.errors import DataError
 from nemt.files import atomic_open, image_stem
 from nemt.ops import gaussian_blur, minmax
@@ -90,18 +90,7 @@ def read_fixations(path: str | Path) -> Fixations:
     field and reason.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(path, None, "fixation file not found")
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            header = [c.strip() for c in (reader.fieldnames or [])]
-            reader.fieldnames = header
-            rows = list(reader)
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(path, None, f"not a readable CSV file ({exc})") from exc
-    if not header:
-        raise DataError(path, None, "empty file (no header)")
+    header, rows = read_csv_table(path, "fixation file", "empty file")
     lower = {c.lower(): c for c in header}
     cols: dict[str, str] = {}
     for name, aliases in COLUMNS.items():

@@ -196,6 +196,26 @@ def _class_warnings(source: Path, samples: list[Sample], label_names: list[str],
     return out
 
 
+def read_csv_table(path: Path, what: str, empty: str) -> tuple[list[str], list[dict[str, str]]]:
+    """A CSV file's header (names stripped; a UTF-8 byte-order mark is dropped) and rows as dicts.
+
+    Errors name the file: ``"{what} not found"``, not a readable CSV, or ``"{empty} (no header)"``.
+    """
+    if not path.is_file():
+        raise DataError(path, None, f"{what} not found")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = [c.strip() for c in (reader.fieldnames or [])]
+            reader.fieldnames = header
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(path, None, f"not a readable CSV file ({exc})") from exc
+    if not header:
+        raise DataError(path, None, f"{empty} (no header)")
+    return header, rows
+
+
 def load_manifest(path: str | Path, *, task: str | None = None, image_col: str | None = None,
                   label_col: str | None = None, label_cols: Sequence[str] | None = None,
                   target_col: str | None = None, mask_col: str | None = None,
@@ -207,19 +227,8 @@ def load_manifest(path: str | Path, *, task: str | None = None, image_col: str |
     distinct labels.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(path, None, "manifest not found")
+    columns, rows = read_csv_table(path, "manifest", "empty manifest")
     root = path.parent
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            columns = [c.strip() for c in (reader.fieldnames or [])]
-            reader.fieldnames = columns
-            rows = list(reader)
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(path, None, f"not a readable CSV file ({exc})") from exc
-    if not columns:
-        raise DataError(path, None, "empty manifest (no header)")
 
     img_c = _pick(columns, image_col, _IMAGE_COLS, "image", path, required=True)
     mask_c = _pick(columns, mask_col, _MASK_COLS, "mask", path, required=False)
