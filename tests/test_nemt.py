@@ -9,7 +9,7 @@ import torch
 from conftest import Interrupted, stop_after_first_epoch
 from nemt.errors import CardError, NemtError
 from nemt.explainers import NEM, NEMt
-from nemt.explainers.nemt.smoothing import RandomSmoothing, kernel_size_for
+from nemt.explainers.nemt.smoothing import RandomSmoothing, fill_sigma_for, kernel_size_for
 from nemt.models import Classifier, build_model
 
 FAST = dict(optimizer="adamw", batch_size=4, decoder_channels=(32, 16, 8, 8), seed=0)
@@ -189,6 +189,16 @@ def test_smoothing_random_in_training_uniform_in_eval():
     s.train()
     assert torch.allclose(s(const), const, atol=1e-6)  # weights sum to 1
     assert kernel_size_for((224, 224)) == 21 and kernel_size_for((128, 128)) % 2 == 1
+
+
+def test_fill_sigma_follows_the_side_of_a_one_percent_region():
+    """The fill's default sigma is 0.625 x the side of a region covering 1 % of the input (fill_sigma_for):
+    2D keeps its rule exactly (8 px at 128 px), 3D scales with 0.01^(1/3) of the side (not 0.1), 1D keeps the
+    length rule, never below 1."""
+    assert fill_sigma_for((128, 128)) == 8.0 and fill_sigma_for((96, 80)) == 5.0
+    assert fill_sigma_for((32, 32, 32)) == pytest.approx(0.625 * 32 * 0.01 ** (1 / 3), rel=1e-12)
+    assert fill_sigma_for((64, 48, 64)) == pytest.approx(2 * fill_sigma_for((24, 24, 24)), rel=1e-12)
+    assert fill_sigma_for((140,)) == 8.75 and fill_sigma_for((8, 8)) == 1.0
 
 
 def test_target_quantity_over_the_output_axis_and_no_deletion_no_change():

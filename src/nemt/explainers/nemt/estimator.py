@@ -33,7 +33,7 @@ from nemt.explainers.nemt.losses import (OCCLUSIONS, QUANTITIES, deletion_loss, 
 from nemt.distributed import Context, StepBatches, context
 from nemt.explainers.nemt.loop import batches, fit_loop, split_xy
 from nemt.explainers.nemt.module import ExplanationModule
-from nemt.explainers.nemt.smoothing import kernel_size_for
+from nemt.explainers.nemt.smoothing import fill_sigma_for, kernel_size_for
 from nemt.files import atomic_path, sha256_file, write_json
 from nemt.progress import console
 
@@ -556,7 +556,7 @@ class NEMt(_MaskExplainer):
         return pre.normalise(torch.zeros(1, self._in_channels, *([1] * self.spatial_dims)))[0].flatten()
 
     def _occlude(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        sigma = self.blur_sigma or max(1.0, 8.0 * min(self._input_size) / 128)
+        sigma = self.blur_sigma or fill_sigma_for(tuple(self._input_size))
         return occlude(x, keep, self.occlusion, zero_value=self._zero_value(), sigma=sigma)
 
     def _filled(self, x: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,23 @@ def kernel_size_for(spatial: tuple[int, ...], at_224: int = 21) -> int:
     return k if k % 2 == 1 else k + 1
 
 
+def fill_sigma_for(spatial: tuple[int, ...], at_128: float = 8.0) -> float:
+    """Default sigma (pixels) of the blur / inpainting fill: ``at_128`` / 128 of the side of a region
+    covering 1 % of the input, relative to that region in 2D (8 px at 128 px, 0.0625 of the side).
+
+    The fill has to reach past the deleted region's half-width, and a region of a given share of the
+    input is relatively wider in 3D: 1 % of a 32³ volume is a 6.9-voxel cube (0.22 of the side) where 1 %
+    of a 2D image is 0.1 of the side. So sigma = 0.625 · side(1 %) = 0.625 · L · 0.01^(1/d), L the
+    shortest axis: 0.0625 L in 2D (as before), 0.135 L in 3D (4.3 voxels at 32³). The former 2D rule
+    (0.0625 L in every dimension) gave 3D a fill of 2 voxels at 32³, from which NEMt learnt no finding
+    (phantom cysts: validation pointing game 0.05 against 0.95 with sigma 4, 5 epochs each). Signals (1D)
+    keep 0.0625 L: 1 % of a heartbeat is one or two samples, too short a scale for a fill. At least 1.
+    """
+    d = len(spatial)
+    side = min(spatial) * (0.01 ** (1.0 / d) / 0.1 if d >= 2 else 1.0)
+    return max(1.0, at_128 / 128 * side)
+
+
 class RandomSmoothing(nn.Module):
     """Random normalised kernel in training, uniform box in eval; circular padding; any spatial_dims."""
 
