@@ -28,6 +28,9 @@ image's 5 nearest class-mates in mu that are of its own mode; chance is the mode
 Settings where the paper is silent or the budget decides: ``--lr 5e-3`` (the paper's 1e-3 is the
 default of the library; at 30 epochs of 600 images it leaves the prototypes far from the data), 30
 epochs, batch 16, latent 256 (the paper's for 28 px data), encoder width 16 (the paper: 32).
+``--z-train mu`` trains with ``z = mu`` (``Pantypes(sample=False)``, what the public codes run; the
+default ``sampled`` is the papers' ``mu + sigma * eps``, which leaves the similarities ~1/(L sigma^2)
+and the classifier untrained at this budget).
 
 Outputs under ``--out``: ``results.json`` (every figure per seed and model), ``summary.md`` (the tables
 printed at the end) and ``prototypes-S.png`` (each variant's decoded ``finding`` prototypes, titled with
@@ -200,7 +203,7 @@ def run_seed(seed: int, args: argparse.Namespace, out: Path) -> dict:
     for name, vol in (("pantypes", 1.0), ("no-volume", 0.0)):
         t0 = time.time()
         net = Pantypes(out_channels=2, input_size=(args.size, args.size), latent_dim=args.latent_dim,
-                       width=args.width, volume_weight=vol, seed=seed)
+                       width=args.width, volume_weight=vol, sample=args.z_train == "sampled", seed=seed)
         hist = fit_pantypes(net, xtr, ytr, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             seed=seed, mean=[mean], std=[std])
         cov = coverage(net, xtr, ytr, mtr, min_cell=args.min_cell)
@@ -221,7 +224,7 @@ def run_seed(seed: int, args: argparse.Namespace, out: Path) -> dict:
 
 def summary(results: list[dict], args: argparse.Namespace, seconds: float) -> str:
     lines = [f"Pantypes mode coverage: {len(results)} seeds, {args.epochs} epochs, lr {args.lr}, batch "
-             f"{args.batch_size}, latent {args.latent_dim}, width {args.width}; train "
+             f"{args.batch_size}, latent {args.latent_dim}, width {args.width}, z in training {args.z_train}; train "
              f"{json.dumps(results[0]['n_train'])} + {args.n_normal} normal; {seconds:.0f} s wall", "",
              "| seed | model | test acc | disc / bar / ring recall | modes covered | cells (disc/bar/ring per "
              "prototype) | dead prototypes | latent 5-NN same mode |",
@@ -263,6 +266,8 @@ def main() -> None:
     p.add_argument("--latent-dim", type=int, default=256)
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--min-cell", type=int, default=5)
+    p.add_argument("--z-train", choices=("sampled", "mu"), default="sampled",
+                   help="z in training: mu + sigma * eps (the papers' text) or mu (what the public codes run)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
