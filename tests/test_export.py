@@ -20,6 +20,21 @@ from conftest import train_and_fit
 TOL = 1e-4
 
 
+def map_tolerance(nemt, x) -> float:
+    """How far float32 rounding of NEMt's logits can move its maps, at least TOL.
+
+    A map is the mean of sigmoid((l - threshold) / (T * std(l))) steps (``staircase``, T the map
+    temperature), so a logit moved by e moves the map by up to e / (4 T std(l)); ONNX Runtime and PyTorch
+    sum the convolutions in other orders, a few ulps of the largest logit: e = 16 * 2^-23 * max|l|. For a
+    trained decoder (std(l) ~ 1) that is below TOL; for the nearly flat logits of a 1-epoch fit on noise
+    (std 0.004 next to a bias of 3) it is ~1e-2: the steps are that steep there.
+    """
+    with torch.no_grad():
+        logits, _ = nemt.module_.logits(x)
+    std = float(logits.flatten(2).std(-1).min())
+    return max(TOL, 16 * 2.0 ** -23 * float(logits.abs().max()) / (4 * nemt.map_temperature * std))
+
+
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     """A 1-epoch smallcnn and a 1-epoch NEMt on 32 px phantoms (through the CLI), both exported."""
@@ -133,8 +148,9 @@ def test_3d_multilabel_exports_the_plain_path(tmp_path):
     x = torch.randn(3, 1, 16, 16, 16, generator=g)
     sem = SelfExplainingModel(clf, nemt)
     assert read_onnx_metadata(tmp_path / "m.onnx")["graph"] == "plain"
-    assert max(check_onnx(tmp_path / "m.onnx", x, sem).values()) < TOL
-    assert max(check_torchscript(tmp_path / "m.pt", x, sem).values()) < TOL
+    tol = map_tolerance(nemt, x)
+    for diffs in (check_onnx(tmp_path / "m.onnx", x, sem), check_torchscript(tmp_path / "m.pt", x, sem)):
+        assert diffs["outputs"] < TOL and diffs["maps"] < tol, (diffs, tol)
     with torch.no_grad():
         probs, maps = sem(x)
     assert torch.allclose(probs, torch.sigmoid(clf(x)), atol=1e-6) and maps.shape == (3, 3, 16, 16, 16)
