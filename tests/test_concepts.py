@@ -208,8 +208,6 @@ def test_tiny_clip_never_chooses_distractors(tiny_hits):
     assert not tiny_hits[1] & set(DISTRACTORS)
 
 
-@pytest.mark.xfail(reason="the tiny CLIP trained in the test's budget (400 phantoms, 30 epochs) does not yet "
-                          "separate the findings well enough: 1 of 3 (MAMMI), 0 of 3 (CLIP-Dissect)", strict=False)
 def test_tiny_clip_labels_most_finding_neurons(tiny_hits):
     assert max(tiny_hits[0].values()) >= 2 / 3
 
