@@ -252,7 +252,8 @@ def train_tiny_clip(n: int = 600, size: int = 48, *, epochs: int = 40, batch_siz
                 continue
             style = torch.randint(3, (len(idx),), generator=gen)
             flip = torch.rand(len(idx), generator=gen) < 0.5
-            x = torch.where(flip[:, None, None, None], images[idx].flip(-1), images[idx])
+            x = images[idx]
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
             texts = [(flipped if f else styles)[int(s)][int(j)] for s, j, f in zip(style, idx, flip.tolist())]
             img = model.image_features(x)
             txt = model.text_features(texts)

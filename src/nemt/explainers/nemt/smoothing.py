@@ -23,8 +23,8 @@ def kernel_size_for(spatial: tuple[int, ...], at_224: int = 21) -> int:
 
 
 def fill_sigma_for(spatial: tuple[int, ...], at_128: float = 8.0) -> float:
-    """Default sigma (pixels) of the blur / inpainting fill: ``at_128`` / 128 of the side of a region
-    covering 1 % of the input, relative to that region in 2D (8 px at 128 px, 0.0625 of the side).
+    """Default sigma (pixels) of the blur / inpainting fill: 0.625 x the side of a region covering 1 % of
+    the input, i.e. ``at_128`` px at 128 px in 2D (0.0625 of the side).
 
     The fill has to reach past the deleted region's half-width, and a region of a given share of the
     input is relatively wider in 3D: 1 % of a 32³ volume is a 6.9-voxel cube (0.22 of the side) where 1 %
@@ -35,8 +35,9 @@ def fill_sigma_for(spatial: tuple[int, ...], at_128: float = 8.0) -> float:
     keep 0.0625 L: 1 % of a heartbeat is one or two samples, too short a scale for a fill. At least 1.
     """
     d = len(spatial)
-    side = min(spatial) * (0.01 ** (1.0 / d) / 0.1 if d >= 2 else 1.0)
-    return max(1.0, at_128 / 128 * side)
+    per_side = at_128 / 128 / 0.1  # 0.625: sigma per unit of the 1 % region's side, as in 2D
+    one_percent_side = min(spatial) * (0.01 ** (1.0 / d) if d >= 2 else 0.1)  # signals: as a 2D side
+    return max(1.0, per_side * one_percent_side)
 
 
 class RandomSmoothing(nn.Module):
