@@ -238,7 +238,9 @@ def test_cli_concepts(world):
     assert len(list((out / "sheets").glob("neuron_*.png"))) == 3
     rows = json.loads((out / "neurons.json").read_text())["neurons"]
     assert len(rows) == 64
-    assert "<h2>Summary</h2>" in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()
+    assert "<h2>Summary</h2>" in page
+    assert "Drawn for 3 of 64 neurons" in page and page.count("not drawn") == 61  # the empty cells say why
     res = CliRunner().invoke(app, ["concepts", "--model", str(world["root"] / "m"), "--layer", "nope",
                                    "--data", str(world["manifest"]), "--vlm", "/no/such/vlm", "--out", str(out)])
     assert res.exit_code == 2 and "never downloads" in res.output

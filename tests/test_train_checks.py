@@ -88,3 +88,21 @@ def test_cli_explain_refuses_a_bomb_in_one_line(small_csv, tmp_path):
     assert res.exit_code == 2 and "320 pixels exceeds the limit of 319 pixels" in " ".join(res.output.split())
     res = runner.invoke(app, base + ["--max-pixels", "320", str(image)])
     assert res.exit_code == 0, res.output
+
+
+def test_cli_train_takes_architecture_keywords_into_the_card_and_refuses_unknown_ones(small_csv, tmp_path):
+    """`--arch-param width=4` reaches the network and its card; a keyword the architecture lacks is refused by
+    name before anything is written (the card check would otherwise meet it only when the model is loaded)."""
+    import json
+
+    args = ["train", "--data", str(small_csv), "--arch", "smallcnn", "--size", "16", "--epochs", "1",
+            "--batch-size", "4", "--no-progress"]
+    bad = CliRunner().invoke(app, args + ["--out", str(tmp_path / "bad"), "--arch-param", "wdth=4"])
+    assert bad.exit_code == 2 and "--arch-param wdth=4" in bad.output and "wdth" in bad.output
+    assert not (tmp_path / "bad").exists()
+    ok = CliRunner().invoke(app, args + ["--out", str(tmp_path / "ok"), "--arch-param", "width=4"])
+    assert ok.exit_code == 0, ok.output
+    card = json.loads((tmp_path / "ok" / "model.json").read_text())
+    assert card["arch_kwargs"] == {"width": 4} and card["training"]["arch_kwargs"] == {"width": 4}
+    from nemt.models import load_model
+    assert load_model(tmp_path / "ok").net.stage1[0].out_channels == 4

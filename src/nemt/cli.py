@@ -215,12 +215,30 @@ def data_ecg(
     typer.echo(str(write_ecg_dataset(out, n, leads=leads, fs=fs, duration=duration, seed=seed)))
 
 
+def _arch_kwargs(arch: str, items: list[str], size: tuple) -> dict:
+    """``--arch-param`` as keyword arguments, refused before anything is written if the architecture rejects them."""
+    from nemt.models.zoo import build_model, sized_arch_kwargs
+    from nemt.params import parse_params
+
+    kwargs = parse_params(items)
+    if kwargs:
+        try:
+            build_model(arch, spatial_dims=len(size), in_channels=1, out_channels=2,
+                        **sized_arch_kwargs(arch, kwargs, size))
+        except (TypeError, ValueError, NemtError) as exc:
+            raise NemtError(f"--arch-param {' '.join(items)}: {arch} cannot be built with {kwargs}: "
+                            f"{type(exc).__name__}: {exc}") from exc
+    return kwargs
+
+
 @app.command()
 @_friendly
 def train(
     data: Path = typer.Option(..., help="data set: manifest.csv, folder or MedMNIST .npz"),
     out: Path = typer.Option(..., help="output folder (model, card, splits, history, resume state)"),
     arch: str = typer.Option("resnet18", help="resnet18 | resnet34 | resnet50 | densenet121 | smallcnn"),
+    arch_param: list[str] = typer.Option([], "--arch-param", help="KEY=VALUE keyword of the architecture, "
+                                         "repeatable (e.g. width=8 for smallcnn; kept in the card)"),
     task: Optional[str] = TaskOpt,
     size: str = typer.Option("128", help="input size: 128, 128x96 or 64x64x64"),
     spatial_dims: Optional[int] = typer.Option(None, "--dims", help="1 (signals), 2 or 3 (default: from --size, "
@@ -261,7 +279,8 @@ def train(
     cfg = TrainConfig(arch=arch, size=_size(size, dims), epochs=epochs, batch_size=batch_size, lr=lr,
                       weight_decay=weight_decay, seed=seed,
                       fractions=tuple(float(f) for f in fractions.split(",")), augment=augment,
-                      class_weighting=class_weighting, scale=scale, accumulate=accumulate)
+                      class_weighting=class_weighting, scale=scale, accumulate=accumulate,
+                      arch_kwargs=_arch_kwargs(arch, arch_param, _size(size, dims)))
     if guide is not None:  # the guided loop (nemt.models.guided) writes the same folder
         from nemt.models.guided import GuideConfig, train_guided
         gcfg = GuideConfig(kind=guide, copies=copies, beta=beta, mask_weight=mask_weight, mask_penalty=mask_penalty)

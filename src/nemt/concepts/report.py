@@ -61,15 +61,17 @@ def write_concept_report(out: str | Path, ann: ConceptAnnotation, *, title: str,
              "</tbody></table>"]
     parts += [f"<p>{esc(n)}</p>" for n in notes]
     score = "soft-WPMI" if ann.method == "clip-dissect" else "w_k(c)"
+    drawn = (f" Drawn for {len(sheets)} of {len(ann.neurons)} neurons, labelled ones first by score (`--sheets` "
+             "sets how many)." if len(sheets) < len(ann.neurons) else "")
     parts.append(f"<h2>Neurons</h2><p>Concepts best first with their {score}; the top-activating probe images "
-                 "with the neuron's map over each (its channel's activation, or Grad-CAM for output units).</p>")
+                 f"with the neuron's map over each (its channel's activation, or Grad-CAM for output units).{drawn}</p>")
     rows = []
     for r in ann.rows():
         k = r["index"]
         conc = "; ".join(f"{esc(c)} ({s:.3g})" for c, s in r["concepts"]) or \
             f"<i>none</i> <small>(best: {esc(str(r['best']))} {r['best_score']:.3g})</small>"
         img = (f"<img alt='neuron {k}' src='data:image/png;base64,{base64.b64encode(sheets[k]).decode('ascii')}'>"
-               if k in sheets else "")
+               if k in sheets else "<small>not drawn</small>")
         cls = " class='dead'" if r["status"] != "ok" else ""
         rows.append(f"<tr><th>{esc(r['neuron'])}</th><td{cls}>{esc(r['status'])}</td><td>{r['n_images']}</td>"
                     f"<td>{conc}</td><td>{img}</td></tr>")
