@@ -99,13 +99,19 @@ _LOGVAR_LIMIT = math.log(1e8)
 
 # ----------------------------------------------------------------------------- the losses, as functions
 
-def similarity(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+def similarity(z: torch.Tensor, prototypes: torch.Tensor, distance: str = "squared") -> torch.Tensor:
     """``s_j = log((d_j + 1) / (d_j + 1e-4))``, ``d_j = ||z - p_j||^2``; z (B, L), prototypes (P, L) -> (B, P).
 
     Between ``log(1) = 0`` (far) and ``log(1e4) = 9.21`` (on the prototype). The squared distance is
-    written out (not ``cdist``) so that its gradient is 0, not NaN, at distance 0.
+    written out (not ``cdist``) so that its gradient is 0, not NaN, at distance 0. ``distance="euclidean"``
+    uses ``d_j = ||z - p_j||`` as the public codes' ``cdist`` does (``sqrt(||.||^2 + 1e-8)``: a finite
+    gradient at 0).
     """
     d = (z[:, None, :] - prototypes[None, :, :]).pow(2).sum(-1)
+    if distance == "euclidean":
+        d = (d + 1e-8).sqrt()
+    elif distance != "squared":
+        raise NemtError(f"distance must be 'squared' or 'euclidean', got {distance!r}")
     return torch.log(d + 1) - torch.log(d + SIMILARITY_EPS)
 
 
@@ -208,7 +214,7 @@ class Pantypes(nn.Module):
                  input_size: Sequence[int] | None = None, latent_dim: int = 256, prototypes_per_class: int = 5,
                  width: int = 32, volume_weight: float = 1.0, kl_weight: float = 1.0,
                  reconstruction_weight: float = 1.0, volume_eps: float = 1e-4, sample: bool = True,
-                 seed: int | None = None):
+                 distance: str = "squared", seed: int | None = None):
         super().__init__()
         if spatial_dims != 2:
             raise NemtError(f"pantypes is a 2D model (the paper's image networks); got spatial_dims={spatial_dims}")
@@ -232,6 +238,10 @@ class Pantypes(nn.Module):
         self.volume_weight, self.kl_weight = float(volume_weight), float(kl_weight)
         self.reconstruction_weight, self.volume_eps = float(reconstruction_weight), float(volume_eps)
         self.sample = bool(sample)
+        if distance not in ("squared", "euclidean"):
+            raise NemtError(f"distance must be 'squared' (the ProtoVAE paper) or 'euclidean' (the public codes' "
+                            f"cdist), got {distance!r}")
+        self.distance = distance
         self._cache: tuple[torch.Tensor, PantypesParts] | None = None
         if seed is None:
             self._build(width)
@@ -321,7 +331,7 @@ class Pantypes(nn.Module):
 
     def similarities(self, z: torch.Tensor) -> torch.Tensor:
         """Similarities (B, K * M) of latents z (B, L) to every prototype (see :func:`similarity`)."""
-        return similarity(z, self.prototypes)
+        return similarity(z, self.prototypes, self.distance)
 
     def parts(self, x: torch.Tensor, sample: bool | None = None) -> PantypesParts:
         """Everything one forward pass computes for inputs (B, C, H, W). ``sample`` (default: the training
