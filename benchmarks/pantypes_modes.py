@@ -204,7 +204,7 @@ def run_seed(seed: int, args: argparse.Namespace, out: Path) -> dict:
         t0 = time.time()
         net = Pantypes(out_channels=2, input_size=(args.size, args.size), latent_dim=args.latent_dim,
                        width=args.width, volume_weight=vol, sample=args.z_train == "sampled",
-                       distance=args.distance, seed=seed)
+                       distance=args.distance, volume_centred=args.volume_centred, seed=seed)
         hist = fit_pantypes(net, xtr, ytr, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             seed=seed, mean=[mean], std=[std])
         cov = coverage(net, xtr, ytr, mtr, min_cell=args.min_cell)
@@ -225,7 +225,7 @@ def run_seed(seed: int, args: argparse.Namespace, out: Path) -> dict:
 
 def summary(results: list[dict], args: argparse.Namespace, seconds: float) -> str:
     lines = [f"Pantypes mode coverage: {len(results)} seeds, {args.epochs} epochs, lr {args.lr}, batch "
-             f"{args.batch_size}, latent {args.latent_dim}, width {args.width}, z in training {args.z_train}, distance {args.distance}; train "
+             f"{args.batch_size}, latent {args.latent_dim}, width {args.width}, z in training {args.z_train}, distance {args.distance}, volume {'centred' if args.volume_centred else 'from the origin'}; train "
              f"{json.dumps(results[0]['n_train'])} + {args.n_normal} normal; {seconds:.0f} s wall", "",
              "| seed | model | test acc | disc / bar / ring recall | modes covered | cells (disc/bar/ring per "
              "prototype) | dead prototypes | latent 5-NN same mode |",
@@ -269,6 +269,8 @@ def main() -> None:
     p.add_argument("--min-cell", type=int, default=5)
     p.add_argument("--distance", choices=("squared", "euclidean"), default="squared",
                    help="d_j of the similarity: squared (the ProtoVAE paper) or euclidean (the public codes' cdist)")
+    p.add_argument("--volume-centred", action="store_true",
+                   help="span the volume from a prototype, not from the origin (not in the paper)")
     p.add_argument("--z-train", choices=("sampled", "mu"), default="sampled",
                    help="z in training: mu + sigma * eps (the papers' text) or mu (what the public codes run)")
     args = p.parse_args()

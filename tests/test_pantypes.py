@@ -98,6 +98,19 @@ def test_volume_loss_pushes_near_duplicates_apart():
     assert (step[0, 0] - step[0, 1]).norm() > before
 
 
+def test_centred_volume_ignores_where_the_prototypes_are_and_the_paper_s_does_not():
+    """``centred=True`` spans the volume from a prototype: moving all of a class's prototypes by one vector
+    leaves it unchanged; the paper's (from the origin) changes. Both are finite for any prototypes."""
+    torch.manual_seed(0)
+    p = torch.randn(2, 5, 16, dtype=torch.float64)
+    shifted = p + 3 * torch.randn(1, 1, 16, dtype=torch.float64)
+    assert torch.allclose(volume_loss(p, centred=True), volume_loss(shifted, centred=True), rtol=1e-9)
+    assert not torch.allclose(volume_loss(p), volume_loss(shifted), rtol=1e-3)
+    e = torch.eye(16, dtype=torch.float64)[:4]  # edges e_1..e_4 from vertex 0: centred volume 1, loss 1
+    simplex = torch.cat([torch.zeros(1, 16, dtype=torch.float64), e])[None]
+    assert torch.allclose(volume_loss(simplex, eps=0.0, centred=True), torch.tensor(1.0, dtype=torch.float64))
+
+
 def test_volume_needs_a_guard_when_on():
     with pytest.raises(NemtError, match="volume_eps"):
         Pantypes(out_channels=2, volume_eps=0.0)
@@ -123,7 +136,7 @@ def test_euclidean_similarity_is_the_public_codes_cdist_with_a_finite_gradient_a
     s = similarity(torch.zeros(1, 4), p, "euclidean")[0]
     r8 = math.sqrt(8)
     assert torch.allclose(s[1:], torch.tensor([math.log(2 / 1.0001), math.log((r8 + 1) / (r8 + 1e-4))]), rtol=1e-5)
-    assert abs(float(s[0]) - math.log(1 / 1e-4)) < 1.0  # d = 1e-4 instead of 0: log(1 / 2e-4), not log(1 / 1e-4)
+    assert abs(float(s[0].detach()) - math.log(1 / 1e-4)) < 1.0  # d = 1e-4 instead of 0: log(1 / 2e-4), not log(1 / 1e-4)
     s.sum().backward()
     assert torch.isfinite(p.grad).all()
     net = Pantypes(out_channels=2, input_size=(28, 28), distance="euclidean", seed=0).eval()
@@ -289,6 +302,9 @@ def test_nemt_train_arch_pantypes_and_explain(tmp_path):
     clf = load_model(tmp_path / "m")
     assert clf.card.arch == "pantypes" and clf.card.arch_kwargs["input_size"] == [28, 28]
     assert isinstance(clf.net, Pantypes) and int(clf.net.noise_step) > 0  # trained with sampled z
+    # a new card records the distance; a card without it (written before the choice) rebuilds the squared one
+    assert clf.card.arch_kwargs["distance"] == "euclidean" and clf.net.distance == "euclidean"
+    assert Pantypes(out_channels=2).distance == "squared"
     img = sorted((tmp_path / "ph" / "images").glob("*.png"))[0]
     res = runner.invoke(app, ["explain", str(img), "--model", str(tmp_path / "m"), "--method", "prototypes",
                               "--target", "all", "--out", str(tmp_path / "maps")])

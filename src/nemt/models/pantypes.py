@@ -34,7 +34,10 @@ Choices where the paper or its code are silent or unsafe:
   negligible for prototypes of norm ~1 and more (``eps = 0`` gives the
   paper's formula, see :func:`class_volumes`).
 - **Distance.** ``d_j`` is the squared Euclidean distance, as in the ProtoVAE
-  paper; both public codes pass the unsquared ``cdist``.
+  paper, by default of this class; both public codes pass the unsquared ``cdist``
+  (``distance="euclidean"``), which ``nemt train`` records in every new card:
+  with it a sampled z trains (planted-modes benchmark: accuracy 1.0 in 3 of 3
+  seeds, against 1 of 3 with the squared distance; see the README).
 - **Sampling.** ``z = mu + sigma * eps`` in training (the public codes test
   ``~is_train``, which is always truthy, so they always use ``mu``). ``eps``
   comes from a generator owned by the model, seeded by the persistent buffers
@@ -139,13 +142,20 @@ def class_volumes(prototypes: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
     return torch.exp(0.5 * _logdet_gram(prototypes, eps)).to(prototypes.dtype)
 
 
-def volume_loss(prototypes: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+def volume_loss(prototypes: torch.Tensor, eps: float = 1e-4, centred: bool = False) -> torch.Tensor:
     """``mean_k 1 / sqrt(det(P_k P_k^T + eps I))``: prototypes (K, M, L) -> scalar.
 
     Computed as ``mean_k exp(-log det / 2)`` in float64, so it is finite for ``eps > 0`` even when
-    prototypes coincide (see the module docstring).
+    prototypes coincide (see the module docstring). The paper's parallelotope is spanned from the origin,
+    so it also grows with the prototypes' norms (for orthogonal ones det G = prod |p_i|^2): the loss pays
+    a prototype for moving *away from the origin*, not only from its class-mates. ``centred=True`` (not in
+    the paper) spans it from the class's first prototype instead, ``D_k = P_k[1:] - P_k[0]`` (M - 1 edges:
+    (M - 1)! times the volume of the prototypes' simplex, whichever vertex is used), so only their spread
+    counts.
     """
     _check_prototypes(prototypes)
+    if centred:
+        prototypes = prototypes[:, 1:] - prototypes[:, :1]
     return torch.exp(-0.5 * _logdet_gram(prototypes, eps)).mean().to(prototypes.dtype)
 
 
@@ -214,7 +224,7 @@ class Pantypes(nn.Module):
                  input_size: Sequence[int] | None = None, latent_dim: int = 256, prototypes_per_class: int = 5,
                  width: int = 32, volume_weight: float = 1.0, kl_weight: float = 1.0,
                  reconstruction_weight: float = 1.0, volume_eps: float = 1e-4, sample: bool = True,
-                 distance: str = "squared", seed: int | None = None):
+                 distance: str = "squared", volume_centred: bool = False, seed: int | None = None):
         super().__init__()
         if spatial_dims != 2:
             raise NemtError(f"pantypes is a 2D model (the paper's image networks); got spatial_dims={spatial_dims}")
@@ -242,6 +252,7 @@ class Pantypes(nn.Module):
             raise NemtError(f"distance must be 'squared' (the ProtoVAE paper) or 'euclidean' (the public codes' "
                             f"cdist), got {distance!r}")
         self.distance = distance
+        self.volume_centred = bool(volume_centred)
         self._cache: tuple[torch.Tensor, PantypesParts] | None = None
         if seed is None:
             self._build(width)
@@ -380,8 +391,8 @@ class Pantypes(nn.Module):
         return {
             "kl": kl_to_prototypes(parts.mu, parts.logvar, parts.similarities, y, self.prototypes_by_class),
             "reconstruction": F.mse_loss(decoded, target),
-            "volume": volume_loss(self.prototypes_by_class, self.volume_eps) if self.volume_weight
-            else parts.logits.new_zeros(()),
+            "volume": (volume_loss(self.prototypes_by_class, self.volume_eps, self.volume_centred)
+                       if self.volume_weight else parts.logits.new_zeros(())),
         }
 
     @staticmethod

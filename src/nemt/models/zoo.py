@@ -214,11 +214,21 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
 SIZED_BY_INPUT = frozenset({"pantypes"})
 
 
+#: keywords that training writes into every new card (unless given): choices whose class default is kept
+#: for cards written before them, so that an older model is rebuilt as it was trained. Pantypes: the
+#: public codes' Euclidean distance in the similarity (with the paper's squared distance, z sampled in
+#: training under-fits: see :mod:`nemt.models.pantypes`).
+RECORDED_DEFAULTS = {"pantypes": {"distance": "euclidean"}}
+
+
 def sized_arch_kwargs(arch: str, arch_kwargs: dict, size: Any) -> dict:
-    """``arch_kwargs`` plus ``input_size`` (``size``) for the architectures of :data:`SIZED_BY_INPUT`."""
+    """``arch_kwargs`` plus ``input_size`` (``size``) for the architectures of :data:`SIZED_BY_INPUT`, and the
+    :data:`RECORDED_DEFAULTS` of new models."""
     out = dict(arch_kwargs)
     if arch in SIZED_BY_INPUT:
         out.setdefault("input_size", [int(s) for s in size])
+    for key, value in RECORDED_DEFAULTS.get(arch, {}).items():
+        out.setdefault(key, value)
     return out
 
 
