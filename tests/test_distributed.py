@@ -117,6 +117,22 @@ def test_two_process_training_equals_one_process(runs):
     assert (runs / "two" / "model.safetensors").is_file() and (runs / "two" / "splits.csv").is_file()
 
 
+def test_two_process_pantypes_training_equals_one_process(runs):
+    """Pantypes samples z = mu + sigma * eps in training: its noise is keyed by the micro-batch (as the
+    augmentation is), so 2 ranks draw what 1 process draws for the same micro-batches (before, each rank's
+    own step counter gave rank 1 the noise of rank 0's batch)."""
+    args = ["train", "--data", "data/manifest.csv", "--arch", "pantypes", "--arch-param", "latent_dim=16",
+            "--arch-param", "width=4", "--size", "32", "--epochs", "2", "--batch-size", "4", "--seed", "0",
+            "--no-progress", "--no-augment"]
+    _run(args + ["--out", "p1", "--accumulate", "2"], runs)
+    _run(args + ["--out", "p2", "--accumulate", "1"], runs, procs=2)
+    (a, sa), (b, sb) = _weights(runs / "p1", "model"), _weights(runs / "p2", "model")
+    _assert_same_weights({k: v for k, v in a.items() if k != "noise_step"},
+                         {k: v for k, v in b.items() if k != "noise_step"})
+    assert [h["train_loss"] for h in sa["history"]] == pytest.approx([h["train_loss"] for h in sb["history"]],
+                                                                      rel=1e-5)
+
+
 def test_two_process_fit_equals_one_process(runs):
     fit = ["fit", "--model", "one", "--data", "data/manifest.csv", "--epochs", "2", "--batch-size", "4",
            "--seed", "0", "--no-progress", "--allow-collapse"]

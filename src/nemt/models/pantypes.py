@@ -41,7 +41,8 @@ Choices where the paper or its code are silent or unsafe:
 - **Sampling.** ``z = mu + sigma * eps`` in training (the public codes test
   ``~is_train``, which is always truthy, so they always use ``mu``). ``eps``
   comes from a generator owned by the model, seeded by the persistent buffers
-  ``noise_seed`` and ``noise_step`` (one step per training forward), so a run
+  ``noise_seed`` and ``noise_step`` (one step per training forward; ``nemt train``
+  keys it by the micro-batch instead, see :meth:`Pantypes.set_noise_key`), so a run
   resumed from a checkpoint draws the same noise and the caller's global RNG
   is never touched. ``sample=False`` keeps ``z = mu`` in training too, which
   is what the public codes run. Measured consequence (planted-modes benchmark, 28 px, L = 256): the
@@ -354,9 +355,21 @@ class Pantypes(nn.Module):
         s = self.similarities(z)
         return PantypesParts(self.last_layer(s), mu, logvar, z, s)
 
+    def set_noise_key(self, key: int | None) -> None:
+        """Key the next training forward's noise by ``key`` (with the model's ``noise_seed``) instead of the
+        step counter: the training loop passes the micro-batch's seed (:func:`nemt.distributed.batch_seed`),
+        so that under torchrun each micro-batch draws the noise it draws in one process, whichever rank
+        runs it. Used once, then cleared."""
+        self._noise_key = None if key is None else int(key)
+
     def _noise(self, like: torch.Tensor) -> torch.Tensor:
         gen = torch.Generator(device=like.device)
-        gen.manual_seed(int(self.noise_seed) * 1_000_003 + int(self.noise_step))
+        key = getattr(self, "_noise_key", None)
+        if key is None:
+            gen.manual_seed(int(self.noise_seed) * 1_000_003 + int(self.noise_step))
+        else:
+            gen.manual_seed((key ^ (int(self.noise_seed) * 1_000_003)) & ((1 << 63) - 1))
+            self._noise_key = None
         with torch.no_grad():
             self.noise_step += 1
         return torch.randn(like.shape, generator=gen, device=like.device, dtype=like.dtype)

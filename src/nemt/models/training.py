@@ -34,7 +34,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from nemt.checkpoint import load_state, save_state
-from nemt.distributed import StepBatches, all_reduce_sum, batch_generator, context, local_device, steps_per_epoch
+from nemt.distributed import (StepBatches, all_reduce_sum, batch_generator, batch_seed, context, local_device,
+                              steps_per_epoch)
 from nemt.data.check import read_every_item
 from nemt.data.dataset import ImageDataset, channel_stats, read_sample
 from nemt.data.manifest import Manifest
@@ -283,6 +284,8 @@ def _train_classifier(manifest: Manifest, out_dir: str | Path, config: TrainConf
                       **card.arch_kwargs)
     # a model with loss terms of its own (Pantypes: KL, reconstruction, volume) adds them to the loss below
     auxiliary_loss = getattr(net, "auxiliary_loss", None)
+    # a model with random draws of its own (Pantypes' latent noise) takes them from the micro-batch's key
+    noise_key = getattr(net, "set_noise_key", None)
     clf = Classifier(net, card).to(device)
     loss_fn = _loss_fn(manifest.task, y_train, card.out_channels, cfg.class_weighting, device)
     opt = torch.optim.AdamW(clf.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -328,6 +331,8 @@ def _train_classifier(manifest: Manifest, out_dir: str | Path, config: TrainConf
                 with net.no_sync() if ctx.distributed and not last else contextlib.nullcontext():
                     if cfg.augment:  # drawn from the micro-batch's own generator: the same on any rank
                         x = augment_batch(x, batch_generator(cfg.seed, epoch, index))
+                    if noise_key is not None:
+                        noise_key(batch_seed(cfg.seed, epoch, index))
                     out = net(x)
                     if manifest.task == "regression":
                         loss = loss_fn(out.squeeze(1), (y - target_scale["mean"]) / target_scale["std"])
