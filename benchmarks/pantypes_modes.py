@@ -225,7 +225,8 @@ def run_seed(seed: int, args: argparse.Namespace, out: Path) -> dict:
 
 def summary(results: list[dict], args: argparse.Namespace, seconds: float) -> str:
     lines = [f"Pantypes mode coverage: {len(results)} seeds, {args.epochs} epochs, lr {args.lr}, batch "
-             f"{args.batch_size}, latent {args.latent_dim}, width {args.width}, z in training {args.z_train}, distance {args.distance}, volume {'centred' if args.volume_centred else 'from the origin'}; train "
+             f"{args.batch_size}, latent {args.latent_dim}, width {args.width}, z in training {args.z_train}, "
+             f"distance {args.distance}, volume {'centred' if args.volume_centred else 'from the origin'}; train "
              f"{json.dumps(results[0]['n_train'])} + {args.n_normal} normal; {seconds:.0f} s wall", "",
              "| seed | model | test acc | disc / bar / ring recall | modes covered | cells (disc/bar/ring per "
              "prototype) | dead prototypes | latent 5-NN same mode |",

@@ -129,14 +129,14 @@ def test_similarity_is_log_ratio_of_shifted_squared_distances():
 
 def test_euclidean_similarity_is_the_public_codes_cdist_with_a_finite_gradient_at_zero():
     """``distance="euclidean"``: d = ||z - p|| (distances 0, 1, sqrt 8); its sqrt is guarded (1e-8 inside), so
-    the gradient on a prototype is finite; at distance 0 the guard shifts d by 1e-4, s by at most 1e-4 / 1e-4."""
+    the gradient on a prototype is finite, and at distance 0 d is sqrt(1e-8) = 1e-4: s = log(1.0001 / 2e-4)."""
     p = torch.zeros(3, 4, requires_grad=True)
     with torch.no_grad():
         p[1, 0], p[2, :2] = 1.0, 2.0
     s = similarity(torch.zeros(1, 4), p, "euclidean")[0]
     r8 = math.sqrt(8)
     assert torch.allclose(s[1:], torch.tensor([math.log(2 / 1.0001), math.log((r8 + 1) / (r8 + 1e-4))]), rtol=1e-5)
-    assert abs(float(s[0].detach()) - math.log(1 / 1e-4)) < 1.0  # d = 1e-4 instead of 0: log(1 / 2e-4), not log(1 / 1e-4)
+    assert math.isclose(float(s[0].detach()), math.log(1.0001 / 2e-4), rel_tol=1e-5)
     s.sum().backward()
     assert torch.isfinite(p.grad).all()
     net = Pantypes(out_channels=2, input_size=(28, 28), distance="euclidean", seed=0).eval()

@@ -97,6 +97,8 @@ __all__ = ["Pantypes", "PantypesParts", "class_volumes", "volume_loss", "kl_to_p
 
 #: the similarity's epsilon (ProtoPNet, ProtoVAE, Pantypes)
 SIMILARITY_EPS = 1e-4
+#: d_j of the similarity: the ProtoVAE paper's squared distance, or the public codes' ``cdist``
+DISTANCES = ("squared", "euclidean")
 #: log-variance clamp of the authors' code: sigma^2 in [1e-8, 1e8]
 _LOGVAR_LIMIT = math.log(1e8)
 
@@ -111,11 +113,10 @@ def similarity(z: torch.Tensor, prototypes: torch.Tensor, distance: str = "squar
     uses ``d_j = ||z - p_j||`` as the public codes' ``cdist`` does (``sqrt(||.||^2 + 1e-8)``: a finite
     gradient at 0).
     """
+    _check_distance(distance)
     d = (z[:, None, :] - prototypes[None, :, :]).pow(2).sum(-1)
     if distance == "euclidean":
         d = (d + 1e-8).sqrt()
-    elif distance != "squared":
-        raise NemtError(f"distance must be 'squared' or 'euclidean', got {distance!r}")
     return torch.log(d + 1) - torch.log(d + SIMILARITY_EPS)
 
 
@@ -174,6 +175,12 @@ def kl_to_prototypes(mu: torch.Tensor, logvar: torch.Tensor, sims: torch.Tensor,
     kl = 0.5 * (var + (mu[:, None, :] - own).pow(2) - 1.0 - logvar[:, None, :]).mean(-1)  # (B, M)
     s = sims.view(-1, k, m)[torch.arange(len(y), device=y.device), y]  # (B, M), all > 0
     return ((s * kl).sum(1) / s.sum(1)).mean()
+
+
+def _check_distance(distance: str) -> None:
+    if distance not in DISTANCES:
+        raise NemtError(f"distance must be 'squared' (the ProtoVAE paper) or 'euclidean' (the public codes' "
+                        f"cdist), got {distance!r}")
 
 
 def _check_prototypes(prototypes: torch.Tensor) -> None:
@@ -249,12 +256,11 @@ class Pantypes(nn.Module):
         self.volume_weight, self.kl_weight = float(volume_weight), float(kl_weight)
         self.reconstruction_weight, self.volume_eps = float(reconstruction_weight), float(volume_eps)
         self.sample = bool(sample)
-        if distance not in ("squared", "euclidean"):
-            raise NemtError(f"distance must be 'squared' (the ProtoVAE paper) or 'euclidean' (the public codes' "
-                            f"cdist), got {distance!r}")
+        _check_distance(distance)
         self.distance = distance
         self.volume_centred = bool(volume_centred)
         self._cache: tuple[torch.Tensor, PantypesParts] | None = None
+        self._noise_key: int | None = None
         if seed is None:
             self._build(width)
         else:
@@ -364,7 +370,7 @@ class Pantypes(nn.Module):
 
     def _noise(self, like: torch.Tensor) -> torch.Tensor:
         gen = torch.Generator(device=like.device)
-        key = getattr(self, "_noise_key", None)
+        key = self._noise_key
         if key is None:
             gen.manual_seed(int(self.noise_seed) * 1_000_003 + int(self.noise_step))
         else:
