@@ -8,8 +8,9 @@ Each run (seed 0, k clusters and segments, default 12, the model's last 3 stages
 
 1. `nemt clusters` on the model's training split, mapped on its test split (OUT/clusters: clustering, label
    and uncertainty maps, report.html with the cluster gallery): per finding, the IoU with the finding's mask
-   of the best data-set cluster, of the best cluster per image, of the best per-image NAS segment (k-means
-   with k clusters on each image's own activations) and of the best SLIC segment (at least k segments);
+   of the best data-set cluster, of the best cluster per image, of the best SLIC segment (at least k
+   segments) and of the best per-image NAS segment (k-means on each image's own activations with as many
+   clusters as SLIC gave that image: equal segment counts);
 2. `nemt benchmark` on the test split with NEMt and Grad-CAM++, raw and superpixelified with the three
    segmentations (`--superpixelify OUT/clusters --superpixelify nas:K --superpixelify slic:K`; rows
    METHOD@clusters, METHOD@nas, METHOD@slic), scored by MaxBoxAccV2 (dataset-level), relevance mass and

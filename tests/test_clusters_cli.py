@@ -224,6 +224,73 @@ def test_superpixelified_maps_are_segment_means_of_the_explainers_maps():
     assert torch.equal(nas(x[1:2]), seg[1:2])  # each image on its own: independent of the batch
 
 
+def _square_encoder() -> torch.nn.Sequential:
+    """A 1x1 convolution giving (v, 1 - v), then 4x4 average pooling: on a 0/1 image, orthonormal features
+    inside and outside a region, mixed in the grid cells its border crosses; 'pool' is the grid's layer."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.AvgPool2d(4), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten())
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[[[1.0]]], [[[-1.0]]]]))
+        net[0].bias.copy_(torch.tensor([0.0, 1.0]))
+    return net
+
+
+def test_nas_assigns_every_input_pixel_so_borders_need_not_follow_the_grid():
+    net = _square_encoder()
+    x = torch.zeros(2, 1, 32, 32)
+    x[0, :, 8:24, 8:24] = 1  # a square on the 8 x 8 grid's cell borders
+    x[1, :, 9:23, 9:23] = 1  # a square one pixel inside them: its border cells are 75 % (corners 56 %) square
+    gt = x[:, 0] > 0.5
+
+    def best(**kw):
+        return segment_ious(NasSegments(net, 2, layers=["1"], **kw)(x), gt).amax(1).tolist()
+
+    plain, inp = best(fit_scale=1, assign="grid"), best(fit_scale=1, assign="input")
+    # on the grid the segment is whole cells: exact on the aligned square, the 16 x 16 block around the other
+    assert plain == pytest.approx([1.0, 196 / 256], abs=1e-12)
+    # every input pixel takes the nearer of the two (orthonormal, so equidistant at a 50 % mix) centroids of
+    # the bilinearly interpolated features: inside where the square's weight is above 1/2. On the aligned
+    # square that loses exactly its 4 corner pixels (weight 0.625^2 < 1/2; edge pixels 0.625 stay in)
+    assert inp[0] == pytest.approx(252 / 256, abs=1e-12)
+    assert inp[1] > plain[1] + 0.05  # off the grid the pixel-level border is the closer one (0.86 vs 0.77)
+    assert best()[1] > plain[1] + 0.05  # the default (fitted on the 2x grid) too
+    # a count per image is honoured, the fit grid is capped at the input, bad settings are refused by name
+    nas = NasSegments(net, 2, layers=["1"])
+    assert [len(torch.unique(s)) for s in nas(x, [2, 3])] == [2, 3]
+    assert nas.fit_size((8, 8), (32, 32)) == (16, 16) and NasSegments(net, 2, fit_scale=8).fit_size((8, 8), (32, 32)) == (32, 32)
+    with pytest.raises(ValueError, match="fit_scale"):
+        NasSegments(net, 2, fit_scale=0.5)
+    with pytest.raises(ValueError, match="assign"):
+        NasSegments(net, 2, assign="nearest")
+
+
+def test_cluster_localisation_gives_every_baseline_the_matched_ones_counts():
+    labels = torch.zeros(2, 8, 8, dtype=torch.long)
+    gt = torch.zeros(2, 8, 8, dtype=torch.bool)
+    gt[:, :4, :4] = True
+    asked = {}
+
+    def fixed(n):  # a segmenter that returns n[i] vertical bands for image i, recording what it was asked
+        def seg(x, counts):
+            asked[n] = counts
+            c = counts if isinstance(counts, list) else [counts] * x.shape[0]
+            return torch.stack([torch.arange(8).div(8 / ci, rounding_mode="floor").long().expand(8, 8) for ci in c])
+        return seg
+
+    def more(x, counts):  # like SLIC: more segments than asked, a different number per image
+        asked["more"] = counts
+        return torch.stack([torch.arange(8).div(8 / c, rounding_mode="floor").long().expand(8, 8) for c in (4, 8)])
+
+    members = torch.ones(2, 1, dtype=torch.bool)
+    loc = cluster_localisation(labels, gt, members, ["finding"], 3, baselines={"a": fixed("a"), "more": more},
+                               x=torch.zeros(2, 1, 8, 8), match="more")
+    assert asked == {"more": 3, "a": [4, 8]}
+    assert loc["finding"]["a_segments_per_image"] == loc["finding"]["more_segments_per_image"] == 6.0
+    with pytest.raises(NemtError, match="match"):
+        cluster_localisation(labels, gt, members, ["finding"], 3, baselines={"a": fixed("a")},
+                             x=torch.zeros(2, 1, 8, 8), match="slic")
+
+
 # ---------------------------------------------------------------------------- the commands end to end
 
 def test_clusters_command_then_superpixelified_benchmark_and_explain(tmp_path):

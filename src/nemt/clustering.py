@@ -47,16 +47,10 @@ KMEANS_N_INIT = 10
 # ---------------------------------------------------------------------------- 1. composite activations
 
 @torch.no_grad()
-def composite_activations(model: nn.Module, x: torch.Tensor, layers: Sequence[str | nn.Module] | None = None,
-                          size: Sequence[int] | None = None, eps: float = 1e-12) -> torch.Tensor:
-    """(B, C, *spatial) images -> (B, D, *grid) composite activations.
-
-    ``layers``: module names (in ``model.net`` for a :class:`~nemt.models.Classifier`) or modules; default
-    the last 3 stages of :func:`find_stages`. Each stage's output (B, C_l, *grid_l) is resized linearly to
-    ``size`` (default: the finest grid among the chosen stages, the one with most pixels), then each pixel
-    vector is divided by its L2 norm (``eps`` guards zero vectors, which stay zero); D = sum of C_l.
-    Stages are concatenated in the order given. The model runs once, in eval mode, without gradients.
-    """
+def stage_activations(model: nn.Module, x: torch.Tensor, layers: Sequence[str | nn.Module] | None = None
+                      ) -> tuple[list[str], list[torch.Tensor]]:
+    """The outputs (B, C_l, *grid_l) of ``layers`` (default the last 3 stages of :func:`find_stages`) for
+    ``x`` (B, C, *spatial), with their module names: one forward pass in eval mode, without gradients."""
     if x.ndim < 3:
         raise ParameterError(f"x must be (B, C, *spatial), got shape {tuple(x.shape)}")
     with evaluating(model):
@@ -72,12 +66,34 @@ def composite_activations(model: nn.Module, x: torch.Tensor, layers: Sequence[st
         if not torch.is_tensor(f) or f.ndim != x.ndim:
             raise ParameterError(f"layer {n!r} gives {getattr(f, 'shape', type(f))}, not (B, C, *spatial) "
                                  f"with {x.ndim - 2} spatial axes")
-    if size is None:
-        size = max((tuple(f.shape[2:]) for f in feats), key=math.prod)
+    return names, feats
+
+
+def finest_grid(feats: Sequence[torch.Tensor]) -> tuple[int, ...]:
+    """The spatial shape with most pixels among stage outputs (B, C_l, *grid_l)."""
+    return tuple(int(s) for s in max((tuple(f.shape[2:]) for f in feats), key=math.prod))
+
+
+def compose(feats: Sequence[torch.Tensor], size: Sequence[int], eps: float = 1e-12) -> torch.Tensor:
+    """Stage outputs -> (B, D, *size): each resized linearly to ``size``, each pixel vector divided by its L2
+    norm (``eps`` guards zero vectors, which stay zero), concatenated in order (D = sum of C_l)."""
     size = tuple(int(s) for s in size)
-    parts = [F.normalize(resize_linear(f.float() if not f.is_floating_point() else f, size), dim=1, eps=eps)
-             for f in feats]
-    return torch.cat(parts, dim=1)
+    return torch.cat([F.normalize(resize_linear(f.float() if not f.is_floating_point() else f, size), dim=1,
+                                  eps=eps) for f in feats], dim=1)
+
+
+def composite_activations(model: nn.Module, x: torch.Tensor, layers: Sequence[str | nn.Module] | None = None,
+                          size: Sequence[int] | None = None, eps: float = 1e-12) -> torch.Tensor:
+    """(B, C, *spatial) images -> (B, D, *grid) composite activations.
+
+    ``layers``: module names (in ``model.net`` for a :class:`~nemt.models.Classifier`) or modules; default
+    the last 3 stages of :func:`find_stages`. Each stage's output (B, C_l, *grid_l) is resized linearly to
+    ``size`` (default: the finest grid among the chosen stages, the one with most pixels), then each pixel
+    vector is divided by its L2 norm (``eps`` guards zero vectors, which stay zero); D = sum of C_l.
+    Stages are concatenated in the order given. The model runs once, in eval mode, without gradients.
+    """
+    _, feats = stage_activations(model, x, layers)
+    return compose(feats, finest_grid(feats) if size is None else size, eps)
 
 
 def _pixels(features: torch.Tensor) -> torch.Tensor:
@@ -610,30 +626,59 @@ class SlicSegments:
 
 
 class NasSegments:
-    """Neuro-activated superpixels of each image on its own: k-means (``k`` clusters, scikit-learn, seeded) on the
-    pixels of that image's composite activations (:func:`composite_activations` of ``layers``; default the last
-    3 stages), the label map upsampled nearest to the input: ``NasSegments(clf, 12)(x)`` -> (B, *spatial) int64.
+    """Neuro-activated superpixels of each image on its own: ``NasSegments(clf, 12)(x)`` -> (B, *spatial) int64.
+
+    For each image, k-means (``k`` clusters, scikit-learn, seeded) on the pixels of its composite activations
+    (:func:`compose` of ``layers``, default the last 3 stages) resized to ``fit_scale`` times the finest
+    stage's grid (capped at the input's size); then every *input* pixel gets the nearest centroid of the
+    composite activations resized linearly to the input (``assign="input"``), so segment borders follow
+    the interpolated features instead of the grid's blocks. ``fit_scale=1, assign="grid"`` is the plain
+    recipe: k-means on the grid, labels upsampled nearest. Why the default (phantoms, 147 test images with a
+    finding, K = 12, mean best-segment IoU nodule / opacity / cyst at SLIC's count per image): plain 0.132 /
+    0.270 / 0.354; assigned at the input 0.134 / 0.274 / 0.362; fitted on the 2x grid and assigned at the
+    input 0.152 / 0.281 / 0.408 (SLIC 0.123 / 0.275 / 0.276); fitted on the input's own 96 x 96 pixels
+    0.142 / 0.301 / 0.402 at 3x the time.
 
     Unlike :class:`ActivationClustering` (clusters fitted once over a data set, shared ids: concepts), the
-    segments adapt to each image, as a superpixel algorithm's do. The model is never changed.
+    segments adapt to each image, as a superpixel algorithm's do. Memory: one image's activations at the
+    input's size at a time. The model is never changed.
     """
 
     tag = "nas"
+    ASSIGN = ("input", "grid")
 
-    def __init__(self, model: nn.Module, k: int = 12, layers: Sequence[str] | None = None, seed: int = 0):
+    def __init__(self, model: nn.Module, k: int = 12, layers: Sequence[str] | None = None, seed: int = 0, *,
+                 fit_scale: float = 2.0, assign: str = "input"):
         if int(k) < 2:
             raise ParameterError(f"k must be at least 2 segments, got {k}")
+        if not float(fit_scale) >= 1:
+            raise ParameterError(f"fit_scale must be at least 1 (the finest stage's grid), got {fit_scale}")
+        if assign not in self.ASSIGN:
+            raise ParameterError(f"assign must be one of {self.ASSIGN}, got {assign!r}")
         self.model, self.k, self.layers, self.seed = model, int(k), None if layers is None else list(layers), int(seed)
+        self.fit_scale, self.assign = float(fit_scale), assign
+
+    def fit_size(self, grid: Sequence[int], spatial: Sequence[int]) -> tuple[int, ...]:
+        """The grid k-means runs on: ``fit_scale`` x the finest stage's ``grid``, at most the input's size."""
+        return tuple(min(int(round(g * self.fit_scale)), int(n)) for g, n in zip(grid, spatial))
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, n_segments: Sequence[int] | int | None = None) -> torch.Tensor:
-        f = composite_activations(self.model, x.to(_device(self.model)), self.layers)
+        """``n_segments``: a count for all images or one per image (default: the constructor's ``k``)."""
+        _, feats = stage_activations(self.model, x.to(_device(self.model)), self.layers)
+        spatial = tuple(x.shape[2:])
+        size = self.fit_size(finest_grid(feats), spatial)
         out = []
-        for i in range(f.shape[0]):
+        for i in range(x.shape[0]):
+            one = [f[i:i + 1] for f in feats]
+            f = compose(one, size)
             k = self.k if n_segments is None else int(n_segments if isinstance(n_segments, int) else n_segments[i])
-            km = fit_kmeans(f[i:i + 1], min(k, math.prod(f.shape[2:])), seed=self.seed)
-            labels, _ = km.assign(f[i:i + 1])
-            out.append(_nearest(labels, tuple(x.shape[2:])))
+            km = fit_kmeans(f, min(k, math.prod(size)), seed=self.seed)
+            if self.assign == "input":
+                labels, _ = km.assign(compose(one, spatial))
+            else:
+                labels = _nearest(km.assign(f)[0], spatial)
+            out.append(labels)
         return torch.cat(out).to(x.device)
 
 

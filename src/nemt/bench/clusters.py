@@ -74,7 +74,8 @@ def class_members(y: torch.Tensor, task: str, n_labels: int) -> torch.Tensor:
 
 
 def cluster_localisation(labels: torch.Tensor, gt: torch.Tensor, members: torch.Tensor, names: Sequence[str],
-                         k: int, baselines: dict[str, Callable] | None = None, x: torch.Tensor | None = None) -> dict:
+                         k: int, baselines: dict[str, Callable] | None = None, x: torch.Tensor | None = None,
+                         match: str | None = None) -> dict:
     """How well clusters cover each finding's mask, per label with masks.
 
     ``labels`` (N, *spatial) cluster ids, ``gt`` (N, *spatial) bool, ``members`` (N, L) bool. For label j and
@@ -83,7 +84,9 @@ def cluster_localisation(labels: torch.Tensor, gt: torch.Tensor, members: torch.
     IoU in that image, ``clusters_per_image`` the mean number of cluster ids present. Each of ``baselines``
     ({name: segmenter called as ``segmenter(x, k)`` -> (n, *spatial) ids}, e.g. per-image NAS and SLIC at k
     segments) with the model inputs ``x`` adds ``name`` (the mean over images of its best segment's IoU) and
-    ``name_segments_per_image``.
+    ``name_segments_per_image``. ``match``: the baseline run first whose per-image segment counts every other
+    baseline is asked for (``segmenter(x, counts)``), so that they are compared at equal segment count (SLIC
+    may return more segments than asked).
     """
     iou = segment_ious(labels, gt, k)  # (N, K)
     has = ~torch.isnan(iou[:, 0])
@@ -91,13 +94,20 @@ def cluster_localisation(labels: torch.Tensor, gt: torch.Tensor, members: torch.
     extra: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if baselines and x is not None and bool(has.any()):
         idx = has.nonzero().flatten()
-        for name, segmenter in baselines.items():
-            segs = segmenter(x[idx], int(k)).cpu()
+        if match is not None and match not in baselines:
+            raise NemtError(f"match={match!r} is not one of the baselines {sorted(baselines)}")
+        order = ([match] if match else []) + [n for n in baselines if n != match]
+        counts = None
+        for name in order:
+            segmenter = baselines[name]
+            segs = segmenter(x[idx], int(k) if counts is None else counts).cpu()
             best = torch.full((labels.shape[0],), float("nan"), dtype=torch.float64)
             best[idx] = segment_ious(segs - segs.reshape(len(idx), -1).amin(1).view(-1, *[1] * (segs.ndim - 1)),
                                      gt[idx]).nan_to_num(-1).amax(1)
             count = torch.full((labels.shape[0],), float("nan"), dtype=torch.float64)
             count[idx] = torch.tensor([float(torch.unique(s).numel()) for s in segs], dtype=torch.float64)
+            if name == match:
+                counts = [int(c) for c in count[idx].tolist()]
             extra[name] = (best, count)
     out = {}
     for j, name in enumerate(names):
@@ -248,9 +258,11 @@ def write_clusters_report(out: Path, *, title: str, facts: dict[str, str], galle
         parts += ["<h2>Clusters against the ground truth</h2>",
                   "<p>IoU of a segment with the finding's mask, on the images of that finding with a mask. Best "
                   "cluster: the one data-set cluster with the highest mean IoU over those images (chosen on them); "
-                  "per image: the best cluster of each image. NAS per image: k-means with k clusters on each "
-                  "image's own composite activations; SLIC (scikit-image): at least k segments per image; both "
-                  "scored by their best segment per image.</p>",
+                  "per image: the best cluster of each image. SLIC (scikit-image): at least k segments per image; "
+                  "NAS per image: k-means on each image's own composite activations (fitted on twice the finest "
+                  "stage's grid, every input pixel given its nearest centroid) with as many clusters as SLIC "
+                  "gave that image, so both have equal segment counts; both scored by their best segment per "
+                  "image.</p>",
                   f"<table>{head}{''.join(rows)}</table>"]
     parts += ["<h2>Clusters per class</h2>", f"<img alt='proportions' src='{_uri(proportions_figure(props, names, counts))}'>"]
     head = "".join(f"<th><span style='color:rgb{tuple(colours[c])}'>&#9632;</span> {c}</th>" for c in range(k))
@@ -350,7 +362,8 @@ def run_clusters(model_dir: str | Path, data_path: str | Path, out: str | Path, 
         x_eval = clf.preprocessing.normalise(unit_t)
         baselines = {"nas": NasSegments(clf, k, est.layers_, seed=seed),
                      "slic": SlicSegments(k, compactness=slic_compactness, at_least=True)}
-        localisation = cluster_localisation(labels_t, gt_t, members, label_names, k, baselines=baselines, x=x_eval)
+        localisation = cluster_localisation(labels_t, gt_t, members, label_names, k, baselines=baselines, x=x_eval,
+                                            match="slic")
         write_json(out / "localisation.json", localisation)
     captions = [f"{n[:18]} ({lab})" for n, lab in zip(names, image_labels)]
     gallery = cluster_gallery(unit_t.numpy(), labels_t.numpy(), gt_t.numpy(), frac.numpy(), captions, k, per_cluster)
