@@ -106,3 +106,19 @@ def test_cli_train_takes_architecture_keywords_into_the_card_and_refuses_unknown
     assert card["arch_kwargs"] == {"width": 4} and card["training"]["arch_kwargs"] == {"width": 4}
     from nemt.models import load_model
     assert load_model(tmp_path / "ok").net.stage1[0].out_channels == 4
+
+
+def test_python_api_names_the_architecture_and_the_keyword_it_cannot_take(small_csv, tmp_path):
+    """`TrainConfig(arch_kwargs=...)` with a keyword the architecture lacks raises nemt's error naming both,
+    not the constructor's bare TypeError (the CLI adds the `--arch-param` wording on top)."""
+    from nemt.errors import NemtError
+    from nemt.models.zoo import build_model
+
+    with pytest.raises(NemtError, match=r"smallcnn cannot be built with \{'wdth': 4\}"):
+        train_classifier(open_dataset(small_csv), tmp_path / "run", TrainConfig(**{**CFG, "arch_kwargs": {"wdth": 4}}),
+                         progress=False)
+    # nothing the failed start left blocks the corrected run in the same folder
+    train_classifier(open_dataset(small_csv), tmp_path / "run", TrainConfig(**{**CFG, "epochs": 1}), progress=False)
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+    with pytest.raises(NemtError, match="wdth"):
+        build_model("smallcnn", spatial_dims=2, in_channels=1, out_channels=2, wdth=4)

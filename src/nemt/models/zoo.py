@@ -247,4 +247,9 @@ def build_model(arch: str, *, spatial_dims: int, in_channels: int, out_channels:
         raise NemtError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
     if spatial_dims not in (1, 2, 3):
         raise NemtError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims}")
-    return ARCHITECTURES[arch](spatial_dims, in_channels, out_channels, **arch_kwargs)
+    try:
+        return ARCHITECTURES[arch](spatial_dims, in_channels, out_channels, **arch_kwargs)
+    except TypeError as err:  # an unknown or ill-typed keyword: name the architecture and what it was given
+        if not arch_kwargs:
+            raise
+        raise NemtError(f"{arch} cannot be built with {arch_kwargs}: TypeError: {err}") from err
