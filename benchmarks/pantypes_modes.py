@@ -204,7 +204,8 @@ def run_seed(seed: int, args: argparse.Namespace, out: Path) -> dict:
         t0 = time.time()
         net = Pantypes(out_channels=2, input_size=(args.size, args.size), latent_dim=args.latent_dim,
                        width=args.width, volume_weight=vol, sample=args.z_train == "sampled",
-                       distance=args.distance, volume_centred=args.volume_centred, seed=seed)
+                       distance=args.distance, volume_centred=args.volume_centred,
+                       reconstruction_weight=args.reconstruction_weight, seed=seed)
         hist = fit_pantypes(net, xtr, ytr, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             seed=seed, mean=[mean], std=[std])
         cov = coverage(net, xtr, ytr, mtr, min_cell=args.min_cell)
@@ -272,6 +273,9 @@ def main() -> None:
                    help="d_j of the similarity: squared (the ProtoVAE paper) or euclidean (the public codes' cdist)")
     p.add_argument("--volume-centred", action="store_true",
                    help="span the volume from a prototype, not from the origin (not in the paper)")
+    p.add_argument("--reconstruction-weight", type=float, default=1.0,
+                   help="weight of the reconstruction term (the paper's 1); larger asks the latent to keep "
+                        "what tells the planted modes apart")
     p.add_argument("--z-train", choices=("sampled", "mu"), default="sampled",
                    help="z in training: mu + sigma * eps (the papers' text) or mu (what the public codes run)")
     args = p.parse_args()
