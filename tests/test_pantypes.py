@@ -312,6 +312,33 @@ def test_nemt_train_arch_pantypes_and_explain(tmp_path):
     maps = sorted((tmp_path / "maps").glob("*.npy"))
     assert len(maps) == len(clf.label_names)
     assert np.load(maps[0]).shape == (28, 28)
+    # the service (and its viewer) shows each requested label's nearest prototypes of that class, decoded
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image as PILImage
+
+    from nemt.data import read_image
+    from nemt.deploy.service import PROTOTYPES_SHOWN, build_explainers, create_app
+    from nemt.models.pantypes import top_prototypes
+
+    with TestClient(create_app(clf, build_explainers(clf, None, ["prototypes"]))) as client:
+        r = client.post("/v1/explain", files={"file": (img.name, img.read_bytes(), "application/octet-stream")},
+                        data={"labels": "all"})
+        assert r.status_code == 200, r.text
+        viewer = client.get("/").text
+    protos = r.json()["prototypes"]
+    assert list(protos) == list(clf.label_names) and 'id="prototypes"' in viewer
+    x = clf.preprocessing(read_image(img))[None]
+    for t, name in enumerate(clf.label_names):
+        top = top_prototypes(clf, x, PROTOTYPES_SHOWN, target=t)
+        assert [p["index"] for p in protos[name]] == top["index"][0].tolist()  # that class's, nearest first
+        assert all(int(clf.net.prototype_class[p["index"]]) == t for p in protos[name])
+        sims = [p["similarity"] for p in protos[name]]
+        assert sims == sorted(sims, reverse=True) and sims == pytest.approx(top["similarity"][0].tolist(), abs=1e-4)
+        png = np.asarray(PILImage.open(io.BytesIO(base64.b64decode(protos[name][0]["png"]))))
+        assert png.shape == (28, 28)
 
 
 def test_nemt_training_of_pantypes_resumes_exactly(small_csv, tmp_path):

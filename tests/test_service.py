@@ -156,6 +156,7 @@ def test_explain_png_default_nemt_all_labels(client, env, upload_root):
     assert set(body["ms"]) == {"receive", "queue", "read", "predict", "explain", "encode", "total"}
     assert all(v >= 0 for v in body["ms"].values())
     assert list(upload_root.iterdir()) == []  # the upload folder is gone
+    assert body["prototypes"] is None  # only a prototype model (Pantypes) adds its prototypes
 
 
 def test_nemt_requests_run_the_classifier_once(client, env):

@@ -93,6 +93,8 @@ FORMATS = ("png", "array", "both")
 FIELDS = ("file", "labels", "method", "format", "alpha")
 DEFAULT_ALPHA = 0.45
 STATIC = Path(__file__).with_name("static")
+#: how many of a class's prototypes a prototype model's response shows per label (nearest first)
+PROTOTYPES_SHOWN = 3
 _FIELD_LIMIT = 64 * 1024  # a form field other than the file (labels, method, ...) is short
 _UNSUPPORTED = ("file", "TransferSyntaxUID")  # DataError fields meaning "not a format nemt decodes": 415
 _GREY_TOLERANCE = 0.01  # RGB channels this close (fraction of the value range) make a grey image
@@ -130,6 +132,13 @@ class Timings(BaseModel):
     total: float
 
 
+class Prototype(BaseModel):
+    index: int = Field(description="the prototype's index in the model")
+    similarity: float = Field(description="its similarity to the image (Pantypes' s_j, higher is closer)")
+    weight: float = Field(description="its weight to the label's logit")
+    png: str = Field(description="base64 PNG of the prototype decoded to an image")
+
+
 class ExplainResponse(BaseModel):
     method: str
     task: str
@@ -139,6 +148,9 @@ class ExplainResponse(BaseModel):
     image: ShownImage
     explanations: dict[str, LabelExplanation]
     ms: Timings
+    prototypes: dict[str, list[Prototype]] | None = Field(
+        None, description="a prototype model (Pantypes) only: per label, that class's prototypes nearest the "
+                          "image, nearest first")
 
 
 _FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
@@ -499,6 +511,7 @@ class ExplanationService:
             t2 = t_model  # the prediction is timed with the explanation ("predict" stays 0 for old clients)
             probs = probs[0].float().cpu()
             maps = maps.detach()[0].float().cpu().numpy()
+            prototypes = self._prototypes(x, opts)
             t3 = time.perf_counter()
         shown = unit.numpy()
         if shown.ndim == 4:  # 3D: the middle slice along the first spatial axis
@@ -526,11 +539,33 @@ class ExplanationService:
         ms = {"receive": t_received - t_start, "queue": t0 - t_received + t_model - t1, "read": t1 - t0,
               "predict": t2 - t_model,
               "explain": t3 - t2, "encode": t4 - t3, "total": t4 - t_start}
-        return {"method": opts.method, "task": card.task, "labels": opts.labels,
+        body = {"method": opts.method, "task": card.task, "labels": opts.labels,
                 "predictions": dict(zip(card.label_names, p)), "predicted": predicted,
                 "image": {"filename": form.filename, "modality": img.modality, "shape": list(img.array.shape),
                           "png": _png(_to_uint8(shown))},
                 "explanations": explanations, "ms": {k: round(v * 1000, 3) for k, v in ms.items()}}
+        if prototypes is not None:
+            body["prototypes"] = prototypes
+        return body
+
+    def _prototypes(self, x: torch.Tensor, opts: _Options) -> dict | None:
+        """A prototype model's own explanation (Pantypes): per requested label, that class's
+        ``PROTOTYPES_SHOWN`` prototypes most similar to the image, with their similarity, their weight to
+        the label's logit and their decoded image (PNG, intensities as the model decodes them). None for
+        any other model."""
+        from nemt.models.pantypes import Pantypes, top_prototypes
+
+        if not isinstance(getattr(self.clf, "net", self.clf), Pantypes):
+            return None
+        out = {}
+        for name, t in zip(opts.labels, opts.indices):
+            top = top_prototypes(self.clf, x, PROTOTYPES_SHOWN, target=int(t))
+            w = self.clf.net.last_layer.weight[int(t)].detach()
+            out[name] = [{"index": int(top["index"][0, j]), "similarity": round(float(top["similarity"][0, j]), 4),
+                          "weight": round(float(w[int(top["index"][0, j])]), 4),
+                          "png": _png(_to_uint8(top["image"][0, j].float().cpu().numpy()))}
+                         for j in range(top["index"].shape[1])]
+        return out
 
     def _read(self, form: _Form) -> Image:
         try:

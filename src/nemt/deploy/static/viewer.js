@@ -212,12 +212,36 @@
       $(`timing-${which}`).textContent = `(${res.body.ms.explain.toFixed(1)} ms)`;
       a.setAttribute("aria-disabled", "false");
     }
+    renderPrototypes(state.results.primary, label);
     for (const tr of $("predictions").tBodies[0].rows) tr.classList.toggle("explained", tr.dataset.label === label);
     document.body.dataset.label = label;
     document.body.dataset.renders = String(++state.renders);
   }
 
+  // a prototype model (Pantypes): the label's nearest prototypes, decoded, as the service returns them
+  function renderPrototypes(res, label) {
+    const protos = res && res.body.prototypes && res.body.prototypes[label];
+    $("prototypes").hidden = !protos;
+    const list = $("prototype-list");
+    list.replaceChildren();
+    if (!protos) return;
+    $("prototype-label").textContent = label;
+    for (const p of protos) {
+      const fig = document.createElement("figure");
+      const img = document.createElement("img");
+      img.src = `data:image/png;base64,${p.png}`;
+      img.alt = `prototype ${p.index}`;
+      img.className = "prototype";
+      const cap = document.createElement("figcaption");
+      cap.textContent = `p${p.index}: s = ${p.similarity.toFixed(2)}, w = ${p.weight.toFixed(2)}`;
+      fig.append(img, cap);
+      list.append(fig);
+    }
+  }
+
   function clearViews() {
+    $("prototypes").hidden = true;
+    $("prototype-list").replaceChildren();
     for (const id of ["image-canvas", "overlay-primary", "overlay-baseline"]) { const c = $(id); c.width = 1; c.height = 1; }
     $("predictions").tBodies[0].replaceChildren();
   }
