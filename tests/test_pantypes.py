@@ -339,6 +339,18 @@ def test_nemt_train_arch_pantypes_and_explain(tmp_path):
         assert sims == sorted(sims, reverse=True) and sims == pytest.approx(top["similarity"][0].tolist(), abs=1e-4)
         png = np.asarray(PILImage.open(io.BytesIO(base64.b64decode(protos[name][0]["png"]))))
         assert png.shape == (28, 28)
+    # the benchmark report shows the gallery images' nearest prototypes (only for a prototype model)
+    res = runner.invoke(app, ["benchmark", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "ph"),
+                              "--methods", "prototypes,random", "--metrics", "relevance_mass", "--limit", "8",
+                              "--gallery", "2", "--out", str(tmp_path / "bench"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "Nearest prototypes" in (tmp_path / "bench" / "report.html").read_text()
+    from nemt.bench.runner import load_benchmark_data, prototype_section
+    from nemt.data import open_dataset
+    from nemt.models.zoo import build_model
+    data = load_benchmark_data(clf, open_dataset(tmp_path / "ph", labels=clf.label_names), [0, 1])
+    assert prototype_section(data, data.items[:1], {"sobel": get_explainer("sobel", build_model(
+        "smallcnn", spatial_dims=2, in_channels=1, out_channels=4))}) is None
 
 
 def test_nemt_training_of_pantypes_resumes_exactly(small_csv, tmp_path):

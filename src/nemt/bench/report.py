@@ -130,8 +130,10 @@ def html_table(summary: dict, metrics: Sequence[str]) -> str:
 
 
 def write_report(out: Path, summary: dict, metrics: Sequence[str], *, title: str, facts: dict[str, str],
-                 gallery: list[tuple[str, str]] | None = None, markdown: str = "", notes: Sequence[str] = ()) -> Path:
-    """Write ``report.html`` (self-contained) and ``report.md``; ``gallery`` is [(label, figure data URI)]."""
+                 gallery: list[tuple[str, str]] | None = None, markdown: str = "", notes: Sequence[str] = (),
+                 prototypes: str | None = None) -> Path:
+    """Write ``report.html`` (self-contained) and ``report.md``; ``gallery`` is [(label, figure data URI)];
+    ``prototypes``: a prototype model's figure (data URI) of the gallery's images and their nearest prototypes."""
     out = Path(out)
     facts_html = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
     parts = [f"<h1>{html.escape(title)}</h1>", f"<table class='facts'>{facts_html}</table>",
@@ -147,6 +149,10 @@ def write_report(out: Path, summary: dict, metrics: Sequence[str], *, title: str
         for label in dict.fromkeys(lbl for lbl, _ in gallery):
             parts.append(f"<h3>{html.escape(label)}</h3>")
             parts += [f"<img alt='{html.escape(label)}' src='{uri}'><br>" for lbl, uri in gallery if lbl == label]
+    if prototypes:
+        parts += ["<h2>Nearest prototypes</h2><p>This model explains itself by prototypes: each gallery image "
+                  "(first column, with the predicted class) and the 3 prototypes most similar to it, decoded, "
+                  "with their class, index and similarity s.</p>", f"<img alt='prototypes' src='{prototypes}'>"]
     style = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right;font-size:13px}"
              "th{background:#f4f4f4}td.best{font-weight:bold;background:#e8f4e8}img{max-width:100%}"

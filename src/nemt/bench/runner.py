@@ -635,7 +635,24 @@ def report_run(out: Path, data: BenchmarkData, explainers: dict[str, Any], summa
                                  {m: v[k].numpy() for m, v in maps.items()}, f"{it.image}: {it.label}")
             figures.append((it.label, fig))
     return write_report(out, summary, metrics, title=title, facts=facts, gallery=figures,
-                        markdown=markdown_summary(summary, metrics), notes=notes)
+                        markdown=markdown_summary(summary, metrics), notes=notes,
+                        prototypes=prototype_section(data, picked, explainers))
+
+
+def prototype_section(data: BenchmarkData, picked: Sequence, explainers: dict[str, Any]) -> str | None:
+    """A prototype model's (Pantypes) own explanation for the report: the gallery's images, each with its 3
+    nearest prototypes decoded (:func:`~nemt.explainers.prototypes.prototype_figure`), as a data URI;
+    None for any other model, or 3D inputs."""
+    from nemt.bench.report import _png
+    from nemt.explainers.prototypes import prototype_figure
+    from nemt.models.pantypes import Pantypes
+
+    model = next((getattr(e, "model", None) for e in explainers.values() if getattr(e, "model", None) is not None),
+                 None)
+    if model is None or not isinstance(getattr(model, "net", model), Pantypes) or data.x.ndim != 4 or not picked:
+        return None
+    samples = list(dict.fromkeys(int(it.sample) for it in picked))
+    return _png(prototype_figure(model, data.x[samples], k=3, label_names=data.label_names))
 
 
 DEFAULT_METHODS = ("nemt", "gradcam++", "ig", "gradshap", "rise", "extremal", "random", "sobel")
