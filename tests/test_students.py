@@ -71,6 +71,30 @@ def test_student_learns_a_known_teacher_to_iou_090(bright_teacher):
     assert iou >= 0.9, f"student IoU {iou:.3f} against the finding's mask"
 
 
+def test_teacher_flip_mirrors_each_image_with_its_map(bright_teacher):
+    """With ``teacher_flip`` about half the images of a step are mirrored, each together with its teacher map: a
+    student that reads the mask straight off its input (logits +-10 on the bright square) fits the pairs it
+    is given, so its loss stays at the floor only if image and map were mirrored alike."""
+    x, y, masks = squares(64, seed=3)  # squares off the centre: a mirrored map misses its square
+    ex = student(small_net(), epochs=1, teacher_flip=True)
+    ex.init_module()
+    seen = []
+
+    def reads_the_mask(xb):
+        seen.append(xb.clone())
+        return (20.0 * (xb > 0.5).float() - 10.0), torch.zeros(xb.shape[0], 2)
+
+    ex._logits = reads_the_mask
+    gen = torch.Generator().manual_seed(0)
+    loss, _ = ex._teacher_step(x, (y, masks.float(), torch.zeros(64, 1, dtype=torch.long)), gen)
+    flipped = (seen[0] != x).flatten(1).any(1)
+    assert 16 <= int(flipped.sum()) <= 48 and torch.equal(seen[0][flipped], x[flipped].flip(-1))
+    assert float(loss) < 1e-3  # BCE of logits +-10 on the right pixels: 4.5e-5
+    # had the maps stayed as they were, the same student would be far off on the mirrored images
+    assert float(nn.functional.binary_cross_entropy_with_logits(20.0 * (seen[0] > 0.5).float() - 10.0,
+                                                                masks.float())) > 0.1
+
+
 def test_teacher_cache_resumes_and_the_card_names_the_teacher(bright_teacher, tmp_path):
     x, y, _ = squares(120, seed=2)
     data = torch.utils.data.TensorDataset(x, y)

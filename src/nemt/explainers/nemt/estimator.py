@@ -446,7 +446,7 @@ class NEMt(_MaskExplainer):
                  area_target: float | None = None, train_targets: str | None = None,
                  teacher: str | None = None, teacher_params: dict | None = None, teacher_budget: int | None = None,
                  teacher_targets: str | None = None, teacher_loss: str = "bce", teacher_batch: int = 16,
-                 teacher_seed: int = 0, student_map: str = "sigmoid", **kw: Any):
+                 teacher_seed: int = 0, student_map: str = "sigmoid", teacher_flip: bool = False, **kw: Any):
         super().__init__(model, **kw)
         self._params.update({k: v for k, v in locals().items() if k not in ("self", "__class__", "model", "kw")})
         if objective not in OBJECTIVES:
@@ -481,6 +481,8 @@ class NEMt(_MaskExplainer):
         self.teacher_targets = teacher_targets or ("true" if self.task == "multiclass" else "all")
         self.teacher_loss, self.teacher_batch = teacher_loss, int(teacher_batch)
         self.teacher_seed = int(teacher_seed)  # the teacher's own draws: students of any seed share its maps
+        # a student's augmentation: each image and its teacher map mirrored together (last axis), half the time
+        self.teacher_flip = bool(teacher_flip)
         if student_map not in ("sigmoid", "areas"):
             raise ParameterError(f"student_map must be 'sigmoid' or 'areas', got {student_map!r}")
         self.student_map = student_map
@@ -663,9 +665,13 @@ class NEMt(_MaskExplainer):
 
     def _teacher_step(self, x, y, gen):
         _, maps, targets = y
+        m = maps.float().clamp(0, 1)
+        if self.teacher_flip and x.ndim > 3:  # images and volumes only: a signal's time has a direction
+            flip = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)
+            x = torch.where(flip.view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)
+            m = torch.where(flip.view(-1, *[1] * (m.ndim - 1)), m.flip(-1), m)
         logits, _ = self._logits(x)  # (B, n_maps, *spatial), at the image's size
         lg = _select_maps(logits, targets.long())
-        m = maps.float().clamp(0, 1)
         if self.teacher_loss == "bce":
             loss = F.binary_cross_entropy_with_logits(lg, m)
         else:  # KL(teacher || student) between maps normalised to distributions over the pixels
