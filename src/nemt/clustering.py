@@ -674,8 +674,10 @@ class NasSegments:
             f = compose(one, size)
             k = self.k if n_segments is None else int(n_segments if isinstance(n_segments, int) else n_segments[i])
             km = fit_kmeans(f, min(k, math.prod(size)), seed=self.seed)
-            if self.assign == "input":
-                labels, _ = km.assign(compose(one, spatial))
+            if self.assign == "input":  # nearest centroid only (no soft assignment at the input's size)
+                fin = compose(one, spatial)
+                d = squared_distances(_pixels(fin), km.centroids.to(fin.device, fin.dtype))
+                labels = d.argmin(1).reshape(1, *spatial)
             else:
                 labels = _nearest(km.assign(f)[0], spatial)
             out.append(labels)
