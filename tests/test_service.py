@@ -100,6 +100,24 @@ def _json_safe(v):
 
 # -- GET endpoints ----------------------------------------------------------------------------------------
 
+def test_the_service_leaves_the_callers_training_flags_alone(env, upload_root):
+    """A model handed over in training mode is explained in eval mode (the same predictions as the module
+    fixture's eval-mode service) and handed back in training mode."""
+    clf = env["clf"]
+    path = env["images"][0]
+    x = clf.preprocessing(read_image(path))[None]
+    expected = clf.eval().predict(x)[0]
+    clf.train()
+    try:
+        with TestClient(create_app(clf, env["explainers"])) as c:
+            r = post(c, path.read_bytes(), name=path.name)
+        assert r.status_code == 200, r.text
+        assert all(m.training for m in clf.modules())
+        assert np.allclose([r.json()["predictions"][n] for n in LABELS], expected.numpy(), atol=1e-6)
+    finally:
+        clf.eval()
+
+
 def test_health(client):
     assert client.get("/health").json() == {"status": "ok", "active": 0, "capacity": 18, "receiving": 0}
 

@@ -83,6 +83,7 @@ from nemt import __version__
 from nemt.data.readers import SUPPORTED_SUFFIXES, Image, ImageTooLarge, format_pixels, read_image
 from nemt.errors import DataError, NemtError
 from nemt.explainers.base import Explainer
+from nemt.ops import evaluating
 
 MB = 1024 * 1024
 DEFAULT_MAX_PIXELS = 50_000_000  # the service's own limit: a 285 KB PNG of 10000x10000 would take gigabytes
@@ -364,7 +365,7 @@ class ExplanationService:
         if max_pixels < 1 or not body_timeout > 0 or max_receiving < 1:
             raise NemtError(f"need max_pixels >= 1, body_timeout > 0 and max_receiving >= 1 "
                             f"(got {max_pixels}, {body_timeout}, {max_receiving})")
-        self.clf = clf.eval()
+        self.clf = clf  # its training flags stay the caller's: each request runs in eval mode and restores them
         self.explainers = dict(explainers)
         self.default_method = "nemt" if "nemt" in self.explainers else next(iter(self.explainers))
         self.max_upload_bytes, self.workers, self.queue = int(max_upload_bytes), int(workers), int(queue)
@@ -505,7 +506,7 @@ class ExplanationService:
         x = pre.normalise(unit)[None].to(self.device)
         t1 = time.perf_counter()
         explainer = self.explainers[opts.method]
-        with self.compute:
+        with self.compute, evaluating(self.clf):
             t_model = time.perf_counter()
             maps, probs = explainer.explain_and_predict(x, target=opts.indices)  # NEMt: from one pass
             t2 = t_model  # the prediction is timed with the explanation ("predict" stays 0 for old clients)
