@@ -645,11 +645,11 @@ def prototype_section(data: BenchmarkData, picked: Sequence, explainers: dict[st
     None for any other model, or 3D inputs."""
     from nemt.bench.report import _png
     from nemt.explainers.prototypes import prototype_figure
-    from nemt.models.pantypes import Pantypes
+    from nemt.models.pantypes import is_pantypes
 
     model = next((getattr(e, "model", None) for e in explainers.values() if getattr(e, "model", None) is not None),
                  None)
-    if model is None or not isinstance(getattr(model, "net", model), Pantypes) or data.x.ndim != 4 or not picked:
+    if model is None or not is_pantypes(model) or data.x.ndim != 4 or not picked:
         return None
     samples = list(dict.fromkeys(int(it.sample) for it in picked))
     return _png(prototype_figure(model, data.x[samples], k=3, label_names=data.label_names))

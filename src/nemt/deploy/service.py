@@ -540,28 +540,27 @@ class ExplanationService:
         ms = {"receive": t_received - t_start, "queue": t0 - t_received + t_model - t1, "read": t1 - t0,
               "predict": t2 - t_model,
               "explain": t3 - t2, "encode": t4 - t3, "total": t4 - t_start}
-        body = {"method": opts.method, "task": card.task, "labels": opts.labels,
+        return {"method": opts.method, "task": card.task, "labels": opts.labels,
                 "predictions": dict(zip(card.label_names, p)), "predicted": predicted,
                 "image": {"filename": form.filename, "modality": img.modality, "shape": list(img.array.shape),
                           "png": _png(_to_uint8(shown))},
-                "explanations": explanations, "ms": {k: round(v * 1000, 3) for k, v in ms.items()}}
-        if prototypes is not None:
-            body["prototypes"] = prototypes
-        return body
+                "explanations": explanations, "ms": {k: round(v * 1000, 3) for k, v in ms.items()},
+                "prototypes": prototypes}
 
     def _prototypes(self, x: torch.Tensor, opts: _Options) -> dict | None:
         """A prototype model's own explanation (Pantypes): per requested label, that class's
         ``PROTOTYPES_SHOWN`` prototypes most similar to the image, with their similarity, their weight to
         the label's logit and their decoded image (PNG, intensities as the model decodes them). None for
         any other model."""
-        from nemt.models.pantypes import Pantypes, top_prototypes
+        from nemt.models.pantypes import is_pantypes, pantypes_of, top_prototypes
 
-        if not isinstance(getattr(self.clf, "net", self.clf), Pantypes):
+        if not is_pantypes(self.clf):
             return None
+        weights = pantypes_of(self.clf).last_layer.weight.detach()  # (classes, prototypes)
         out = {}
         for name, t in zip(opts.labels, opts.indices):
             top = top_prototypes(self.clf, x, PROTOTYPES_SHOWN, target=int(t))
-            w = self.clf.net.last_layer.weight[int(t)].detach()
+            w = weights[int(t)]
             out[name] = [{"index": int(top["index"][0, j]), "similarity": round(float(top["similarity"][0, j]), 4),
                           "weight": round(float(w[int(top["index"][0, j])]), 4),
                           "png": _png(_to_uint8(top["image"][0, j].float().cpu().numpy()))}

@@ -92,7 +92,7 @@ from torch import nn
 from nemt.errors import NemtError
 from nemt.ops import seeded
 
-__all__ = ["Pantypes", "PantypesParts", "class_volumes", "volume_loss", "kl_to_prototypes", "similarity",
+__all__ = ["Pantypes", "PantypesParts", "is_pantypes", "class_volumes", "volume_loss", "kl_to_prototypes", "similarity",
            "fit_pantypes", "pantypes_of", "top_prototypes"]
 
 #: the similarity's epsilon (ProtoPNet, ProtoVAE, Pantypes)
@@ -456,6 +456,11 @@ class Pantypes(nn.Module):
 
 
 # ----------------------------------------------------------------------------- explanation
+
+def is_pantypes(model: nn.Module) -> bool:
+    """Whether ``model`` is a :class:`Pantypes` network or a :class:`~nemt.models.Classifier` holding one."""
+    return isinstance(model, Pantypes) or isinstance(getattr(model, "net", None), Pantypes)
+
 
 def pantypes_of(model: nn.Module) -> Pantypes:
     """The :class:`Pantypes` network of ``model`` (itself, or a :class:`~nemt.models.Classifier`'s ``net``)."""
