@@ -21,8 +21,10 @@ Integrated Gradients (``--ig-steps`` points, baseline 0), KL divergence from the
 NSS at the fixations (higher is better) and relevance mass in the lesion mask (images with a finding); for the
 ensembles, each copy is explained on its own (its logits, as the plain model's) and the model's map is the mean of
 the copies' min-max maps; ``agreement`` is the mean pairwise Pearson correlation of the copies' maps of an image.
-``random`` (uniform noise maps) gives the chance level of KL and NSS. NEMt is left out: its fit costs more than
-this whole run.
+``random`` (uniform noise maps) gives the chance level of KL and NSS. ``--nemt-epochs N`` adds NEMt (default
+objective, N epochs, fitted on each model's training split; for an ensemble on the model as a whole, its mean
+log-softmax, so it has no per-copy agreement). ``--disc-lr`` and ``--beta`` set MIMIC's discriminator learning rate
+(the paper's 1e-4) and adversarial weight; ``--split val`` scores the validation split, for choosing them.
 
 Writes OUT/results.csv (one row per seed, model and method), OUT/summary.md (mean ± sd over seeds) and
 OUT/summary.json; models and data stay in OUT/s{seed}/ and a rerun resumes (finished models are not retrained,
@@ -47,11 +49,11 @@ from nemt.files import atomic_open, write_json
 from nemt.metrics import kl_divergence, nss, relevance_mass
 from nemt.models import TrainConfig, load_model, train_classifier
 from nemt.models.guided import GuideConfig, copy_agreement, copy_classifiers, train_guided
-from nemt.models.training import load_splits
+from nemt.models.training import evaluate, load_splits
 from nemt.ops import normalise_maps
 
 MODELS = ("plain", "ensemble", "mimic", "mask")
-METHODS = ("gradcam++", "ig")
+METHODS = ("gradcam++", "ig", "nemt")
 FIGURES = ("kl", "nss", "relevance_mass", "agreement")
 
 
@@ -80,7 +82,7 @@ def train_models(args, seed: int, data: Path, home: Path) -> dict[str, Path]:
                       seed=seed, arch_kwargs=kw)
     quiet = {"progress": False, "log": lambda s: None}
     out = {}
-    for name in MODELS:
+    for name in args.models.split(","):
         t0 = time.perf_counter()
         out[name] = home / name
         if name == "plain":
@@ -88,17 +90,34 @@ def train_models(args, seed: int, data: Path, home: Path) -> dict[str, Path]:
         elif name == "mask":
             train_guided(manifest, out[name], cfg, GuideConfig(kind="mask"), **quiet)
         else:
-            train_guided(manifest, out[name], cfg, GuideConfig(kind="mimic", copies=3,
-                                                               beta=1.0 if name == "mimic" else 0.0), **quiet)
+            train_guided(manifest, out[name], cfg, GuideConfig(kind="mimic", copies=3, disc_lr=args.disc_lr,
+                                                               beta=args.beta if name == "mimic" else 0.0), **quiet)
         log(f"  seed {seed}: {name} trained ({time.perf_counter() - t0:.0f} s)")
     return out
 
 
-def model_maps(clf, method: str, x: torch.Tensor, y: torch.Tensor, seed: int, ig_steps: int):
+def fit_nemt(clf, manifest, folder: Path, seed: int, epochs: int):
+    """NEMt (default objective) fitted for the model in ``folder`` on its training split; cached in folder/nemt."""
+    from torch.utils.data import DataLoader
+
+    from nemt.explainers import NEMt
+    out = folder / "nemt"
+    if (out / "explainer.json").is_file():
+        return get_explainer("nemt", clf, path=out)
+    splits = load_splits(folder, manifest)
+    train, val = (ImageDataset(manifest, clf.preprocessing, splits[k]) for k in ("train", "val"))
+    ex = NEMt(clf, seed=seed, epochs=epochs)
+    ex.fit(train, val_data=DataLoader(val, batch_size=32), out_dir=out, progress=False, log=lambda s: None)
+    return ex
+
+
+def model_maps(clf, method: str, x: torch.Tensor, y: torch.Tensor, seed: int, ig_steps: int, nemt=None):
     """(maps (N, 1, *spatial) in [0, 1], per-copy maps or None) of the true classes."""
     if method == "random":
         g = torch.Generator().manual_seed(seed)
         return torch.rand(x.shape[0], 1, *x.shape[2:], generator=g), None
+    if method == "nemt":
+        return normalise_maps(nemt.explain(x, target=y).detach(), x.ndim - 2), None
     params = {"n_steps": ig_steps} if method == "ig" else {}
     if clf.card.arch != "mimic":
         return get_explainer(method, clf, seed=seed, **params).explain(x, target=y), None
@@ -109,27 +128,33 @@ def model_maps(clf, method: str, x: torch.Tensor, y: torch.Tensor, seed: int, ig
 def evaluate_seed(args, seed: int, data: Path, gaze: Path, models: dict[str, Path]) -> list[dict]:
     manifest = open_dataset(data)
     rows = []
-    test = load_splits(models["plain"], manifest)["test"]
+    test = load_splits(models[next(iter(models))], manifest)[args.split]
     matched, _ = match_fixations(manifest, read_fixations(gaze), gaze)
     heat, fix, _ = gaze_targets(manifest, test, (args.size, args.size), matched)
     for name, folder in models.items():
         clf = load_model(folder)
-        assert list(load_splits(folder, manifest)["test"]) == list(test), "one split per seed"
+        assert list(load_splits(folder, manifest)[args.split]) == list(test), "one split per seed"
         st = ImageDataset(manifest, clf.preprocessing, test).stacked()
         x, y, gt = st["image"], st["y"], st["gt"]
-        card = clf.card.metrics["test"]
-        for method in METHODS + (("random",) if name == "plain" else ()):  # random maps: once, as "chance"
+        card = clf.card.metrics["test"] if args.split == "test" else evaluate(clf, ImageDataset(manifest,
+                                                                                                  clf.preprocessing, test))
+        hist = json.loads((folder / "history.json").read_text()) if (folder / "history.json").is_file() else []
+        disc = [h["discriminator_accuracy"] for h in hist if h.get("phase") == "discriminator"]
+        disc_acc = disc[-1] if disc else math.nan   # the discriminator's accuracy in its last epoch (chance 1/copies)
+        nemt = fit_nemt(clf, manifest, folder, seed, args.nemt_epochs) if args.nemt_epochs else None
+        methods = [m for m in METHODS if m != "nemt" or nemt is not None]
+        for method in methods + (["random"] if name == "plain" else []):  # random maps: once, as "chance"
             t0 = time.perf_counter()
-            maps, per = model_maps(clf, method, x, y, seed, args.ig_steps)
+            maps, per = model_maps(clf, method, x, y, seed, args.ig_steps, nemt)
             row = {"seed": seed, "model": "chance" if method == "random" else name, "method": method,
                    "accuracy": card["accuracy"],
-                   "auroc_macro": card["auroc_macro"],
+                   "auroc_macro": card["auroc_macro"], "disc_acc": disc_acc,
                    "kl": float(kl_divergence(maps, heat).nanmean()), "nss": float(nss(maps, fix).nanmean()),
                    "relevance_mass": float(relevance_mass(maps, gt).nanmean()),
                    "agreement": float(copy_agreement(per).mean()) if per is not None else float("nan"),
                    "seconds": round(time.perf_counter() - t0, 2)}
             rows.append(row)
-        log(f"  seed {seed}: {name} evaluated (test accuracy {card['accuracy']:.3f}, "
+        log(f"  seed {seed}: {name} evaluated ({args.split} accuracy {card['accuracy']:.3f}, "
             f"AUROC {card['auroc_macro']:.3f})")
     return rows
 
@@ -143,16 +168,16 @@ def fmt(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
 
 
-def summarise(rows: list[dict]) -> tuple[str, dict]:
+def summarise(rows: list[dict], split: str = "test") -> tuple[str, dict]:
     seeds = sorted({r["seed"] for r in rows})
-    lines = [f"Mean ± sd over seeds {', '.join(map(str, seeds))} (each seed: its test split's mean).", "",
-             "| model | accuracy | macro AUROC |", "|---|---|---|"]
+    lines = [f"Mean ± sd over seeds {', '.join(map(str, seeds))} (each seed: its {split} split's mean).", "",
+             "| model | accuracy | macro AUROC | discriminator accuracy (last epoch) |", "|---|---|---|---|"]
     out: dict = {}
     for model in MODELS:
         mine = [r for r in rows if r["model"] == model and r["method"] == METHODS[0]]
         if mine:
             lines.append(f"| {model} | {fmt([r['accuracy'] for r in mine])} | "
-                         f"{fmt([r['auroc_macro'] for r in mine])} |")
+                         f"{fmt([r['auroc_macro'] for r in mine])} | {fmt([r.get('disc_acc', math.nan) for r in mine])} |")
             out[model] = {"accuracy": [r["accuracy"] for r in mine], "auroc_macro": [r["auroc_macro"] for r in mine]}
     lines += ["", "| method | model | KL ↓ | NSS ↑ | relevance mass ↑ | copy agreement ↑ |",
               "|---|---|---|---|---|---|"]
@@ -178,13 +203,18 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--ig-steps", type=int, default=16)
+    ap.add_argument("--models", default=",".join(MODELS), help="a subset of " + ",".join(MODELS))
+    ap.add_argument("--disc-lr", type=float, default=1e-4, help="MIMIC's discriminator learning rate (paper: 1e-4)")
+    ap.add_argument("--beta", type=float, default=1.0, help="MIMIC's adversarial weight (paper: 1)")
+    ap.add_argument("--nemt-epochs", type=int, default=0, help="add NEMt maps, fitted N epochs (0: no NEMt)")
+    ap.add_argument("--split", default="test", choices=("val", "test"))
     args = ap.parse_args()
     torch.set_num_threads(1)  # an entry point may: the figures below are for one thread
     t_start = time.perf_counter()
     rows: list[dict] = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         home = args.out / f"s{seed}"
-        done = home / "eval.json"
+        done = home / ("eval.json" if args.split == "test" else f"eval-{args.split}.json")
         if done.is_file():
             rows += json.loads(done.read_text())
             log(f"seed {seed}: evaluated before ({done})")
@@ -196,12 +226,12 @@ def main() -> None:
         mine = evaluate_seed(args, seed, data, gaze, models)
         write_json(done, mine)
         rows += mine
-    fields = ["seed", "model", "method", "accuracy", "auroc_macro", *FIGURES, "seconds"]
+    fields = ["seed", "model", "method", "accuracy", "auroc_macro", "disc_acc", *FIGURES, "seconds"]
     with atomic_open(args.out / "results.csv", "w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
-    table, summary = summarise(rows)
+    table, summary = summarise(rows, args.split)
     wall = time.perf_counter() - t_start
     table += f"\nWall time of this invocation: {wall:.0f} s, {torch.get_num_threads()} torch thread(s).\n"
     with atomic_open(args.out / "summary.md", "w", encoding="utf-8") as fh:

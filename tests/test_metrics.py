@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from nemt.errors import NemtError
 import nemt.metrics as M
 from nemt.metrics import (DIRECTIONS, cc, complexity, deletion_auc, emd_score, energy_pointing_game,
                           faithfulness_estimate, fixations_to_heatmap, importance_mass_accuracy, insertion_auc,
@@ -33,7 +34,8 @@ def mask4(*pixels) -> torch.Tensor:
 # ---------------------------------------------------------------- directions
 
 def test_every_metric_has_a_direction():
-    for name in ["relevance_mass", "relevance_rank", "pointing_game", "top_k_intersection", "energy_pointing_game",
+    for name in ["relevance_mass", "relevance_rank", "pointing_game", "pointing_game_expected", "top_k_intersection",
+                 "energy_pointing_game",
                  "complexity", "sparseness", "faithfulness_estimate", "deletion_auc", "insertion_auc", "road",
                  "model_parameter_randomisation", "random_logit", "kl_divergence", "nss", "cc", "similarity",
                  "top_k_precision", "emd_score", "importance_mass_accuracy"]:
@@ -46,7 +48,7 @@ def test_every_metric_has_a_direction():
 
 def test_registry_describes_every_metric():
     reg = M.registry()
-    assert set(reg) == set(DIRECTIONS) and len(reg) == 21  # 20 + max_box_acc_v2 (dataset-level)
+    assert set(reg) == set(DIRECTIONS) and len(reg) == 22  # 20 + pointing_game_expected + max_box_acc_v2 (dataset-level)
     for name, spec in reg.items():
         assert spec.name == name and spec.fn is getattr(M, name) and M.get_metric(name) is spec
         assert spec.direction == DIRECTIONS[name] == spec.fn.direction
@@ -629,3 +631,21 @@ def test_chunked_metrics_leave_torch_threads_alone(monkeypatch):
         assert torch.equal(par[name].nan_to_num(), v.nan_to_num()), name  # bit-identical
         # with 2 intra-op threads a float sum may round differently in its last bits, as any torch reduction
         assert torch.allclose(serial2[name], v, rtol=1e-12, atol=0, equal_nan=True), name
+
+
+def test_pointing_game_ties_expected_is_share_of_tied_maxima():
+    """A plateau of 4 maxima with 1 in GT: Quantus' rule says hit (1), the tie-fair rule 1/4; a single maximum: equal."""
+    maps = torch.zeros(2, 1, 6, 6)
+    maps[0, 0, 0:2, 0:2] = 1.0                      # plateau of 4 tied maxima
+    maps[1, 0, 4, 4] = 1.0                          # one maximum, inside GT
+    maps[1, 0, 0, 0] = 0.5
+    masks = torch.zeros(2, 1, 6, 6, dtype=torch.bool)
+    masks[0, 0, 1, 1] = True                        # GT touches one plateau pixel
+    masks[1, 0, 3:6, 3:6] = True
+    assert pointing_game(maps, masks)[:, 0].tolist() == [1.0, 1.0]
+    assert pointing_game(maps, masks, ties="expected")[:, 0].tolist() == [0.25, 1.0]
+    assert M.pointing_game_expected(maps, masks)[:, 0].tolist() == [0.25, 1.0]
+    masks[0] = False
+    assert math.isnan(M.pointing_game_expected(maps, masks)[0, 0].item())   # empty GT: NaN as the pointing game
+    with pytest.raises(NemtError, match="ties"):
+        pointing_game(maps, masks, ties="first")

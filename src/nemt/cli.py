@@ -781,8 +781,8 @@ def demo(
     from nemt.bench.runner import benchmark_model, markdown_summary
     methods = _csv_list(bench_methods) or []
     budgets = {"rise": {"n_masks": 500}, "extremal": {"steps": 100}}  # the demo's time budget; see the README
-    metric_list = ["relevance_mass", "relevance_rank", "pointing_game", "energy_pointing_game", "complexity",
-                   "sparseness", "faithfulness_estimate"]
+    metric_list = ["relevance_mass", "relevance_rank", "pointing_game", "pointing_game_expected",
+                   "energy_pointing_game", "complexity", "sparseness", "faithfulness_estimate"]
     summary = benchmark_model(out / "model", manifest_path, out / "benchmark", explainer_dir=out / "explainer",
                               methods=methods, metrics=metric_list, limit=bench_images,
                               params={k: v for k, v in budgets.items() if k in methods}, seed=seed,

@@ -79,6 +79,8 @@ def fidelity_report(student: Any, data: Any, out: str | Path, *, batch_size: int
     rm_t = relevance_mass(tm[:, None], gt)[:, 0]
     pg_s = pointing_game(s[:, None], gt)[:, 0]
     pg_t = pointing_game(tm[:, None], gt)[:, 0]
+    pe_s = pointing_game(s[:, None], gt, ties="expected")[:, 0]   # tie-fair: a clamped teacher mask has plateaus
+    pe_t = pointing_game(tm[:, None], gt, ties="expected")[:, 0]
     n = len(items)
     ms_s, ms_t = 1000 * s_seconds / n, 1000 * t_seconds / n
     train_seconds = student.teacher_seconds_
@@ -87,9 +89,10 @@ def fidelity_report(student: Any, data: Any, out: str | Path, *, batch_size: int
         "n_with_mask": int(has.sum()),
         "pearson": _mean_sd(r.tolist()), "spearman": _mean_sd(rho.tolist()),
         "student": {"relevance_mass": _mean_sd(rm_s[has].tolist()), "pointing_game": _mean_sd(pg_s[has].tolist()),
-                    "ms_per_image": ms_s},
+                    "pointing_game_expected": _mean_sd(pe_s[has].tolist()), "ms_per_image": ms_s},
         "teacher_maps": {"relevance_mass": _mean_sd(rm_t[has].tolist()),
-                         "pointing_game": _mean_sd(pg_t[has].tolist()), "ms_per_image": ms_t},
+                         "pointing_game": _mean_sd(pg_t[has].tolist()),
+                         "pointing_game_expected": _mean_sd(pe_t[has].tolist()), "ms_per_image": ms_t},
         "teacher_seconds_on_training_split": train_seconds,
         "break_even_images": (None if train_seconds is None or ms_t <= ms_s
                               else train_seconds / ((ms_t - ms_s) / 1000)),
@@ -105,11 +108,13 @@ def markdown(rep: dict) -> str:
         return f"{d['mean']:.3f} ± {d['sd']:.3f}"
     lines = [f"Student of {rep['teacher']} {rep['teacher_params'] or ''} on {rep['n_items']} images "
              f"({rep['n_with_mask']} with a mask): Pearson {f(rep['pearson'])}, Spearman {f(rep['spearman'])}",
-             "", "| maps | relevance mass | pointing game | ms / image |", "|---|---|---|---|"]
+             "", "| maps | relevance mass | pointing game | pointing game (ties expected) | ms / image |",
+             "|---|---|---|---|---|"]
     for name, key in (("teacher", "teacher_maps"), ("student", "student")):
         d = rep[key]
+        pe = d.get("pointing_game_expected")
         lines.append(f"| {name} | {d['relevance_mass']['mean']:.3f} | {d['pointing_game']['mean']:.3f} | "
-                     f"{d['ms_per_image']:.1f} |")
+                     f"{'-' if pe is None else format(pe['mean'], '.3f')} | {d['ms_per_image']:.1f} |")
     if rep.get("teacher_seconds_on_training_split") is not None:
         be = rep["break_even_images"]
         lines += ["", f"Teacher on the training split: {rep['teacher_seconds_on_training_split'] / 60:.1f} min; "

@@ -50,8 +50,8 @@ RUNNER_INPUTS = ("maps", "gt", "model", "x", "target")
 GAZE_INPUTS = ("gaze", "fixations")
 #: the metrics added to the default ones when the data set has gaze
 GAZE_METRICS = ("kl_divergence", "nss")
-DEFAULT_METRICS = ("relevance_mass", "relevance_rank", "pointing_game", "energy_pointing_game", "complexity",
-                   "sparseness", "faithfulness_estimate")
+DEFAULT_METRICS = ("relevance_mass", "relevance_rank", "pointing_game", "pointing_game_expected", "energy_pointing_game",
+                   "complexity", "sparseness", "faithfulness_estimate")
 RESULT_FIELDS = ("method", "item", "sample", "image", "target", "label", "has_gt", "ms")
 
 

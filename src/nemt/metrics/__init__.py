@@ -22,8 +22,8 @@ from nemt.metrics.faithfulness import (deletion_auc, faithfulness_estimate, inse
                                        road)
 from nemt.metrics.gaze import cc, fixations_to_heatmap, kl_divergence, nss, similarity
 from nemt.metrics.groundtruth import emd_score, importance_mass_accuracy, top_k_precision
-from nemt.metrics.localisation import (energy_pointing_game, pointing_game, relevance_mass, relevance_rank,
-                                       top_k_intersection)
+from nemt.metrics.localisation import (energy_pointing_game, pointing_game, pointing_game_expected, relevance_mass,
+                                       relevance_rank, top_k_intersection)
 from nemt.metrics.randomisation import model_parameter_randomisation, random_logit, similarity_of, ssim
 from nemt.metrics.summary import summarise
 from nemt.metrics.wsol import box_iou_curves, max_box_acc_reduce, max_box_acc_v2
@@ -31,7 +31,8 @@ from nemt.metrics.wsol import box_iou_curves, max_box_acc_reduce, max_box_acc_v2
 __all__ = [
     "DIRECTIONS", "INPUTS", "MetricSpec", "metric", "registry", "get_metric", "available_metrics",
     "unregister_metric", "parallel_chunks", "summarise",
-    "relevance_mass", "relevance_rank", "pointing_game", "top_k_intersection", "energy_pointing_game",
+    "relevance_mass", "relevance_rank", "pointing_game", "pointing_game_expected", "top_k_intersection",
+    "energy_pointing_game",
     "complexity", "sparseness",
     "faithfulness_estimate", "deletion_auc", "insertion_auc", "road", "linear_imputation",
     "model_parameter_randomisation", "random_logit", "similarity_of", "ssim",

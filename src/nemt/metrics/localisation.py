@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nemt.errors import NemtError
+
 from nemt.metrics._common import (chunked, count, expand_masks, metric, nan_where, order_values, prepare_maps,
                                   top_k_hits)
 
@@ -80,11 +82,17 @@ def relevance_rank(maps: torch.Tensor, masks: torch.Tensor, *, normalise: str | 
 @metric("higher", inputs=("maps", "gt"))
 @chunked
 def pointing_game(maps: torch.Tensor, masks: torch.Tensor, *, tolerance: int = 0,
-                  normalise: str | None = "minmax", abs: bool = False) -> torch.Tensor:
+                  normalise: str | None = "minmax", abs: bool = False, ties: str = "any") -> torch.Tensor:
     """Pointing game (Zhang et al. 2018): 1 if the map's maximum lies in GT, else 0, per map (B, T).
 
-    When several pixels share the maximum, any of them inside GT is a hit
-    (Quantus ``PointingGame``). ``tolerance`` (pixels, default 0 as Quantus;
+    ``ties="any"`` (default, Quantus ``PointingGame``): when several pixels
+    share the maximum, any of them inside GT is a hit, so a map with a plateau
+    of maxima (a clamped mask, e.g. extremal perturbation's ~1.6 % of the image
+    at 1.0 on BUSI) is scored on whether the plateau *touches* GT.
+    ``ties="expected"``: the share of the tied maxima that lie in GT, i.e. the
+    expected hit when the tie is broken uniformly at random; equal to
+    ``"any"`` for a map with a single maximum, so it compares maps with and
+    without plateaus on one footing. ``tolerance`` (pixels, default 0 as Quantus;
     Zhang et al. used 15) grows the mask by that many pixels in every
     direction (an interval/square/cube, i.e. Chebyshev distance) first. Higher is better;
     NaN for an empty GT (Quantus 0.6.0 returns 1 there: it writes NaN into a
@@ -98,9 +106,28 @@ def pointing_game(maps: torch.Tensor, masks: torch.Tensor, *, tolerance: int = 0
         pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[d - 1]
         grown = pool(m.reshape(shape).float(), 2 * tolerance + 1, stride=1, padding=tolerance)
         m = grown.reshape(m.shape) > 0
-    # a hit when the largest value inside GT equals the map's maximum (any tied maximum in GT counts)
-    hit = (torch.where(m, a, float("-inf")).amax(-1) == a.amax(-1)).to(a.dtype)
+    if ties == "any":
+        # a hit when the largest value inside GT equals the map's maximum (any tied maximum in GT counts)
+        hit = (torch.where(m, a, float("-inf")).amax(-1) == a.amax(-1)).to(a.dtype)
+    elif ties == "expected":
+        top = a == a.amax(-1, keepdim=True)                      # the tied maxima (exact equality, as Quantus)
+        hit = (top & m).sum(-1).to(a.dtype) / top.sum(-1).to(a.dtype)
+    else:
+        raise NemtError(f"pointing_game: ties must be 'any' or 'expected', got {ties!r}")
     return nan_where(empty, hit)
+
+
+@metric("higher", inputs=("maps", "gt"))
+def pointing_game_expected(maps: torch.Tensor, masks: torch.Tensor, *, tolerance: int = 0,
+                           normalise: str | None = "minmax", abs: bool = False) -> torch.Tensor:
+    """:func:`pointing_game` with ``ties="expected"``: share of the tied maxima inside GT, (B, T).
+
+    The tie-fair pointing game: a map whose maximum is one pixel scores as in
+    the pointing game; a map with a plateau of maxima scores the plateau's
+    share in GT rather than whether it touches GT. Higher is better; NaN for
+    an empty GT.
+    """
+    return pointing_game(maps, masks, tolerance=tolerance, normalise=normalise, abs=abs, ties="expected")
 
 
 @metric("higher", inputs=("maps", "gt"))
