@@ -66,8 +66,9 @@ def main() -> None:
     bd = load_benchmark_data(clf, man, load_splits(args.model, man)[args.split])
     idx = torch.tensor([it.sample for it in bd.items])
     t = torch.tensor([it.target for it in bd.items])
-    has = torch.tensor([it.has_gt for it in bd.items])
-    gt = bd.gt[idx][has].flatten(1)                                   # (N, P) lesion masks
+    gt = bd.gt[idx].flatten(1)
+    has = torch.tensor([it.has_gt for it in bd.items]) & gt.any(1)   # images with a lesion (normal ones: none)
+    gt = gt[has]                                                      # (N, P) lesion masks
     ks = [int(k) for k in args.topk.split(",")]
     head = ["method", "n", "relevance mass", "pointing game (ties any)", "pointing game (ties expected)",
             "tied maxima (median)"] + [f"top-{k} any" for k in ks]
