@@ -17,7 +17,8 @@ models of one recipe (``--arch``, ``--epochs``, ``--lr``, batch 32, augmentation
 - ``mask``: ``nemt train --guide mask`` (the share of the squared input gradient outside the lesion mask, λ 1).
 
 On the test split (all images, the true class explained): accuracy and macro AUROC; for Grad-CAM++ and
-Integrated Gradients (``--ig-steps`` points, baseline 0), KL divergence from the gaze heat map (lower is better),
+Integrated Gradients (``--ig-steps`` points, baseline 0) and ``gxi`` (|input x gradient|, min-max: the map MIMIC's
+discriminator sees, so its copies' agreement is what the adversarial term acts on), KL divergence from the gaze heat map (lower is better),
 NSS at the fixations (higher is better) and relevance mass in the lesion mask (images with a finding); for the
 ensembles, each copy is explained on its own (its logits, as the plain model's) and the model's map is the mean of
 the copies' min-max maps; ``agreement`` is the mean pairwise Pearson correlation of the copies' maps of an image.
@@ -48,12 +49,12 @@ from nemt.explainers import get_explainer
 from nemt.files import atomic_open, write_json
 from nemt.metrics import kl_divergence, nss, relevance_mass
 from nemt.models import TrainConfig, load_model, train_classifier
-from nemt.models.guided import GuideConfig, copy_agreement, copy_classifiers, train_guided
+from nemt.models.guided import GuideConfig, copy_agreement, copy_classifiers, explanation_maps, train_guided
 from nemt.models.training import evaluate, load_splits
 from nemt.ops import normalise_maps
 
 MODELS = ("plain", "ensemble", "mimic", "mask")
-METHODS = ("gradcam++", "ig", "nemt")
+METHODS = ("gradcam++", "ig", "gxi", "nemt")
 FIGURES = ("kl", "nss", "relevance_mass", "agreement")
 
 
@@ -118,6 +119,11 @@ def model_maps(clf, method: str, x: torch.Tensor, y: torch.Tensor, seed: int, ig
         return torch.rand(x.shape[0], 1, *x.shape[2:], generator=g), None
     if method == "nemt":
         return normalise_maps(nemt.explain(x, target=y).detach(), x.ndim - 2), None
+    if method == "gxi":  # the explanation MIMIC's discriminator sees: |x ⊙ ∇_x f_y|, min-max per image
+        nets = [c.net for c in copy_classifiers(clf)] if clf.card.arch == "mimic" else [clf.net]
+        per = [torch.cat([explanation_maps(n, x[i:i + 64], y[i:i + 64], create_graph=False)
+                          for i in range(0, len(x), 64)]) for n in nets]
+        return (normalise_maps(torch.stack(per).mean(0), x.ndim - 2), per) if len(per) > 1 else (per[0], None)
     params = {"n_steps": ig_steps} if method == "ig" else {}
     if clf.card.arch != "mimic":
         return get_explainer(method, clf, seed=seed, **params).explain(x, target=y), None
