@@ -20,8 +20,8 @@ from nemt.errors import NemtError
 from nemt.explainers import get_explainer
 from nemt.explainers.prototypes import prototype_figure
 from nemt.models import load_model
-from nemt.models.pantypes import (Pantypes, class_volumes, fit_pantypes, kl_to_prototypes, similarity,
-                                  top_prototypes, volume_loss)
+from nemt.models.pantypes import (Pantypes, class_volumes, fit_pantypes, kl_to_prototypes, restart_dead_prototypes,
+                                  similarity, top_prototypes, volume_loss)
 from nemt.ops import ParameterError
 
 M = 5  # prototypes per class
@@ -220,6 +220,45 @@ def test_tiny_training_run_reduces_the_loss():
     assert not net.training
     again = fit_pantypes(_small_net(), x, y, epochs=12, batch_size=16, lr=3e-3, seed=0)
     assert again == hist  # same seed, same run
+
+
+def test_restart_moves_dead_prototypes_onto_the_farthest_images_of_their_class():
+    """Prototypes far from every latent are dead; a restart puts each on one image's mu, farthest first,
+    so that every prototype of a class with enough images is some image's nearest afterwards."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(40) % 2
+    x = torch.randn(40, 1, 16, 16, generator=g)
+    net = _small_net()
+    fit_pantypes(net, x, y, epochs=3, batch_size=8, lr=3e-3, seed=0)  # spread the latents (an untrained encoder
+    net.eval()                                                        # maps every image to about the same mu)
+    with torch.no_grad():
+        mu = net.encode(x)[0]
+        net.prototypes.copy_(mu.mean(0) + 1e3 * torch.randn(net.prototypes.shape, generator=g))  # all far away
+        keep = int(torch.nonzero(net.prototype_class == 0)[0])
+        net.prototypes[keep] = mu[y == 0].mean(0)               # one live prototype in class 0
+        s = net.similarities(mu)
+    live = set()   # prototypes that are some image's nearest among its class's prototypes
+    for k in (0, 1):
+        idx = torch.nonzero(net.prototype_class == k).flatten()
+        live |= set(idx[s[y == k][:, idx].argmax(1)].tolist())
+    assert live & set(range(M)) == {keep} and len(live) < 2 * M
+    moved = restart_dead_prototypes(net, x, y)
+    assert sorted(moved.tolist()) == sorted(set(range(2 * M)) - live)   # every other one was dead
+    for j in moved.tolist():                                     # each now sits on an image of its class
+        k = int(net.prototype_class[j])
+        assert torch.cdist(net.prototypes[j:j + 1].detach(), mu[y == k]).min() < 1e-5
+    with torch.no_grad():
+        s = net.similarities(mu)
+    for k in (0, 1):
+        idx = torch.nonzero(net.prototype_class == k).flatten()
+        assert set(s[y == k][:, idx].argmax(1).tolist()) == set(range(M))   # no dead prototype left
+    # class 0's first restart is the image farthest from the live prototype
+    first = [j for j in moved.tolist() if int(net.prototype_class[j]) == 0][0]
+    far = torch.cdist(mu[y == 0], net.prototypes[keep:keep + 1].detach()).argmax()
+    assert torch.allclose(net.prototypes[first].detach(), mu[y == 0][far])
+    assert restart_dead_prototypes(net, x, y).numel() == 0       # nothing dead, nothing moved
+    hist = fit_pantypes(_small_net(), x, y, epochs=2, batch_size=16, seed=0, restart_dead=True)
+    assert "restarted" in hist[0] and "restarted" not in hist[-1]
 
 
 def test_auxiliary_loss_needs_a_training_pass_and_class_labels():

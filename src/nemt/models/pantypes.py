@@ -93,7 +93,7 @@ from nemt.errors import NemtError
 from nemt.ops import seeded
 
 __all__ = ["Pantypes", "PantypesParts", "is_pantypes", "class_volumes", "volume_loss", "kl_to_prototypes", "similarity",
-           "fit_pantypes", "pantypes_of", "top_prototypes"]
+           "fit_pantypes", "pantypes_of", "top_prototypes", "restart_dead_prototypes"]
 
 #: the similarity's epsilon (ProtoPNet, ProtoVAE, Pantypes)
 SIMILARITY_EPS = 1e-4
@@ -508,14 +508,56 @@ def top_prototypes(model: nn.Module, x: torch.Tensor, k: int = 3, *, target: int
             "weight": net.last_layer.weight[pred[:, None], idx], "image": images, "predicted": pred}
 
 
+# ----------------------------------------------------------------------------- dead prototypes
+
+@torch.no_grad()
+def restart_dead_prototypes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256
+                            ) -> torch.Tensor:
+    """Move each class's *dead* prototypes (no training image of the class has it as its nearest among the
+    class's prototypes) onto the latent mean ``mu`` of the class's image farthest from the class's live
+    prototypes, one at a time (k-means++'s farthest-point rule, deterministic; a restarted prototype is live
+    for the next). Not in the Pantypes paper: the codebook restart of vector-quantised models, for the dead
+    prototypes its origin-spanned volume produces. x (N, C, H, W) standardised images, y (N,) class indices.
+    Returns the indices (into ``net.prototypes``) of the prototypes moved. Eval mode for the call.
+    """
+    from nemt.ops import evaluating
+
+    net = pantypes_of(model)
+    if len(x) != len(y):
+        raise NemtError(f"x and y need the same length, got {len(x)} and {len(y)}")
+    with evaluating(net):
+        mu = torch.cat([net.encode(x[i:i + batch_size])[0] for i in range(0, len(x), batch_size)])
+    y = y.to(mu.device).long()
+    protos = net.prototypes
+    moved = []
+    for k in range(net.n_classes):
+        zk = mu[y == k]
+        if len(zk) == 0:
+            continue
+        idx = torch.nonzero(net.prototype_class == k).flatten()
+        live = set(net.similarities(zk)[:, idx].argmax(1).unique().tolist())   # positions within the class
+        for pos in range(len(idx)):
+            if pos in live:
+                continue
+            ref = protos[idx[sorted(live)]] if live else zk.mean(0, keepdim=True)
+            far = torch.cdist(zk, ref.to(zk.dtype)).min(1).values.argmax()
+            protos[idx[pos]] = zk[far].to(protos.dtype)
+            live.add(pos)
+            moved.append(int(idx[pos]))
+    return torch.tensor(moved, dtype=torch.long)
+
+
 # ----------------------------------------------------------------------------- training without the CLI
 
 def fit_pantypes(net: Pantypes, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 10, batch_size: int = 64,
                  lr: float = 1e-3, seed: int = 0, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None, restart_dead: bool = False,
                  callback: Callable[[int, dict[str, float]], None] | None = None) -> list[dict[str, float]]:
     """Train ``net`` in place on tensors as the paper does: Adam at ``lr``, loss ``CE + KL +
     reconstruction + volume`` (the net's weights), shuffled by a generator seeded with ``seed``.
+    ``restart_dead`` (not in the paper): after every epoch but the last, :func:`restart_dead_prototypes`
+    on the training data, and the moved prototypes' Adam moments are reset; each epoch's dict then has
+    ``restarted`` (the count).
 
     x (N, C, H, W) standardised images (``mean``/``std`` as in :meth:`Pantypes.loss_terms`), y (N,) class
     indices. Returns one dict of mean terms per epoch (``loss``, ``ce``, ``kl``, ``reconstruction``,
@@ -547,6 +589,13 @@ def fit_pantypes(net: Pantypes, x: torch.Tensor, y: torch.Tensor, *, epochs: int
             seen += len(idx)
         history.append({k: v / max(seen, 1) for k, v in sums.items()})
         net.eval()
+        if restart_dead and len(history) < int(epochs):
+            moved = restart_dead_prototypes(net, x, y)
+            state = opt.state.get(net.prototypes, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state and len(moved):
+                    state[key][moved.to(state[key].device)] = 0
+            history[-1]["restarted"] = float(len(moved))
         if callback is not None:
             callback(len(history), history[-1])
     net.eval()
