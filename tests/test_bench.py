@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from nemt.bench.runner import BenchmarkData, RunConfig, make_items, markdown_summary, run_benchmark
+from nemt.bench.runner import BenchmarkData, RunConfig, make_items, markdown_summary, run_benchmark, tie_notes
 from nemt.cli import app
 from nemt.data import write_phantom_dataset
 from nemt.explainers import get_explainer
@@ -463,3 +463,27 @@ def test_torchrun_benchmark_equals_one_process(tmp_path):
 
     assert rows(tmp_path / "two" / "results.csv") == rows(tmp_path / "one" / "results.csv")
     assert (tmp_path / "two" / "report.html").is_file()
+
+
+class _Flat:
+    """A map with every pixel tied at its maximum: Quantus' pointing game calls it a hit on every mask."""
+
+    def explain(self, x, target=None):
+        t = 1 if target is None or target.ndim == 1 else target.shape[1]
+        return torch.ones(x.shape[0], t, *x.shape[2:])
+
+
+def test_tie_notes_name_methods_whose_pointing_game_is_a_plateau(tmp_path):
+    clf, data = _setup()
+    metrics = ["pointing_game", "pointing_game_expected"]
+    summary = run_benchmark(clf, data, {"flat": _Flat(), "random": get_explainer("random", clf)},
+                            RunConfig(["flat", "random"], metrics), tmp_path, progress=False)
+    flat = summary["flat"]
+    assert flat["pointing_game"]["mean"] == 1.0          # every tied pixel counts: always a hit
+    gt = data.gt[[it.sample for it in data.items if it.has_gt]].flatten(1).float()
+    assert abs(flat["pointing_game_expected"]["mean"] - gt.mean(1).mean().item()) < 1e-6  # the mask's share
+    notes = tie_notes(summary, metrics)
+    assert len(notes) == 2 and notes[1].startswith("flat:")  # uniform noise has a single maximum: no note
+    assert summary["random"]["pointing_game"]["mean"] == summary["random"]["pointing_game_expected"]["mean"]
+    assert notes[1] in markdown_summary(summary, metrics)
+    assert tie_notes(summary, ["pointing_game"]) == []

@@ -550,7 +550,24 @@ def markdown_summary(summary: dict, metrics: Sequence[str]) -> str:
     if excluded and max(excluded) > 0:
         lines.append("")
         lines.append(f"Items without ground truth (excluded from the localisation means): {max(excluded)}.")
+    lines += tie_notes(summary, metrics)
     return "\n".join(lines) + "\n"
+
+
+def tie_notes(summary: dict, metrics: Sequence[str], gap: float = 0.02) -> list[str]:
+    """A line per method whose pointing game exceeds its tie-fair pointing game by more than ``gap``: its
+    maps have plateaus of tied maxima (e.g. a clamped mask) that Quantus' rule scores as hits when any
+    tied pixel is in the mask (see :func:`nemt.metrics.pointing_game`); empty without both metrics."""
+    if "pointing_game" not in metrics or "pointing_game_expected" not in metrics:
+        return []
+    out = []
+    for method, s in summary.items():
+        a, e = s["pointing_game"], s["pointing_game_expected"]
+        if a["n"] > 0 and e["n"] > 0 and a["mean"] - e["mean"] > gap:
+            out.append(f"{method}: its maps have plateaus of tied maxima; pointing_game counts a plateau as a hit "
+                       f"when any of it lies in the mask ({a['mean']:.3f}), one point per map scores "
+                       f"{e['mean']:.3f} (pointing_game_expected).")
+    return [""] + out if out else []
 
 
 def write_summary(out: Path, summary: dict, metrics: Sequence[str]) -> None:
