@@ -22,21 +22,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-
-def _value(v: str):
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
+from nemt.params import parse_value
 
 
 def parse_method(spec: str):
     """``NAME=METHOD[:k=v,k=v]`` -> (NAME, METHOD, {k: v}); ``student_map=areas@0.01`` sets a student's map."""
     name, _, rest = spec.partition("=")
     method, _, params = rest.partition(":")
-    kw = {k: _value(v) for k, v in (p.split("=", 1) for p in params.split(",") if p)}
+    kw = {k: parse_value(v) for k, v in (p.split("=", 1) for p in params.split(",") if p)}
     return name, method, kw
 
 

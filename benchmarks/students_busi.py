@@ -70,6 +70,7 @@ def run(args) -> None:
     from nemt.bench.runner import BenchmarkData, Item
     from nemt.explainers import NEMt
     from nemt.models import load_model
+    from nemt.params import parse_value
 
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -131,7 +132,7 @@ def run(args) -> None:
     chosen = {}
     for tname in args.teachers.split(","):
         method, params = TEACHERS[tname]
-        params = {**params, **{k.split(".", 1)[1].split("=")[0]: _num(k.split("=", 1)[1])
+        params = {**params, **{k.split(".", 1)[1].split("=")[0]: parse_value(k.split("=", 1)[1])
                                for k in args.teacher_param if k.split(".", 1)[0] == method}}
         loss, epochs = variants[0]
         if len(variants) > 1:  # chosen on the validation split (seed 0); the test split only reports
@@ -216,15 +217,6 @@ def evaluate(args) -> None:
                      f"{statistics.fmean(rms):.3f} ± {sd(rms):.3f} | {statistics.fmean(pgs):.3f} ± {sd(pgs):.3f} | "
                      f"{len(tests)} |")
     print("\n".join(lines))
-
-
-def _num(v: str):
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
 
 
 def table(rows) -> str:

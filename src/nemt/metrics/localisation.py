@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from nemt.errors import NemtError
-
 from nemt.metrics._common import (chunked, count, expand_masks, metric, nan_where, order_values, prepare_maps,
                                   top_k_hits)
 
@@ -106,14 +105,12 @@ def pointing_game(maps: torch.Tensor, masks: torch.Tensor, *, tolerance: int = 0
         pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[d - 1]
         grown = pool(m.reshape(shape).float(), 2 * tolerance + 1, stride=1, padding=tolerance)
         m = grown.reshape(m.shape) > 0
-    if ties == "any":
-        # a hit when the largest value inside GT equals the map's maximum (any tied maximum in GT counts)
-        hit = (torch.where(m, a, float("-inf")).amax(-1) == a.amax(-1)).to(a.dtype)
-    elif ties == "expected":
-        top = a == a.amax(-1, keepdim=True)                      # the tied maxima (exact equality, as Quantus)
-        hit = (top & m).sum(-1).to(a.dtype) / top.sum(-1).to(a.dtype)
-    else:
+    if ties not in ("any", "expected"):
         raise NemtError(f"pointing_game: ties must be 'any' or 'expected', got {ties!r}")
+    top = a == a.amax(-1, keepdim=True)  # the tied maxima (exact equality, as Quantus)
+    inside = (top & m).sum(-1)
+    # "any": a hit when any tied maximum lies in GT; "expected": the share of them that does
+    hit = (inside > 0).to(a.dtype) if ties == "any" else inside.to(a.dtype) / top.sum(-1).to(a.dtype)
     return nan_where(empty, hit)
 
 

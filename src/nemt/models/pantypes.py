@@ -90,7 +90,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nemt.errors import NemtError
-from nemt.ops import seeded
+from nemt.ops import evaluating, seeded
 
 __all__ = ["Pantypes", "PantypesParts", "is_pantypes", "class_volumes", "volume_loss", "kl_to_prototypes", "similarity",
            "fit_pantypes", "pantypes_of", "top_prototypes", "restart_dead_prototypes"]
@@ -485,8 +485,6 @@ def top_prototypes(model: nn.Module, x: torch.Tensor, k: int = 3, *, target: int
     prototypes as intensities in [0, 1], and ``predicted`` (B,) the predicted class. Eval mode for the call
     (the model's flags restored after).
     """
-    from nemt.ops import evaluating
-
     net = pantypes_of(model)
     with evaluating(net):
         mu, _ = net.encode(x)
@@ -520,8 +518,6 @@ def restart_dead_prototypes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     prototypes its origin-spanned volume produces. x (N, C, H, W) standardised images, y (N,) class indices.
     Returns the indices (into ``net.prototypes``) of the prototypes moved. Eval mode for the call.
     """
-    from nemt.ops import evaluating
-
     net = pantypes_of(model)
     if len(x) != len(y):
         raise NemtError(f"x and y need the same length, got {len(x)} and {len(y)}")
