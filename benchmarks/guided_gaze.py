@@ -14,7 +14,8 @@ models of one recipe (``--arch``, ``--epochs``, ``--lr``, batch 32, augmentation
   copies' agreement without MIMIC; its discriminator still learns, so its accuracy says how distinguishable the
   copies' maps are);
 - ``mimic``: ``nemt train --guide mimic --copies 3 --beta 1``;
-- ``mask``: ``nemt train --guide mask`` (the share of the squared input gradient outside the lesion mask, λ 1).
+- ``mask``: ``nemt train --guide mask`` (the share of the squared input gradient outside the lesion mask, λ
+  ``--mask-weight``, 1 by default).
 
 On the test split (all images, the true class explained): accuracy and macro AUROC; for Grad-CAM++ and
 Integrated Gradients (``--ig-steps`` points, baseline 0) and ``gxi`` (|input x gradient|, min-max: the map MIMIC's
@@ -24,7 +25,7 @@ ensembles, each copy is explained on its own (its logits, as the plain model's) 
 the copies' min-max maps; ``agreement`` is the mean pairwise Pearson correlation of the copies' maps of an image.
 ``random`` (uniform noise maps) gives the chance level of KL and NSS. ``--nemt-epochs N`` adds NEMt (default
 objective, N epochs, fitted on each model's training split; for an ensemble on the model as a whole, its mean
-log-softmax, so it has no per-copy agreement). ``--disc-lr`` and ``--beta`` set MIMIC's discriminator learning rate
+log-softmax, so it has no per-copy agreement); ``--nemt-map-areas`` scores its maps at other areas (no refit). ``--disc-lr`` and ``--beta`` set MIMIC's discriminator learning rate
 (the paper's 1e-4) and adversarial weight; ``--split val`` scores the validation split, for choosing them.
 
 Writes OUT/results.csv (one row per seed, model and method), OUT/summary.md (mean ± sd over seeds) and
@@ -89,7 +90,7 @@ def train_models(args, seed: int, data: Path, home: Path) -> dict[str, Path]:
         if name == "plain":
             train_classifier(manifest, out[name], cfg, **quiet)
         elif name == "mask":
-            train_guided(manifest, out[name], cfg, GuideConfig(kind="mask"), **quiet)
+            train_guided(manifest, out[name], cfg, GuideConfig(kind="mask", mask_weight=args.mask_weight), **quiet)
         else:
             train_guided(manifest, out[name], cfg, GuideConfig(kind="mimic", copies=3, disc_lr=args.disc_lr,
                                                                beta=args.beta if name == "mimic" else 0.0), **quiet)
@@ -148,6 +149,8 @@ def evaluate_seed(args, seed: int, data: Path, gaze: Path, models: dict[str, Pat
         disc = [h["discriminator_accuracy"] for h in hist if h.get("phase") == "discriminator"]
         disc_acc = disc[-1] if disc else math.nan   # the discriminator's accuracy in its last epoch (chance 1/copies)
         nemt = fit_nemt(clf, manifest, folder, seed, args.nemt_epochs) if args.nemt_epochs else None
+        if nemt is not None and args.nemt_map_areas:
+            nemt.set_map_areas([float(a) for a in args.nemt_map_areas.split(",")])
         methods = [m for m in METHODS if m != "nemt" or nemt is not None]
         for method in methods + (["random"] if name == "plain" else []):  # random maps: once, as "chance"
             t0 = time.perf_counter()
@@ -214,6 +217,10 @@ def main() -> None:
     ap.add_argument("--beta", type=float, default=1.0, help="MIMIC's adversarial weight (paper: 1)")
     ap.add_argument("--nemt-epochs", type=int, default=0, help="add NEMt maps, fitted N epochs (0: no NEMt)")
     ap.add_argument("--split", default="test", choices=("val", "test"))
+    ap.add_argument("--mask-weight", type=float, default=1.0, help="--guide mask's λ (the mask model's folder "
+                    "keeps the λ it was trained with: use a new --out for another)")
+    ap.add_argument("--nemt-map-areas", default="", help="NEMt's map areas for scoring, e.g. 0.01,0.05,0.1 "
+                    "(no refit; default: the fit's own, 1 %%)")
     args = ap.parse_args()
     torch.set_num_threads(1)  # an entry point may: the figures below are for one thread
     t_start = time.perf_counter()

@@ -133,6 +133,34 @@ def test_two_process_pantypes_training_equals_one_process(runs):
                                                                       rel=1e-5)
 
 
+@pytest.mark.parametrize("guide", [["--guide", "mimic", "--copies", "2"], ["--guide", "mask"]], ids=["mimic", "mask"])
+def test_two_process_guided_training_equals_one_process(runs, guide):
+    """Guided training under torchrun. MIMIC's adversarial term back-propagates twice, which DDP does not
+    take, so the loop averages the ranks' gradients itself (``average_gradients``), the copies' and, in its
+    epochs, the discriminator's (which steps once per optimiser step). 2 epochs: MIMIC's first is the copies'
+    adversarial epoch, its second the discriminator's; the discriminator's weights are compared too."""
+    name = guide[1]
+    args = TRAIN[:TRAIN.index("--epochs")] + ["--epochs", "2"] + TRAIN[TRAIN.index("--epochs") + 2:] + guide
+    _run(args + ["--out", f"{name}1", "--accumulate", "2"], runs)
+    out = _run(args + ["--out", f"{name}2", "--accumulate", "1"], runs, procs=2)
+    (a, sa), (b, sb) = _weights(runs / f"{name}1", "model"), _weights(runs / f"{name}2", "model")
+    _assert_same_weights(a, b)
+    if name == "mimic":
+        _assert_same_weights(_weights(runs / f"{name}1", "discriminator")[0],
+                             _weights(runs / f"{name}2", "discriminator")[0])
+        assert [h["discriminator_accuracy"] for h in sa["history"]] == \
+            pytest.approx([h["discriminator_accuracy"] for h in sb["history"]], abs=1e-9)
+    assert [h["train_loss"] for h in sa["history"]] == pytest.approx([h["train_loss"] for h in sb["history"]],
+                                                                      rel=1e-6)
+    assert out.count('"metrics"') == 1  # rank 0 alone reports
+    assert load_model_card(runs / f"{name}2")["training"]["guide"]["kind"] == name
+
+
+def load_model_card(folder: Path) -> dict:
+    import json
+    return json.loads((folder / "model.json").read_text())
+
+
 def test_two_process_fit_equals_one_process(runs):
     fit = ["fit", "--model", "one", "--data", "data/manifest.csv", "--epochs", "2", "--batch-size", "4",
            "--seed", "0", "--no-progress", "--allow-collapse"]

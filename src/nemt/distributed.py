@@ -29,7 +29,7 @@ import atexit
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -161,6 +161,28 @@ def all_reduce_sum(values: Sequence[float], ctx: Context) -> list[float]:
     t = torch.tensor([float(v) for v in values], dtype=torch.float64)
     torch.distributed.all_reduce(t)
     return t.tolist()
+
+
+def average_gradients(params: Iterable[torch.nn.Parameter], ctx: Context) -> None:
+    """Replace each parameter's gradient by its mean over the ranks (in place; nothing in one process).
+
+    What DistributedDataParallel does at the end of a backward pass, for loops it cannot wrap: a loss with
+    double back-propagation (MIMIC's adversarial term), or two models stepping in turn. A parameter without a
+    gradient on this rank counts as a zero one, so every rank joins the same all-reduce; one without a
+    gradient on every rank keeps none (as in one process, where the optimiser skips it).
+    """
+    if not ctx.distributed:
+        return
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    has = torch.tensor([float(p.grad is not None) for p in params], dtype=grads[0].dtype, device=grads[0].device)
+    flat = torch.cat([g.reshape(-1) for g in grads] + [has])
+    torch.distributed.all_reduce(flat)
+    parts = flat[:-len(params)].div_(ctx.world).split([g.numel() for g in grads])
+    for p, part, n in zip(params, parts, flat[-len(params):].tolist()):
+        p.grad = part.view_as(p).clone() if n > 0 else None
 
 
 def steps_per_epoch(n_micro: int, accumulate: int) -> int:

@@ -7,7 +7,10 @@ macro AUROC), ``splits.csv``, ``history.json`` and the resume point
 ``state/last.{safetensors,json}``; running the same command again continues
 from it. The model is an ordinary :class:`~nemt.models.Classifier` giving
 (B, n_classes) outputs, so every explainer, the benchmark and the service
-take the folder as they take any other.
+take the folder as they take any other. Under torchrun the ranks share each
+optimiser step's micro-batches as in plain training (:mod:`nemt.distributed`)
+and their gradients are averaged by :func:`~nemt.distributed.average_gradients`
+(DDP does not take MIMIC's double back-propagation).
 
 MIMIC
 -----
@@ -279,7 +282,8 @@ def train_guided(manifest, out_dir: str | Path, config=None, guide: GuideConfig 
 
 
 def _train_guided(manifest, out_dir, config, guide: GuideConfig, *, device, fresh, progress, log):
-    from nemt.distributed import StepBatches, batch_generator, context, steps_per_epoch
+    from nemt.distributed import (StepBatches, all_reduce_sum, average_gradients, batch_generator, context,
+                                  local_device, steps_per_epoch)
     from nemt.models.metrics import score_for_selection
     from nemt.models.training import (TrainConfig, _format, _loss_fn, _write_splits, augment_batch, evaluate,
                                       finish_run, prepare_run, seed_everything)
@@ -287,9 +291,11 @@ def _train_guided(manifest, out_dir, config, guide: GuideConfig, *, device, fres
 
     cfg = config or TrainConfig()
     guide.check()
+    ctx = context(device)
+    device = local_device(device, ctx)
     log = log or (lambda s: console.print(s, soft_wrap=True, highlight=False))
-    if context(device).distributed:
-        raise NemtError("guided training runs in one process; launch it without torchrun")
+    if not ctx.main:
+        log = lambda s: None  # noqa: E731 - rank 0 speaks for the run
     task = manifest.task
     if guide.kind == "mimic" and task != "multiclass":
         raise NemtError(f"--guide mimic needs a multi-class task (the copies' log-softmax is averaged), not {task}")
@@ -300,7 +306,6 @@ def _train_guided(manifest, out_dir, config, guide: GuideConfig, *, device, fres
     manifest.raise_problems()
     for warning in manifest.warnings:
         log(f"warning: {warning}")
-    device = torch.device(device)
     out_dir = Path(out_dir)
     seed_everything(cfg.seed)
 
@@ -331,7 +336,8 @@ def _train_guided(manifest, out_dir, config, guide: GuideConfig, *, device, fres
     clf = Classifier(net, card).to(device)
     loss_fn = _loss_fn(task, y_train, card.out_channels, cfg.class_weighting, device)
     opt = torch.optim.AdamW(clf.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loader = StepBatches(ds["train"], cfg.batch_size, seed=cfg.seed, accumulate=cfg.accumulate)
+    # this rank's micro-batches: N ranks with --accumulate A step as 1 process with N * A (nemt.distributed)
+    loader = StepBatches(ds["train"], cfg.batch_size, seed=cfg.seed, accumulate=cfg.accumulate, ctx=ctx)
     n_micro = len(loader)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs *
                                                 steps_per_epoch(n_micro, cfg.accumulate), pct_start=0.15)
@@ -342,14 +348,15 @@ def _train_guided(manifest, out_dir, config, guide: GuideConfig, *, device, fres
         disc_opt = torch.optim.Adam(disc.parameters(), lr=guide.disc_lr)
 
     start_epoch, best, history = 0, -math.inf, []
-    if st is None:
+    if ctx.main and st is None:
         out_dir.mkdir(parents=True, exist_ok=True)
         for suffix in (".json", ".safetensors"):
             state_path.with_suffix(suffix).unlink(missing_ok=True)
         _write_splits(out_dir / "splits.csv", manifest, splits)
-    else:
-        if not (out_dir / "splits.csv").is_file():
-            _write_splits(out_dir / "splits.csv", manifest, splits)
+    elif ctx.main and not (out_dir / "splits.csv").is_file():
+        _write_splits(out_dir / "splits.csv", manifest, splits)
+    ctx.barrier()  # the other ranks start once the folder is ready
+    if st is not None:
         clf.net.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
@@ -360,7 +367,7 @@ def _train_guided(manifest, out_dir, config, guide: GuideConfig, *, device, fres
         start_epoch, best, history = st["epoch"], st["best"], st["history"]
         log(f"resuming {out_dir} after epoch {start_epoch} (best {best:.4f})")
 
-    with progress_bar(progress) as bar:
+    with progress_bar(progress and ctx.main) as bar:
         task_id = bar.add_task("train", total=(cfg.epochs - start_epoch) * n_micro, info="")
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.time()
@@ -377,6 +384,8 @@ def _train_guided(manifest, out_dir, config, guide: GuideConfig, *, device, fres
             sums = {"loss": 0.0, "ce": 0.0, "guide": 0.0, "disc_acc": 0.0}
             seen = 0
             opt.zero_grad(set_to_none=True)
+            if disc_opt is not None:
+                disc_opt.zero_grad(set_to_none=True)
             for i, (index, batch) in enumerate(loader):
                 x, y = batch["image"].to(device), batch["y"].to(device)
                 gen = batch_generator(cfg.seed, epoch, index)
@@ -398,12 +407,15 @@ def _train_guided(manifest, out_dir, config, guide: GuideConfig, *, device, fres
                     ce, term, acc = adversarial_terms(clf.net, disc, x, y, loss_fn, disc_size=guide.disc_size,
                                                       create_graph=adversarial)
                     loss = ce - guide.beta * term if adversarial else ce
-                    if not copies_epoch:  # the discriminator learns from the detached maps
-                        disc_opt.zero_grad(set_to_none=True)
-                        term.backward()
-                        disc_opt.step()
+                    if not copies_epoch:  # the discriminator learns from the detached maps, a step per the copies'
+                        (term / cfg.accumulate).backward()
+                        if last:
+                            average_gradients(disc.parameters(), ctx)
+                            disc_opt.step()
+                            disc_opt.zero_grad(set_to_none=True)
                 (loss / cfg.accumulate).backward()
-                if last:
+                if last:  # gradients averaged over the ranks by hand: DDP does not take double back-propagation
+                    average_gradients(clf.net.parameters(), ctx)
                     opt.step()
                     sched.step()
                     opt.zero_grad(set_to_none=True)
@@ -416,7 +428,11 @@ def _train_guided(manifest, out_dir, config, guide: GuideConfig, *, device, fres
             if disc is not None:
                 for p in disc.parameters():
                     p.requires_grad_(True)
-            means = {k: v / max(seen, 1) for k, v in sums.items()}
+            *totals, seen = all_reduce_sum([*sums.values(), seen], ctx)
+            means = {k: v / max(seen, 1) for k, v in zip(sums, totals)}
+            if not ctx.main:  # rank 0 validates, keeps the best checkpoint and writes the resume point
+                ctx.barrier()
+                continue
             val = evaluate(clf, ds["val"], device)
             score = score_for_selection(task, val)
             improved = score > best
@@ -443,7 +459,10 @@ def _train_guided(manifest, out_dir, config, guide: GuideConfig, *, device, fres
                      if guide.kind == "mimic" else f" RR {means['guide']:.4f}")
             log(f"epoch {epoch + 1}/{cfg.epochs} loss {means['loss']:.4f}{extra} val {_format(val)}"
                 f"{' *' if improved else ''} ({time.time() - t0:.1f}s)")
+            ctx.barrier()
 
+    if not ctx.main:
+        return clf, {"history": history, "metrics": {}}
     return finish_run(out_dir, ds, history, device, log)
 
 
