@@ -189,6 +189,8 @@ def test_smoothing_random_in_training_uniform_in_eval():
     s.train()
     assert torch.allclose(s(const), const, atol=1e-6)  # weights sum to 1
     assert kernel_size_for((224, 224)) == 21 and kernel_size_for((128, 128)) % 2 == 1
+    # a signal: the 2D box's share of the input (0.88 %), not of a side: 9 of 1,000 samples, the floor of 3
+    assert kernel_size_for((1000,)) == 9 and kernel_size_for((140,)) == 3 and kernel_size_for((224, 224, 224)) == 21
 
 
 def test_fill_sigma_follows_the_side_of_a_one_percent_region():

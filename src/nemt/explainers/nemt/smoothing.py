@@ -16,8 +16,20 @@ from torch import nn
 
 
 def kernel_size_for(spatial: tuple[int, ...], at_224: int = 21) -> int:
-    """Kernel side scaled with image size: 21 at 224 px, odd, at least 3."""
-    k = int(round(at_224 * min(spatial) / 224))
+    """Kernel side scaled with the input's size: 21 at 224 px (images and volumes: ``at_224 / 224`` of the
+    shortest side), odd, at least 3.
+
+    A signal (1D) gets the box's *share* of the input instead of its share of a side: in 2D the 21 px box
+    covers (21 / 224)² = 0.88 % of the image, so in 1D it is 0.88 % of the samples (9 of 1,000; the floor
+    of 3 for a 140-sample heartbeat). The side rule gave 95 samples (about 1 s at 100 Hz, wider than a
+    QRS complex); on synthetic ECGs (validation split, 60 records with a finding, ``nemt fit`` defaults
+    otherwise) relevance mass 0.474 against 0.274 (random map 0.256) and pointing game 0.350 against
+    0.283. 2D and 3D keep the side rule.
+    """
+    if len(spatial) == 1:
+        k = int(round((at_224 / 224) ** 2 * spatial[0]))
+    else:
+        k = int(round(at_224 * min(spatial) / 224))
     k = max(3, k)
     return k if k % 2 == 1 else k + 1
 
