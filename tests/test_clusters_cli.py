@@ -264,6 +264,27 @@ def test_nas_assigns_every_input_pixel_so_borders_need_not_follow_the_grid():
         NasSegments(net, 2, assign="nearest")
 
 
+@pytest.mark.parametrize("spatial,grids,chunk", [((20, 24), [(5, 6), (10, 12)], 3), ((12, 10, 14), [(3, 3, 4), (6, 5, 7)], 2)])
+def test_nearest_centroid_equals_the_composite_without_building_it(spatial, grids, chunk):
+    """NAS's per-pixel assignment at the input's size, channel chunk by chunk: the labels of the composite's
+    nearest centroid (distances recomputed from the composite; a label may differ only where two centroids are
+    within float rounding of each other), in 2D and 3D, with chunks smaller than a stage."""
+    from nemt.clustering import compose, nearest_centroid, squared_distances
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(2, c, *grid, generator=g) for c, grid in zip((5, 7), grids)]
+    feats[0][0, :, 0, 0] = 0  # a zero vector stays zero, as in compose
+    centroids = torch.randn(6, 12, generator=g)
+    full = compose(feats, spatial)
+    d = squared_distances(full.movedim(1, -1).reshape(-1, 12), centroids)
+    labels = nearest_centroid(feats, centroids, spatial, chunk=chunk)
+    assert labels.shape == (2, *spatial) and labels.dtype == torch.long
+    picked = d.gather(1, labels.reshape(-1, 1))[:, 0]
+    assert torch.allclose(picked, d.min(1).values, atol=1e-5)  # float32 distances of order 1-10
+    assert (labels.reshape(-1) == d.argmin(1)).float().mean() > 0.999
+    with pytest.raises(ValueError, match="channels"):
+        nearest_centroid(feats, centroids[:, :5], spatial)
+
+
 def test_cluster_localisation_gives_every_baseline_the_matched_ones_counts():
     labels = torch.zeros(2, 8, 8, dtype=torch.long)
     gt = torch.zeros(2, 8, 8, dtype=torch.bool)

@@ -82,6 +82,40 @@ def compose(feats: Sequence[torch.Tensor], size: Sequence[int], eps: float = 1e-
                                   eps=eps) for f in feats], dim=1)
 
 
+def nearest_centroid(feats: Sequence[torch.Tensor], centroids: torch.Tensor, size: Sequence[int], *,
+                     eps: float = 1e-12, chunk: int = 64) -> torch.Tensor:
+    """Index of the nearest of ``centroids`` (K, D) for every pixel of ``compose(feats, size)``: (B, *size).
+
+    The same labels as ``squared_distances(_pixels(compose(feats, size)), centroids).argmin(1)`` (up to the
+    float rounding of another summation order), without building the (B, D, *size) composite: the squared
+    distance is a sum over stages, and each stage's resize is linear per channel, so its channels are resized
+    ``chunk`` at a time, twice (once for the pixel vectors' norms, once for the distances). Peak memory is
+    about ``chunk + K + 2`` values per pixel instead of D: what makes per-voxel assignment of a large 3D
+    volume fit (at 128³ with D = 896, 0.7 GB instead of 7.5 GB).
+    """
+    size = tuple(int(v) for v in size)
+    if sum(int(f.shape[1]) for f in feats) != centroids.shape[1]:
+        raise ParameterError(f"the stages have {sum(int(f.shape[1]) for f in feats)} channels in all, "
+                             f"the centroids {centroids.shape[1]}")
+    b, chunk = int(feats[0].shape[0]), max(1, int(chunk))
+    dev = feats[0].device
+    cen = centroids.to(dev, torch.float32)
+    d = (cen * cen).sum(1)[None].repeat(b * math.prod(size), 1)  # ||c||^2, then - 2 x.c and + ||x||^2
+    off = 0
+    for f in feats:
+        f = f if f.is_floating_point() else f.float()
+        c = int(f.shape[1])
+        sq = torch.zeros(b, *size, device=dev)
+        for lo in range(0, c, chunk):
+            sq += resize_linear(f[:, lo:lo + chunk], size).float().pow(2).sum(1)
+        norm = sq.sqrt().clamp_min(eps)[:, None]  # F.normalize divides by max(||v||, eps)
+        for lo in range(0, c, chunk):
+            p = _pixels(resize_linear(f[:, lo:lo + chunk], size).float() / norm)
+            d += (p * p).sum(1, keepdim=True) - 2 * p @ cen[:, off + lo:off + lo + p.shape[1]].T
+        off += c
+    return d.argmin(1).reshape(b, *size)
+
+
 def composite_activations(model: nn.Module, x: torch.Tensor, layers: Sequence[str | nn.Module] | None = None,
                           size: Sequence[int] | None = None, eps: float = 1e-12) -> torch.Tensor:
     """(B, C, *spatial) images -> (B, D, *grid) composite activations.
@@ -641,7 +675,8 @@ class NasSegments:
 
     Unlike :class:`ActivationClustering` (clusters fitted once over a data set, shared ids: concepts), the
     segments adapt to each image, as a superpixel algorithm's do. Memory: one image's activations at the
-    input's size at a time. The model is never changed.
+    fitting grid, and at the input's size 64 channels at a time (:func:`nearest_centroid`), so a large
+    volume fits. The model is never changed.
     """
 
     tag = "nas"
@@ -675,9 +710,7 @@ class NasSegments:
             k = self.k if n_segments is None else int(n_segments if isinstance(n_segments, int) else n_segments[i])
             km = fit_kmeans(f, min(k, math.prod(size)), seed=self.seed)
             if self.assign == "input":  # nearest centroid only (no soft assignment at the input's size)
-                fin = compose(one, spatial)
-                d = squared_distances(_pixels(fin), km.centroids.to(fin.device, fin.dtype))
-                labels = d.argmin(1).reshape(1, *spatial)
+                labels = nearest_centroid(one, km.centroids, spatial)
             else:
                 labels = _nearest(km.assign(f)[0], spatial)
             out.append(labels)
