@@ -285,12 +285,6 @@ def test_nemt_fits_and_explains_1d():
     maps = nemt.explain(x, target="all")
     assert maps.shape == (2, 3, 256) and maps.amin() >= 0 and maps.amax() <= 1
     assert torch.equal(maps, nemt.explain(x, target="all"))  # the same input gives the same map
-    # signals train the deletion game alone by default (games="auto"; why: NEMt.games_resolved), recorded in
-    # the fitted facts; images keep both games, and an explicit choice is kept
-    assert nemt.games_resolved == "deletion" and nemt.fitted_facts()["games"] == "deletion"
-    assert NEMt(clf, games="both").games_resolved == "both"
-    flat = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 3))
-    assert NEMt(flat, input_size=(16, 16), in_channels=1).games_resolved == "both"
 
 
 def test_localisation_metrics_on_1d_maps():

@@ -311,8 +311,7 @@ def fit(
                                   "models)"),
     areas: str = typer.Option("0.01,0.025,0.05,0.1,0.2", help="nested: mask areas trained (fractions of the image)"),
     map_areas: str = typer.Option("0.01", help="nested: areas the map is the mean of ('train': --areas)"),
-    games: str = typer.Option("auto", help="nested: auto (deletion for signals, both otherwise) | both | "
-                              "deletion | preservation"),
+    games: str = typer.Option("both", help="nested: both | deletion | preservation"),
     min_scale: float = typer.Option(1.0, help="nested: smallest evidence size (log-odds) the games normalise by"),
     targets_per_image: int = typer.Option(1, help="nested: targets trained per image and step"),
     present_fraction: float = typer.Option(0.5, help="nested: share of targets that are the image's own"),

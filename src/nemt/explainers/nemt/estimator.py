@@ -385,7 +385,7 @@ class _MaskExplainer(Explainer):
 
 OBJECTIVES = ("nested", "paper", "teacher")
 TEACHER_LOSSES = ("bce", "kl")
-GAMES = ("auto", "both", "deletion", "preservation")
+GAMES = ("both", "deletion", "preservation")
 DEFAULT_AREAS = (0.01, 0.025, 0.05, 0.1, 0.2)  # 1 % added on BUSI/demo validation (pointing game; README)
 DEFAULT_MAP_AREAS = (0.01,)  # chosen on the demo's validation split (README); the logits rank every pixel anyway
 
@@ -440,7 +440,7 @@ class NEMt(_MaskExplainer):
 
     def __init__(self, model: nn.Module, *, objective: str = "nested", areas: Sequence[float] = DEFAULT_AREAS,
                  map_areas: Sequence[float] | None = DEFAULT_MAP_AREAS, temperature: float = 1.0, map_temperature: float = 0.02,
-                 games: str = "auto", min_scale: float = 1.0, targets_per_image: int = 1,
+                 games: str = "both", min_scale: float = 1.0, targets_per_image: int = 1,
                  present_fraction: float = 0.5, occlusion: str = "inpaint", blur_sigma: float | None = None,
                  quantity: str = "prob", area_weight: float = 1.0, change_weight: float = 2.0,
                  area_target: float | None = None, train_targets: str | None = None,
@@ -500,25 +500,6 @@ class NEMt(_MaskExplainer):
         self.collapse_: dict | None = None
         self._last_report: dict | None = None
         self._n_outputs: int | None = None
-
-    @property
-    def games_resolved(self) -> str:
-        """The games trained: ``games``, or for ``"auto"`` the deletion game alone on signals (1D) and both
-        games on images and volumes. Why signals differ (synthetic ECGs, 1,000 records, validation split,
-        fits of seeds 0 and 1; README, "What is not there yet"): keeping a few samples of a heartbeat on
-        the filled signal is no test of a wave's shape, and the preservation game pulled the maps off the
-        findings; the deletion game alone gave relevance mass 0.575 / 0.573 against 0.474 / 0.488, pointing
-        game 0.667 / 0.667 against 0.350 / 0.333, deletion AUC 0.692 / 0.722 against 0.915 / 0.846
-        (preservation alone, seed 0: 0.398 / 0.333 / 0.924)."""
-        if self.games != "auto":
-            return self.games
-        return "deletion" if self.spatial_dims == 1 else "both"
-
-    def fitted_facts(self) -> dict:
-        facts = super().fitted_facts()
-        if self.objective == "nested" and self._input_size is not None:
-            facts["games"] = self.games_resolved
-        return facts
 
     def _map_kwargs(self) -> dict:
         if self.objective == "paper":
@@ -714,8 +695,7 @@ class NEMt(_MaskExplainer):
         t = self._sample_targets(y, out, gen)
         idx = torch.randint(len(self.areas), (t.numel(),), generator=gen)
         areas = torch.tensor(self.areas)[idx]
-        loss, parts = game_loss(*self._games(x, logits, out, t, areas), min_scale=self.min_scale,
-                                games=self.games_resolved)
+        loss, parts = game_loss(*self._games(x, logits, out, t, areas), min_scale=self.min_scale, games=self.games)
         parts["area"] = float(areas.mean())
         return loss, parts
 
