@@ -264,7 +264,8 @@ def test_nas_assigns_every_input_pixel_so_borders_need_not_follow_the_grid():
         NasSegments(net, 2, assign="nearest")
 
 
-@pytest.mark.parametrize("spatial,grids,chunk", [((20, 24), [(5, 6), (10, 12)], 3), ((12, 10, 14), [(3, 3, 4), (6, 5, 7)], 2)])
+@pytest.mark.parametrize("spatial,grids,chunk", [((20, 24), [(5, 6), (10, 12)], 3),
+                                                 ((12, 10, 14), [(3, 3, 4), (6, 5, 7)], 2)])
 def test_nearest_centroid_equals_the_composite_without_building_it(spatial, grids, chunk):
     """NAS's per-pixel assignment at the input's size, channel chunk by chunk: the labels of the composite's
     nearest centroid (distances recomputed from the composite; a label may differ only where two centroids are

@@ -407,7 +407,7 @@ def _train_guided(manifest, out_dir, config, guide: GuideConfig, *, device, fres
                     ce, term, acc = adversarial_terms(clf.net, disc, x, y, loss_fn, disc_size=guide.disc_size,
                                                       create_graph=adversarial)
                     loss = ce - guide.beta * term if adversarial else ce
-                    if not copies_epoch:  # the discriminator learns from the detached maps, a step per the copies'
+                    if not copies_epoch:  # the discriminator learns from the detached maps, one step per optimiser step
                         (term / cfg.accumulate).backward()
                         if last:
                             average_gradients(disc.parameters(), ctx)
