@@ -37,11 +37,9 @@ def main() -> None:
     clf = load_model(args.model)
     manifest = open_dataset(args.data)
     ds = ImageDataset(manifest, clf.preprocessing, load_splits(args.model, manifest)["val"])
-    items = [ds[i] for i in range(len(ds))]
-    keep = [i for i, it in enumerate(items) if bool(it["has_gt"]) and bool(it["gt"].any())]
-    x = torch.stack([items[i]["image"] for i in keep])
-    gt = torch.stack([items[i]["gt"] for i in keep])
-    t = torch.tensor([int(items[i]["y"]) for i in keep])[:, None]
+    st = ds.stacked()
+    keep = st["has_gt"].bool() & st["gt"].flatten(1).any(1)  # images with a lesion (normal ones: none)
+    x, gt, t = st["image"][keep], st["gt"][keep], st["y"][keep].long()[:, None]
     b = args.batch_size
     print("| explainer | images | pointing game: plain / flip-only / tta | relevance mass: plain / flip-only / tta |")
     print("|---|---|---|---|")

@@ -285,8 +285,8 @@ def _train_guided(manifest, out_dir, config, guide: GuideConfig, *, device, fres
     from nemt.distributed import (StepBatches, all_reduce_sum, average_gradients, batch_generator, context,
                                   local_device, steps_per_epoch)
     from nemt.models.metrics import score_for_selection
-    from nemt.models.training import (TrainConfig, _format, _loss_fn, _write_splits, augment_batch, evaluate,
-                                      finish_run, prepare_run, seed_everything)
+    from nemt.models.training import (TrainConfig, _format, _loss_fn, augment_batch, evaluate, finish_run,
+                                      prepare_run, ready_folder, resume, seed_everything)
     from nemt.progress import console, progress_bar
 
     cfg = config or TrainConfig()
@@ -347,25 +347,11 @@ def _train_guided(manifest, out_dir, config, guide: GuideConfig, *, device, fres
         disc = Discriminator(n_in, guide.copies, guide.disc_hidden).to(device)
         disc_opt = torch.optim.Adam(disc.parameters(), lr=guide.disc_lr)
 
-    start_epoch, best, history = 0, -math.inf, []
-    if ctx.main and st is None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for suffix in (".json", ".safetensors"):
-            state_path.with_suffix(suffix).unlink(missing_ok=True)
-        _write_splits(out_dir / "splits.csv", manifest, splits)
-    elif ctx.main and not (out_dir / "splits.csv").is_file():
-        _write_splits(out_dir / "splits.csv", manifest, splits)
-    ctx.barrier()  # the other ranks start once the folder is ready
-    if st is not None:
-        clf.net.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        if disc is not None:
-            disc.load_state_dict(st["discriminator"])
-            disc_opt.load_state_dict(st["disc_optimizer"])
-        torch.set_rng_state(st["torch_rng"])
-        start_epoch, best, history = st["epoch"], st["best"], st["history"]
-        log(f"resuming {out_dir} after epoch {start_epoch} (best {best:.4f})")
+    ready_folder(ctx, out_dir, state_path, manifest, splits, new_run=st is None)
+    parts = {"model": clf.net, "optimizer": opt, "scheduler": sched}
+    if disc is not None:
+        parts.update(discriminator=disc, disc_optimizer=disc_opt)
+    start_epoch, best, history = resume(st, parts, out_dir, log)
 
     with progress_bar(progress and ctx.main) as bar:
         task_id = bar.add_task("train", total=(cfg.epochs - start_epoch) * n_micro, info="")

@@ -296,22 +296,8 @@ def _train_classifier(manifest: Manifest, out_dir: str | Path, config: TrainConf
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * n_steps,
                                                 pct_start=0.15)
 
-    start_epoch, best, history = 0, -math.inf, []
-    if ctx.main and st is None:  # a new run (or --fresh): its split, written once, and no resume point of an earlier run
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for suffix in (".json", ".safetensors"):  # the JSON first: a lone .safetensors is no resume point
-            state_path.with_suffix(suffix).unlink(missing_ok=True)
-        _write_splits(out_dir / "splits.csv", manifest, splits)
-    elif ctx.main and not (out_dir / "splits.csv").is_file():
-        _write_splits(out_dir / "splits.csv", manifest, splits)
-    ctx.barrier()  # the other ranks start once the folder is ready
-    if st is not None:
-        clf.net.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        torch.set_rng_state(st["torch_rng"])
-        start_epoch, best, history = st["epoch"], st["best"], st["history"]
-        log(f"resuming {out_dir} after epoch {start_epoch} (best {best:.4f})")
+    ready_folder(ctx, out_dir, state_path, manifest, splits, new_run=st is None)
+    start_epoch, best, history = resume(st, {"model": clf.net, "optimizer": opt, "scheduler": sched}, out_dir, log)
 
     net: nn.Module = clf.net
     if ctx.distributed:  # gradients averaged over the ranks once per optimiser step; batch-norm buffers from rank 0
@@ -371,6 +357,31 @@ def _train_classifier(manifest: Manifest, out_dir: str | Path, config: TrainConf
     if not ctx.main:
         return clf, {"history": history, "metrics": {}}
     return finish_run(out_dir, ds, history, device, log)
+
+
+def ready_folder(ctx, out_dir: Path, state_path: Path, manifest: Manifest, splits: dict, *, new_run: bool) -> None:
+    """Rank 0 readies a training run's folder, the other ranks wait for it: a new run (or --fresh) gets its
+    split, written once, and no resume point of an earlier run; a resumed one its split if it is missing."""
+    if ctx.main and new_run:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for suffix in (".json", ".safetensors"):  # the JSON first: a lone .safetensors is no resume point
+            state_path.with_suffix(suffix).unlink(missing_ok=True)
+        _write_splits(out_dir / "splits.csv", manifest, splits)
+    elif ctx.main and not (out_dir / "splits.csv").is_file():
+        _write_splits(out_dir / "splits.csv", manifest, splits)
+    ctx.barrier()  # the other ranks start once the folder is ready
+
+
+def resume(st: dict | None, parts: dict, out_dir: Path, log: Callable[[str], None]) -> tuple[int, float, list]:
+    """(start epoch, best score, history) of a run: from its resume point ``st`` (each of ``parts``, a
+    module, optimiser or scheduler by its key in ``st``, and the global torch RNG restored), or a new run's."""
+    if st is None:
+        return 0, -math.inf, []
+    for key, part in parts.items():
+        part.load_state_dict(st[key])
+    torch.set_rng_state(st["torch_rng"])
+    log(f"resuming {out_dir} after epoch {st['epoch']} (best {st['best']:.4f})")
+    return st["epoch"], st["best"], st["history"]
 
 
 def finish_run(out_dir: Path, ds: dict[str, ImageDataset], history: list[dict], device,
