@@ -182,3 +182,28 @@ def test_cli_fit_areas_default_is_the_library_default():
     fit = typer.main.get_command(app).commands["fit"]
     default = next(p.default for p in fit.params if p.name == "areas")
     assert tuple(float(a) for a in default.split(",")) == DEFAULT_AREAS
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_flip_mirrors_about_half_the_training_images_of_a_step(dims):
+    """``flip=True``: the step explains about half of its images mirrored along the last axis (the frozen model
+    sees the mirrored image too, so the games are exact), labels untouched; signals (1D) are never mirrored,
+    their time has a direction. ``flip=False`` (the default) leaves every image as it is."""
+    size = (16,) * dims
+    net = build_model("smallcnn", spatial_dims=dims, in_channels=1, out_channels=3, width=4)
+    clf = Classifier.from_module(net, spatial_dims=dims, in_channels=1, input_size=size, task="multiclass",
+                                 label_names=["a", "b", "c"]).eval()
+    x, y = torch.randn(64, 1, *size), torch.randint(0, 3, (64,))
+    for flip in (True, False):
+        ex = NEMt(clf, flip=flip, **FAST).init_module()
+        seen = []
+        real = ex._logits
+        ex._logits = lambda xb: (seen.append(xb.clone()), real(xb))[1]
+        ex._step(x, y, torch.Generator().manual_seed(0))
+        changed = (seen[0] != x).flatten(1).any(1)
+        if flip and dims > 1:
+            assert 16 <= int(changed.sum()) <= 48
+            assert torch.equal(seen[0][changed], x[changed].flip(-1))
+        else:
+            assert not changed.any()
+    assert NEMt(clf, flip=True, **FAST).hyper_params()["flip"] is True  # the card records it

@@ -341,6 +341,8 @@ def fit(
     teacher_loss: str = typer.Option("bce", help="student loss: bce (per pixel) | kl (maps as distributions)"),
     teacher_flip: bool = typer.Option(False, help="student augmentation: mirror each image and its teacher map "
                                       "together (last axis) half the time; images and volumes only"),
+    flip: bool = typer.Option(False, help="augmentation: mirror each training image (last axis) half the time "
+                              "(nested and paper objectives; images and volumes only)"),
     seed: int = typer.Option(0, help="random seed"),
     device: str = typer.Option("cpu", help="torch device"),
     progress: bool = typer.Option(True, help="show a progress bar"),
@@ -371,7 +373,7 @@ def fit(
         objective = "teacher"
     explainer = NEMt(clf, objective=objective, areas=_floats(areas, "--areas"),
                      teacher=teacher, teacher_params=parse_params(teacher_param) or None,
-                     teacher_budget=teacher_budget, teacher_loss=teacher_loss, teacher_flip=teacher_flip,
+                     teacher_budget=teacher_budget, teacher_loss=teacher_loss, teacher_flip=teacher_flip, flip=flip,
                      map_areas=None if map_areas == "train" else _floats(map_areas, "--map-areas"), games=games,
                      min_scale=min_scale, targets_per_image=targets_per_image, present_fraction=present_fraction,
                      occlusion=occlusion, blur_sigma=blur_sigma, quantity=quantity, area_weight=area_weight,

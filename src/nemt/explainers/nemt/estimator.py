@@ -110,6 +110,16 @@ def _select_maps(maps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.gather(maps, 1, idx)
 
 
+def _flip_half(gen: torch.Generator, x: torch.Tensor, *more: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Mirror about half the samples of a batch along the last axis (drawn from ``gen``), and the same samples
+    of each tensor in ``more`` (e.g. their maps). Images and volumes only: a signal's time has a direction, so
+    (B, C, L) comes back as it is, and no draw is made."""
+    if x.ndim <= 3:
+        return (x, *more)
+    flip = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)
+    return tuple(torch.where(flip.view(-1, *[1] * (t.ndim - 1)), t.flip(-1), t) for t in (x, *more))
+
+
 #: decoder widths, deepest first: half the first design's (256 … 16); on BUSI's validation split (seed 0) as good
 #: (relevance mass 0.464 against 0.452, pointing game 0.646 against 0.631) at a quarter of the decoder's MACs
 DECODER_CHANNELS = (128, 64, 32, 16, 8)
@@ -446,7 +456,8 @@ class NEMt(_MaskExplainer):
                  area_target: float | None = None, train_targets: str | None = None,
                  teacher: str | None = None, teacher_params: dict | None = None, teacher_budget: int | None = None,
                  teacher_targets: str | None = None, teacher_loss: str = "bce", teacher_batch: int = 16,
-                 teacher_seed: int = 0, student_map: str = "sigmoid", teacher_flip: bool = False, **kw: Any):
+                 teacher_seed: int = 0, student_map: str = "sigmoid", teacher_flip: bool = False,
+                 flip: bool = False, **kw: Any):
         super().__init__(model, **kw)
         self._params.update({k: v for k, v in locals().items() if k not in ("self", "__class__", "model", "kw")})
         if objective not in OBJECTIVES:
@@ -483,6 +494,9 @@ class NEMt(_MaskExplainer):
         self.teacher_seed = int(teacher_seed)  # the teacher's own draws: students of any seed share its maps
         # a student's augmentation: each image and its teacher map mirrored together (last axis), half the time
         self.teacher_flip = bool(teacher_flip)
+        # NEMt's augmentation (nested and paper objectives): each training image mirrored (last axis) half the
+        # time; the frozen model is then explained on the mirrored image, so the games stay exact
+        self.flip = bool(flip)
         if student_map not in ("sigmoid", "areas"):
             raise ParameterError(f"student_map must be 'sigmoid' or 'areas', got {student_map!r}")
         self.student_map = student_map
@@ -666,10 +680,8 @@ class NEMt(_MaskExplainer):
     def _teacher_step(self, x, y, gen):
         _, maps, targets = y
         m = maps.float().clamp(0, 1)
-        if self.teacher_flip and x.ndim > 3:  # images and volumes only: a signal's time has a direction
-            flip = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)
-            x = torch.where(flip.view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)
-            m = torch.where(flip.view(-1, *[1] * (m.ndim - 1)), m.flip(-1), m)
+        if self.teacher_flip:
+            x, m = _flip_half(gen, x, m)
         logits, _ = self._logits(x)  # (B, n_maps, *spatial), at the image's size
         lg = _select_maps(logits, targets.long())
         if self.teacher_loss == "bce":
@@ -686,6 +698,8 @@ class NEMt(_MaskExplainer):
     def _step(self, x, y, gen):
         if self.objective == "teacher":
             return self._teacher_step(x, y, gen)
+        if self.flip:
+            x, = _flip_half(gen if gen is not None else torch.Generator().manual_seed(self.seed), x)
         if self.objective == "paper":
             keep, qc, qd = self._deletion(x, y)
             return deletion_loss(keep, qc, qd, area_weight=self.area_weight, change_weight=self.change_weight,
