@@ -450,7 +450,8 @@ class NEMt(_MaskExplainer):
 
     def __init__(self, model: nn.Module, *, objective: str = "nested", areas: Sequence[float] = DEFAULT_AREAS,
                  map_areas: Sequence[float] | None = DEFAULT_MAP_AREAS, temperature: float = 1.0, map_temperature: float = 0.02,
-                 games: str = "both", min_scale: float = 1.0, targets_per_image: int = 1,
+                 games: str = "both", min_scale: float = 1.0, preservation_bound: float | None = None,
+                 targets_per_image: int = 1,
                  present_fraction: float = 0.5, occlusion: str = "inpaint", blur_sigma: float | None = None,
                  quantity: str = "prob", area_weight: float = 1.0, change_weight: float = 2.0,
                  area_target: float | None = None, train_targets: str | None = None,
@@ -506,6 +507,9 @@ class NEMt(_MaskExplainer):
         self.map_areas = [float(a) for a in map_areas] if map_areas else None
         self.temperature, self.map_temperature = float(temperature), float(map_temperature)
         self.games, self.min_scale = games, float(min_scale)
+        if preservation_bound is not None and float(preservation_bound) <= 0:
+            raise ParameterError(f"preservation_bound must be positive, got {preservation_bound!r}")
+        self.preservation_bound = None if preservation_bound is None else float(preservation_bound)
         self.targets_per_image, self.present_fraction = int(targets_per_image), float(present_fraction)
         self.occlusion, self.quantity = occlusion, quantity
         self.blur_sigma = blur_sigma
@@ -709,7 +713,8 @@ class NEMt(_MaskExplainer):
         t = self._sample_targets(y, out, gen)
         idx = torch.randint(len(self.areas), (t.numel(),), generator=gen)
         areas = torch.tensor(self.areas)[idx]
-        loss, parts = game_loss(*self._games(x, logits, out, t, areas), min_scale=self.min_scale, games=self.games)
+        loss, parts = game_loss(*self._games(x, logits, out, t, areas), min_scale=self.min_scale, games=self.games,
+                                preservation_bound=self.preservation_bound)
         parts["area"] = float(areas.mean())
         return loss, parts
 
