@@ -82,6 +82,24 @@ def test_game_loss_scores_and_hinges():
     assert m.grad.abs().sum().item() == 0
 
 
+def test_preservation_bound_stops_the_gradient_of_a_lost_preservation_game():
+    """``preservation_bound`` B: the preservation term is clamp(-s_pres, 0, B); lost by more than B, it stays
+    at B with no gradient, inside the bound it is the plain hinge with gradient -1/S."""
+    clean = torch.tensor([10.0, 10.0])  # S = 10
+    m_del = torch.tensor([0.0, 0.0])  # deletion game won exactly: 0
+    m_pres = torch.tensor([-20.0, 5.0], requires_grad=True)  # s_pres = -3 (lost beyond B = 1) and -0.5
+    loss, _ = game_loss(m_del, m_pres, clean, preservation_bound=1.0)
+    assert loss.item() == pytest.approx((1.0 + 0.5) / 2)
+    loss.backward()
+    assert m_pres.grad.tolist() == pytest.approx([0.0, -1 / 10 / 2])
+    # without the bound the lost game keeps pulling: 3 and a gradient on both
+    m_pres.grad = None
+    loss, _ = game_loss(m_del, m_pres, clean)
+    assert loss.item() == pytest.approx((3.0 + 0.5) / 2)
+    loss.backward()
+    assert m_pres.grad.tolist() == pytest.approx([-1 / 20, -1 / 20])
+
+
 # -- a saturated classifier: softmax > 0.999 on its finding ----------------------------------------------
 
 def _toy(n: int, g: torch.Generator, size: int = 32, side: int = 8):
