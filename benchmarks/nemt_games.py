@@ -6,7 +6,8 @@ finding mask, on the validation images of that class explained for their true cl
 - localisation: relevance mass and pointing game (Quantus' rule) of the map;
 - with ``--games``: the nested objective's two games at each training area, for the explainer's own nested masks
   and for a *finding-centred* ranking of the same areas (the finding first, then outward by distance), as
-  s_del, s_pres (log-odds change in units of the clean evidence, see ``game_loss``) and the loss. Where the
+  s_del, s_pres (log-odds change in units of the clean evidence, see ``game_loss``) and the loss (with the
+  explainer's own ``preservation_bound``). Where the
   finding-centred masks score a lower loss than the explainer's own, the fit did not find the objective's
   optimum; where they score a higher one, the objective itself prefers the place the maps point at.
 
@@ -82,12 +83,13 @@ def main() -> None:
                         for a in ex.areas:
                             areas = torch.full((len(idx),), float(a))
                             md, mp, cl = ex._games(x, lg, out, t.view(-1, 1), areas)
-                            loss, parts = game_loss(md, mp, cl, min_scale=ex.min_scale)
+                            loss, parts = game_loss(md, mp, cl, min_scale=ex.min_scale,
+                                                  preservation_bound=getattr(ex, "preservation_bound", None))
                             games_rows.append((name, label, kind, a, parts["s_del"], parts["s_pres"], float(loss)))
         print(f"| {name} | all | {int(sum(len(r) for r in rm_all))} | {float(torch.cat(rm_all).nanmean()):.3f} | "
               f"{float(torch.cat(pg_all).nanmean()):.3f} |")
     if games_rows:
-        print("\nThe games (default loss: both games, unbounded), own nested masks vs finding-centred ones:\n")
+        print("\nThe games (loss: each explainer's own objective), own nested masks vs finding-centred ones:\n")
         print("| explainer | class | masks | area | s_del | s_pres | loss |\n|---|---|---|---|---|---|---|")
         for r in games_rows:
             print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:g} | {r[4]:+.2f} | {r[5]:+.2f} | {r[6]:.2f} |")

@@ -2,6 +2,7 @@
 and the collapse guard refuses a fit whose maps are empty."""
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -200,6 +201,8 @@ def test_cli_fit_areas_default_is_the_library_default():
     fit = typer.main.get_command(app).commands["fit"]
     default = next(p.default for p in fit.params if p.name == "areas")
     assert tuple(float(a) for a in default.split(",")) == DEFAULT_AREAS
+    bound = next(p.default for p in fit.params if p.name == "preservation_bound")
+    assert bound == inspect.signature(NEMt).parameters["preservation_bound"].default
 
 
 @pytest.mark.parametrize("dims", [1, 2])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -313,8 +314,9 @@ def fit(
     map_areas: str = typer.Option("0.01", help="nested: areas the map is the mean of ('train': --areas)"),
     games: str = typer.Option("both", help="nested: both | deletion | preservation"),
     min_scale: float = typer.Option(1.0, help="nested: smallest evidence size (log-odds) the games normalise by"),
-    preservation_bound: Optional[float] = typer.Option(None, help="nested: a preservation game lost by more than "
-                                                       "this (in units of the clean evidence) gives no gradient"),
+    preservation_bound: float = typer.Option(1.0, help="nested: a preservation game lost by more than this (in "
+                                             "units of the clean evidence) gives no gradient; inf: unbounded "
+                                             "(the former default)"),
     targets_per_image: int = typer.Option(1, help="nested: targets trained per image and step"),
     present_fraction: float = typer.Option(0.5, help="nested: share of targets that are the image's own"),
     allow_collapse: bool = typer.Option(False, help="save the explainer even if the collapse guard fires"),
@@ -377,7 +379,9 @@ def fit(
                      teacher=teacher, teacher_params=parse_params(teacher_param) or None,
                      teacher_budget=teacher_budget, teacher_loss=teacher_loss, teacher_flip=teacher_flip, flip=flip,
                      map_areas=None if map_areas == "train" else _floats(map_areas, "--map-areas"), games=games,
-                     min_scale=min_scale, preservation_bound=preservation_bound, targets_per_image=targets_per_image, present_fraction=present_fraction,
+                     min_scale=min_scale,
+                     preservation_bound=None if math.isinf(preservation_bound) else preservation_bound,
+                     targets_per_image=targets_per_image, present_fraction=present_fraction,
                      occlusion=occlusion, blur_sigma=blur_sigma, quantity=quantity, area_weight=area_weight,
                      change_weight=change_weight, area_target=area_target, kernel_size=kernel_size,
                      smoothing=smoothing, init_keep=init_keep, encoder=encoder, train_targets=train_targets,

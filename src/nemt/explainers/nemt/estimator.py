@@ -376,6 +376,8 @@ class _MaskExplainer(Explainer):
         if cls is NEMt and "objective" not in params:
             params["objective"] = "paper"  # saved before the nested objective existed: trained with the paper loss
         params.setdefault("decoder_full_resolution", True)  # saved before the lighter decoder existed
+        if cls is NEMt:  # saved before the bound existed: trained with the unbounded preservation game
+            params.setdefault("preservation_bound", None)
         self = cls(model, device=device, **params)
         fitted = card.get("fitted") or {}
         self.layers_, self.kernel_size_ = fitted.get("layers"), fitted.get("kernel_size")
@@ -424,7 +426,12 @@ class NEMt(_MaskExplainer):
       evidence should fall by its own size, max(|c|, ``min_scale``)) and a
       preservation game (keep only the mask on the filled image: the
       evidence should stay), hinged once won
-      (:func:`~nemt.explainers.nemt.losses.game_loss`). The map is the
+      (:func:`~nemt.explainers.nemt.losses.game_loss`); a preservation
+      game lost by more than ``preservation_bound`` (1: the kept mask alone
+      leaves the target less likely than not) gives no gradient, since a
+      small mask kept on the filled image is far from the model's data and
+      its log-odds there can reward a fixed place over the finding
+      (``None`` or ``inf``: unbounded, the former default). The map is the
       smoothed mean of the nested masks of ``map_areas`` (default: the top
       1 %; ``None``: the training areas): about 1 in the smallest, about 0
       outside the largest, and a small share of the logits' own order
@@ -450,7 +457,7 @@ class NEMt(_MaskExplainer):
 
     def __init__(self, model: nn.Module, *, objective: str = "nested", areas: Sequence[float] = DEFAULT_AREAS,
                  map_areas: Sequence[float] | None = DEFAULT_MAP_AREAS, temperature: float = 1.0, map_temperature: float = 0.02,
-                 games: str = "both", min_scale: float = 1.0, preservation_bound: float | None = None,
+                 games: str = "both", min_scale: float = 1.0, preservation_bound: float | None = 1.0,
                  targets_per_image: int = 1,
                  present_fraction: float = 0.5, occlusion: str = "inpaint", blur_sigma: float | None = None,
                  quantity: str = "prob", area_weight: float = 1.0, change_weight: float = 2.0,
