@@ -267,13 +267,11 @@ def test_decoder_stops_at_the_finest_stage_and_old_cards_keep_the_full_resolutio
         assert old.module_.logits(x, native=True)[0].shape == (2, 3, 32, 32)
     old.save(tmp_path)
     card = json.loads((tmp_path / "explainer.json").read_text())
-    assert card["params"]["preservation_bound"] == 1.0  # the default, recorded
-    del card["params"]["decoder_full_resolution"]  # as written before these options existed
-    del card["params"]["preservation_bound"]
+    assert card["params"]["preservation_bound"] is None  # the default, recorded
+    del card["params"]["decoder_full_resolution"]  # as written before the option existed
     (tmp_path / "explainer.json").write_text(json.dumps(card))
     back = NEMt.load(tmp_path, clf)
     assert back.decoder_full_resolution is True
-    assert back.preservation_bound is None  # trained with the unbounded preservation game: its card says so
     assert torch.equal(back.explain(x, "all"), old.explain(x, "all"))
 
 

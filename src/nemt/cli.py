@@ -314,9 +314,8 @@ def fit(
     map_areas: str = typer.Option("0.01", help="nested: areas the map is the mean of ('train': --areas)"),
     games: str = typer.Option("both", help="nested: both | deletion | preservation"),
     min_scale: float = typer.Option(1.0, help="nested: smallest evidence size (log-odds) the games normalise by"),
-    preservation_bound: float = typer.Option(1.0, help="nested: a preservation game lost by more than this (in "
-                                             "units of the clean evidence) gives no gradient; inf: unbounded "
-                                             "(the former default)"),
+    preservation_bound: float = typer.Option(math.inf, help="nested: a preservation game lost by more than this "
+                                             "(in units of the clean evidence) gives no gradient; inf: unbounded"),
     targets_per_image: int = typer.Option(1, help="nested: targets trained per image and step"),
     present_fraction: float = typer.Option(0.5, help="nested: share of targets that are the image's own"),
     allow_collapse: bool = typer.Option(False, help="save the explainer even if the collapse guard fires"),

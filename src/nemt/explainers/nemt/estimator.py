@@ -427,11 +427,12 @@ class NEMt(_MaskExplainer):
       preservation game (keep only the mask on the filled image: the
       evidence should stay), hinged once won
       (:func:`~nemt.explainers.nemt.losses.game_loss`); a preservation
-      game lost by more than ``preservation_bound`` (1: the kept mask alone
-      leaves the target less likely than not) gives no gradient, since a
-      small mask kept on the filled image is far from the model's data and
-      its log-odds there can reward a fixed place over the finding
-      (``None`` or ``inf``: unbounded, the former default). The map is the
+      game lost by more than ``preservation_bound`` (e.g. 1: the kept mask
+      alone leaves the target less likely than not) gives no gradient, since
+      a small mask kept on the filled image is far from the model's data and
+      its log-odds there can reward a fixed place over the finding (default
+      ``None``: unbounded; the bound helps the demo's diffuse opacity but
+      loses the saturated toy's finding, see the README). The map is the
       smoothed mean of the nested masks of ``map_areas`` (default: the top
       1 %; ``None``: the training areas): about 1 in the smallest, about 0
       outside the largest, and a small share of the logits' own order
@@ -457,7 +458,7 @@ class NEMt(_MaskExplainer):
 
     def __init__(self, model: nn.Module, *, objective: str = "nested", areas: Sequence[float] = DEFAULT_AREAS,
                  map_areas: Sequence[float] | None = DEFAULT_MAP_AREAS, temperature: float = 1.0, map_temperature: float = 0.02,
-                 games: str = "both", min_scale: float = 1.0, preservation_bound: float | None = 1.0,
+                 games: str = "both", min_scale: float = 1.0, preservation_bound: float | None = None,
                  targets_per_image: int = 1,
                  present_fraction: float = 0.5, occlusion: str = "inpaint", blur_sigma: float | None = None,
                  quantity: str = "prob", area_weight: float = 1.0, change_weight: float = 2.0,
