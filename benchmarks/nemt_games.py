@@ -62,6 +62,8 @@ def main() -> None:
     for spec in args.explainer:
         name, folder = spec.split("=", 1)
         ex = NEMt.load(folder, clf)
+        ex.module_.eval()
+        ex.module_.smoothing.generator = torch.Generator().manual_seed(0)  # the games' random smoothing
         rm_all, pg_all = [], []
         for c, label in enumerate(clf.label_names):
             idx = (has & (b["y"] == c)).nonzero().flatten()
@@ -74,8 +76,6 @@ def main() -> None:
             pg_all.append(pg)
             print(f"| {name} | {label} | {len(idx)} | {float(rm.nanmean()):.3f} | {float(pg.nanmean()):.3f} |")
             if args.games:
-                ex.module_.eval()
-                ex.module_.smoothing.generator = torch.Generator().manual_seed(0)
                 with torch.no_grad():
                     logits, out = ex._logits(x)
                     ranks = {"own": logits, "finding": finding_ranking(gt).expand(-1, logits.shape[1], *gt.shape[2:])}
@@ -84,7 +84,7 @@ def main() -> None:
                             areas = torch.full((len(idx),), float(a))
                             md, mp, cl = ex._games(x, lg, out, t.view(-1, 1), areas)
                             loss, parts = game_loss(md, mp, cl, min_scale=ex.min_scale,
-                                                  preservation_bound=getattr(ex, "preservation_bound", None))
+                                                  preservation_bound=ex.preservation_bound)
                             games_rows.append((name, label, kind, a, parts["s_del"], parts["s_pres"], float(loss)))
         print(f"| {name} | all | {int(sum(len(r) for r in rm_all))} | {float(torch.cat(rm_all).nanmean()):.3f} | "
               f"{float(torch.cat(pg_all).nanmean()):.3f} |")

@@ -376,8 +376,6 @@ class _MaskExplainer(Explainer):
         if cls is NEMt and "objective" not in params:
             params["objective"] = "paper"  # saved before the nested objective existed: trained with the paper loss
         params.setdefault("decoder_full_resolution", True)  # saved before the lighter decoder existed
-        if cls is NEMt:  # saved before the bound existed: trained with the unbounded preservation game
-            params.setdefault("preservation_bound", None)
         self = cls(model, device=device, **params)
         fitted = card.get("fitted") or {}
         self.layers_, self.kernel_size_ = fitted.get("layers"), fitted.get("kernel_size")
@@ -710,14 +708,14 @@ class NEMt(_MaskExplainer):
     def _step(self, x, y, gen):
         if self.objective == "teacher":
             return self._teacher_step(x, y, gen)
+        gen = gen if gen is not None else torch.Generator().manual_seed(self.seed)
         if self.flip:
-            x, = _flip_half(gen if gen is not None else torch.Generator().manual_seed(self.seed), x)
+            x, = _flip_half(gen, x)
         if self.objective == "paper":
             keep, qc, qd = self._deletion(x, y)
             return deletion_loss(keep, qc, qd, area_weight=self.area_weight, change_weight=self.change_weight,
                                  area_target=self.area_target)
         logits, out = self._logits(x)
-        gen = gen if gen is not None else torch.Generator().manual_seed(self.seed)
         t = self._sample_targets(y, out, gen)
         idx = torch.randint(len(self.areas), (t.numel(),), generator=gen)
         areas = torch.tensor(self.areas)[idx]

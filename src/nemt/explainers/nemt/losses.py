@@ -5,8 +5,6 @@ k (B, T, *spatial) in [0, 1]; model outputs (B, n_outputs).
 """
 from __future__ import annotations
 
-import math
-
 from typing import Sequence
 
 import torch
@@ -210,8 +208,7 @@ def game_loss(m_del: torch.Tensor, m_pres: torch.Tensor, clean: torch.Tensor, *,
     if games in ("both", "deletion"):
         parts.append(F.relu(1 + s_del))
     if games in ("both", "preservation"):
-        parts.append(F.relu(-s_pres) if preservation_bound is None or math.isinf(preservation_bound)
-                     else (-s_pres).clamp(0, preservation_bound))
+        parts.append(F.relu(-s_pres) if preservation_bound is None else (-s_pres).clamp(0, preservation_bound))
     if not parts:
         raise NemtError(f"games must be both, deletion or preservation, got {games!r}")
     loss = torch.stack(parts).sum(0).mean()
