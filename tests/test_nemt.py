@@ -267,7 +267,7 @@ def test_decoder_stops_at_the_finest_stage_and_old_cards_keep_the_full_resolutio
         assert old.module_.logits(x, native=True)[0].shape == (2, 3, 32, 32)
     old.save(tmp_path)
     card = json.loads((tmp_path / "explainer.json").read_text())
-    assert card["params"]["preservation_bound"] is None  # the default, recorded
+    assert card["params"]["preservation_bound"] == 2.0  # the default, recorded
     del card["params"]["decoder_full_resolution"]  # as written before the option existed
     (tmp_path / "explainer.json").write_text(json.dumps(card))
     back = NEMt.load(tmp_path, clf)

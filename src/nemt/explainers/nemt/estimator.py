@@ -376,6 +376,8 @@ class _MaskExplainer(Explainer):
         if cls is NEMt and "objective" not in params:
             params["objective"] = "paper"  # saved before the nested objective existed: trained with the paper loss
         params.setdefault("decoder_full_resolution", True)  # saved before the lighter decoder existed
+        if params.get("objective") == "nested":
+            params.setdefault("preservation_bound", None)  # saved before the bound existed: trained unbounded
         self = cls(model, device=device, **params)
         fitted = card.get("fitted") or {}
         self.layers_, self.kernel_size_ = fitted.get("layers"), fitted.get("kernel_size")
@@ -397,6 +399,7 @@ OBJECTIVES = ("nested", "paper", "teacher")
 TEACHER_LOSSES = ("bce", "kl")
 GAMES = ("both", "deletion", "preservation")
 DEFAULT_AREAS = (0.01, 0.025, 0.05, 0.1, 0.2)  # 1 % added on BUSI/demo validation (pointing game; README)
+DEFAULT_PRESERVATION_BOUND = 2.0  # chosen on the validation splits of the demo and BUSI (README)
 DEFAULT_MAP_AREAS = (0.01,)  # chosen on the demo's validation split (README); the logits rank every pixel anyway
 
 
@@ -425,12 +428,12 @@ class NEMt(_MaskExplainer):
       preservation game (keep only the mask on the filled image: the
       evidence should stay), hinged once won
       (:func:`~nemt.explainers.nemt.losses.game_loss`); a preservation
-      game lost by more than ``preservation_bound`` (e.g. 1: the kept mask
-      alone leaves the target less likely than not) gives no gradient, since
-      a small mask kept on the filled image is far from the model's data and
-      its log-odds there can reward a fixed place over the finding (default
-      ``None``: unbounded; the bound helps the demo's diffuse opacity but
-      loses the saturated toy's finding, see the README). The map is the
+      game lost by more than ``preservation_bound`` (default 2: the kept mask
+      alone moves the target's log-odds twice its clean evidence the wrong
+      way) gives no gradient, since a small mask kept on the filled image is
+      far from the model's data and its log-odds there can reward a fixed
+      place over the finding (the demo's opacity); ``None``: unbounded (a
+      bound of 1 loses the saturated toy's finding, see the README). The map is the
       smoothed mean of the nested masks of ``map_areas`` (default: the top
       1 %; ``None``: the training areas): about 1 in the smallest, about 0
       outside the largest, and a small share of the logits' own order
@@ -456,7 +459,8 @@ class NEMt(_MaskExplainer):
 
     def __init__(self, model: nn.Module, *, objective: str = "nested", areas: Sequence[float] = DEFAULT_AREAS,
                  map_areas: Sequence[float] | None = DEFAULT_MAP_AREAS, temperature: float = 1.0, map_temperature: float = 0.02,
-                 games: str = "both", min_scale: float = 1.0, preservation_bound: float | None = None,
+                 games: str = "both", min_scale: float = 1.0,
+                 preservation_bound: float | None = DEFAULT_PRESERVATION_BOUND, preservation_min_area: float = 0.0,
                  targets_per_image: int = 1,
                  present_fraction: float = 0.5, occlusion: str = "inpaint", blur_sigma: float | None = None,
                  quantity: str = "prob", area_weight: float = 1.0, change_weight: float = 2.0,
@@ -516,6 +520,9 @@ class NEMt(_MaskExplainer):
         if preservation_bound is not None and float(preservation_bound) <= 0:
             raise ParameterError(f"preservation_bound must be positive, got {preservation_bound!r}")
         self.preservation_bound = None if preservation_bound is None else float(preservation_bound)
+        if not 0 <= float(preservation_min_area) < 1:
+            raise ParameterError(f"preservation_min_area must be a fraction in [0, 1), got {preservation_min_area!r}")
+        self.preservation_min_area = float(preservation_min_area)
         self.targets_per_image, self.present_fraction = int(targets_per_image), float(present_fraction)
         self.occlusion, self.quantity = occlusion, quantity
         self.blur_sigma = blur_sigma
@@ -720,7 +727,8 @@ class NEMt(_MaskExplainer):
         idx = torch.randint(len(self.areas), (t.numel(),), generator=gen)
         areas = torch.tensor(self.areas)[idx]
         loss, parts = game_loss(*self._games(x, logits, out, t, areas), min_scale=self.min_scale, games=self.games,
-                                preservation_bound=self.preservation_bound)
+                                preservation_bound=self.preservation_bound,
+                                preserve=areas >= self.preservation_min_area if self.preservation_min_area else None)
         parts["area"] = float(areas.mean())
         return loss, parts
 
