@@ -15,7 +15,6 @@ from nemt.explainers.nemt.estimator import CollapseError
 from nemt.explainers.nemt.losses import area_thresholds, game_loss, log_odds, nested_masks, staircase
 from nemt.metrics import pointing_game, relevance_mass
 from nemt.models import Classifier, build_model
-from nemt.ops import ParameterError
 
 FAST = dict(optimizer="adamw", batch_size=16, decoder_channels=(32, 16, 16, 8, 8), seed=0)
 
@@ -101,27 +100,6 @@ def test_preservation_bound_stops_the_gradient_of_a_lost_preservation_game():
     assert loss.item() == pytest.approx((3.0 + 0.5) / 2)
     loss.backward()
     assert m_pres.grad.tolist() == pytest.approx([-1 / 20, -1 / 20])
-
-
-def test_preserve_leaves_the_preservation_game_out_for_the_samples_it_excludes():
-    """``preserve`` (the samples drawn at areas below ``preservation_min_area``): an excluded sample adds its
-    deletion term only, with no gradient from its preserved log-odds; the mean still runs over all samples."""
-    clean = torch.tensor([10.0, 10.0])
-    m_del = torch.tensor([0.0, 0.0])  # both deletion games won exactly: 0
-    m_pres = torch.tensor([5.0, 5.0], requires_grad=True)  # s_pres = -0.5 each
-    loss, _ = game_loss(m_del, m_pres, clean, preserve=torch.tensor([True, False]))
-    assert loss.item() == pytest.approx(0.5 / 2)
-    loss.backward()
-    assert m_pres.grad.tolist() == pytest.approx([-1 / 10 / 2, 0.0])
-
-
-def test_preservation_min_area_is_checked_and_recorded():
-    net = build_model("smallcnn", spatial_dims=2, in_channels=1, out_channels=3, width=4)
-    clf = Classifier.from_module(net, spatial_dims=2, in_channels=1, input_size=(16, 16), task="multiclass",
-                                 label_names=["a", "b", "c"])
-    with pytest.raises(ParameterError, match="preservation_min_area"):
-        NEMt(clf, preservation_min_area=1.0)
-    assert NEMt(clf, preservation_min_area=0.02).hyper_params()["preservation_min_area"] == 0.02
 
 
 # -- a saturated classifier: softmax > 0.999 on its finding ----------------------------------------------

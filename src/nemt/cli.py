@@ -317,8 +317,6 @@ def fit(
     preservation_bound: float = typer.Option(2.0,
                                              help="nested: a preservation game lost by more than this "
                                              "(in units of the clean evidence) gives no gradient; inf: unbounded"),
-    preservation_min_area: float = typer.Option(0.0, help="nested: the preservation game is played at training "
-                                                "areas of at least this fraction only (0: all)"),
     targets_per_image: int = typer.Option(1, help="nested: targets trained per image and step"),
     present_fraction: float = typer.Option(0.5, help="nested: share of targets that are the image's own"),
     allow_collapse: bool = typer.Option(False, help="save the explainer even if the collapse guard fires"),
@@ -383,7 +381,6 @@ def fit(
                      map_areas=None if map_areas == "train" else _floats(map_areas, "--map-areas"), games=games,
                      min_scale=min_scale,
                      preservation_bound=None if math.isinf(preservation_bound) else preservation_bound,
-                     preservation_min_area=preservation_min_area,
                      targets_per_image=targets_per_image, present_fraction=present_fraction,
                      occlusion=occlusion, blur_sigma=blur_sigma, quantity=quantity, area_weight=area_weight,
                      change_weight=change_weight, area_target=area_target, kernel_size=kernel_size,

@@ -460,7 +460,7 @@ class NEMt(_MaskExplainer):
     def __init__(self, model: nn.Module, *, objective: str = "nested", areas: Sequence[float] = DEFAULT_AREAS,
                  map_areas: Sequence[float] | None = DEFAULT_MAP_AREAS, temperature: float = 1.0, map_temperature: float = 0.02,
                  games: str = "both", min_scale: float = 1.0,
-                 preservation_bound: float | None = DEFAULT_PRESERVATION_BOUND, preservation_min_area: float = 0.0,
+                 preservation_bound: float | None = DEFAULT_PRESERVATION_BOUND,
                  targets_per_image: int = 1,
                  present_fraction: float = 0.5, occlusion: str = "inpaint", blur_sigma: float | None = None,
                  quantity: str = "prob", area_weight: float = 1.0, change_weight: float = 2.0,
@@ -520,9 +520,6 @@ class NEMt(_MaskExplainer):
         if preservation_bound is not None and float(preservation_bound) <= 0:
             raise ParameterError(f"preservation_bound must be positive, got {preservation_bound!r}")
         self.preservation_bound = None if preservation_bound is None else float(preservation_bound)
-        if not 0 <= float(preservation_min_area) < 1:
-            raise ParameterError(f"preservation_min_area must be a fraction in [0, 1), got {preservation_min_area!r}")
-        self.preservation_min_area = float(preservation_min_area)
         self.targets_per_image, self.present_fraction = int(targets_per_image), float(present_fraction)
         self.occlusion, self.quantity = occlusion, quantity
         self.blur_sigma = blur_sigma
@@ -727,8 +724,7 @@ class NEMt(_MaskExplainer):
         idx = torch.randint(len(self.areas), (t.numel(),), generator=gen)
         areas = torch.tensor(self.areas)[idx]
         loss, parts = game_loss(*self._games(x, logits, out, t, areas), min_scale=self.min_scale, games=self.games,
-                                preservation_bound=self.preservation_bound,
-                                preserve=areas >= self.preservation_min_area if self.preservation_min_area else None)
+                                preservation_bound=self.preservation_bound)
         parts["area"] = float(areas.mean())
         return loss, parts
 
