@@ -268,10 +268,11 @@ def test_decoder_stops_at_the_finest_stage_and_old_cards_keep_the_full_resolutio
     old.save(tmp_path)
     card = json.loads((tmp_path / "explainer.json").read_text())
     assert card["params"]["preservation_bound"] == 2.0  # the default, recorded
-    del card["params"]["decoder_full_resolution"]  # as written before the option existed
+    del card["params"]["decoder_full_resolution"], card["params"]["preservation_bound"]  # written before both
     (tmp_path / "explainer.json").write_text(json.dumps(card))
     back = NEMt.load(tmp_path, clf)
     assert back.decoder_full_resolution is True
+    assert back.preservation_bound is None  # a nested fit saved before the bound was trained unbounded
     assert torch.equal(back.explain(x, "all"), old.explain(x, "all"))
 
 
