@@ -233,11 +233,12 @@ def test_gradcam_on_the_folded_copy_equals_the_model(name):
     """The fast path taps the leaf that makes the stage's output (ResNet: the block's in-place ReLU)."""
     torch.manual_seed(0)
     net = build_model("resnet18", spatial_dims=2, in_channels=1, out_channels=3)
-    clf = Classifier.from_module(net, spatial_dims=2, in_channels=1, input_size=(64, 64), task="multiclass",
+    # 96 px: layer4 is 3 x 3, so it is the default layer (at 64 px its 2 x 2 grid is skipped for layer3)
+    clf = Classifier.from_module(net, spatial_dims=2, in_channels=1, input_size=(96, 96), task="multiclass",
                                  label_names=["a", "b", "c"]).eval()
     fast = get_explainer(name, clf)
     assert fast.net is not clf and fast.tap_name == "net.layer4.1.act"
-    x = torch.randn(3, 1, 64, 64)
+    x = torch.randn(3, 1, 96, 96)
     a = fast.explain(x, target="all")
     b = get_explainer(name, clf, fast=False).explain(x, target="all")
     assert torch.allclose(a, b, atol=1e-4)

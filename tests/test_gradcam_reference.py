@@ -96,3 +96,26 @@ def test_laplace_reference_known_answer():
     expected[2, 3] = expected[4, 3] = expected[3, 2] = expected[3, 4] = 1
     assert torch.equal(m, expected)
     assert get_explainer("laplace", _clf(3, 8))._map(torch.zeros(1, 1, 5, 5, 5)).abs().sum() == 0
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_default_layer_skips_a_two_cell_grid(dims):
+    """The default layer has at least 3 cells per axis: a 2-cell grid, upsampled, can only peak in a corner.
+
+    smallcnn halves 4 times: at 32 px its last stage is 2 cells per axis and the default is the 4-cell stage
+    before it; at 64 px the last stage has 4 cells and stays the default. The corner property is checked on
+    random 2-cell maps directly (linear upsampling with replicated edges puts the maximum where the largest
+    cell's value is held, the outer quarter of each axis): exactly, so no tolerance.
+    """
+    from nemt.explainers.base import resize_linear
+    from nemt.explainers.layers import find_stages
+    for size, expected in ((32, "stage3"), (64, "stage4")):
+        clf = _clf(dims, size)
+        ex = get_explainer("gradcam", clf)
+        assert ex.layer == expected, (size, ex.layer)
+        assert find_stages(clf, (1,) * 1 + (size,) * dims)[-1] == "stage4"  # what the former default took
+    torch.manual_seed(1)
+    cells = torch.rand(64, 1, *(2,) * dims)
+    up = resize_linear(cells, (32,) * dims).flatten(2)
+    peak = torch.stack(torch.unravel_index(up.argmax(-1).flatten(), (32,) * dims), -1)  # (64, dims)
+    assert bool(((peak < 8) | (peak >= 24)).all())  # every peak in a corner block of a quarter per side

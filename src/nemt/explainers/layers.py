@@ -37,11 +37,12 @@ def layer_name(model: nn.Module, layer: str | nn.Module) -> str:
 
 
 @torch.no_grad()
-def find_stages(model: nn.Module, input_shape: Sequence[int], max_stages: int = 5) -> list[str]:
+def find_stages(model: nn.Module, input_shape: Sequence[int], max_stages: int = 5, min_cells: int = 2) -> list[str]:
     """Names (in ``model.net`` if it is a Classifier) of the deepest-resolution stage outputs.
 
     ``input_shape`` is (C, *spatial). Returns at most ``max_stages`` names,
-    shallowest first.
+    shallowest first, of stages with at least ``min_cells`` cells along every
+    spatial axis (2 by default: a 1-cell output is no longer spatial).
     """
     net = _unwrap(model)
     spatial = tuple(input_shape[1:])
@@ -68,12 +69,13 @@ def find_stages(model: nn.Module, input_shape: Sequence[int], max_stages: int = 
     # inside a block can fire at a stage's resolution, but the stage container is shallower)
     last: dict[tuple[int, ...], tuple[int, str]] = {}
     for name, shape, _ in order:
-        if shape != spatial and all(s > 1 for s in shape) and all(s <= i for s, i in zip(shape, spatial)):
+        if shape != spatial and all(s >= min_cells for s in shape) and all(s <= i for s, i in zip(shape, spatial)):
             depth = name.count(".")
             if shape not in last or depth <= last[shape][0]:
                 last[shape] = (depth, name)
     if not last:
-        raise NemtError("found no downsampled convolutional stages; pass the layer names explicitly")
+        raise NemtError(f"found no downsampled convolutional stages with at least {min_cells} cells per axis; "
+                        "pass the layer names explicitly")
     by_size = sorted(last.items(), key=lambda kv: -kv[0][0])  # shallow (large) first
     return [name for _, (_, name) in by_size][:max_stages]
 
