@@ -229,3 +229,27 @@ def test_flip_mirrors_about_half_the_training_images_of_a_step(dims):
         else:
             assert not changed.any()
     assert NEMt(clf, flip=True, **FAST).hyper_params()["flip"] is True  # the card records it
+
+
+def test_inpaint_plus_blur_plays_each_game_with_both_fills():
+    """``occlusion="inpaint+blur"``: the deletion and preservation games once with the inpainting fill and once
+    with the blur, the loss their equal mean: the first half of each game equals the inpainting explainer's
+    games, the second half the blur explainer's (same module, same masks; float rounding only)."""
+    torch.manual_seed(0)
+    net = build_model("smallcnn", spatial_dims=2, in_channels=1, out_channels=3, width=4)
+    clf = Classifier.from_module(net, spatial_dims=2, in_channels=1, input_size=(32, 32), task="multiclass",
+                                 label_names=["a", "b", "c"]).eval()
+    both = NEMt(clf, occlusion="inpaint+blur", **FAST).init_module()
+    x = torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([[0], [2], [1]])
+    areas = torch.tensor([0.05, 0.1, 0.2])
+    with torch.no_grad():
+        logits, out = both._logits(x)
+        got = both._games(x, logits, out, t, areas)
+        for i, kind in enumerate(("inpaint", "blur")):
+            one = NEMt(clf, occlusion=kind, **FAST)
+            one.module_ = both.module_
+            want = one._games(x, logits, out, t, areas)
+            for g, w in zip(got, want):
+                assert g.shape == (6,) and torch.allclose(g[3 * i:3 * i + 3], w, atol=1e-5)
+    assert not torch.allclose(got[0][:3], got[0][3:])  # the two fills do differ

@@ -649,14 +649,20 @@ class NEMt(_MaskExplainer):
         m = nested_masks(lg, areas.to(lg.device), self.temperature, hard=hard)
         m = self.module_.smoothing(m.view(b, k, *sp)).reshape(b * k, 1, *sp)
         xr = x.repeat_interleave(k, dim=0)
-        filled = self._filled(x)
-        x_del = self._occlude(xr, 1 - m)  # the mask deleted (a counterfactual fill for inpainting)
-        x_pres = xr * m + filled.repeat_interleave(k, dim=0) * (1 - m)  # only the mask kept, on the reference
-        o = log_odds(self.model(torch.cat([x_del, x_pres])), self.task, self._scale())
-        flat_t = t.reshape(-1, 1)
-        m_del = o[:b * k].gather(1, flat_t).squeeze(1)
-        m_pres = o[b * k:].gather(1, flat_t).squeeze(1)
-        clean = log_odds(out, self.task, self._scale()).gather(1, t).reshape(-1)
+        kinds = ("inpaint", "blur") if self.occlusion == "inpaint+blur" else (self.occlusion,)
+        sigma = self.blur_sigma or fill_sigma_for(tuple(self._input_size))
+        parts = []
+        for kind in kinds:  # "inpaint+blur": both games with each fill, equally weighted
+            filled = occlude(x, torch.zeros_like(x[:, :1]), kind, zero_value=self._zero_value(), sigma=sigma)
+            x_del = occlude(xr, 1 - m, kind, zero_value=self._zero_value(), sigma=sigma)  # the mask deleted
+            x_pres = xr * m + filled.repeat_interleave(k, dim=0) * (1 - m)  # only the mask kept, on the reference
+            parts += [x_del, x_pres]
+        o = log_odds(self.model(torch.cat(parts)), self.task, self._scale())
+        flat_t = t.reshape(-1, 1).repeat(len(kinds), 1)
+        n = b * k
+        m_del = torch.cat([o[2 * i * n:(2 * i + 1) * n] for i in range(len(kinds))]).gather(1, flat_t).squeeze(1)
+        m_pres = torch.cat([o[(2 * i + 1) * n:(2 * i + 2) * n] for i in range(len(kinds))]).gather(1, flat_t).squeeze(1)
+        clean = log_odds(out, self.task, self._scale()).gather(1, t).reshape(-1).repeat(len(kinds))
         return m_del, m_pres, clean
 
     # -- the teacher objective (a student of another explainer) ------------------

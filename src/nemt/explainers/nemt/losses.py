@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from nemt.errors import NemtError
 from nemt.ops import SCORES, diffusion_fill, fill_values, output_score
 
-OCCLUSIONS = ("mean", "zero", "blur", "inpaint")
+OCCLUSIONS = ("mean", "zero", "blur", "inpaint", "inpaint+blur")  # the last: NEMt's games with both fills
 QUANTITIES = SCORES
 
 
@@ -42,7 +42,7 @@ def occlude(x: torch.Tensor, keep: torch.Tensor, kind: str, *, zero_value: torch
         fill = zero_value.to(x).view(1, -1, *([1] * (x.ndim - 2))).expand_as(x)
     elif kind == "blur":
         fill = fill_values(x, "blur", sigma=sigma)
-    elif kind == "inpaint":
+    elif kind in ("inpaint", "inpaint+blur"):  # one fill for one image: "inpaint+blur" plays its games with both
         return diffusion_fill(x, keep, sigma)
     else:
         raise NemtError(f"unknown occlusion {kind!r}; choose one of {OCCLUSIONS}")
