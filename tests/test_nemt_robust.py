@@ -231,7 +231,7 @@ def test_flip_mirrors_about_half_the_training_images_of_a_step(dims):
     assert NEMt(clf, flip=True, **FAST).hyper_params()["flip"] is True  # the card records it
 
 
-def test_inpaint_plus_blur_plays_each_game_with_both_fills():
+def test_inpaint_plus_blur_plays_each_game_with_both_fills():  # and the blur background alone
     """``occlusion="inpaint+blur"``: the deletion and preservation games once with the inpainting fill and once
     with the blur, the loss their equal mean: the first half of each game equals the inpainting explainer's
     games, the second half the blur explainer's (same module, same masks; float rounding only)."""
@@ -253,3 +253,10 @@ def test_inpaint_plus_blur_plays_each_game_with_both_fills():
             for g, w in zip(got, want):
                 assert g.shape == (6,) and torch.allclose(g[3 * i:3 * i + 3], w, atol=1e-5)
     assert not torch.allclose(got[0][:3], got[0][3:])  # the two fills do differ
+    # "inpaint+blur-background": deletion as with inpainting, preservation as with the blur (its background)
+    mixed = NEMt(clf, occlusion="inpaint+blur-background", **FAST)
+    mixed.module_ = both.module_
+    with torch.no_grad():
+        m_del, m_pres, clean = mixed._games(x, logits, out, t, areas)
+    assert torch.allclose(m_del, got[0][:3], atol=1e-5) and torch.allclose(m_pres, got[1][3:], atol=1e-5)
+    assert torch.allclose(clean, got[2][:3])

@@ -320,7 +320,7 @@ def fit(
     targets_per_image: int = typer.Option(1, help="nested: targets trained per image and step"),
     present_fraction: float = typer.Option(0.5, help="nested: share of targets that are the image's own"),
     allow_collapse: bool = typer.Option(False, help="save the explainer even if the collapse guard fires"),
-    occlusion: str = typer.Option("inpaint", help="what deleted pixels become: mean | zero | blur | inpaint | inpaint+blur (NEMt's games with both)"),
+    occlusion: str = typer.Option("inpaint", help="what deleted pixels become: mean | zero | blur | inpaint | inpaint+blur (NEMt's games with both) | inpaint+blur-background (delete by inpainting, keep on the blurred image)"),
     blur_sigma: Optional[float] = typer.Option(None, help="blur / inpainting sigma in pixels (default: 8 px at 128 px; 3D: 0.135 of the side, 4.3 voxels at 32³)"),
     quantity: str = typer.Option("prob", help="paper: target quantity: prob | logit | one_minus_prob"),
     area_weight: float = typer.Option(1.0, help="paper: weight of the deleted-area term"),

@@ -649,11 +649,14 @@ class NEMt(_MaskExplainer):
         m = nested_masks(lg, areas.to(lg.device), self.temperature, hard=hard)
         m = self.module_.smoothing(m.view(b, k, *sp)).reshape(b * k, 1, *sp)
         xr = x.repeat_interleave(k, dim=0)
-        kinds = ("inpaint", "blur") if self.occlusion == "inpaint+blur" else (self.occlusion,)
+        # (deletion fill, preservation background) pairs; "inpaint+blur": both games with each fill, equally weighted
+        kinds = {"inpaint+blur": (("inpaint", "inpaint"), ("blur", "blur")),
+                 "inpaint+blur-background": (("inpaint", "blur"),)}.get(self.occlusion,
+                                                                      ((self.occlusion, self.occlusion),))
         sigma = self.blur_sigma or fill_sigma_for(tuple(self._input_size))
         parts = []
-        for kind in kinds:  # "inpaint+blur": both games with each fill, equally weighted
-            filled = occlude(x, torch.zeros_like(x[:, :1]), kind, zero_value=self._zero_value(), sigma=sigma)
+        for kind, background in kinds:
+            filled = occlude(x, torch.zeros_like(x[:, :1]), background, zero_value=self._zero_value(), sigma=sigma)
             x_del = occlude(xr, 1 - m, kind, zero_value=self._zero_value(), sigma=sigma)  # the mask deleted
             x_pres = xr * m + filled.repeat_interleave(k, dim=0) * (1 - m)  # only the mask kept, on the reference
             parts += [x_del, x_pres]

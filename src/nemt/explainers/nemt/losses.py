@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from nemt.errors import NemtError
 from nemt.ops import SCORES, diffusion_fill, fill_values, output_score
 
-OCCLUSIONS = ("mean", "zero", "blur", "inpaint", "inpaint+blur")  # the last: NEMt's games with both fills
+OCCLUSIONS = ("mean", "zero", "blur", "inpaint", "inpaint+blur", "inpaint+blur-background")
+# the last two, NEMt's games only: both games with each fill; deletion by inpainting, preservation on the blur
 QUANTITIES = SCORES
 
 
@@ -42,7 +43,7 @@ def occlude(x: torch.Tensor, keep: torch.Tensor, kind: str, *, zero_value: torch
         fill = zero_value.to(x).view(1, -1, *([1] * (x.ndim - 2))).expand_as(x)
     elif kind == "blur":
         fill = fill_values(x, "blur", sigma=sigma)
-    elif kind in ("inpaint", "inpaint+blur"):  # one fill for one image: "inpaint+blur" plays its games with both
+    elif kind in ("inpaint", "inpaint+blur", "inpaint+blur-background"):  # one fill for one image: inpainting
         return diffusion_fill(x, keep, sigma)
     else:
         raise NemtError(f"unknown occlusion {kind!r}; choose one of {OCCLUSIONS}")
