@@ -113,7 +113,7 @@ def test_default_layer_skips_a_two_cell_grid(dims):
         clf = _clf(dims, size)
         ex = get_explainer("gradcam", clf)
         assert ex.layer == expected, (size, ex.layer)
-        assert find_stages(clf, (1,) * 1 + (size,) * dims)[-1] == "stage4"  # what the former default took
+        assert find_stages(clf, (1, *(size,) * dims))[-1] == "stage4"  # what the former default took
     torch.manual_seed(1)
     cells = torch.rand(64, 1, *(2,) * dims)
     up = resize_linear(cells, (32,) * dims).flatten(2)

@@ -28,8 +28,8 @@ from nemt.explainers.base import Explainer, Target, init_parameters, register
 from nemt.ops import (ParameterError, evaluating, frozen_parameters, label_names_of, n_outputs_of, output_score,
                       postprocess, resolve_targets, task_of)
 from nemt.explainers.layers import find_stages, layer_name
-from nemt.explainers.nemt.losses import (OCCLUSIONS, QUANTITIES, deletion_loss, game_loss, log_odds, nem_loss,
-                                        nested_masks, occlude, target_quantity)
+from nemt.explainers.nemt.losses import (OCCLUSIONS, QUANTITIES, deletion_loss, game_fills, game_loss, log_odds,
+                                        nem_loss, nested_masks, occlude, target_quantity)
 from nemt.distributed import Context, StepBatches, context
 from nemt.explainers.nemt.loop import batches, fit_loop, split_xy
 from nemt.explainers.nemt.module import ExplanationModule
@@ -585,13 +585,15 @@ class NEMt(_MaskExplainer):
             return None
         return pre.normalise(torch.zeros(1, self._in_channels, *([1] * self.spatial_dims)))[0].flatten()
 
-    def _occlude(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def _occlude(self, x: torch.Tensor, keep: torch.Tensor, kind: str | None = None) -> torch.Tensor:
+        """``x`` with ``1 - keep`` deleted by the fill ``kind`` (default: this explainer's, see ``game_fills``)."""
         sigma = self.blur_sigma or fill_sigma_for(tuple(self._input_size))
-        return occlude(x, keep, self.occlusion, zero_value=self._zero_value(), sigma=sigma)
+        kind = kind or game_fills(self.occlusion)[0][0]
+        return occlude(x, keep, kind, zero_value=self._zero_value(), sigma=sigma)
 
-    def _filled(self, x: torch.Tensor) -> torch.Tensor:
+    def _filled(self, x: torch.Tensor, kind: str | None = None) -> torch.Tensor:
         """The fully filled image (nothing kept): the background of the preservation game."""
-        return self._occlude(x, torch.zeros_like(x[:, :1]))
+        return self._occlude(x, torch.zeros_like(x[:, :1]), kind)
 
     # -- the paper's objective -----------------------------------------------
     def _train_targets(self, y: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
@@ -649,23 +651,17 @@ class NEMt(_MaskExplainer):
         m = nested_masks(lg, areas.to(lg.device), self.temperature, hard=hard)
         m = self.module_.smoothing(m.view(b, k, *sp)).reshape(b * k, 1, *sp)
         xr = x.repeat_interleave(k, dim=0)
-        # (deletion fill, preservation background) pairs; "inpaint+blur": both games with each fill, equally weighted
-        kinds = {"inpaint+blur": (("inpaint", "inpaint"), ("blur", "blur")),
-                 "inpaint+blur-background": (("inpaint", "blur"),)}.get(self.occlusion,
-                                                                      ((self.occlusion, self.occlusion),))
-        sigma = self.blur_sigma or fill_sigma_for(tuple(self._input_size))
+        fills = game_fills(self.occlusion)  # one deletion and one preservation game per pair, in this order
         parts = []
-        for kind, background in kinds:
-            filled = occlude(x, torch.zeros_like(x[:, :1]), background, zero_value=self._zero_value(), sigma=sigma)
-            x_del = occlude(xr, 1 - m, kind, zero_value=self._zero_value(), sigma=sigma)  # the mask deleted
-            x_pres = xr * m + filled.repeat_interleave(k, dim=0) * (1 - m)  # only the mask kept, on the reference
-            parts += [x_del, x_pres]
-        o = log_odds(self.model(torch.cat(parts)), self.task, self._scale())
-        flat_t = t.reshape(-1, 1).repeat(len(kinds), 1)
-        n = b * k
-        m_del = torch.cat([o[2 * i * n:(2 * i + 1) * n] for i in range(len(kinds))]).gather(1, flat_t).squeeze(1)
-        m_pres = torch.cat([o[(2 * i + 1) * n:(2 * i + 2) * n] for i in range(len(kinds))]).gather(1, flat_t).squeeze(1)
-        clean = log_odds(out, self.task, self._scale()).gather(1, t).reshape(-1).repeat(len(kinds))
+        for kind, background in fills:
+            x_del = self._occlude(xr, 1 - m, kind)  # the mask deleted (a counterfactual fill for inpainting)
+            filled = self._filled(x, background).repeat_interleave(k, dim=0)
+            parts += [x_del, xr * m + filled * (1 - m)]  # ... and only the mask kept, on the reference
+        o = log_odds(self.model(torch.cat(parts)), self.task, self._scale()).view(len(fills), 2, b * k, -1)
+        flat_t = t.reshape(1, -1, 1).expand(len(fills), -1, 1)
+        m_del = o[:, 0].gather(2, flat_t).reshape(-1)
+        m_pres = o[:, 1].gather(2, flat_t).reshape(-1)
+        clean = log_odds(out, self.task, self._scale()).gather(1, t).reshape(-1).repeat(len(fills))
         return m_del, m_pres, clean
 
     # -- the teacher objective (a student of another explainer) ------------------

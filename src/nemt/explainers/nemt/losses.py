@@ -13,8 +13,11 @@ import torch.nn.functional as F
 from nemt.errors import NemtError
 from nemt.ops import SCORES, diffusion_fill, fill_values, output_score
 
-OCCLUSIONS = ("mean", "zero", "blur", "inpaint", "inpaint+blur", "inpaint+blur-background")
-# the last two, NEMt's games only: both games with each fill; deletion by inpainting, preservation on the blur
+OCCLUSION_FILLS = ("mean", "zero", "blur", "inpaint")
+# NEMt's games only: (deletion fill, preservation background) pairs, each pair one game of each kind, equally weighted
+GAME_FILLS = {"inpaint+blur": (("inpaint", "inpaint"), ("blur", "blur")),  # both games with each fill
+              "inpaint+blur-background": (("inpaint", "blur"),)}  # deletion by inpainting, preservation on the blur
+OCCLUSIONS = (*OCCLUSION_FILLS, *GAME_FILLS)
 QUANTITIES = SCORES
 
 
@@ -43,11 +46,17 @@ def occlude(x: torch.Tensor, keep: torch.Tensor, kind: str, *, zero_value: torch
         fill = zero_value.to(x).view(1, -1, *([1] * (x.ndim - 2))).expand_as(x)
     elif kind == "blur":
         fill = fill_values(x, "blur", sigma=sigma)
-    elif kind in ("inpaint", "inpaint+blur", "inpaint+blur-background"):  # one fill for one image: inpainting
+    elif kind == "inpaint":
         return diffusion_fill(x, keep, sigma)
     else:
-        raise NemtError(f"unknown occlusion {kind!r}; choose one of {OCCLUSIONS}")
+        raise NemtError(f"unknown occlusion {kind!r}; choose one of {OCCLUSION_FILLS}")
     return x * keep + fill * (1 - keep)
+
+
+def game_fills(occlusion: str) -> tuple[tuple[str, str], ...]:
+    """The (deletion fill, preservation background) pairs an ``occlusion`` plays NEMt's games with; the first
+    pair's deletion fill is its fill wherever one image is occluded once (collapse guard, paper objective)."""
+    return GAME_FILLS.get(occlusion, ((occlusion, occlusion),))
 
 
 def target_quantity(out: torch.Tensor, task: str, quantity: str, scale: float = 1.0) -> torch.Tensor:
