@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from nemt.explainers import NEMt
-from nemt.explainers.nemt.estimator import CollapseError
+from nemt.explainers.nemt.estimator import DEFAULT_OCCLUSION, CollapseError
 from nemt.explainers.nemt.losses import area_thresholds, game_loss, log_odds, nested_masks, staircase
 from nemt.metrics import pointing_game, relevance_mass
 from nemt.models import Classifier, build_model
@@ -197,13 +197,70 @@ def test_cli_fit_areas_default_is_the_library_default():
     import typer.main
 
     from nemt.cli import app
-    from nemt.explainers.nemt.estimator import DEFAULT_AREAS, DEFAULT_PRESERVATION_BOUND
+    from nemt.explainers.nemt.estimator import DEFAULT_AREAS, DEFAULT_OCCLUSION, DEFAULT_PRESERVATION_BOUND
 
     fit = typer.main.get_command(app).commands["fit"]
     default = next(p.default for p in fit.params if p.name == "areas")
     assert tuple(float(a) for a in default.split(",")) == DEFAULT_AREAS
     bound = next(p.default for p in fit.params if p.name == "preservation_bound")
     assert bound == inspect.signature(NEMt).parameters["preservation_bound"].default == DEFAULT_PRESERVATION_BOUND
+    occlusion = next(p.default for p in fit.params if p.name == "occlusion")
+    assert occlusion == inspect.signature(NEMt).parameters["occlusion"].default == DEFAULT_OCCLUSION
+    smooth = next(p.default for p in fit.params if p.name == "map_smoothing")
+    assert smooth is inspect.signature(NEMt).parameters["map_smoothing"].default is True
+
+
+def test_unsmoothed_map_is_the_top_area_of_the_logits_and_old_cards_stay_smoothed(tmp_path):
+    """``map_smoothing=False``: the map is the staircase of the logits as they are, so with the decoder at the
+    image's resolution its peak is exactly the largest logit, with no tie (the linear tie-break); the default
+    adds the smoothing operator, and ``set_map_smoothing`` switches without a refit; a card saved before the
+    option existed loads smoothed, with the inpainting fill, as it was made."""
+    net = build_model("smallcnn", spatial_dims=2, in_channels=1, out_channels=3, width=4)
+    clf = Classifier.from_module(net, spatial_dims=2, in_channels=1, input_size=(32, 32), task="multiclass",
+                                 label_names=["a", "b", "c"]).eval()
+    ex = NEMt(clf, decoder_full_resolution=True, map_smoothing=False, **FAST).init_module()
+    assert ex.hyper_params()["map_smoothing"] is False and ex.hyper_params()["occlusion"] == DEFAULT_OCCLUSION
+    x = torch.randn(6, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0, 1, 2, 0, 1, 2])
+    with torch.no_grad():
+        logits = ex.module_.logits(x)[0][torch.arange(6), t]
+        raw = ex.explain(x, target=t)[:, 0]
+        assert torch.equal(raw.flatten(1).argmax(1), logits.flatten(1).argmax(1))
+        assert ((raw.flatten(1) == raw.flatten(1).amax(1, keepdim=True)).sum(1) == 1).all()  # one maximum
+        # the top 1 % (10 of 1024 pixels) are the map's 1-steps, every other pixel below 0.5
+        assert ((raw >= 0.5).flatten(1).sum(1) == 10).all()
+        smoothed = ex.set_map_smoothing(True).explain(x, target=t)[:, 0]
+        # the smoothed map is the box of the steps (their tie-breaks differ by at most tie_break = 1e-3)
+        assert torch.allclose(smoothed, ex.module_.smoothing(raw.unsqueeze(1))[:, 0], atol=1e-3)
+        assert not torch.allclose(smoothed, raw, atol=1e-2)
+    ex.set_map_smoothing(False).save(tmp_path / "new")
+    assert NEMt.load(tmp_path / "new", clf).map_smoothing is False
+    card = json.loads((tmp_path / "new" / "explainer.json").read_text())
+    for key in ("map_smoothing", "occlusion"):
+        del card["params"][key]
+    (tmp_path / "new" / "explainer.json").write_text(json.dumps(card))
+    old = NEMt.load(tmp_path / "new", clf)
+    assert old.map_smoothing is True and old.module_.map_smoothing is True and old.occlusion == "inpaint"
+    with torch.no_grad():
+        assert torch.equal(old.explain(x, target=t)[:, 0], smoothed)
+    assert NEMt(clf).map_smoothing is True  # the default
+
+
+def test_linear_order_resolves_the_top_of_far_outlying_logits():
+    """A sigmoid of logits many standard deviations above their mean is 1 to within a float32 ulp, so the
+    sigmoid tie-break leaves the top pixels of an unsmoothed map tied; the linear one keeps them apart. Both
+    orders rank every pixel the same way where they are resolved."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 1, 64, 64, generator=g)
+    logits.view(4, -1)[:, :20] = 12 + torch.linspace(0, 0.5, 20)  # 20 pixels 12-12.5 sd above the rest
+    for order, tied in (("sigmoid", True), ("linear", False)):
+        m = staircase(logits, [0.01], order=order).flatten(1)
+        top = (m == m.amax(1, keepdim=True)).sum(1)
+        assert bool((top > 1).all()) is tied, (order, top)
+    lin = staircase(logits, [0.01], order="linear").flatten(1)
+    assert torch.equal(lin.argmax(1), torch.full((4,), 19))
+    with pytest.raises(Exception, match="order"):
+        staircase(logits, [0.01], order="rank")
 
 
 @pytest.mark.parametrize("dims", [1, 2])

@@ -148,3 +148,24 @@ def test_cnn_learns_lin_white_and_round_trips(tmp_path):
     back = load_model(tmp_path / "cnn")
     assert back.card.label_names == ["class0", "class1"] and back.card.metrics["test_accuracy"] == acc
     assert torch.equal(back(test.x[:8]), clf(test.x[:8]))
+
+
+def test_suite_nemt_folder_follows_the_resolved_parameters(monkeypatch, tmp_path):
+    """A suite NEMt is read back only for the same resolved parameters: a changed default (here the fill,
+    patched as a later version might change it) or another seed gives another folder, so a fit made under
+    other settings is never reported as this one."""
+    from nemt.bench.xaitris import suite_nemt_folder
+    from nemt.explainers import NEMt
+    from nemt.models import Classifier
+
+    net = build_model("smallcnn", spatial_dims=2, in_channels=1, out_channels=2, width=4)
+    clf = Classifier.from_module(net, spatial_dims=2, in_channels=1, input_size=(16, 16), task="multiclass",
+                                 label_names=["a", "b"]).eval()
+    params = {"epochs": 2}
+    first = suite_nemt_folder(NEMt(clf, seed=0, **params), tmp_path)
+    assert first == suite_nemt_folder(NEMt(clf, seed=0, **params), tmp_path)
+    assert first != suite_nemt_folder(NEMt(clf, seed=1, **params), tmp_path)
+    defaults = dict(NEMt.__init__.__kwdefaults__)
+    assert defaults["occlusion"] != "inpaint+blur"
+    monkeypatch.setattr(NEMt.__init__, "__kwdefaults__", {**defaults, "occlusion": "inpaint+blur"})
+    assert first != suite_nemt_folder(NEMt(clf, seed=0, **params), tmp_path)

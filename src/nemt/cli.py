@@ -321,6 +321,8 @@ def fit(
     present_fraction: float = typer.Option(0.5, help="nested: share of targets that are the image's own"),
     allow_collapse: bool = typer.Option(False, help="save the explainer even if the collapse guard fires"),
     occlusion: str = typer.Option("inpaint", help="what deleted pixels become: mean | zero | blur | inpaint | inpaint+blur (NEMt's games with both) | inpaint+blur-background (delete by inpainting, keep on the blurred image)"),
+    map_smoothing: bool = typer.Option(True, help="nested: smooth the map at explanation time (training always "
+                                       "smooths its masks); --no-map-smoothing: the top --map-areas of the logits"),
     blur_sigma: Optional[float] = typer.Option(None, help="blur / inpainting sigma in pixels (default: 8 px at 128 px; 3D: 0.135 of the side, 4.3 voxels at 32³)"),
     quantity: str = typer.Option("prob", help="paper: target quantity: prob | logit | one_minus_prob"),
     area_weight: float = typer.Option(1.0, help="paper: weight of the deleted-area term"),
@@ -382,7 +384,8 @@ def fit(
                      min_scale=min_scale,
                      preservation_bound=None if math.isinf(preservation_bound) else preservation_bound,
                      targets_per_image=targets_per_image, present_fraction=present_fraction,
-                     occlusion=occlusion, blur_sigma=blur_sigma, quantity=quantity, area_weight=area_weight,
+                     occlusion=occlusion, map_smoothing=map_smoothing, blur_sigma=blur_sigma, quantity=quantity,
+                     area_weight=area_weight,
                      change_weight=change_weight, area_target=area_target, kernel_size=kernel_size,
                      smoothing=smoothing, init_keep=init_keep, encoder=encoder, train_targets=train_targets,
                      decoder_channels=[int(c) for c in decoder_channels.split(",")],

@@ -200,23 +200,32 @@ def _needs_conv(method: str) -> bool:
     return method.startswith("gradcam") or method == "nemt"
 
 
+def suite_nemt_folder(explainer, directory: Path) -> Path:
+    """``directory/nemt-<hash>`` of the explainer's resolved parameters, defaults and seed included: a fit made
+    with other settings, or under other defaults of an earlier version, is never read back as this one."""
+    import hashlib
+    import json
+
+    tag = hashlib.sha256(json.dumps(explainer.hyper_params(), sort_keys=True).encode()).hexdigest()[:8]
+    return Path(directory) / f"nemt-{tag}"
+
+
 def fit_suite_nemt(clf, train: XaiTrisData, directory: Path, params: dict, *, seed: int = 0,
                    device: str = "cpu", progress: bool = True, batch_size: int = 16,
                    val: XaiTrisData | None = None):
     """A NEMt for one suite model, fitted on its training split (true labels) or read back.
 
-    The folder is ``directory/nemt-<hash of params>``: other settings fit anew
+    The folder is ``directory/nemt-<hash of the resolved parameters>``: other settings (or other defaults) fit anew
     instead of mixing; an interrupted fit resumes from its last epoch. With
     ``val``, the collapse report is computed on it and written to
     ``collapse.json`` (the suite reports collapsed models instead of stopping).
     """
-    import hashlib
     import json
 
     from nemt.explainers.nemt import NEMt
 
-    tag = hashlib.sha256(json.dumps({**params, "seed": seed}, sort_keys=True).encode()).hexdigest()[:8]
-    folder = Path(directory) / f"nemt-{tag}"
+    ex = NEMt(clf, seed=seed, device=device, **params)
+    folder = suite_nemt_folder(ex, directory)
     if (folder / "explainer.json").is_file():
         ex = NEMt.load(folder, clf, device=device)
         if (folder / "collapse.json").is_file():  # written by the same fit, just before the explainer
@@ -225,7 +234,6 @@ def fit_suite_nemt(clf, train: XaiTrisData, directory: Path, params: dict, *, se
     def batches(d: XaiTrisData) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(d.x[i:i + batch_size], d.y[i:i + batch_size]) for i in range(0, len(d.x), batch_size)]
 
-    ex = NEMt(clf, seed=seed, device=device, **params)
     return ex.fit(batches(train), val_data=None if val is None else batches(val), guard=False, out_dir=folder,
                   progress=progress, log=lambda s: None)
 

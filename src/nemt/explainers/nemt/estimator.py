@@ -378,6 +378,9 @@ class _MaskExplainer(Explainer):
         params.setdefault("decoder_full_resolution", True)  # saved before the lighter decoder existed
         if params.get("objective") == "nested":
             params.setdefault("preservation_bound", None)  # saved before the bound existed: trained unbounded
+            params.setdefault("occlusion", "inpaint")  # every card records it; the fill NEMt was first fitted with
+        if params.get("objective") in ("nested", "teacher"):
+            params.setdefault("map_smoothing", True)  # saved before the option existed: its map was smoothed
         self = cls(model, device=device, **params)
         fitted = card.get("fitted") or {}
         self.layers_, self.kernel_size_ = fitted.get("layers"), fitted.get("kernel_size")
@@ -400,6 +403,7 @@ TEACHER_LOSSES = ("bce", "kl")
 GAMES = ("both", "deletion", "preservation")
 DEFAULT_AREAS = (0.01, 0.025, 0.05, 0.1, 0.2)  # 1 % added on BUSI/demo validation (pointing game; README)
 DEFAULT_PRESERVATION_BOUND = 2.0  # chosen on the validation splits of the demo and BUSI (README)
+DEFAULT_OCCLUSION = "inpaint"  # inpaint+blur (an option) failed the validation rule on BUSI (README)
 DEFAULT_MAP_AREAS = (0.01,)  # chosen on the demo's validation split (README); the logits rank every pixel anyway
 
 
@@ -462,13 +466,13 @@ class NEMt(_MaskExplainer):
                  games: str = "both", min_scale: float = 1.0,
                  preservation_bound: float | None = DEFAULT_PRESERVATION_BOUND,
                  targets_per_image: int = 1,
-                 present_fraction: float = 0.5, occlusion: str = "inpaint", blur_sigma: float | None = None,
+                 present_fraction: float = 0.5, occlusion: str = DEFAULT_OCCLUSION, blur_sigma: float | None = None,
                  quantity: str = "prob", area_weight: float = 1.0, change_weight: float = 2.0,
                  area_target: float | None = None, train_targets: str | None = None,
                  teacher: str | None = None, teacher_params: dict | None = None, teacher_budget: int | None = None,
                  teacher_targets: str | None = None, teacher_loss: str = "bce", teacher_batch: int = 16,
                  teacher_seed: int = 0, student_map: str = "sigmoid", teacher_flip: bool = False,
-                 flip: bool = False, **kw: Any):
+                 flip: bool = False, map_smoothing: bool = True, **kw: Any):
         super().__init__(model, **kw)
         self._params.update({k: v for k, v in locals().items() if k not in ("self", "__class__", "model", "kw")})
         if objective not in OBJECTIVES:
@@ -511,6 +515,8 @@ class NEMt(_MaskExplainer):
         if student_map not in ("sigmoid", "areas"):
             raise ParameterError(f"student_map must be 'sigmoid' or 'areas', got {student_map!r}")
         self.student_map = student_map
+        # whether the fixed-area map passes the smoothing operator at explanation time (training always smooths)
+        self.map_smoothing = bool(map_smoothing)
         self.teacher_seconds_: float | None = None
         self.objective = objective
         self.areas = [float(a) for a in areas]
@@ -535,7 +541,7 @@ class NEMt(_MaskExplainer):
         if self.objective == "teacher" and self.student_map == "sigmoid":
             return {"map_kind": "sigmoid"}
         return {"map_kind": "nested", "map_areas": self.map_areas or self.areas,
-                "map_temperature": self.map_temperature}
+                "map_temperature": self.map_temperature, "map_smoothing": self.map_smoothing}
 
     def set_student_map(self, student_map: str, map_areas: Sequence[float] | None = None) -> "NEMt":
         """A student's map (no refit): ``"sigmoid"`` (the teacher's map as learnt) or ``"areas"`` (the nested
@@ -563,6 +569,18 @@ class NEMt(_MaskExplainer):
         self._params["map_areas"] = map_areas
         if self.module_ is not None:
             self.module_.map_areas = tuple(self.map_areas or self.areas)
+        return self
+
+    def set_map_smoothing(self, map_smoothing: bool) -> "NEMt":
+        """Whether the fixed-area map is smoothed at explanation time (no refit; training always smooths the
+        masks it plays the games with). Smoothed (the default), the map's peak is the densest box of its top
+        ``map_areas``; unsmoothed, the map is that top area of the logits themselves and its peak their largest
+        logit (README, "NEMt's objective")."""
+        if self.objective == "paper":
+            raise NemtError("map_smoothing applies to fixed-area maps (nested objective, students' 'areas' map)")
+        self.map_smoothing = self._params["map_smoothing"] = bool(map_smoothing)
+        if self.module_ is not None:
+            self.module_.map_smoothing = self.map_smoothing
         return self
 
     def _n_maps(self) -> int:

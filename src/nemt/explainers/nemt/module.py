@@ -157,9 +157,10 @@ class ExplanationModule(nn.Module):
                  n_maps: int, layers: Sequence[str] | None, own_encoder: bool,
                  decoder_channels: Sequence[int], init_keep: float, kernel_size: int, smoothing: bool,
                  map_kind: str = "keep", map_areas: Sequence[float] = (), map_temperature: float = 0.02,
-                 decoder_full_resolution: bool = True):
+                 map_smoothing: bool = True, decoder_full_resolution: bool = True):
         super().__init__()
         self.map_kind, self.map_areas, self.map_temperature = map_kind, tuple(map_areas), float(map_temperature)
+        self.map_smoothing = bool(map_smoothing)
         object.__setattr__(self, "model", model)  # not a submodule: no parameters, no train()
         self.own_encoder = own_encoder
         if own_encoder:
@@ -189,7 +190,7 @@ class ExplanationModule(nn.Module):
 
         ``keep`` (the paper's objective): the deleted region 1 - smooth(sigmoid(logits)).
         ``sigmoid`` (a student of another explainer): sigmoid(logits), resized.
-        ``nested``: the smoothed mean of the nested fixed-area masks (``map_areas``).
+        ``nested``: the mean of the nested fixed-area masks (``map_areas``), smoothed if ``map_smoothing``.
         Logits on a coarser grid (``logits(x, native=True)``) are turned into a
         map there and the map is resized to ``size`` before the smoothing
         (a quarter of the per-map work at half resolution; the box is wider
@@ -206,7 +207,10 @@ class ExplanationModule(nn.Module):
             return 1 - sm(resize_linear(torch.sigmoid(logits), size))
         if size != tuple(logits.shape[2:]) and min(self.map_areas) * math.prod(logits.shape[2:]) < MIN_STEP_CELLS:
             logits = resize_linear(logits, size)  # a step of a few cells would blur below 0.5 when resized
-        return sm(resize_linear(staircase(logits, self.map_areas, self.map_temperature), size))
+        if self.map_smoothing:  # the box resolves the top; the sigmoid order keeps older fits' maps as they were
+            return sm(resize_linear(staircase(logits, self.map_areas, self.map_temperature), size))
+        # unsmoothed: a tie-break that keeps the largest logits apart in float32 (see staircase)
+        return resize_linear(staircase(logits, self.map_areas, self.map_temperature, order="linear"), size)
 
     def logits(self, x: torch.Tensor, native: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask logits (B, T, *spatial) and the model's outputs (B, n_outputs), from one pass of the model.
