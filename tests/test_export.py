@@ -47,8 +47,7 @@ def test_self_explaining_model_is_predict_plus_explain_all(fitted):
 def test_onnx_matches_pytorch_on_phantom_images(fitted):
     sem = SelfExplainingModel(fitted["clf"], fitted["nemt"])
     diffs = check_onnx(fitted["onnx"], fitted["x"], sem)
-    tol = map_tolerance(fitted["nemt"], fitted["x"])  # the maps are unsmoothed steps: see map_tolerance
-    assert diffs["outputs"] < TOL and diffs["maps"] < tol, (diffs, tol)
+    assert diffs["outputs"] < TOL and diffs["maps"] < TOL, diffs  # smoothed maps: the box averages rounding
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -60,9 +59,8 @@ def test_dynamic_batch_axis(fitted, batch):
     sess = ort.InferenceSession(str(fitted["onnx"]), providers=["CPUExecutionProvider"])
     outputs, maps = sess.run(None, {"image": x.numpy()})
     assert outputs.shape == (batch, 4) and maps.shape == (batch, 4, 32, 32)
-    tol = map_tolerance(fitted["nemt"], x)
-    for diffs in (check_onnx(fitted["onnx"], x, sem), check_torchscript(fitted["ts"], x, sem)):
-        assert diffs["outputs"] < TOL and diffs["maps"] < tol, (diffs, tol)
+    assert max(check_onnx(fitted["onnx"], x, sem).values()) < TOL
+    assert max(check_torchscript(fitted["ts"], x, sem).values()) < TOL
 
 
 def test_onnx_metadata_round_trip(fitted):
@@ -105,8 +103,7 @@ def test_export_model_checks_and_leaves_no_temporary_files(fitted):
     out = root / "cli"
     for fmt, name in (("onnx", "a.onnx"), ("torchscript", "a.pt")):
         summary = export_model(root / "m", root / "e", out / name, format=fmt)
-        # export_model itself refuses maps beyond their rounding bound (map_tolerance) and outputs beyond 1e-4
-        assert summary["format"] == fmt and summary["max_abs_diff"]["outputs"] < TOL
+        assert summary["format"] == fmt and max(summary["max_abs_diff"].values()) < TOL
     assert sorted(p.name for p in out.iterdir()) == ["a.onnx", "a.pt"]
     with pytest.raises(NemtError, match="onnx or torchscript"):
         export_model(root / "m", root / "e", out / "b.bin", format="tflite")

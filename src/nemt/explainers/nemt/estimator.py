@@ -378,7 +378,7 @@ class _MaskExplainer(Explainer):
         params.setdefault("decoder_full_resolution", True)  # saved before the lighter decoder existed
         if params.get("objective") == "nested":
             params.setdefault("preservation_bound", None)  # saved before the bound existed: trained unbounded
-            params.setdefault("occlusion", "inpaint")  # every card records it; the fill NEMt was first fitted with
+            params.setdefault("occlusion", "inpaint")  # a card without it was fitted with inpainting, whatever the default
         if params.get("objective") in ("nested", "teacher"):
             params.setdefault("map_smoothing", True)  # saved before the option existed: its map was smoothed
         self = cls(model, device=device, **params)
