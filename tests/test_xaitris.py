@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nemt.bench.xaitris import correct_test_samples, train_xaitris_models
-from nemt.data.xaitris import BACKGROUNDS, DEFAULT_ALPHA, SCENARIOS, make_xaitris, split
+from nemt.data.xaitris import BACKGROUNDS, DEFAULT_ALPHA, SCENARIOS, XaiTrisData, make_xaitris, split
 from nemt.errors import NemtError
 from nemt.models import build_model, load_model
 
@@ -169,3 +169,32 @@ def test_suite_nemt_folder_follows_the_resolved_parameters(monkeypatch, tmp_path
     assert defaults["occlusion"] != "inpaint+blur"
     monkeypatch.setattr(NEMt.__init__, "__kwdefaults__", {**defaults, "occlusion": "inpaint+blur"})
     assert first != suite_nemt_folder(NEMt(clf, seed=0, **params), tmp_path)
+
+
+def test_suite_nemt_reads_back_one_fit_for_every_map_setting(tmp_path):
+    """The map areas and the map smoothing shape only the map made from the fitted logits: they share one
+    folder (no refit), and a fit read back gives the map asked for now, not the one it was saved with."""
+    from nemt.bench.xaitris import fit_suite_nemt, suite_nemt_folder
+    from nemt.explainers import NEMt
+    from nemt.models import Classifier
+
+    torch.manual_seed(0)
+    net = build_model("smallcnn", spatial_dims=2, in_channels=1, out_channels=2, width=4)
+    clf = Classifier.from_module(net, spatial_dims=2, in_channels=1, input_size=(16, 16), task="multiclass",
+                                 label_names=["a", "b"]).eval()
+    base = {"epochs": 1, "batch_size": 8}
+    folder = suite_nemt_folder(NEMt(clf, seed=0, **base), tmp_path)
+    for extra in ({"map_smoothing": False}, {"map_areas": [0.05, 0.1]}):
+        assert suite_nemt_folder(NEMt(clf, seed=0, **base, **extra), tmp_path) == folder
+    x = torch.randn(16, 1, 16, 16)
+    data = XaiTrisData(x, torch.arange(16) % 2, torch.zeros_like(x, dtype=torch.bool),
+                       torch.zeros_like(x, dtype=torch.bool))
+    fitted = fit_suite_nemt(clf, data, tmp_path, base, progress=False)
+    assert (folder / "explainer.json").is_file()
+    back = fit_suite_nemt(clf, data, tmp_path, {**base, "map_smoothing": False, "map_areas": [0.05]},
+                          progress=False)
+    assert back.map_smoothing is False and list(back.map_areas) == [0.05]
+    want = NEMt.load(folder, clf).set_map_areas([0.05]).set_map_smoothing(False)
+    x = data.x[:4]
+    assert torch.allclose(back.explain(x, target=0), want.explain(x, target=0))
+    assert not torch.allclose(back.explain(x, target=0), fitted.explain(x, target=0))

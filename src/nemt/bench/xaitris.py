@@ -201,12 +201,16 @@ def _needs_conv(method: str) -> bool:
 
 
 def suite_nemt_folder(explainer, directory: Path) -> Path:
-    """``directory/nemt-<hash>`` of the explainer's resolved parameters, defaults and seed included: a fit made
-    with other settings, or under other defaults of an earlier version, is never read back as this one."""
+    """``directory/nemt-<hash>`` of the explainer's resolved training parameters, defaults and seed included: a
+    fit made with other settings, or under other defaults of an earlier version, is never read back as this
+    one. The explanation-time parameters (map areas, map smoothing) are left out: they need no refit."""
     import hashlib
     import json
 
-    tag = hashlib.sha256(json.dumps(explainer.hyper_params(), sort_keys=True).encode()).hexdigest()[:8]
+    from nemt.explainers.nemt.estimator import EXPLANATION_TIME_PARAMS
+
+    key = {k: v for k, v in explainer.hyper_params().items() if k not in EXPLANATION_TIME_PARAMS}
+    tag = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     return Path(directory) / f"nemt-{tag}"
 
 
@@ -227,7 +231,10 @@ def fit_suite_nemt(clf, train: XaiTrisData, directory: Path, params: dict, *, se
     ex = NEMt(clf, seed=seed, device=device, **params)
     folder = suite_nemt_folder(ex, directory)
     if (folder / "explainer.json").is_file():
+        asked = ex
         ex = NEMt.load(folder, clf, device=device)
+        if ex.objective == "nested":  # the map asked for now, from the fit made with the same training parameters
+            ex.set_map_areas(asked.map_areas).set_map_smoothing(asked.map_smoothing)
         if (folder / "collapse.json").is_file():  # written by the same fit, just before the explainer
             ex.collapse_ = json.loads((folder / "collapse.json").read_text(encoding="utf-8"))
         return ex

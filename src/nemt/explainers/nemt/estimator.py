@@ -405,6 +405,8 @@ DEFAULT_AREAS = (0.01, 0.025, 0.05, 0.1, 0.2)  # 1 % added on BUSI/demo validati
 DEFAULT_PRESERVATION_BOUND = 2.0  # chosen on the validation splits of the demo and BUSI (README)
 DEFAULT_OCCLUSION = "inpaint"  # inpaint+blur (an option) failed the validation rule on BUSI (README)
 DEFAULT_MAP_AREAS = (0.01,)  # chosen on the demo's validation split (README); the logits rank every pixel anyway
+# parameters that shape only the map made from the fitted logits (set_map_areas, set_map_smoothing): no refit
+EXPLANATION_TIME_PARAMS = ("map_areas", "map_smoothing")
 
 
 class CollapseError(NemtError):
