@@ -55,6 +55,9 @@ from nemt.models.training import evaluate, load_splits
 from nemt.ops import normalise_maps
 
 MODELS = ("plain", "ensemble", "mimic", "mask")
+# MIMIC variants (not in the paper): the discriminator on each map's deviation from the copies' mean map ("dev"),
+# the copies bringing the discriminator to the uniform label instead of maximising its cross-entropy ("conf")
+EXTRA_MODELS = ("mimic-dev", "mimic-conf", "mimic-dev-conf")
 METHODS = ("gradcam++", "ig", "gxi", "nemt")
 FIGURES = ("kl", "nss", "relevance_mass", "agreement")
 
@@ -92,8 +95,10 @@ def train_models(args, seed: int, data: Path, home: Path) -> dict[str, Path]:
         elif name == "mask":
             train_guided(manifest, out[name], cfg, GuideConfig(kind="mask", mask_weight=args.mask_weight), **quiet)
         else:
-            train_guided(manifest, out[name], cfg, GuideConfig(kind="mimic", copies=3, disc_lr=args.disc_lr,
-                                                               beta=args.beta if name == "mimic" else 0.0), **quiet)
+            train_guided(manifest, out[name], cfg, GuideConfig(
+                kind="mimic", copies=3, disc_lr=args.disc_lr, beta=0.0 if name == "ensemble" else args.beta,
+                disc_input="deviation" if "-dev" in name else "map",
+                adversary="confusion" if "-conf" in name else "paper"), **quiet)
         log(f"  seed {seed}: {name} trained ({time.perf_counter() - t0:.0f} s)")
     return out
 
@@ -182,7 +187,7 @@ def summarise(rows: list[dict], split: str = "test") -> tuple[str, dict]:
     lines = [f"Mean ± sd over seeds {', '.join(map(str, seeds))} (each seed: its {split} split's mean).", "",
              "| model | accuracy | macro AUROC | discriminator accuracy (last epoch) |", "|---|---|---|---|"]
     out: dict = {}
-    for model in MODELS:
+    for model in MODELS + EXTRA_MODELS:
         mine = [r for r in rows if r["model"] == model and r["method"] == METHODS[0]]
         if mine:
             lines.append(f"| {model} | {fmt([r['accuracy'] for r in mine])} | "
@@ -191,7 +196,7 @@ def summarise(rows: list[dict], split: str = "test") -> tuple[str, dict]:
     lines += ["", "| method | model | KL ↓ | NSS ↑ | relevance mass ↑ | copy agreement ↑ |",
               "|---|---|---|---|---|---|"]
     for method in METHODS + ("random",):
-        for model in MODELS + ("chance",):
+        for model in MODELS + EXTRA_MODELS + ("chance",):
             mine = [r for r in rows if r["model"] == model and r["method"] == method]
             if not mine:
                 continue
@@ -212,7 +217,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--ig-steps", type=int, default=16)
-    ap.add_argument("--models", default=",".join(MODELS), help="a subset of " + ",".join(MODELS))
+    ap.add_argument("--models", default=",".join(MODELS), help="a subset of " + ",".join(MODELS + EXTRA_MODELS))
     ap.add_argument("--disc-lr", type=float, default=1e-4, help="MIMIC's discriminator learning rate (paper: 1e-4)")
     ap.add_argument("--beta", type=float, default=1.0, help="MIMIC's adversarial weight (paper: 1)")
     ap.add_argument("--nemt-epochs", type=int, default=0, help="add NEMt maps, fitted N epochs (0: no NEMt)")

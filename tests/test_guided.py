@@ -53,6 +53,30 @@ def test_detached_explanations_give_the_weights_no_gradient():
                for g in torch.autograd.grad(d_ce, list(disc.parameters()), allow_unused=True))
 
 
+def test_deviation_input_reaches_the_weights_and_is_blind_when_the_copies_agree():
+    """``disc_input="deviation"``: the discriminator sees each map minus the copies' mean map of its image. Its
+    term still reaches every copy's weights; copies with the same weights make the same maps, so every input
+    is exactly 0, the discriminator's logits are the same for every copy and its loss is the uninformed
+    one (the cross-entropy of equal logits, log M)."""
+    ens, disc, x, y = _ensemble_and_batch()
+    _, d_ce, _ = adversarial_terms(ens, disc, x, y, F.cross_entropy, disc_size=16, disc_input="deviation")
+    for k, copy in enumerate(ens.copies):
+        grads = torch.autograd.grad(d_ce, list(copy.parameters()), retain_graph=True, allow_unused=True)
+        assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0, f"copy {k}: no gradient"
+    for copy in ens.copies[1:]:
+        copy.load_state_dict(ens.copies[0].state_dict())
+    with torch.no_grad():
+        disc.fc1.bias.zero_()  # equal logits for a zero input: fc2's bias alone would favour one copy
+        disc.fc2.bias.zero_()
+    _, d_ce, _ = adversarial_terms(ens, disc, x, y, F.cross_entropy, disc_size=16, disc_input="deviation",
+                                   create_graph=False)
+    assert float(d_ce) == pytest.approx(float(torch.log(torch.tensor(3.0))), abs=1e-6)
+    with pytest.raises(NemtError):
+        GuideConfig(disc_input="image").check()
+    assert "disc_input" not in GuideConfig().to_dict()  # runs made before the option keep their run key
+    assert GuideConfig(disc_input="deviation").to_dict()["disc_input"] == "deviation"
+
+
 def test_explanation_map_of_a_linear_model_is_its_definition():
     """For f = W x + b the input gradient of logit t is W_t, so the map is |W_t * x| summed over channels,
     min-max per sample (exact up to float rounding)."""

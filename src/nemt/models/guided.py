@@ -39,6 +39,24 @@ that here it does. The discriminator sees the maps average-pooled to at most
 ``disc_size`` (64) pixels per axis (the paper flattens 224 x 224 maps; pooling
 keeps its first layer small for large inputs).
 
+``disc_input="deviation"`` (not in the paper) shows the discriminator each
+map minus the mean of the copies' maps of the same image instead of the map
+itself. The paper's discriminator sees one map at a time, so it can only tell
+the copies apart by how their maps look *in general*; copies that fool it
+have maps of the same distribution, not the same map of each image (measured:
+their pairwise correlation does not rise; README). The deviation is what one
+copy's map has that the others' maps of that very image have not, so fooling
+a discriminator of it asks the copies to agree image by image; it is zero,
+and carries nothing to tell apart, when they agree exactly.
+``adversary="confusion"`` (not in the paper either) has the copies bring the
+discriminator's cross-entropy to the uniform label's (log M, its minimum at
+"cannot tell") instead of maximising it, which rewards a confidently wrong
+discriminator, i.e. copies that swap looks rather than share one. Neither
+raised the copies' agreement above the β = 0 ensemble's on the phantoms'
+validation split (README, "Explanation-guided training"); both are kept
+in the library and ``benchmarks/guided_gaze.py`` (models ``mimic-dev``,
+``mimic-conf``, ``mimic-dev-conf``) for that comparison, not in the CLI.
+
 Right for the right reasons (``--guide mask``)
 -----------------------------------------------
 One network minimises CE + λ · R. Ross, Hughes & Doshi-Velez (2017, eq. 1)
@@ -75,6 +93,8 @@ from nemt.models.zoo import build_model, sized_arch_kwargs
 from nemt.ops import preserved_rng
 
 GUIDES = ("mimic", "mask")
+DISC_INPUTS = ("map", "deviation")
+ADVERSARIES = ("paper", "confusion")
 
 
 @dataclass
@@ -82,7 +102,10 @@ class GuideConfig:
     """Settings of the guidance (recorded in the card's ``training.guide``).
 
     ``kind``: ``"mimic"`` or ``"mask"``; ``copies`` (M), ``beta`` (β),
-    ``disc_lr``, ``disc_hidden`` and ``disc_size`` are MIMIC's; ``mask_weight``
+    ``disc_lr``, ``disc_hidden``, ``disc_size`` and ``disc_input`` (``"map"``, the paper's, or
+    ``"deviation"``: each map minus the copies' mean map of its image) and ``adversary`` (``"paper"``: the copies
+    maximise the discriminator's cross-entropy; ``"confusion"``: they minimise its cross-entropy against the
+    uniform label) are MIMIC's; ``mask_weight``
     (λ) is the right-reasons term's weight and ``mask_penalty`` its form: ``"fraction"`` (the share of the
     squared input gradient outside the mask, in [0, 1]) or ``"ross"`` (its sum, Ross et al.'s eq. 1).
     """
@@ -93,11 +116,17 @@ class GuideConfig:
     disc_lr: float = 1e-4
     disc_hidden: int = 512
     disc_size: int = 64
+    disc_input: str = "map"
+    adversary: str = "paper"
     mask_weight: float = 1.0
     mask_penalty: str = "fraction"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for k, paper in (("disc_input", "map"), ("adversary", "paper")):
+            if d[k] == paper:  # the paper's, and what every run made before the option had: same run key
+                del d[k]
+        return d
 
     def check(self) -> None:
         if self.kind not in GUIDES:
@@ -108,6 +137,10 @@ class GuideConfig:
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0:
                 raise NemtError(f"{name} must be a finite number >= 0, got {v}")
+        if self.adversary not in ADVERSARIES:
+            raise NemtError(f"adversary must be one of {ADVERSARIES}, got {self.adversary!r}")
+        if self.disc_input not in DISC_INPUTS:
+            raise NemtError(f"disc_input must be one of {DISC_INPUTS}, got {self.disc_input!r}")
         if self.mask_penalty not in ("fraction", "ross"):
             raise NemtError(f"mask_penalty must be 'fraction' or 'ross', got {self.mask_penalty!r}")
         if self.disc_lr <= 0 or self.disc_hidden < 1 or self.disc_size < 1:
@@ -214,13 +247,17 @@ def discriminator_input(maps: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def adversarial_terms(ensemble: GuidedEnsemble, disc: Discriminator, x: torch.Tensor, y: torch.Tensor,
-                      loss_fn: Callable, *, disc_size: int = 64, create_graph: bool = True
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      loss_fn: Callable, *, disc_size: int = 64, create_graph: bool = True,
+                      disc_input: str = "map", label: str = "copy") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One batch of MIMIC: (Σ_i CE_i, the discriminator's CE on the copies' maps, its accuracy).
 
     Each copy runs once on ``x`` (which gets a gradient-requiring copy); its map
     (:func:`explanation_maps` at the true class ``y``) goes to ``disc`` with the copy's index as the
-    label. ``create_graph=False`` detaches the maps (the discriminator's epochs).
+    label. ``create_graph=False`` detaches the maps (the discriminator's epochs). ``disc_input="deviation"``:
+    the discriminator sees each map minus the mean of the copies' maps of the same image (see the module).
+    ``label="uniform"``: the second value is the cross-entropy against the uniform label instead (log M at
+    best, where the discriminator cannot tell the copies apart): what the copies minimise with
+    ``adversary="confusion"``.
     """
     xr = x.detach().requires_grad_(True)
     ce = x.new_zeros(())
@@ -229,10 +266,20 @@ def adversarial_terms(ensemble: GuidedEnsemble, disc: Discriminator, x: torch.Te
         out = c(xr)
         ce = ce + loss_fn(out, y)
         maps.append(explanation_maps(c, xr, y, create_graph=create_graph, out=out))
+    if disc_input == "deviation":
+        mean = torch.stack(maps).mean(0)
+        maps = [m - mean for m in maps]
+    elif disc_input != "map":
+        raise NemtError(f"disc_input must be one of {DISC_INPUTS}, got {disc_input!r}")
     m = torch.cat(maps)  # (M * B, 1, *spatial), copy-major
     labels = torch.arange(len(maps), device=x.device).repeat_interleave(x.shape[0])
     logits = disc(discriminator_input(m, disc_size))
-    d_ce = F.cross_entropy(logits, labels)
+    if label == "uniform":
+        d_ce = -F.log_softmax(logits, dim=1).mean(1).mean()
+    elif label == "copy":
+        d_ce = F.cross_entropy(logits, labels)
+    else:
+        raise NemtError(f"label must be 'copy' or 'uniform', got {label!r}")
     acc = (logits.argmax(1) == labels).float().mean()
     return ce, d_ce, acc.detach()
 
@@ -390,9 +437,14 @@ def _train_guided(manifest, out_dir, config, guide: GuideConfig, *, device, fres
                 else:
                     if cfg.augment:
                         x = augment_batch(x, gen)
+                    confusion = adversarial and guide.adversary == "confusion"
                     ce, term, acc = adversarial_terms(clf.net, disc, x, y, loss_fn, disc_size=guide.disc_size,
-                                                      create_graph=adversarial)
-                    loss = ce - guide.beta * term if adversarial else ce
+                                                      create_graph=adversarial, disc_input=guide.disc_input,
+                                                      label="uniform" if confusion else "copy")
+                    if not adversarial:
+                        loss = ce
+                    else:  # the paper: maximise the discriminator's CE; confusion: bring it to the uniform label's
+                        loss = ce + guide.beta * term if confusion else ce - guide.beta * term
                     if not copies_epoch:  # the discriminator learns from the detached maps, one step per optimiser step
                         (term / cfg.accumulate).backward()
                         if last:
