@@ -93,7 +93,8 @@ def train_models(args, seed: int, data: Path, home: Path) -> dict[str, Path]:
         if name == "plain":
             train_classifier(manifest, out[name], cfg, **quiet)
         elif name == "mask":
-            train_guided(manifest, out[name], cfg, GuideConfig(kind="mask", mask_weight=args.mask_weight), **quiet)
+            train_guided(manifest, out[name], cfg, GuideConfig(kind="mask", mask_weight=args.mask_weight,
+                                                               mask_target=args.mask_target), **quiet)
         else:
             train_guided(manifest, out[name], cfg, GuideConfig(
                 kind="mimic", copies=3, disc_lr=args.disc_lr, beta=0.0 if name == "ensemble" else args.beta,
@@ -222,6 +223,8 @@ def main() -> None:
     ap.add_argument("--beta", type=float, default=1.0, help="MIMIC's adversarial weight (paper: 1)")
     ap.add_argument("--nemt-epochs", type=int, default=0, help="add NEMt maps, fitted N epochs (0: no NEMt)")
     ap.add_argument("--split", default="test", choices=("val", "test"))
+    ap.add_argument("--mask-target", default="all", choices=("all", "true"),
+                    help="--guide mask differentiates Σ_k log p_k (all, Ross et al.) or the true class's log p")
     ap.add_argument("--mask-weight", type=float, default=1.0, help="--guide mask's λ (the mask model's folder "
                     "keeps the λ it was trained with: use a new --out for another)")
     ap.add_argument("--nemt-map-areas", default="", help="NEMt's map areas for scoring, e.g. 0.01,0.05,0.1 "

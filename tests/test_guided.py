@@ -182,6 +182,32 @@ def test_mask_guided_run_via_the_cli(small_csv, tmp_path):
     assert "right_reasons" in json.loads((out / "history.json").read_text())[0]
 
 
+def test_mask_target_true_differentiates_the_true_class_only(small_csv, tmp_path, monkeypatch):
+    """``mask_target="true"`` hands the batch's true classes to the penalty (log p_y differentiated instead of
+    Σ_k log p_k); the default hands none, and the card records the option only when it is not the default."""
+    import nemt.models.guided as guided
+
+    seen = []
+    real = guided.right_reasons_penalty
+
+    def spy(net, x, gt, task, out, target=None, **kw):
+        seen.append(None if target is None else target.clone())
+        return real(net, x, gt, task, out, target, **kw)
+
+    monkeypatch.setattr(guided, "right_reasons_penalty", spy)
+    m = open_dataset(small_csv)
+    cfg = TrainConfig(**{**CFG, "epochs": 1})
+    clf, _ = train_guided(m, tmp_path / "true", cfg, GuideConfig(kind="mask", mask_target="true"), progress=False)
+    assert seen and all(t is not None and t.dtype == torch.long and t.max() < 3 for t in seen)
+    assert clf.card.training["guide"]["mask_target"] == "true"
+    seen.clear()
+    clf, _ = train_guided(m, tmp_path / "all", cfg, GuideConfig(kind="mask"), progress=False)
+    assert seen and all(t is None for t in seen)
+    assert "mask_target" not in clf.card.training["guide"]
+    with pytest.raises(NemtError, match="mask_target"):
+        GuideConfig(kind="mask", mask_target="some").check()
+
+
 def test_guided_refusals(small_csv, tmp_path):
     m = open_dataset(small_csv)
     with pytest.raises(NemtError, match="at least 2"):

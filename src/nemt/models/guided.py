@@ -106,7 +106,8 @@ class GuideConfig:
     ``"deviation"``: each map minus the copies' mean map of its image) and ``adversary`` (``"paper"``: the copies
     maximise the discriminator's cross-entropy; ``"confusion"``: they minimise its cross-entropy against the
     uniform label) are MIMIC's; ``mask_weight``
-    (λ) is the right-reasons term's weight and ``mask_penalty`` its form: ``"fraction"`` (the share of the
+    (λ) is the right-reasons term's weight, ``mask_target`` what it differentiates (``"all"``: Σ_k log p_k as
+    Ross et al.; ``"true"``: the true class's log p only, multi-class) and ``mask_penalty`` its form: ``"fraction"`` (the share of the
     squared input gradient outside the mask, in [0, 1]) or ``"ross"`` (its sum, Ross et al.'s eq. 1).
     """
 
@@ -118,12 +119,13 @@ class GuideConfig:
     disc_size: int = 64
     disc_input: str = "map"
     adversary: str = "paper"
+    mask_target: str = "all"
     mask_weight: float = 1.0
     mask_penalty: str = "fraction"
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for k, paper in (("disc_input", "map"), ("adversary", "paper")):
+        for k, paper in (("disc_input", "map"), ("adversary", "paper"), ("mask_target", "all")):
             if d[k] == paper:  # the paper's, and what every run made before the option had: same run key
                 del d[k]
         return d
@@ -137,6 +139,8 @@ class GuideConfig:
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0:
                 raise NemtError(f"{name} must be a finite number >= 0, got {v}")
+        if self.mask_target not in ("all", "true"):
+            raise NemtError(f"mask_target must be 'all' or 'true', got {self.mask_target!r}")
         if self.adversary not in ADVERSARIES:
             raise NemtError(f"adversary must be one of {ADVERSARIES}, got {self.adversary!r}")
         if self.disc_input not in DISC_INPUTS:
@@ -348,6 +352,8 @@ def _train_guided(manifest, out_dir, config, guide: GuideConfig, *, device, fres
         raise NemtError(f"--guide mimic needs a multi-class task (the copies' log-softmax is averaged), not {task}")
     if guide.kind == "mask" and task == "regression":
         raise NemtError("--guide mask needs a classification task (the penalty is on the log-probabilities)")
+    if guide.kind == "mask" and guide.mask_target == "true" and task != "multiclass":
+        raise NemtError(f"mask_target='true' needs a multi-class task (one true class per image), not {task}")
     if cfg.arch in ("mimic", "pantypes"):
         raise NemtError(f"--guide cannot train --arch {cfg.arch}; choose a plain architecture")
     manifest.raise_problems()
@@ -431,6 +437,7 @@ def _train_guided(manifest, out_dir, config, guide: GuideConfig, *, device, fres
                     out = clf.net(xr)
                     ce = loss_fn(out, y)
                     term = right_reasons_penalty(clf.net, xr, gt, task, out,
+                                                 y if guide.mask_target == "true" else None,
                                                  fraction=guide.mask_penalty == "fraction")
                     loss = ce + guide.mask_weight * term
                     acc = torch.zeros(())
