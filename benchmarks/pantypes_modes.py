@@ -205,7 +205,7 @@ def run_seed(seed: int, args: argparse.Namespace, out: Path) -> dict:
         t0 = time.time()
         net = Pantypes(out_channels=2, input_size=(args.size, args.size), latent_dim=args.latent_dim,
                        width=args.width, volume_weight=vol, sample=args.z_train == "sampled",
-                       distance=args.distance, volume_centred=args.volume_centred,
+                       distance=args.distance, volume_centred=args.volume_centred, volume_form=args.volume_form,
                        reconstruction_weight=args.reconstruction_weight, seed=seed)
         hist = fit_pantypes(net, xtr, ytr, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             seed=seed, mean=[mean], std=[std], restart_dead=args.restart_dead)
@@ -228,7 +228,8 @@ def run_seed(seed: int, args: argparse.Namespace, out: Path) -> dict:
 def summary(results: list[dict], args: argparse.Namespace, seconds: float) -> str:
     lines = [f"Pantypes mode coverage: {len(results)} seeds, {args.epochs} epochs, lr {args.lr}, batch "
              f"{args.batch_size}, latent {args.latent_dim}, width {args.width}, z in training {args.z_train}, "
-             f"distance {args.distance}, volume {'centred' if args.volume_centred else 'from the origin'}; train "
+             f"distance {args.distance}, volume {'centred' if args.volume_centred else 'from the origin'} "
+             f"({args.volume_form}); train "
              f"{json.dumps(results[0]['n_train'])} + {args.n_normal} normal; {seconds:.0f} s wall", "",
              "| seed | model | test acc | disc / bar / ring recall | modes covered | cells (disc/bar/ring per "
              "prototype) | dead prototypes | latent 5-NN same mode |",
@@ -272,6 +273,9 @@ def main() -> None:
     p.add_argument("--min-cell", type=int, default=5)
     p.add_argument("--distance", choices=("squared", "euclidean"), default="squared",
                    help="d_j of the similarity: squared (the ProtoVAE paper) or euclidean (the public codes' cdist)")
+    p.add_argument("--volume-form", choices=("inverse", "log"), default="inverse",
+                   help="the volume loss: inverse (the paper's 1/sqrt(det G)) or log (-log sqrt(det G); "
+                        "not in the paper)")
     p.add_argument("--volume-centred", action="store_true",
                    help="span the volume from a prototype, not from the origin (not in the paper)")
     p.add_argument("--reconstruction-weight", type=float, default=1.0,

@@ -111,6 +111,27 @@ def test_centred_volume_ignores_where_the_prototypes_are_and_the_paper_s_does_no
     assert torch.allclose(volume_loss(simplex, eps=0.0, centred=True), torch.tensor(1.0, dtype=torch.float64))
 
 
+def test_log_volume_is_minus_m_log_c_for_scaled_orthonormal_prototypes():
+    """``form="log"``: -log sqrt(det G). Orthonormal prototypes scaled by c have det G = c^(2M), so the loss is
+    -M log c exactly (eps 0), the log of the inverse form; its gradient falls as 1/c, the inverse form's as
+    c^-(M+1), which is why the log form still acts at the data's scale."""
+    m = 5
+    for c in (0.5, 2.0, 10.0):
+        p = (c * torch.eye(16, dtype=torch.float64)[:m])[None].requires_grad_(True)
+        log = volume_loss(p, eps=0.0, form="log")
+        inv = volume_loss(p, eps=0.0)
+        assert float(log) == pytest.approx(-m * math.log(c), rel=1e-9)
+        assert float(log) == pytest.approx(math.log(float(inv)), rel=1e-9)
+        g_log, = torch.autograd.grad(log, p)
+        g_inv, = torch.autograd.grad(volume_loss(p, eps=0.0), p)
+        assert float(g_log.norm()) == pytest.approx(math.sqrt(m) / c, rel=1e-9)
+        assert float(g_inv.norm()) == pytest.approx(math.sqrt(m) * c ** -(m + 1), rel=1e-9)
+    with pytest.raises(NemtError, match="volume"):
+        volume_loss(p.detach(), form="cube")
+    with pytest.raises(NemtError, match="volume_form"):
+        Pantypes(out_channels=2, volume_form="cube", latent_dim=4, width=2)
+
+
 def test_volume_needs_a_guard_when_on():
     with pytest.raises(NemtError, match="volume_eps"):
         Pantypes(out_channels=2, volume_eps=0.0)

@@ -144,7 +144,11 @@ def class_volumes(prototypes: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
     return torch.exp(0.5 * _logdet_gram(prototypes, eps)).to(prototypes.dtype)
 
 
-def volume_loss(prototypes: torch.Tensor, eps: float = 1e-4, centred: bool = False) -> torch.Tensor:
+VOLUME_FORMS = ("inverse", "log")
+
+
+def volume_loss(prototypes: torch.Tensor, eps: float = 1e-4, centred: bool = False,
+                form: str = "inverse") -> torch.Tensor:
     """``mean_k 1 / sqrt(det(P_k P_k^T + eps I))``: prototypes (K, M, L) -> scalar.
 
     Computed as ``mean_k exp(-log det / 2)`` in float64, so it is finite for ``eps > 0`` even when
@@ -154,11 +158,22 @@ def volume_loss(prototypes: torch.Tensor, eps: float = 1e-4, centred: bool = Fal
     the paper) spans it from the class's first prototype instead, ``D_k = P_k[1:] - P_k[0]`` (M - 1 edges:
     (M - 1)! times the volume of the prototypes' simplex, whichever vertex is used), so only their spread
     counts.
+
+    ``form="log"`` (not in the paper) is ``mean_k -log sqrt(det(...))``, the log-determinant of a DPP's
+    likelihood. The inverse volume's gradient falls as the volume's power -(M + 2)/2: for prototypes
+    at the data's scale in a 256-dimensional latent it is ~1e-6 and moves nothing (README, "Pantypes");
+    the log form's falls only as one over the spread, so it keeps pushing the prototypes apart until the
+    KL term's pull towards the encoded images balances it.
     """
     _check_prototypes(prototypes)
+    if form not in VOLUME_FORMS:
+        raise NemtError(f"volume form must be one of {VOLUME_FORMS}, got {form!r}")
     if centred:
         prototypes = prototypes[:, 1:] - prototypes[:, :1]
-    return torch.exp(-0.5 * _logdet_gram(prototypes, eps)).mean().to(prototypes.dtype)
+    logdet = _logdet_gram(prototypes, eps)
+    if form == "log":
+        return (-0.5 * logdet).mean().to(prototypes.dtype)
+    return torch.exp(-0.5 * logdet).mean().to(prototypes.dtype)
 
 
 def kl_to_prototypes(mu: torch.Tensor, logvar: torch.Tensor, sims: torch.Tensor, y: torch.Tensor,
@@ -232,7 +247,8 @@ class Pantypes(nn.Module):
                  input_size: Sequence[int] | None = None, latent_dim: int = 256, prototypes_per_class: int = 5,
                  width: int = 32, volume_weight: float = 1.0, kl_weight: float = 1.0,
                  reconstruction_weight: float = 1.0, volume_eps: float = 1e-4, sample: bool = True,
-                 distance: str = "squared", volume_centred: bool = False, seed: int | None = None):
+                 distance: str = "squared", volume_centred: bool = False, volume_form: str = "inverse",
+                 seed: int | None = None):
         super().__init__()
         if spatial_dims != 2:
             raise NemtError(f"pantypes is a 2D model (the paper's image networks); got spatial_dims={spatial_dims}")
@@ -259,6 +275,9 @@ class Pantypes(nn.Module):
         _check_distance(distance)
         self.distance = distance
         self.volume_centred = bool(volume_centred)
+        if volume_form not in VOLUME_FORMS:
+            raise NemtError(f"volume_form must be one of {VOLUME_FORMS}, got {volume_form!r}")
+        self.volume_form = volume_form
         self._cache: tuple[torch.Tensor, PantypesParts] | None = None
         self._noise_key: int | None = None
         if seed is None:
@@ -410,7 +429,7 @@ class Pantypes(nn.Module):
         return {
             "kl": kl_to_prototypes(parts.mu, parts.logvar, parts.similarities, y, self.prototypes_by_class),
             "reconstruction": F.mse_loss(decoded, target),
-            "volume": (volume_loss(self.prototypes_by_class, self.volume_eps, self.volume_centred)
+            "volume": (volume_loss(self.prototypes_by_class, self.volume_eps, self.volume_centred, self.volume_form)
                        if self.volume_weight else parts.logits.new_zeros(())),
         }
 
