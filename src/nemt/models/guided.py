@@ -101,14 +101,14 @@ ADVERSARIES = ("paper", "confusion")
 class GuideConfig:
     """Settings of the guidance (recorded in the card's ``training.guide``).
 
-    ``kind``: ``"mimic"`` or ``"mask"``; ``copies`` (M), ``beta`` (β),
-    ``disc_lr``, ``disc_hidden``, ``disc_size`` and ``disc_input`` (``"map"``, the paper's, or
-    ``"deviation"``: each map minus the copies' mean map of its image) and ``adversary`` (``"paper"``: the copies
-    maximise the discriminator's cross-entropy; ``"confusion"``: they minimise its cross-entropy against the
-    uniform label) are MIMIC's; ``mask_weight``
-    (λ) is the right-reasons term's weight, ``mask_target`` what it differentiates (``"all"``: Σ_k log p_k as
-    Ross et al.; ``"true"``: the true class's log p only, multi-class) and ``mask_penalty`` its form: ``"fraction"`` (the share of the
-    squared input gradient outside the mask, in [0, 1]) or ``"ross"`` (its sum, Ross et al.'s eq. 1).
+    ``kind``: ``"mimic"`` or ``"mask"``. MIMIC's: ``copies`` (M), ``beta`` (β), ``disc_lr``, ``disc_hidden``,
+    ``disc_size``, ``disc_input`` (``"map"``, the paper's, or ``"deviation"``: each map minus the copies'
+    mean map of its image) and ``adversary`` (``"paper"``: the copies maximise the discriminator's
+    cross-entropy; ``"confusion"``: they minimise its cross-entropy against the uniform label). The
+    right-reasons term's: ``mask_weight`` (λ), ``mask_target`` (``"all"``: Σ_k log p_k differentiated, as
+    Ross et al.; ``"true"``: the true class's log p only, multi-class) and ``mask_penalty``, its form:
+    ``"fraction"`` (the share of the squared input gradient outside the mask, in [0, 1]) or ``"ross"`` (its
+    sum, Ross et al.'s eq. 1). Options not in the papers are left out of :meth:`to_dict` at their defaults.
     """
 
     kind: str = "mimic"
@@ -252,7 +252,8 @@ def discriminator_input(maps: torch.Tensor, size: int) -> torch.Tensor:
 
 def adversarial_terms(ensemble: GuidedEnsemble, disc: Discriminator, x: torch.Tensor, y: torch.Tensor,
                       loss_fn: Callable, *, disc_size: int = 64, create_graph: bool = True,
-                      disc_input: str = "map", label: str = "copy") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      disc_input: str = "map", label: str = "copy"
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One batch of MIMIC: (Σ_i CE_i, the discriminator's CE on the copies' maps, its accuracy).
 
     Each copy runs once on ``x`` (which gets a gradient-requiring copy); its map

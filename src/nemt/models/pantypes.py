@@ -149,7 +149,7 @@ VOLUME_FORMS = ("inverse", "log")
 
 def volume_loss(prototypes: torch.Tensor, eps: float = 1e-4, centred: bool = False,
                 form: str = "inverse") -> torch.Tensor:
-    """``mean_k 1 / sqrt(det(P_k P_k^T + eps I))``: prototypes (K, M, L) -> scalar.
+    """``mean_k 1 / sqrt(det(P_k P_k^T + eps I))`` (``form="log"``: its log): prototypes (K, M, L) -> scalar.
 
     Computed as ``mean_k exp(-log det / 2)`` in float64, so it is finite for ``eps > 0`` even when
     prototypes coincide (see the module docstring). The paper's parallelotope is spanned from the origin,
@@ -160,10 +160,10 @@ def volume_loss(prototypes: torch.Tensor, eps: float = 1e-4, centred: bool = Fal
     counts.
 
     ``form="log"`` (not in the paper) is ``mean_k -log sqrt(det(...))``, the log-determinant of a DPP's
-    likelihood. The inverse volume's gradient falls as the volume's power -(M + 2)/2: for prototypes
-    at the data's scale in a 256-dimensional latent it is ~1e-6 and moves nothing (README, "Pantypes");
-    the log form's falls only as one over the spread, so it keeps pushing the prototypes apart until the
-    KL term's pull towards the encoded images balances it.
+    likelihood. With the prototypes scaled by c the inverse form's gradient falls as c^-(M+1): for
+    prototypes at the data's scale in a 256-dimensional latent it is ~1e-6 and moves nothing (README,
+    "Pantypes"); the log form's falls only as 1/c, so it keeps pushing the prototypes apart (on the planted
+    modes: out of the data, where the KL term's similarity-weighted pull no longer holds them).
     """
     _check_prototypes(prototypes)
     if form not in VOLUME_FORMS:
@@ -429,7 +429,8 @@ class Pantypes(nn.Module):
         return {
             "kl": kl_to_prototypes(parts.mu, parts.logvar, parts.similarities, y, self.prototypes_by_class),
             "reconstruction": F.mse_loss(decoded, target),
-            "volume": (volume_loss(self.prototypes_by_class, self.volume_eps, self.volume_centred, self.volume_form)
+            "volume": (volume_loss(self.prototypes_by_class, self.volume_eps, self.volume_centred,
+                                   self.volume_form)
                        if self.volume_weight else parts.logits.new_zeros(())),
         }
 
