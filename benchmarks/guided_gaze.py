@@ -56,8 +56,9 @@ from nemt.ops import normalise_maps
 
 MODELS = ("plain", "ensemble", "mimic", "mask")
 # MIMIC variants (not in the paper): the discriminator on each map's deviation from the copies' mean map ("dev"),
-# the copies bringing the discriminator to the uniform label instead of maximising its cross-entropy ("conf")
-EXTRA_MODELS = ("mimic-dev", "mimic-conf", "mimic-dev-conf")
+# the copies bringing the discriminator to the uniform label instead of maximising its cross-entropy ("conf"),
+# the discriminator on Grad-CAM maps instead of |x * grad| ("gc")
+EXTRA_MODELS = ("mimic-dev", "mimic-conf", "mimic-dev-conf", "mimic-gc", "mimic-gc-conf")
 METHODS = ("gradcam++", "ig", "gxi", "nemt")
 FIGURES = ("kl", "nss", "relevance_mass", "agreement")
 
@@ -99,7 +100,8 @@ def train_models(args, seed: int, data: Path, home: Path) -> dict[str, Path]:
             train_guided(manifest, out[name], cfg, GuideConfig(
                 kind="mimic", copies=3, disc_lr=args.disc_lr, beta=0.0 if name == "ensemble" else args.beta,
                 disc_input="deviation" if "-dev" in name else "map",
-                adversary="confusion" if "-conf" in name else "paper"), **quiet)
+                adversary="confusion" if "-conf" in name else "paper",
+                explanation="gradcam" if "-gc" in name else "gxi"), **quiet)
         log(f"  seed {seed}: {name} trained ({time.perf_counter() - t0:.0f} s)")
     return out
 

@@ -77,6 +77,36 @@ def test_deviation_input_reaches_the_weights_and_is_blind_when_the_copies_agree(
     assert GuideConfig(disc_input="deviation").to_dict()["disc_input"] == "deviation"
 
 
+def test_gradcam_explanation_is_grad_cam_and_reaches_each_copys_weights():
+    """``explanation="gradcam"``: :func:`gradcam_maps` is the Grad-CAM explainer's map (same layer, min-max), and
+    built with ``create_graph`` the discriminator's loss reaches every copy's weights through it (none without)."""
+    from nemt.explainers.gradcam import default_cam_layer
+    from nemt.models import Classifier
+    from nemt.models.guided import gradcam_maps
+
+    ens, disc, x, y = _ensemble_and_batch()
+    layers = [default_cam_layer(c, (1, 16, 16)) for c in ens.copies]
+    copy = ens.copies[0].eval()
+    out, m = gradcam_maps(copy, x, y, layers[0], create_graph=False)
+    assert m.shape == (4, 1, 16, 16) and not m.requires_grad
+    assert torch.allclose(out, copy(x))
+    clf = Classifier.from_module(copy, spatial_dims=2, in_channels=1, input_size=(16, 16), task="multiclass",
+                                 label_names=["a", "b", "c"])
+    want = get_explainer("gradcam", clf, layer=layers[0]).explain(x, target=y)
+    assert torch.allclose(m, want, atol=1e-5)
+    ens.train()
+    _, d_ce, _ = adversarial_terms(ens, disc, x, y, F.cross_entropy, disc_size=16, cam_layers=layers)
+    for k, c in enumerate(ens.copies):
+        grads = torch.autograd.grad(d_ce, list(c.parameters()), retain_graph=True, allow_unused=True)
+        assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0, f"copy {k}: no gradient"
+    _, d_ce, _ = adversarial_terms(ens, disc, x, y, F.cross_entropy, disc_size=16, cam_layers=layers,
+                                   create_graph=False)
+    grads = torch.autograd.grad(d_ce, list(ens.parameters()), allow_unused=True)
+    assert all(g is None or float(g.abs().sum()) == 0 for g in grads)
+    with pytest.raises(NemtError, match="explanation"):
+        GuideConfig(explanation="shap").check()
+
+
 def test_explanation_map_of_a_linear_model_is_its_definition():
     """For f = W x + b the input gradient of logit t is W_t, so the map is |W_t * x| summed over channels,
     min-max per sample (exact up to float rounding)."""

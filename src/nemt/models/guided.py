@@ -95,6 +95,7 @@ from nemt.ops import preserved_rng
 GUIDES = ("mimic", "mask")
 DISC_INPUTS = ("map", "deviation")
 ADVERSARIES = ("paper", "confusion")
+EXPLANATIONS = ("gxi", "gradcam")
 
 
 @dataclass
@@ -103,8 +104,10 @@ class GuideConfig:
 
     ``kind``: ``"mimic"`` or ``"mask"``. MIMIC's: ``copies`` (M), ``beta`` (β), ``disc_lr``, ``disc_hidden``,
     ``disc_size``, ``disc_input`` (``"map"``, the paper's, or ``"deviation"``: each map minus the copies'
-    mean map of its image) and ``adversary`` (``"paper"``: the copies maximise the discriminator's
-    cross-entropy; ``"confusion"``: they minimise its cross-entropy against the uniform label). The
+    mean map of its image), ``adversary`` (``"paper"``: the copies maximise the discriminator's
+    cross-entropy; ``"confusion"``: they minimise its cross-entropy against the uniform label) and
+    ``explanation``, the map the discriminator sees (``"gxi"``: :func:`explanation_maps`; ``"gradcam"``:
+    :func:`gradcam_maps`, Grad-CAM of the copy's default layer). The
     right-reasons term's: ``mask_weight`` (λ), ``mask_target`` (``"all"``: Σ_k log p_k differentiated, as
     Ross et al.; ``"true"``: the true class's log p only, multi-class) and ``mask_penalty``, its form:
     ``"fraction"`` (the share of the squared input gradient outside the mask, in [0, 1]) or ``"ross"`` (its
@@ -119,13 +122,15 @@ class GuideConfig:
     disc_size: int = 64
     disc_input: str = "map"
     adversary: str = "paper"
+    explanation: str = "gxi"
     mask_target: str = "all"
     mask_weight: float = 1.0
     mask_penalty: str = "fraction"
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for k, paper in (("disc_input", "map"), ("adversary", "paper"), ("mask_target", "all")):
+        for k, paper in (("disc_input", "map"), ("adversary", "paper"), ("explanation", "gxi"),
+                         ("mask_target", "all")):
             if d[k] == paper:  # the paper's, and what every run made before the option had: same run key
                 del d[k]
         return d
@@ -141,6 +146,8 @@ class GuideConfig:
                 raise NemtError(f"{name} must be a finite number >= 0, got {v}")
         if self.mask_target not in ("all", "true"):
             raise NemtError(f"mask_target must be 'all' or 'true', got {self.mask_target!r}")
+        if self.explanation not in EXPLANATIONS:
+            raise NemtError(f"explanation must be one of {EXPLANATIONS}, got {self.explanation!r}")
         if self.adversary not in ADVERSARIES:
             raise NemtError(f"adversary must be one of {ADVERSARIES}, got {self.adversary!r}")
         if self.disc_input not in DISC_INPUTS:
@@ -241,6 +248,36 @@ def explanation_maps(net: nn.Module, x: torch.Tensor, target: torch.Tensor, *, c
     return _minmax_per_sample(m)
 
 
+def gradcam_maps(net: nn.Module, x: torch.Tensor, target: torch.Tensor, layer: str, *,
+                 create_graph: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grad-CAM of ``net`` at ``layer`` for class ``target`` (B,), upsampled to the input and min-max per sample:
+    (logits (B, K), maps (B, 1, *spatial) in [0, 1]).
+
+    ReLU(Σ_k w_k A_k) with w_k the spatial mean of ∂f_t/∂A_k (Selvaraju et al. 2017), the gradient taken
+    with ``create_graph`` so that the map is differentiable with respect to the weights (the issue's
+    "Grad-CAM with create_graph=True"); one forward pass, whose logits are returned for the cross-entropy.
+    """
+    modules = dict(net.named_modules())
+    if layer not in modules:
+        raise NemtError(f"gradcam_maps: no layer {layer!r} in {type(net).__name__}")
+    taken: list[torch.Tensor] = []
+    hook = modules[layer].register_forward_hook(lambda _m, _i, o: taken.append(o))
+    try:
+        out = net(x)
+    finally:
+        hook.remove()
+    a = taken[-1]
+    score = out.gather(1, target.view(-1, 1).long()).sum()
+    g, = torch.autograd.grad(score, a, create_graph=create_graph, retain_graph=True)
+    dims = tuple(range(2, a.ndim))
+    cam = F.relu((g.mean(dims, keepdim=True) * a).sum(1, keepdim=True))
+    mode = ("linear", "bilinear", "trilinear")[x.ndim - 3]
+    cam = F.interpolate(cam, size=tuple(x.shape[2:]), mode=mode, align_corners=False)
+    if not create_graph:
+        cam = cam.detach()
+    return out, _minmax_per_sample(cam)
+
+
 def discriminator_input(maps: torch.Tensor, size: int) -> torch.Tensor:
     """Maps (N, 1, *spatial) average-pooled to at most ``size`` per axis and flattened: (N, n)."""
     d = maps.ndim - 2
@@ -252,7 +289,7 @@ def discriminator_input(maps: torch.Tensor, size: int) -> torch.Tensor:
 
 def adversarial_terms(ensemble: GuidedEnsemble, disc: Discriminator, x: torch.Tensor, y: torch.Tensor,
                       loss_fn: Callable, *, disc_size: int = 64, create_graph: bool = True,
-                      disc_input: str = "map", label: str = "copy"
+                      disc_input: str = "map", label: str = "copy", cam_layers: Sequence[str] | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One batch of MIMIC: (Σ_i CE_i, the discriminator's CE on the copies' maps, its accuracy).
 
@@ -262,15 +299,20 @@ def adversarial_terms(ensemble: GuidedEnsemble, disc: Discriminator, x: torch.Te
     the discriminator sees each map minus the mean of the copies' maps of the same image (see the module).
     ``label="uniform"``: the second value is the cross-entropy against the uniform label instead (log M at
     best, where the discriminator cannot tell the copies apart): what the copies minimise with
-    ``adversary="confusion"``.
+    ``adversary="confusion"``. ``cam_layers`` (one module name per copy): the maps are
+    :func:`gradcam_maps` at those layers instead of :func:`explanation_maps`.
     """
     xr = x.detach().requires_grad_(True)
     ce = x.new_zeros(())
     maps = []
-    for c in ensemble.copies:
-        out = c(xr)
+    for i, c in enumerate(ensemble.copies):
+        if cam_layers is not None:
+            out, m = gradcam_maps(c, xr, y, cam_layers[i], create_graph=create_graph)
+        else:
+            out = c(xr)
+            m = explanation_maps(c, xr, y, create_graph=create_graph, out=out)
         ce = ce + loss_fn(out, y)
-        maps.append(explanation_maps(c, xr, y, create_graph=create_graph, out=out))
+        maps.append(m)
     if disc_input == "deviation":
         mean = torch.stack(maps).mean(0)
         maps = [m - mean for m in maps]
@@ -396,6 +438,10 @@ def _train_guided(manifest, out_dir, config, guide: GuideConfig, *, device, fres
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs *
                                                 steps_per_epoch(n_micro, cfg.accumulate), pct_start=0.15)
     disc = disc_opt = None
+    cam_layers = None
+    if guide.kind == "mimic" and guide.explanation == "gradcam":
+        from nemt.explainers.gradcam import default_cam_layer
+        cam_layers = [default_cam_layer(c, (channels, *size)) for c in clf.net.copies]
     if guide.kind == "mimic":
         n_in = int(np.prod([min(s, guide.disc_size) for s in size]))
         disc = Discriminator(n_in, guide.copies, guide.disc_hidden).to(device)
@@ -448,7 +494,8 @@ def _train_guided(manifest, out_dir, config, guide: GuideConfig, *, device, fres
                     confusion = adversarial and guide.adversary == "confusion"
                     ce, term, acc = adversarial_terms(clf.net, disc, x, y, loss_fn, disc_size=guide.disc_size,
                                                       create_graph=adversarial, disc_input=guide.disc_input,
-                                                      label="uniform" if confusion else "copy")
+                                                      label="uniform" if confusion else "copy",
+                                                      cam_layers=cam_layers)
                     if not adversarial:
                         loss = ce
                     else:  # the paper: maximise the discriminator's CE; confusion: bring it to the uniform label's
