@@ -96,6 +96,7 @@ GUIDES = ("mimic", "mask")
 DISC_INPUTS = ("map", "deviation")
 ADVERSARIES = ("paper", "confusion")
 EXPLANATIONS = ("gxi", "gradcam")
+MASK_TARGETS = ("all", "true")
 
 
 @dataclass
@@ -144,8 +145,8 @@ class GuideConfig:
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0:
                 raise NemtError(f"{name} must be a finite number >= 0, got {v}")
-        if self.mask_target not in ("all", "true"):
-            raise NemtError(f"mask_target must be 'all' or 'true', got {self.mask_target!r}")
+        if self.mask_target not in MASK_TARGETS:
+            raise NemtError(f"mask_target must be one of {MASK_TARGETS}, got {self.mask_target!r}")
         if self.explanation not in EXPLANATIONS:
             raise NemtError(f"explanation must be one of {EXPLANATIONS}, got {self.explanation!r}")
         if self.adversary not in ADVERSARIES:
@@ -257,22 +258,16 @@ def gradcam_maps(net: nn.Module, x: torch.Tensor, target: torch.Tensor, layer: s
     with ``create_graph`` so that the map is differentiable with respect to the weights (the issue's
     "Grad-CAM with create_graph=True"); one forward pass, whose logits are returned for the cross-entropy.
     """
-    modules = dict(net.named_modules())
-    if layer not in modules:
-        raise NemtError(f"gradcam_maps: no layer {layer!r} in {type(net).__name__}")
-    taken: list[torch.Tensor] = []
-    hook = modules[layer].register_forward_hook(lambda _m, _i, o: taken.append(o))
-    try:
+    from nemt.explainers.layers import FeatureTap
+    from nemt.ops import resize_linear
+
+    with FeatureTap(net, [layer]) as tap:
         out = net(x)
-    finally:
-        hook.remove()
-    a = taken[-1]
+    a = tap.features[layer]
     score = out.gather(1, target.view(-1, 1).long()).sum()
     g, = torch.autograd.grad(score, a, create_graph=create_graph, retain_graph=True)
-    dims = tuple(range(2, a.ndim))
-    cam = F.relu((g.mean(dims, keepdim=True) * a).sum(1, keepdim=True))
-    mode = ("linear", "bilinear", "trilinear")[x.ndim - 3]
-    cam = F.interpolate(cam, size=tuple(x.shape[2:]), mode=mode, align_corners=False)
+    cam = F.relu((g.mean(tuple(range(2, a.ndim)), keepdim=True) * a).sum(1, keepdim=True))
+    cam = resize_linear(cam, x.shape[2:])  # as the Grad-CAM explainer upsamples
     if not create_graph:
         cam = cam.detach()
     return out, _minmax_per_sample(cam)
@@ -439,10 +434,10 @@ def _train_guided(manifest, out_dir, config, guide: GuideConfig, *, device, fres
                                                 steps_per_epoch(n_micro, cfg.accumulate), pct_start=0.15)
     disc = disc_opt = None
     cam_layers = None
-    if guide.kind == "mimic" and guide.explanation == "gradcam":
-        from nemt.explainers.gradcam import default_cam_layer
-        cam_layers = [default_cam_layer(c, (channels, *size)) for c in clf.net.copies]
     if guide.kind == "mimic":
+        if guide.explanation == "gradcam":
+            from nemt.explainers.gradcam import default_cam_layer
+            cam_layers = [default_cam_layer(c, (channels, *size)) for c in clf.net.copies]
         n_in = int(np.prod([min(s, guide.disc_size) for s in size]))
         disc = Discriminator(n_in, guide.copies, guide.disc_hidden).to(device)
         disc_opt = torch.optim.Adam(disc.parameters(), lr=guide.disc_lr)
