@@ -317,3 +317,71 @@ def test_inpaint_plus_blur_plays_each_game_with_both_fills():  # and the blur ba
         m_del, m_pres, clean = mixed._games(x, logits, out, t, areas)
     assert torch.allclose(m_del, got[0][:3], atol=1e-5) and torch.allclose(m_pres, got[1][3:], atol=1e-5)
     assert torch.allclose(clean, got[2][:3])
+
+
+def test_mean_image_background_is_the_training_mean_and_changes_only_the_preservation_game():
+    """``occlusion="inpaint+mean-image"``: the preservation game keeps the mask on the training images' pixel-wise
+    mean instead of the constant data-set mean that inpainting with nothing kept gives. So with a mean image of
+    0 (the normalised data-set mean) its games equal the inpainting explainer's exactly, and with another mean
+    image only the preservation game changes. The mean image is that of every training image, whether the data
+    come as batches or as a map-style data set of items."""
+    torch.manual_seed(0)
+    net = build_model("smallcnn", spatial_dims=2, in_channels=1, out_channels=3, width=4)
+    clf = Classifier.from_module(net, spatial_dims=2, in_channels=1, input_size=(32, 32), task="multiclass",
+                                 label_names=["a", "b", "c"]).eval()
+    g = torch.Generator().manual_seed(1)
+    xs, ys = torch.randn(10, 1, 32, 32, generator=g), torch.randint(0, 3, (10,), generator=g)
+    mi = NEMt(clf, occlusion="inpaint+mean-image", **FAST)
+    mi._set_mean_image([(xs[:4], ys[:4]), (xs[4:], ys[4:])])
+    # float64 sums against torch's float32 mean: they differ by float32 rounding only
+    assert mi.mean_image_.shape == (1, 1, 32, 32) and torch.allclose(mi.mean_image_, xs.mean(0, keepdim=True),
+                                                                      atol=1e-6)
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(xs)
+
+        def __getitem__(self, i):
+            return {"image": xs[i], "y": ys[i]}
+    mi._set_mean_image(Items())
+    assert torch.allclose(mi.mean_image_, xs.mean(0, keepdim=True), atol=1e-6)
+    NEMt(clf, occlusion="inpaint", **FAST)._set_mean_image(None)  # no mean-image game: the data are not read at all
+
+    mi.init_module()
+    plain = NEMt(clf, occlusion="inpaint", **FAST)
+    plain.module_ = mi.module_
+    x, t, areas = xs[:3], torch.tensor([[0], [2], [1]]), torch.tensor([0.05, 0.1, 0.2])
+    with torch.no_grad():
+        logits, out = mi._logits(x)
+        want = plain._games(x, logits, out, t, areas)
+        mi.mean_image_ = torch.zeros(1, 1, 32, 32)
+        for a, b in zip(mi._games(x, logits, out, t, areas), want):
+            assert torch.allclose(a, b, atol=1e-6)
+        mi.mean_image_ = 5 * torch.randn(1, 1, 32, 32, generator=g)
+        m_del, m_pres, clean = mi._games(x, logits, out, t, areas)
+    assert torch.allclose(m_del, want[0], atol=1e-6) and torch.allclose(clean, want[2])
+    assert not torch.allclose(m_pres, want[1], atol=1e-3)
+
+
+def test_outpaint_continues_the_kept_region_and_falls_back_to_the_mean_image():
+    """``occlusion="inpaint+outpaint"``'s preservation input: the mask kept as it is; a hole enclosed by a kept
+    ring filled from the ring (a ring of dark tissue stays dark inside, where a fixed background would draw a
+    brighter patch there, i.e. evidence the image does not have); far from everything kept, the mean image."""
+    torch.manual_seed(0)
+    net = build_model("smallcnn", spatial_dims=2, in_channels=1, out_channels=3, width=4)
+    clf = Classifier.from_module(net, spatial_dims=2, in_channels=1, input_size=(64, 64), task="multiclass",
+                                 label_names=["a", "b", "c"]).eval()
+    e = NEMt(clf, occlusion="inpaint+outpaint", **FAST)
+    e._set_mean_image([(torch.ones(2, 1, 64, 64), None)])  # mean image 1 everywhere
+    x = torch.full((1, 1, 64, 64), -1.0)  # dark tissue
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    r = ((yy - 16) ** 2 + (xx - 16) ** 2).sqrt()
+    keep = ((r >= 3) & (r < 8)).float().view(1, 1, 64, 64)  # a ring around a hole of radius 3 px
+    with torch.no_grad():
+        out = e._outpaint(x, keep)
+    assert torch.equal(out[keep > 0], x[keep > 0])
+    # fill = (blur(x k) + 0.1 mean) / (blur(k) + 0.1): inside the ring blur(k) is at least 0.5 (sigma 4 px at
+    # 64 px), so the hole is within 0.1 / 0.6 of the way from the ring's -1 to the mean image's +1
+    hole = out[0, 0][r < 2]
+    assert (hole < -1 + 2 * 0.1 / 0.6).all()
+    assert torch.allclose(out[0, 0, 48:, 48:], torch.ones(16, 16), atol=1e-3)  # 32+ px away: the mean image

@@ -25,11 +25,11 @@ from torch import nn
 from nemt import __version__
 from nemt.errors import CardError, NemtError
 from nemt.explainers.base import Explainer, Target, init_parameters, register
-from nemt.ops import (ParameterError, evaluating, frozen_parameters, label_names_of, n_outputs_of, output_score,
-                      postprocess, resolve_targets, task_of)
+from nemt.ops import (ParameterError, evaluating, frozen_parameters, gaussian_blur, label_names_of, n_outputs_of,
+                      output_score, postprocess, resolve_targets, task_of)
 from nemt.explainers.layers import find_stages, layer_name
-from nemt.explainers.nemt.losses import (OCCLUSIONS, QUANTITIES, deletion_loss, game_fills, game_loss, log_odds,
-                                        nem_loss, nested_masks, occlude, target_quantity)
+from nemt.explainers.nemt.losses import (MEAN_IMAGE, OCCLUSIONS, OUTPAINT, QUANTITIES, deletion_loss, game_fills,
+                                        game_loss, log_odds, nem_loss, nested_masks, occlude, target_quantity)
 from nemt.distributed import Context, StepBatches, context
 from nemt.explainers.nemt.loop import batches, fit_loop, split_xy
 from nemt.explainers.nemt.module import ExplanationModule
@@ -268,6 +268,8 @@ class _MaskExplainer(Explainer):
         epochs = self.epochs_ = int(epochs or self.epochs)
         mod = self.init_module().module_
         ctx = context(self.device)
+        if getattr(self, "objective", None) == "nested":
+            self._set_mean_image(data, ctx)
         data = self._teacher_data(data, out_dir, progress, log, ctx) \
             if getattr(self, "objective", None) == "teacher" else self._loader(data, ctx)
         key = json.loads(json.dumps({"params": self.hyper_params(), "epochs": epochs,
@@ -403,7 +405,7 @@ TEACHER_LOSSES = ("bce", "kl")
 GAMES = ("both", "deletion", "preservation")
 DEFAULT_AREAS = (0.01, 0.025, 0.05, 0.1, 0.2)  # 1 % added on BUSI/demo validation (pointing game; README)
 DEFAULT_PRESERVATION_BOUND = 2.0  # chosen on the validation splits of the demo and BUSI (README)
-DEFAULT_OCCLUSION = "inpaint"  # inpaint+blur (an option) failed the validation rule on BUSI (README)
+DEFAULT_OCCLUSION = "inpaint"  # inpaint+blur and inpaint+mean-image (options) failed the validation rule on BUSI (README)
 DEFAULT_MAP_AREAS = (0.01,)  # chosen on the demo's validation split (README); the logits rank every pixel anyway
 # parameters that shape only the map made from the fitted logits (set_map_areas, set_map_smoothing): no refit
 EXPLANATION_TIME_PARAMS = ("map_areas", "map_smoothing")
@@ -613,7 +615,50 @@ class NEMt(_MaskExplainer):
 
     def _filled(self, x: torch.Tensor, kind: str | None = None) -> torch.Tensor:
         """The fully filled image (nothing kept): the background of the preservation game."""
+        if kind == MEAN_IMAGE:
+            return self._mean_image(x).expand_as(x)
         return self._occlude(x, torch.zeros_like(x[:, :1]), kind)
+
+    def _outpaint(self, x: torch.Tensor, keep: torch.Tensor, prior: float = 0.1) -> torch.Tensor:
+        """``x`` kept on ``keep``, the rest filled by normalised convolution from the kept pixels with the mean
+        image as a prior of weight ``prior``: (blur(x·k) + prior·mean) / (blur(k) + prior). Next to a kept region
+        the fill continues it (a kept ring of dark tissue stays dark inside, where a fixed background would put
+        a contrast the image does not have); far from it the fill is the mean image."""
+        sigma = self.blur_sigma or fill_sigma_for(tuple(self._input_size))
+        mean = self._mean_image(x)
+        fill = (gaussian_blur(x * keep, sigma) + prior * mean) / (gaussian_blur(keep, sigma) + prior)
+        return x * keep + fill * (1 - keep)
+
+    mean_image_: torch.Tensor | None = None
+
+    def _mean_image(self, x: torch.Tensor) -> torch.Tensor:
+        """The training images' mean (set by ``fit``); a step taken outside ``fit`` uses its batch's mean."""
+        return (self.mean_image_ if self.mean_image_ is not None else x.mean(0, keepdim=True)).to(x)
+
+    def _set_mean_image(self, data: Any, ctx: Context | None = None) -> None:
+        """The training images' pixel-wise mean (``mean_image_``, (1, C, *spatial)), when a game plays on it.
+
+        A map-style data set is read whole (on every rank under torchrun); data given as batches are read as
+        given, and under torchrun their sums are added over the ranks, so every rank plays on the same mean."""
+        if not any(bg in (MEAN_IMAGE, OUTPAINT) for _, bg in game_fills(self.occlusion)):
+            return
+        from torch.utils.data import DataLoader, Dataset
+        whole = isinstance(data, Dataset) and not isinstance(data, DataLoader)
+        items = (data[i] for i in range(len(data))) if whole else data
+        total = torch.zeros(1, self._in_channels, *self._input_size, dtype=torch.float64)
+        n = 0
+        for b in items:
+            x = torch.as_tensor(split_xy(b)[0])
+            x = x.unsqueeze(0) if x.ndim == self.spatial_dims + 1 else x
+            total += x.detach().to("cpu", torch.float64).sum(0, keepdim=True)
+            n += x.shape[0]
+        if ctx is not None and ctx.distributed and not whole:
+            flat = torch.cat([total.flatten(), torch.tensor([float(n)], dtype=torch.float64)]).to(self.device)
+            torch.distributed.all_reduce(flat)
+            total, n = flat[:-1].view_as(total).cpu(), int(flat[-1].item())
+        if n == 0:
+            raise NemtError("no training images to take the mean image of")
+        self.mean_image_ = (total / n).float()
 
     # -- the paper's objective -----------------------------------------------
     def _train_targets(self, y: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
@@ -675,8 +720,11 @@ class NEMt(_MaskExplainer):
         parts = []
         for kind, background in fills:
             x_del = self._occlude(xr, 1 - m, kind)  # the mask deleted (a counterfactual fill for inpainting)
-            filled = self._filled(x, background).repeat_interleave(k, dim=0)
-            parts += [x_del, xr * m + filled * (1 - m)]  # ... and only the mask kept, on the reference
+            if background == OUTPAINT:  # only the mask kept, the rest filled from it, then the mean image
+                x_pres = self._outpaint(xr, m)
+            else:  # ... and only the mask kept, on the reference
+                x_pres = xr * m + self._filled(x, background).repeat_interleave(k, dim=0) * (1 - m)
+            parts += [x_del, x_pres]
         o = log_odds(self.model(torch.cat(parts)), self.task, self._scale()).view(len(fills), 2, b * k, -1)
         flat_t = t.reshape(1, -1, 1).expand(len(fills), -1, 1)
         m_del = o[:, 0].gather(2, flat_t).reshape(-1)

@@ -16,7 +16,14 @@ from nemt.ops import SCORES, diffusion_fill, fill_values, output_score
 OCCLUSION_FILLS = ("mean", "zero", "blur", "inpaint")
 # NEMt's games only: (deletion fill, preservation background) pairs, each pair one game of each kind, equally weighted
 GAME_FILLS = {"inpaint+blur": (("inpaint", "inpaint"), ("blur", "blur")),  # both games with each fill
-              "inpaint+blur-background": (("inpaint", "blur"),)}  # deletion by inpainting, preservation on the blur
+              "inpaint+blur-background": (("inpaint", "blur"),),  # deletion by inpainting, preservation on the blur
+              # deletion by inpainting, preservation on the training images' pixel-wise mean (MEAN_IMAGE)
+              "inpaint+mean-image": (("inpaint", "mean-image"),),
+              # ... the mask kept, the rest filled from it near it and the training mean image far from it
+              "inpaint+outpaint": (("inpaint", "outpaint"),)}
+OUTPAINT = "outpaint"
+#: a preservation background that is no fill of the image itself: the mean of the training images, pixel by pixel
+MEAN_IMAGE = "mean-image"
 OCCLUSIONS = (*OCCLUSION_FILLS, *GAME_FILLS)
 QUANTITIES = SCORES
 
