@@ -90,7 +90,7 @@ from nemt.files import write_json
 from nemt.models.card import ModelCard
 from nemt.models.classifier import Classifier
 from nemt.models.zoo import build_model, sized_arch_kwargs
-from nemt.ops import preserved_rng
+from nemt.ops import minmax, preserved_rng
 
 GUIDES = ("mimic", "mask")
 DISC_INPUTS = ("map", "deviation")
@@ -220,10 +220,9 @@ def copy_classifiers(clf: Classifier) -> list[Classifier]:
     return out
 
 
-def _minmax_per_sample(m: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    flat = m.flatten(1)
-    lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
-    return ((flat - lo) / (hi - lo).clamp_min(eps)).view_as(m)
+def _minmax_per_sample(m: torch.Tensor) -> torch.Tensor:
+    """Each sample's map (B, …) min-max normalised over all its values (differentiable: ``ops.minmax``)."""
+    return minmax(m.flatten(1)).view_as(m)
 
 
 def explanation_maps(net: nn.Module, x: torch.Tensor, target: torch.Tensor, *, create_graph: bool = True,
