@@ -385,3 +385,24 @@ def test_outpaint_continues_the_kept_region_and_falls_back_to_the_mean_image():
     hole = out[0, 0][r < 2]
     assert (hole < -1 + 2 * 0.1 / 0.6).all()
     assert torch.allclose(out[0, 0, 48:, 48:], torch.ones(16, 16), atol=1e-3)  # 32+ px away: the mean image
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+@pytest.mark.parametrize("occlusion", ["inpaint+mean-image", "inpaint+outpaint"])
+def test_mean_image_backgrounds_train_signals_and_volumes(dims, occlusion):
+    """Both backgrounds take any ``spatial_dims``: a 1-epoch fit on signals and volumes reads its training mean
+    (1, C, *spatial), and the training step's loss is finite and reaches the decoder."""
+    size = (32,) if dims == 1 else (16,) * 3
+    net = build_model("smallcnn", spatial_dims=dims, in_channels=2, out_channels=3, width=4)
+    clf = Classifier.from_module(net, spatial_dims=dims, in_channels=2, input_size=size, task="multiclass",
+                                 label_names=["a", "b", "c"]).eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 2, *size, generator=g), torch.randint(0, 3, (8,), generator=g)
+    ex = NEMt(clf, occlusion=occlusion, **FAST)
+    ex.fit([(x[:4], y[:4]), (x[4:], y[4:])], epochs=1, progress=False, log=lambda s: None)
+    assert ex.mean_image_.shape == (1, 2, *size)
+    assert torch.allclose(ex.mean_image_, x.mean(0, keepdim=True), atol=1e-6)  # float32 rounding only
+    loss, _ = ex._step(x[:4], y[:4], torch.Generator().manual_seed(1))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in ex.module_.parameters())
