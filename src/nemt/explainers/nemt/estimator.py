@@ -272,8 +272,9 @@ class _MaskExplainer(Explainer):
             self._set_mean_image(data, ctx)
         data = self._teacher_data(data, out_dir, progress, log, ctx) \
             if getattr(self, "objective", None) == "teacher" else self._loader(data, ctx)
+        import nemt  # the package's version at call time: a resume point of another version is refused
         key = json.loads(json.dumps({"params": self.hyper_params(), "epochs": epochs,
-                                     "model": model_checksum(self.model)}))
+                                     "model": model_checksum(self.model), "nemt": nemt.__version__}))
         self._last_report = None  # set by validate(); the guard reuses the final epoch's report
         ddp = None
         if ctx.distributed:  # the decoder learns on every rank; the frozen model inside it has no trainable weights

@@ -97,8 +97,8 @@ def fit_loop(module: nn.Module, data: Iterable, step: Step, *, epochs: int, opti
     if state_path and state_path.with_suffix(".json").is_file():
         st = load_state(state_path)
         if st["key"] != key:
-            raise NemtError(f"{out_dir} holds an explainer trained with other settings or another model; "
-                            "use another output folder")
+            raise NemtError(f"{out_dir} holds an explainer trained with other settings, another model or another "
+                            "nemt version; use another output folder")
         module.load_state_dict(st["module"])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
