@@ -167,13 +167,13 @@ def test_resume_from_checkpoint(tmp_path):
 def test_resume_refuses_another_version_or_settings(tmp_path, monkeypatch):
     """A resume point is keyed by the settings, the model and nemt's version: an interrupted fit continued by
     another release (whose code may train differently) or with other settings is refused, naming the folder."""
-    import nemt
+    import nemt.explainers.nemt.estimator as estimator
     data = _data()
     with pytest.raises(Interrupted):
         NEMt(_clf(), **FAST).fit(data, epochs=2, out_dir=tmp_path, progress=False, log=stop_after_first_epoch)
     with pytest.raises(NemtError, match="other settings"):
         NEMt(_clf(), **{**FAST, "lr": 0.5}).fit(data, epochs=2, out_dir=tmp_path, progress=False, log=lambda s: None)
-    monkeypatch.setattr(nemt, "__version__", nemt.__version__ + ".post1")
+    monkeypatch.setattr(estimator, "__version__", estimator.__version__ + ".post1")
     with pytest.raises(NemtError, match="nemt version") as err:
         NEMt(_clf(), **FAST).fit(data, epochs=2, out_dir=tmp_path, progress=False, log=lambda s: None)
     assert str(tmp_path) in str(err.value)

@@ -237,12 +237,17 @@ def fill_values(x: torch.Tensor, fill: float | str | torch.Tensor, *, sigma: flo
     raise ParameterError(f"unknown fill {fill!r}: use a number, a tensor or one of {FILLS}")
 
 
-def diffusion_fill(x: torch.Tensor, keep: torch.Tensor, sigma: float) -> torch.Tensor:
+def diffusion_fill(x: torch.Tensor, keep: torch.Tensor, sigma: float, prior: torch.Tensor | None = None,
+                   prior_weight: float = 1e-3) -> torch.Tensor:
     """``x`` with the region ``1 - keep`` filled from the kept surroundings by normalised convolution:
-    x·k + (blur(x·k) / blur(k))·(1 − k), Gaussian of ``sigma`` pixels (0, the mean, where no kept pixel is
-    near). A dark lesion is replaced by the tissue around it. Differentiable, torch-only, any spatial_dims."""
+    x·k + ((blur(x·k) + w·prior) / (blur(k) + w))·(1 − k), Gaussian of ``sigma`` pixels, w = ``prior_weight``;
+    where no kept pixel is near, the fill is ``prior`` (default 0, the mean). A dark lesion is replaced by the
+    tissue around it. Differentiable, torch-only, any spatial_dims."""
     weight = gaussian_blur(keep, sigma)
-    fill = gaussian_blur(x * keep, sigma) / (weight + 1e-3)
+    blurred = gaussian_blur(x * keep, sigma)
+    if prior is not None:
+        blurred = blurred + prior_weight * prior
+    fill = blurred / (weight + prior_weight)
     return x * keep + fill * (1 - keep)
 
 

@@ -25,7 +25,7 @@ from torch import nn
 from nemt import __version__
 from nemt.errors import CardError, NemtError
 from nemt.explainers.base import Explainer, Target, init_parameters, register
-from nemt.ops import (ParameterError, evaluating, frozen_parameters, gaussian_blur, label_names_of, n_outputs_of,
+from nemt.ops import (ParameterError, diffusion_fill, evaluating, frozen_parameters, label_names_of, n_outputs_of,
                       output_score, postprocess, resolve_targets, task_of)
 from nemt.explainers.layers import find_stages, layer_name
 from nemt.explainers.nemt.losses import (MEAN_IMAGE, OCCLUSIONS, OUTPAINT, QUANTITIES, deletion_loss, game_fills,
@@ -272,9 +272,8 @@ class _MaskExplainer(Explainer):
             self._set_mean_image(data, ctx)
         data = self._teacher_data(data, out_dir, progress, log, ctx) \
             if getattr(self, "objective", None) == "teacher" else self._loader(data, ctx)
-        import nemt  # the package's version at call time: a resume point of another version is refused
-        key = json.loads(json.dumps({"params": self.hyper_params(), "epochs": epochs,
-                                     "model": model_checksum(self.model), "nemt": nemt.__version__}))
+        key = json.loads(json.dumps({"params": self.hyper_params(), "epochs": epochs,  # another version's: refused
+                                     "model": model_checksum(self.model), "nemt": __version__}))
         self._last_report = None  # set by validate(); the guard reuses the final epoch's report
         ddp = None
         if ctx.distributed:  # the decoder learns on every rank; the frozen model inside it has no trainable weights
@@ -608,11 +607,14 @@ class NEMt(_MaskExplainer):
             return None
         return pre.normalise(torch.zeros(1, self._in_channels, *([1] * self.spatial_dims)))[0].flatten()
 
+    def _fill_sigma(self) -> float:
+        """The blur and inpainting sigma in pixels: ``blur_sigma``, or one that follows the input's size."""
+        return self.blur_sigma or fill_sigma_for(tuple(self._input_size))
+
     def _occlude(self, x: torch.Tensor, keep: torch.Tensor, kind: str | None = None) -> torch.Tensor:
         """``x`` with ``1 - keep`` deleted by the fill ``kind`` (default: this explainer's, see ``game_fills``)."""
-        sigma = self.blur_sigma or fill_sigma_for(tuple(self._input_size))
         kind = kind or game_fills(self.occlusion)[0][0]
-        return occlude(x, keep, kind, zero_value=self._zero_value(), sigma=sigma)
+        return occlude(x, keep, kind, zero_value=self._zero_value(), sigma=self._fill_sigma())
 
     def _filled(self, x: torch.Tensor, kind: str | None = None) -> torch.Tensor:
         """The fully filled image (nothing kept): the background of the preservation game."""
@@ -625,10 +627,7 @@ class NEMt(_MaskExplainer):
         image as a prior of weight ``prior``: (blur(x·k) + prior·mean) / (blur(k) + prior). Next to a kept region
         the fill continues it (a kept ring of dark tissue stays dark inside, where a fixed background would put
         a contrast the image does not have); far from it the fill is the mean image."""
-        sigma = self.blur_sigma or fill_sigma_for(tuple(self._input_size))
-        mean = self._mean_image(x)
-        fill = (gaussian_blur(x * keep, sigma) + prior * mean) / (gaussian_blur(keep, sigma) + prior)
-        return x * keep + fill * (1 - keep)
+        return diffusion_fill(x, keep, self._fill_sigma(), prior=self._mean_image(x), prior_weight=prior)
 
     mean_image_: torch.Tensor | None = None
 
