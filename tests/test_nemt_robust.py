@@ -345,6 +345,10 @@ def test_mean_image_background_is_the_training_mean_and_changes_only_the_preserv
             return {"image": xs[i], "y": ys[i]}
     mi._set_mean_image(Items())
     assert torch.allclose(mi.mean_image_, xs.mean(0, keepdim=True), atol=1e-6)
+    rng = torch.get_rng_state()  # a shuffled loader is read as given, without a draw from the caller's RNG
+    mi._set_mean_image(torch.utils.data.DataLoader(Items(), batch_size=3, shuffle=True))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.allclose(mi.mean_image_, xs.mean(0, keepdim=True), atol=1e-6)
     NEMt(clf, occlusion="inpaint", **FAST)._set_mean_image(None)  # no mean-image game: the data are not read at all
 
     mi.init_module()
@@ -399,7 +403,9 @@ def test_mean_image_backgrounds_train_signals_and_volumes(dims, occlusion):
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(8, 2, *size, generator=g), torch.randint(0, 3, (8,), generator=g)
     ex = NEMt(clf, occlusion=occlusion, **FAST)
+    rng = torch.get_rng_state()
     ex.fit([(x[:4], y[:4]), (x[4:], y[4:])], epochs=1, progress=False, log=lambda s: None)
+    assert torch.equal(torch.get_rng_state(), rng)  # the caller's global RNG is left as it was
     assert ex.mean_image_.shape == (1, 2, *size)
     assert torch.allclose(ex.mean_image_, x.mean(0, keepdim=True), atol=1e-6)  # float32 rounding only
     loss, _ = ex._step(x[:4], y[:4], torch.Generator().manual_seed(1))

@@ -26,7 +26,7 @@ from nemt import __version__
 from nemt.errors import CardError, NemtError
 from nemt.explainers.base import Explainer, Target, init_parameters, register
 from nemt.ops import (ParameterError, diffusion_fill, evaluating, frozen_parameters, label_names_of, n_outputs_of,
-                      output_score, postprocess, resolve_targets, task_of)
+                      output_score, postprocess, preserved_rng, resolve_targets, task_of)
 from nemt.explainers.layers import find_stages, layer_name
 from nemt.explainers.nemt.losses import (MEAN_IMAGE, OCCLUSIONS, OUTPAINT, QUANTITIES, deletion_loss, game_fills,
                                         game_loss, log_odds, nem_loss, nested_masks, occlude, target_quantity)
@@ -647,11 +647,12 @@ class NEMt(_MaskExplainer):
         items = (data[i] for i in range(len(data))) if whole else data
         total = torch.zeros(1, self._in_channels, *self._input_size, dtype=torch.float64)
         n = 0
-        for b in items:
-            x = torch.as_tensor(split_xy(b)[0])
-            x = x.unsqueeze(0) if x.ndim == self.spatial_dims + 1 else x
-            total += x.detach().to("cpu", torch.float64).sum(0, keepdim=True)
-            n += x.shape[0]
+        with preserved_rng():  # an extra pass over a shuffled loader draws nothing from the caller's generators
+            for b in items:
+                x = torch.as_tensor(split_xy(b)[0])
+                x = x.unsqueeze(0) if x.ndim == self.spatial_dims + 1 else x
+                total += x.detach().to("cpu", torch.float64).sum(0, keepdim=True)
+                n += x.shape[0]
         if ctx is not None and ctx.distributed and not whole:
             flat = torch.cat([total.flatten(), torch.tensor([float(n)], dtype=torch.float64)]).to(self.device)
             torch.distributed.all_reduce(flat)
