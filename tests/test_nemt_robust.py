@@ -7,12 +7,14 @@ import json
 
 import pytest
 import torch
+from torch import nn
 from typer.testing import CliRunner
 
 from nemt.explainers import NEMt
 from nemt.explainers.nemt.estimator import DEFAULT_OCCLUSION, CollapseError
 from nemt.explainers.nemt.losses import area_thresholds, game_loss, log_odds, nested_masks, staircase
 from nemt.metrics import pointing_game, relevance_mass
+from nemt.ops import ParameterError
 from nemt.models import Classifier, build_model
 
 FAST = dict(optimizer="adamw", batch_size=16, decoder_channels=(32, 16, 16, 8, 8), seed=0)
@@ -100,6 +102,25 @@ def test_preservation_bound_stops_the_gradient_of_a_lost_preservation_game():
     loss.backward()
     assert m_pres.grad.tolist() == pytest.approx([-1 / 20, -1 / 20])
 
+
+
+def test_preservation_weight_scales_the_preservation_term_only():
+    """``preservation_weight`` w: loss = relu(1 + s_del) + w * clamp(-s_pres, 0, B); w = 0 is the deletion game
+    alone, and the deletion term's gradient does not depend on w."""
+    clean = torch.tensor([10.0, 10.0])  # S = 10
+    m_del = torch.tensor([5.0, 10.0], requires_grad=True)  # s_del = -0.5 and 0: deletion terms 0.5 and 1
+    m_pres = torch.tensor([0.0, 5.0], requires_grad=True)  # s_pres = -1 and -0.5
+    for w in (0.0, 0.5, 1.0):
+        m_del.grad = m_pres.grad = None
+        loss, _ = game_loss(m_del, m_pres, clean, preservation_bound=2.0, preservation_weight=w)
+        assert loss.item() == pytest.approx((0.5 + 1.0 + w * (1.0 + 0.5)) / 2)
+        loss.backward()
+        assert m_del.grad.tolist() == pytest.approx([1 / 10 / 2] * 2)
+        assert m_pres.grad.tolist() == pytest.approx([-w / 10 / 2] * 2)
+    alone, _ = game_loss(m_del, m_pres, clean, games="deletion")
+    assert game_loss(m_del, m_pres, clean, preservation_weight=0.0)[0].item() == pytest.approx(alone.item())
+    with pytest.raises(ParameterError, match="preservation_weight"):
+        NEMt(nn.Sequential(nn.Flatten(), nn.Linear(16, 2)), input_size=(4, 4), in_channels=1, preservation_weight=-1.0)
 
 # -- a saturated classifier: softmax > 0.999 on its finding ----------------------------------------------
 

@@ -317,6 +317,8 @@ def fit(
     preservation_bound: float = typer.Option(2.0,
                                              help="nested: a preservation game lost by more than this "
                                              "(in units of the clean evidence) gives no gradient; inf: unbounded"),
+    preservation_weight: float = typer.Option(1.0, help="nested: weight of the preservation game against the "
+                                              "deletion game's 1"),
     targets_per_image: int = typer.Option(1, help="nested: targets trained per image and step"),
     present_fraction: float = typer.Option(0.5, help="nested: share of targets that are the image's own"),
     allow_collapse: bool = typer.Option(False, help="save the explainer even if the collapse guard fires"),
@@ -387,6 +389,7 @@ def fit(
                      map_areas=None if map_areas == "train" else _floats(map_areas, "--map-areas"), games=games,
                      min_scale=min_scale,
                      preservation_bound=None if math.isinf(preservation_bound) else preservation_bound,
+                     preservation_weight=preservation_weight,
                      targets_per_image=targets_per_image, present_fraction=present_fraction,
                      occlusion=occlusion, map_smoothing=map_smoothing, blur_sigma=blur_sigma, quantity=quantity,
                      area_weight=area_weight,

@@ -380,6 +380,7 @@ class _MaskExplainer(Explainer):
         params.setdefault("decoder_full_resolution", True)  # saved before the lighter decoder existed
         if params.get("objective") == "nested":
             params.setdefault("preservation_bound", None)  # saved before the bound existed: trained unbounded
+            params.setdefault("preservation_weight", 1.0)  # saved before the weight existed: equal games
             params.setdefault("occlusion", "inpaint")  # a card without it was fitted with inpainting, whatever the default
         if params.get("objective") in ("nested", "teacher"):
             params.setdefault("map_smoothing", True)  # saved before the option existed: its map was smoothed
@@ -469,6 +470,7 @@ class NEMt(_MaskExplainer):
                  map_areas: Sequence[float] | None = DEFAULT_MAP_AREAS, temperature: float = 1.0, map_temperature: float = 0.02,
                  games: str = "both", min_scale: float = 1.0,
                  preservation_bound: float | None = DEFAULT_PRESERVATION_BOUND,
+                 preservation_weight: float = 1.0,
                  targets_per_image: int = 1,
                  present_fraction: float = 0.5, occlusion: str = DEFAULT_OCCLUSION, blur_sigma: float | None = None,
                  quantity: str = "prob", area_weight: float = 1.0, change_weight: float = 2.0,
@@ -530,6 +532,9 @@ class NEMt(_MaskExplainer):
         if preservation_bound is not None and float(preservation_bound) <= 0:
             raise ParameterError(f"preservation_bound must be positive, got {preservation_bound!r}")
         self.preservation_bound = None if preservation_bound is None else float(preservation_bound)
+        if not float(preservation_weight) >= 0:
+            raise ParameterError(f"preservation_weight must be >= 0, got {preservation_weight!r}")
+        self.preservation_weight = float(preservation_weight)
         self.targets_per_image, self.present_fraction = int(targets_per_image), float(present_fraction)
         self.occlusion, self.quantity = occlusion, quantity
         self.blur_sigma = blur_sigma
@@ -798,7 +803,8 @@ class NEMt(_MaskExplainer):
         idx = torch.randint(len(self.areas), (t.numel(),), generator=gen)
         areas = torch.tensor(self.areas)[idx]
         loss, parts = game_loss(*self._games(x, logits, out, t, areas), min_scale=self.min_scale, games=self.games,
-                                preservation_bound=self.preservation_bound)
+                                preservation_bound=self.preservation_bound,
+                                preservation_weight=self.preservation_weight)
         parts["area"] = float(areas.mean())
         return loss, parts
 

@@ -212,7 +212,8 @@ def staircase(logits: torch.Tensor, areas: Sequence[float], temperature: float =
 
 
 def game_loss(m_del: torch.Tensor, m_pres: torch.Tensor, clean: torch.Tensor, *, min_scale: float = 1.0,
-              games: str = "both", preservation_bound: float | None = None) -> tuple[torch.Tensor, dict]:
+              games: str = "both", preservation_bound: float | None = None,
+              preservation_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
     """Deletion and preservation games on the target's evidence, normalised by the clean evidence's size.
 
     All arguments (N,): the target's log-odds (see :func:`log_odds`) with the
@@ -232,6 +233,8 @@ def game_loss(m_del: torch.Tensor, m_pres: torch.Tensor, clean: torch.Tensor, *,
     lost by more than B (with B = 1: the kept mask alone leaves the target less likely than not) gives no
     gradient. Keeping a small mask on the filled image is far from the data the model knows, and there its
     log-odds can reward a fixed place (the demo's opacity maps on the body's upper edge) over the finding.
+
+    ``preservation_weight`` w scales the preservation term: ``relu(1 + s_del) + w * pres``.
     """
     scale = clean.detach().abs().clamp_min(min_scale)
     s_del = (m_del - clean.detach()) / scale
@@ -240,7 +243,8 @@ def game_loss(m_del: torch.Tensor, m_pres: torch.Tensor, clean: torch.Tensor, *,
     if games in ("both", "deletion"):
         parts.append(F.relu(1 + s_del))
     if games in ("both", "preservation"):
-        parts.append(F.relu(-s_pres) if preservation_bound is None else (-s_pres).clamp(0, preservation_bound))
+        pres = F.relu(-s_pres) if preservation_bound is None else (-s_pres).clamp(0, preservation_bound)
+        parts.append(preservation_weight * pres)
     if not parts:
         raise NemtError(f"games must be both, deletion or preservation, got {games!r}")
     loss = torch.stack(parts).sum(0).mean()
