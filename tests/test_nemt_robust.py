@@ -103,7 +103,6 @@ def test_preservation_bound_stops_the_gradient_of_a_lost_preservation_game():
     assert m_pres.grad.tolist() == pytest.approx([-1 / 20, -1 / 20])
 
 
-
 def test_preservation_weight_scales_the_preservation_term_only():
     """``preservation_weight`` w: loss = relu(1 + s_del) + w * clamp(-s_pres, 0, B); w = 0 is the deletion game
     alone, and the deletion term's gradient does not depend on w."""
@@ -120,7 +119,9 @@ def test_preservation_weight_scales_the_preservation_term_only():
     alone, _ = game_loss(m_del, m_pres, clean, games="deletion")
     assert game_loss(m_del, m_pres, clean, preservation_weight=0.0)[0].item() == pytest.approx(alone.item())
     with pytest.raises(ParameterError, match="preservation_weight"):
-        NEMt(nn.Sequential(nn.Flatten(), nn.Linear(16, 2)), input_size=(4, 4), in_channels=1, preservation_weight=-1.0)
+        NEMt(nn.Sequential(nn.Flatten(), nn.Linear(16, 2)), input_size=(4, 4), in_channels=1,
+             preservation_weight=-1.0)
+
 
 # -- a saturated classifier: softmax > 0.999 on its finding ----------------------------------------------
 

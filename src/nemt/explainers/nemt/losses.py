@@ -14,16 +14,15 @@ from nemt.errors import NemtError
 from nemt.ops import SCORES, diffusion_fill, fill_values, output_score
 
 OCCLUSION_FILLS = ("mean", "zero", "blur", "inpaint")
+#: a preservation background that is no fill of the image itself: the mean of the training images, pixel by pixel
+MEAN_IMAGE = "mean-image"
+#: a preservation input: the mask kept, the rest filled from it near it and the training mean image far from it
+OUTPAINT = "outpaint"
 # NEMt's games only: (deletion fill, preservation background) pairs, each pair one game of each kind, equally weighted
 GAME_FILLS = {"inpaint+blur": (("inpaint", "inpaint"), ("blur", "blur")),  # both games with each fill
               "inpaint+blur-background": (("inpaint", "blur"),),  # deletion by inpainting, preservation on the blur
-              # deletion by inpainting, preservation on the training images' pixel-wise mean (MEAN_IMAGE)
-              "inpaint+mean-image": (("inpaint", "mean-image"),),
-              # ... the mask kept, the rest filled from it near it and the training mean image far from it
-              "inpaint+outpaint": (("inpaint", "outpaint"),)}
-OUTPAINT = "outpaint"
-#: a preservation background that is no fill of the image itself: the mean of the training images, pixel by pixel
-MEAN_IMAGE = "mean-image"
+              "inpaint+mean-image": (("inpaint", MEAN_IMAGE),),  # deletion by inpainting, preservation on it
+              "inpaint+outpaint": (("inpaint", OUTPAINT),)}  # deletion by inpainting, preservation outpainted
 OCCLUSIONS = (*OCCLUSION_FILLS, *GAME_FILLS)
 QUANTITIES = SCORES
 
