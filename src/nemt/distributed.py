@@ -29,10 +29,14 @@ import atexit
 import math
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+
+
+CLOSE_TIMEOUT_S = 60
 
 
 @dataclass(frozen=True)
@@ -70,8 +74,25 @@ def context(device: str | torch.device | None = None) -> Context:
 
 
 def _close() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    """Tear the process group down at exit, every rank together.
+
+    Ranks reach exit at different times (rank 0 writes the reports while the
+    others are done), and a gloo group destroyed while a peer still talks to it
+    can abort the process at exit ("terminate called without an active
+    exception"). So under gloo each rank first waits for the others, for at
+    most ``CLOSE_TIMEOUT_S`` (``monitored_barrier``): a rank that has died must
+    not hold the survivors for the group's 30-minute timeout. NCCL's teardown
+    has no such race and no bounded barrier, so it is destroyed as it is.
+    """
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "gloo":
+        try:
+            dist.monitored_barrier(timeout=timedelta(seconds=CLOSE_TIMEOUT_S))
+        except Exception:  # noqa: BLE001 - a peer gone at exit: tear down what is left anyway
+            pass
+    dist.destroy_process_group()
 
 
 def local_device(device: str | torch.device, ctx: Context) -> torch.device:
