@@ -186,6 +186,24 @@ def test_results_of_another_model_or_explainer_are_refused_not_reused(tmp_path):
                       progress=False, explainer_sha256={"sobel": "b" * 64})
 
 
+def test_results_of_edited_nemt_code_are_refused_not_reused(tmp_path, monkeypatch):
+    """The run records nemt's code fingerprint: a folder resumed after the code was edited is refused, untouched."""
+    import nemt.bench.runner as runner
+    from nemt.errors import NemtError
+    clf, data = _setup()
+    cfg = RunConfig(["gradcam"], ["relevance_mass"], batch_size=4)
+    run_benchmark(clf, data, {"gradcam": get_explainer("gradcam", clf)}, cfg, tmp_path, progress=False)
+    before = _files(tmp_path)
+    monkeypatch.setattr(runner, "code_fingerprint", lambda: "0123456789abcdef")
+    with pytest.raises(NemtError, match=r"other nemt code \(edited since\)"):
+        run_benchmark(clf, data, {"gradcam": get_explainer("gradcam", clf)}, cfg, tmp_path, progress=False)
+    assert _files(tmp_path) == before
+
+
+def _files(path):
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
 def test_explainer_checksum_covers_weights_and_card(tmp_path):
     from nemt.bench.runner import explainer_checksum
     from nemt.errors import NemtError

@@ -165,8 +165,9 @@ def test_resume_from_checkpoint(tmp_path):
 
 
 def test_resume_refuses_another_version_or_settings(tmp_path, monkeypatch):
-    """A resume point is keyed by the settings, the model and nemt's version: an interrupted fit continued by
-    another release (whose code may train differently) or with other settings is refused, naming the folder."""
+    """A resume point is keyed by the settings, the model, nemt's version and its code: an interrupted fit
+    continued by another release or edited code (which may train differently) or with other settings is refused,
+    naming the folder and what differs."""
     import nemt.explainers.nemt.estimator as estimator
     data = _data()
     with pytest.raises(Interrupted):
@@ -177,6 +178,11 @@ def test_resume_refuses_another_version_or_settings(tmp_path, monkeypatch):
     with pytest.raises(NemtError, match="nemt version") as err:
         NEMt(_clf(), **FAST).fit(data, epochs=2, out_dir=tmp_path, progress=False, log=lambda s: None)
     assert str(tmp_path) in str(err.value)
+    # the same version with its code edited since the resume point (an editable install) is refused too
+    monkeypatch.undo()
+    monkeypatch.setattr(estimator, "code_fingerprint", lambda: "0123456789abcdef")
+    with pytest.raises(NemtError, match=r"other nemt code \(edited since\)"):
+        NEMt(_clf(), **FAST).fit(data, epochs=2, out_dir=tmp_path, progress=False, log=lambda s: None)
 
 
 def test_unsupervised_nem_on_an_encoder():

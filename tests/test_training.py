@@ -63,6 +63,18 @@ def test_resume_refuses_other_settings(small_csv, tmp_path):
                          log=lambda s: None)
 
 
+def test_resume_refuses_edited_code(small_csv, tmp_path, monkeypatch):
+    """A resume point records nemt's code fingerprint: the same settings after the code was edited are refused,
+    and the message says it is the code, not the settings, that differs."""
+    import nemt.models.training as training
+    m = open_dataset(small_csv)
+    train_classifier(m, tmp_path, TrainConfig(**{**CFG, "epochs": 1}), progress=False, log=lambda s: None)
+    monkeypatch.setattr(training, "code_fingerprint", lambda: "0123456789abcdef")
+    with pytest.raises(NemtError, match=r"other nemt code \(edited since\); use another --out") as err:
+        train_classifier(m, tmp_path, TrainConfig(**{**CFG, "epochs": 1}), progress=False, log=lambda s: None)
+    assert "settings" not in str(err.value)
+
+
 def _folder(path):
     return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 

@@ -1,4 +1,4 @@
-"""Atomic file output and content hashing.
+"""Atomic file output and content hashing (of files and of nemt's own code).
 
 Outputs are written to a temporary file in the destination folder and then
 renamed over the target, so an interrupted run never leaves a half-written
@@ -12,6 +12,7 @@ JSON is strict: NaN and infinities (an undefined AUROC) are written as
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -97,6 +98,42 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def code_fingerprint(root: str | Path | None = None) -> str:
+    """SHA-256 (16 hex digits) of the installed nemt package's Python source (or of the ``.py`` files under
+    ``root``).
+
+    Resume points and benchmark folders record it, so that a run resumed
+    after nemt's code was edited (an editable install between two versions)
+    is refused instead of joining results of two different programs. Files
+    are taken in sorted relative order, each as its path and its bytes;
+    compiled caches are not source and are left out.
+    """
+    return _package_fingerprint() if root is None else _fingerprint(Path(root))
+
+
+@functools.lru_cache(maxsize=1)
+def _package_fingerprint() -> str:  # read once per process: the running code is the code imported at its start
+    return _fingerprint(Path(__file__).resolve().parent)
+
+
+def _fingerprint(root: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        if "__pycache__" in path.parts:
+            continue
+        h.update(path.relative_to(root).as_posix().encode() + b"\0")
+        h.update(path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def differing_keys(old: dict, new: dict) -> list[str]:
+    """The top-level keys whose values differ between two run keys (one missing counts as differing)."""
+    return sorted(k for k in set(old) | set(new) if old.get(k, _MISSING) != new.get(k, _MISSING))
+
+
+_MISSING = object()
 
 
 #: suffixes that belong together: ``scan.nii.gz`` is ``scan`` in NIfTI, not ``scan.nii`` gzipped

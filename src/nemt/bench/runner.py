@@ -38,7 +38,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from nemt.errors import NemtError
-from nemt.files import atomic_open, atomic_path, write_json
+from nemt.files import atomic_open, atomic_path, code_fingerprint, write_json
 from nemt.ops import seeded
 from nemt.metrics import DIRECTIONS, available_metrics, get_metric, parallel_chunks, registry, summarise
 from nemt.progress import console, progress_bar
@@ -360,7 +360,8 @@ def run_benchmark(model, data: BenchmarkData, explainers: dict[str, Any], config
     params = {m: config.method_params.get(m, {}) for m in explainers}
     meta = {"methods": list(explainers), "metrics": metrics, "batch_size": config.batch_size, "seed": config.seed,
             "items": len(data.items), "data": data.fingerprint, "metric_params": config.metric_params,
-            "method_params": params, "model_sha256": model_sha256, "explainer_sha256": fitted}
+            "method_params": params, "model_sha256": model_sha256, "explainer_sha256": fitted,
+            "code": code_fingerprint()}
     home = out
     if shard is not None:
         i, n = int(shard[0]), int(shard[1])
@@ -378,6 +379,8 @@ def run_benchmark(model, data: BenchmarkData, explainers: dict[str, Any], config
             raise NemtError(f"{out}: holds a run of another model (weights checksum {recorded[:16]}..., this "
                             f"model {model_sha256[:16]}...); use another --out or --restart")
         diff = [k for k in ("metrics", "items", "data", "seed", "metric_params") if k in old and old[k] != meta[k]]
+        if "code" in old and old["code"] != meta["code"]:  # a folder from before the fingerprint is not refused for it
+            diff.append("nemt code (edited since)")
         diff += [f"parameters of {m}" for m, p in params.items()
                  if m in old.get("method_params", {}) and old["method_params"][m] != p]
         diff += [f"fitted explainer of {m}" for m in explainers

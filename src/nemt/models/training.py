@@ -42,7 +42,7 @@ from nemt.data.manifest import Manifest
 from nemt.data.preprocess import Preprocessing
 from nemt.data.splits import split_indices
 from nemt.errors import NemtError
-from nemt.files import atomic_open, write_json
+from nemt.files import atomic_open, code_fingerprint, differing_keys, write_json
 from nemt.models.card import ModelCard
 from nemt.models.classifier import Classifier, load_model
 from nemt.models.metrics import classification_metrics, score_for_selection
@@ -212,12 +212,15 @@ def prepare_run(manifest: Manifest, out_dir: Path, cfg: TrainConfig, *, fresh: b
         check(splits)
     fingerprint = manifest.fingerprint()
     state_path = Path(out_dir) / "state" / "last"
-    run_key = {"config": cfg.to_dict(), **(extra_key or {}), "data": fingerprint, "task": manifest.task}
+    run_key = {"config": cfg.to_dict(), **(extra_key or {}), "data": fingerprint, "task": manifest.task,
+               "code": code_fingerprint()}
     st = None
     if state_path.with_suffix(".json").is_file() and not fresh:
         st = load_state(state_path)
         if st["run_key"] != json.loads(json.dumps(run_key)):
-            raise NemtError(f"{out_dir} holds a run with other settings or data; use another --out or --fresh")
+            what = {"config": "settings", "data": "data", "task": "task", "code": "nemt code (edited since)"}
+            diff = ", ".join(what.get(k, k) for k in differing_keys(st["run_key"], json.loads(json.dumps(run_key))))
+            raise NemtError(f"{out_dir} holds a run with other {diff}; use another --out or --fresh")
         _check_splits(Path(out_dir) / "splits.csv", manifest, splits)
 
     size = tuple(int(s) for s in cfg.size)

@@ -34,7 +34,7 @@ from nemt.distributed import Context, StepBatches, context
 from nemt.explainers.nemt.loop import batches, fit_loop, split_xy
 from nemt.explainers.nemt.module import ExplanationModule
 from nemt.explainers.nemt.smoothing import fill_sigma_for, kernel_size_for
-from nemt.files import atomic_path, sha256_file, write_json
+from nemt.files import atomic_path, code_fingerprint, sha256_file, write_json
 from nemt.progress import console
 
 FORMAT = "nemt-explainer/1"
@@ -273,7 +273,8 @@ class _MaskExplainer(Explainer):
         data = self._teacher_data(data, out_dir, progress, log, ctx) \
             if getattr(self, "objective", None) == "teacher" else self._loader(data, ctx)
         key = json.loads(json.dumps({"params": self.hyper_params(), "epochs": epochs,  # another version's: refused
-                                     "model": model_checksum(self.model), "nemt": __version__}))
+                                     "model": model_checksum(self.model), "nemt": __version__,
+                                     "code": code_fingerprint()}))
         self._last_report = None  # set by validate(); the guard reuses the final epoch's report
         ddp = None
         if ctx.distributed:  # the decoder learns on every rank; the frozen model inside it has no trainable weights
@@ -757,7 +758,8 @@ class NEMt(_MaskExplainer):
         key = {"teacher": self.teacher, "params": self.teacher_params, "targets": self.teacher_targets,
                "seed": self.teacher_seed,
                "model": model_checksum(self.model), "items": len(items),
-               "first_items": items_fingerprint([items[i][0] for i in range(min(8, len(items)))])}
+               "first_items": items_fingerprint([items[i][0] for i in range(min(8, len(items)))]),
+               "code": code_fingerprint()}
         cache = TeacherCache(Path(out_dir) / "teacher" if out_dir else None, key)
         teacher = self.make_teacher()
         cache.fill(teacher, items, self.model, targets=self.teacher_targets, seed=self.teacher_seed,

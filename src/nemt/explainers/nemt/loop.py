@@ -23,6 +23,7 @@ from torch import nn
 from nemt.checkpoint import load_state, save_state
 from nemt.distributed import Context, StepBatches, all_reduce_sum, batch_generator, steps_per_epoch
 from nemt.errors import NemtError
+from nemt.files import differing_keys
 from nemt.progress import progress_bar
 
 Step = Callable[[torch.Tensor, "torch.Tensor | None", torch.Generator], "tuple[torch.Tensor, dict]"]
@@ -97,8 +98,10 @@ def fit_loop(module: nn.Module, data: Iterable, step: Step, *, epochs: int, opti
     if state_path and state_path.with_suffix(".json").is_file():
         st = load_state(state_path)
         if st["key"] != key:
-            raise NemtError(f"{out_dir} holds an explainer trained with other settings, another model or another "
-                            "nemt version; use another output folder")
+            what = {"params": "settings", "epochs": "epochs", "model": "model", "nemt": "nemt version",
+                    "code": "nemt code (edited since)"}
+            diff = ", ".join(what.get(k, k) for k in differing_keys(st["key"], key))
+            raise NemtError(f"{out_dir} holds an explainer trained with other {diff}; use another output folder")
         module.load_state_dict(st["module"])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])

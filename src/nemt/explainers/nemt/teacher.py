@@ -24,7 +24,7 @@ from torch import nn
 
 from nemt.distributed import Context
 from nemt.errors import NemtError
-from nemt.files import atomic_path, write_json
+from nemt.files import atomic_path, differing_keys, write_json
 from nemt.ops import ParameterError, resolve_targets, seeded
 from nemt.progress import progress_bar
 
@@ -54,8 +54,9 @@ class TeacherCache:
             if card.is_file():
                 old = json.loads(card.read_text())
                 if old.get("key") != self.key:
-                    raise NemtError(f"{self.directory} holds another teacher's maps (other method, parameters, "
-                                    "model or items); use another output folder")
+                    diff = ", ".join(differing_keys(old.get("key") or {}, self.key))
+                    raise NemtError(f"{self.directory} holds another teacher's maps (differing: {diff}); use another "
+                                    "output folder")
             else:
                 self.directory.mkdir(parents=True, exist_ok=True)
                 write_json(card, {"format": FORMAT, "key": self.key, "shard": self.shard})
