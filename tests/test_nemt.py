@@ -288,12 +288,15 @@ def test_decoder_stops_at_the_finest_stage_and_old_cards_keep_the_full_resolutio
         assert old.module_.logits(x, native=True)[0].shape == (2, 3, 32, 32)
     old.save(tmp_path)
     card = json.loads((tmp_path / "explainer.json").read_text())
-    assert card["params"]["preservation_bound"] == 2.0  # the default, recorded
-    del card["params"]["decoder_full_resolution"], card["params"]["preservation_bound"]  # written before both
+    assert card["params"]["preservation_bound"] == 2.0  # the defaults, recorded
+    assert card["params"]["preservation_weight"] == 0.5
+    for written_later in ("decoder_full_resolution", "preservation_bound", "preservation_weight"):
+        del card["params"][written_later]
     (tmp_path / "explainer.json").write_text(json.dumps(card))
     back = NEMt.load(tmp_path, clf)
     assert back.decoder_full_resolution is True
     assert back.preservation_bound is None  # a nested fit saved before the bound was trained unbounded
+    assert back.preservation_weight == 1.0  # ... and before the weight, with equal games
     assert torch.equal(back.explain(x, "all"), old.explain(x, "all"))
 
 

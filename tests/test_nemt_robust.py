@@ -219,13 +219,16 @@ def test_cli_fit_areas_default_is_the_library_default():
     import typer.main
 
     from nemt.cli import app
-    from nemt.explainers.nemt.estimator import DEFAULT_AREAS, DEFAULT_OCCLUSION, DEFAULT_PRESERVATION_BOUND
+    from nemt.explainers.nemt.estimator import (DEFAULT_AREAS, DEFAULT_OCCLUSION, DEFAULT_PRESERVATION_BOUND,
+                                                DEFAULT_PRESERVATION_WEIGHT)
 
     fit = typer.main.get_command(app).commands["fit"]
     default = next(p.default for p in fit.params if p.name == "areas")
     assert tuple(float(a) for a in default.split(",")) == DEFAULT_AREAS
     bound = next(p.default for p in fit.params if p.name == "preservation_bound")
     assert bound == inspect.signature(NEMt).parameters["preservation_bound"].default == DEFAULT_PRESERVATION_BOUND
+    weight = next(p.default for p in fit.params if p.name == "preservation_weight")
+    assert weight == inspect.signature(NEMt).parameters["preservation_weight"].default == DEFAULT_PRESERVATION_WEIGHT
     occlusion = next(p.default for p in fit.params if p.name == "occlusion")
     assert occlusion == inspect.signature(NEMt).parameters["occlusion"].default == DEFAULT_OCCLUSION
     smooth = next(p.default for p in fit.params if p.name == "map_smoothing")

@@ -317,7 +317,8 @@ def fit(
     preservation_bound: float = typer.Option(2.0,
                                              help="nested: a preservation game lost by more than this "
                                              "(in units of the clean evidence) gives no gradient; inf: unbounded"),
-    preservation_weight: float = typer.Option(1.0, help="nested: weight of the preservation game against the "
+    preservation_weight: float = typer.Option(0.5,
+                                              help="nested: weight of the preservation game against the "
                                               "deletion game's 1"),
     targets_per_image: int = typer.Option(1, help="nested: targets trained per image and step"),
     present_fraction: float = typer.Option(0.5, help="nested: share of targets that are the image's own"),
