@@ -1,6 +1,7 @@
 """Score explainers' localisation on images with ground-truth masks, explaining each image's true label.
 
-One row per method: relevance mass and relevance rank accuracy (means over
+One row per method: relevance mass, relevance rank accuracy and the pointing
+game (Quantus' rule: a hit when any tied maximum lies in the mask; means over
 images with a non-empty mask; images without one are excluded and counted),
 the mean map value, milliseconds per image, and for NEMt the deleted area and
 the mean |change| of the target quantity when its mask is deleted.
@@ -14,7 +15,7 @@ from typing import Callable
 import torch
 
 from nemt.explainers import NEMt, get_explainer
-from nemt.metrics import relevance_mass, relevance_rank
+from nemt.metrics import pointing_game, relevance_mass, relevance_rank
 
 
 def score_methods(model, x: torch.Tensor, y: torch.Tensor, gt: torch.Tensor, nemt: dict[str, NEMt],
@@ -32,6 +33,7 @@ def score_methods(model, x: torch.Tensor, y: torch.Tensor, gt: torch.Tensor, nem
         ms = 1000 * (time.perf_counter() - t0) / max(len(x), 1)
         rows.append({"method": name, "relevance_mass": float(relevance_mass(maps, gt).nanmean()),
                      "relevance_rank": float(relevance_rank(maps, gt).nanmean()),
+                     "pointing_game": float(pointing_game(maps, gt).nanmean()),
                      "mean_map": float(maps.mean()), "ms_per_image": ms, "n_images": int(len(x)),
                      "excluded_empty_gt": int((~has).sum()), **(extra or {})})
         return maps
@@ -57,8 +59,9 @@ def markdown_table(rows: list[dict]) -> str:
     def fmt(r: dict, k: str) -> str:
         v = r.get(k)
         return f"{v:.3f}" if isinstance(v, float) and not math.isnan(v) else "–"
-    lines = ["| method | relevance mass | relevance rank | mean map value | deleted area | target change | ms/image |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['method']} | {fmt(r, 'relevance_mass')} | {fmt(r, 'relevance_rank')} | {fmt(r, 'mean_map')} | "
+    lines = ["| method | relevance mass | relevance rank | pointing game | mean map value | deleted area | target change "
+             "| ms/image |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {fmt(r, 'relevance_mass')} | {fmt(r, 'relevance_rank')} | "
+              f"{fmt(r, 'pointing_game')} | {fmt(r, 'mean_map')} | "
               f"{fmt(r, 'deleted_area')} | {fmt(r, 'target_change')} | {r['ms_per_image']:.1f} |" for r in rows]
     return "\n".join(lines)
