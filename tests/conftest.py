@@ -28,6 +28,11 @@ def stop_after_first_epoch(line: str) -> None:
         raise Interrupted
 
 
+def folder_bytes(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` with its bytes: two snapshots are equal iff nothing was written, moved or removed."""
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
 def write_png(path: Path, array: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     PILImage.fromarray(array).save(path)

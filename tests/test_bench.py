@@ -15,7 +15,7 @@ from nemt.data import write_phantom_dataset
 from nemt.explainers import get_explainer
 from nemt.models import Classifier, build_model
 
-from conftest import Interrupted
+from conftest import Interrupted, folder_bytes
 
 
 def _setup(n=10, size=16):
@@ -193,15 +193,11 @@ def test_results_of_edited_nemt_code_are_refused_not_reused(tmp_path, monkeypatc
     clf, data = _setup()
     cfg = RunConfig(["gradcam"], ["relevance_mass"], batch_size=4)
     run_benchmark(clf, data, {"gradcam": get_explainer("gradcam", clf)}, cfg, tmp_path, progress=False)
-    before = _files(tmp_path)
+    before = folder_bytes(tmp_path)
     monkeypatch.setattr(runner, "code_fingerprint", lambda: "0123456789abcdef")
     with pytest.raises(NemtError, match=r"other nemt code \(edited since\)"):
         run_benchmark(clf, data, {"gradcam": get_explainer("gradcam", clf)}, cfg, tmp_path, progress=False)
-    assert _files(tmp_path) == before
-
-
-def _files(path):
-    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+    assert folder_bytes(tmp_path) == before
 
 
 def test_explainer_checksum_covers_weights_and_card(tmp_path):

@@ -1,5 +1,3 @@
-
-
 def test_code_fingerprint_follows_every_source_byte_and_name(tmp_path):
     """The resume keys' code fingerprint: equal for equal source, different after any edit or rename of a .py file,
     blind to compiled caches and to files that are not Python source."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import Interrupted, stop_after_first_epoch
+from conftest import Interrupted, folder_bytes, stop_after_first_epoch
 from nemt.cli import app
 from nemt.data import open_dataset
 from nemt.data.splits import split_indices
@@ -75,30 +75,26 @@ def test_resume_refuses_edited_code(small_csv, tmp_path, monkeypatch):
     assert "settings" not in str(err.value)
 
 
-def _folder(path):
-    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
-
-
 def test_a_refused_run_changes_nothing_in_the_folder(small_csv, tmp_path):
     """Issue 12, item 2: another --seed is refused before splits.csv (or anything else) is rewritten."""
     m = open_dataset(small_csv)
     out = tmp_path / "run"
     train_classifier(m, out, TrainConfig(**{**CFG, "epochs": 1}), progress=False, log=lambda s: None)
-    before = _folder(out)
+    before = folder_bytes(out)
     for other in ({"seed": 1}, {"fractions": (0.5, 0.25, 0.25)}):
         with pytest.raises(NemtError, match="other settings"):
             train_classifier(m, out, TrainConfig(**{**CFG, "epochs": 1, **other}), progress=False,
                              log=lambda s: None)
-        assert _folder(out) == before
+        assert folder_bytes(out) == before
     # a resume whose splits.csv was changed since is refused too, and leaves it as it found it
     rows = (out / "splits.csv").read_text().splitlines()
     i = next(k for k, r in enumerate(rows) if r.endswith(",train"))
     rows[i] = rows[i][:-len("train")] + "test"
     (out / "splits.csv").write_text("\n".join(rows) + "\n")
-    changed = _folder(out)
+    changed = folder_bytes(out)
     with pytest.raises(NemtError, match=r"splits.csv: not the split of the run being resumed \(1 of 24 rows"):
         train_classifier(m, out, TrainConfig(**{**CFG, "epochs": 1}), progress=False, log=lambda s: None)
-    assert _folder(out) == changed
+    assert folder_bytes(out) == changed
 
 
 def test_fresh_writes_its_split_and_forgets_the_old_resume_point(small_csv, tmp_path):

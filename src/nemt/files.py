@@ -128,9 +128,15 @@ def _fingerprint(root: Path) -> str:
     return h.hexdigest()[:16]
 
 
+#: how a refusal names the part of a run key that differs (a key not named here is said as it is)
+KEY_NAMES = {"code": "nemt code (edited since)", "config": "settings", "params": "settings", "nemt": "nemt version"}
+
+
 def differing_keys(old: dict, new: dict) -> list[str]:
-    """The top-level keys whose values differ between two run keys (one missing counts as differing)."""
-    return sorted(k for k in set(old) | set(new) if old.get(k, _MISSING) != new.get(k, _MISSING))
+    """The top-level keys whose values differ between two run keys (one missing counts as differing), named by
+    :data:`KEY_NAMES`: ``"other " + ", ".join(...)`` says what a refused resume differs in."""
+    keys = sorted(k for k in set(old) | set(new) if old.get(k, _MISSING) != new.get(k, _MISSING))
+    return list(dict.fromkeys(KEY_NAMES.get(k, k) for k in keys))
 
 
 _MISSING = object()

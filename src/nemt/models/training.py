@@ -212,15 +212,14 @@ def prepare_run(manifest: Manifest, out_dir: Path, cfg: TrainConfig, *, fresh: b
         check(splits)
     fingerprint = manifest.fingerprint()
     state_path = Path(out_dir) / "state" / "last"
-    run_key = {"config": cfg.to_dict(), **(extra_key or {}), "data": fingerprint, "task": manifest.task,
-               "code": code_fingerprint()}
+    run_key = json.loads(json.dumps({"config": cfg.to_dict(), **(extra_key or {}), "data": fingerprint,
+                                     "task": manifest.task, "code": code_fingerprint()}))  # as stored and read back
     st = None
     if state_path.with_suffix(".json").is_file() and not fresh:
         st = load_state(state_path)
-        if st["run_key"] != json.loads(json.dumps(run_key)):
-            what = {"config": "settings", "data": "data", "task": "task", "code": "nemt code (edited since)"}
-            diff = ", ".join(what.get(k, k) for k in differing_keys(st["run_key"], json.loads(json.dumps(run_key))))
-            raise NemtError(f"{out_dir} holds a run with other {diff}; use another --out or --fresh")
+        if st["run_key"] != run_key:
+            raise NemtError(f"{out_dir} holds a run with other {', '.join(differing_keys(st['run_key'], run_key))}; "
+                            "use another --out or --fresh")
         _check_splits(Path(out_dir) / "splits.csv", manifest, splits)
 
     size = tuple(int(s) for s in cfg.size)

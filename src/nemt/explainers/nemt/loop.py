@@ -98,9 +98,7 @@ def fit_loop(module: nn.Module, data: Iterable, step: Step, *, epochs: int, opti
     if state_path and state_path.with_suffix(".json").is_file():
         st = load_state(state_path)
         if st["key"] != key:
-            what = {"params": "settings", "epochs": "epochs", "model": "model", "nemt": "nemt version",
-                    "code": "nemt code (edited since)"}
-            diff = ", ".join(what.get(k, k) for k in differing_keys(st["key"], key))
+            diff = ", ".join(differing_keys(st["key"], key))
             raise NemtError(f"{out_dir} holds an explainer trained with other {diff}; use another output folder")
         module.load_state_dict(st["module"])
         opt.load_state_dict(st["optimizer"])

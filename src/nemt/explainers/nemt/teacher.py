@@ -54,8 +54,8 @@ class TeacherCache:
             if card.is_file():
                 old = json.loads(card.read_text())
                 if old.get("key") != self.key:
-                    diff = ", ".join(differing_keys(old.get("key") or {}, self.key))
-                    raise NemtError(f"{self.directory} holds another teacher's maps (differing: {diff}); use another "
+                    raise NemtError(f"{self.directory} holds another teacher's maps (other "
+                                    f"{', '.join(differing_keys(old.get('key') or {}, self.key))}); use another "
                                     "output folder")
             else:
                 self.directory.mkdir(parents=True, exist_ok=True)
