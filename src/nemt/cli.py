@@ -323,10 +323,10 @@ def fit(
     targets_per_image: int = typer.Option(1, help="nested: targets trained per image and step"),
     present_fraction: float = typer.Option(0.5, help="nested: share of targets that are the image's own"),
     allow_collapse: bool = typer.Option(False, help="save the explainer even if the collapse guard fires"),
-    occlusion: str = typer.Option("inpaint+mean-image", help="what deleted pixels become: mean | zero | blur | "
-                                  "inpaint (both games: inpainting; the preservation game keeps the mask on a "
-                                  "constant) | inpaint+blur (NEMt's games with both) | inpaint+blur-background (delete "
-                                  "by inpainting, keep on the blurred image) | inpaint+mean-image (the default: "
+    occlusion: str = typer.Option("inpaint", help="what deleted pixels become: mean | zero | blur | "
+                                  "inpaint (the default: both games fill by inpainting, so the preservation game "
+                                  "keeps the mask on a constant) | inpaint+blur (NEMt's games with both) | inpaint+blur-background (delete "
+                                  "by inpainting, keep on the blurred image) | inpaint+mean-image ("
                                   "delete by inpainting, keep on the training images' pixel-wise mean) | inpaint+outpaint "
                                   "(keep, the rest filled from the kept pixels, far from them the mean image)"),
     map_smoothing: bool = typer.Option(True, help="nested: smooth the map at explanation time (training always "
