@@ -325,10 +325,11 @@ def fit(
     allow_collapse: bool = typer.Option(False, help="save the explainer even if the collapse guard fires"),
     occlusion: str = typer.Option("inpaint", help="what deleted pixels become: mean | zero | blur | "
                                   "inpaint (the default: both games fill by inpainting, so the preservation game "
-                                  "keeps the mask on a constant) | inpaint+blur (NEMt's games with both) | inpaint+blur-background (delete "
-                                  "by inpainting, keep on the blurred image) | inpaint+mean-image ("
-                                  "delete by inpainting, keep on the training images' pixel-wise mean) | inpaint+outpaint "
-                                  "(keep, the rest filled from the kept pixels, far from them the mean image)"),
+                                  "keeps the mask on a constant) | inpaint+blur (NEMt's games with both) | "
+                                  "inpaint+blur-background (delete by inpainting, keep on the blurred image) | "
+                                  "inpaint+mean-image (delete by inpainting, keep on the training images' pixel-wise "
+                                  "mean) | inpaint+outpaint (keep, the rest filled from the kept pixels, far from "
+                                  "them the mean image)"),
     map_smoothing: bool = typer.Option(True, help="nested: smooth the map at explanation time (training always "
                                        "smooths its masks); --no-map-smoothing: the top --map-areas of the logits"),
     blur_sigma: Optional[float] = typer.Option(None, help="blur / inpainting sigma in pixels (default: 8 px at 128 px; 3D: 0.135 of the side, 4.3 voxels at 32³)"),

@@ -38,7 +38,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from nemt.errors import NemtError
-from nemt.files import atomic_open, atomic_path, code_fingerprint, differing_keys, write_json
+from nemt.files import KEY_NAMES, atomic_open, atomic_path, code_fingerprint, write_json
 from nemt.ops import seeded
 from nemt.metrics import DIRECTIONS, available_metrics, get_metric, parallel_chunks, registry, summarise
 from nemt.progress import console, progress_bar
@@ -380,7 +380,7 @@ def run_benchmark(model, data: BenchmarkData, explainers: dict[str, Any], config
                             f"model {model_sha256[:16]}...); use another --out or --restart")
         diff = [k for k in ("metrics", "items", "data", "seed", "metric_params") if k in old and old[k] != meta[k]]
         if "code" in old and old["code"] != meta["code"]:  # a folder from before the fingerprint is not refused for it
-            diff += differing_keys({"code": old["code"]}, {"code": meta["code"]})
+            diff.append(KEY_NAMES["code"])
         diff += [f"parameters of {m}" for m, p in params.items()
                  if m in old.get("method_params", {}) and old["method_params"][m] != p]
         diff += [f"fitted explainer of {m}" for m in explainers

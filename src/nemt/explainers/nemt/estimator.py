@@ -449,9 +449,10 @@ class NEMt(_MaskExplainer):
       place over the finding (the demo's opacity); ``None``: unbounded (a
       bound of 1 loses the saturated toy's finding, see the README); the
       preservation term is weighted by ``preservation_weight`` (default
-      0.5, against the deletion game's 1: with equal weights the demo's
-      opacity maps frame a hole on the finding, which the filled background
-      turns into a bright patch, instead of covering it). The map is the
+      0.5, against the deletion game's 1, chosen on the validation splits:
+      with equal weights the demo's diffuse opacities were pointed at less
+      often, since keeping a small part of one on the filled background
+      reads as another class). The map is the
       smoothed mean of the nested masks of ``map_areas`` (default: the top
       1 %; ``None``: the training areas): about 1 in the smallest, about 0
       outside the largest, and a small share of the logits' own order
