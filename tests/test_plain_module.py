@@ -5,12 +5,17 @@ the caller in *training* mode with some parameters frozen and some not: after
 every call its training flags, ``requires_grad`` flags, weights and BatchNorm
 statistics, the global RNG state and the thread count must be exactly what
 they were (a BatchNorm layer run in training mode would move its running
-statistics; any ``model.eval()`` or ``requires_grad_`` not undone shows in the flags).
+statistics; any ``model.eval()`` or ``requires_grad_`` not undone shows in the flags), and so must
+NumPy's and Python's global generators and the model's hooks (a hook left behind piles up call after call
+and stops the caller from pickling the model).
 """
 from __future__ import annotations
 
 import inspect
+import pickle
+import random
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -38,11 +43,16 @@ def plain_net(n_out: int = 3) -> nn.Sequential:
     return net
 
 
+def _hooks(net: nn.Module) -> list[int]:
+    return [len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in net.modules()]
+
+
 def snapshot(net: nn.Module) -> dict:
     return {"training": [m.training for m in net.modules()],
             "requires_grad": [p.requires_grad for p in net.parameters()],
             "state": {k: v.clone() for k, v in net.state_dict().items()},
-            "rng": torch.get_rng_state(), "threads": torch.get_num_threads()}
+            "rng": torch.get_rng_state(), "numpy_rng": np.random.get_state()[1].copy(),
+            "python_rng": random.getstate(), "threads": torch.get_num_threads(), "hooks": _hooks(net)}
 
 
 def assert_unchanged(before: dict, net: nn.Module) -> None:
@@ -52,7 +62,10 @@ def assert_unchanged(before: dict, net: nn.Module) -> None:
     for k, v in before["state"].items():
         assert torch.equal(after["state"][k], v), f"{k} changed (weights or BatchNorm statistics)"
     assert torch.equal(after["rng"], before["rng"]), "the global RNG state changed"
+    assert np.array_equal(after["numpy_rng"], before["numpy_rng"]), "NumPy's global RNG state changed"
+    assert after["python_rng"] == before["python_rng"], "Python's global RNG state changed"
     assert after["threads"] == before["threads"], "the thread count changed"
+    assert after["hooks"] == before["hooks"], "hooks were left on the model"
 
 
 def _explainer(name: str, net: nn.Module):
@@ -90,6 +103,32 @@ def test_nemt_fits_a_plain_module_and_restores_its_state():
     assert_unchanged(before, net)
     assert ex.collapse_ is not None and set(ex.collapse_["targets"]) == {"output 0", "output 1", "output 2"}
     assert ex.explain(data[0][0], target="all").shape == (4, 3, SIZE, SIZE)
+    assert_unchanged(before, net)
+    pickle.dumps(net)  # no hook of a local function left on it
+
+
+def test_nemt_fit_from_a_dataset_leaves_the_global_generators_alone():
+    """A map-style data set is batched by a DataLoader, whose shuffling must not draw from the global RNG."""
+    net = plain_net()
+    g = torch.Generator().manual_seed(3)
+    ds = torch.utils.data.TensorDataset(torch.randn(8, 1, SIZE, SIZE, generator=g), torch.randint(0, 3, (8,), generator=g))
+    before = snapshot(net)
+    NEMt(net, input_size=(SIZE, SIZE), in_channels=1, decoder_channels=(8, 8, 8, 8, 8), epochs=1, seed=0,
+         batch_size=4).fit(ds, val_data=[ds[:4]], progress=False, log=lambda s: None)
+    assert_unchanged(before, net)
+
+
+def test_gradient_shap_is_seeded_whatever_numpys_global_state():
+    """Captum's Gradient SHAP draws from np.random: the explainer's seed alone decides its map."""
+    net = plain_net().eval()
+    x = torch.randn(2, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
+    maps = []
+    for outside in (1, 2):
+        np.random.seed(outside)
+        maps.append(get_explainer("gradshap", net, n_samples=3, seed=0).explain(x, target=torch.tensor([0, 1])))
+    assert torch.equal(maps[0], maps[1])
+    alone = get_explainer("gradshap", net, n_samples=3, seed=0).explain(x[1:], target=torch.tensor([1]))
+    assert torch.equal(alone, maps[0][1:]), "a map must not depend on the rest of its batch"
 
 
 def test_wrong_inputs_raise_standard_exception_types():
@@ -187,6 +226,9 @@ def test_training_a_classifier_hands_back_the_global_generators(tmp_path):
     assert np.array_equal(np.random.get_state()[1], states[1])
     assert torch.equal(torch.get_rng_state(), states[2])
     assert torch.get_num_threads() == threads
+    from nemt.models import load_model
+    load_model(tmp_path / "m")  # builds the architecture (random initial weights) before loading the weights
+    assert torch.equal(torch.get_rng_state(), states[2])
 
 
 def test_layers_by_name_or_by_module():

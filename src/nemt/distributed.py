@@ -170,7 +170,11 @@ class StepBatches:
     def __iter__(self) -> Iterator[tuple[int, Any]]:
         from torch.utils.data import DataLoader
         mine = self._mine()
-        loader = DataLoader(self.dataset, batch_sampler=[idx for _, idx in mine], num_workers=self.num_workers)
+        # its own generator: iterating a DataLoader draws the workers' base seed, from the caller's global RNG
+        # without one (and so the workers' seeds follow the seed and epoch, not the caller's state)
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        loader = DataLoader(self.dataset, batch_sampler=[idx for _, idx in mine], num_workers=self.num_workers,
+                            generator=gen)
         for (i, _), batch in zip(mine, loader):
             yield i, batch
 

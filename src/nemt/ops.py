@@ -364,12 +364,24 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
 
 @contextmanager
 def seeded(seed: int, device: torch.device | str | None = None) -> Iterator[None]:
-    """The global torch RNG (and the GPU's, for a CUDA ``device``) seeded with ``seed`` inside the block and
-    restored to the caller's state after: for libraries (Captum) that draw from the global generator."""
+    """The global torch RNG (and the GPU's, for a CUDA ``device``), NumPy's and Python's seeded with ``seed``
+    inside the block and restored to the caller's states after, also on error: for libraries that draw from
+    the global generators (Captum's Gradient SHAP draws its baselines' weights from ``np.random``)."""
+    import random
+
+    import numpy as np
+
     dev = torch.device(device) if device is not None else torch.device("cpu")
+    states = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(int(seed))
-        yield
+        np.random.seed(int(seed) % 2 ** 32)
+        random.seed(int(seed))
+        try:
+            yield
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
 
 
 @contextmanager

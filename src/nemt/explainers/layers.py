@@ -83,7 +83,9 @@ def find_stages(model: nn.Module, input_shape: Sequence[int], max_stages: int = 
 class FeatureTap:
     """Capture the outputs of named submodules during a forward pass.
 
-    >>> tap = FeatureTap(net, ["layer1", "layer2"]); _ = net(x); tap.features["layer1"]
+    >>> with FeatureTap(net, ["layer1", "layer2"]) as tap:  # the hooks are removed on leaving
+    ...     _ = net(x)
+    >>> tap.features["layer1"]
     """
 
     def __init__(self, model: nn.Module, names: Sequence[str]):
@@ -93,14 +95,12 @@ class FeatureTap:
             raise NemtError(f"layers {missing} not found in the model; some names are "
                             f"{[n for n in mods if n][:12]}")
         self.names = list(names)
-        self.enabled = True  # switched off around forward passes whose features are not wanted
         self.features: dict[str, torch.Tensor] = {}
         self._hooks = [mods[n].register_forward_hook(self._keep(n)) for n in names]
 
     def _keep(self, name: str):
         def hook(m, inp, out):
-            if self.enabled:
-                self.features[name] = out
+            self.features[name] = out
         return hook
 
     def remove(self) -> None:

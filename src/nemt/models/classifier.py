@@ -24,6 +24,7 @@ from nemt.errors import CardError, NemtError
 from nemt.files import atomic_path, sha256_file
 from nemt.models.card import ModelCard
 from nemt.models.zoo import ARCHITECTURES, build_model
+from nemt.ops import preserved_rng
 
 WEIGHTS = "model.safetensors"
 CARD = "model.json"
@@ -127,9 +128,12 @@ def load_model(directory: str | Path, *, module: nn.Module | None = None,
             raise CardError(directory / CARD, "arch", f"{card.arch!r} is not a nemt architecture; "
                             "pass the network as module=")
         try:
-            module = build_model(card.arch, spatial_dims=card.spatial_dims, in_channels=card.in_channels,
-                                 out_channels=card.out_channels, **card.arch_kwargs)
-        except (TypeError, ValueError, NemtError) as exc:  # an unknown or ill-typed keyword of the architecture
+            with preserved_rng():  # the initial weights, overwritten below, draw nothing from the caller's RNG
+                module = build_model(card.arch, spatial_dims=card.spatial_dims, in_channels=card.in_channels,
+                                     out_channels=card.out_channels, **card.arch_kwargs)
+        except NemtError as exc:  # build_model's own message names the architecture and the keywords
+            raise CardError(directory / CARD, "arch_kwargs", str(exc)) from exc
+        except (TypeError, ValueError) as exc:  # an unknown or ill-typed keyword of the architecture
             raise CardError(directory / CARD, "arch_kwargs", f"{card.arch} cannot be built with "
                             f"{card.arch_kwargs}: {type(exc).__name__}: {exc}") from exc
     try:

@@ -176,9 +176,6 @@ class ExplanationModule(nn.Module):
         self.decoder = MaskDecoder(spatial_dims, in_channels, skip_channels, n_maps, decoder_channels, init_keep,
                                    full_resolution=decoder_full_resolution)
         self.smoothing = RandomSmoothing(spatial_dims, kernel_size, enabled=smoothing)
-        self._tap = None if own_encoder else FeatureTap(model, self.layers)
-        if self._tap is not None:
-            self._tap.enabled = False
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(explanation maps (B, T, *spatial) in [0, 1], model outputs of the clean x (B, n_outputs))."""
@@ -222,13 +219,9 @@ class ExplanationModule(nn.Module):
             with torch.no_grad(), evaluating(self.model):
                 out = self.model(x)
             feats = self.encoder(x)
-        else:
-            self._tap.enabled = True
-            try:
-                with torch.no_grad(), evaluating(self.model):
-                    out = self.model(x)
-            finally:
-                self._tap.enabled = False
-            feats = [self._tap.features.pop(n) for n in self.layers]
+        else:  # hooks for this pass only: the caller's model keeps no hook of ours between calls
+            with FeatureTap(self.model, self.layers) as tap, torch.no_grad(), evaluating(self.model):
+                out = self.model(x)
+            feats = [tap.features[n] for n in self.layers]
         logits = self.decoder(feats, x)
         return (logits if native else resize_linear(logits, x.shape[2:])), out
