@@ -1,9 +1,11 @@
-"""The README's "add a method" example works as printed: one class, registered, through the whole pipeline."""
+"""The README's examples work as printed: "add a method" (one class, registered, through the whole pipeline) and
+the Python API tour (data, training, NEMt, baselines, metrics on a tiny synthetic set)."""
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+import pytest
 import torch
 from captum.attr import InputXGradient
 
@@ -13,11 +15,21 @@ from nemt.explainers.base import _REGISTRY
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def _example() -> str:
+def _example(name: str = "add-a-method") -> str:
     text = README.read_text()
-    m = re.search(r"<!-- example: add-a-method -->\s*```python\n(.*?)```", text, re.S)
-    assert m, "the README's add-a-method example is missing"
+    m = re.search(rf"<!-- example: {name} -->\s*```python\n(.*?)```", text, re.S)
+    assert m, f"the README's {name} example is missing"
     return m.group(1)
+
+
+@pytest.mark.slow
+def test_readme_python_api_tour_runs_as_printed(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # it writes under runs/api
+    scope: dict = {}
+    exec(compile(_example("python-api"), str(README), "exec"), scope)
+    assert scope["maps"].shape[1] == 4 and scope["own"].shape[1] == 1  # the phantoms' 4 classes; own class
+    assert (tmp_path / "runs" / "api" / "nemt").is_dir()
+    assert "'mean'" in capsys.readouterr().out
 
 
 def test_readme_add_a_method_example_runs_and_equals_captum():
