@@ -1,6 +1,7 @@
 """The ``nemt`` command line: thin, it only parses and calls the packages."""
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import math
@@ -39,7 +40,89 @@ def _friendly(fn: Callable) -> Callable:
         except NemtError as exc:
             console.print(f"[red]error:[/red] {exc}", highlight=False, markup=True)
             raise typer.Exit(2)
+        except OSError as exc:  # a read-only, full or forbidden output folder: one line, not a traceback
+            if not isinstance(exc, PermissionError) and exc.errno not in _WRITE_ERRNOS:
+                raise
+            console.print(f"[red]error:[/red] {_write_error(exc)}", highlight=False, markup=True)
+            raise typer.Exit(2)
     return wrapper
+
+
+_WRITE_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _write_error(exc: OSError) -> str:
+    """``cannot write PATH: reason`` for an OSError (``cannot access`` for a permission error, which may come
+    from reading); a temporary file of :func:`nemt.files.atomic_path` (``.NAME.HEX.tmp``) is named by the file
+    it stands for."""
+    name = exc.filename
+    if name is not None:
+        path = Path(name)
+        parts = path.name.split(".")
+        if path.name.startswith(".") and path.name.endswith(".tmp") and len(parts) >= 4:
+            name = path.parent / ".".join(parts[1:-2])
+    reason = exc.strerror or str(exc)
+    verb = "cannot access" if isinstance(exc, PermissionError) else "cannot write"
+    return f"{verb} {name}: {reason}" if name is not None else f"{verb} the output: {reason}"
+
+
+def _device(value: str, option: str = "--device") -> str:
+    """``--device`` checked before anything runs: a torch device string whose device exists here."""
+    import torch
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise NemtError(f"{option} {value!r}: not a torch device; expected cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (f"torch {torch.__version__} is built without CUDA" if torch.version.cuda is None
+                   else "no GPU is visible")
+            raise NemtError(f"{option} {value}: no CUDA device is available here ({why}); use {option} cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise NemtError(f"{option} {value}: there are only {count} CUDA devices here (cuda:0 to "
+                            f"cuda:{count - 1})")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise NemtError(f"{option} {value}: no MPS device is available here (Apple silicon only); "
+                            f"use {option} cpu")
+    elif dev.type != "cpu":  # another accelerator (e.g. xpu) only where torch has one
+        available = getattr(getattr(torch, dev.type, None), "is_available", None)
+        if not (callable(available) and available()):
+            raise NemtError(f"{option} {value!r}: no such device here; expected cpu, cuda, cuda:N or mps")
+    return value
+
+
+def _out_dir(path: Path, option: str = "--out") -> Path:
+    """An output folder: refused when it is an existing file (before anything is computed)."""
+    if path.exists() and not path.is_dir():
+        raise NemtError(f"{option} {path} is a file, not a folder")
+    return path
+
+
+def _out_file(path: Path, option: str = "--out") -> Path:
+    """An output file: refused when it is an existing folder (before anything is computed)."""
+    if path.is_dir():
+        raise NemtError(f"{option} {path} is a folder, not a file; give a file name in it")
+    return path
+
+
+def _positive(value: Optional[float]) -> Optional[float]:
+    """Typer callback: a number that must be > 0 (None stays None)."""
+    if value is not None and not value > 0:
+        raise typer.BadParameter(f"{value:g} is not > 0")
+    return value
+
+
+def _method_params(items: list[str]) -> dict:
+    """``explain --param``: KEY=VALUE keywords; ``seed`` replaces --seed, ``device`` and ``path`` are refused."""
+    from nemt.params import parse_params
+    params = parse_params(items)
+    for key, option in (("device", "--device"), ("path", "--explainer")):
+        if key in params:
+            raise NemtError(f"--param {key}={params[key]}: give the {key} with {option}, not --param")
+    return params
 
 
 def _metric_workers(value: int | None) -> int:
@@ -68,8 +151,24 @@ def _floats(value: str, option: str) -> list[float]:
         raise NemtError(f"{option}: expected comma-separated numbers, got {value!r}") from None
 
 
+def _ints(value: str, option: str) -> list[int]:
+    """Comma-separated positive integers, e.g. ``--decoder-channels 128,64,32``."""
+    try:
+        parts = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        parts = []
+    if not parts or min(parts) < 1:
+        raise NemtError(f"{option} {value!r}: expected comma-separated positive integers")
+    return parts
+
+
 def _size(value: str, spatial_dims: int | None = None) -> tuple[int, ...]:
-    parts = [int(v) for v in value.lower().replace("x", ",").split(",") if v.strip()]
+    try:
+        parts = [int(v) for v in value.lower().replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        parts = []
+    if not parts or min(parts) < 1:
+        raise NemtError(f"--size {value!r}: expected positive integers, e.g. 128, 128x96 or 64x64x64")
     if len(parts) == 1 and spatial_dims:
         parts = parts * spatial_dims
     return tuple(parts)
@@ -100,6 +199,8 @@ def data_check(
     from nemt.data.check import check_dataset
     from nemt.files import json_safe, write_json
 
+    if json_out is not None:
+        _out_file(json_out, "--json")
     manifest = _open(path, task, labels, label_cols=label_cols, target_col=target_col, max_pixels=max_pixels)
     with progress_bar(progress) as bar:
         tid = bar.add_task("reading", total=len(manifest.samples), info="")
@@ -139,14 +240,15 @@ def data_check(
 @_friendly
 def data_phantoms(
     out: Path = typer.Argument(..., help="folder to write images/, masks/ and manifest.csv into"),
-    n: int = typer.Option(400, help="number of images"),
-    size: int = typer.Option(128, help="edge length in pixels/voxels"),
+    n: int = typer.Option(400, min=1, help="number of images"),
+    size: int = typer.Option(128, min=1, help="edge length in pixels/voxels"),
     spatial_dims: int = typer.Option(2, "--dims", help="2 or 3"),
     task: str = typer.Option("multiclass", help="multiclass | multilabel | regression"),
     seed: int = typer.Option(0, help="random seed"),
 ) -> None:
     """Write a synthetic phantom data set with lesion masks (the built-in default data)."""
     from nemt.data.phantoms import write_phantom_dataset
+    _out_dir(out, "OUT")
     manifest = write_phantom_dataset(out, n, size, spatial_dims=spatial_dims, task=task, seed=seed)
     typer.echo(str(manifest))
 
@@ -173,6 +275,8 @@ def data_gaze(
 
     if simulate == (gaze is not None):
         raise NemtError("nemt data gaze: give exactly one of --simulate and --gaze FILE")
+    if out is not None:
+        _out_file(out)
     manifest = _open(path, None, None, max_pixels=max_pixels)
     manifest.raise_problems()
     target = out or default_gaze_path(manifest)
@@ -213,6 +317,7 @@ def data_ecg(
 ) -> None:
     """Write synthetic ECGs with exact wave labels; train on them with --dims 1 --size <samples>."""
     from nemt.data.ecg import write_ecg_dataset
+    _out_dir(out)
     typer.echo(str(write_ecg_dataset(out, n, leads=leads, fs=fs, duration=duration, seed=seed)))
 
 
@@ -244,11 +349,11 @@ def train(
     size: str = typer.Option("128", help="input size: 128, 128x96 or 64x64x64"),
     spatial_dims: Optional[int] = typer.Option(None, "--dims", help="1 (signals), 2 or 3 (default: from --size, "
                                                "else 2)"),
-    epochs: int = typer.Option(30, help="epochs"),
-    batch_size: int = typer.Option(32, help="batch size (per process under torchrun)"),
-    accumulate: int = typer.Option(1, help="micro-batches per optimiser step (per process under torchrun: "
+    epochs: int = typer.Option(30, min=1, help="epochs"),
+    batch_size: int = typer.Option(32, min=1, help="batch size (per process under torchrun)"),
+    accumulate: int = typer.Option(1, min=1, help="micro-batches per optimiser step (per process under torchrun: "
                                    "N processes with --accumulate A train like 1 process with N*A)"),
-    lr: float = typer.Option(1e-3, help="peak learning rate (one-cycle schedule)"),
+    lr: float = typer.Option(1e-3, callback=_positive, help="peak learning rate (one-cycle schedule)"),
     weight_decay: float = typer.Option(1e-4, help="AdamW weight decay"),
     seed: int = typer.Option(0, help="seed for split, initialisation, order and augmentation"),
     fractions: str = typer.Option("0.7,0.1,0.2", help="train,val,test fractions"),
@@ -275,11 +380,15 @@ def train(
     from nemt.files import json_safe
     from nemt.models.training import TrainConfig, train_classifier
 
+    device = _device(device)
+    _out_dir(out)
+    _size(size)  # a bad --size or --fractions is refused before the data are read
+    split_fractions = tuple(_floats(fractions, "--fractions"))
     manifest = _open(data, task, labels, label_cols=label_cols, target_col=target_col, max_pixels=max_pixels)
     dims = spatial_dims or (len(_size(size)) if len(_size(size)) > 1 else 2)
     cfg = TrainConfig(arch=arch, size=_size(size, dims), epochs=epochs, batch_size=batch_size, lr=lr,
                       weight_decay=weight_decay, seed=seed,
-                      fractions=tuple(float(f) for f in fractions.split(",")), augment=augment,
+                      fractions=split_fractions, augment=augment,
                       class_weighting=class_weighting, scale=scale, accumulate=accumulate,
                       arch_kwargs=_arch_kwargs(arch, arch_param, _size(size, dims)))
     if guide is not None:  # the guided loop (nemt.models.guided) writes the same folder
@@ -300,13 +409,13 @@ def fit(
     model: Path = typer.Option(..., help="model folder written by `nemt train`"),
     data: Path = typer.Option(..., help="the data set the model was trained on"),
     out: Path = typer.Option(..., help="explainer folder (weights, card, resume state)"),
-    epochs: int = typer.Option(10, help="epochs"),
-    batch_size: int = typer.Option(16, help="batch size (per process under torchrun)"),
-    accumulate: int = typer.Option(1, help="gradient accumulation steps (per process under torchrun: N processes "
+    epochs: int = typer.Option(10, min=1, help="epochs"),
+    batch_size: int = typer.Option(16, min=1, help="batch size (per process under torchrun)"),
+    accumulate: int = typer.Option(1, min=1, help="gradient accumulation steps (per process under torchrun: N processes "
                                    "with --accumulate A fit like 1 process with N*A)"),
     optimizer: str = typer.Option("adamw", help="adamw | prodigy"),
     schedule: str = typer.Option("cosine", help="learning-rate schedule: cosine | constant"),
-    lr: Optional[float] = typer.Option(None, help="learning rate (default: 1 for Prodigy, 3e-3 for AdamW)"),
+    lr: Optional[float] = typer.Option(None, callback=_positive, help="learning rate (default: 1 for Prodigy, 3e-3 for AdamW)"),
     objective: str = typer.Option("nested", help="nested (fixed-area masks, deletion and preservation games on "
                                   "log-odds; cannot collapse) | paper (the published loss; collapses on confident "
                                   "models)"),
@@ -375,7 +484,9 @@ def fit(
     from nemt.models.training import load_splits
 
     from nemt.distributed import context, local_device
-    ctx = context(device)
+    _out_dir(out)
+    decoder = _ints(decoder_channels, "--decoder-channels")
+    ctx = context(_device(device))
     device = str(local_device(device, ctx))
     clf = load_model(model, device=device)
     manifest = _open(data, clf.task, ",".join(clf.label_names) if clf.task == "multiclass" else None)
@@ -398,7 +509,7 @@ def fit(
                      area_weight=area_weight,
                      change_weight=change_weight, area_target=area_target, kernel_size=kernel_size,
                      smoothing=smoothing, init_keep=init_keep, encoder=encoder, train_targets=train_targets,
-                     decoder_channels=[int(c) for c in decoder_channels.split(",")],
+                     decoder_channels=decoder,
                      decoder_full_resolution=full_resolution, optimizer=optimizer, lr=lr, schedule=schedule,
                      batch_size=batch_size, accumulate=accumulate, epochs=epochs,
                      seed=seed, device=device)
@@ -429,7 +540,7 @@ def explain(
                                         "manifest, folder or .npz); resumable; under torchrun each rank takes "
                                         "a share and rank 0 writes the index"),
     split: str = typer.Option("test", help="with --data: train | val | test | all"),
-    limit: Optional[int] = typer.Option(None, help="with --data: at most this many items of the split"),
+    limit: Optional[int] = typer.Option(None, min=1, help="with --data: at most this many items of the split"),
     param: list[str] = typer.Option([], "--param", help="method parameter KEY=VALUE (repeatable), e.g. n_masks=2000"),
     seed: int = typer.Option(0, help="random seed (for stochastic methods)"),
     device: str = typer.Option("cpu", help="torch device"),
@@ -449,13 +560,19 @@ def explain(
     from nemt.data.readers import read_image
     from nemt.distributed import context, local_device
     from nemt.explainers import get_explainer, resolve_targets
-    from nemt.params import parse_params
     from nemt.files import OutputNames, atomic_open, image_stem, write_json
     from nemt.models import load_model
     from nemt.visualize import save_overlay
 
     if (data is None) == (not images):
         raise NemtError("give image files or --data (one of the two)")
+    for path in images or []:  # every input is there before --out is made
+        if not path.is_file():
+            raise NemtError(f"{path}: file: {'a folder, not an image file' if path.is_dir() else 'no such file'}")
+    _out_dir(out)
+    _device(device)
+    params = _method_params(param)
+    ex_seed = params.pop("seed", seed)  # --param seed=S (listed by `nemt methods`) overrides --seed for the method
     ctx = context(device) if data is not None else None
     if ctx is not None:
         device = str(local_device(device, ctx))
@@ -463,7 +580,15 @@ def explain(
     clf = load_model(model, device=device)
     if method in ("nemt", "nem") and explainer is None:
         raise NemtError(f"method {method!r} needs a fitted explainer folder (--explainer DIR from `nemt fit`)")
-    ex = get_explainer(method, clf, path=explainer, seed=seed, device=device, **parse_params(param))
+    try:
+        ex = get_explainer(method, clf, path=explainer, seed=ex_seed, device=device, **params)
+    except NemtError:
+        raise
+    except (ValueError, TypeError, RuntimeError) as exc:
+        if not param:  # not the user's parameters: a real failure, with its traceback
+            raise
+        raise NemtError(f"method {method!r} cannot be built with --param {' '.join(param)}: "
+                        f"{type(exc).__name__}: {exc}") from exc
     if superpixelify is not None:  # the maps averaged within segments of each image (the last step)
         from nemt.clustering import Superpixelified, load_segmenter
         ex = Superpixelified(ex, load_segmenter(superpixelify, clf, seed=seed))
@@ -472,13 +597,20 @@ def explain(
     if target not in ("all", "predicted"):
         tgt = int(target) if target.isdigit() else target
     pre = clf.preprocessing
-    out.mkdir(parents=True, exist_ok=True)
 
     def explain_one(img, path: str, stem_of) -> dict:
         unit = pre.unit(img)
         x = pre.normalise(unit)[None].to(device)
         t = resolve_targets(tgt, clf, x)
-        maps, probs = ex.explain_and_predict(x, target=t)
+        try:
+            maps, probs = ex.explain_and_predict(x, target=t)
+        except NemtError:
+            raise
+        except (ValueError, TypeError, RuntimeError) as exc:
+            if not param:  # not the user's parameters: a real failure, with its traceback
+                raise
+            raise NemtError(f"method {method!r} failed on {path} with --param {' '.join(param)}: "
+                            f"{type(exc).__name__}: {exc}") from exc
         maps, probs = maps.detach().cpu()[0], probs[0].cpu()
         names = [clf.label_names[int(i)] for i in t[0]]
         stem = stem_of(names)
@@ -503,6 +635,7 @@ def explain(
                 "prediction": dict(zip(clf.label_names, [round(p, 4) for p in probs.tolist()]))}
 
     if data is None:
+        out.mkdir(parents=True, exist_ok=True)
         results = []
         outputs = OutputNames()  # full stem; a numbered suffix where two images would write the same file
         for path in images:
@@ -523,6 +656,7 @@ def explain(
     else:
         raise NemtError(f"--split {split!r}: expected train, val, test or all")
     todo = todo[:limit] if limit is not None else todo
+    out.mkdir(parents=True, exist_ok=True)  # once the data are open
     logs = out / "log"
     run = {"model": str(model), "explainer": None if explainer is None else str(explainer), "method": method,
            "target": target, "params": sorted(param), "seed": seed, "data": manifest.fingerprint()}
@@ -583,9 +717,9 @@ def benchmark(
     metrics: Optional[str] = typer.Option(None, help="comma-separated metrics (default: localisation, complexity, "
                                                      "sparseness, faithfulness estimate)"),
     split: str = typer.Option("test", help="split of the model's data: train | val | test"),
-    limit: Optional[int] = typer.Option(None, help="at most this many images (suite: correctly classified test "
+    limit: Optional[int] = typer.Option(None, min=1, help="at most this many images (suite: correctly classified test "
                                                    "samples per model, default 50)"),
-    batch_size: int = typer.Option(16, help="items per explain call"),
+    batch_size: int = typer.Option(16, min=1, help="items per explain call"),
     gallery: int = typer.Option(6, help="gallery images in the report"),
     param: list[str] = typer.Option([], "--param", help="METHOD.KEY=VALUE or METRIC.KEY=VALUE (repeatable), "
                                                        "e.g. rise.n_masks=2000"),
@@ -612,6 +746,8 @@ def benchmark(
     from nemt.bench.runner import (DEFAULT_METHODS, DEFAULT_METRICS, benchmark_model, markdown_summary,
                                    split_method_params)
 
+    _out_dir(out)
+    _device(device)
     method_list = _csv_list(methods) or []
     metric_list = _csv_list(metrics)
     if suite is not None:
@@ -664,6 +800,7 @@ def export(
     """Export the model and its NEMt explainer as one model (predictions and maps in one call), checked."""
     from nemt.deploy.export import export_model
 
+    _out_file(out)
     typer.echo(json.dumps(export_model(model, explainer, out, format=fmt, seed=seed, opset=opset), indent=2))
 
 
@@ -675,8 +812,8 @@ def fidelity(
     explainer: Path = typer.Option(..., help="a student's folder (`nemt fit --teacher ...`)"),
     out: Path = typer.Option(..., help="output folder: fidelity.json, fidelity.md, the teacher's maps (cache)"),
     split: str = typer.Option("test", help="split of the model's data: train | val | test"),
-    limit: Optional[int] = typer.Option(None, help="at most this many images"),
-    batch_size: int = typer.Option(16, help="images per explain call"),
+    limit: Optional[int] = typer.Option(None, min=1, help="at most this many images"),
+    batch_size: int = typer.Option(16, min=1, help="images per explain call"),
     seed: int = typer.Option(0, help="random seed"),
     device: str = typer.Option("cpu", help="torch device"),
     progress: bool = typer.Option(True, help="show a progress bar"),
@@ -689,7 +826,8 @@ def fidelity(
     from nemt.models import load_model
     from nemt.models.training import load_splits
 
-    clf = load_model(model, device=device)
+    _out_dir(out)
+    clf = load_model(model, device=_device(device))
     student = get_explainer("nemt", clf, path=explainer, device=device)
     if getattr(student, "teacher", None) is None:
         raise NemtError(f"{explainer}: not a student (fitted without --teacher)")
@@ -728,6 +866,7 @@ def serve(
     """Serve predictions and explanations over HTTP (POST /v1/explain, /openapi.json), with a viewer at /."""
     from nemt.deploy.service import serve as run
 
+    _device(device)
     run(model, explainer, baselines=_csv_list(baselines) or [], host=host, port=port, workers=workers,
         queue=queue, max_upload_mb=max_upload_mb, max_pixels=int(max_pixels), body_timeout=body_timeout,
         max_receiving=max_receiving, device=device, seed=seed)
@@ -755,14 +894,14 @@ def methods() -> None:
 @_friendly
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="output folder"),
-    n: int = typer.Option(1000, help="phantom images"),
-    size: int = typer.Option(96, help="image size"),
+    n: int = typer.Option(1000, min=1, help="phantom images"),
+    size: int = typer.Option(96, min=1, help="image size"),
     arch: str = typer.Option("smallcnn", help="classifier architecture"),
-    epochs: int = typer.Option(30, help="classifier training epochs"),
-    fit_epochs: int = typer.Option(10, help="NEMt training epochs"),
+    epochs: int = typer.Option(30, min=1, help="classifier training epochs"),
+    fit_epochs: int = typer.Option(10, min=1, help="NEMt training epochs"),
     seed: int = typer.Option(0, help="random seed"),
     device: str = typer.Option("cpu", help="torch device"),
-    bench_images: int = typer.Option(60, help="test images in the benchmark"),
+    bench_images: int = typer.Option(60, min=1, help="test images in the benchmark"),
     bench_methods: str = typer.Option("nemt,gradcam++,ig,gradshap,rise,extremal,random,sobel",
                                       help="methods in the benchmark"),
     open_report: bool = typer.Option(False, "--open", help="open the report in a browser at the end"),
@@ -779,6 +918,8 @@ def demo(
     from nemt.files import atomic_open
     from nemt.models.training import TrainConfig, load_splits, train_classifier
 
+    _out_dir(out)
+    _device(device)
     console.rule("1. phantoms")
     manifest_path = write_phantom_dataset(out / "data", n, size, task="multiclass", seed=seed)
     label_names = json.loads((out / "data" / "phantoms.json").read_text())["label_names"]
@@ -874,8 +1015,9 @@ def concepts(
     from nemt.models import load_model
     from nemt.ops import evaluating
 
+    _out_dir(out)
     torch.manual_seed(seed)
-    clf = load_model(model, device=device)
+    clf = load_model(model, device=_device(device))
     manifest = _open(data, None, None, max_pixels=max_pixels)
     n = len(manifest.samples) if limit is None else min(limit, len(manifest.samples))
     ds = ImageDataset(manifest, clf.preprocessing, list(range(n)))
@@ -966,6 +1108,8 @@ def clusters(
     """Activation clusters (NAVE / NAS): fit on the model's training split, label and uncertainty maps, a report."""
     from nemt.bench.clusters import run_clusters
 
+    _out_dir(out)
+    _device(device)
     summary = run_clusters(model, data, out, layers=_csv_list(layers), k=k, method=method, seed=seed,
                            fit_split=fit_split, split=split, max_samples=max_samples, epochs=epochs,
                            batch_size=batch_size, limit=limit, per_cluster=gallery, device=device, progress=progress)

@@ -415,7 +415,16 @@ def run_benchmark(model, data: BenchmarkData, explainers: dict[str, Any], config
             x = data.x[idx]
             with seeded(config.seed, device):  # the caller's global RNG is restored after
                 t0 = time.perf_counter()
-                maps = explainers[name].explain(x, target=t).detach()
+                try:
+                    maps = explainers[name].explain(x, target=t).detach()
+                except NemtError:
+                    raise
+                except (ValueError, TypeError, RuntimeError) as exc:
+                    given = {k: v for k, v in params[name].items() if k != "superpixelify"}
+                    if not given:  # not the user's parameters: a real failure, with its traceback
+                        raise
+                    raise NemtError(f"method {name!r} failed with --param {_param_text(name.split('@')[0], given)}"
+                                    f": {type(exc).__name__}: {exc}") from exc
             if device.type == "cuda":
                 torch.cuda.synchronize()
             ms = 1000 * (time.perf_counter() - t0) / len(chunk)
@@ -620,7 +629,8 @@ def load_benchmark_data(clf, manifest, indices: Sequence[int], device=None, limi
     ``gaze``: a fixation CSV (:mod:`nemt.data.gaze`) whose heat maps and fixation maps join the data (its
     bytes join the fingerprint, so a resumed run refuses other gaze)."""
     from nemt.data import ImageDataset
-    indices = [int(i) for i in indices][:limit] if limit else [int(i) for i in indices]
+    _check_limit(limit)
+    indices = [int(i) for i in indices][:limit] if limit is not None else [int(i) for i in indices]
     if not indices:
         raise NemtError("no images to benchmark (empty split)")
     ds = ImageDataset(manifest, clf.preprocessing, indices)
@@ -640,6 +650,42 @@ def load_benchmark_data(clf, manifest, indices: Sequence[int], device=None, limi
     import hashlib
     return BenchmarkData(st["image"].to(device), unit, st["gt"].bool().to(device), items, list(clf.label_names),
                          hashlib.sha256(fp.encode()).hexdigest()[:16], gaze=heat, fixations=fix)
+
+
+def _check_limit(limit: int | None) -> None:
+    """``limit``: None (all) or at least 1 (0 or a negative count is refused, not read as all or as a slice)."""
+    if limit is not None and limit < 1:
+        raise NemtError(f"--limit {limit!r}: expected a count of images >= 1 (or none, for all)")
+
+
+def _method_explainers(methods: Sequence[str], clf, params: dict[str, dict], *, explainer_dir=None, seed: int = 0,
+                      device: str = "cpu") -> dict[str, Any]:
+    """The explainers of ``methods`` with their ``--param`` keywords: ``seed`` among them replaces ``seed`` for
+    that method, ``device`` and ``path`` are refused (they are --device and --explainer); a method that cannot
+    be built with its parameters is a :class:`NemtError` naming the method and the parameters."""
+    from nemt.explainers import get_explainer
+    out = {}
+    for m in methods:
+        kw = dict(params.get(m, {}))
+        for key, option in (("device", "--device"), ("path", "--explainer")):
+            if key in kw:
+                raise NemtError(f"--param {m}.{key}={kw[key]}: give the {key} with {option}, not --param")
+        m_seed = kw.pop("seed", seed)
+        try:
+            out[m] = get_explainer(m, clf, path=explainer_dir if m in ("nemt", "nem") else None, seed=m_seed,
+                                   device=device, **kw)
+        except NemtError:
+            raise
+        except (ValueError, TypeError, RuntimeError) as exc:
+            if not params.get(m):  # not the user's parameters: a real failure, with its traceback
+                raise
+            raise NemtError(f"method {m!r} cannot be built with --param {_param_text(m, params[m])}: "
+                            f"{type(exc).__name__}: {exc}") from exc
+    return out
+
+
+def _param_text(method: str, params: dict) -> str:
+    return " ".join(f"{method}.{k}={v}" for k, v in params.items())
 
 
 def report_run(out: Path, data: BenchmarkData, explainers: dict[str, Any], summary: dict, metrics: Sequence[str], *,
@@ -711,12 +757,12 @@ def benchmark_model(model_dir: Path, data_path: Path, out: Path, *, explainer_di
     (:class:`~nemt.clustering.Superpixelified`), as ``METHOD@clusters``, ``METHOD@nas``, ``METHOD@slic``, each
     next to its raw maps.
     """
-    from nemt.explainers import get_explainer
     from nemt.explainers.fast import inference_copy
     from nemt.models import load_model
     from nemt.models.training import load_splits
 
     params = dict(params or {})
+    _check_limit(limit)
     out = Path(out)
     if restart:  # forget earlier results in this folder
         for name in ("results.partial.csv", "run.json"):
@@ -750,8 +796,7 @@ def benchmark_model(model_dir: Path, data_path: Path, out: Path, *, explainer_di
         raise NemtError(f"--param for {unknown}: neither a chosen method ({list(methods)}) nor metric ({metrics})")
     if "nemt" in methods and explainer_dir is None:
         raise NemtError("method 'nemt' needs --explainer DIR (from `nemt fit`); or leave it out of --methods")
-    explainers = {m: get_explainer(m, clf, path=explainer_dir if m in ("nemt", "nem") else None, seed=seed,
-                                   device=device, **params.get(m, {})) for m in methods}
+    explainers = _method_explainers(methods, clf, params, explainer_dir=explainer_dir, seed=seed, device=device)
     data = load_benchmark_data(clf, manifest, splits[split], device=device, limit=limit, gaze=gaze)
     fast = inference_copy(clf)
     cfg = RunConfig(list(methods), list(metrics), batch_size, seed, metric_params, params)

@@ -1,0 +1,214 @@
+"""Bad command-line input: one clear line naming the option and the reason, exit 2, no traceback.
+
+Most checks run before any data or model is read, so they are given paths that do not exist; the few that need
+a model share one 1-epoch phantom smallcnn (module fixture).
+"""
+from __future__ import annotations
+
+import errno
+import re
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from nemt.cli import app
+from nemt.errors import NemtError
+
+from conftest import train_phantom_model
+
+runner = CliRunner()
+
+
+def _refused(args: list[str], *needles: str) -> str:
+    """Run ``nemt ARGS``; it must exit 2 without a traceback and name every needle; the flattened output."""
+    res = runner.invoke(app, args)
+    text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", res.output).split())
+    assert res.exit_code == 2, res.output
+    assert isinstance(res.exception, SystemExit), repr(res.exception)  # no uncaught exception behind the exit
+    assert "Traceback" not in res.output, res.output
+    for needle in needles:
+        assert needle in text, text
+    return text
+
+
+@pytest.fixture(scope="module")
+def phantom_model(tmp_path_factory):
+    """(root, manifest, model folder, an image): 48 phantoms of 32 px and a 1-epoch smallcnn."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("cli-input")
+    manifest, model = train_phantom_model(root)
+    return root, manifest, model, sorted((root / "data" / "images").glob("*.png"))[0]
+
+
+# argument lists of each command with everything it requires, all to paths that need not exist
+def _cmd(name: str, tmp) -> list[str]:
+    d, m, o = str(tmp / "data"), str(tmp / "m"), str(tmp / "out")
+    return {
+        "train": ["train", "--data", d, "--out", o, "--arch", "smallcnn", "--size", "32", "--no-progress"],
+        "fit": ["fit", "--model", m, "--data", d, "--out", o, "--no-progress"],
+        "explain": ["explain", "--model", m, "--data", d, "--method", "gradcam", "--out", o, "--no-progress"],
+        "benchmark": ["benchmark", "--model", m, "--data", d, "--methods", "gradcam", "--out", o, "--no-progress"],
+        "fidelity": ["fidelity", "--model", m, "--data", d, "--explainer", str(tmp / "e"), "--out", o,
+                     "--no-progress"],
+        "clusters": ["clusters", "--model", m, "--data", d, "--out", o, "--no-progress"],
+        "demo": ["demo", "--out", o, "--no-progress"],
+    }[name]
+
+
+@pytest.mark.parametrize("cmd,option,value", [
+    ("train", "--epochs", "0"), ("train", "--epochs", "-1"), ("fit", "--epochs", "0"), ("fit", "--epochs", "-1"),
+    ("demo", "--epochs", "0"), ("demo", "--fit-epochs", "0"),
+    ("train", "--batch-size", "0"), ("fit", "--batch-size", "0"), ("benchmark", "--batch-size", "0"),
+    ("fidelity", "--batch-size", "0"),
+    ("train", "--accumulate", "0"), ("fit", "--accumulate", "0"),
+    ("explain", "--limit", "0"), ("explain", "--limit", "-1"), ("benchmark", "--limit", "0"),
+    ("benchmark", "--limit", "-2"), ("fidelity", "--limit", "0"),
+])
+def test_counts_below_one_are_refused(tmp_path, cmd, option, value):
+    text = _refused(_cmd(cmd, tmp_path) + [option, value], f"Invalid value for '{option}'")
+    assert re.search(r">=\s*1|greater than or equal to 1", text), text
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("cmd", ["train", "fit"])
+@pytest.mark.parametrize("value", ["-1", "0"])
+def test_learning_rate_must_be_positive(tmp_path, cmd, value):
+    _refused(_cmd(cmd, tmp_path) + ["--lr", value], "Invalid value for '--lr'", "is not > 0")
+
+
+def test_train_size_and_fractions(tmp_path):
+    base = _cmd("train", tmp_path)
+    for size in ("abc", "0", "32x0", "x"):
+        _refused(base + ["--size", size], f"--size '{size}'", "positive integers")
+    _refused(base + ["--fractions", "a,b,c"], "--fractions", "'a,b,c'", "numbers")
+    _refused(_cmd("fit", tmp_path) + ["--decoder-channels", "64,a"], "--decoder-channels '64,a'", "positive integers")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("cmd", ["train", "fit", "explain", "benchmark", "clusters", "fidelity", "demo"])
+def test_device_is_checked(tmp_path, monkeypatch, cmd):
+    _refused(_cmd(cmd, tmp_path) + ["--device", "gpu"], "--device 'gpu'", "cpu, cuda, cuda:N or mps")
+    _refused(_cmd(cmd, tmp_path) + ["--device", "meta"], "--device 'meta'", "no such device here")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _refused(_cmd(cmd, tmp_path) + ["--device", "cuda"], "--device cuda: no CUDA device is available here",
+             "use --device cpu")
+    _refused(_cmd(cmd, tmp_path) + ["--device", "cuda:1"], "--device cuda:1: no CUDA device")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    _refused(_cmd(cmd, tmp_path) + ["--device", "mps"], "--device mps: no MPS device is available here")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("cmd", ["train", "fit", "explain", "benchmark", "clusters", "fidelity", "demo"])
+def test_out_is_a_file(tmp_path, cmd):
+    (tmp_path / "out").write_text("not a folder")
+    _refused(_cmd(cmd, tmp_path), f"--out {tmp_path / 'out'} is a file, not a folder")
+
+
+def test_data_outputs(tmp_path):
+    (tmp_path / "f").write_text("x")
+    _refused(["data", "phantoms", str(tmp_path / "f"), "--n", "4", "--size", "16"],
+             f"OUT {tmp_path / 'f'} is a file, not a folder")
+    _refused(["data", "phantoms", str(tmp_path / "p"), "--size", "0"], "Invalid value for '--size'")
+    _refused(["data", "ecg", "--out", str(tmp_path / "f"), "--n", "5"], "--out", "is a file, not a folder")
+    # data check --json at a folder: refused before the data are read (the data need not exist)
+    _refused(["data", "check", str(tmp_path / "nodata"), "--json", str(tmp_path)],
+             f"--json {tmp_path} is a folder, not a file")
+
+
+def test_export_out_is_a_folder(tmp_path, monkeypatch):
+    import nemt.deploy.export as export
+
+    def must_not_run(*a, **k):
+        raise AssertionError("export ran before --out was checked")
+    monkeypatch.setattr(export, "export_model", must_not_run)
+    _refused(["export", "--model", str(tmp_path / "m"), "--explainer", str(tmp_path / "e"), "--out", str(tmp_path)],
+             f"--out {tmp_path} is a folder, not a file")
+
+
+def test_explain_missing_input_makes_no_folder(tmp_path):
+    _refused(["explain", str(tmp_path / "missing.png"), "--model", str(tmp_path / "m"), "--method", "gradcam",
+              "--out", str(tmp_path / "x")], f"{tmp_path / 'missing.png'}: file: no such file")
+    assert not (tmp_path / "x").exists()
+
+
+def test_explain_missing_data_makes_no_folder(phantom_model, tmp_path):
+    root, manifest, model, img = phantom_model
+    _refused(["explain", "--data", str(tmp_path / "nodata"), "--model", str(model), "--method", "gradcam",
+              "--out", str(tmp_path / "x"), "--no-progress"], f"{tmp_path / 'nodata'}")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("exc,needle", [
+    (OSError(errno.EROFS, "Read-only file system", "/ro/run/model.safetensors"),
+     "cannot write /ro/run/model.safetensors: Read-only file system"),
+    (OSError(errno.ENOSPC, "No space left on device", "/full/.manifest.csv.0123456789ab.tmp"),
+     "cannot write /full/manifest.csv: No space left on device"),  # atomic_open's temporary file: its target
+    (PermissionError(errno.EACCES, "Permission denied", "/locked/images"), "cannot access /locked/images: "
+                                                                           "Permission denied"),
+])
+def test_unwritable_output(tmp_path, monkeypatch, exc, needle):
+    import nemt.data.phantoms as phantoms
+
+    def fail(*a, **k):
+        raise exc
+    monkeypatch.setattr(phantoms, "write_phantom_dataset", fail)
+    _refused(["data", "phantoms", str(tmp_path / "p"), "--n", "4", "--size", "16"], needle)
+
+
+def test_other_os_errors_still_raise(tmp_path, monkeypatch):
+    import nemt.data.phantoms as phantoms
+
+    def fail(*a, **k):
+        raise OSError(errno.EIO, "Input/output error", "/disk/x")
+    monkeypatch.setattr(phantoms, "write_phantom_dataset", fail)
+    res = runner.invoke(app, ["data", "phantoms", str(tmp_path / "p"), "--n", "4", "--size", "16"])
+    assert res.exit_code == 1 and isinstance(res.exception, OSError)
+
+
+def test_explain_params(phantom_model, tmp_path):
+    root, manifest, model, img = phantom_model
+    base = ["explain", str(img), "--model", str(model), "--method", "rise"]
+    # construction, call and reserved names
+    _refused(base + ["--param", "n_masks=abc", "--out", str(tmp_path / "a")],
+             "method 'rise' cannot be built with --param n_masks=abc", "ValueError")
+    _refused(base + ["--param", "n_masks=-5", "--out", str(tmp_path / "b")],
+             "method 'rise' failed on", "with --param n_masks=-5")
+    _refused(base + ["--param", "batch_size=0", "--param", "n_masks=8", "--out", str(tmp_path / "c")],
+             "with --param batch_size=0 n_masks=8")
+    _refused(base + ["--param", "device=cpu", "--out", str(tmp_path / "d")], "--param device=cpu", "--device")
+    _refused(base + ["--param", "path=x", "--out", str(tmp_path / "d")], "--param path=x", "--explainer")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists()
+    # --param seed=S is the method's seed: the same maps as --seed S
+    for name, extra in (("s1", ["--param", "seed=7"]), ("s2", ["--seed", "7"]), ("s3", [])):
+        res = runner.invoke(app, base + ["--param", "n_masks=16", "--target", "0", "--out", str(tmp_path / name)]
+                            + extra)
+        assert res.exit_code == 0, res.output
+    maps = {k: np.load(next((tmp_path / k).glob("*.npy"))) for k in ("s1", "s2", "s3")}
+    assert np.array_equal(maps["s1"], maps["s2"]) and not np.array_equal(maps["s1"], maps["s3"])
+
+
+def test_benchmark_params(phantom_model, tmp_path):
+    root, manifest, model, img = phantom_model
+    base = ["benchmark", "--model", str(model), "--data", str(manifest), "--methods", "rise", "--metrics",
+            "relevance_mass", "--limit", "2", "--gallery", "0", "--no-progress"]
+    _refused(base + ["--param", "rise.n_masks=abc", "--out", str(tmp_path / "a")],
+             "method 'rise' cannot be built with --param rise.n_masks=abc")
+    _refused(base + ["--param", "rise.n_masks=-5", "--out", str(tmp_path / "b")],
+             "method 'rise' failed with --param rise.n_masks=-5")
+    _refused(base + ["--param", "rise.device=cpu", "--out", str(tmp_path / "c")], "--param rise.device=cpu",
+             "--device")
+    res = runner.invoke(app, base + ["--param", "rise.seed=7", "--param", "rise.n_masks=16",
+                                     "--out", str(tmp_path / "ok")])
+    assert res.exit_code == 0, res.output
+
+
+def test_runner_limit(tmp_path):
+    from nemt.bench.runner import benchmark_model, load_benchmark_data
+    for bad in (0, -2):
+        with pytest.raises(NemtError, match="--limit"):
+            benchmark_model(tmp_path / "m", tmp_path / "d", tmp_path / "out", limit=bad)
+        with pytest.raises(NemtError, match="--limit"):
+            load_benchmark_data(None, None, [0, 1, 2], limit=bad)
+    assert not (tmp_path / "out").exists()
