@@ -501,3 +501,12 @@ def test_tie_notes_name_methods_whose_pointing_game_is_a_plateau(tmp_path):
     assert summary["random"]["pointing_game"]["mean"] == summary["random"]["pointing_game_expected"]["mean"]
     assert notes[1] in markdown_summary(summary, metrics)
     assert tie_notes(summary, ["pointing_game"]) == []
+
+
+def test_markdown_summary_bolds_every_method_tied_at_the_best_mean():
+    cell = {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.1, "n": 5, "n_excluded": 0}
+    summary = {"a": {"pointing_game": dict(cell), "ms": 1.0}, "b": {"pointing_game": dict(cell), "ms": 1.0},
+               "c": {"pointing_game": {**cell, "mean": -0.5}, "ms": 1.0}}
+    rows = {line.split("|")[1].strip(): line for line in markdown_summary(summary, ["pointing_game"]).splitlines()
+            if line.startswith("| ") and "method" not in line}
+    assert "**" in rows["a"] and "**" in rows["b"] and "**" not in rows["c"]

@@ -212,3 +212,10 @@ def test_runner_limit(tmp_path):
         with pytest.raises(NemtError, match="--limit"):
             load_benchmark_data(None, None, [0, 1, 2], limit=bad)
     assert not (tmp_path / "out").exists()
+
+
+def test_concepts_refuses_an_unknown_layer_before_training_the_tiny_clip(phantom_model, tmp_path):
+    root, manifest, model, _ = phantom_model
+    _refused(["concepts", "--model", str(model), "--data", str(manifest), "--layer", "no_such_stage",
+              "--out", str(tmp_path / "c")], "no_such_stage", "not found")
+    assert not (tmp_path / "c").exists()

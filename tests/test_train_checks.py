@@ -99,6 +99,7 @@ def test_cli_train_takes_architecture_keywords_into_the_card_and_refuses_unknown
             "--batch-size", "4", "--no-progress"]
     bad = CliRunner().invoke(app, args + ["--out", str(tmp_path / "bad"), "--arch-param", "wdth=4"])
     assert bad.exit_code == 2 and "--arch-param wdth=4" in bad.output and "wdth" in bad.output
+    assert " ".join(bad.output.split()).count("cannot be built") == 1, bad.output  # said once, not nested
     assert not (tmp_path / "bad").exists()
     ok = CliRunner().invoke(app, args + ["--out", str(tmp_path / "ok"), "--arch-param", "width=4"])
     assert ok.exit_code == 0, ok.output

@@ -331,7 +331,9 @@ def _arch_kwargs(arch: str, items: list[str], size: tuple) -> dict:
         try:
             build_model(arch, spatial_dims=len(size), in_channels=1, out_channels=2,
                         **sized_arch_kwargs(arch, kwargs, size))
-        except (TypeError, ValueError, NemtError) as exc:
+        except NemtError as exc:  # build_model's message already names the architecture and the keywords
+            raise NemtError(f"--arch-param {' '.join(items)}: {exc}") from exc
+        except (TypeError, ValueError) as exc:
             raise NemtError(f"--arch-param {' '.join(items)}: {arch} cannot be built with {kwargs}: "
                             f"{type(exc).__name__}: {exc}") from exc
     return kwargs
@@ -342,7 +344,8 @@ def _arch_kwargs(arch: str, items: list[str], size: tuple) -> dict:
 def train(
     data: Path = typer.Option(..., help="data set: manifest.csv, folder or MedMNIST .npz"),
     out: Path = typer.Option(..., help="output folder (model, card, splits, history, resume state)"),
-    arch: str = typer.Option("resnet18", help="resnet18 | resnet34 | resnet50 | densenet121 | smallcnn"),
+    arch: str = typer.Option("resnet18", help="resnet10 | resnet18 | resnet34 | resnet50 | densenet121 | smallcnn "
+                                              "(MONAI's, 1D/2D/3D) | linear | mlp | cnn (XAI-TRIS) | pantypes (2D)"),
     arch_param: list[str] = typer.Option([], "--arch-param", help="KEY=VALUE keyword of the architecture, "
                                          "repeatable (e.g. width=8 for smallcnn; kept in the card)"),
     task: Optional[str] = TaskOpt,
@@ -1022,6 +1025,8 @@ def concepts(
     n = len(manifest.samples) if limit is None else min(limit, len(manifest.samples))
     ds = ImageDataset(manifest, clf.preprocessing, list(range(n)))
     words = read_concepts(concepts_file or DEFAULT_CONCEPTS)
+    if layer != "output":  # a wrong layer name is refused before the tiny CLIP trains
+        FeatureTap(clf, [layer]).remove()
     out.mkdir(parents=True, exist_ok=True)
     size = min(clf.preprocessing.size) if clf.spatial_dims == 2 else 48
     vl = load_vlm(vlm, device=device, seed=seed, size=max(32, int(size)), cache_dir=out / "tiny-clip")

@@ -547,14 +547,15 @@ def markdown_summary(summary: dict, metrics: Sequence[str]) -> str:
     arrows = {"higher": "↑", "lower": "↓"}
     head = ["method"] + [f"{m} {arrows.get(DIRECTIONS.get(m, ''), '')}" for m in metrics] + ["ms / image"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    best = {}
+    best: dict[str, set] = {}  # per metric, every method at the best mean (ties all bold)
     for m in metrics:
         vals = {k: v[m]["mean"] for k, v in summary.items() if v[m]["n"] > 0}
         if vals:
-            pick = max if DIRECTIONS.get(m, "higher") == "higher" else min
-            best[m] = pick(vals, key=vals.get)
+            top = (max if DIRECTIONS.get(m, "higher") == "higher" else min)(vals.values())
+            best[m] = {k for k, v in vals.items() if v == top}
     for method, s in summary.items():
-        cells = [method] + [("**" + _cell(s[m]) + "**") if best.get(m) == method else _cell(s[m]) for m in metrics]
+        cells = [method] + [("**" + _cell(s[m]) + "**") if method in best.get(m, ()) else _cell(s[m])
+                            for m in metrics]
         cells.append(f"{s['ms']:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     reg = registry()
