@@ -241,9 +241,12 @@ def test_cli_concepts(world):
     page = (out / "report.html").read_text()
     assert "<h2>Summary</h2>" in page
     assert "Drawn for 3 of 64 neurons" in page and page.count("not drawn") == 61  # the empty cells say why
-    res = CliRunner().invoke(app, ["concepts", "--model", str(world["root"] / "m"), "--layer", "nope",
+    res = CliRunner().invoke(app, ["concepts", "--model", str(world["root"] / "m"), "--layer", "stage4",
                                    "--data", str(world["manifest"]), "--vlm", "/no/such/vlm", "--out", str(out)])
     assert res.exit_code == 2 and "never downloads" in res.output
+    res = CliRunner().invoke(app, ["concepts", "--model", str(world["root"] / "m"), "--layer", "nope",
+                                   "--data", str(world["manifest"]), "--out", str(out / "bad-layer")])
+    assert res.exit_code == 2 and "['nope'] not found" in res.output and not (out / "bad-layer").exists()
 
 
 def test_concepts_the_vlm_cannot_represent_are_left_out_not_tied():
