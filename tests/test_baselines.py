@@ -242,3 +242,14 @@ def test_gradcam_on_the_folded_copy_equals_the_model(name):
     a = fast.explain(x, target="all")
     b = get_explainer(name, clf, fast=False).explain(x, target="all")
     assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_count_parameters_below_one_are_refused_before_the_method_is_built():
+    from nemt.errors import NemtError
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(2, 3))
+    for name, kw in (("rise", {"n_masks": -5}), ("rise", {"batch_size": 0}), ("gradshap", {"n_samples": 2.5}),
+                     ("occlusion", {"window": (8, 0)}), ("ig", {"n_steps": "ten"})):
+        with pytest.raises(NemtError, match=f"{next(iter(kw))} must be a whole number >= 1"):
+            get_explainer(name, net, **kw)
+    get_explainer("occlusion", net, window=(8, 4), stride=4.0)  # a window per axis; 4.0 is a whole number

@@ -187,4 +187,26 @@ def get_explainer(name: str, model: nn.Module, *, path: str | Path | None = None
         return load(path, model, device=params.get("device"))
     if seed is not None and "seed" in accepted:
         params.setdefault("seed", seed)
+    _check_counts(name, params)
     return cls(model, **params)
+
+
+#: budget parameters that count something (samples, masks, steps, copies per call, pixels of a window):
+#: whole numbers of at least 1 in every method that has them
+COUNT_PARAMETERS = frozenset({"batch_size", "n_masks", "n_samples", "n_steps", "steps", "window", "stride", "cell",
+                              "grid", "refresh", "n_segments", "images_per_call"})
+
+
+def _check_counts(name: str, params: dict) -> None:
+    """Refuse a count parameter below 1 (or not a whole number) before the method is built: a negative
+    ``n_masks`` or a zero ``batch_size`` would otherwise fail deep inside the method, or run silently."""
+    def whole(v: Any) -> bool:
+        return not isinstance(v, bool) and isinstance(v, (int, float)) and v == int(v) and v >= 1
+
+    for key in sorted(COUNT_PARAMETERS & set(params)):
+        value = params[key]
+        if value is None:
+            continue
+        parts = list(value) if isinstance(value, (list, tuple)) else [value]  # a window per axis
+        if not parts or not all(whole(v) for v in parts):
+            raise ParameterError(f"method {name!r}: {key} must be a whole number >= 1, got {value!r}")
