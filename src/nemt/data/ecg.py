@@ -47,6 +47,7 @@ import numpy as np
 
 from nemt.data.readers import Image, _data_range, read_image
 from nemt.errors import DataError
+from nemt.files import atomic_open, atomic_path
 
 ECG_CLASSES = ("normal", "inverted_t", "wide_qrs", "st_elevation", "afib")
 """Class names of the synthetic ECGs, in label order (``afib``: absent P waves and irregular RR)."""
@@ -276,6 +277,14 @@ def make_ecgs(n: int, *, leads: int | Sequence[str] = 1, fs: float = 100.0, dura
 SIGNAL_RANGE = (-3.0, 3.0)
 
 
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    """``np.save`` atomically: into a temporary file beside ``path`` (through a file object, since
+    ``np.save`` given a name not ending in ``.npy`` would add the suffix), then renamed onto it."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, array, allow_pickle=False)
+
+
 def write_ecg_dataset(out: str | Path, n: int, *, leads: int | Sequence[str] = 1, fs: float = 100.0,
                       duration: float = 10.0, seed: int = 0) -> Path:
     """Write :func:`make_ecgs` as a data set that ``nemt train`` reads; return its ``manifest.csv``.
@@ -284,7 +293,8 @@ def write_ecg_dataset(out: str | Path, n: int, *, leads: int | Sequence[str] = 1
     ``units``, ``range`` = :data:`SIGNAL_RANGE`); ``findings/ecg_NNNNN.npy`` (1, L) uint8, the finding mask
     (the manifest's ``mask`` column: the ground truth of localisation metrics, empty for ``normal`` and
     ``afib``); ``waves/ecg_NNNNN.npy`` (1, L) int8 wave labels (an extra ``waves`` column, which the
-    manifest ignores). Train with ``nemt train --data OUT --dims 1 --size L``.
+    manifest ignores). Every file is written atomically (a temporary file, then renamed). Train with
+    ``nemt train --data OUT --dims 1 --size L``.
     """
     out = Path(out)
     ecg = make_ecgs(n, leads=leads, fs=fs, duration=duration, seed=seed)
@@ -294,14 +304,15 @@ def write_ecg_dataset(out: str | Path, n: int, *, leads: int | Sequence[str] = 1
     side = {"fs": float(fs), "channels": list(ecg.leads), "units": "mV", "range": list(SIGNAL_RANGE)}
     for i in range(n):
         stem = f"ecg_{i:05d}"
-        np.save(out / "signals" / f"{stem}.npy", ecg.signals[i])
-        (out / "signals" / f"{stem}.json").write_text(json.dumps(side), encoding="utf-8")
-        np.save(out / "findings" / f"{stem}.npy", ecg.findings[i][None].astype(np.uint8))
-        np.save(out / "waves" / f"{stem}.npy", ecg.waves[i][None])
+        _save_npy(out / "signals" / f"{stem}.npy", ecg.signals[i])
+        with atomic_path(out / "signals" / f"{stem}.json") as tmp:
+            tmp.write_text(json.dumps(side), encoding="utf-8")
+        _save_npy(out / "findings" / f"{stem}.npy", ecg.findings[i][None].astype(np.uint8))
+        _save_npy(out / "waves" / f"{stem}.npy", ecg.waves[i][None])
         rows.append((f"signals/{stem}.npy", f"findings/{stem}.npy", f"waves/{stem}.npy",
                      ECG_CLASSES[int(ecg.labels[i])]))
     path = out / "manifest.csv"
-    with open(path, "w", newline="", encoding="utf-8") as fh:
+    with atomic_open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["image", "mask", "waves", "label"])
         w.writerows(rows)

@@ -18,7 +18,9 @@ CSV rules
 - optional group column (``group``, ``patient``, ``patient_id``, ``subject``)
   so that splits never put one patient in two splits;
 - optional ``split`` column (train/val/test) that fixes the split.
-Paths are relative to the CSV's folder.
+Paths are relative to the CSV's folder. Rows name the same image when their
+paths are equal once normalised (``./a.png``, ``x//a.png`` and ``x/../a.png``
+are ``a.png`` and ``x/a.png``; see :func:`_image_key`).
 
 Several rows of one image may only add boxes: a later row whose label, mask,
 group or split differs from the first row's is a problem (file, field,
@@ -31,7 +33,9 @@ values of the label column, except values that look like a missing entry
 problems: a spreadsheet's empty cell must not become a class. ``labels``
 fixes the set (it may name such a value on purpose). A class with fewer than
 :data:`MIN_CLASS_IMAGES` images, often a typo, is a warning that names it
-(``Manifest.warnings``); so is a class of ``labels`` with no image. A
+(``Manifest.warnings``); so is a class of ``labels`` with no image, and so
+are labels that differ only in case or surrounding whitespace (``normal`` and
+``Normal``: two classes, not merged). A
 class-per-folder tree with an empty class folder is a problem.
 """
 from __future__ import annotations
@@ -176,12 +180,31 @@ def missing_like(value: str) -> bool:
         return False
 
 
+def _case_variant_warnings(source: Path, counts: Counter, label_names: list[str]) -> list[DataError]:
+    """One warning per group of labels that are equal but for case or surrounding whitespace
+    (``normal`` and ``Normal``): they are distinct classes, which is seldom meant. They are not merged:
+    the warning names each spelling with its image count (``counts``: class index -> images)."""
+    groups: dict[str, list[int]] = {}
+    for k, name in enumerate(label_names):
+        groups.setdefault(name.strip().casefold(), []).append(k)
+    out = []
+    for ks in groups.values():
+        if len(ks) > 1:
+            listed = ", ".join(f"{label_names[k]!r} ({counts.get(k, 0)} image{'s' * (counts.get(k, 0) != 1)})"
+                               for k in ks)
+            out.append(DataError(source, "label", f"labels {listed} differ only in case or surrounding "
+                                 f"whitespace, so they are {len(ks)} different classes; if they are one class, "
+                                 "write it one way in every row"))
+    return out
+
+
 def _class_warnings(source: Path, samples: list[Sample], label_names: list[str],
                     from_labels: bool) -> list[DataError]:
-    """Warnings for multi-class classes with fewer than MIN_CLASS_IMAGES images (none: only when the set was
-    given, since a set taken from the data has no empty class)."""
+    """Warnings for multi-class labels that differ only in case or surrounding whitespace (see
+    :func:`_case_variant_warnings`), and for classes with fewer than MIN_CLASS_IMAGES images (none: only when
+    the set was given, since a set taken from the data has no empty class)."""
     counts = Counter(int(s.y) for s in samples)
-    out = []
+    out = _case_variant_warnings(source, counts, label_names)
     for k, name in enumerate(label_names):
         n = counts.get(k, 0)
         if n == 0 and from_labels:
@@ -279,8 +302,10 @@ def load_manifest(path: str | Path, *, task: str | None = None, image_col: str |
         label_names = [ycols[0]]
 
     problems: list[DataError] = []
+    # Keyed on the normalised path (see _image_key), so that ./a.png, a//b/../a.png and a.png are one image.
     by_image: dict[str, Sample] = {}
     first_values: dict[str, dict[str, str]] = {}  # the first row's mask, group and split, as written
+    first_spelling: dict[str, str] = {}  # the image path as the first row wrote it
     order: list[str] = []
     bad_images: set[str] = set()
     for i, row in enumerate(rows, start=2):  # line 1 is the header
@@ -290,10 +315,11 @@ def load_manifest(path: str | Path, *, task: str | None = None, image_col: str |
             problems.append(DataError(path, img_c, f"{where}: empty image path"))
             continue
         img_path = root / rel
+        key = _image_key(root, rel)
         y, err = _parse_y(row, task, ycols, label_names, fixed_set=labels is not None)
         if err:
             problems.append(DataError(img_path, err[0], f"{where}: {err[1]}"))
-            bad_images.add(rel)
+            bad_images.add(key)
             continue
         box = None
         if box_c and any((row.get(c) or "").strip() for c in box_c):
@@ -304,54 +330,72 @@ def load_manifest(path: str | Path, *, task: str | None = None, image_col: str |
             except (TypeError, ValueError):
                 problems.append(DataError(img_path, "x,y,w,h", f"{where}: box must be 4 finite numbers "
                                           f"with w, h > 0, got {[row.get(c) for c in box_c]}"))
-                bad_images.add(rel)
+                bad_images.add(key)
                 continue
         mask_rel = (row.get(mask_c) or "").strip() if mask_c else ""
         group = (row.get(group_c) or "").strip() if group_c else ""
         split = (row.get(split_c) or "").strip().lower() if split_c else ""
         if split and split not in SPLITS:
             problems.append(DataError(img_path, "split", f"{where}: split {split!r} is not one of {SPLITS}"))
-            bad_images.add(rel)
+            bad_images.add(key)
             continue
         values = {"mask": os.path.normpath(mask_rel) if mask_rel else "", "group": group, "split": split}
-        if rel in by_image:  # another row of the same image: it may add a box, nothing else
-            s = by_image[rel]
+        if key in by_image:  # another row of the same image: it may add a box, nothing else
+            s = by_image[key]
+            # the same file written another way (./a.png, a//b/../a.png): say so, or the message would puzzle
+            same = "" if rel == first_spelling[key] else f", which names the same image as {first_spelling[key]!r}"
             if s.y != y:
                 problems.append(DataError(img_path, ",".join(ycols),
-                                          f"{where}: label {y!r} disagrees with row {s.row} ({s.y!r})"))
-                bad_images.add(rel)
+                                          f"{where}: label {_fmt_y(y, task, label_names)} disagrees with "
+                                          f"row {s.row} ({_fmt_y(s.y, task, label_names)}){same}"))
+                bad_images.add(key)
             columns_of = {"mask": mask_c, "group": group_c, "split": split_c}
             for what, value in values.items():
-                first = first_values[rel][what]
+                first = first_values[key][what]
                 if value and value != first:  # an empty cell only does not repeat the first row's value
                     problems.append(DataError(img_path, columns_of[what], f"{where}: {what} {value!r} disagrees "
-                                              f"with row {s.row} ({repr(first) if first else 'none'}); the rows "
-                                              "of one image may only add boxes"))
-                    bad_images.add(rel)
+                                              f"with row {s.row} ({repr(first) if first else 'none'}){same}; the "
+                                              "rows of one image may only add boxes"))
+                    bad_images.add(key)
             if box:
                 s.boxes.append(box)
             continue
         if not img_path.is_file():
             problems.append(DataError(img_path, img_c, f"{where}: image file not found"))
-            bad_images.add(rel)
+            bad_images.add(key)
             continue
         mask_path = None
         if mask_rel:
             mask_path = root / mask_rel
             if not mask_path.is_file():
                 problems.append(DataError(mask_path, mask_c, f"{where}: mask file not found"))
-                bad_images.add(rel)
+                bad_images.add(key)
                 continue
-        by_image[rel] = Sample(image=img_path, y=y, mask=mask_path, boxes=[box] if box else [],
+        by_image[key] = Sample(image=img_path, y=y, mask=mask_path, boxes=[box] if box else [],
                                group=group or rel, split=split or None, row=i)
-        first_values[rel] = values
-        order.append(rel)
+        first_values[key] = values
+        first_spelling[key] = rel
+        order.append(key)
     samples = [by_image[r] for r in order if r not in bad_images]
     if split_c and samples and any(s.split is None for s in samples):
         problems.append(DataError(path, "split", "some rows have a split and others none"))
     warnings = _class_warnings(path, samples, label_names, labels is not None) if task == "multiclass" else []
     return Manifest(samples=samples, task=task, label_names=label_names, source=path,
                     problems=problems, kind="csv", warnings=warnings)
+
+
+def _image_key(root: Path, rel: str) -> str:
+    """The identity of a manifest's image path: ``rel`` joined to the manifest's folder and normalised
+    (``./``, ``//`` and ``a/../`` resolved, as :func:`os.path.normpath` does), so that two spellings of one
+    file are one image. Only the text is normalised: symbolic links are not followed."""
+    return os.path.normpath(os.path.join(str(root), rel))
+
+
+def _fmt_y(y, task: str, label_names: list[str]) -> str:
+    """A target for messages: a multi-class label by its name, others as written."""
+    if task == "multiclass" and isinstance(y, int) and 0 <= y < len(label_names):
+        return repr(label_names[y])
+    return repr(y)
 
 
 def _parse_y(row: dict, task: str, ycols: list[str], label_names: list[str], fixed_set: bool = False):

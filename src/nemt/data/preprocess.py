@@ -6,7 +6,8 @@ benchmarking and serving see exactly what training saw:
 
 1. intensity to [0, 1]: by the image's nominal range (``scale="range"``: 8-bit
    /255, 16-bit /65535, DICOM by its window) or per image (``"minmax"``);
-2. channels: RGB to grey by luminance, or grey repeated to three channels;
+2. channels: RGB to grey by luminance (2D colour images only: the volumes of a
+   4D NIfTI are never mixed), or grey repeated to three channels;
 3. resize to ``size`` (anti-aliased linear for images, nearest for masks,
    boxes scaled by the same factors), then ``(x - mean) / std`` per channel.
 
@@ -72,6 +73,7 @@ class Preprocessing:
         if a.ndim != self.spatial_dims + 1:
             raise DataError(img.path, "shape", f"image has {a.ndim - 1} spatial dimensions, "
                             f"the model takes {self.spatial_dims}")
+        check_volume_channels(img, self.channels)
         if self.scale == "range":
             lo, hi = img.value_range
         else:
@@ -152,6 +154,22 @@ class Preprocessing:
         for x, y, bw, bh in boxes:
             m |= (xx >= x) & (xx < x + bw) & (yy >= y) & (yy < y + bh)
         return m.unsqueeze(0)
+
+
+def check_volume_channels(img: Image, channels: int) -> None:
+    """Refuse a NIfTI whose volumes (its 4th axis, read as channels) are more than one and not ``channels``.
+
+    RGB-to-grey by luminance is for 2D colour photos (PNG, JPEG, DICOM RGB); the volumes of a 4D NIfTI
+    (time points, modalities, echoes) are not red, green and blue, so three of them must not be mixed
+    into one by luma weights, just as two or five are not. One volume (grey) may still be repeated.
+    """
+    c = img.array.shape[0]
+    if img.modality != "nifti" or c == channels or c == 1:
+        return
+    ndim = len(img.meta.get("shape") or ()) or 4
+    axis = {4: "4th", 5: "5th"}.get(ndim, "last")
+    raise DataError(img.path, "channels", f"{c} volumes (channels) along its {axis} axis; "
+                    f"the model takes {channels}")
 
 
 def convert_channels(a: np.ndarray, channels: int, path: str | None = None) -> np.ndarray:
