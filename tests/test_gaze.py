@@ -186,3 +186,13 @@ def test_benchmark_scores_kl_and_nss_when_the_data_has_gaze(tmp_path):
         assert summary[method]["kl_divergence"]["n"] > 0 and math.isfinite(summary[method]["nss"]["mean"])
     header = (tmp_path / "b" / "results.csv").read_text().splitlines()[0]
     assert header.endswith("kl_divergence,nss")
+    # --no-gaze (gaze=False): the gaze.csv beside the manifest is left out, and with it the gaze metrics
+    plain = benchmark_model(model, manifest.parent, tmp_path / "c", methods=["random"], progress=False, gallery=0,
+                            gaze=False)
+    assert "kl_divergence" not in plain["random"] and "nss" not in plain["random"]
+    from typer.testing import CliRunner
+
+    from nemt.cli import app
+    both = CliRunner().invoke(app, ["benchmark", "--model", str(model), "--data", str(manifest.parent), "--out",
+                                    str(tmp_path / "d"), "--gaze", str(tmp_path / "data" / "gaze.csv"), "--no-gaze"])
+    assert both.exit_code == 2 and "--no-gaze" in both.output

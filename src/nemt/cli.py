@@ -744,6 +744,7 @@ def benchmark(
                                             "superpixels, METHOD@nas) or slic:N (METHOD@slic)"),
     gaze: Optional[Path] = typer.Option(None, help="eye-gaze fixation CSV (image,x,y,duration) to score the maps "
                                         "against (KL, NSS); default: gaze.csv beside the data's manifest, if any"),
+    no_gaze: bool = typer.Option(False, "--no-gaze", help="leave out a gaze.csv beside the data's manifest"),
 ) -> None:
     """Explain and score every test image with every method; resumes where it stopped; writes the report."""
     from nemt.bench.runner import (DEFAULT_METHODS, DEFAULT_METRICS, benchmark_model, markdown_summary,
@@ -751,6 +752,8 @@ def benchmark(
 
     _out_dir(out)
     _device(device)
+    if no_gaze and gaze is not None:
+        raise NemtError("nemt benchmark: give --gaze FILE or --no-gaze, not both")
     method_list = _csv_list(methods) or []
     metric_list = _csv_list(metrics)
     if suite is not None:
@@ -770,7 +773,8 @@ def benchmark(
     method_list = method_list or list(DEFAULT_METHODS)
     run = dict(explainer_dir=explainer, methods=method_list, metrics=metric_list, split=split, limit=limit,
                batch_size=batch_size, gallery=gallery, params=split_method_params(param), seed=seed, device=device,
-               metric_workers=_metric_workers(metric_workers), superpixelify=superpixelify or None, gaze=gaze)
+               metric_workers=_metric_workers(metric_workers), superpixelify=superpixelify or None,
+               gaze=False if no_gaze else gaze)
     from nemt.distributed import context
     ctx = context() if shard is None and not merge else None
     if ctx is not None and ctx.distributed:  # launched by torchrun: each rank a shard, rank 0 merges and reports

@@ -745,11 +745,11 @@ def benchmark_model(model_dir: Path, data_path: Path, out: Path, *, explainer_di
                     progress: bool = True, restart: bool = False, open_data: Callable | None = None,
                     metric_workers: int = 0, shard: tuple[int, int] | None = None, merge: bool = False,
                     superpixelify: str | Path | Sequence[str | Path] | None = None,
-                    gaze: str | Path | None = None) -> dict:
+                    gaze: str | Path | bool | None = None) -> dict:
     """``nemt benchmark``: a trained model's split of its data set, every method, every metric, the report.
 
     ``gaze``: a fixation CSV (:mod:`nemt.data.gaze`; default: ``gaze.csv`` beside the data set's manifest,
-    when there is one). With gaze, the default metrics also score the maps against it
+    when there is one; ``False``: no gaze, even if there is one). With gaze, the default metrics also score the maps against it
     (:data:`GAZE_METRICS`: KL divergence from the gaze heat map, NSS at the fixations).
     ``metric_workers``: see :func:`run_benchmark` (default 0: metrics serial in the calling thread).
     ``superpixelify``: one or several segment sources (:func:`~nemt.clustering.load_segmenter`): a folder
@@ -782,7 +782,9 @@ def benchmark_model(model_dir: Path, data_path: Path, out: Path, *, explainer_di
     splits = load_splits(model_dir, manifest)
     if split not in splits:
         raise NemtError(f"--split must be one of {sorted(splits)}, got {split!r}")
-    if gaze is None:
+    if gaze is False:  # told to leave out a gaze.csv beside the manifest
+        gaze = None
+    elif gaze is None or gaze is True:
         from nemt.data.gaze import default_gaze_path
         found = default_gaze_path(manifest)
         gaze = found if found.is_file() else None
