@@ -224,3 +224,13 @@ def test_concepts_refuses_an_unknown_layer_before_training_the_tiny_clip(phantom
     _refused(["concepts", "--model", str(model), "--data", str(manifest), "--layer", "no_such_stage",
               "--out", str(tmp_path / "c")], "no_such_stage", "not found")
     assert not (tmp_path / "c").exists()
+
+
+def test_explain_reads_every_input_before_writing_any(phantom_model, tmp_path):
+    """A corrupt second image: nothing is written for the first (its maps without its printed predictions)."""
+    root, manifest, model, img = phantom_model
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    _refused(["explain", str(img), str(bad), "--model", str(model), "--method", "gradcam", "--out",
+              str(tmp_path / "x")], "bad.png")
+    assert not (tmp_path / "x").exists()

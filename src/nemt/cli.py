@@ -638,11 +638,13 @@ def explain(
                 "prediction": dict(zip(clf.label_names, [round(p, 4) for p in probs.tolist()]))}
 
     if data is None:
+        # every input read (and so checked) before any output: a bad second file must not leave the first's
+        # maps written without its predictions printed
+        imgs = [read_image(path, max_pixels=None if max_pixels is None else int(max_pixels)) for path in images]
         out.mkdir(parents=True, exist_ok=True)
         results = []
         outputs = OutputNames()  # full stem; a numbered suffix where two images would write the same file
-        for path in images:
-            img = read_image(path, max_pixels=None if max_pixels is None else int(max_pixels))
+        for path, img in zip(images, imgs):
             results.append(explain_one(img, str(path), lambda names, p=path: outputs.claim(p, names)))
         typer.echo(json.dumps(results, indent=2))
         return
