@@ -7,7 +7,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import typer
 from rich.table import Table
@@ -987,6 +987,20 @@ if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
 
 
+class _Ticking:
+    """A map-style data set that calls ``tick`` at every item read (a progress bar over code that reads it)."""
+
+    def __init__(self, data: Any, tick: Callable[[], None]):
+        self.data, self.tick = data, tick
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> Any:
+        self.tick()
+        return self.data[i]
+
+
 @app.command()
 @_friendly
 def concepts(
@@ -1007,6 +1021,7 @@ def concepts(
     seed: int = typer.Option(0, help="random seed (the tiny CLIP's training)"),
     device: str = typer.Option("cpu", help="torch device"),
     max_pixels: Optional[float] = MaxPixelsOpt,
+    progress: bool = typer.Option(True, help="show a progress bar"),
 ) -> None:
     """What a layer's neurons detect (CLIP-Dissect or MAMMI): tables per neuron, a summary, an HTML report."""
     import csv
@@ -1035,12 +1050,20 @@ def concepts(
         FeatureTap(clf, [layer]).remove()
     out.mkdir(parents=True, exist_ok=True)
     size = min(clf.preprocessing.size) if clf.spatial_dims == 2 else 48
-    vl = load_vlm(vlm, device=device, seed=seed, size=max(32, int(size)), cache_dir=out / "tiny-clip")
+    from nemt.progress import progress_bar
     src = manifest.path if getattr(manifest, "path", None) else data
     key = hashlib.sha256(json.dumps([str(Path(src).resolve()), n, clf.preprocessing.to_dict()],
                                     sort_keys=True, default=str).encode()).hexdigest()
-    ann = annotate(clf, layer, ds, vl, words, method=method, template=template, batch_size=batch_size,
-                   device=device, cache=out / "cache" / "image_embeddings.safetensors", cache_key=key)
+    with progress_bar(progress) as bar:
+        tid = bar.add_task(f"vision-language model ({vlm})", total=None, info="")
+        vl = load_vlm(vlm, device=device, seed=seed, size=max(32, int(size)), cache_dir=out / "tiny-clip")
+        bar.update(tid, total=1, completed=1)
+        # the probe images are read once for the layer's activations and once more for the image embeddings
+        # (unless cached): the bar counts reads, so it has no fixed total
+        tid = bar.add_task("probe images read", total=None, info="")
+        ann = annotate(clf, layer, _Ticking(ds, lambda: bar.update(tid, advance=1)), vl, words, method=method,
+                       template=template, batch_size=batch_size, device=device,
+                       cache=out / "cache" / "image_embeddings.safetensors", cache_key=key)
     if ann.params.get("unrepresented"):
         console.print(f"[yellow]left out:[/yellow] {len(ann.params['unrepresented'])} concepts the VLM cannot "
                       f"represent (no known word): {', '.join(ann.params['unrepresented'][:12])}"
