@@ -69,6 +69,7 @@ def _cmd(name: str, tmp) -> list[str]:
     ("train", "--accumulate", "0"), ("fit", "--accumulate", "0"),
     ("explain", "--limit", "0"), ("explain", "--limit", "-1"), ("benchmark", "--limit", "0"),
     ("benchmark", "--limit", "-2"), ("fidelity", "--limit", "0"),
+    ("fit", "--targets-per-image", "0"), ("fit", "--teacher-budget", "0"), ("fit", "--kernel-size", "0"),
 ])
 def test_counts_below_one_are_refused(tmp_path, cmd, option, value):
     text = _refused(_cmd(cmd, tmp_path) + [option, value], f"Invalid value for '{option}'")
@@ -234,3 +235,19 @@ def test_explain_reads_every_input_before_writing_any(phantom_model, tmp_path):
     _refused(["explain", str(img), str(bad), "--model", str(model), "--method", "gradcam", "--out",
               str(tmp_path / "x")], "bad.png")
     assert not (tmp_path / "x").exists()
+
+
+
+@pytest.mark.parametrize("cmd,option,value", [
+    ("fit", "--init-keep", "1.5"), ("train", "--weight-decay", "-0.1"), ("train", "--copies", "1"),
+    ("benchmark", "--gallery", "-1"),
+])
+def test_other_options_out_of_range_are_refused(tmp_path, cmd, option, value):
+    _refused(_cmd(cmd, tmp_path) + [option, value], f"Invalid value for '{option}'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_serve_and_gaze_ranges(tmp_path):
+    _refused(["serve", "--model", str(tmp_path / "m"), "--port", "70000"], "Invalid value for '--port'")
+    _refused(["serve", "--model", str(tmp_path / "m"), "--workers", "0"], "Invalid value for '--workers'")
+    _refused(["data", "gaze", str(tmp_path), "--simulate", "--p-finding", "1.5"], "Invalid value for '--p-finding'")

@@ -264,8 +264,8 @@ def data_gaze(
     out: Optional[Path] = typer.Option(None, help="fixation CSV to write [default: gaze.csv beside the manifest, "
                                        "where nemt benchmark finds it]"),
     seed: int = typer.Option(0, help="random seed of the simulation"),
-    fixations: float = typer.Option(40.0, help="mean number of simulated fixations per image (Poisson)"),
-    p_finding: float = typer.Option(0.7, help="share of simulated fixations inside the finding's mask"),
+    fixations: float = typer.Option(40.0, min=0, help="mean number of simulated fixations per image (Poisson)"),
+    p_finding: float = typer.Option(0.7, min=0, max=1, help="share of simulated fixations inside the finding's mask"),
     max_pixels: Optional[float] = MaxPixelsOpt,
     progress: bool = typer.Option(True, help="show a progress bar"),
 ) -> None:
@@ -311,8 +311,8 @@ def data_ecg(
     n: int = typer.Option(500, help="number of records (classes in turn: normal, inverted_t, wide_qrs, "
                           "st_elevation, afib)"),
     leads: int = typer.Option(1, help="1 (lead II) or 12"),
-    fs: float = typer.Option(100.0, help="sampling rate, Hz"),
-    duration: float = typer.Option(10.0, help="seconds per record"),
+    fs: float = typer.Option(100.0, min=1, help="sampling rate, Hz"),
+    duration: float = typer.Option(10.0, min=0.1, help="seconds per record"),
     seed: int = typer.Option(0, help="random seed"),
 ) -> None:
     """Write synthetic ECGs with exact wave labels; train on them with --dims 1 --size <samples>."""
@@ -357,7 +357,7 @@ def train(
     accumulate: int = typer.Option(1, min=1, help="micro-batches per optimiser step (per process under torchrun: "
                                    "N processes with --accumulate A train like 1 process with N*A)"),
     lr: float = typer.Option(1e-3, callback=_positive, help="peak learning rate (one-cycle schedule)"),
-    weight_decay: float = typer.Option(1e-4, help="AdamW weight decay"),
+    weight_decay: float = typer.Option(1e-4, min=0, help="AdamW weight decay"),
     seed: int = typer.Option(0, help="seed for split, initialisation, order and augmentation"),
     fractions: str = typer.Option("0.7,0.1,0.2", help="train,val,test fractions"),
     augment: bool = typer.Option(True, help="random flip, affine and intensity jitter"),
@@ -373,7 +373,7 @@ def train(
     guide: Optional[str] = typer.Option(None, help="explanation-guided training: mimic (M copies and a "
                                         "discriminator of their explanations, Watson et al. 2023) or mask "
                                         "(penalise input gradients outside the lesion masks, Ross et al. 2017)"),
-    copies: int = typer.Option(3, help="--guide mimic: copies of --arch trained together"),
+    copies: int = typer.Option(3, min=2, help="--guide mimic: copies of --arch trained together"),
     beta: float = typer.Option(1.0, help="--guide mimic: weight of the discriminator's cross-entropy"),
     mask_weight: float = typer.Option(1.0, help="--guide mask: weight of the right-reasons penalty"),
     mask_penalty: str = typer.Option("fraction", help="--guide mask: fraction (share of the squared input "
@@ -432,7 +432,7 @@ def fit(
     preservation_weight: float = typer.Option(0.5,
                                               help="nested: weight of the preservation game against the "
                                               "deletion game's 1"),
-    targets_per_image: int = typer.Option(1, help="nested: targets trained per image and step"),
+    targets_per_image: int = typer.Option(1, min=1, help="nested: targets trained per image and step"),
     present_fraction: float = typer.Option(0.5, help="nested: share of targets that are the image's own"),
     allow_collapse: bool = typer.Option(False, help="save the explainer even if the collapse guard fires"),
     occlusion: str = typer.Option("inpaint", help="what deleted pixels become: mean | zero | blur | "
@@ -449,9 +449,9 @@ def fit(
     area_weight: float = typer.Option(1.0, help="paper: weight of the deleted-area term"),
     change_weight: float = typer.Option(2.0, help="paper: weight of the squared target change"),
     area_target: Optional[float] = typer.Option(None, help="paper: explicit deleted-fraction target"),
-    kernel_size: Optional[int] = typer.Option(None, help="smoothing kernel side (default: 21 at 224 px)"),
+    kernel_size: Optional[int] = typer.Option(None, min=1, help="smoothing kernel side (default: 21 at 224 px)"),
     smoothing: bool = typer.Option(True, help="integrated smoothing operator"),
-    init_keep: float = typer.Option(0.95, help="initial kept fraction of the mask head"),
+    init_keep: float = typer.Option(0.95, min=0, max=1, help="initial kept fraction of the mask head"),
     encoder: str = typer.Option("model", help="model (frozen model's stages) | own (model-agnostic)"),
     decoder_channels: str = typer.Option("128,64,32,16,8", help="decoder block widths, deepest first (the last "
                                          "one only with --full-resolution)"),
@@ -463,7 +463,7 @@ def fit(
                                           "split are computed once (cached in OUT/teacher, resumable) and learnt"),
     teacher_param: list[str] = typer.Option([], "--teacher-param", help="teacher parameter KEY=VALUE (repeatable), "
                                             "e.g. steps=30"),
-    teacher_budget: Optional[int] = typer.Option(None, help="at most this many training images for the teacher "
+    teacher_budget: Optional[int] = typer.Option(None, min=1, help="at most this many training images for the teacher "
                                                  "(a seeded draw)"),
     teacher_loss: str = typer.Option("bce", help="student loss: bce (per pixel) | kl (maps as distributions)"),
     teacher_flip: bool = typer.Option(False, help="student augmentation: mirror each image and its teacher map "
@@ -725,7 +725,7 @@ def benchmark(
     limit: Optional[int] = typer.Option(None, min=1, help="at most this many images (suite: correctly classified test "
                                                    "samples per model, default 50)"),
     batch_size: int = typer.Option(16, min=1, help="items per explain call"),
-    gallery: int = typer.Option(6, help="gallery images in the report"),
+    gallery: int = typer.Option(6, min=0, help="gallery images in the report"),
     param: list[str] = typer.Option([], "--param", help="METHOD.KEY=VALUE or METRIC.KEY=VALUE (repeatable), "
                                                        "e.g. rise.n_masks=2000"),
     suite: Optional[str] = typer.Option(None, help="xai-tris: the ground-truth suite (no --model/--data)"),
@@ -860,9 +860,9 @@ def serve(
     explainer: Optional[Path] = typer.Option(None, help="NEMt explainer folder (offers method nemt)"),
     baselines: Optional[str] = typer.Option(None, help="baseline methods to offer too, comma-separated"),
     host: str = typer.Option("127.0.0.1", help="address to listen on"),
-    port: int = typer.Option(8000, help="port"),
-    workers: int = typer.Option(2, help="worker threads"),
-    queue: int = typer.Option(16, help="requests that may wait for a worker; more get 503"),
+    port: int = typer.Option(8000, min=0, max=65535, help="port"),
+    workers: int = typer.Option(2, min=1, help="worker threads"),
+    queue: int = typer.Option(16, min=0, help="requests that may wait for a worker; more get 503"),
     max_upload_mb: float = typer.Option(20, help="upload size limit in MB"),
     max_pixels: float = typer.Option(5e7, "--max-pixels", min=1,
                                      help="largest image, in pixels (voxels), checked from the file's header "
