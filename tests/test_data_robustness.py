@@ -195,3 +195,13 @@ def test_one_volume_nifti_and_2d_rgb_keep_their_conversions(tmp_path):
     write_png(tmp_path / "red.png", rgb)
     out = Preprocessing(size=(4, 4), channels=1).unit_scale(read_image(tmp_path / "red.png"))
     np.testing.assert_allclose(out, np.full((1, 4, 4), 0.299), rtol=1e-6)  # a photo still goes grey by luma
+
+
+def test_a_symbolic_link_to_a_listed_image_is_the_same_image(tmp_path):
+    _images(tmp_path, 2)
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "again.png").symlink_to(tmp_path / "images" / "00001.png")
+    m = load_manifest(_manifest(tmp_path, ["images/00000.png,a", "images/00001.png,b", "links/again.png,a"]))
+    assert any("row 4: label 'a' disagrees with row 3 ('b'), which names the same image as 'images/00001.png'"
+               in str(p) for p in m.problems), [str(p) for p in m.problems]
+    assert [s.image.name for s in m.samples] == ["00000.png"]

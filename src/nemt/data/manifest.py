@@ -19,8 +19,9 @@ CSV rules
   so that splits never put one patient in two splits;
 - optional ``split`` column (train/val/test) that fixes the split.
 Paths are relative to the CSV's folder. Rows name the same image when their
-paths are equal once normalised (``./a.png``, ``x//a.png`` and ``x/../a.png``
-are ``a.png`` and ``x/a.png``; see :func:`_image_key`).
+paths are equal once resolved (``./a.png``, ``x//a.png`` and ``x/../a.png``
+are ``a.png`` and ``x/a.png``, and a symbolic link is its target; see
+:func:`_image_key`).
 
 Several rows of one image may only add boxes: a later row whose label, mask,
 group or split differs from the first row's is a problem (file, field,
@@ -302,7 +303,8 @@ def load_manifest(path: str | Path, *, task: str | None = None, image_col: str |
         label_names = [ycols[0]]
 
     problems: list[DataError] = []
-    # Keyed on the normalised path (see _image_key), so that ./a.png, a//b/../a.png and a.png are one image.
+    # Keyed on the resolved path (see _image_key), so that ./a.png, a//b/../a.png, a link to a.png and a.png
+    # are one image.
     by_image: dict[str, Sample] = {}
     first_values: dict[str, dict[str, str]] = {}  # the first row's mask, group and split, as written
     first_spelling: dict[str, str] = {}  # the image path as the first row wrote it
@@ -385,10 +387,10 @@ def load_manifest(path: str | Path, *, task: str | None = None, image_col: str |
 
 
 def _image_key(root: Path, rel: str) -> str:
-    """The identity of a manifest's image path: ``rel`` joined to the manifest's folder and normalised
-    (``./``, ``//`` and ``a/../`` resolved, as :func:`os.path.normpath` does), so that two spellings of one
-    file are one image. Only the text is normalised: symbolic links are not followed."""
-    return os.path.normpath(os.path.join(str(root), rel))
+    """The identity of a manifest's image path: ``rel`` joined to the manifest's folder and resolved
+    (``./``, ``//``, ``a/../`` and symbolic links, as :func:`os.path.realpath` does), so that two spellings
+    of one file, or a link to it, are one image."""
+    return os.path.realpath(os.path.join(str(root), rel))
 
 
 def _fmt_y(y, task: str, label_names: list[str]) -> str:
