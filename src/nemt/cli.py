@@ -117,11 +117,9 @@ def _positive(value: Optional[float]) -> Optional[float]:
 
 def _method_params(items: list[str]) -> dict:
     """``explain --param``: KEY=VALUE keywords; ``seed`` replaces --seed, ``device`` and ``path`` are refused."""
-    from nemt.params import parse_params
+    from nemt.params import parse_params, refuse_reserved
     params = parse_params(items)
-    for key, option in (("device", "--device"), ("path", "--explainer")):
-        if key in params:
-            raise NemtError(f"--param {key}={params[key]}: give the {key} with {option}, not --param")
+    refuse_reserved(params)
     return params
 
 
@@ -565,13 +563,14 @@ def explain(
     from nemt.explainers import get_explainer, resolve_targets
     from nemt.files import OutputNames, atomic_open, image_stem, write_json
     from nemt.models import load_model
+    from nemt.params import blamed_on_params
     from nemt.visualize import save_overlay
 
     if (data is None) == (not images):
         raise NemtError("give image files or --data (one of the two)")
-    for path in images or []:  # every input is there before --out is made
-        if not path.is_file():
-            raise NemtError(f"{path}: file: {'a folder, not an image file' if path.is_dir() else 'no such file'}")
+    # every input read (and so checked: there, a regular file, decodable) before the model is loaded and before
+    # any output: a bad second file must not leave the first's maps written without its predictions printed
+    imgs = [read_image(path, max_pixels=None if max_pixels is None else int(max_pixels)) for path in images or []]
     _out_dir(out)
     _device(device)
     params = _method_params(param)
@@ -583,15 +582,9 @@ def explain(
     clf = load_model(model, device=device)
     if method in ("nemt", "nem") and explainer is None:
         raise NemtError(f"method {method!r} needs a fitted explainer folder (--explainer DIR from `nemt fit`)")
-    try:
+    given = " ".join(param)
+    with blamed_on_params(given, f"method {method!r} cannot be built"):
         ex = get_explainer(method, clf, path=explainer, seed=ex_seed, device=device, **params)
-    except NemtError:
-        raise
-    except (ValueError, TypeError, RuntimeError) as exc:
-        if not param:  # not the user's parameters: a real failure, with its traceback
-            raise
-        raise NemtError(f"method {method!r} cannot be built with --param {' '.join(param)}: "
-                        f"{type(exc).__name__}: {exc}") from exc
     if superpixelify is not None:  # the maps averaged within segments of each image (the last step)
         from nemt.clustering import Superpixelified, load_segmenter
         ex = Superpixelified(ex, load_segmenter(superpixelify, clf, seed=seed))
@@ -605,15 +598,8 @@ def explain(
         unit = pre.unit(img)
         x = pre.normalise(unit)[None].to(device)
         t = resolve_targets(tgt, clf, x)
-        try:
+        with blamed_on_params(given, f"method {method!r} failed on {path}"):
             maps, probs = ex.explain_and_predict(x, target=t)
-        except NemtError:
-            raise
-        except (ValueError, TypeError, RuntimeError) as exc:
-            if not param:  # not the user's parameters: a real failure, with its traceback
-                raise
-            raise NemtError(f"method {method!r} failed on {path} with --param {' '.join(param)}: "
-                            f"{type(exc).__name__}: {exc}") from exc
         maps, probs = maps.detach().cpu()[0], probs[0].cpu()
         names = [clf.label_names[int(i)] for i in t[0]]
         stem = stem_of(names)
@@ -638,9 +624,6 @@ def explain(
                 "prediction": dict(zip(clf.label_names, [round(p, 4) for p in probs.tolist()]))}
 
     if data is None:
-        # every input read (and so checked) before any output: a bad second file must not leave the first's
-        # maps written without its predictions printed
-        imgs = [read_image(path, max_pixels=None if max_pixels is None else int(max_pixels)) for path in images]
         out.mkdir(parents=True, exist_ok=True)
         results = []
         outputs = OutputNames()  # full stem; a numbered suffix where two images would write the same file

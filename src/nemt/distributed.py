@@ -116,6 +116,8 @@ def batch_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 
 #: the generator index of an epoch's order (no micro-batch has it: SeedSequence takes no negative words)
 ORDER_INDEX = 2 ** 31 - 1
+#: the generator index of an epoch's DataLoader (its workers' base seed)
+LOADER_INDEX = 2 ** 31 - 2
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -172,9 +174,8 @@ class StepBatches:
         mine = self._mine()
         # its own generator: iterating a DataLoader draws the workers' base seed, from the caller's global RNG
         # without one (and so the workers' seeds follow the seed and epoch, not the caller's state)
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         loader = DataLoader(self.dataset, batch_sampler=[idx for _, idx in mine], num_workers=self.num_workers,
-                            generator=gen)
+                            generator=batch_generator(self.seed, self.epoch, LOADER_INDEX))
         for (i, _), batch in zip(mine, loader):
             yield i, batch
 

@@ -1,9 +1,14 @@
 """``KEY=VALUE`` parameters as the command line and the benchmark's ``--param`` give them."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
+from nemt.errors import NemtError
 from nemt.ops import ParameterError
+
+#: keywords a method's --param may not set: each has its own option
+RESERVED = {"device": "--device", "path": "--explainer"}
 
 
 def parse_params(items: Sequence[str]) -> dict[str, Any]:
@@ -32,3 +37,26 @@ def parse_value(raw: str) -> Any:
     if "," in raw:
         return [parse_value(v) for v in raw.split(",")]
     return raw
+
+
+def refuse_reserved(params: dict[str, Any], prefix: str = "") -> None:
+    """Refuse ``--param device=`` / ``path=`` (``prefix``: ``"rise."`` for the benchmark's METHOD.KEY form):
+    the command's --device and --explainer give them."""
+    for key, option in RESERVED.items():
+        if key in params:
+            raise NemtError(f"--param {prefix}{key}={params[key]}: give the {key} with {option}, not --param")
+
+
+@contextmanager
+def blamed_on_params(given: str, what: str) -> Iterator[None]:
+    """A ValueError, TypeError or RuntimeError inside the block becomes the one-line :class:`NemtError`
+    ``"{what} with --param {given}: Type: message"`` when the user gave parameters (``given``, as they were
+    written); without any it is a real failure and keeps its traceback."""
+    try:
+        yield
+    except NemtError:
+        raise
+    except (ValueError, TypeError, RuntimeError) as exc:
+        if not given:
+            raise
+        raise NemtError(f"{what} with --param {given}: {type(exc).__name__}: {exc}") from exc

@@ -40,6 +40,7 @@ import torch
 from nemt.errors import NemtError
 from nemt.files import KEY_NAMES, atomic_open, atomic_path, code_fingerprint, write_json
 from nemt.ops import seeded
+from nemt.params import blamed_on_params, refuse_reserved
 from nemt.metrics import DIRECTIONS, available_metrics, get_metric, parallel_chunks, registry, summarise
 from nemt.progress import console, progress_bar
 
@@ -406,6 +407,8 @@ def run_benchmark(model, data: BenchmarkData, explainers: dict[str, Any], config
     done = log_.done
     todo = [(name, c) for name in explainers for c in chunks
             if any((name, it.item) not in done for it in c)]
+    given = {name: _param_text(name.split("@")[0], {k: v for k, v in params[name].items() if k != "superpixelify"})
+             for name in explainers}  # each method's --param as written, for an error it causes
     with progress_bar(progress) as bar:
         task = bar.add_task("benchmark", total=len(todo), info="")
         for name, chunk in todo:
@@ -415,16 +418,8 @@ def run_benchmark(model, data: BenchmarkData, explainers: dict[str, Any], config
             x = data.x[idx]
             with seeded(config.seed, device):  # the caller's global RNG is restored after
                 t0 = time.perf_counter()
-                try:
+                with blamed_on_params(given[name], f"method {name!r} failed"):
                     maps = explainers[name].explain(x, target=t).detach()
-                except NemtError:
-                    raise
-                except (ValueError, TypeError, RuntimeError) as exc:
-                    given = {k: v for k, v in params[name].items() if k != "superpixelify"}
-                    if not given:  # not the user's parameters: a real failure, with its traceback
-                        raise
-                    raise NemtError(f"method {name!r} failed with --param {_param_text(name.split('@')[0], given)}"
-                                    f": {type(exc).__name__}: {exc}") from exc
             if device.type == "cuda":
                 torch.cuda.synchronize()
             ms = 1000 * (time.perf_counter() - t0) / len(chunk)
@@ -668,20 +663,11 @@ def _method_explainers(methods: Sequence[str], clf, params: dict[str, dict], *, 
     out = {}
     for m in methods:
         kw = dict(params.get(m, {}))
-        for key, option in (("device", "--device"), ("path", "--explainer")):
-            if key in kw:
-                raise NemtError(f"--param {m}.{key}={kw[key]}: give the {key} with {option}, not --param")
+        refuse_reserved(kw, prefix=f"{m}.")
         m_seed = kw.pop("seed", seed)
-        try:
+        with blamed_on_params(_param_text(m, params.get(m, {})), f"method {m!r} cannot be built"):
             out[m] = get_explainer(m, clf, path=explainer_dir if m in ("nemt", "nem") else None, seed=m_seed,
                                    device=device, **kw)
-        except NemtError:
-            raise
-        except (ValueError, TypeError, RuntimeError) as exc:
-            if not params.get(m):  # not the user's parameters: a real failure, with its traceback
-                raise
-            raise NemtError(f"method {m!r} cannot be built with --param {_param_text(m, params[m])}: "
-                            f"{type(exc).__name__}: {exc}") from exc
     return out
 
 

@@ -278,11 +278,10 @@ SIGNAL_RANGE = (-3.0, 3.0)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    """``np.save`` atomically: into a temporary file beside ``path`` (through a file object, since
-    ``np.save`` given a name not ending in ``.npy`` would add the suffix), then renamed onto it."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.save(fh, array, allow_pickle=False)
+    """``np.save`` atomically (through a file object: ``np.save`` given the temporary file's name, which
+    does not end in ``.npy``, would add the suffix)."""
+    with atomic_open(path, "wb") as fh:
+        np.save(fh, array, allow_pickle=False)
 
 
 def write_ecg_dataset(out: str | Path, n: int, *, leads: int | Sequence[str] = 1, fs: float = 100.0,
