@@ -510,3 +510,21 @@ def test_markdown_summary_bolds_every_method_tied_at_the_best_mean():
     rows = {line.split("|")[1].strip(): line for line in markdown_summary(summary, ["pointing_game"]).splitlines()
             if line.startswith("| ") and "method" not in line}
     assert "**" in rows["a"] and "**" in rows["b"] and "**" not in rows["c"]
+
+
+def test_cli_benchmark_split_all_takes_every_image(tmp_path):
+    """`--split all` (as `nemt explain --split all`): every row of the manifest, train, val and test together."""
+    runner = CliRunner()
+    manifest = write_phantom_dataset(tmp_path / "data", 20, 16, task="multiclass", seed=0)
+    labels = json.loads((tmp_path / "data" / "phantoms.json").read_text())["label_names"]
+    res = runner.invoke(app, ["train", "--data", str(manifest), "--out", str(tmp_path / "m"), "--arch", "smallcnn",
+                              "--size", "16", "--epochs", "1", "--batch-size", "8", "--labels", ",".join(labels),
+                              "--no-progress"])
+    assert res.exit_code == 0, res.output
+    for split in ("all", "test"):
+        res = runner.invoke(app, ["benchmark", "--model", str(tmp_path / "m"), "--data", str(manifest), "--out",
+                                  str(tmp_path / split), "--methods", "random", "--metrics", "sparseness",
+                                  "--gallery", "0", "--split", split, "--no-progress"])
+        assert res.exit_code == 0, res.output
+    rows = {s: {r["image"] for r in csv.DictReader(open(tmp_path / s / "results.csv"))} for s in ("all", "test")}
+    assert len(rows["all"]) == 20 and rows["test"] < rows["all"]

@@ -205,3 +205,18 @@ def test_a_symbolic_link_to_a_listed_image_is_the_same_image(tmp_path):
     assert any("row 4: label 'a' disagrees with row 3 ('b'), which names the same image as 'images/00001.png'"
                in str(p) for p in m.problems), [str(p) for p in m.problems]
     assert [s.image.name for s in m.samples] == ["00000.png"]
+
+
+@pytest.mark.parametrize("shape", [(3, 6, 6, 6), (3, 40)])
+def test_npy_volume_or_signal_channels_are_not_mixed_as_rgb(tmp_path, shape):
+    """A (3, X, Y, Z) volume or a 3-lead (3, L) signal from .npy is three modalities or leads, not RGB: a
+    one-channel model refuses it instead of mixing it by luma weights; a 2D (3, H, W) array still mixes."""
+    path = tmp_path / "a.npy"
+    np.save(path, np.random.default_rng(0).random(shape).astype(np.float32))
+    img = read_image(path)
+    with pytest.raises(DataError) as info:
+        Preprocessing(size=shape[1:], channels=1).unit_scale(img)
+    assert str(info.value).startswith(f"{path}: channels: 3 channels of a ")
+    assert Preprocessing(size=shape[1:], channels=3).unit_scale(img).shape == shape
+    np.save(tmp_path / "rgb.npy", np.random.default_rng(0).random((3, 4, 4)).astype(np.float32))
+    assert Preprocessing(size=(4, 4), channels=1).unit_scale(read_image(tmp_path / "rgb.npy")).shape == (1, 4, 4)

@@ -704,7 +704,7 @@ def benchmark(
                                                      "or the suite's list"),
     metrics: Optional[str] = typer.Option(None, help="comma-separated metrics (default: localisation, complexity, "
                                                      "sparseness, faithfulness estimate)"),
-    split: str = typer.Option("test", help="split of the model's data: train | val | test"),
+    split: str = typer.Option("test", help="split of the model's data: train | val | test | all"),
     limit: Optional[int] = typer.Option(None, min=1, help="at most this many images (suite: correctly classified test "
                                                    "samples per model, default 50)"),
     batch_size: int = typer.Option(16, min=1, help="items per explain call"),

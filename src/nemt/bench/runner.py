@@ -766,6 +766,7 @@ def benchmark_model(model_dir: Path, data_path: Path, out: Path, *, explainer_di
         manifest = open_data(data_path, clf)
     manifest.raise_problems()
     splits = load_splits(model_dir, manifest)
+    splits["all"] = list(range(len(manifest.samples)))  # every image, as `nemt explain --split all`
     if split not in splits:
         raise NemtError(f"--split must be one of {sorted(splits)}, got {split!r}")
     if gaze is False:  # told to leave out a gaze.csv beside the manifest

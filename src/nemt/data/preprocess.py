@@ -157,19 +157,26 @@ class Preprocessing:
 
 
 def check_volume_channels(img: Image, channels: int) -> None:
-    """Refuse a NIfTI whose volumes (its 4th axis, read as channels) are more than one and not ``channels``.
+    """Refuse channels that are more than one and not ``channels`` where they cannot be colours.
 
-    RGB-to-grey by luminance is for 2D colour photos (PNG, JPEG, DICOM RGB); the volumes of a 4D NIfTI
-    (time points, modalities, echoes) are not red, green and blue, so three of them must not be mixed
-    into one by luma weights, just as two or five are not. One volume (grey) may still be repeated.
+    RGB-to-grey by luminance is for 2D colour photos (PNG, JPEG, DICOM RGB). The volumes of a 4D NIfTI
+    (time points, modalities, echoes) are not red, green and blue, nor are the channels of a volume or a
+    signal from a ``.npy`` array (modalities, ECG leads), so three of them must not be mixed into one by
+    luma weights, just as two or five are not. One channel (grey) may still be repeated.
     """
     c = img.array.shape[0]
-    if img.modality != "nifti" or c == channels or c == 1:
+    if c == channels or c == 1:
         return
-    ndim = len(img.meta.get("shape") or ()) or 4
-    axis = {4: "4th", 5: "5th"}.get(ndim, "last")
-    raise DataError(img.path, "channels", f"{c} volumes (channels) along its {axis} axis; "
-                    f"the model takes {channels}")
+    if img.modality == "nifti":
+        ndim = len(img.meta.get("shape") or ()) or 4
+        axis = {4: "4th", 5: "5th"}.get(ndim, "last")
+        raise DataError(img.path, "channels", f"{c} volumes (channels) along its {axis} axis; "
+                        f"the model takes {channels}")
+    spatial = img.array.ndim - 1
+    if spatial != 2:
+        kind = "a volume" if spatial == 3 else "a signal"
+        raise DataError(img.path, "channels", f"{c} channels of {kind} (first axis); the model takes {channels} "
+                        "(only 2D colour images are mixed to grey)")
 
 
 def convert_channels(a: np.ndarray, channels: int, path: str | None = None) -> np.ndarray:
