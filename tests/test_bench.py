@@ -134,6 +134,9 @@ def test_demo_runs_end_to_end_small(tmp_path):
     assert (tmp_path / "benchmark" / "report.html").is_file()
     table = (tmp_path / "summary.md").read_text()
     assert "| nemt |" in table and "| gradcam++ |" in table
+    assert "deletion_auc" in table and "insertion_auc" in table  # faithfulness beside localisation
+    run = json.loads((tmp_path / "benchmark" / "run.json").read_text())
+    assert run["metric_params"]["deletion_auc"] == {"baseline": "blur"}, run  # the substrate the README states
 
 
 def test_xaitris_suite_small(tmp_path):
