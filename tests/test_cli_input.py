@@ -251,3 +251,18 @@ def test_serve_and_gaze_ranges(tmp_path):
     _refused(["serve", "--model", str(tmp_path / "m"), "--port", "70000"], "Invalid value for '--port'")
     _refused(["serve", "--model", str(tmp_path / "m"), "--workers", "0"], "Invalid value for '--workers'")
     _refused(["data", "gaze", str(tmp_path), "--simulate", "--p-finding", "1.5"], "Invalid value for '--p-finding'")
+
+
+def test_data_phantoms_takes_its_folder_as_an_argument_or_as_out(tmp_path):
+    """`data phantoms OUT` as before, or `--out OUT` as `data ecg` takes it; neither or two different: exit 2."""
+    runner = CliRunner()
+    a, b, c = (str(tmp_path / v) for v in "abc")
+    for args, folder in (([a], "a"), (["--out", b], "b"), ([c, "--out", c], "c")):
+        res = runner.invoke(app, ["data", "phantoms", *args, "--n", "2", "--size", "16"])
+        assert res.exit_code == 0, res.output
+        assert (tmp_path / folder / "manifest.csv").is_file()
+    res = runner.invoke(app, ["data", "phantoms", "--n", "2"])
+    assert res.exit_code == 2 and "output folder" in res.output
+    res = runner.invoke(app, ["data", "phantoms", str(tmp_path / "d"), "--out", str(tmp_path / "e"), "--n", "2"])
+    assert res.exit_code == 2 and "two output folders" in " ".join(res.output.split())
+    assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists()

@@ -237,7 +237,9 @@ def data_check(
 @data_app.command("phantoms")
 @_friendly
 def data_phantoms(
-    out: Path = typer.Argument(..., help="folder to write images/, masks/ and manifest.csv into"),
+    folder: Optional[Path] = typer.Argument(None, help="folder to write images/, masks/ and manifest.csv into "
+                                            "(or --out, as `data ecg` takes it)", show_default=False),
+    out_option: Optional[Path] = typer.Option(None, "--out", help="the same folder as an option"),
     n: int = typer.Option(400, min=1, help="number of images"),
     size: int = typer.Option(128, min=1, help="edge length in pixels/voxels"),
     spatial_dims: int = typer.Option(2, "--dims", help="2 or 3"),
@@ -246,6 +248,11 @@ def data_phantoms(
 ) -> None:
     """Write a synthetic phantom data set with lesion masks (the built-in default data)."""
     from nemt.data.phantoms import write_phantom_dataset
+    if folder is None and out_option is None:
+        raise typer.BadParameter("give the output folder, as an argument or as --out", param_hint="OUT")
+    if folder is not None and out_option is not None and folder != out_option:
+        raise typer.BadParameter(f"two output folders, {folder} and {out_option}; give one", param_hint="--out")
+    out = folder if folder is not None else out_option
     _out_dir(out, "OUT")
     manifest = write_phantom_dataset(out, n, size, spatial_dims=spatial_dims, task=task, seed=seed)
     typer.echo(str(manifest))
