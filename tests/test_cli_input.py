@@ -266,3 +266,19 @@ def test_data_phantoms_takes_its_folder_as_an_argument_or_as_out(tmp_path):
     res = runner.invoke(app, ["data", "phantoms", str(tmp_path / "d"), "--out", str(tmp_path / "e"), "--n", "2"])
     assert res.exit_code == 2 and "two output folders" in " ".join(res.output.split())
     assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists()
+
+
+def test_benchmark_error_met_while_a_method_runs_leaves_out_as_it_was(phantom_model, tmp_path):
+    """A --param that only fails when the method runs (rise.p=2) exits 2 and leaves no run.json or folder
+    behind; in a folder that already holds a run, its run.json is kept as it was."""
+    root, manifest, model, img = phantom_model
+    base = ["benchmark", "--model", str(model), "--data", str(manifest), "--metrics", "relevance_mass",
+            "--limit", "2", "--gallery", "0", "--no-progress"]
+    out = tmp_path / "new" / "b"
+    _refused(base + ["--methods", "rise", "--param", "rise.p=2", "--out", str(out)], "p must be in (0, 1]")
+    assert not (tmp_path / "new").exists()
+    done = tmp_path / "done"
+    assert runner.invoke(app, base + ["--methods", "random", "--out", str(done)]).exit_code == 0
+    before = (done / "run.json").read_text()
+    _refused(base + ["--methods", "random,rise", "--param", "rise.p=2", "--out", str(done)], "p must be in (0, 1]")
+    assert (done / "run.json").read_text() == before

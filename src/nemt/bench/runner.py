@@ -391,6 +391,8 @@ def run_benchmark(model, data: BenchmarkData, explainers: dict[str, Any], config
         meta["methods"] = list(dict.fromkeys(old.get("methods", []) + meta["methods"]))
         meta["method_params"] = {**old.get("method_params", {}), **params}
         meta["explainer_sha256"] = {**old.get("explainer_sha256", {}), **fitted}
+    made = [d for d in (out, *out.parents) if not d.exists()]  # folders this run creates, deepest first
+    before = meta_path.read_text() if meta_path.is_file() else None
     out.mkdir(parents=True, exist_ok=True)
     log_ = ResultsLog(out / "results.partial.csv", metrics, log)
     for (name, i), r in log_.rows.items():
@@ -400,7 +402,6 @@ def run_benchmark(model, data: BenchmarkData, explainers: dict[str, Any], config
                             "is not an item of this run's data; use another --out or --restart")
     write_json(meta_path, meta)
     mm = metric_model or model
-    device = data.x.device
     chunks = [data.items[i:i + config.batch_size] for i in range(0, len(data.items), config.batch_size)]
     if shard is not None:
         chunks = chunks[int(shard[0])::int(shard[1])]
@@ -409,6 +410,34 @@ def run_benchmark(model, data: BenchmarkData, explainers: dict[str, Any], config
             if any((name, it.item) not in done for it in c)]
     given = {name: _param_text(name.split("@")[0], {k: v for k, v in params[name].items() if k != "superpixelify"})
              for name in explainers}  # each method's --param as written, for an error it causes
+    n_before = len(log_.rows)
+    try:
+        _explain_and_score(todo, explainers, given, data, config, metrics, mm, metric_workers, out, log_, progress)
+    except BaseException:
+        if len(log_.rows) == n_before:  # nothing new was logged: leave --out as it was (no stray run.json)
+            _restore(meta_path, before, made)
+        raise
+    if shard is not None:
+        return {"shard": f"{shard[0]}-of-{shard[1]}", "folder": str(out.relative_to(home)), "rows": len(log_.rows)}
+    order = {m: k for k, m in enumerate(explainers)}
+    rows = [dict(log_.rows[key]) for key in sorted((k for k in log_.rows if k[0] in order),
+                                                   key=lambda k: (order[k[0]], k[1]))]
+    details = reduce_statistics(out, rows, list(explainers), metrics, config.metric_params)
+    if details:  # the dataset-level metrics' own figures (e.g. MaxBoxAcc per IoU threshold, best threshold)
+        write_json(out / "dataset_metrics.json", details)
+    with atomic_open(out / "results.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=log_.fields)
+        w.writeheader()
+        w.writerows(rows)
+    summary = summarise_results(rows, list(explainers), metrics)
+    write_summary(out, summary, metrics)
+    return summary
+
+
+def _explain_and_score(todo, explainers, given, data, config, metrics, mm, metric_workers, out, log_,
+                       progress) -> None:
+    """:func:`run_benchmark`'s loop: each (method, chunk) explained, scored and appended to the results log."""
+    device = data.x.device
     with progress_bar(progress) as bar:
         task = bar.add_task("benchmark", total=len(todo), info="")
         for name, chunk in todo:
@@ -437,21 +466,20 @@ def run_benchmark(model, data: BenchmarkData, explainers: dict[str, Any], config
                 rows.append(row)
             log_.append(rows)
             bar.advance(task)
-    if shard is not None:
-        return {"shard": f"{shard[0]}-of-{shard[1]}", "folder": str(out.relative_to(home)), "rows": len(log_.rows)}
-    order = {m: k for k, m in enumerate(explainers)}
-    rows = [dict(log_.rows[key]) for key in sorted((k for k in log_.rows if k[0] in order),
-                                                   key=lambda k: (order[k[0]], k[1]))]
-    details = reduce_statistics(out, rows, list(explainers), metrics, config.metric_params)
-    if details:  # the dataset-level metrics' own figures (e.g. MaxBoxAcc per IoU threshold, best threshold)
-        write_json(out / "dataset_metrics.json", details)
-    with atomic_open(out / "results.csv", "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=log_.fields)
-        w.writeheader()
-        w.writerows(rows)
-    summary = summarise_results(rows, list(explainers), metrics)
-    write_summary(out, summary, metrics)
-    return summary
+
+
+def _restore(meta_path: Path, before: str | None, made: list[Path]) -> None:
+    """Put ``run.json`` back as it was before a run that logged nothing (removed if it was new) and remove
+    the folders that run created, where they are empty."""
+    if before is None:
+        meta_path.unlink(missing_ok=True)
+    else:
+        write_json(meta_path, json.loads(before))
+    for d in made:
+        try:
+            d.rmdir()
+        except OSError:
+            break
 
 
 def merge_shards(out: Path, metrics: Sequence[str], log: Callable[[str], None] | None = None) -> int:
