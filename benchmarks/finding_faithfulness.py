@@ -15,6 +15,8 @@ run (a model, its data, a fitted NEMt), the split's images with a finding, each 
 
     OMP_NUM_THREADS=1 python benchmarks/finding_faithfulness.py --model runs/demo4-0/model \\
         --data runs/demo4-0/data --explainer runs/demo4-0/explainer --limit 60 [--methods gradshap,ig]
+    OMP_NUM_THREADS=1 python benchmarks/finding_faithfulness.py --model runs/busi-r18 --data ../shared/data/busi \
+        --explainer runs/busi-s0 --methods extremal,gradshap --param extremal.steps=150
 
 A lower deletion AUC than the finding mask's means the map removes the label's evidence faster than
 deleting the finding does: the evidence is (also) elsewhere, and a map that follows the model cannot point
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 
 from nemt.data import ImageDataset, open_dataset
 from nemt.explainers import NEMt, get_explainer
+from nemt.bench.runner import split_method_params
 from nemt.explainers.nemt.losses import game_fills, nested_masks
 from nemt.metrics import pointing_game
 from nemt.metrics.faithfulness import deletion_auc, insertion_auc
@@ -54,6 +57,7 @@ def main() -> None:
     ap.add_argument("--split", default="test", choices=("train", "val", "test"))
     ap.add_argument("--limit", type=int, default=None, help="the split's first N images (the benchmark's --limit)")
     ap.add_argument("--methods", default="gradshap,ig", help="baselines to compare, comma-separated")
+    ap.add_argument("--param", action="append", default=[], help="METHOD.KEY=VALUE, as `nemt benchmark --param`")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -67,9 +71,12 @@ def main() -> None:
     x, y, gt = st["image"][has], st["y"][has], st["gt"][has]
     t = y.view(-1, 1)
     nemt = NEMt.load(args.explainer, clf)
-    maps = {"finding mask": finding_map(gt), "nemt": nemt.explain(x, target=y)}
+    maps = {"finding mask": finding_map(gt),
+            "nemt": torch.cat([nemt.explain(x[i:i + 16], target=y[i:i + 16]) for i in range(0, len(x), 16)])}
+    params = split_method_params(args.param)
     for m in [m for m in args.methods.split(",") if m]:
-        maps[m] = get_explainer(m, clf, seed=args.seed).explain(x, target=y)
+        ex = get_explainer(m, clf, seed=args.seed, **params.get(m, {}))
+        maps[m] = torch.cat([ex.explain(x[i:i + 16], target=y[i:i + 16]) for i in range(0, len(x), 16)])
     kinds = [c for c in range(len(names)) if bool((y == c).any())]
     print(f"{args.split} split, {len(x)} images with a finding: "
           + ", ".join(f"{names[c]} {int((y == c).sum())}" for c in kinds) + "\n")
