@@ -34,6 +34,7 @@ from nemt.explainers import NEMt, get_explainer
 from nemt.bench.runner import split_method_params
 from nemt.explainers.nemt.losses import game_fills, nested_masks
 from nemt.metrics import pointing_game
+from nemt.metrics.localisation import pointing_game_expected
 from nemt.metrics.faithfulness import deletion_auc, insertion_auc
 from nemt.models import load_model
 from nemt.models.training import load_splits
@@ -82,13 +83,20 @@ def main() -> None:
           + ", ".join(f"{names[c]} {int((y == c).sum())}" for c in kinds) + "\n")
     print("| map | " + " | ".join(f"{names[c]} pg / del ↓ / ins ↑" for c in kinds) + " |")
     print("|---|" + "---|" * len(kinds))
+    plateaus = []
     for name, m in maps.items():
         pg = pointing_game(m, gt)[:, 0]
+        one = pointing_game_expected(m, gt)[:, 0]  # one point per map: a plateau of tied maxima counts its share
         d = deletion_auc(clf, x, m, target=t, baseline="blur")[:, 0]
         i = insertion_auc(clf, x, m, target=t, baseline="blur")[:, 0]
         cells = [f"{float(pg[y == c].mean()):.3f} / {float(d[y == c].mean()):.3f} / {float(i[y == c].mean()):.3f}"
                  for c in kinds]
         print(f"| {name} | " + " | ".join(cells) + " |")
+        if name != "finding mask" and not torch.allclose(pg, one):
+            plateaus.append(f"{name}: " + ", ".join(f"{names[c]} {float(one[y == c].mean()):.3f}" for c in kinds))
+    if plateaus:
+        print("\nPointing game with one point per map (tied maxima share it; the table counts any of them in the "
+              "finding as a hit, Quantus' rule): " + "; ".join(plateaus))
 
     fill = game_fills(nemt.occlusion)[0][0]
     print(f"\nDeleting NEMt's fixed-area masks ({fill} fill): mean change of each logit, per finding kind")
