@@ -15,7 +15,7 @@ from nemt.data import write_phantom_dataset
 from nemt.explainers import get_explainer
 from nemt.models import Classifier, build_model
 
-from conftest import Interrupted, folder_bytes
+from conftest import Interrupted, folder_bytes, train_phantom_model
 
 
 def _setup(n=10, size=16):
@@ -518,14 +518,9 @@ def test_markdown_summary_bolds_every_method_tied_at_the_best_mean():
 def test_cli_benchmark_split_all_takes_every_image(tmp_path):
     """`--split all` (as `nemt explain --split all`): every row of the manifest, train, val and test together."""
     runner = CliRunner()
-    manifest = write_phantom_dataset(tmp_path / "data", 20, 16, task="multiclass", seed=0)
-    labels = json.loads((tmp_path / "data" / "phantoms.json").read_text())["label_names"]
-    res = runner.invoke(app, ["train", "--data", str(manifest), "--out", str(tmp_path / "m"), "--arch", "smallcnn",
-                              "--size", "16", "--epochs", "1", "--batch-size", "8", "--labels", ",".join(labels),
-                              "--no-progress"])
-    assert res.exit_code == 0, res.output
+    manifest, model = train_phantom_model(tmp_path, n=20, size=16)
     for split in ("all", "test"):
-        res = runner.invoke(app, ["benchmark", "--model", str(tmp_path / "m"), "--data", str(manifest), "--out",
+        res = runner.invoke(app, ["benchmark", "--model", str(model), "--data", str(manifest), "--out",
                                   str(tmp_path / split), "--methods", "random", "--metrics", "sparseness",
                                   "--gallery", "0", "--split", split, "--no-progress"])
         assert res.exit_code == 0, res.output

@@ -370,8 +370,9 @@ def run_benchmark(model, data: BenchmarkData, explainers: dict[str, Any], config
             raise NemtError(f"--shard {i}/{n}: expected I/N with 0 <= I < N")
         out = out / "shards" / f"{i}-of-{n}"
     meta_path = out / "run.json"
-    if meta_path.is_file():
-        old = json.loads(meta_path.read_text())
+    before = meta_path.read_text() if meta_path.is_file() else None  # restored if this run logs nothing
+    if before is not None:
+        old = json.loads(before)
         recorded = old.get("model_sha256")
         if recorded is None:
             raise NemtError(f"{meta_path}: does not record its model's checksum (written by an earlier nemt), so "
@@ -392,7 +393,6 @@ def run_benchmark(model, data: BenchmarkData, explainers: dict[str, Any], config
         meta["method_params"] = {**old.get("method_params", {}), **params}
         meta["explainer_sha256"] = {**old.get("explainer_sha256", {}), **fitted}
     made = [d for d in (out, *out.parents) if not d.exists()]  # folders this run creates, deepest first
-    before = meta_path.read_text() if meta_path.is_file() else None
     out.mkdir(parents=True, exist_ok=True)
     log_ = ResultsLog(out / "results.partial.csv", metrics, log)
     for (name, i), r in log_.rows.items():
@@ -474,7 +474,8 @@ def _restore(meta_path: Path, before: str | None, made: list[Path]) -> None:
     if before is None:
         meta_path.unlink(missing_ok=True)
     else:
-        write_json(meta_path, json.loads(before))
+        with atomic_open(meta_path, "w", encoding="utf-8") as fh:
+            fh.write(before)
     for d in made:
         try:
             d.rmdir()
