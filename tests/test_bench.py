@@ -452,6 +452,21 @@ def test_sharded_benchmark_merges_to_the_single_run_row_for_row(tmp_path):
     assert res.exit_code != 0 and "missing" in res.output  # shard 1 of 2 never ran
 
 
+def test_a_shard_without_items_says_why_and_how_to_spread_them(tmp_path):
+    """Shards take whole chunks of --batch-size items (the same chunks as one process): with 10 items in
+    chunks of 8, shard 1 of 2 gets 2 items and shard 2 of 3 none; the idle shard says so and names the
+    batch size that gives every shard work (ceil(10 / 3) = 4), and logs no rows."""
+    clf, data = _setup(n=10)
+    ex = {"sobel": get_explainer("sobel", clf)}
+    cfg = RunConfig(["sobel"], ["relevance_mass"], batch_size=8)
+    said = []
+    got = run_benchmark(clf, data, ex, cfg, tmp_path / "a", progress=False, shard=(1, 2), log=said.append)
+    assert got["rows"] == 2 and said == []
+    got = run_benchmark(clf, data, ex, cfg, tmp_path / "b", progress=False, shard=(2, 3), log=said.append)
+    assert got["rows"] == 0 and len(said) == 1
+    assert "has no items" in said[0] and "2 chunk(s)" in said[0] and "at most 4 " in said[0]
+
+
 def test_torchrun_benchmark_equals_one_process(tmp_path):
     """`torchrun --nproc-per-node 2 -m nemt benchmark`: ranks take shards, rank 0 merges: the single run's rows."""
     import csv

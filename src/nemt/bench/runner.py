@@ -231,6 +231,11 @@ def reduce_statistics(out: Path, rows: list[dict], methods: Sequence[str], metri
     return details
 
 
+def _say(text: str) -> None:
+    """A message to the console, as written (no markup, no highlighting)."""
+    console.print(text, soft_wrap=True, highlight=False, markup=False)
+
+
 class ResultsLog:
     """Append-only per-item results (``results.partial.csv``), read back strictly to resume.
 
@@ -249,7 +254,7 @@ class ResultsLog:
         self.metrics = list(metrics)
         self.rows: dict[tuple[str, int], dict] = {}
         if path.is_file():
-            self._read(log or (lambda s: console.print(s, soft_wrap=True, highlight=False, markup=False)))
+            self._read(log or _say)
 
     @property
     def done(self) -> set[tuple[str, int]]:
@@ -404,7 +409,13 @@ def run_benchmark(model, data: BenchmarkData, explainers: dict[str, Any], config
     mm = metric_model or model
     chunks = [data.items[i:i + config.batch_size] for i in range(0, len(data.items), config.batch_size)]
     if shard is not None:
+        n_chunks = len(chunks)
         chunks = chunks[int(shard[0])::int(shard[1])]
+        if not chunks:  # the same chunks as one process (so the same maps): say why it idles
+            (log or _say)(f"shard {shard[0]}/{shard[1]} has no items: {len(data.items)} items make {n_chunks} chunk(s) of "
+                f"--batch-size {config.batch_size}, one per shard from shard 0; a --batch-size of at most "
+                f"{max(1, -(-len(data.items) // int(shard[1])))} gives every shard work (maps of randomised "
+                "methods depend on the batch, so keep the batch size when comparing runs)")
     done = log_.done
     todo = [(name, c) for name in explainers for c in chunks
             if any((name, it.item) not in done for it in c)]
