@@ -120,8 +120,14 @@ def coverage(net: Pantypes, x: torch.Tensor, y: torch.Tensor, modes: torch.Tenso
              min_cell: int = 5, knn: int = 5) -> dict:
     """The coverage figures of the module docstring for class ``cls`` on training images x, y, modes."""
     mu = _latent(net, x)
-    s = net.similarities(mu)
-    m = net.per_class
+    return coverage_of(mu, net.similarities(mu), net.per_class, y, modes, cls=cls, min_cell=min_cell, knn=knn)
+
+
+@torch.no_grad()
+def coverage_of(mu: torch.Tensor, s: torch.Tensor, m: int, y: torch.Tensor, modes: torch.Tensor, *, cls: int = 1,
+                min_cell: int = 5, knn: int = 5) -> dict:
+    """:func:`coverage` from latent means ``mu`` (N, L), similarities ``s`` (N, K * m) to every prototype
+    (class k's are columns k * m .. k * m + m - 1) and ``m`` prototypes per class: for any prototype model."""
     sel = y == cls
     cell = s[sel][:, cls * m:(cls + 1) * m].argmax(1)
     mo = modes[sel]

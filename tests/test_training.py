@@ -132,3 +132,33 @@ def test_cli_train(small_csv, tmp_path):
     assert res.exit_code == 0, res.output
     assert (tmp_path / "cli" / "model.json").is_file()
     assert '"test"' in res.output
+
+
+def test_init_from_starts_a_run_from_a_saved_model_and_refuses_another_network(small_csv, tmp_path):
+    """--init-from loads a saved model's weights as the start of a new run (e.g. to train on with a new
+    schedule): at a learning rate of 1e-12 (Adam moves each weight by about the rate per step, a handful of
+    steps here) the new run's weights are the old model's within 1e-9, while the same run from a random
+    start is not (its weights differ by more than 1e-3). The card records the start; a resume with another
+    start, a different network and guided training are refused."""
+    m = open_dataset(small_csv)
+    first, _ = train_classifier(m, tmp_path / "a", TrainConfig(**CFG), progress=False, log=lambda s: None)
+    still = {**CFG, "epochs": 1, "lr": 1e-12, "weight_decay": 0.0}
+    cont, _ = train_classifier(m, tmp_path / "b", TrainConfig(**still), progress=False, log=lambda s: None,
+                               init_from=tmp_path / "a")
+    scratch, _ = train_classifier(m, tmp_path / "c", TrainConfig(**still), progress=False, log=lambda s: None)
+    old = dict(first.net.named_parameters())
+    gap = {k: float((v - old[k]).detach().abs().max()) for k, v in cont.net.named_parameters()}
+    assert max(gap.values()) < 1e-9, gap
+    assert max(float((v - old[k]).detach().abs().max()) for k, v in scratch.net.named_parameters()) > 1e-3
+    card = json.loads((tmp_path / "b" / "model.json").read_text())
+    assert card["training"]["init_from"]["weights_sha256"] == first.card.weights_sha256
+    with pytest.raises(NemtError, match="init_from"):  # the folder's run started from a.; this one from scratch
+        train_classifier(m, tmp_path / "b", TrainConfig(**still), progress=False, log=lambda s: None)
+    with pytest.raises(NemtError, match="its arch_kwargs is"):
+        train_classifier(m, tmp_path / "d", TrainConfig(**{**still, "arch_kwargs": {"width": 8}}), progress=False,
+                         log=lambda s: None, init_from=tmp_path / "a")
+    res = CliRunner().invoke(app, ["train", "--data", str(small_csv), "--out", str(tmp_path / "g"), "--arch",
+                                   "smallcnn", "--size", "16", "--epochs", "1", "--guide", "mimic",
+                                   "--init-from", str(tmp_path / "a"), "--no-progress"])
+    assert res.exit_code != 0 and "--init-from starts a plain run" in res.output
+    assert not (tmp_path / "g").exists()

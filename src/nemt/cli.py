@@ -373,6 +373,9 @@ def train(
     target_col: Optional[str] = typer.Option(None, help="numeric target column"),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda:0"),
     fresh: bool = typer.Option(False, help="ignore a resume state in --out and start over"),
+    init_from: Optional[Path] = typer.Option(None, help="a model folder whose weights start this run (same "
+                                             "network and labels; e.g. to train on with more epochs into a new "
+                                             "--out); recorded in the card"),
     max_pixels: Optional[float] = MaxPixelsOpt,
     progress: bool = typer.Option(True, help="show a progress bar"),
     guide: Optional[str] = typer.Option(None, help="explanation-guided training: mimic (M copies and a "
@@ -399,12 +402,15 @@ def train(
                       fractions=split_fractions, augment=augment,
                       class_weighting=class_weighting, scale=scale, accumulate=accumulate,
                       arch_kwargs=_arch_kwargs(arch, arch_param, _size(size, dims)))
+    if guide is not None and init_from is not None:
+        raise NemtError("--init-from starts a plain run; guided training (--guide) trains its copies from scratch")
     if guide is not None:  # the guided loop (nemt.models.guided) writes the same folder
         from nemt.models.guided import GuideConfig, train_guided
         gcfg = GuideConfig(kind=guide, copies=copies, beta=beta, mask_weight=mask_weight, mask_penalty=mask_penalty)
         clf, result = train_guided(manifest, out, cfg, gcfg, device=device, fresh=fresh, progress=progress)
     else:
-        clf, result = train_classifier(manifest, out, cfg, device=device, fresh=fresh, progress=progress)
+        clf, result = train_classifier(manifest, out, cfg, device=device, fresh=fresh, progress=progress,
+                                       init_from=init_from)
     from nemt.distributed import context
     if not context().main:  # under torchrun rank 0 reports
         return

@@ -237,19 +237,36 @@ def prepare_run(manifest: Manifest, out_dir: Path, cfg: TrainConfig, *, fresh: b
 
 def train_classifier(manifest: Manifest, out_dir: str | Path, config: TrainConfig | None = None, *,
                      device: str | torch.device = "cpu", fresh: bool = False, progress: bool = True,
-                     log: Callable[[str], None] | None = None) -> tuple[Classifier, dict]:
+                     log: Callable[[str], None] | None = None,
+                     init_from: str | Path | None = None) -> tuple[Classifier, dict]:
     """Train a classifier on ``manifest`` (see :func:`_train_classifier`); the global random generators,
     seeded inside for reproducible training, are handed back in the caller's states."""
     with preserved_rng():
-        return _train_classifier(manifest, out_dir, config, device=device, fresh=fresh, progress=progress, log=log)
+        return _train_classifier(manifest, out_dir, config, device=device, fresh=fresh, progress=progress, log=log,
+                                 init_from=init_from)
+
+
+def check_init_model(init: Classifier, card: ModelCard, where: Path) -> None:
+    """Raise unless ``init`` (a saved model) has the network that ``card`` (a new run's) describes: the same
+    architecture and keywords, dimensions, channels, input size and labels, so its weights are a start."""
+    mine, theirs = card.to_dict(), init.card.to_dict()
+    for key in ("arch", "arch_kwargs", "spatial_dims", "in_channels", "input_size", "task", "label_names"):
+        if mine.get(key) != theirs.get(key):
+            raise NemtError(f"--init-from {where}: its {key} is {theirs.get(key)!r}, this run's {mine.get(key)!r}; "
+                            "its weights can start only a run of the same network and outputs")
 
 
 def _train_classifier(manifest: Manifest, out_dir: str | Path, config: TrainConfig | None = None, *,
                       device: str | torch.device = "cpu", fresh: bool = False, progress: bool = True,
-                      log: Callable[[str], None] | None = None) -> tuple[Classifier, dict]:
+                      log: Callable[[str], None] | None = None,
+                      init_from: str | Path | None = None) -> tuple[Classifier, dict]:
     """Train a classifier on ``manifest``; return the best model (test figures in its card) and the history.
 
-    See the module docstring for what is written to ``out_dir``.
+    See the module docstring for what is written to ``out_dir``. ``init_from``: a model folder (``nemt
+    train``'s) whose weights start a new run instead of a random initialisation (to train on with a new
+    schedule, e.g. more epochs, or on other data with the same labels); its network must be this run's
+    (:func:`check_init_model`), and its weights' SHA-256 is part of the run (a resume with another
+    start is refused) and of the card (``training.init_from``).
     """
     cfg = config or TrainConfig()
     ctx = context(device)
@@ -263,7 +280,11 @@ def _train_classifier(manifest: Manifest, out_dir: str | Path, config: TrainConf
     out_dir = Path(out_dir)
     seed_everything(cfg.seed)
 
-    run = prepare_run(manifest, out_dir, cfg, fresh=fresh)
+    init = None
+    if init_from is not None:
+        init = load_model(init_from)  # card and weights checked
+    run = prepare_run(manifest, out_dir, cfg, fresh=fresh,
+                      extra_key=None if init is None else {"init_from": init.card.weights_sha256})
     splits, state_path, run_key, st = run.splits, run.state_path, run.run_key, run.state
     size, channels, pre, ds, fingerprint = run.size, run.channels, run.pre, run.ds, run.fingerprint
 
@@ -284,6 +305,10 @@ def _train_classifier(manifest: Manifest, out_dir: str | Path, config: TrainConf
     )
     net = build_model(cfg.arch, spatial_dims=len(size), in_channels=channels, out_channels=card.out_channels,
                       **card.arch_kwargs)
+    if init is not None:  # a resumed run's own weights replace these below
+        check_init_model(init, card, Path(init_from))
+        net.load_state_dict(init.net.state_dict())
+        card.training["init_from"] = {"model": str(init_from), "weights_sha256": init.card.weights_sha256}
     # a model with loss terms of its own (Pantypes: KL, reconstruction, volume) adds them to the loss below
     auxiliary_loss = getattr(net, "auxiliary_loss", None)
     # a model with random draws of its own (Pantypes' latent noise) takes them from the micro-batch's key
