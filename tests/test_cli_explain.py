@@ -184,3 +184,44 @@ def test_ecg_1d_through_the_cli(tmp_path):
          "--methods", "nemt,gradcam,ig,random", "--metrics", "relevance_mass,pointing_game", "--limit", "6",
          "--out", str(tmp_path / "b"), "--no-progress"])
     assert (tmp_path / "b" / "report.html").read_text().count("<img") >= 3  # speed plot and signal galleries
+
+
+def test_label_names_never_write_outside_out(tmp_path):
+    """A label is part of an output file's name ({stem}__{label}.png): path-like labels ("mass/nodule",
+    "../../evil") are written as safe names inside --out and listed in the result's "files"; a card with an
+    empty or a repeated label name is refused naming the field, as is a manifest label with a tab in it."""
+    import torch
+
+    from nemt.errors import CardError
+    from nemt.models import Classifier, load_model
+    from nemt.models.zoo import build_model
+
+    torch.manual_seed(0)
+    net = build_model("smallcnn", spatial_dims=2, in_channels=1, out_channels=3, width=4)
+    labels = ["normal", "mass/nodule", "../../evil"]
+    Classifier.from_module(net, spatial_dims=2, in_channels=1, input_size=(16, 16), task="multiclass",
+                           label_names=labels, arch="smallcnn").save(tmp_path / "m")
+    card = json.loads((tmp_path / "m" / "model.json").read_text())
+    card["arch_kwargs"] = {"width": 4}
+    (tmp_path / "m" / "model.json").write_text(json.dumps(card))
+    img = tmp_path / "in" / "scan.npy"
+    img.parent.mkdir()
+    np.save(img, np.random.default_rng(0).random((1, 16, 16)).astype(np.float32))
+    out = tmp_path / "deep" / "out"
+    res = json.loads(_ok(["explain", str(img), "--model", str(tmp_path / "m"), "--method", "gradcam",
+                          "--target", "all", "--out", str(out)]))
+    assert res[0]["targets"] == labels
+    assert res[0]["files"] == ["scan__normal", "scan__mass_nodule", "scan___.._evil"]
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert written == sorted(f"{f}.{e}" for f in res[0]["files"] for e in ("npy", "png"))
+    assert not list(tmp_path.glob("evil*")) and not list((tmp_path / "deep").glob("evil*"))
+    for bad, why in ((["a", "a", "b"], "'a' twice"), (["a", " ", "b"], "empty name")):
+        card["label_names"] = bad
+        (tmp_path / "m" / "model.json").write_text(json.dumps(card))
+        with pytest.raises(CardError, match=f"label_names.*{why}"):
+            load_model(tmp_path / "m")
+    manifest = tmp_path / "d" / "manifest.csv"
+    manifest.parent.mkdir()
+    manifest.write_text("image,label\na.png,x\nb.png,y\tz\n")
+    res = runner.invoke(app, ["data", "check", str(manifest)])
+    assert res.exit_code != 0 and "'y\\tz' holds a control character" in res.output, res.output

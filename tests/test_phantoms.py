@@ -334,3 +334,50 @@ def test_write_dataset_3d_roundtrip(tmp_path):
     write_phantom_dataset(tmp_path / "again", n, (12, 16, 20), spatial_dims=3, task="multilabel", seed=2,
                           p_finding=0.8)
     assert _hashes(tmp_path / "again") == before
+
+
+def test_a_generator_never_overwrites_another_data_set(tmp_path):
+    """`data phantoms` / `data ecg` into a folder: the same settings again write the same bytes; other
+    settings are refused with nothing changed, unless --overwrite, which removes the old set's files first
+    (no stale images of a larger set); a folder with another data set (a user's manifest, or the other
+    generator's) is always refused."""
+    from typer.testing import CliRunner
+
+    from nemt.cli import app
+
+    run = CliRunner().invoke
+    ph = tmp_path / "ph"
+    assert run(app, ["data", "phantoms", str(ph), "--n", "10", "--size", "16"]).exit_code == 0
+
+    def digest(folder):
+        return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    before = digest(ph)
+    assert run(app, ["data", "phantoms", str(ph), "--n", "10", "--size", "16"]).exit_code == 0
+    assert digest(ph) == before  # a rerun is harmless
+    res = run(app, ["data", "phantoms", str(ph), "--n", "6", "--size", "16"])
+    assert res.exit_code != 0 and "other settings (n)" in res.output and "--overwrite" in res.output
+    assert digest(ph) == before
+    res = run(app, ["data", "ecg", "--out", str(ph), "--n", "5", "--duration", "2"])
+    assert res.exit_code != 0 and "`nemt data ecg` did not write" in res.output
+    assert digest(ph) == before
+    res = run(app, ["data", "phantoms", str(ph), "--n", "6", "--size", "16", "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (ph / "images").iterdir()) == [f"{i:05d}.png" for i in range(6)]
+    assert sorted(p.name for p in (ph / "masks").iterdir()) == [f"{i:05d}.png" for i in range(6)]
+    ecg = tmp_path / "ecg"
+    assert run(app, ["data", "ecg", "--out", str(ecg), "--n", "8", "--duration", "2"]).exit_code == 0
+    assert json.loads((ecg / "ecg.json").read_text())["n"] == 8
+    res = run(app, ["data", "phantoms", str(ecg), "--n", "6", "--size", "16", "--overwrite"])
+    assert res.exit_code != 0 and "`nemt data phantoms` did not write" in res.output
+    assert run(app, ["data", "ecg", "--out", str(ecg), "--n", "3", "--duration", "2", "--overwrite"]).exit_code == 0
+    for sub in ("signals", "findings", "waves"):
+        assert len(list((ecg / sub).glob("*.npy"))) == 3, sub
+    assert len(list((ecg / "signals").glob("*.json"))) == 3
+    own = tmp_path / "mine"
+    own.mkdir()
+    (own / "manifest.csv").write_text("image,label\na.png,x\n")
+    res = run(app, ["data", "phantoms", str(own), "--n", "4", "--size", "16", "--overwrite"])
+    assert res.exit_code != 0 and "did not write" in res.output
+    assert (own / "manifest.csv").read_text() == "image,label\na.png,x\n" and not (own / "images").exists()

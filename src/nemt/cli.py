@@ -245,6 +245,8 @@ def data_phantoms(
     spatial_dims: int = typer.Option(2, "--dims", help="2 or 3"),
     task: str = typer.Option("multiclass", help="multiclass | multilabel | regression"),
     seed: int = typer.Option(0, help="random seed"),
+    overwrite: bool = typer.Option(False, help="replace a phantom set of other settings in the folder (its files "
+                                   "removed first); another data set there is always refused"),
 ) -> None:
     """Write a synthetic phantom data set with lesion masks (the built-in default data)."""
     from nemt.data.phantoms import write_phantom_dataset
@@ -254,7 +256,8 @@ def data_phantoms(
         raise typer.BadParameter(f"two output folders, {folder} and {out_option}; give one", param_hint="--out")
     out = folder if folder is not None else out_option
     _out_dir(out, "OUT")
-    manifest = write_phantom_dataset(out, n, size, spatial_dims=spatial_dims, task=task, seed=seed)
+    manifest = write_phantom_dataset(out, n, size, spatial_dims=spatial_dims, task=task, seed=seed,
+                                     overwrite=overwrite)
     typer.echo(str(manifest))
 
 
@@ -319,11 +322,14 @@ def data_ecg(
     fs: float = typer.Option(100.0, min=1, help="sampling rate, Hz"),
     duration: float = typer.Option(10.0, min=0.1, help="seconds per record"),
     seed: int = typer.Option(0, help="random seed"),
+    overwrite: bool = typer.Option(False, help="replace an ECG set of other settings in the folder (its files "
+                                   "removed first); another data set there is always refused"),
 ) -> None:
     """Write synthetic ECGs with exact wave labels; train on them with --dims 1 --size <samples>."""
     from nemt.data.ecg import write_ecg_dataset
     _out_dir(out)
-    typer.echo(str(write_ecg_dataset(out, n, leads=leads, fs=fs, duration=duration, seed=seed)))
+    typer.echo(str(write_ecg_dataset(out, n, leads=leads, fs=fs, duration=duration, seed=seed,
+                                     overwrite=overwrite)))
 
 
 def _arch_kwargs(arch: str, items: list[str], size: tuple) -> dict:
@@ -574,7 +580,7 @@ def explain(
     from nemt.data.readers import read_image
     from nemt.distributed import context, local_device
     from nemt.explainers import get_explainer, resolve_targets
-    from nemt.files import OutputNames, atomic_open, image_stem, write_json
+    from nemt.files import OutputNames, atomic_open, image_stem, label_file_parts, write_json
     from nemt.models import load_model
     from nemt.params import blamed_on_params
     from nemt.visualize import save_overlay
@@ -606,6 +612,7 @@ def explain(
     if target not in ("all", "predicted"):
         tgt = int(target) if target.isdigit() else target
     pre = clf.preprocessing
+    file_parts = label_file_parts(clf.label_names)
 
     def explain_one(img, path: str, stem_of) -> dict:
         unit = pre.unit(img)
@@ -615,25 +622,27 @@ def explain(
             maps, probs = ex.explain_and_predict(x, target=t)
         maps, probs = maps.detach().cpu()[0], probs[0].cpu()
         names = [clf.label_names[int(i)] for i in t[0]]
-        stem = stem_of(names)
-        for name, m in zip(names, maps):
+        files = [file_parts[int(i)] for i in t[0]]  # a label's file-safe name ("mass/nodule": mass_nodule)
+        stem = stem_of(files)
+        for name, part, m in zip(names, files, maps):
             arr = m.numpy().astype(np.float32)
             if clf.spatial_dims == 3:
                 import gzip
 
                 import nibabel as nib
                 affine = pre.resized_affine(img.affine, img.array.shape[1:])  # the input's world coordinates
-                with atomic_open(out / f"{stem}__{name}.nii.gz", "wb") as fh:
+                with atomic_open(out / f"{stem}__{part}.nii.gz", "wb") as fh:
                     fh.write(gzip.compress(nib.Nifti1Image(arr, affine).to_bytes(), mtime=0))
             else:
-                with atomic_open(out / f"{stem}__{name}.npy", "wb") as fh:
+                with atomic_open(out / f"{stem}__{part}.npy", "wb") as fh:
                     np.save(fh, arr)
             shown = unit.numpy()
             shown = shown[0] if shown.shape[0] == 1 else shown
             pred = ", ".join(f"{n} {p:.2f}" for n, p in zip(clf.label_names, probs.tolist()))
-            save_overlay(out / f"{stem}__{name}.png", shown, [arr], [f"{method}: {name}"],
+            save_overlay(out / f"{stem}__{part}.png", shown, [arr], [f"{method}: {name}"],
                          suptitle=f"{Path(path).name} | {pred}")
         return {"image": str(path), "outputs": stem, "targets": names,
+                "files": [f"{stem}__{part}" for part in files],  # each target's map: FILE.npy / .png / .nii.gz
                 "prediction": dict(zip(clf.label_names, [round(p, 4) for p in probs.tolist()]))}
 
     if data is None:

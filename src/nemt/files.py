@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import IO, Any, Iterator
@@ -158,6 +159,55 @@ def image_stem(path: str | Path) -> str:
             return name[:-len(double)]
     stem = Path(name).stem
     return stem or name
+
+
+_UNSAFE_IN_NAMES = re.compile(r'[\x00-\x1f\x7f<>:"/\\|?*]')
+
+
+def label_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot be a label (output) name, or None: not a string, empty or only spaces, or holding a
+    control character (a tab, a line end). Path-like names ("mass/nodule", "../x") are allowed as labels;
+    :func:`label_file_parts` makes them safe as parts of file names."""
+    if not isinstance(name, str):
+        return f"{name!r} is not a string"
+    if not name.strip():
+        return "an empty name"
+    if re.search(r"[\x00-\x1f\x7f]", name):
+        return f"{name!r} holds a control character"
+    return None
+
+
+def label_names_problem(names: list) -> str | None:
+    """:func:`label_name_problem` of the first bad name, or the first name given twice, or None. (Names that
+    differ only in case are two labels; :func:`label_file_parts` keeps their files apart.)"""
+    seen: set[str] = set()
+    for n in names:
+        why = label_name_problem(n)
+        if why:
+            return why
+        if n in seen:
+            return f"{n!r} twice"
+        seen.add(n)
+    return None
+
+
+def label_file_parts(names: list[str]) -> list[str]:
+    """Each label's part of an output file name (``{stem}__{part}.png``): the name itself where it is safe, else
+    with path separators and characters no file system takes replaced by ``_`` and leading/trailing dots and
+    spaces removed, so that no label writes outside the output folder; made unique (case-insensitive) by a
+    ``-{index}`` suffix where two labels would give the same part.
+
+    >>> label_file_parts(["benign", "mass/nodule", "../../x", "a_b", "a/b"])
+    ['benign', 'mass_nodule', '_.._x', 'a_b', 'a_b-4']
+    """
+    parts, taken = [], set()
+    for k, n in enumerate(names):
+        part = _UNSAFE_IN_NAMES.sub("_", n).strip(" .") or f"label{k}"
+        if part.casefold() in taken:
+            part = f"{part}-{k}"
+        taken.add(part.casefold())
+        parts.append(part)
+    return parts
 
 
 class OutputNames:

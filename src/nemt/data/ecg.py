@@ -46,6 +46,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from nemt.data.readers import Image, _data_range, read_image
+from nemt.data.generated import claim_folder
 from nemt.errors import DataError
 from nemt.files import atomic_open, atomic_path
 
@@ -285,7 +286,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def write_ecg_dataset(out: str | Path, n: int, *, leads: int | Sequence[str] = 1, fs: float = 100.0,
-                      duration: float = 10.0, seed: int = 0) -> Path:
+                      duration: float = 10.0, seed: int = 0, overwrite: bool = False) -> Path:
     """Write :func:`make_ecgs` as a data set that ``nemt train`` reads; return its ``manifest.csv``.
 
     ``signals/ecg_NNNNN.npy`` (C, L) float32 mV, each with a sidecar ``.json`` (``fs``, ``channels``,
@@ -293,10 +294,15 @@ def write_ecg_dataset(out: str | Path, n: int, *, leads: int | Sequence[str] = 1
     (the manifest's ``mask`` column: the ground truth of localisation metrics, empty for ``normal`` and
     ``afib``); ``waves/ecg_NNNNN.npy`` (1, L) int8 wave labels (an extra ``waves`` column, which the
     manifest ignores). Every file is written atomically (a temporary file, then renamed). Train with
-    ``nemt train --data OUT --dims 1 --size L``.
+    ``nemt train --data OUT --dims 1 --size L``. The settings go to ``ecg.json``; a folder that holds another
+    data set is refused before anything is written (``overwrite``: an ECG set of other settings is replaced,
+    its files removed first; see :func:`nemt.data.generated.claim_folder`).
     """
     out = Path(out)
     ecg = make_ecgs(n, leads=leads, fs=fs, duration=duration, seed=seed)
+    settings = {"generator": "nemt.data.ecg", "n": n, "leads": list(ecg.leads), "fs": float(fs),
+                "duration": float(duration), "seed": seed}
+    claim_folder(out, "ecg.json", settings, command="nemt data ecg", overwrite=overwrite)
     for sub in ("signals", "findings", "waves"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     rows = []
@@ -315,6 +321,8 @@ def write_ecg_dataset(out: str | Path, n: int, *, leads: int | Sequence[str] = 1
         w = csv.writer(fh)
         w.writerow(["image", "mask", "waves", "label"])
         w.writerows(rows)
+    with atomic_path(out / "ecg.json") as tmp:
+        tmp.write_text(json.dumps(settings, indent=2), encoding="utf-8")
     return path
 
 

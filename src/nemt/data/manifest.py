@@ -53,6 +53,7 @@ from typing import Sequence
 import numpy as np
 
 from nemt.errors import DataError
+from nemt.files import label_name_problem
 
 TASKS = ("multiclass", "multilabel", "regression")
 SPLITS = ("train", "val", "test")
@@ -303,6 +304,13 @@ def load_manifest(path: str | Path, *, task: str | None = None, image_col: str |
         label_names = [ycols[0]]
 
     problems: list[DataError] = []
+    for name in dict.fromkeys(label_names):  # a label is an output's name: in cards, reports and file names
+        why = label_name_problem(name)
+        if why:
+            problems.append(DataError(path, ",".join(ycols) if task == "multilabel" else "label",
+                                      f"label {why}"))
+    if len(set(label_names)) < len(label_names):
+        problems.append(DataError(path, "labels", f"a label given twice in {label_names}"))
     # Keyed on the resolved path (see _image_key), so that ./a.png, a//b/../a.png, a link to a.png and a.png
     # are one image.
     by_image: dict[str, Sample] = {}

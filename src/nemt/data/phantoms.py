@@ -45,6 +45,7 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from nemt.data.generated import claim_folder
 from nemt.errors import DataError
 from nemt.files import atomic_open, atomic_path, write_json
 
@@ -582,7 +583,7 @@ def _write_nifti_gz(path: Path, arr: np.ndarray) -> None:
 
 def write_phantom_dataset(out_dir: str | Path, n: int, size: int | tuple[int, ...] = 128, *,
                           spatial_dims: int = 2, task: str = "multiclass", seed: int = 0,
-                          **kwargs: Any) -> Path:
+                          overwrite: bool = False, **kwargs: Any) -> Path:
     """Write ``n`` phantoms as files plus ``manifest.csv`` and ``phantoms.json``; return the manifest path.
 
     Layout (paths in the manifest are relative to ``out_dir``)::
@@ -598,10 +599,26 @@ def write_phantom_dataset(out_dir: str | Path, n: int, size: int | tuple[int, ..
     patient ``p{j:04d}``. 3D volumes are stored with axes in array order and an
     identity affine. ``kwargs`` go to :func:`make_phantoms` (``findings``,
     ``noise``, ``p_finding``). All files are written atomically and a rerun with
-    the same arguments gives byte-identical files.
+    the same arguments gives byte-identical files. A folder that holds another
+    data set is refused before anything is written (``overwrite``: a phantom set
+    of other settings is replaced, its files removed first; see
+    :func:`nemt.data.generated.claim_folder`).
     """
     out = Path(out_dir)
     ps = make_phantoms(n, size, spatial_dims=spatial_dims, task=task, seed=seed, **kwargs)
+    params = {
+        "generator": "nemt.data.phantoms",
+        "n": n,
+        "size": list(ps.images.shape[2:]),
+        "spatial_dims": spatial_dims,
+        "task": task,
+        "seed": seed,
+        "findings": list(ps.findings),
+        "label_names": list(ps.label_names),
+        "noise": float(kwargs.get("noise", 0.03)),
+        "p_finding": float(kwargs.get("p_finding", 0.5)),
+    }
+    claim_folder(out, "phantoms.json", params, command="nemt data phantoms", overwrite=overwrite)
     ext = ".png" if spatial_dims == 2 else ".nii.gz"
     width = max(5, len(str(max(n - 1, 0))))
     gwidth = max(4, len(str(max((n - 1) // 2, 0))))
@@ -640,18 +657,5 @@ def write_phantom_dataset(out_dir: str | Path, n: int, size: int | tuple[int, ..
         w.writerow(["image", "mask", *label_cols, "group"])
         w.writerows(rows)
 
-    shape = list(ps.images.shape[2:])
-    params = {
-        "generator": "nemt.data.phantoms",
-        "n": n,
-        "size": shape,
-        "spatial_dims": spatial_dims,
-        "task": task,
-        "seed": seed,
-        "findings": list(ps.findings),
-        "label_names": list(ps.label_names),
-        "noise": float(kwargs.get("noise", 0.03)),
-        "p_finding": float(kwargs.get("p_finding", 0.5)),
-    }
     write_json(out / "phantoms.json", params)
     return manifest

@@ -20,6 +20,7 @@ from typing import Any
 from nemt import __version__
 from nemt.data.manifest import TASKS
 from nemt.errors import CardError
+from nemt.files import label_names_problem
 
 CARD_FORMAT = "nemt-model/1"
 _PREPROCESSING_KEYS = ("size", "channels", "scale", "mean", "std")
@@ -121,6 +122,9 @@ class ModelCard:
             raise CardError(path, "input_size", f"need {d['spatial_dims']} positive sizes, got {d['input_size']}")
         if not d["label_names"] or not all(isinstance(s, str) for s in d["label_names"]):
             raise CardError(path, "label_names", "need a non-empty list of names")
+        why = label_names_problem(d["label_names"])
+        if why:
+            raise CardError(path, "label_names", f"{why}; each output needs its own non-empty name")
         if d["task"] == "regression" and len(d["label_names"]) != 1:
             raise CardError(path, "label_names", "a regression model has one output name")
         if d["in_channels"] < 1:
