@@ -282,3 +282,35 @@ def test_benchmark_error_met_while_a_method_runs_leaves_out_as_it_was(phantom_mo
     before = (done / "run.json").read_text()
     _refused(base + ["--methods", "random,rise", "--param", "rise.p=2", "--out", str(done)], "p must be in (0, 1]")
     assert (done / "run.json").read_text() == before
+
+
+@pytest.mark.parametrize("args", [["data", "phantoms", "OUT", "--n", "2", "--size", "16"],
+                                  ["data", "ecg", "--out", "OUT", "--n", "2"],
+                                  ["explain", "x.png", "--model", "m", "--out", "OUT"]])
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_every_seed_is_checked_before_anything_runs(tmp_path, args, seed):
+    """--seed takes [0, 2**32 - 1] (what NumPy, torch and scikit-learn accept) on every command: a seed outside
+    is a usage error naming --seed (exit 2), not a traceback from deep inside, and nothing is written."""
+    from typer.testing import CliRunner
+
+    from nemt.cli import app
+
+    out = tmp_path / "o"
+    res = CliRunner().invoke(app, [a.replace("OUT", str(out)) for a in args] + ["--seed", seed])
+    assert res.exit_code == 2 and "--seed" in res.output, res.output
+    assert not out.exists()
+
+
+def test_a_size_too_small_for_the_architecture_is_refused_before_training(tmp_path):
+    """smallcnn halves its input four times: at --size 8 one input through it fails, which `train` reports as
+    a usage error naming --size and the architecture, before training or writing anything."""
+    from typer.testing import CliRunner
+
+    from nemt.cli import app
+    from nemt.data import write_phantom_dataset
+
+    data = write_phantom_dataset(tmp_path / "d", 8, 16, seed=0)
+    res = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "m"),
+                                   "--arch", "smallcnn", "--size", "8"])
+    assert res.exit_code != 0 and "--size 8x8: too small for smallcnn" in res.output, res.output
+    assert not (tmp_path / "m").exists()

@@ -129,7 +129,7 @@ def test_ecg_dataset_files_are_all_written_atomically(tmp_path, monkeypatch):
     out = tmp_path / "ecg"
     manifest = write_ecg_dataset(out, 3, leads=["I", "II"], fs=50.0, duration=2.0)
     written = sorted(os.path.abspath(p) for p in out.rglob("*") if p.is_file())
-    assert len(written) == 3 * 4 + 1  # signal, sidecar, findings, waves per record, and manifest.csv
+    assert len(written) == 3 * 4 + 2  # signal, sidecar, findings, waves per record, manifest.csv and ecg.json
     assert sorted(renamed) == written
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
     # the content is what it was: readable .npy files with their sidecar, and the manifest's rows

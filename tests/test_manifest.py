@@ -243,3 +243,14 @@ def test_an_empty_class_folder_is_a_problem(tmp_path):
     # naming the classes leaves the empty folder out
     m2 = open_dataset(tmp_path, labels=["cats", "dogs"])
     assert not any("holds no image" in str(p) for p in m2.problems) and len(m2.samples) == 12
+
+
+def test_a_manifest_without_rows_is_a_problem(tmp_path):
+    """A header and no rows is not a data set: a fatal problem naming the file (`data check` exits non-zero),
+    not a clean report of 0 images that only `train` later refuses."""
+    p = tmp_path / "manifest.csv"
+    p.write_text("image,label\n")
+    m = load_manifest(p)
+    assert len(m.samples) == 0 and len(m.problems) == 1 and "no rows" in str(m.problems[0])
+    with pytest.raises(DataError, match="no rows"):
+        m.raise_problems()

@@ -21,6 +21,7 @@ data_app = typer.Typer(help="Inspect and make data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 TaskOpt = typer.Option(None, help="multiclass | multilabel | regression (default: from the data)")
+SEED_MAX = 2**32 - 1  # every --seed: NumPy, torch and scikit-learn all take [0, 2**32 - 1]
 MaxPixelsOpt = typer.Option(None, "--max-pixels", min=1,
                             help="largest image to decode, in pixels (voxels, all frames), e.g. 1e9; a file "
                                  "declaring more is refused from its header [default: 2.56e8, 256 Mpx]")
@@ -244,7 +245,7 @@ def data_phantoms(
     size: int = typer.Option(128, min=1, help="edge length in pixels/voxels"),
     spatial_dims: int = typer.Option(2, "--dims", help="2 or 3"),
     task: str = typer.Option("multiclass", help="multiclass | multilabel | regression"),
-    seed: int = typer.Option(0, help="random seed"),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX, help="random seed"),
     overwrite: bool = typer.Option(False, help="replace a phantom set of other settings in the folder (its files "
                                    "removed first); another data set there is always refused"),
 ) -> None:
@@ -271,7 +272,7 @@ def data_gaze(
                                         "fixations.csv reads as it is) to check against the data and install"),
     out: Optional[Path] = typer.Option(None, help="fixation CSV to write [default: gaze.csv beside the manifest, "
                                        "where nemt benchmark finds it]"),
-    seed: int = typer.Option(0, help="random seed of the simulation"),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX, help="random seed of the simulation"),
     fixations: float = typer.Option(40.0, min=0, help="mean number of simulated fixations per image (Poisson)"),
     p_finding: float = typer.Option(0.7, min=0, max=1, help="share of simulated fixations inside the finding's mask"),
     max_pixels: Optional[float] = MaxPixelsOpt,
@@ -321,7 +322,7 @@ def data_ecg(
     leads: int = typer.Option(1, help="1 (lead II) or 12"),
     fs: float = typer.Option(100.0, min=1, help="sampling rate, Hz"),
     duration: float = typer.Option(10.0, min=0.1, help="seconds per record"),
-    seed: int = typer.Option(0, help="random seed"),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX, help="random seed"),
     overwrite: bool = typer.Option(False, help="replace an ECG set of other settings in the folder (its files "
                                    "removed first); another data set there is always refused"),
 ) -> None:
@@ -338,15 +339,30 @@ def _arch_kwargs(arch: str, items: list[str], size: tuple) -> dict:
     from nemt.params import parse_params
 
     kwargs = parse_params(items)
+    net = None
     if kwargs:
         try:
-            build_model(arch, spatial_dims=len(size), in_channels=1, out_channels=2,
-                        **sized_arch_kwargs(arch, kwargs, size))
+            net = build_model(arch, spatial_dims=len(size), in_channels=1, out_channels=2,
+                              **sized_arch_kwargs(arch, kwargs, size))
         except NemtError as exc:  # build_model's message already names the architecture and the keywords
             raise NemtError(f"--arch-param {' '.join(items)}: {exc}") from exc
         except (TypeError, ValueError) as exc:
             raise NemtError(f"--arch-param {' '.join(items)}: {arch} cannot be built with {kwargs}: "
                             f"{type(exc).__name__}: {exc}") from exc
+    if min(size) < 32:  # small inputs may not survive the network's downsampling: one input through it tells
+        import torch
+
+        from nemt.ops import preserved_rng
+        with preserved_rng(), torch.no_grad():
+            try:
+                if net is None:
+                    net = build_model(arch, spatial_dims=len(size), in_channels=1, out_channels=2,
+                                      **sized_arch_kwargs(arch, kwargs, size))
+                net.eval()(torch.zeros(1, 1, *size))
+            except (RuntimeError, ValueError) as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise NemtError(f"--size {'x'.join(map(str, size))}: too small for {arch} ({first}); "
+                                "give a larger --size") from exc
     return kwargs
 
 
@@ -369,7 +385,7 @@ def train(
                                    "N processes with --accumulate A train like 1 process with N*A)"),
     lr: float = typer.Option(1e-3, callback=_positive, help="peak learning rate (one-cycle schedule)"),
     weight_decay: float = typer.Option(1e-4, min=0, help="AdamW weight decay"),
-    seed: int = typer.Option(0, help="seed for split, initialisation, order and augmentation"),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX, help="seed for split, initialisation, order and augmentation"),
     fractions: str = typer.Option("0.7,0.1,0.2", help="train,val,test fractions"),
     augment: bool = typer.Option(True, help="random flip, affine and intensity jitter"),
     class_weighting: bool = typer.Option(True, help="weight the loss by inverse class frequency"),
@@ -487,7 +503,7 @@ def fit(
                                       "together (last axis) half the time; images and volumes only"),
     flip: bool = typer.Option(False, help="augmentation: mirror each training image (last axis) half the time "
                               "(nested and paper objectives; images and volumes only)"),
-    seed: int = typer.Option(0, help="random seed"),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX, help="random seed"),
     device: str = typer.Option("cpu", help="torch device"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ) -> None:
@@ -562,7 +578,7 @@ def explain(
     split: str = typer.Option("test", help="with --data: train | val | test | all"),
     limit: Optional[int] = typer.Option(None, min=1, help="with --data: at most this many items of the split"),
     param: list[str] = typer.Option([], "--param", help="method parameter KEY=VALUE (repeatable), e.g. n_masks=2000"),
-    seed: int = typer.Option(0, help="random seed (for stochastic methods)"),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX, help="random seed (for stochastic methods)"),
     device: str = typer.Option("cpu", help="torch device"),
     max_pixels: Optional[float] = MaxPixelsOpt,
     progress: bool = typer.Option(True, help="with --data: show a progress bar"),
@@ -736,7 +752,7 @@ def benchmark(
     suite: Optional[str] = typer.Option(None, help="xai-tris: the ground-truth suite (no --model/--data)"),
     suite_models: Optional[str] = typer.Option(None, help="xai-tris: comma-separated models to train and explain "
                                                           "(linear,mlp,cnn; default all three)"),
-    seed: int = typer.Option(0, help="random seed"),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX, help="random seed"),
     device: str = typer.Option("cpu", help="torch device"),
     progress: bool = typer.Option(True, help="show a progress bar"),
     restart: bool = typer.Option(False, help="forget earlier results in --out instead of resuming"),
@@ -809,7 +825,7 @@ def export(
     out: Path = typer.Option(..., help="output file: model.onnx or model.pt"),
     fmt: str = typer.Option("onnx", "--format", help="onnx | torchscript"),
     opset: int = typer.Option(17, help="ONNX opset"),
-    seed: int = typer.Option(0, help="seed of the random inputs traced and checked"),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX, help="seed of the random inputs traced and checked"),
 ) -> None:
     """Export the model and its NEMt explainer as one model (predictions and maps in one call), checked."""
     from nemt.deploy.export import export_model
@@ -828,7 +844,7 @@ def fidelity(
     split: str = typer.Option("test", help="split of the model's data: train | val | test"),
     limit: Optional[int] = typer.Option(None, min=1, help="at most this many images"),
     batch_size: int = typer.Option(16, min=1, help="images per explain call"),
-    seed: int = typer.Option(0, help="random seed"),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX, help="random seed"),
     device: str = typer.Option("cpu", help="torch device"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ) -> None:
@@ -874,7 +890,7 @@ def serve(
                                           "before decoding; larger ones get 413"),
     body_timeout: float = typer.Option(30.0, min=0.001, help="seconds to receive a request body; slower gets 408"),
     max_receiving: int = typer.Option(64, min=1, help="request bodies received at once; more get 503"),
-    seed: int = typer.Option(0, help="seed of stochastic baselines"),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX, help="seed of stochastic baselines"),
     device: str = typer.Option("cpu", help="torch device"),
 ) -> None:
     """Serve predictions and explanations over HTTP (POST /v1/explain, /openapi.json), with a viewer at /."""
@@ -913,7 +929,7 @@ def demo(
     arch: str = typer.Option("smallcnn", help="classifier architecture"),
     epochs: int = typer.Option(30, min=1, help="classifier training epochs"),
     fit_epochs: int = typer.Option(10, min=1, help="NEMt training epochs"),
-    seed: int = typer.Option(0, help="random seed"),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX, help="random seed"),
     device: str = typer.Option("cpu", help="torch device"),
     bench_images: int = typer.Option(60, min=1, help="test images in the benchmark"),
     bench_methods: str = typer.Option("nemt,gradcam++,ig,gradshap,rise,extremal,random,sobel",
@@ -1028,7 +1044,7 @@ def concepts(
     limit: Optional[int] = typer.Option(None, min=1, help="probe only the first N images"),
     sheets: int = typer.Option(24, min=0, help="contact sheets in the report (labelled neurons first)"),
     batch_size: int = typer.Option(32, min=1, help="images per forward pass"),
-    seed: int = typer.Option(0, help="random seed (the tiny CLIP's training)"),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX, help="random seed (the tiny CLIP's training)"),
     device: str = typer.Option("cpu", help="torch device"),
     max_pixels: Optional[float] = MaxPixelsOpt,
     progress: bool = typer.Option(True, help="show a progress bar"),
@@ -1145,7 +1161,7 @@ def clusters(
     batch_size: int = typer.Option(32, min=1, help="images per forward pass"),
     limit: Optional[int] = typer.Option(None, min=1, help="map at most this many images of --split"),
     gallery: int = typer.Option(6, min=1, help="images per cluster in the gallery"),
-    seed: int = typer.Option(0, help="random seed (pixel draw, k-means, module)"),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX, help="random seed (pixel draw, k-means, module)"),
     device: str = typer.Option("cpu", help="torch device"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ) -> None:

@@ -304,6 +304,8 @@ def load_manifest(path: str | Path, *, task: str | None = None, image_col: str |
         label_names = [ycols[0]]
 
     problems: list[DataError] = []
+    if not rows:
+        problems.append(DataError(path, None, "no rows: the manifest lists no image (only its header)"))
     for name in dict.fromkeys(label_names):  # a label is an output's name: in cards, reports and file names
         why = label_name_problem(name)
         if why:
