@@ -314,3 +314,42 @@ def test_a_size_too_small_for_the_architecture_is_refused_before_training(tmp_pa
                                    "--arch", "smallcnn", "--size", "8"])
     assert res.exit_code != 0 and "--size 8x8: too small for smallcnn" in res.output, res.output
     assert not (tmp_path / "m").exists()
+
+
+def test_version_and_a_size_with_an_empty_part():
+    """`nemt --version` prints the package's version; `--size 32x` (an empty part) is refused, not read as 32."""
+    from typer.testing import CliRunner
+
+    from nemt import __version__
+    from nemt.cli import _size, app
+
+    res = CliRunner().invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.strip() == f"nemt {__version__}"
+    assert _size("32x32") == (32, 32)
+    for bad in ("32x", "x32", "32,,32"):
+        with pytest.raises(NemtError, match="expected positive integers"):
+            _size(bad)
+
+
+def test_gaze_is_not_written_into_a_read_only_data_folder(tmp_path):
+    """`data gaze --simulate` writes gaze.csv beside the manifest by default; a data folder without write
+    permission bits (a shared, read-only copy; root could write there anyway) is refused with nothing written,
+    and --out FILE elsewhere works."""
+    import os
+
+    from typer.testing import CliRunner
+
+    from nemt.cli import app
+    from nemt.data import write_phantom_dataset
+
+    data = write_phantom_dataset(tmp_path / "d", 6, 16, seed=0).parent
+    os.chmod(data, 0o555)
+    try:
+        res = CliRunner().invoke(app, ["data", "gaze", str(data), "--simulate", "--no-progress"])
+        assert res.exit_code != 0 and "read-only" in res.output and not (data / "gaze.csv").exists()
+        res = CliRunner().invoke(app, ["data", "gaze", str(data), "--simulate", "--no-progress",
+                                       "--out", str(tmp_path / "g.csv")])
+        assert res.exit_code == 0, res.output
+        assert (tmp_path / "g.csv").is_file()
+    finally:
+        os.chmod(data, 0o755)

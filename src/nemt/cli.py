@@ -20,6 +20,19 @@ app = typer.Typer(help="nemt: fast, verifiable explanations for medical image mo
 data_app = typer.Typer(help="Inspect and make data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
+
+def _version(value: bool) -> None:
+    if value:
+        from nemt import __version__
+        typer.echo(f"nemt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print nemt's version and exit")) -> None:
+    """nemt: fast, verifiable explanations for medical image models."""
+
 TaskOpt = typer.Option(None, help="multiclass | multilabel | regression (default: from the data)")
 SEED_MAX = 2**32 - 1  # every --seed: NumPy, torch and scikit-learn all take [0, 2**32 - 1]
 MaxPixelsOpt = typer.Option(None, "--max-pixels", min=1,
@@ -163,7 +176,7 @@ def _ints(value: str, option: str) -> list[int]:
 
 def _size(value: str, spatial_dims: int | None = None) -> tuple[int, ...]:
     try:
-        parts = [int(v) for v in value.lower().replace("x", ",").split(",") if v.strip()]
+        parts = [int(v) for v in value.lower().replace("x", ",").split(",")]  # "32x" or "32,,32": refused
     except ValueError:
         parts = []
     if not parts or min(parts) < 1:
@@ -273,7 +286,8 @@ def data_gaze(
     out: Optional[Path] = typer.Option(None, help="fixation CSV to write [default: gaze.csv beside the manifest, "
                                        "where nemt benchmark finds it]"),
     seed: int = typer.Option(0, min=0, max=SEED_MAX, help="random seed of the simulation"),
-    fixations: float = typer.Option(40.0, min=0, help="mean number of simulated fixations per image (Poisson)"),
+    fixations: float = typer.Option(40.0, callback=_positive,
+                                    help="mean number of simulated fixations per image (Poisson)"),
     p_finding: float = typer.Option(0.7, min=0, max=1, help="share of simulated fixations inside the finding's mask"),
     max_pixels: Optional[float] = MaxPixelsOpt,
     progress: bool = typer.Option(True, help="show a progress bar"),
@@ -289,6 +303,9 @@ def data_gaze(
     manifest = _open(path, None, None, max_pixels=max_pixels)
     manifest.raise_problems()
     target = out or default_gaze_path(manifest)
+    if out is None and not (target.parent.stat().st_mode & 0o222):  # no write bit: shared data, even for root
+        raise NemtError(f"{target.parent}: the data folder is read-only (no write permission bits); nothing was "
+                        "written: give --out FILE elsewhere and pass it to nemt benchmark --gaze")
     if simulate:
         with progress_bar(progress) as bar:
             tid = bar.add_task("gaze", total=len(manifest.samples), info="")
