@@ -254,3 +254,13 @@ def test_a_manifest_without_rows_is_a_problem(tmp_path):
     assert len(m.samples) == 0 and len(m.problems) == 1 and "no rows" in str(m.problems[0])
     with pytest.raises(DataError, match="no rows"):
         m.raise_problems()
+
+
+def test_labels_outside_a_fixed_set_are_summed_up_first(small_csv):
+    """Data of another label set (e.g. a model's labels given to other data): the error opens with one line
+    naming the foreign labels and their row counts, before the per-row list."""
+    m = load_manifest(small_csv, labels=["normal", "benign"])
+    with pytest.raises(DataError) as info:
+        m.raise_problems()
+    first = str(info.value).splitlines()[1]
+    assert "8 rows have labels outside the label set ['normal', 'benign']" in first and "'malignant' (8 rows)" in first

@@ -117,6 +117,7 @@ class Manifest:
     kind: str = "csv"
     warnings: list[DataError] = field(default_factory=list)
     max_pixels: int | None = None
+    headline: str | None = None  #: one line that sums up many problems, shown first by raise_problems
 
     @property
     def n_outputs(self) -> int:
@@ -136,8 +137,8 @@ class Manifest:
         """Raise one DataError listing every problem (the first 20 by name)."""
         if not self.problems:
             return
-        lines = [str(p) for p in self.problems[:20]]
-        more = len(self.problems) - len(lines)
+        lines = ([f"{self.source}: {self.headline}"] if self.headline else []) + [str(p) for p in self.problems[:20]]
+        more = len(self.problems) - min(len(self.problems), 20)
         if more > 0:
             lines.append(f"... and {more} more")
         raise DataError(self.source, None, f"{len(self.problems)} bad entries "
@@ -391,9 +392,18 @@ def load_manifest(path: str | Path, *, task: str | None = None, image_col: str |
     samples = [by_image[r] for r in order if r not in bad_images]
     if split_c and samples and any(s.split is None for s in samples):
         problems.append(DataError(path, "split", "some rows have a split and others none"))
+    headline = None
+    if task == "multiclass" and labels is not None:  # one line first for what may be a whole other label set
+        outside = Counter(v for r in rows if (v := (r.get(ycols[0]) or "").strip())
+                          and v not in label_names and not missing_like(v))
+        if outside:
+            seen = ", ".join(f"{v!r} ({c} rows)" for v, c in outside.most_common(5))
+            more = f" and {len(outside) - 5} more" if len(outside) > 5 else ""
+            headline = (f"{sum(outside.values())} rows have labels outside the label set {label_names} (a "
+                        f"model's, if these are not its data): {seen}{more}")
     warnings = _class_warnings(path, samples, label_names, labels is not None) if task == "multiclass" else []
     return Manifest(samples=samples, task=task, label_names=label_names, source=path,
-                    problems=problems, kind="csv", warnings=warnings)
+                    problems=problems, kind="csv", warnings=warnings, headline=headline)
 
 
 def _image_key(root: Path, rel: str) -> str:
