@@ -89,6 +89,9 @@ def test_concept_file_and_shipped_list(tmp_path):
     assert len(shipped) >= 40 and "nodule" in shipped and "hypoechoic" in shipped
     with pytest.raises(NemtError):
         read_concepts(tmp_path / "missing.txt")
+    (tmp_path / "latin1.txt").write_bytes("n\u00f3dulo\n".encode("latin-1"))
+    with pytest.raises(NemtError, match="not UTF-8 text"):
+        read_concepts(tmp_path / "latin1.txt")
 
 
 def test_real_vlms_load_only_from_a_given_folder(tmp_path):
@@ -219,6 +222,24 @@ def test_tiny_clip_saves_and_loads(world, tmp_path):
     x = torch.rand(2, 1, SIZE, SIZE)
     assert torch.allclose(tiny.encode_image(x), again.encode_image(x), atol=1e-6)
     assert torch.equal(again.encode_text(["fracture"]), torch.zeros(1, again.dim))  # never in a caption
+
+
+def test_a_hand_edited_tiny_clip_card_is_refused_naming_the_field(world, tmp_path):
+    """A tiny CLIP card without its vocab, or with a dim the weights do not have, is one clear error naming
+    the file and the field, not a KeyError or a state-dict dump."""
+    import json
+    import shutil
+
+    for edit, match in (({"vocab": None}, "vocab: need a non-empty list"), ({"dim": 7}, "does not fit the card"),
+                        ({"width": "8"}, "width: need a positive integer")):
+        d = tmp_path / f"t{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(world["root"] / "tiny", d)
+        card = json.loads((d / "tiny_clip.json").read_text())
+        card.update(edit)
+        (d / "tiny_clip.json").write_text(json.dumps(card))
+        with pytest.raises(NemtError, match=match) as info:
+            TinyCLIP.load(d)
+        assert "\n" not in str(info.value)
 
 
 def test_cli_concepts(world):

@@ -37,7 +37,11 @@ def read_concepts(path: str | Path) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise NemtError(f"concept file {p} not found")
-    words = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+    try:
+        words = [ln.strip() for ln in p.read_text(encoding="utf-8-sig").splitlines()]
+    except UnicodeDecodeError as exc:
+        raise NemtError(f"concept file {p}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8, "
+                        "one concept a line") from None
     out = list(dict.fromkeys(w for w in words if w and not w.startswith("#")))
     if not out:
         raise NemtError(f"concept file {p} lists no concepts")

@@ -201,13 +201,31 @@ class TinyCLIP(nn.Module):
         d = Path(directory)
         if not cls.is_saved(d):
             raise NemtError(f"{d} holds no tiny CLIP ({_CARD} and {_WEIGHTS}); train one with vlm='tiny'")
-        card = json.loads((d / _CARD).read_text())
+        try:
+            card = json.loads((d / _CARD).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise NemtError(f"{d / _CARD}: not a JSON card ({exc})") from None
+        if not isinstance(card, dict):
+            raise NemtError(f"{d / _CARD}: not a JSON object")
         if card.get("format", 1) != _FORMAT:
             raise NemtError(f"{d} holds a tiny CLIP saved by an earlier nemt (format {card.get('format', 1)}, "
                             f"another image encoder; this nemt reads format {_FORMAT}): delete the folder and "
                             "train one again with vlm='tiny'")
-        model = cls(card["vocab"], size=card["size"], dim=card["dim"], width=card["width"])
-        model.load_state_dict(load_file(str(d / _WEIGHTS)))
+        vocab = card.get("vocab")
+        if not isinstance(vocab, list) or not vocab or not all(isinstance(w, str) and w for w in vocab):
+            raise NemtError(f"{d / _CARD}: vocab: need a non-empty list of words")
+        for key in ("size", "dim", "width"):
+            v = card.get(key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise NemtError(f"{d / _CARD}: {key}: need a positive integer, got {v!r}")
+        model = cls(vocab, size=card["size"], dim=card["dim"], width=card["width"])
+        try:
+            model.load_state_dict(load_file(str(d / _WEIGHTS)))
+        except Exception as exc:  # safetensors' own errors, or torch's shape mismatch: one line, not the dump
+            first = str(exc).strip().splitlines()
+            raise NemtError(f"{d / _WEIGHTS}: does not fit the card {d / _CARD} (vocab of {len(vocab)}, size "
+                            f"{card['size']}, dim {card['dim']}, width {card['width']}): "
+                            f"{first[-1].strip() if first else type(exc).__name__}") from None
         return model.to(device).eval()
 
 
