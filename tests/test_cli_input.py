@@ -353,3 +353,16 @@ def test_gaze_is_not_written_into_a_read_only_data_folder(tmp_path):
         assert (tmp_path / "g.csv").is_file()
     finally:
         os.chmod(data, 0o755)
+
+
+def test_methods_lists_plain_summaries():
+    """`nemt methods` shows each method's first docstring paragraph as plain text: no reST literal quotes or
+    roles, no sentence cut at the docstring's first line end."""
+    from typer.testing import CliRunner
+
+    from nemt.cli import _plain_summary, app
+
+    res = CliRunner().invoke(app, ["methods"])
+    assert res.exit_code == 0 and "``" not in res.output and ":class:" not in res.output
+    assert _plain_summary("Uniform noise from ``seed``:\n    a :class:`~x.Random` map.\n\n    More.") == \
+        "Uniform noise from seed: a Random map."

@@ -932,9 +932,21 @@ def methods() -> None:
     table = Table("method", "what", "parameters")
     for name in available():
         cls = _REGISTRY[name]
-        doc = (cls.__doc__ or "").strip().split("\n")[0]
-        table.add_row(name, doc, ", ".join(sorted(init_parameters(cls) - {"device"})))
+        table.add_row(name, _plain_summary(cls.__doc__), ", ".join(sorted(init_parameters(cls) - {"device"})))
     console.print(table)
+
+
+def _plain_summary(doc: str | None) -> str:
+    r"""A docstring's first paragraph as plain text: one line, reST roles and literal quotes removed.
+
+    >>> _plain_summary("Uniform noise from ``seed``:\n    a :class:`~x.Random` map.\n\n    More.")
+    'Uniform noise from seed: a Random map.'
+    """
+    import re
+
+    para = " ".join(line.strip() for line in (doc or "").strip().split("\n\n")[0].splitlines())
+    para = re.sub(r":[a-z]+:`~?(?:[\w.]*\.)?([^`]+)`", r"\1", para)
+    return para.replace("``", "")
 
 
 @app.command()
