@@ -109,6 +109,35 @@ def test_export_model_checks_and_leaves_no_temporary_files(fitted):
         export_model(root / "m", root / "e", out / "b.bin", format="tflite")
 
 
+def test_export_refuses_bad_opsets_and_suffixes_and_keeps_no_file_that_fails_its_check(fitted, monkeypatch):
+    """--opset outside what writes a valid graph (11 writes a Clip ONNX Runtime rejects; 99 does not exist) and
+    a suffix that contradicts --format (or is unknown) are refused before anything is written; without
+    --format the suffix decides; a file that the runtime refuses is removed, not left as if checked."""
+    import nemt.deploy.export as E
+
+    root = fitted["root"]
+    out = root / "bad"
+    lo, hi = E.opset_range()
+    assert lo == 12 and hi >= 17
+    for opset in (11, 99):
+        with pytest.raises(NemtError, match=f"--opset {opset}: the ONNX export supports opsets 12 to"):
+            export_model(root / "m", root / "e", out / "a.onnx", opset=opset)
+    with pytest.raises(NemtError, match="a .onnx file is not torchscript"):
+        export_model(root / "m", root / "e", out / "a.onnx", format="torchscript")
+    with pytest.raises(NemtError, match="unknown suffix '.foo'"):
+        export_model(root / "m", root / "e", out / "a.foo")
+    assert not out.exists()
+    assert export_model(root / "m", root / "e", out / "a.pt")["format"] == "torchscript"
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 10 : INVALID_GRAPH : a made-up refusal\nmore detail")
+
+    monkeypatch.setattr(E, "check_onnx", refused)
+    with pytest.raises(NemtError, match="the runtime cannot run the exported model .*a made-up refusal"):
+        export_model(root / "m", root / "e", out / "b.onnx")
+    assert sorted(p.name for p in out.iterdir()) == ["a.pt"]
+
+
 def test_refuses_a_baseline_or_an_explainer_of_another_classifier(fitted):
     clf = fitted["clf"]
     with pytest.raises(NemtError, match="NEMt"):

@@ -839,9 +839,9 @@ def benchmark(
 def export(
     model: Path = typer.Option(..., help="model folder written by `nemt train`"),
     explainer: Path = typer.Option(..., help="NEMt explainer folder written by `nemt fit`"),
-    out: Path = typer.Option(..., help="output file: model.onnx or model.pt"),
-    fmt: str = typer.Option("onnx", "--format", help="onnx | torchscript"),
-    opset: int = typer.Option(17, help="ONNX opset"),
+    out: Path = typer.Option(..., help="output file: model.onnx (ONNX) or model.pt (TorchScript)"),
+    fmt: Optional[str] = typer.Option(None, "--format", help="onnx | torchscript [default: from --out's suffix]"),
+    opset: int = typer.Option(17, help="ONNX opset (12 to the newest PyTorch's exporter writes, 20 with torch 2.13)"),
     seed: int = typer.Option(0, min=0, max=SEED_MAX, help="seed of the random inputs traced and checked"),
 ) -> None:
     """Export the model and its NEMt explainer as one model (predictions and maps in one call), checked."""

@@ -273,20 +273,53 @@ def map_tolerance(nemt, x: torch.Tensor, floor: float = 1e-4) -> float:
     return max(floor, 16 * 2.0 ** -23 * float(logits.abs().max()) / (4 * nemt.map_temperature * max(std, 1e-12)))
 
 
-def export_model(model_dir: str | Path, explainer_dir: str | Path, out: str | Path, *, format: str = "onnx",
+SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".pth": "torchscript", ".ts": "torchscript"}
+
+
+def opset_range() -> tuple[int, int]:
+    """The ONNX opsets :func:`export_onnx` writes valid graphs for: from 12 (at 11 the exporter writes a Clip
+    on int64 that ONNX Runtime rejects; below, the bilinear resize does not export) to the newest that
+    PyTorch's TorchScript-based exporter supports."""
+    try:
+        from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as top
+    except ImportError:  # a private constant: fall back to the newest this nemt was tested with
+        top = 20
+    return 12, int(top)
+
+
+def export_format(out: str | Path, format: str | None) -> str:
+    """The format of an export to ``out``: ``format`` if given, else from the suffix (.onnx; .pt, .pth or .ts
+    for TorchScript); a suffix that contradicts ``format``, or an unknown one, is refused."""
+    suffix = Path(out).suffix.lower()
+    if format is not None and format not in ("onnx", "torchscript"):
+        raise NemtError(f"--format must be onnx or torchscript, got {format!r}")
+    if suffix not in SUFFIXES:
+        raise NemtError(f"--out {out}: unknown suffix {suffix or '(none)'!r}; use .onnx for ONNX or .pt / .pth / .ts "
+                        "for TorchScript")
+    if format is not None and SUFFIXES[suffix] != format:
+        raise NemtError(f"--out {out}: a {suffix} file is not {format}; name it "
+                        f"{Path(out).with_suffix('.onnx' if format == 'onnx' else '.pt').name} or drop --format")
+    return SUFFIXES[suffix]
+
+
+def export_model(model_dir: str | Path, explainer_dir: str | Path, out: str | Path, *, format: str | None = None,
                  seed: int = 0, opset: int = 17, tolerance: float = 1e-4) -> dict[str, Any]:
     """``nemt export``: load a model and its NEMt explainer, export, and check against PyTorch.
 
-    The check runs a seeded random batch of 3 (not the traced batch of 2, so
+    ``format``: onnx or torchscript (default: from ``out``'s suffix, :func:`export_format`); ``opset`` in
+    :func:`opset_range`. The check runs a seeded random batch of 3 (not the traced batch of 2, so
     the dynamic batch axis is exercised) and raises :class:`NemtError` when
     an output differs by more than ``tolerance``, or a map by more than its rounding bound
-    (:func:`map_tolerance`, at least ``tolerance``). Returns a summary.
+    (:func:`map_tolerance`, at least ``tolerance``), or the runtime refuses the file; a file that fails the
+    check is removed. Returns a summary.
     """
     from nemt.explainers import get_explainer
     from nemt.models import load_model
 
-    if format not in ("onnx", "torchscript"):
-        raise NemtError(f"--format must be onnx or torchscript, got {format!r}")
+    format = export_format(out, format)
+    lo, hi = opset_range()
+    if format == "onnx" and not lo <= opset <= hi:
+        raise NemtError(f"--opset {opset}: the ONNX export supports opsets {lo} to {hi}")
     clf = load_model(model_dir, device="cpu")
     nemt = get_explainer("nemt", clf, path=explainer_dir, device="cpu")
     example = _example(clf, 2, seed)
@@ -297,9 +330,19 @@ def export_model(model_dir: str | Path, explainer_dir: str | Path, out: str | Pa
         path = export_torchscript(clf, nemt, out, example=example)
         check = check_torchscript
     x = _example(clf, 3, seed + 1)
-    diffs = check(path, x, SelfExplainingModel(clf, nemt))
-    tol = {"outputs": tolerance, "maps": map_tolerance(nemt, x, tolerance)}  # the maps' own rounding bound
-    if any(diffs[k] > tol[k] for k in diffs):
-        raise NemtError(f"{path}: the exported model differs from PyTorch by {diffs} (tolerance {tol})")
+    try:
+        try:
+            diffs = check(path, x, SelfExplainingModel(clf, nemt))
+        except Exception as exc:  # the runtime refuses the file (e.g. ONNX Runtime's InvalidGraph)
+            lines = str(exc).strip().splitlines()
+            raise NemtError(f"{path}: the runtime cannot run the exported model ("
+                            f"{lines[0][:300] if lines else type(exc).__name__}); nothing kept") from None
+        tol = {"outputs": tolerance, "maps": map_tolerance(nemt, x, tolerance)}  # the maps' own rounding bound
+        if any(diffs[k] > tol[k] for k in diffs):
+            raise NemtError(f"{path}: the exported model differs from PyTorch by {diffs} (tolerance {tol}); "
+                            "nothing kept")
+    except NemtError:
+        Path(path).unlink(missing_ok=True)  # no unchecked file left behind
+        raise
     return {"path": str(path), "format": format, "labels": clf.label_names, "input_size": clf.card.input_size,
             "max_abs_diff": diffs, "bytes": Path(path).stat().st_size}
