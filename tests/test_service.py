@@ -375,6 +375,25 @@ def test_build_explainers_needs_something_to_serve(env):
         build_explainers(env["clf"], None, [])
     with pytest.raises(NemtError, match="at least one explainer"):
         create_app(env["clf"], {})
+    with pytest.raises(NemtError, match="method 'nemt' needs a fitted explainer folder"):
+        build_explainers(env["clf"], None, ["nemt", "gradcam"])  # not a 500 on every request later
+    with pytest.raises(NemtError, match="max_upload_bytes must be at least 1, got -1"):
+        create_app(env["clf"], {"random": build_explainers(env["clf"], None, ["random"])["random"]},
+                   max_upload_bytes=-1)
+
+
+@pytest.mark.parametrize("option,value", [("--max-upload-mb", "nan"), ("--max-upload-mb", "inf"),
+                                          ("--max-upload-mb", "-1"), ("--max-pixels", "inf"),
+                                          ("--body-timeout", "inf")])
+def test_serve_refuses_non_finite_or_negative_limits(option, value):
+    """Limits are finite numbers > 0: nan / inf / negative are usage errors naming the option, found before
+    the model is read or a port is bound (the model folder here does not even exist)."""
+    from typer.testing import CliRunner
+
+    from nemt.cli import app
+
+    res = CliRunner().invoke(app, ["serve", "--model", "/nonexistent", "--baselines", "random", option, value])
+    assert res.exit_code == 2 and option in res.output, res.output
 
 
 # -- hostile clients ----------------------------------------------------------------------------------------

@@ -122,6 +122,13 @@ def _out_file(path: Path, option: str = "--out") -> Path:
     return path
 
 
+def _finite_positive(value: Optional[float]) -> Optional[float]:
+    """Typer callback: a finite number > 0 (None stays None): a limit, not nan or inf."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"{value:g} is not a finite number > 0")
+    return value
+
+
 def _positive(value: Optional[float]) -> Optional[float]:
     """Typer callback: a number that must be > 0 (None stays None)."""
     if value is not None and not value > 0:
@@ -901,11 +908,12 @@ def serve(
     port: int = typer.Option(8000, min=0, max=65535, help="port"),
     workers: int = typer.Option(2, min=1, help="worker threads"),
     queue: int = typer.Option(16, min=0, help="requests that may wait for a worker; more get 503"),
-    max_upload_mb: float = typer.Option(20, help="upload size limit in MB"),
-    max_pixels: float = typer.Option(5e7, "--max-pixels", min=1,
+    max_upload_mb: float = typer.Option(20, callback=_finite_positive, help="upload size limit in MB"),
+    max_pixels: float = typer.Option(5e7, "--max-pixels", min=1, callback=_finite_positive,
                                      help="largest image, in pixels (voxels), checked from the file's header "
                                           "before decoding; larger ones get 413"),
-    body_timeout: float = typer.Option(30.0, min=0.001, help="seconds to receive a request body; slower gets 408"),
+    body_timeout: float = typer.Option(30.0, min=0.001, callback=_finite_positive,
+                                       help="seconds to receive a request body; slower gets 408"),
     max_receiving: int = typer.Option(64, min=1, help="request bodies received at once; more get 503"),
     seed: int = typer.Option(0, min=0, max=SEED_MAX, help="seed of stochastic baselines"),
     device: str = typer.Option("cpu", help="torch device"),

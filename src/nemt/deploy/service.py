@@ -359,9 +359,10 @@ class ExplanationService:
                  body_timeout: float = DEFAULT_BODY_TIMEOUT, max_receiving: int = DEFAULT_MAX_RECEIVING):
         if not explainers:
             raise NemtError("the service needs at least one explainer")
-        if workers < 1 or queue < 0 or max_upload_bytes < 1:
-            raise NemtError(f"need workers >= 1, queue >= 0 and a positive upload limit "
-                            f"(got {workers}, {queue}, {max_upload_bytes})")
+        for name, value, least in (("workers", workers, 1), ("queue", queue, 0),
+                                   ("max_upload_bytes", max_upload_bytes, 1)):
+            if value < least:
+                raise NemtError(f"{name} must be at least {least}, got {value}")
         if max_pixels < 1 or not body_timeout > 0 or max_receiving < 1:
             raise NemtError(f"need max_pixels >= 1, body_timeout > 0 and max_receiving >= 1 "
                             f"(got {max_pixels}, {body_timeout}, {max_receiving})")
@@ -672,6 +673,11 @@ def build_explainers(clf: torch.nn.Module, explainer_dir: str | Path | None = No
     if explainer_dir is not None:
         out["nemt"] = get_explainer("nemt", clf, path=explainer_dir, device=device)
     for name in baselines:
+        if name == "nemt":  # NEMt is a fitted folder, not a baseline: refused now, not with a 500 per request
+            if explainer_dir is None:
+                raise NemtError("method 'nemt' needs a fitted explainer folder: give --explainer DIR (written by "
+                                "`nemt fit`) instead of listing nemt among --baselines")
+            continue
         out[name] = get_explainer(name, clf, seed=seed, device=device)
     if not out:
         raise NemtError("nothing to serve: give a NEMt explainer folder and/or baseline methods")
