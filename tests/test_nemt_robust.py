@@ -437,3 +437,48 @@ def test_mean_image_backgrounds_train_signals_and_volumes(dims, occlusion):
     loss.backward()
     assert torch.isfinite(loss)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in ex.module_.parameters())
+
+
+def test_bad_parameters_and_hand_edited_cards_are_refused_naming_the_field(tmp_path):
+    """Parameters a user can type (`nemt fit` options) or edit in explainer.json are checked where NEMt is made
+    or loaded, with the field and the reason: init_keep 0 or 1 (logit of the mask head's start), a kernel wider
+    than twice the input, blur_sigma 0 (it used to mean the default silently) or negative, an area_target that
+    is no fraction, teacher parameters without a teacher, more targets per image than outputs, a zero map
+    temperature (all-NaN maps), a map area that is no number; in a card also a missing params object, a
+    fitted input size or kernel the model cannot have, weights of another decoder (one line)."""
+    from nemt.errors import CardError, NemtError
+
+    net = build_model("smallcnn", spatial_dims=2, in_channels=1, out_channels=3, width=4)
+    clf = Classifier.from_module(net, spatial_dims=2, in_channels=1, input_size=(32, 32), task="multiclass",
+                                 label_names=["a", "b", "c"]).eval()
+    for bad, match in (({"init_keep": 0.0}, "init_keep must be a fraction"), ({"init_keep": 1}, "init_keep"),
+                       ({"kernel_size": 999}, "kernel_size 999 is too large for inputs of \\[32, 32\\]"),
+                       ({"blur_sigma": 0}, "blur_sigma must be a finite number of pixels > 0"),
+                       ({"blur_sigma": -2.0}, "blur_sigma"), ({"min_scale": 0}, "min_scale"),
+                       ({"objective": "paper", "area_target": 2.0}, "area_target must be a fraction"),
+                       ({"teacher_params": {"steps": 3}}, "need a teacher"),
+                       ({"targets_per_image": 10}, "more than the model's 3 outputs"),
+                       ({"map_temperature": 0}, "map_temperature must be a finite number > 0"),
+                       ({"map_areas": "x"}, "map_areas must be fractions")):
+        with pytest.raises(NemtError, match=match):
+            NEMt(clf, **bad)
+    assert NEMt(clf, kernel_size=65)._fill_sigma() > 0  # half of 65 fits a 32-px side
+    NEMt(clf, **FAST).init_module().save(tmp_path / "e")
+    good = json.loads((tmp_path / "e" / "explainer.json").read_text())
+    for edit, field, match in (
+            (lambda c: c.pop("params"), "params", "missing or not an object"),
+            (lambda c: c["params"].update(map_areas="x"), "params", "map_areas must be fractions"),
+            (lambda c: c["params"].update(map_temperature=0), "params", "map_temperature"),
+            (lambda c: c["params"].update(blur_sigma=-1), "params", "blur_sigma"),
+            (lambda c: c["params"].update(map_smoothing="no"), "params", "map_smoothing must be true or false"),
+            (lambda c: c["fitted"].update(input_size=[64, 64]), "fitted.input_size", "the model takes \\[32, 32\\]"),
+            (lambda c: c["fitted"].update(kernel_size=-3), "fitted.kernel_size", "positive integer"),
+            (lambda c: c["params"].update(decoder_channels=[4]), None, "weights do not fit the explainer")):
+        card = json.loads(json.dumps(good))
+        edit(card)
+        (tmp_path / "e" / "explainer.json").write_text(json.dumps(card))
+        with pytest.raises(CardError, match=match) as info:
+            NEMt.load(tmp_path / "e", clf)
+        assert "\n" not in str(info.value)
+        if field is not None:
+            assert info.value.field == field

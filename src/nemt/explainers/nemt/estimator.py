@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -93,6 +94,21 @@ class _Paired(torch.utils.data.Dataset):
         return x, (torch.as_tensor(-1) if y is None else y), self.maps[k], self.targets[k]
 
 
+def _is_number(v: Any) -> bool:
+    """A real number (not a bool, not a string): what a numeric parameter must be."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_kernel_size(k: Any, input_size: Sequence[int], name: str) -> None:
+    """A smoothing kernel side: a positive integer whose half fits the smallest input side (the box filter
+    pads by half the kernel; more would wrap the padding around the image)."""
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ParameterError(f"{name} must be a positive integer, got {k!r}")
+    if input_size and k // 2 > min(input_size):
+        raise ParameterError(f"{name} {k} is too large for inputs of {list(input_size)}: at most "
+                             f"{2 * min(input_size) + 1}")
+
+
 class _LogitsOf(nn.Module):
     """``module.logits`` as a forward pass, for ``DistributedDataParallel`` (which hooks ``forward``)."""
 
@@ -153,6 +169,12 @@ class _MaskExplainer(Explainer):
             raise ParameterError(f"optimizer must be 'prodigy' or 'adamw', got {optimizer!r}")
         if schedule not in ("constant", "cosine"):
             raise ParameterError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+        if not _is_number(init_keep) or not 0 < init_keep < 1:  # the mask head starts at logit(init_keep)
+            raise ParameterError(f"init_keep must be a fraction strictly between 0 and 1, got {init_keep!r}")
+        if kernel_size is not None:
+            _check_kernel_size(kernel_size, self._input_size, "kernel_size")
+        if not isinstance(smoothing, bool):
+            raise ParameterError(f"smoothing must be true or false, got {smoothing!r}")
         self.layers, self.encoder, self.smoothing, self.kernel_size = layers, encoder, smoothing, kernel_size
         self.init_keep, self.decoder_channels = init_keep, decoder_channels
         self.decoder_full_resolution = decoder_full_resolution
@@ -375,6 +397,8 @@ class _MaskExplainer(Explainer):
         if sha256_file(directory / WEIGHTS) != digest:
             raise CardError(directory / WEIGHTS, "weights_sha256", "the weights file does not match its card "
                             "(changed or damaged after saving)")
+        if not isinstance(card.get("params"), dict):
+            raise CardError(path, "params", "missing or not an object of the explainer's parameters")
         params = dict(card["params"])
         if cls is NEMt and "objective" not in params:
             params["objective"] = "paper"  # saved before the nested objective existed: trained with the paper loss
@@ -385,8 +409,21 @@ class _MaskExplainer(Explainer):
             params.setdefault("occlusion", "inpaint")  # a card without it was fitted with inpainting, whatever the default
         if params.get("objective") in ("nested", "teacher"):
             params.setdefault("map_smoothing", True)  # saved before the option existed: its map was smoothed
-        self = cls(model, device=device, **params)
+        try:
+            self = cls(model, device=device, **params)
+        except (NemtError, TypeError, ValueError) as exc:  # a hand-edited or foreign parameter: name it
+            raise CardError(path, "params", str(exc)) from None
         fitted = card.get("fitted") or {}
+        if not isinstance(fitted, dict):
+            raise CardError(path, "fitted", "not an object")
+        for key, own in (("input_size", self._input_size), ("in_channels", self._in_channels)):
+            if key in fitted and fitted[key] != own:
+                raise CardError(path, f"fitted.{key}", f"{fitted[key]!r}, but the model takes {own!r}")
+        if fitted.get("kernel_size") is not None:
+            try:
+                _check_kernel_size(fitted["kernel_size"], self._input_size, "kernel_size")
+            except ParameterError as exc:
+                raise CardError(path, "fitted.kernel_size", str(exc)) from None
         self.layers_, self.kernel_size_ = fitted.get("layers"), fitted.get("kernel_size")
         self.epochs_ = fitted.get("epochs", params.get("epochs"))
         if "teacher_seconds" in fitted:
@@ -395,8 +432,11 @@ class _MaskExplainer(Explainer):
         try:
             state = load_file(str(directory / WEIGHTS))
             self.module_.load_state_dict(state)
-        except Exception as exc:  # safetensors / shape errors
-            raise CardError(directory / WEIGHTS, None, f"weights do not fit the explainer ({exc})") from exc
+        except Exception as exc:  # safetensors / shape errors: one line, not torch's list of every tensor
+            lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+            detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(exc).__name__)
+            raise CardError(directory / WEIGHTS, None, f"weights do not fit the explainer its card describes "
+                            f"({detail}{'; ...' if len(lines) > 2 else ''})") from None
         self.module_.eval()
         self.history_ = card.get("history", [])
         return self
@@ -500,11 +540,27 @@ class NEMt(_MaskExplainer):
         if games not in GAMES:
             raise NemtError(f"games must be one of {GAMES}, got {games!r}")
         for name, a in (("areas", areas), ("map_areas", map_areas or areas)):
-            if not a or not all(0 < float(v) < 1 for v in a):
-                raise NemtError(f"{name} must be fractions strictly between 0 and 1, got {list(a)!r}")
+            if isinstance(a, (str, bytes)) or not a or not all(_is_number(v) and 0 < v < 1 for v in a):
+                raise NemtError(f"{name} must be fractions strictly between 0 and 1, got {a!r}")
         if targets_per_image < 1 or not 0 <= present_fraction <= 1:
             raise NemtError("targets_per_image must be >= 1 and present_fraction in [0, 1]")
         card = getattr(model, "card", None)
+        if card is not None and targets_per_image > card.out_channels:
+            raise ParameterError(f"targets_per_image {targets_per_image} is more than the model's "
+                                 f"{card.out_channels} outputs")
+        for name, v in (("temperature", temperature), ("map_temperature", map_temperature), ("min_scale", min_scale)):
+            if not _is_number(v) or not (math.isfinite(v) and v > 0):
+                raise ParameterError(f"{name} must be a finite number > 0, got {v!r}")
+        if blur_sigma is not None and (not _is_number(blur_sigma) or not (math.isfinite(blur_sigma) and blur_sigma > 0)):
+            raise ParameterError(f"blur_sigma must be a finite number of pixels > 0 (or unset for the size's "
+                                 f"default), got {blur_sigma!r}")
+        if area_target is not None and (not _is_number(area_target) or not 0 < area_target < 1):
+            raise ParameterError(f"area_target must be a fraction strictly between 0 and 1, got {area_target!r}")
+        if not isinstance(map_smoothing, bool):
+            raise ParameterError(f"map_smoothing must be true or false, got {map_smoothing!r}")
+        if teacher_params and teacher is None:
+            raise ParameterError(f"teacher parameters {sorted(teacher_params)} need a teacher (teacher=METHOD, "
+                                 "--teacher): they would be ignored")
         self.task = card.task if card else "multiclass"
         if train_targets not in (None, "true", "predicted", "all"):
             raise NemtError(f"train_targets must be true, predicted or all, got {train_targets!r}")
@@ -624,7 +680,7 @@ class NEMt(_MaskExplainer):
 
     def _fill_sigma(self) -> float:
         """The blur and inpainting sigma in pixels: ``blur_sigma``, or one that follows the input's size."""
-        return self.blur_sigma or fill_sigma_for(tuple(self._input_size))
+        return float(self.blur_sigma) if self.blur_sigma is not None else fill_sigma_for(tuple(self._input_size))
 
     def _occlude(self, x: torch.Tensor, keep: torch.Tensor, kind: str | None = None) -> torch.Tensor:
         """``x`` with ``1 - keep`` deleted by the fill ``kind`` (default: this explainer's, see ``game_fills``)."""
