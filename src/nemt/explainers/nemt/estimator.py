@@ -940,8 +940,12 @@ class NEMt(_MaskExplainer):
             raise CollapseError(
                 f"NEMt collapsed for target(s) {', '.join(rep['collapsed'])}: more than half of their validation "
                 f"maps are empty or full (figures in {Path(out_dir) / 'collapse.json' if out_dir else 'collapse_'}); "
-                "the explainer was not saved. The default objective (nested) cannot collapse by construction; "
-                "pass --allow-collapse to save it anyway", rep)
+                "the explainer was not saved. " + {
+                    "paper": "The paper's objective collapses on confident classifiers (README); the default "
+                             "objective (nested) cannot, by construction. ",
+                    "teacher": f"A student learns its teacher's maps ({self.teacher}): are the teacher's own maps "
+                               "empty or full here? ",
+                }.get(self.objective, "") + "Pass --allow-collapse to save it anyway", rep)
 
     @torch.no_grad()
     def validate(self, data: Iterable) -> dict:
