@@ -190,6 +190,7 @@ def test_paper_objective_collapses_there_and_the_guard_refuses_it(saturated, tmp
     with pytest.raises(CollapseError, match="collapsed for target") as info:
         e.fit(train, epochs=2, val_data=[(x, y)], out_dir=tmp_path, progress=False, log=lambda s: None)
     assert {"bright", "dark"} <= set(info.value.report["collapsed"])
+    assert "The paper's objective collapses on confident classifiers" in str(info.value)  # advice fits the case
     assert not (tmp_path / "explainer.json").exists()  # nothing useless saved
     assert json.loads((tmp_path / "collapse.json").read_text())["collapsed"] == info.value.report["collapsed"]
 
