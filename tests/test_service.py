@@ -545,3 +545,11 @@ def test_a_client_gone_mid_upload_logs_no_traceback(env, upload_root):
     gone = [r.getMessage() for r in records if r.name == "nemt.service"]
     assert len(gone) == 3 and all("went away during its upload" in m for m in gone)
     assert list(upload_root.iterdir()) == []
+
+
+def test_an_oversized_upload_message_uses_one_unit():
+    """The 413 message states the upload and the limit in one unit (it once said '6.867 MB ... 52428 bytes')."""
+    from nemt.deploy.service import MB, _fmt_bytes
+
+    assert (_fmt_bytes(int(6.867 * MB), 52428), _fmt_bytes(52428, int(6.867 * MB))) == ("6.867 MB", "0.05 MB")
+    assert (_fmt_bytes(3000, 2000), _fmt_bytes(2000, 3000)) == ("3000 bytes", "2000 bytes")

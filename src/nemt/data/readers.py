@@ -112,7 +112,7 @@ def read_image(path: str | Path, *, max_pixels: int | None = None) -> Image:
     if kind == "npy":
         return _read_npy(path, max_pixels=max_pixels)
     raise DataError(path, "file", "unsupported format (not PNG, JPEG, BMP, TIFF, DICOM, NIfTI or NumPy .npy; "
-                    f"supported suffixes: {', '.join(_IMAGE_SUFFIXES)})")
+                    f"supported suffixes: {', '.join(dict.fromkeys((*_IMAGE_SUFFIXES, '.npy')))})")
 
 
 def read_mask(path: str | Path, like: Image | tuple[int, ...] | None = None, *,

@@ -281,8 +281,9 @@ async def _read_form(request: Request, boundary: bytes, directory: Path, limit: 
     return reader.form
 
 
-def _fmt_bytes(n: int) -> str:
-    return f"{n / MB:.4g} MB" if n >= MB else f"{n} bytes"
+def _fmt_bytes(n: int, other: int = 0) -> str:
+    """``n`` bytes as text, in MB when ``n`` or the number it is compared with (``other``) reaches 1 MB."""
+    return f"{n / MB:.4g} MB" if max(n, other) >= MB else f"{n} bytes"
 
 
 # -- images and overlays ---------------------------------------------------------------------------------
@@ -405,8 +406,8 @@ class ExplanationService:
             if not length.isdigit():
                 raise HTTPException(400, f"bad Content-Length {length!r}")
             if int(length) > self.max_upload_bytes:
-                raise HTTPException(413, f"upload of {_fmt_bytes(int(length))} is over the limit of "
-                                         f"{_fmt_bytes(self.max_upload_bytes)}")
+                raise HTTPException(413, f"upload of {_fmt_bytes(int(length), self.max_upload_bytes)} is over "
+                                         f"the limit of {_fmt_bytes(self.max_upload_bytes, int(length))}")
         kind, params = parse_options_header(request.headers.get("content-type", ""))
         if kind != b"multipart/form-data" or not params.get(b"boundary"):
             raise HTTPException(415, "send a multipart/form-data form with the image in the field 'file'")
