@@ -366,3 +366,11 @@ def test_methods_lists_plain_summaries():
     assert res.exit_code == 0 and "``" not in res.output and ":class:" not in res.output
     assert _plain_summary("Uniform noise from ``seed``:\n    a :class:`~x.Random` map.\n\n    More.") == \
         "Uniform noise from seed: a Random map."
+
+
+def test_a_repeated_item_in_a_list_option_counts_once():
+    """`--layers stage1,stage1` or `--methods gradcam,,gradcam`: one item each, in the order first given."""
+    from nemt.cli import _csv_list
+
+    assert _csv_list("stage1, stage1,stage2") == ["stage1", "stage2"]
+    assert _csv_list("gradcam,,ig,gradcam") == ["gradcam", "ig"] and _csv_list("") is None

@@ -126,6 +126,8 @@ def test_export_refuses_bad_opsets_and_suffixes_and_keeps_no_file_that_fails_its
         export_model(root / "m", root / "e", out / "a.onnx", format="torchscript")
     with pytest.raises(NemtError, match="unknown suffix '.foo'"):
         export_model(root / "m", root / "e", out / "a.foo")
+    with pytest.raises(NemtError, match="a: no suffix; use .onnx"):
+        export_model(root / "m", root / "e", out / "a")
     assert not out.exists()
     assert export_model(root / "m", root / "e", out / "a.pt")["format"] == "torchscript"
 
@@ -137,6 +139,31 @@ def test_export_refuses_bad_opsets_and_suffixes_and_keeps_no_file_that_fails_its
         export_model(root / "m", root / "e", out / "b.onnx")
     assert sorted(p.name for p in out.iterdir()) == ["a.pt"]
 
+
+def test_a_failed_or_interrupted_check_keeps_an_earlier_export_and_leaves_nothing(fitted, monkeypatch):
+    """The export takes --out's name only once checked: a file the runtime refuses (or a check stopped by
+    Ctrl-C) neither replaces an earlier export at that name nor leaves a temporary file behind."""
+    import nemt.deploy.export as E
+
+    root = fitted["root"]
+    out = root / "keep"
+    out.mkdir()
+    (out / "m.onnx").write_bytes(b"an earlier export")
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 10 : INVALID_GRAPH : a made-up refusal")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(E, "check_onnx", refused)
+    with pytest.raises(NemtError, match=r"keep/m\.onnx: the runtime cannot run the exported model"):
+        export_model(root / "m", root / "e", out / "m.onnx")
+    monkeypatch.setattr(E, "check_torchscript", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(root / "m", root / "e", out / "m.pt")
+    assert sorted(p.name for p in out.iterdir()) == ["m.onnx"]
+    assert (out / "m.onnx").read_bytes() == b"an earlier export"
 
 def test_refuses_a_baseline_or_an_explainer_of_another_classifier(fitted):
     clf = fitted["clf"]

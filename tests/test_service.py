@@ -384,10 +384,12 @@ def test_build_explainers_needs_something_to_serve(env):
 
 @pytest.mark.parametrize("option,value", [("--max-upload-mb", "nan"), ("--max-upload-mb", "inf"),
                                           ("--max-upload-mb", "-1"), ("--max-pixels", "inf"),
-                                          ("--body-timeout", "inf")])
+                                          ("--body-timeout", "inf"), ("--max-upload-mb", "1e-9"),
+                                          ("--max-upload-mb", "1e308")])
 def test_serve_refuses_non_finite_or_negative_limits(option, value):
     """Limits are finite numbers > 0: nan / inf / negative are usage errors naming the option, found before
-    the model is read or a port is bound (the model folder here does not even exist)."""
+    the model is read or a port is bound (the model folder here does not even exist); so is an upload limit
+    under one byte or too large to count in bytes (1e308 MB)."""
     from typer.testing import CliRunner
 
     from nemt.cli import app

@@ -160,7 +160,8 @@ def _shard(value: str | None) -> tuple[int, int] | None:
 
 
 def _csv_list(value: Optional[str]) -> Optional[list[str]]:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+    """A comma-separated option as a list: blanks dropped, a repeated item kept once (in its first place)."""
+    return list(dict.fromkeys(v.strip() for v in value.split(",") if v.strip())) if value else None
 
 
 def _floats(value: str, option: str) -> list[float]:
