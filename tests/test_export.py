@@ -150,20 +150,22 @@ def test_a_failed_or_interrupted_check_keeps_an_earlier_export_and_leaves_nothin
     out.mkdir()
     (out / "m.onnx").write_bytes(b"an earlier export")
 
-    def refused(*args, **kwargs):
-        raise RuntimeError("[ONNXRuntimeError] : 10 : INVALID_GRAPH : a made-up refusal")
+    def refused(path, *args, **kwargs):
+        raise RuntimeError(f"[ONNXRuntimeError] : 10 : INVALID_GRAPH : Load model from {path} failed")
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(E, "check_onnx", refused)
-    with pytest.raises(NemtError, match=r"keep/m\.onnx: the runtime cannot run the exported model"):
+    with pytest.raises(NemtError, match=r"keep/m\.onnx: the runtime cannot run the exported model") as err:
         export_model(root / "m", root / "e", out / "m.onnx")
+    assert f"Load model from {out / 'm.onnx'} failed" in str(err.value)  # the name given, not a temporary one
     monkeypatch.setattr(E, "check_torchscript", interrupted)
     with pytest.raises(KeyboardInterrupt):
         export_model(root / "m", root / "e", out / "m.pt")
     assert sorted(p.name for p in out.iterdir()) == ["m.onnx"]
     assert (out / "m.onnx").read_bytes() == b"an earlier export"
+
 
 def test_refuses_a_baseline_or_an_explainer_of_another_classifier(fitted):
     clf = fitted["clf"]

@@ -294,8 +294,8 @@ def export_format(out: str | Path, format: str | None) -> str:
     if format is not None and format not in ("onnx", "torchscript"):
         raise NemtError(f"--format must be onnx or torchscript, got {format!r}")
     if suffix not in SUFFIXES:
-        raise NemtError(f"--out {out}: unknown suffix {suffix or '(none)'!r}; use .onnx for ONNX or .pt / .pth / .ts "
-                        "for TorchScript")
+        raise NemtError(f"--out {out}: {f'unknown suffix {suffix!r}' if suffix else 'no suffix'}; use .onnx for ONNX "
+                        "or .pt / .pth / .ts for TorchScript")
     if format is not None and SUFFIXES[suffix] != format:
         raise NemtError(f"--out {out}: a {suffix} file is not {format}; name it "
                         f"{Path(out).with_suffix('.onnx' if format == 'onnx' else '.pt').name} or drop --format")
@@ -310,8 +310,9 @@ def export_model(model_dir: str | Path, explainer_dir: str | Path, out: str | Pa
     :func:`opset_range`. The check runs a seeded random batch of 3 (not the traced batch of 2, so
     the dynamic batch axis is exercised) and raises :class:`NemtError` when
     an output differs by more than ``tolerance``, or a map by more than its rounding bound
-    (:func:`map_tolerance`, at least ``tolerance``), or the runtime refuses the file; a file that fails the
-    check is removed. Returns a summary.
+    (:func:`map_tolerance`, at least ``tolerance``), or the runtime refuses the file. The file is written and
+    checked under a temporary name and takes ``out``'s name only once checked: a failed (or interrupted) check
+    removes it and leaves an earlier file at ``out`` as it was. Returns a summary.
     """
     from nemt.explainers import get_explainer
     from nemt.models import load_model
@@ -323,26 +324,24 @@ def export_model(model_dir: str | Path, explainer_dir: str | Path, out: str | Pa
     clf = load_model(model_dir, device="cpu")
     nemt = get_explainer("nemt", clf, path=explainer_dir, device="cpu")
     example = _example(clf, 2, seed)
-    if format == "onnx":
-        path = export_onnx(clf, nemt, out, opset, example=example)
-        check = check_onnx
-    else:
-        path = export_torchscript(clf, nemt, out, example=example)
-        check = check_torchscript
     x = _example(clf, 3, seed + 1)
-    try:
+    path = Path(out)
+    with atomic_path(path) as tmp:  # renamed onto out only when checked; removed on any failure or interrupt
+        if format == "onnx":
+            export_onnx(clf, nemt, tmp, opset, example=example)
+            check = check_onnx
+        else:
+            export_torchscript(clf, nemt, tmp, example=example)
+            check = check_torchscript
         try:
-            diffs = check(path, x, SelfExplainingModel(clf, nemt))
+            diffs = check(tmp, x, SelfExplainingModel(clf, nemt))
         except Exception as exc:  # the runtime refuses the file (e.g. ONNX Runtime's InvalidGraph)
-            lines = str(exc).strip().splitlines()
+            lines = str(exc).replace(str(tmp), str(path)).strip().splitlines()  # the name the user gave
             raise NemtError(f"{path}: the runtime cannot run the exported model ("
                             f"{lines[0][:300] if lines else type(exc).__name__}); nothing kept") from None
         tol = {"outputs": tolerance, "maps": map_tolerance(nemt, x, tolerance)}  # the maps' own rounding bound
         if any(diffs[k] > tol[k] for k in diffs):
             raise NemtError(f"{path}: the exported model differs from PyTorch by {diffs} (tolerance {tol}); "
                             "nothing kept")
-    except NemtError:
-        Path(path).unlink(missing_ok=True)  # no unchecked file left behind
-        raise
     return {"path": str(path), "format": format, "labels": clf.label_names, "input_size": clf.card.input_size,
             "max_abs_diff": diffs, "bytes": Path(path).stat().st_size}

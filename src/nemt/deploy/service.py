@@ -695,9 +695,15 @@ def serve(model_dir: str | Path, explainer_dir: str | Path | None = None, *, bas
 
     from nemt.models import load_model
 
+    upload_bytes = float(max_upload_mb) * MB  # checked before the model is read or a port is bound
+    if not upload_bytes >= 1:
+        raise NemtError(f"--max-upload-mb {max_upload_mb:g}: the upload limit must be at least one byte "
+                        f"({1 / MB:.3g} MB)")
+    if not np.isfinite(upload_bytes):
+        raise NemtError(f"--max-upload-mb {max_upload_mb:g}: the upload limit is too large to count in bytes")
     clf = load_model(model_dir, device=device)
     app = create_app(clf, build_explainers(clf, explainer_dir, baselines, seed=seed, device=device),
-                     max_upload_bytes=int(max_upload_mb * MB), workers=workers, queue=queue, max_pixels=max_pixels,
+                     max_upload_bytes=int(upload_bytes), workers=workers, queue=queue, max_pixels=max_pixels,
                      body_timeout=body_timeout, max_receiving=max_receiving)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
