@@ -468,10 +468,10 @@ def test_bad_parameters_and_hand_edited_cards_are_refused_naming_the_field(tmp_p
     good = json.loads((tmp_path / "e" / "explainer.json").read_text())
     for edit, field, match in (
             (lambda c: c.pop("params"), "params", "missing or not an object"),
-            (lambda c: c["params"].update(map_areas="x"), "params", "map_areas must be fractions"),
-            (lambda c: c["params"].update(map_temperature=0), "params", "map_temperature"),
-            (lambda c: c["params"].update(blur_sigma=-1), "params", "blur_sigma"),
-            (lambda c: c["params"].update(map_smoothing="no"), "params", "map_smoothing must be true or false"),
+            (lambda c: c["params"].update(map_areas="x"), "params.map_areas", "params.map_areas: must be fractions"),
+            (lambda c: c["params"].update(map_temperature=0), "params.map_temperature", "finite number > 0"),
+            (lambda c: c["params"].update(blur_sigma=-1), "params.blur_sigma", "finite number of pixels > 0"),
+            (lambda c: c["params"].update(map_smoothing="no"), "params.map_smoothing", "must be true or false"),
             (lambda c: c["fitted"].update(input_size=[64, 64]), "fitted.input_size", "the model takes \\[32, 32\\]"),
             (lambda c: c["fitted"].update(kernel_size=-3), "fitted.kernel_size", "positive integer"),
             (lambda c: c["params"].update(decoder_channels=[4]), None, "weights do not fit the explainer")):
@@ -483,3 +483,112 @@ def test_bad_parameters_and_hand_edited_cards_are_refused_naming_the_field(tmp_p
         assert "\n" not in str(info.value)
         if field is not None:
             assert info.value.field == field
+
+
+def test_every_field_of_a_hand_edited_card_is_checked_on_load(tmp_path):
+    """Each field of explainer.json is checked where it is read, with the file, the field (``params.NAME``,
+    ``fitted.NAME``) and the reason on one line: a parameter NEMt does not have (or the device, the loader's
+    choice), a number or count of the wrong type, a flag that is no boolean ("no" read as true), decoder widths
+    that are no counts, an input size or channel count or map count the model does not have, layers the model
+    does not have, a fitted epoch count or history of the wrong type, a card that is no JSON object."""
+    from nemt.errors import CardError
+
+    net = build_model("smallcnn", spatial_dims=2, in_channels=1, out_channels=3, width=4)
+    clf = Classifier.from_module(net, spatial_dims=2, in_channels=1, input_size=(32, 32), task="multiclass",
+                                 label_names=["a", "b", "c"]).eval()
+    NEMt(clf, **FAST).init_module().save(tmp_path / "e")
+    path = tmp_path / "e" / "explainer.json"
+    good = json.loads(path.read_text())
+    for edit, field, reason in (
+            (lambda c: c["params"].update(foo=1), "params.foo", "not a parameter of NEMt"),
+            (lambda c: c["params"].update(device="cuda"), "params.device", "not a parameter of NEMt"),
+            (lambda c: c["params"].update(decoder_channels="x"), "params.decoder_channels", "channel counts >= 1"),
+            (lambda c: c["params"].update(decoder_channels=[0, -1]), "params.decoder_channels", "channel counts"),
+            (lambda c: c["params"].update(decoder_full_resolution="no"), "params.decoder_full_resolution",
+             "must be true or false"),
+            (lambda c: c["params"].update(flip="yes"), "params.flip", "must be true or false"),
+            (lambda c: c["params"].update(seed="x"), "params.seed", "whole number >= 0"),
+            (lambda c: c["params"].update(epochs=-1), "params.epochs", "whole number >= 1"),
+            (lambda c: c["params"].update(batch_size="16"), "params.batch_size", "whole number >= 1"),
+            (lambda c: c["params"].update(lr=-1), "params.lr", "finite number > 0"),
+            (lambda c: c["params"].update(present_fraction="x"), "params.present_fraction", "fraction in \\[0, 1\\]"),
+            (lambda c: c["params"].update(preservation_weight="x"), "params.preservation_weight", "finite number"),
+            (lambda c: c["params"].update(teacher_params={"steps": 3}), "params.teacher_params", "need a teacher"),
+            (lambda c: c["params"].update(input_size=[64, 64]), "params.input_size", "the model takes \\[32, 32\\]"),
+            (lambda c: c["params"].update(in_channels=3), "params.in_channels", "the model takes 1"),
+            (lambda c: c["params"].update(layers=["nope"]), "params.layers", "not layers of the model"),
+            (lambda c: c["fitted"].update(layers=["nope"]), "fitted.layers", "\\['nope'\\] are not layers"),
+            (lambda c: c["fitted"].update(layers=3), "fitted.layers", "list of the model's layer names"),
+            (lambda c: c["fitted"].update(kernel_size=999), "fitted.kernel_size", "at most 65"),
+            (lambda c: c["fitted"].update(in_channels=3), "fitted.in_channels", "the model takes 1"),
+            (lambda c: c["fitted"].update(epochs="x"), "fitted.epochs", "whole number >= 0"),
+            (lambda c: c.update(history="x"), "history", "must be a list"),
+            (lambda c: c.update(n_maps=9), "n_maps", "the model has 3 outputs")):
+        card = json.loads(json.dumps(good))
+        edit(card)
+        path.write_text(json.dumps(card))
+        with pytest.raises(CardError, match=f"{field}: .*{reason}") as info:
+            NEMt.load(tmp_path / "e", clf)
+        assert info.value.field == field and info.value.path == str(path) and "\n" not in str(info.value)
+    path.write_text("[1, 2]")
+    with pytest.raises(CardError, match="card must be a JSON object"):
+        NEMt.load(tmp_path / "e", clf)
+    path.write_text(json.dumps(good))  # the card as saved still loads
+    assert NEMt.load(tmp_path / "e", clf).module_ is not None
+
+
+def test_bad_constructor_parameters_name_the_parameter():
+    """NEMt's own parameters beyond the CLI's: counts, flags, weights, the teacher's settings, each refused with
+    its name (what a card's loader reports as ``params.NAME``); a kernel of 65 px fits a 32-px input, 66 not."""
+    net = build_model("smallcnn", spatial_dims=2, in_channels=1, out_channels=3, width=4)
+    clf = Classifier.from_module(net, spatial_dims=2, in_channels=1, input_size=(32, 32), task="multiclass",
+                                 label_names=["a", "b", "c"]).eval()
+    for bad, name in (({"batch_size": 0}, "batch_size"), ({"epochs": 2.5}, "epochs"), ({"seed": -1}, "seed"),
+                      ({"decoder_channels": (8, 0)}, "decoder_channels"), ({"lr": float("nan")}, "lr"),
+                      ({"weight_decay": -1}, "weight_decay"), ({"flip": 1}, "flip"),
+                      ({"area_weight": -1.0}, "area_weight"), ({"change_weight": float("inf")}, "change_weight"),
+                      ({"area_target": 1.0}, "area_target"), ({"present_fraction": 2}, "present_fraction"),
+                      ({"targets_per_image": 0}, "targets_per_image"), ({"layers": "stage1"}, "layers"),
+                      ({"teacher": "occlusion", "objective": "teacher", "teacher_budget": 0}, "teacher_budget"),
+                      ({"teacher": "occlusion", "objective": "teacher", "teacher_targets": "x"}, "teacher_targets"),
+                      ({"kernel_size": 66}, "kernel_size")):
+        with pytest.raises(ParameterError, match=f"^{name} ") as info:
+            NEMt(clf, **bad)
+        assert info.value.name == name
+    ex = NEMt(clf, kernel_size=65, **FAST).init_module()
+    assert torch.isfinite(ex.module_(torch.rand(1, 1, 32, 32))[0]).all()
+    NEMt(clf, objective="paper", area_target=0.3)  # the paper objective takes it
+
+
+def test_cli_fit_refuses_out_of_range_options_naming_the_option(tmp_path):
+    """`nemt fit --init-keep 0 | 1` (the mask head starts at logit(init_keep): a math domain error and a division
+    by zero before) and the help's range is open; --area-target no fraction, --min-scale and --blur-sigma not
+    > 0 (a blur of 0 used to mean the default), --area-target without --objective paper (ignored before): the
+    option is named, nothing is written. The model-dependent limits (--kernel-size, --targets-per-image) and
+    --teacher-param without --teacher are checked before the data set is read."""
+    from conftest import train_phantom_model
+    from nemt.cli import app
+
+    runner = CliRunner()
+    help_text = runner.invoke(app, ["fit", "--help"], env={"COLUMNS": "250"}).output
+    init_keep = next(line for line in help_text.splitlines() if "--init-keep" in line)
+    assert "0<=x<=1" not in init_keep and "strictly between 0 and 1" in init_keep
+    base = ["fit", "--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "no-data"),
+            "--out", str(tmp_path / "out"), "--no-progress"]
+    for option, value in (("--init-keep", "0"), ("--init-keep", "1"), ("--init-keep", "nan"),
+                          ("--area-target", "2"), ("--area-target", "0"), ("--min-scale", "0"),
+                          ("--min-scale", "-1"), ("--blur-sigma", "0"), ("--blur-sigma", "-2")):
+        res = runner.invoke(app, base + [option, value])
+        assert res.exit_code == 2 and f"Invalid value for '{option}'" in res.output, (option, value, res.output)
+        assert res.exception is None or isinstance(res.exception, SystemExit)
+    res = runner.invoke(app, base + ["--area-target", "0.3"], env={"COLUMNS": "400"})  # the nested objective
+    assert res.exit_code == 2 and "--area-target applies to --objective paper only, not nested" in res.output
+    _, model = train_phantom_model(tmp_path)
+    base[2] = str(model)
+    for args, message in ((["--kernel-size", "999"], "kernel_size 999 is too large for inputs of [32, 32]: at most 65"),
+                          (["--targets-per-image", "10"], "targets_per_image 10 is more than the model's 4 outputs"),
+                          (["--teacher-param", "steps=3"], "need a teacher")):
+        res = runner.invoke(app, base + args, env={"COLUMNS": "400"})
+        assert res.exit_code == 2 and message in res.output and "no-data" not in res.output, res.output
+        assert isinstance(res.exception, SystemExit)
+    assert not (tmp_path / "out").exists()

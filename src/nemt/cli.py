@@ -136,6 +136,13 @@ def _positive(value: Optional[float]) -> Optional[float]:
     return value
 
 
+def _open_fraction(value: Optional[float]) -> Optional[float]:
+    """Typer callback: a fraction strictly between 0 and 1 (None stays None)."""
+    if value is not None and not 0 < value < 1:
+        raise typer.BadParameter(f"{value:g} is not strictly between 0 and 1")
+    return value
+
+
 def _method_params(items: list[str]) -> dict:
     """``explain --param``: KEY=VALUE keywords; ``seed`` replaces --seed, ``device`` and ``path`` are refused."""
     from nemt.params import parse_params, refuse_reserved
@@ -483,7 +490,8 @@ def fit(
     areas: str = typer.Option("0.01,0.025,0.05,0.1,0.2", help="nested: mask areas trained (fractions of the image)"),
     map_areas: str = typer.Option("0.01", help="nested: areas the map is the mean of ('train': --areas)"),
     games: str = typer.Option("both", help="nested: both | deletion | preservation"),
-    min_scale: float = typer.Option(1.0, help="nested: smallest evidence size (log-odds) the games normalise by"),
+    min_scale: float = typer.Option(1.0, callback=_positive, help="nested: smallest evidence size (log-odds) the "
+                                    "games normalise by (> 0)"),
     preservation_bound: float = typer.Option(2.0,
                                              help="nested: a preservation game lost by more than this "
                                              "(in units of the clean evidence) gives no gradient; inf: unbounded"),
@@ -502,14 +510,16 @@ def fit(
                                   "them the mean image)"),
     map_smoothing: bool = typer.Option(True, help="nested: smooth the map at explanation time (training always "
                                        "smooths its masks); --no-map-smoothing: the top --map-areas of the logits"),
-    blur_sigma: Optional[float] = typer.Option(None, help="blur / inpainting sigma in pixels (default: 8 px at 128 px; 3D: 0.135 of the side, 4.3 voxels at 32³)"),
+    blur_sigma: Optional[float] = typer.Option(None, callback=_positive, help="blur / inpainting sigma in pixels, > 0 (default: 8 px at 128 px; 3D: 0.135 of the side, 4.3 voxels at 32³)"),
     quantity: str = typer.Option("prob", help="paper: target quantity: prob | logit | one_minus_prob"),
     area_weight: float = typer.Option(1.0, help="paper: weight of the deleted-area term"),
     change_weight: float = typer.Option(2.0, help="paper: weight of the squared target change"),
-    area_target: Optional[float] = typer.Option(None, help="paper: explicit deleted-fraction target"),
+    area_target: Optional[float] = typer.Option(None, callback=_open_fraction, help="paper: explicit deleted-fraction "
+                                                "target, strictly between 0 and 1"),
     kernel_size: Optional[int] = typer.Option(None, min=1, help="smoothing kernel side (default: 21 at 224 px)"),
     smoothing: bool = typer.Option(True, help="integrated smoothing operator"),
-    init_keep: float = typer.Option(0.95, min=0, max=1, help="initial kept fraction of the mask head"),
+    init_keep: float = typer.Option(0.95, callback=_open_fraction, help="initial kept fraction of the mask head, "
+                                    "strictly between 0 and 1 (the head starts at its log-odds)"),
     encoder: str = typer.Option("model", help="model (frozen model's stages) | own (model-agnostic)"),
     decoder_channels: str = typer.Option("128,64,32,16,8", help="decoder block widths, deepest first (the last "
                                          "one only with --full-resolution)"),
@@ -546,15 +556,14 @@ def fit(
 
     from nemt.distributed import context, local_device
     _out_dir(out)
+    if area_target is not None and (objective != "paper" or teacher is not None):
+        other = "a student (--teacher)" if teacher is not None else objective
+        raise NemtError(f"--area-target applies to --objective paper only, not {other}: it would be ignored")
     decoder = _ints(decoder_channels, "--decoder-channels")
     ctx = context(_device(device))
     device = str(local_device(device, ctx))
     clf = load_model(model, device=device)
-    manifest = _open(data, clf.task, ",".join(clf.label_names) if clf.task == "multiclass" else None)
-    manifest.raise_problems()
-    splits = load_splits(model, manifest)
-    train_ds = ImageDataset(manifest, clf.preprocessing, splits["train"])
-    val_ds = ImageDataset(manifest, clf.preprocessing, splits["val"])
+    # the options are checked (by NEMt) before the data set is read
     from nemt.params import parse_params
     if teacher is not None:
         objective = "teacher"
@@ -574,6 +583,11 @@ def fit(
                      decoder_full_resolution=full_resolution, optimizer=optimizer, lr=lr, schedule=schedule,
                      batch_size=batch_size, accumulate=accumulate, epochs=epochs,
                      seed=seed, device=device)
+    manifest = _open(data, clf.task, ",".join(clf.label_names) if clf.task == "multiclass" else None)
+    manifest.raise_problems()
+    splits = load_splits(model, manifest)
+    train_ds = ImageDataset(manifest, clf.preprocessing, splits["train"])
+    val_ds = ImageDataset(manifest, clf.preprocessing, splits["val"])
     from nemt.explainers.nemt.estimator import CollapseError
     try:
         explainer.fit(train_ds, val_data=DataLoader(val_ds, batch_size=32), out_dir=out, progress=progress,

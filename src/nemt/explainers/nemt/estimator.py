@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -28,7 +29,7 @@ from nemt.errors import CardError, NemtError
 from nemt.explainers.base import Explainer, Target, init_parameters, register
 from nemt.ops import (ParameterError, diffusion_fill, evaluating, frozen_parameters, label_names_of, n_outputs_of,
                       output_score, postprocess, preserved_rng, resolve_targets, task_of)
-from nemt.explainers.layers import find_stages, layer_name
+from nemt.explainers.layers import _unwrap, find_stages, layer_name
 from nemt.explainers.nemt.losses import (MEAN_IMAGE, OCCLUSIONS, OUTPAINT, QUANTITIES, deletion_loss, game_fills,
                                         game_loss, log_odds, nem_loss, nested_masks, occlude, target_quantity)
 from nemt.distributed import Context, StepBatches, context
@@ -94,19 +95,34 @@ class _Paired(torch.utils.data.Dataset):
         return x, (torch.as_tensor(-1) if y is None else y), self.maps[k], self.targets[k]
 
 
+class _BadParameter(ParameterError):
+    """A parameter refused: ``NAME reason``. ``name`` and ``reason`` are kept, so that a card's loader names
+    the field (``params.NAME``) and gives the reason."""
+
+    def __init__(self, name: str, reason: str):
+        self.name, self.reason = name, reason
+        super().__init__(f"{name} {reason}")
+
+
 def _is_number(v: Any) -> bool:
     """A real number (not a bool, not a string): what a numeric parameter must be."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _is_count(v: Any, least: int = 1) -> bool:
+    """A whole number (not a bool, not a float) of at least ``least``."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= least
 
 
 def _check_kernel_size(k: Any, input_size: Sequence[int], name: str) -> None:
     """A smoothing kernel side: a positive integer whose half fits the smallest input side (the box filter
     pads by half the kernel; more would wrap the padding around the image)."""
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ParameterError(f"{name} must be a positive integer, got {k!r}")
+    if not _is_count(k):
+        raise _BadParameter(name, f"must be a positive integer, got {k!r}")
     if input_size and k // 2 > min(input_size):
-        raise ParameterError(f"{name} {k} is too large for inputs of {list(input_size)}: at most "
-                             f"{2 * min(input_size) + 1}")
+        raise _BadParameter(name, f"{k} is too large for inputs of {list(input_size)}: at most "
+                            f"{2 * min(input_size) + 1} (the smoothing pads each side by half the kernel, "
+                            "which must fit in the smallest side)")
 
 
 class _LogitsOf(nn.Module):
@@ -164,17 +180,33 @@ class _MaskExplainer(Explainer):
         if not self._input_size or not self._in_channels:
             raise ParameterError("give input_size= and in_channels= for a model without a card")
         if encoder not in ("model", "own"):
-            raise ParameterError(f"encoder must be 'model' or 'own', got {encoder!r}")
+            raise _BadParameter("encoder", f"must be 'model' or 'own', got {encoder!r}")
         if optimizer not in ("prodigy", "adamw"):
-            raise ParameterError(f"optimizer must be 'prodigy' or 'adamw', got {optimizer!r}")
+            raise _BadParameter("optimizer", f"must be 'prodigy' or 'adamw', got {optimizer!r}")
         if schedule not in ("constant", "cosine"):
-            raise ParameterError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+            raise _BadParameter("schedule", f"must be 'constant' or 'cosine', got {schedule!r}")
         if not _is_number(init_keep) or not 0 < init_keep < 1:  # the mask head starts at logit(init_keep)
-            raise ParameterError(f"init_keep must be a fraction strictly between 0 and 1, got {init_keep!r}")
+            raise _BadParameter("init_keep", f"must be a fraction strictly between 0 and 1, got {init_keep!r}")
         if kernel_size is not None:
             _check_kernel_size(kernel_size, self._input_size, "kernel_size")
-        if not isinstance(smoothing, bool):
-            raise ParameterError(f"smoothing must be true or false, got {smoothing!r}")
+        for name, flag in (("smoothing", smoothing), ("decoder_full_resolution", decoder_full_resolution)):
+            if not isinstance(flag, bool):
+                raise _BadParameter(name, f"must be true or false, got {flag!r}")
+        if not isinstance(decoder_channels, (list, tuple)) or not decoder_channels or \
+                not all(_is_count(c) for c in decoder_channels):
+            raise _BadParameter("decoder_channels", f"must be a non-empty list of channel counts >= 1, "
+                                f"got {decoder_channels!r}")
+        for name, v in (("batch_size", batch_size), ("accumulate", accumulate), ("epochs", epochs)):
+            if not _is_count(v):
+                raise _BadParameter(name, f"must be a whole number >= 1, got {v!r}")
+        if not _is_count(seed, 0):
+            raise _BadParameter("seed", f"must be a whole number >= 0, got {seed!r}")
+        if lr is not None and not (_is_number(lr) and math.isfinite(lr) and lr > 0):
+            raise _BadParameter("lr", f"must be a finite number > 0 (or unset for the optimizer's default), got {lr!r}")
+        if not (_is_number(weight_decay) and math.isfinite(weight_decay) and weight_decay >= 0):
+            raise _BadParameter("weight_decay", f"must be a finite number >= 0, got {weight_decay!r}")
+        if layers is not None and (isinstance(layers, (str, bytes)) or not isinstance(layers, (list, tuple))):
+            raise _BadParameter("layers", f"must be a list of the model's layers (names or modules), got {layers!r}")
         self.layers, self.encoder, self.smoothing, self.kernel_size = layers, encoder, smoothing, kernel_size
         self.init_keep, self.decoder_channels = init_keep, decoder_channels
         self.decoder_full_resolution = decoder_full_resolution
@@ -373,15 +405,21 @@ class _MaskExplainer(Explainer):
 
     @classmethod
     def load(cls, directory: str | Path, model: nn.Module, device: str | torch.device | None = None):
-        """Read a saved explainer for ``model``; refuses a model other than the one it was fitted for."""
+        """Read a saved explainer for ``model``; refuses a model other than the one it was fitted for.
+
+        The card is checked field by field (types, ranges, agreement with ``model``): a hand-edited or damaged
+        ``explainer.json`` is a :class:`~nemt.errors.CardError` naming the file, the field (``params.NAME``,
+        ``fitted.NAME``) and the reason, and weights of another shape one line, not torch's dump."""
         directory = Path(directory)
         path = directory / CARD
         if not path.is_file():
             raise CardError(path, None, "explainer card not found")
         try:
-            card = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+            card = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CardError(path, None, f"not valid JSON ({exc})") from exc
+        if not isinstance(card, dict):
+            raise CardError(path, None, "card must be a JSON object")
         if card.get("format") != FORMAT:
             raise CardError(path, "format", f"expected {FORMAT!r}, got {card.get('format')!r}")
         if card.get("kind") != cls.__name__:
@@ -400,6 +438,15 @@ class _MaskExplainer(Explainer):
         if not isinstance(card.get("params"), dict):
             raise CardError(path, "params", "missing or not an object of the explainer's parameters")
         params = dict(card["params"])
+        known = init_parameters(cls) - {"device"}  # the device is the loader's choice, not the card's
+        for key in sorted(params):
+            if key not in known:
+                raise CardError(path, f"params.{key}", f"not a parameter of {cls.__name__}")
+        model_card = getattr(model, "card", None)
+        for key in ("input_size", "in_channels"):  # the model's own (its card) unless the card of a plain module
+            own = getattr(model_card, key, None)
+            if own is not None and params.get(key) is not None and params[key] != own:
+                raise CardError(path, f"params.{key}", f"{params[key]!r}, but the model takes {own!r}")
         if cls is NEMt and "objective" not in params:
             params["objective"] = "paper"  # saved before the nested objective existed: trained with the paper loss
         params.setdefault("decoder_full_resolution", True)  # saved before the lighter decoder existed
@@ -411,7 +458,9 @@ class _MaskExplainer(Explainer):
             params.setdefault("map_smoothing", True)  # saved before the option existed: its map was smoothed
         try:
             self = cls(model, device=device, **params)
-        except (NemtError, TypeError, ValueError) as exc:  # a hand-edited or foreign parameter: name it
+        except _BadParameter as exc:  # a hand-edited or foreign parameter: name it
+            raise CardError(path, f"params.{exc.name}", exc.reason) from None
+        except (NemtError, TypeError, ValueError) as exc:
             raise CardError(path, "params", str(exc)) from None
         fitted = card.get("fitted") or {}
         if not isinstance(fitted, dict):
@@ -422,8 +471,27 @@ class _MaskExplainer(Explainer):
         if fitted.get("kernel_size") is not None:
             try:
                 _check_kernel_size(fitted["kernel_size"], self._input_size, "kernel_size")
-            except ParameterError as exc:
-                raise CardError(path, "fitted.kernel_size", str(exc)) from None
+            except _BadParameter as exc:
+                raise CardError(path, "fitted.kernel_size", exc.reason) from None
+        layer_names = {name for name, _ in _unwrap(model).named_modules() if name}
+        for where, names in (("params.layers", params.get("layers")), ("fitted.layers", fitted.get("layers"))):
+            if names is None:
+                continue
+            if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+                raise CardError(path, where, f"must be a non-empty list of the model's layer names, got {names!r}")
+            missing = [n for n in names if n not in layer_names]
+            if missing:
+                raise CardError(path, where, f"{missing} are not layers of the model")
+        epochs = fitted.get("epochs")
+        if epochs is not None and not _is_count(epochs, 0):
+            raise CardError(path, "fitted.epochs", f"must be a whole number >= 0, got {epochs!r}")
+        seconds = fitted.get("teacher_seconds")
+        if seconds is not None and not (_is_number(seconds) and math.isfinite(seconds) and seconds >= 0):
+            raise CardError(path, "fitted.teacher_seconds", f"must be a finite number >= 0, got {seconds!r}")
+        if not isinstance(card.get("history", []), list):
+            raise CardError(path, "history", f"must be a list of the epochs' records, got {card['history']!r}")
+        if "n_maps" in card and card["n_maps"] != self._n_maps():
+            raise CardError(path, "n_maps", f"{card['n_maps']!r}, but the model has {self._n_maps()} outputs to map")
         self.layers_, self.kernel_size_ = fitted.get("layers"), fitted.get("kernel_size")
         self.epochs_ = fitted.get("epochs", params.get("epochs"))
         if "teacher_seconds" in fitted:
@@ -434,9 +502,10 @@ class _MaskExplainer(Explainer):
             self.module_.load_state_dict(state)
         except Exception as exc:  # safetensors / shape errors: one line, not torch's list of every tensor
             lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-            detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(exc).__name__)
+            detail = (lines[1] if len(lines) > 1 else (lines[0] if lines else type(exc).__name__)).rstrip(".")
             raise CardError(directory / WEIGHTS, None, f"weights do not fit the explainer its card describes "
-                            f"({detail}{'; ...' if len(lines) > 2 else ''})") from None
+                            f"({detail}{'; ...' if len(lines) > 2 else ''}; the card's params.decoder_channels, "
+                            "decoder_full_resolution, encoder and fitted.layers shape it)") from None
         self.module_.eval()
         self.history_ = card.get("history", [])
         return self
@@ -532,49 +601,65 @@ class NEMt(_MaskExplainer):
         super().__init__(model, **kw)
         self._params.update({k: v for k, v in locals().items() if k not in ("self", "__class__", "model", "kw")})
         if objective not in OBJECTIVES:
-            raise NemtError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+            raise _BadParameter("objective", f"must be one of {OBJECTIVES}, got {objective!r}")
         if occlusion not in OCCLUSIONS:
-            raise NemtError(f"occlusion must be one of {OCCLUSIONS}, got {occlusion!r}")
+            raise _BadParameter("occlusion", f"must be one of {OCCLUSIONS}, got {occlusion!r}")
         if quantity not in QUANTITIES:
-            raise NemtError(f"quantity must be one of {QUANTITIES}, got {quantity!r}")
+            raise _BadParameter("quantity", f"must be one of {QUANTITIES}, got {quantity!r}")
         if games not in GAMES:
-            raise NemtError(f"games must be one of {GAMES}, got {games!r}")
+            raise _BadParameter("games", f"must be one of {GAMES}, got {games!r}")
         for name, a in (("areas", areas), ("map_areas", map_areas or areas)):
             if isinstance(a, (str, bytes)) or not a or not all(_is_number(v) and 0 < v < 1 for v in a):
-                raise NemtError(f"{name} must be fractions strictly between 0 and 1, got {a!r}")
-        if targets_per_image < 1 or not 0 <= present_fraction <= 1:
-            raise NemtError("targets_per_image must be >= 1 and present_fraction in [0, 1]")
+                raise _BadParameter(name, f"must be fractions strictly between 0 and 1, got {a!r}")
+        if not _is_count(targets_per_image):
+            raise _BadParameter("targets_per_image", f"must be a whole number >= 1, got {targets_per_image!r}")
+        if not (_is_number(present_fraction) and 0 <= present_fraction <= 1):
+            raise _BadParameter("present_fraction", f"must be a fraction in [0, 1], got {present_fraction!r}")
         card = getattr(model, "card", None)
         if card is not None and targets_per_image > card.out_channels:
-            raise ParameterError(f"targets_per_image {targets_per_image} is more than the model's "
-                                 f"{card.out_channels} outputs")
+            raise _BadParameter("targets_per_image", f"{targets_per_image} is more than the model's "
+                                f"{card.out_channels} outputs")
         for name, v in (("temperature", temperature), ("map_temperature", map_temperature), ("min_scale", min_scale)):
             if not _is_number(v) or not (math.isfinite(v) and v > 0):
-                raise ParameterError(f"{name} must be a finite number > 0, got {v!r}")
+                raise _BadParameter(name, f"must be a finite number > 0, got {v!r}")
         if blur_sigma is not None and (not _is_number(blur_sigma) or not (math.isfinite(blur_sigma) and blur_sigma > 0)):
-            raise ParameterError(f"blur_sigma must be a finite number of pixels > 0 (or unset for the size's "
-                                 f"default), got {blur_sigma!r}")
+            raise _BadParameter("blur_sigma", f"must be a finite number of pixels > 0 (or unset for the size's "
+                                f"default), got {blur_sigma!r}")
         if area_target is not None and (not _is_number(area_target) or not 0 < area_target < 1):
-            raise ParameterError(f"area_target must be a fraction strictly between 0 and 1, got {area_target!r}")
-        if not isinstance(map_smoothing, bool):
-            raise ParameterError(f"map_smoothing must be true or false, got {map_smoothing!r}")
+            raise _BadParameter("area_target", f"must be a fraction strictly between 0 and 1, got {area_target!r}")
+        for name, v in (("area_weight", area_weight), ("change_weight", change_weight)):
+            if not (_is_number(v) and math.isfinite(v) and v >= 0):
+                raise _BadParameter(name, f"must be a finite number >= 0, got {v!r}")
+        for name, flag in (("map_smoothing", map_smoothing), ("flip", flip), ("teacher_flip", teacher_flip)):
+            if not isinstance(flag, bool):
+                raise _BadParameter(name, f"must be true or false, got {flag!r}")
+        if teacher_params is not None and not isinstance(teacher_params, dict):
+            raise _BadParameter("teacher_params", f"must be an object of the teacher's parameters, "
+                                f"got {teacher_params!r}")
         if teacher_params and teacher is None:
-            raise ParameterError(f"teacher parameters {sorted(teacher_params)} need a teacher (teacher=METHOD, "
-                                 "--teacher): they would be ignored")
+            raise _BadParameter("teacher_params", f"{sorted(teacher_params)} need a teacher (teacher=METHOD, "
+                                "--teacher): they would be ignored")
         self.task = card.task if card else "multiclass"
         if train_targets not in (None, "true", "predicted", "all"):
-            raise NemtError(f"train_targets must be true, predicted or all, got {train_targets!r}")
+            raise _BadParameter("train_targets", f"must be true, predicted or all, got {train_targets!r}")
         if (objective == "teacher") != (teacher is not None):
-            raise ParameterError("objective='teacher' and teacher=METHOD go together (a student of METHOD)")
+            raise _BadParameter("teacher", "and objective='teacher' go together (a student of METHOD)")
         if teacher is not None:
             from nemt.explainers.base import available
             if teacher in ("nemt", "nem") or teacher not in available():
-                raise ParameterError(f"teacher must be one of {[m for m in available() if m not in ('nemt', 'nem')]}"
-                                     f", got {teacher!r}")
+                raise _BadParameter("teacher", f"must be one of {[m for m in available() if m not in ('nemt', 'nem')]}"
+                                    f", got {teacher!r}")
         if teacher_loss not in TEACHER_LOSSES:
-            raise ParameterError(f"teacher_loss must be one of {TEACHER_LOSSES}, got {teacher_loss!r}")
-        if teacher_budget is not None and int(teacher_budget) < 1:
-            raise ParameterError(f"teacher_budget must be a positive number of images, got {teacher_budget!r}")
+            raise _BadParameter("teacher_loss", f"must be one of {TEACHER_LOSSES}, got {teacher_loss!r}")
+        if teacher_budget is not None and not _is_count(teacher_budget):
+            raise _BadParameter("teacher_budget", f"must be a positive number of images, got {teacher_budget!r}")
+        from nemt.explainers.nemt.teacher import TEACHER_TARGETS
+        if teacher_targets is not None and teacher_targets not in TEACHER_TARGETS:
+            raise _BadParameter("teacher_targets", f"must be one of {TEACHER_TARGETS}, got {teacher_targets!r}")
+        if not _is_count(teacher_batch):
+            raise _BadParameter("teacher_batch", f"must be a whole number >= 1, got {teacher_batch!r}")
+        if not _is_count(teacher_seed, 0):
+            raise _BadParameter("teacher_seed", f"must be a whole number >= 0, got {teacher_seed!r}")
         self.teacher, self.teacher_params, self.teacher_budget = teacher, dict(teacher_params or {}), teacher_budget
         self.teacher_targets = teacher_targets or ("true" if self.task == "multiclass" else "all")
         self.teacher_loss, self.teacher_batch = teacher_loss, int(teacher_batch)
@@ -585,7 +670,7 @@ class NEMt(_MaskExplainer):
         # time; the frozen model is then explained on the mirrored image, so the games stay exact
         self.flip = bool(flip)
         if student_map not in ("sigmoid", "areas"):
-            raise ParameterError(f"student_map must be 'sigmoid' or 'areas', got {student_map!r}")
+            raise _BadParameter("student_map", f"must be 'sigmoid' or 'areas', got {student_map!r}")
         self.student_map = student_map
         # whether the fixed-area map passes the smoothing operator at explanation time (training always smooths)
         self.map_smoothing = bool(map_smoothing)
@@ -595,11 +680,11 @@ class NEMt(_MaskExplainer):
         self.map_areas = [float(a) for a in map_areas] if map_areas else None
         self.temperature, self.map_temperature = float(temperature), float(map_temperature)
         self.games, self.min_scale = games, float(min_scale)
-        if preservation_bound is not None and float(preservation_bound) <= 0:
-            raise ParameterError(f"preservation_bound must be positive, got {preservation_bound!r}")
+        if preservation_bound is not None and not (_is_number(preservation_bound) and preservation_bound > 0):
+            raise _BadParameter("preservation_bound", f"must be positive, got {preservation_bound!r}")
         self.preservation_bound = None if preservation_bound is None else float(preservation_bound)
-        if not float(preservation_weight) >= 0:
-            raise ParameterError(f"preservation_weight must be >= 0, got {preservation_weight!r}")
+        if not (_is_number(preservation_weight) and math.isfinite(preservation_weight) and preservation_weight >= 0):
+            raise _BadParameter("preservation_weight", f"must be a finite number >= 0, got {preservation_weight!r}")
         self.preservation_weight = float(preservation_weight)
         self.targets_per_image, self.present_fraction = int(targets_per_image), float(present_fraction)
         self.occlusion, self.quantity = occlusion, quantity
@@ -987,6 +1072,9 @@ class NEM(_MaskExplainer):
     def __init__(self, model: nn.Module, *, lambda1: float = 1 / 8, lambda2: float = 1 / 4, **kw: Any):
         super().__init__(model, **kw)
         self._params.update({k: v for k, v in locals().items() if k not in ("self", "__class__", "model", "kw")})
+        for name, v in (("lambda1", lambda1), ("lambda2", lambda2)):
+            if not (_is_number(v) and math.isfinite(v) and v >= 0):
+                raise _BadParameter(name, f"must be a finite number >= 0, got {v!r}")
         self.lambda1, self.lambda2 = lambda1, lambda2
 
     def _n_maps(self) -> int:
