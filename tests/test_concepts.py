@@ -176,6 +176,9 @@ def test_oracle_labels_every_output_neuron_with_its_class(world, method):
     assert ann.labels[0][0][0] == "normal"
     chosen = {c for lab in ann.labels for c, _ in lab[:1]}
     assert not chosen & set(DISTRACTORS)
+    # one probe image cannot show any neuron vary: refused, not a report of every neuron "dead"
+    with pytest.raises(NemtError, match="at least 2 probe images, got 1"):
+        annotate(world["clf"], "fc", world["probe"][0]["image"][None], world["oracle"], CONCEPTS, method=method)
 
 
 def test_oracle_on_an_intermediate_layer_lists_neurons_per_finding(world):

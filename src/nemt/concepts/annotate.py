@@ -161,6 +161,8 @@ def annotate(model: nn.Module, layer: str, data: Any, vlm: VisionLanguageModel, 
         to_unit = pre.denormalise if pre is not None else (lambda x: x)
     batches = probe_batches(data, batch_size)
     acts, is_output = layer_activations(model, layer, batches(), device=device)
+    if acts.shape[0] < 2:  # one image cannot show a neuron's activation vary: every neuron would read as dead
+        raise ParameterError(f"concept annotation needs at least 2 probe images, got {acts.shape[0]}")
     emb = image_embeddings(vlm, (to_unit(x.cpu()).clamp(0, 1) for x in batches()), cache=cache, key=cache_key)
     if emb.shape[0] != acts.shape[0]:
         raise NemtError(f"{acts.shape[0]} activations but {emb.shape[0]} image embeddings (stale cache?)")
