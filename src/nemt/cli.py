@@ -371,11 +371,15 @@ def _arch_kwargs(arch: str, items: list[str], size: tuple) -> dict:
     from nemt.params import parse_params
 
     kwargs = parse_params(items)
+
+    def build():
+        return build_model(arch, spatial_dims=len(size), in_channels=1, out_channels=2,
+                           **sized_arch_kwargs(arch, kwargs, size))
+
     net = None
     if kwargs:
         try:
-            net = build_model(arch, spatial_dims=len(size), in_channels=1, out_channels=2,
-                              **sized_arch_kwargs(arch, kwargs, size))
+            net = build()
         except NemtError as exc:  # build_model's message already names the architecture and the keywords
             raise NemtError(f"--arch-param {' '.join(items)}: {exc}") from exc
         except (TypeError, ValueError) as exc:
@@ -387,10 +391,7 @@ def _arch_kwargs(arch: str, items: list[str], size: tuple) -> dict:
         from nemt.ops import preserved_rng
         with preserved_rng(), torch.no_grad():
             try:
-                if net is None:
-                    net = build_model(arch, spatial_dims=len(size), in_channels=1, out_channels=2,
-                                      **sized_arch_kwargs(arch, kwargs, size))
-                net.eval()(torch.zeros(1, 1, *size))
+                (net if net is not None else build()).eval()(torch.zeros(1, 1, *size))
             except (RuntimeError, ValueError) as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise NemtError(f"--size {'x'.join(map(str, size))}: too small for {arch} ({first}); "

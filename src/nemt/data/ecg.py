@@ -48,7 +48,7 @@ import numpy as np
 from nemt.data.readers import Image, _data_range, read_image
 from nemt.data.generated import claim_folder
 from nemt.errors import DataError
-from nemt.files import atomic_open, atomic_path
+from nemt.files import atomic_open, atomic_path, write_json
 
 ECG_CLASSES = ("normal", "inverted_t", "wide_qrs", "st_elevation", "afib")
 """Class names of the synthetic ECGs, in label order (``afib``: absent P waves and irregular RR)."""
@@ -321,8 +321,7 @@ def write_ecg_dataset(out: str | Path, n: int, *, leads: int | Sequence[str] = 1
         w = csv.writer(fh)
         w.writerow(["image", "mask", "waves", "label"])
         w.writerows(rows)
-    with atomic_path(out / "ecg.json") as tmp:
-        tmp.write_text(json.dumps(settings, indent=2), encoding="utf-8")
+    write_json(out / "ecg.json", settings)
     return path
 
 

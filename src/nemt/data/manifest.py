@@ -138,7 +138,7 @@ class Manifest:
         if not self.problems:
             return
         lines = ([f"{self.source}: {self.headline}"] if self.headline else []) + [str(p) for p in self.problems[:20]]
-        more = len(self.problems) - min(len(self.problems), 20)
+        more = len(self.problems) - 20
         if more > 0:
             lines.append(f"... and {more} more")
         raise DataError(self.source, None, f"{len(self.problems)} bad entries "

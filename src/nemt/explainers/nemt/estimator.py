@@ -109,6 +109,11 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
+def _is_finite(v: Any) -> bool:
+    """A finite real number (not a bool, not a string, not nan or inf)."""
+    return _is_number(v) and math.isfinite(v)
+
+
 def _is_count(v: Any, least: int = 1) -> bool:
     """A whole number (not a bool, not a float) of at least ``least``."""
     return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= least
@@ -201,9 +206,9 @@ class _MaskExplainer(Explainer):
                 raise _BadParameter(name, f"must be a whole number >= 1, got {v!r}")
         if not _is_count(seed, 0):
             raise _BadParameter("seed", f"must be a whole number >= 0, got {seed!r}")
-        if lr is not None and not (_is_number(lr) and math.isfinite(lr) and lr > 0):
+        if lr is not None and not (_is_finite(lr) and lr > 0):
             raise _BadParameter("lr", f"must be a finite number > 0 (or unset for the optimizer's default), got {lr!r}")
-        if not (_is_number(weight_decay) and math.isfinite(weight_decay) and weight_decay >= 0):
+        if not (_is_finite(weight_decay) and weight_decay >= 0):
             raise _BadParameter("weight_decay", f"must be a finite number >= 0, got {weight_decay!r}")
         if layers is not None and (isinstance(layers, (str, bytes)) or not isinstance(layers, (list, tuple))):
             raise _BadParameter("layers", f"must be a list of the model's layers (names or modules), got {layers!r}")
@@ -486,7 +491,7 @@ class _MaskExplainer(Explainer):
         if epochs is not None and not _is_count(epochs, 0):
             raise CardError(path, "fitted.epochs", f"must be a whole number >= 0, got {epochs!r}")
         seconds = fitted.get("teacher_seconds")
-        if seconds is not None and not (_is_number(seconds) and math.isfinite(seconds) and seconds >= 0):
+        if seconds is not None and not (_is_finite(seconds) and seconds >= 0):
             raise CardError(path, "fitted.teacher_seconds", f"must be a finite number >= 0, got {seconds!r}")
         if not isinstance(card.get("history", []), list):
             raise CardError(path, "history", f"must be a list of the epochs' records, got {card['history']!r}")
@@ -620,15 +625,15 @@ class NEMt(_MaskExplainer):
             raise _BadParameter("targets_per_image", f"{targets_per_image} is more than the model's "
                                 f"{card.out_channels} outputs")
         for name, v in (("temperature", temperature), ("map_temperature", map_temperature), ("min_scale", min_scale)):
-            if not _is_number(v) or not (math.isfinite(v) and v > 0):
+            if not (_is_finite(v) and v > 0):
                 raise _BadParameter(name, f"must be a finite number > 0, got {v!r}")
-        if blur_sigma is not None and (not _is_number(blur_sigma) or not (math.isfinite(blur_sigma) and blur_sigma > 0)):
+        if blur_sigma is not None and not (_is_finite(blur_sigma) and blur_sigma > 0):
             raise _BadParameter("blur_sigma", f"must be a finite number of pixels > 0 (or unset for the size's "
                                 f"default), got {blur_sigma!r}")
         if area_target is not None and (not _is_number(area_target) or not 0 < area_target < 1):
             raise _BadParameter("area_target", f"must be a fraction strictly between 0 and 1, got {area_target!r}")
         for name, v in (("area_weight", area_weight), ("change_weight", change_weight)):
-            if not (_is_number(v) and math.isfinite(v) and v >= 0):
+            if not (_is_finite(v) and v >= 0):
                 raise _BadParameter(name, f"must be a finite number >= 0, got {v!r}")
         for name, flag in (("map_smoothing", map_smoothing), ("flip", flip), ("teacher_flip", teacher_flip)):
             if not isinstance(flag, bool):
@@ -683,7 +688,7 @@ class NEMt(_MaskExplainer):
         if preservation_bound is not None and not (_is_number(preservation_bound) and preservation_bound > 0):
             raise _BadParameter("preservation_bound", f"must be positive, got {preservation_bound!r}")
         self.preservation_bound = None if preservation_bound is None else float(preservation_bound)
-        if not (_is_number(preservation_weight) and math.isfinite(preservation_weight) and preservation_weight >= 0):
+        if not (_is_finite(preservation_weight) and preservation_weight >= 0):
             raise _BadParameter("preservation_weight", f"must be a finite number >= 0, got {preservation_weight!r}")
         self.preservation_weight = float(preservation_weight)
         self.targets_per_image, self.present_fraction = int(targets_per_image), float(present_fraction)
@@ -1073,7 +1078,7 @@ class NEM(_MaskExplainer):
         super().__init__(model, **kw)
         self._params.update({k: v for k, v in locals().items() if k not in ("self", "__class__", "model", "kw")})
         for name, v in (("lambda1", lambda1), ("lambda2", lambda2)):
-            if not (_is_number(v) and math.isfinite(v) and v >= 0):
+            if not (_is_finite(v) and v >= 0):
                 raise _BadParameter(name, f"must be a finite number >= 0, got {v!r}")
         self.lambda1, self.lambda2 = lambda1, lambda2
 
