@@ -224,6 +224,22 @@ def test_explain_baseline_some_labels_in_order_as_arrays(client, env):
                for e in body["explanations"].values())
 
 
+def test_explain_labels_predicted_is_the_top_output(client, env):
+    """``labels=predicted`` explains what ``nemt explain --target predicted`` would: the model's top output,
+    with the same map as asking for that label by name."""
+    from nemt.ops import resolve_targets
+
+    clf = env["clf"]
+    for path in env["images"][:4]:
+        body = post(client, path.read_bytes(), name=path.name, labels="predicted", format="array").json()
+        x = clf.preprocessing.normalise(clf.preprocessing.unit(read_image(path)))[None]
+        top = LABELS[int(resolve_targets("predicted", clf, x)[0, 0])]
+        assert body["labels"] == [top] == body["predicted"] and list(body["explanations"]) == [top]
+        named = post(client, path.read_bytes(), name=path.name, labels=top, format="array").json()
+        assert np.array_equal(decode_map(body["explanations"][top]["map"]),
+                              decode_map(named["explanations"][top]["map"]))
+
+
 def test_explain_jpeg_dicom_and_grey_stored_as_rgb(client, env, tmp_path):
     grey = np.asarray(PILImage.open(env["images"][3]))
     buf = io.BytesIO()

@@ -12,7 +12,8 @@ Endpoints (the OpenAPI schema is at ``/openapi.json``; FastAPI's ``/docs`` and
   offers, the upload limit and the colour map overlays are drawn with;
 - ``POST /v1/explain``: a multipart form with the image in ``file`` (PNG,
   JPEG, BMP, TIFF, DICOM; NIfTI for 3D models) and optional ``labels``
-  (comma-separated names, default ``all``), ``method`` (default ``nemt``),
+  (comma-separated names, ``all`` (the default), or ``predicted``: the top output, as
+  ``nemt explain --target predicted``), ``method`` (default ``nemt``),
   ``format`` (``png``, ``array`` or ``both``; default ``png``) and ``alpha``
   (overlay opacity, default 0.45). The answer holds the predictions
   (probabilities, or the value for regression), the image as the model sees
@@ -65,7 +66,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -83,7 +84,7 @@ from nemt import __version__
 from nemt.data.readers import SUPPORTED_SUFFIXES, Image, ImageTooLarge, format_pixels, read_image
 from nemt.errors import DataError, NemtError
 from nemt.explainers.base import Explainer
-from nemt.ops import evaluating
+from nemt.ops import evaluating, resolve_targets
 
 MB = 1024 * 1024
 DEFAULT_MAX_PIXELS = 50_000_000  # the service's own limit: a 285 KB PNG of 10000x10000 would take gigabytes
@@ -92,6 +93,8 @@ DEFAULT_MAX_RECEIVING = 64  # request bodies read at once (each at most max_uplo
 log = logging.getLogger("nemt.service")
 FORMATS = ("png", "array", "both")
 FIELDS = ("file", "labels", "method", "format", "alpha")
+#: ``labels=predicted``: the model's top output, as ``nemt explain --target predicted``
+PREDICTED = "predicted"
 DEFAULT_ALPHA = 0.45
 STATIC = Path(__file__).with_name("static")
 #: how many of a class's prototypes a prototype model's response shows per label (nearest first)
@@ -158,7 +161,8 @@ _FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"
     "type": "object", "required": ["file"], "properties": {
         "file": {"type": "string", "format": "binary",
                  "description": "the image: PNG, JPEG, BMP, TIFF or DICOM (NIfTI for 3D models)"},
-        "labels": {"type": "string", "default": "all", "description": "comma-separated label names, or all"},
+        "labels": {"type": "string", "default": "all", "description": "comma-separated label names, all, or predicted (the "
+                                                                      "top output, as nemt explain --target predicted)"},
         "method": {"type": "string", "default": "nemt", "description": "explainer (GET /v1/model lists them)"},
         "format": {"type": "string", "enum": list(FORMATS), "default": "png"},
         "alpha": {"type": "number", "minimum": 0, "maximum": 1, "default": DEFAULT_ALPHA,
@@ -491,12 +495,14 @@ class ExplanationService:
             raise HTTPException(422, f"alpha must be a number in [0, 1], got {raw_alpha!r}")
         names = self.clf.card.label_names
         raw_labels = fields.get("labels", "").strip() or "all"
+        if raw_labels == PREDICTED:  # resolved from the prediction, in the worker
+            return _Options(method, [], [], fmt, alpha)
         wanted = names if raw_labels == "all" else list(dict.fromkeys(
             s.strip() for s in raw_labels.split(",") if s.strip()))
         bad = [s for s in wanted if s not in names]
         if bad or not wanted:
             raise HTTPException(422, f"unknown label(s) {bad or [raw_labels]}; the model's labels are {names} "
-                                     "(or all)")
+                                     f"(or all, or {PREDICTED})")
         return _Options(method, list(wanted), [names.index(s) for s in wanted], fmt, alpha)
 
     # -- worker thread ----------------------------------------------------------
@@ -510,6 +516,9 @@ class ExplanationService:
         explainer = self.explainers[opts.method]
         with self.compute, evaluating(self.clf):
             t_model = time.perf_counter()
+            if not opts.indices:  # labels=predicted: the top output, resolved as `nemt explain --target predicted`
+                top = int(resolve_targets(PREDICTED, self.clf, x)[0, 0])
+                opts = replace(opts, labels=[self.clf.card.label_names[top]], indices=[top])
             maps, probs = explainer.explain_and_predict(x, target=opts.indices)  # NEMt: from one pass
             t2 = t_model  # the prediction is timed with the explanation ("predict" stays 0 for old clients)
             probs = probs[0].float().cpu()
