@@ -169,14 +169,14 @@ def annotate(model: nn.Module, layer: str, data: Any, vlm: VisionLanguageModel, 
     template = TEMPLATES[method] if template is None else template
     prompts = [f"{template} {c}".strip() for c in concepts]
     text = vlm.encode_text(prompts).float()
-    # a concept the VLM cannot represent (no known word: a zero vector, or the bare template's vector) would
+    # a concept the VLM cannot represent (none of its words learnt: a zero vector, or the bare template's) would
     # tie with every other such concept and win by list order: it is left out and reported
     blank = text.norm(dim=1) < 1e-8
     if template:
         blank |= cosine(text, vlm.encode_text([template]).float())[:, 0] > 1 - 1e-6
     unrepresented = [c for c, b in zip(concepts, blank.tolist()) if b]
     if len(unrepresented) == len(concepts):
-        raise ParameterError(f"the VLM represents none of the {len(concepts)} concepts (no known word in any)")
+        raise ParameterError(f"the VLM represents none of the {len(concepts)} concepts (the VLM learnt none of their words)")
     if unrepresented:
         keep = (~blank).nonzero().flatten()
         concepts = [concepts[int(i)] for i in keep]
