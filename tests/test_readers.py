@@ -219,6 +219,34 @@ def test_dicom_refusals(tmp_path):
     assert "short.dcm" in str(e.value)
 
 
+def test_dicom_cut_short_says_so_and_warns_nothing(tmp_path):
+    """A DICOM file cut short (a broken download or copy) is reported as truncated, wherever the cut falls,
+    and pydicom's own warnings about it do not reach the caller (they go into the message)."""
+    import warnings
+
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGLossless
+
+    whole = make_dicom(tmp_path / "whole.dcm", STORED).read_bytes()
+    header_end = whole.index(b"\xe0\x7f\x10\x00")  # the PixelData tag (7FE0,0010), little-endian
+    enc = make_dicom(tmp_path / "enc.dcm", STORED, ts=JPEGLossless,
+                     pixel_bytes=encapsulate([b"\xff\xd8\xff\xc3" + b"\x00" * 300])).read_bytes()
+    cases = {"pixels.dcm": (whole[:-4], "less than expected"),  # inside the pixel values
+             "header.dcm": (whole[:header_end], "probably truncated"),  # after the image header, before PixelData
+             "fragment.dcm": (enc[:-100], "truncated; pydicom: End of file")}  # inside encapsulated pixel data
+    for name, (data, reason) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with warnings.catch_warnings(record=True) as leaked:
+            warnings.simplefilter("always")
+            with pytest.raises(DataError, match="PixelData") as e:
+                read_image(tmp_path / name)
+        assert reason in str(e.value) and name in str(e.value), str(e.value)
+        assert not leaked, [str(w.message) for w in leaked]
+    # a file that is no image object at all keeps its own reason
+    with pytest.raises(DataError, match="not an image object"):
+        read_image(make_dicom(tmp_path / "nopix.dcm", None))
+
+
 # -- real DICOM samples -------------------------------------------------------
 
 def chest_layout(img: Image) -> dict[str, float]:

@@ -27,6 +27,8 @@ from __future__ import annotations
 import gzip
 import math
 import struct
+import threading
+import warnings
 import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
@@ -304,11 +306,48 @@ def _read_pil(path: Path, palette_indices: bool = False, max_pixels: int | None 
 
 # -- DICOM --------------------------------------------------------------------
 
+#: ``warnings.catch_warnings`` swaps process-wide state: two threads' reads must not interleave it
+_DICOM_WARNINGS = threading.Lock()
+#: header elements that only an image has: a file holding them but no PixelData was cut short
+_IMAGE_HEADER = ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "PhotometricInterpretation")
+
+
+def _no_pixel_data(ds, path: Path, caught: Sequence[warnings.WarningMessage]) -> str:
+    """Why a DICOM file has no pixel data: truncated (its header describes an image) or not an image object."""
+    size = Path(path).stat().st_size
+    described = [k for k in _IMAGE_HEADER if k in ds]
+    eof = [w for w in caught if "end of file" in str(w.message).lower()]
+    note = f"; pydicom: {_warning_text((eof or caught)[0])}" if caught else ""
+    if eof:
+        return f"no pixel data: the file ends inside an element, {size} bytes: truncated{note}"
+    if described:
+        return (f"no PixelData element, although the header describes an image ({', '.join(described)}): "
+                f"the file ends after {len(ds)} data elements, {size} bytes, probably truncated{note}")
+    return f"no pixel data (not an image object, or a file truncated before its image header; {size} bytes{note})"
+
+
 def _read_dicom(path: Path, max_pixels: int | None = None) -> Image:
     """Stored values -> modality LUT -> VOI LUT or window -> MONOCHROME1 inverted.
 
-    Grey ``(1, H, W)`` or colour ``(3, H, W)``; multi-frame ``(C, F, H, W)``.
+    Grey ``(1, H, W)`` or colour ``(3, H, W)``; multi-frame ``(C, F, H, W)``. pydicom's warnings (a value
+    that breaks its VR, a value cut short) do not reach the terminal: an error quotes the first, an image
+    keeps them in ``meta["pydicom_warnings"]``.
     """
+    # pydicom reads a file cut short without complaint, up to its last whole element, and warns about a
+    # value cut in half when the value is first used, anywhere below
+    with _DICOM_WARNINGS, warnings.catch_warnings(record=True) as caught:  # the lock: the service reads in threads
+        warnings.simplefilter("always")
+        image = _read_dicom_warned(path, max_pixels, caught)
+    if caught:
+        image.meta["pydicom_warnings"] = list(dict.fromkeys(_warning_text(w) for w in caught))
+    return image
+
+
+def _warning_text(w: warnings.WarningMessage) -> str:
+    return str(w.message).split(". Please see")[0]
+
+
+def _read_dicom_warned(path: Path, max_pixels: int | None, caught: list) -> Image:
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import (apply_color_lut, apply_modality_lut, apply_voi,
@@ -319,9 +358,12 @@ def _read_dicom(path: Path, max_pixels: int | None = None) -> Image:
     except InvalidDicomError as e:
         raise DataError(path, "file", "not a DICOM file (no 'DICM' marker at byte 128)") from e
     except Exception as e:
-        raise DataError(path, "file", f"cannot parse DICOM: {type(e).__name__}: {e}") from e
+        cut = isinstance(e, (struct.error, EOFError)) or type(e).__name__ == "BytesLengthException"
+        raise DataError(path, "file", f"cannot parse DICOM: {type(e).__name__}: {e}"
+                        + (f" (the header ends mid-element after {Path(path).stat().st_size} bytes: "
+                           "truncated?)" if cut else "")) from e
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise DataError(path, "PixelData", "no pixel data (not an image object)")
+        raise DataError(path, "PixelData", _no_pixel_data(ds, path, caught))
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     prefix = ""
     if ts is not None and ts.is_compressed:
