@@ -340,3 +340,31 @@ def test_cli_writes_an_ecg_data_set_that_nemt_train_reads(tmp_path):
     assert clf.card.spatial_dims == 1 and clf.card.input_size == [1000]
     assert clf(item["image"][None]).shape == (1, 5)
     assert math.isfinite(clf.card.metrics["test"]["accuracy"])
+
+
+def test_records_too_short_or_too_coarse_are_refused(tmp_path):
+    """`data ecg --duration 0.1` once wrote 10-sample records: the generator and the CLI refuse records that
+    cannot hold one whole beat, or a QRS complex in 5 samples; at the minimum every record holds a whole beat
+    (P before the first sample of it, T's end within the record) and its finding."""
+    from nemt.cli import app
+    from nemt.data.ecg import MIN_DURATION, MIN_FS
+
+    for kw, field in (({"duration": MIN_DURATION - 0.1}, "duration"), ({"fs": MIN_FS - 1}, "fs"),
+                      ({"duration": float("nan")}, "duration")):
+        with pytest.raises(DataError, match=field):
+            make_ecgs(2, **kw)
+    runner = CliRunner()
+    for opt, value in (("--duration", "0.1"), ("--duration", f"{MIN_DURATION - 0.1}"), ("--fs", f"{MIN_FS - 1}")):
+        res = runner.invoke(app, ["data", "ecg", "--out", str(tmp_path / "d"), "--n", "5", opt, value])
+        assert res.exit_code == 2 and opt in res.output, res.output
+        assert not (tmp_path / "d").exists()
+    ok = runner.invoke(app, ["data", "ecg", "--out", str(tmp_path / "d"), "--n", "5", "--duration",
+                             f"{MIN_DURATION}", "--fs", f"{MIN_FS}"])
+    assert ok.exit_code == 0, ok.output
+    ecg = make_ecgs(200, fs=MIN_FS, duration=MIN_DURATION, seed=7)
+    n = ecg.signals.shape[-1]
+    assert n == round(MIN_FS * MIN_DURATION)
+    for beats, findings, label in zip(ecg.beats, ecg.findings, ecg.labels):
+        whole = [b for b in beats if b.r - 0.28 >= 0 and b.r + 0.45 <= MIN_DURATION]
+        assert whole, [b.r for b in beats]
+        assert label in (0, 4) or findings.any()

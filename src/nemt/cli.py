@@ -352,8 +352,10 @@ def data_ecg(
     n: int = typer.Option(500, help="number of records (classes in turn: normal, inverted_t, wide_qrs, "
                           "st_elevation, afib)"),
     leads: int = typer.Option(1, help="1 (lead II) or 12"),
-    fs: float = typer.Option(100.0, min=1, help="sampling rate, Hz"),
-    duration: float = typer.Option(10.0, min=0.1, help="seconds per record"),
+    fs: float = typer.Option(100.0, min=50, help="sampling rate, Hz (at least 50: a QRS complex of 0.1 s "
+                             "spans 5 samples)"),
+    duration: float = typer.Option(10.0, min=2, help="seconds per record (at least 2: one whole beat at the "
+                                   "slowest rate drawn, 55/min)"),
     seed: int = typer.Option(0, min=0, max=SEED_MAX, help="random seed"),
     overwrite: bool = typer.Option(False, help="replace an ECG set of other settings in the folder (its files "
                                    "removed first); another data set there is always refused"),

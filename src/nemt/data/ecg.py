@@ -250,6 +250,13 @@ def synth_record(cls: int, rng: np.random.Generator, *, leads: int | Sequence[st
     return signal.astype(np.float32), waves, findings, beats
 
 
+#: the shortest record: one whole beat (P wave to T wave's end) at the slowest rate drawn (55/min), whatever
+#: the first beat's phase (an R peak falls in every 1.09 s, a beat reaches 0.28 s before and 0.45 s after it)
+MIN_DURATION = 2.0
+#: the lowest sampling rate: the narrowest wave (R, a QRS of about 0.1 s) still spans 5 samples
+MIN_FS = 50.0
+
+
 def make_ecgs(n: int, *, leads: int | Sequence[str] = 1, fs: float = 100.0, duration: float = 10.0,
               seed: int = 0, classes: Sequence[int] | None = None, noise: float = 0.015) -> ECGSet:
     """``n`` synthetic ECGs (see the module docstring). Record ``i`` has class ``classes[i]`` (default
@@ -261,8 +268,12 @@ def make_ecgs(n: int, *, leads: int | Sequence[str] = 1, fs: float = 100.0, dura
     """
     if n < 1:
         raise DataError(None, "n", f"need at least one record, got {n}")
-    if fs <= 0 or duration <= 0:
-        raise DataError(None, "fs" if fs <= 0 else "duration", f"must be positive, got fs={fs}, duration={duration}")
+    if not fs >= MIN_FS:
+        raise DataError(None, "fs", f"must be at least {MIN_FS:g} Hz (a QRS complex of 0.1 s spans 5 samples), "
+                                    f"got {fs}")
+    if not duration >= MIN_DURATION:
+        raise DataError(None, "duration", f"must be at least {MIN_DURATION:g} s (one whole beat at 55/min), "
+                                          f"got {duration}")
     names = _leads(leads)
     cls = np.arange(n) % len(ECG_CLASSES) if classes is None else np.asarray(classes, dtype=np.int64)
     if cls.shape != (n,):
