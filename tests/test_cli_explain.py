@@ -225,3 +225,27 @@ def test_label_names_never_write_outside_out(tmp_path):
     manifest.write_text("image,label\na.png,x\nb.png,y\tz\n")
     res = runner.invoke(app, ["data", "check", str(manifest)])
     assert res.exit_code != 0 and "'y\\tz' holds a control character" in res.output, res.output
+
+
+def test_explain_data_records_paths_relative_to_the_data_root(tmp_path):
+    """`explain --data` recorded only an image's base name: two files `a/x.png` and `b/x.png` read the same
+    in explanations.json. Each record now names the image relative to the manifest's folder, and each item's
+    maps go to its own files."""
+    import shutil
+
+    manifest = write_phantom_dataset(tmp_path / "data", 24, 32, spatial_dims=2, task="multiclass", seed=0)
+    _ok(["train", "--data", str(manifest), "--out", str(tmp_path / "m"), "--arch", "smallcnn", "--size", "32",
+         "--epochs", "1", "--batch-size", "8", "--no-progress"])
+    root = tmp_path / "data"
+    for sub, src in (("a", "00002"), ("b", "00003")):
+        (root / sub).mkdir()
+        shutil.copy(root / "images" / f"{src}.png", root / sub / "x.png")
+    (root / "two.csv").write_text("image,label\na/x.png,nodule\nb/x.png,cyst\n")
+    _ok(["explain", "--data", str(root / "two.csv"), "--split", "all", "--model", str(tmp_path / "m"),
+         "--method", "gradcam", "--out", str(tmp_path / "x"), "--no-progress"])
+    index = json.loads((tmp_path / "x" / "explanations.json").read_text())
+    assert [r["image"] for r in index] == ["a/x.png", "b/x.png"]
+    files = [f for r in index for f in r["files"]]
+    assert len(set(files)) == len(files) == 2 * 4  # every label of each item, no file shared
+    for f in files:
+        assert (tmp_path / "x" / f"{f}.npy").is_file()

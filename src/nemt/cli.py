@@ -698,7 +698,7 @@ def explain(
             shown = shown[0] if shown.shape[0] == 1 else shown
             pred = ", ".join(f"{n} {p:.2f}" for n, p in zip(clf.label_names, probs.tolist()))
             save_overlay(out / f"{stem}__{part}.png", shown, [arr], [f"{method}: {name}"],
-                         suptitle=f"{Path(path).name} | {pred}")
+                         suptitle=f"{Path(path).name if data is None else path} | {pred}")
         return {"image": str(path), "outputs": stem, "targets": names,
                 "files": [f"{stem}__{part}" for part in files],  # each target's map: FILE.npy / .png / .nii.gz
                 "prediction": dict(zip(clf.label_names, [round(p, 4) for p in probs.tolist()]))}
@@ -738,7 +738,7 @@ def explain(
         task = bar.add_task("explain", total=len(mine), info="")
         for i in mine:
             sample = manifest.samples[i]
-            rec = explain_one(read_sample(manifest, sample), sample.name,
+            rec = explain_one(read_sample(manifest, sample), manifest.relative_name(sample),
                               lambda names, i=i, s=sample: f"{i:05d}-{image_stem(s.name)}")
             log.write(json.dumps({"run": run, "index": i, **rec}) + "\n")
             log.flush()  # a killed run keeps every finished item

@@ -123,6 +123,20 @@ class Manifest:
     def n_outputs(self) -> int:
         return 1 if self.task == "regression" else len(self.label_names)
 
+    @property
+    def root(self) -> Path:
+        """The folder the data set's relative paths start from: the manifest file's folder, or the tree itself."""
+        return self.source.parent if self.source.is_file() else self.source
+
+    def relative_name(self, sample: Sample) -> str:
+        """``sample``'s image as a path relative to :attr:`root` (``benign/img1.png``: two files of one name in
+        two folders stay apart), the full path for an image outside it, ``name[index]`` for an in-memory one."""
+        try:
+            rel = sample.image.relative_to(self.root).as_posix()
+        except ValueError:
+            rel = str(sample.image)
+        return rel if sample.index is None else f"{rel}[{sample.index}]"
+
     def fingerprint(self) -> str:
         """SHA-256 of the data set's definition (the manifest's bytes, or the npz/folder listing)."""
         h = hashlib.sha256()
