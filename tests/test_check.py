@@ -90,3 +90,18 @@ def test_empty_class_folder_is_fatal_and_small_classes_are_warnings(tmp_path):
     assert rep["per_label"] == {"benign": 6, "malignant": 2, "normal": 0}
     out = " ".join(res.output.split())
     assert "FATAL" in out and "holds no image" in out and "warning" in out and "'malignant' has only 2" in out
+
+
+def test_summary_counts_readable_and_listed_images_apart(tmp_path):
+    """The per-class warnings count the manifest's rows; the summary counted only the readable images, so
+    "class 'benign' has only 2 images" sat beside "benign 1". Both counts are reported now, each named."""
+    bad = _bad_manifest(tmp_path)
+    rep = check_dataset(open_dataset(bad, labels=["benign", "malignant"]))
+    # listed: ok0 (benign), truncated and ok1 (malignant); a missing file or an unknown label is no sample
+    assert rep.listed == 3 and rep.listed_per_label == {"benign": 1, "malignant": 2}
+    assert rep.n_images == 1 and rep.per_label == {"benign": 1, "malignant": 0}
+    assert any("class 'malignant' has only 2 images" in str(w) for w in rep.warnings)
+    res = runner.invoke(app, ["data", "check", str(bad), "--labels", "benign,malignant", "--no-progress"])
+    out = " ".join(res.output.split())
+    assert "1 readable of 3 listed" in out and "0 readable of 2 listed" in out
+    assert json.loads(res.output.strip().splitlines()[-1])["listed"] == 3

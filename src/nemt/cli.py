@@ -233,9 +233,13 @@ def data_check(
         tid = bar.add_task("reading", total=len(manifest.samples), info="")
         rep = check_dataset(manifest, progress=lambda k: bar.update(tid, advance=k))
     table = Table(title=f"{path}  ({rep.task})", show_header=False)
-    table.add_row("images", str(rep.n_images))
+    # readable images; where a fatal problem left some out, "of" the manifest's rows (its warnings count those)
+    def _of(n: int, listed: int) -> str:
+        return str(n) if n == listed else f"{n} readable of {listed} listed"
+
+    table.add_row("images", _of(rep.n_images, rep.listed))
     for name, n in rep.per_label.items():
-        table.add_row(f"  {name}", str(n))
+        table.add_row(f"  {name}", _of(n, rep.listed_per_label.get(name, n)))
     if rep.target_range:
         table.add_row("target range", f"{rep.target_range[0]:g} .. {rep.target_range[1]:g}")
     sizes = ", ".join(f"{'x'.join(map(str, k))} ({v})" for k, v in rep.sizes.most_common(5))
@@ -254,7 +258,7 @@ def data_check(
     for e in rep.warnings:
         console.print(f"[yellow]warning[/yellow] {e}", highlight=False)
     # the headline figures also go to stdout, for scripts
-    typer.echo(json.dumps(json_safe({"images": rep.n_images, "per_label": rep.per_label,
+    typer.echo(json.dumps(json_safe({"images": rep.n_images, "per_label": rep.per_label, "listed": rep.listed,
                                      "nonempty_masks": rep.nonempty_masks, "fatal": len(rep.fatal),
                                      "warnings": len(rep.warnings)}), allow_nan=False))
     if json_out:

@@ -30,8 +30,10 @@ class CheckReport:
     source: str
     task: str
     label_names: list[str]
-    n_images: int = 0
-    per_label: dict[str, int] = field(default_factory=dict)
+    n_images: int = 0  #: images read without a fatal problem
+    per_label: dict[str, int] = field(default_factory=dict)  #: of those, per label
+    listed: int = 0  #: rows (images) the manifest lists, read or not
+    listed_per_label: dict[str, int] = field(default_factory=dict)  #: of those, per label (as its warnings count)
     sizes: Counter = field(default_factory=Counter)
     channels: Counter = field(default_factory=Counter)
     modalities: Counter = field(default_factory=Counter)
@@ -51,6 +53,7 @@ class CheckReport:
         return {
             "source": self.source, "task": self.task, "label_names": self.label_names,
             "images": self.n_images, "per_label": self.per_label,
+            "listed": self.listed, "listed_per_label": self.listed_per_label,
             "sizes": {"x".join(map(str, k)): v for k, v in self.sizes.most_common()},
             "channels": dict(self.channels), "modalities": dict(self.modalities),
             "with_ground_truth": self.with_gt, "masks": self.masks,
@@ -71,6 +74,10 @@ def check_dataset(manifest: Manifest, progress: Callable[[int], None] | None = N
     rep.warnings.extend(manifest.warnings)
     counts: Counter = Counter()
     targets = []
+    rep.listed = len(manifest.samples)
+    if manifest.task != "regression":
+        rep.listed_per_label = _per_label(manifest, manifest.samples)
+    readable = []
     for s in manifest.samples:
         if progress:
             progress(1)
@@ -102,27 +109,35 @@ def check_dataset(manifest: Manifest, progress: Callable[[int], None] | None = N
         rep.with_boxes += int(bool(s.boxes))
         rep.with_gt += int(s.has_gt)
         rep.n_images += 1
+        readable.append(s)
         rep.sizes[spatial] += 1
         rep.channels[a.shape[0]] += 1
         rep.modalities[img.modality] += 1
-        if manifest.task == "multiclass":
-            counts[manifest.label_names[s.y]] += 1
-        elif manifest.task == "multilabel":
-            for name, v in zip(manifest.label_names, s.y):
-                counts[name] += int(v > 0)
-        else:
+        if manifest.task == "regression":
             targets.append(float(s.y))
     if manifest.task == "regression":
         if targets:
             rep.target_range = (min(targets), max(targets))
         rep.per_label = {}
     else:
-        rep.per_label = {name: counts.get(name, 0) for name in manifest.label_names}
+        rep.per_label = _per_label(manifest, readable)
     if len(rep.channels) > 1:
         rep.warnings.append(DataError(manifest.source, "channels",
                                       f"mixed channel counts {dict(rep.channels)}; images are "
                                       "converted to the model's channels when loaded"))
     return rep
+
+
+def _per_label(manifest: Manifest, samples) -> dict[str, int]:
+    """Images per label (multi-label: the images carrying each label), every label named."""
+    counts: Counter = Counter()
+    for s in samples:
+        if manifest.task == "multiclass":
+            counts[manifest.label_names[s.y]] += 1
+        else:
+            for name, v in zip(manifest.label_names, s.y):
+                counts[name] += int(v > 0)
+    return {name: counts.get(name, 0) for name in manifest.label_names}
 
 
 def read_every_item(datasets: Mapping[str, ImageDataset], progress: Callable[[int], None] | None = None) -> int:
