@@ -144,6 +144,31 @@ def test_wrong_inputs_raise_standard_exception_types():
         get_explainer("no-such-method", net)
 
 
+@pytest.mark.parametrize("name", [m for m in available() if getattr(_REGISTRY[m], "model_arch", None) is None])
+def test_every_explainer_answers_bad_tensors_clearly(name):
+    """A float64 tensor (from NumPy) is explained as the model's float32; an empty batch, NaN or inf, or a
+    channel-last tensor gives one ValueError that names the problem, never a bare PyTorch error from inside."""
+    net = plain_net().eval()
+    ex = _explainer(name, net)
+    x = torch.randn(2, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+    t = torch.tensor([2, 0])
+    as_float = ex.explain(x, target=t)
+    from_double = ex.explain(x.double(), target=t)
+    # the same input, one rounding (float64 -> float32) apart: bit-equal, since the cast is exact for these values
+    assert from_double.dtype == as_float.dtype and torch.equal(from_double, as_float)
+    nan = x.clone()
+    nan[1, 0, 3, 4] = float("nan")
+    for bad, words in ((x[:0], "no image"), (nan, "1 NaN or infinite values, in 1 of its 2 images"),
+                       (x.clone().fill_(float("inf")), "NaN or infinite")):
+        with pytest.raises(ValueError, match=words):
+            ex.explain(bad, target=t[:len(bad)] if len(bad) else 0)
+    from nemt.explainers.reference import _Reference
+    # NEMt and NEM know their input size and say so themselves; reference maps never call the model
+    if name not in ("nemt", "nem") and not isinstance(ex, _Reference):
+        with pytest.raises(ValueError, match=r"shape \(2, 16, 16, 1\)|larger than the input|channel"):
+            ex.explain(x.permute(0, 2, 3, 1), target=t)
+
+
 def test_nemt_is_a_scikit_learn_estimator():
     """Parameters from the signature, unchanged by fit; learned state in trailing-underscore attributes; clone."""
     from sklearn.base import clone

@@ -15,6 +15,7 @@ Targets: see :data:`nemt.ops.TARGET_HELP`.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from pathlib import Path
 from typing import Any, Callable
@@ -97,12 +98,19 @@ class Explainer:
             raise ParameterError(f"x must be a floating tensor, got {x.dtype}")
         if self.spatial_dims is not None and x.ndim - 2 != self.spatial_dims:
             raise ParameterError(f"the model takes {self.spatial_dims}D inputs, got x of shape {tuple(x.shape)}")
-        return x.detach().to(self.device)
+        if x.shape[0] == 0:
+            raise ParameterError(f"x holds no image (shape {tuple(x.shape)})")
+        bad = ~torch.isfinite(x)
+        if bad.any():
+            raise ParameterError(f"x has {int(bad.sum())} NaN or infinite values, in {int(bad.flatten(1).any(1).sum())} "
+                                 f"of its {x.shape[0]} images: a map of such an input means nothing")
+        # a float64 array from NumPy meets a float32 model: the model's dtype (x itself is left as it is)
+        return x.detach().to(self.device, dtype=_float_dtype_of(self.model) or x.dtype)
 
     def raw(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
         """The method's maps (B, T, *spatial) before post-processing."""
         x = self.check_input(x)
-        with evaluating(self.model):
+        with evaluating(self.model), _blame_shape(x):
             t = self.targets(x, target)
             parts = [self._attribute(x[sl], t[sl]) for sl in chunks(x.shape[0], self.images_per_call)]
         return torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -122,6 +130,33 @@ class Explainer:
     def _attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         """Raw maps (b, T, *spatial) for a chunk ``x`` (b, C, *spatial) and its targets (b, T)."""
         raise NotImplementedError
+
+
+#: the words of PyTorch's errors for an input of the wrong rank or channel count (convolutions, linear layers)
+_SHAPE_ERRORS = ("expected input", "channels", "expected 2d", "expected 3d", "expected 4d", "expected 5d",
+                 "cannot be multiplied", "size mismatch", "must match the size")
+
+
+@contextlib.contextmanager
+def _blame_shape(x: torch.Tensor):
+    """A model's own error about its input's shape, re-raised naming x's shape and nemt's layout."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = str(e)
+        if not any(w in text.lower() for w in _SHAPE_ERRORS):
+            raise
+        raise ParameterError(f"the model cannot take x of shape {tuple(x.shape)}: {text.splitlines()[0]} "
+                             "(nemt passes x to the model as given: channel-first (B, C, *spatial), the model's "
+                             "channels and rank)") from e
+
+
+def _float_dtype_of(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating parameter or buffer (None: it has none)."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return None
 
 
 def init_parameters(cls: type) -> set[str]:
