@@ -649,3 +649,23 @@ def test_pointing_game_ties_expected_is_share_of_tied_maxima():
     assert math.isnan(M.pointing_game_expected(maps, masks)[0, 0].item())   # empty GT: NaN as the pointing game
     with pytest.raises(NemtError, match="ties"):
         pointing_game(maps, masks, ties="first")
+
+
+def test_a_nan_map_is_refused_not_scored():
+    """A NaN map scored NaN, which every summary reads as "no lesion, excluded" (or, for the pointing game,
+    a miss): each metric that reads maps now refuses it, naming how many maps and the first ones."""
+    from nemt.errors import NemtError
+    from nemt.metrics import complexity, pointing_game, relevance_mass, relevance_rank, sparseness
+
+    maps = torch.rand(3, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    maps[1, 1, 2, 3] = float("nan")
+    maps[2, 0, 0, 0] = float("inf")
+    gt = torch.zeros(3, 1, 8, 8, dtype=torch.bool)
+    gt[:, :, 2:5, 2:5] = True
+    for f, args in ((relevance_mass, (gt,)), (relevance_rank, (gt,)), (pointing_game, (gt,)), (sparseness, ()),
+                    (complexity, ())):
+        with pytest.raises(NemtError, match=r"2 NaN or infinite values, in 2 of 6 maps \(first \[image, target\]: "
+                                            r"\[\[1, 1\], \[2, 0\]\]\)"):
+            f(maps, *args)
+        ok = f(torch.nan_to_num(maps, nan=0.0, posinf=1.0), *args)
+        assert torch.isfinite(ok).all()

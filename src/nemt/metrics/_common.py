@@ -272,8 +272,16 @@ def float_maps(maps: torch.Tensor) -> torch.Tensor:
 
 
 def check_maps(maps: torch.Tensor) -> int:
+    """The maps' spatial rank; a clear error for another rank or for NaN/inf values (a NaN map would score
+    NaN, which every summary reads as "no lesion, excluded", or a pointing-game miss)."""
     if maps.ndim not in (3, 4, 5):
         raise NemtError(f"maps must be (B, T, L), (B, T, H, W) or (B, T, D, H, W), got shape {tuple(maps.shape)}")
+    bad = ~torch.isfinite(maps)
+    if bad.any():
+        which = bad.flatten(2).any(2).nonzero()[:5].tolist()
+        raise NemtError(f"maps hold {int(bad.sum())} NaN or infinite values, in {int(bad.flatten(2).any(2).sum())} "
+                        f"of {maps.shape[0] * maps.shape[1]} maps (first [image, target]: {which}); "
+                        "a metric of such a map means nothing")
     return maps.ndim - 2
 
 
