@@ -169,6 +169,31 @@ def test_every_explainer_answers_bad_tensors_clearly(name):
             ex.explain(x.permute(0, 2, 3, 1), target=t)
 
 
+def test_nemt_fit_refuses_data_it_cannot_learn_from():
+    """Empty data once "fitted" without a step, NaN images trained the decoder into NaN, images of another size
+    fitted a decoder that explain then refused, and a label beyond the outputs failed deep in an index: each is
+    now one error naming it, before or at the first batch."""
+    from nemt.errors import NemtError
+
+    net = plain_net()
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(4, 1, SIZE, SIZE, generator=g), torch.tensor([0, 1, 2, 1])
+    nan = x.clone()
+    nan[2, 0, 1, 1] = float("nan")
+    cases = (([], "gave no batch"), ([(nan, y)], "1 NaN or infinite values, in 1 of its 4 images"),
+             ([(torch.randn(4, 1, 2 * SIZE, 2 * SIZE), y)], r"shape \(4, 1, 32, 32\)"),
+             ([(x, torch.tensor([0, 1, 5, 2]))], "run from 0 to 5; the model has 3 outputs"))
+    before = snapshot(net)
+    for data, words in cases:
+        with pytest.raises(NemtError, match=words):
+            NEMt(net, input_size=(SIZE, SIZE), in_channels=1, decoder_channels=(8, 8, 8, 8, 8), epochs=1,
+                 seed=0).fit(data, progress=False, log=lambda s: None)
+        assert_unchanged(before, net)
+    # NEM ignores labels: any y passes
+    NEM(net, input_size=(SIZE, SIZE), in_channels=1, decoder_channels=(8, 8, 8, 8, 8), epochs=1,
+        seed=0).fit([(x, torch.tensor([0, 1, 5, 2]))], progress=False, log=lambda s: None)
+
+
 def test_nemt_is_a_scikit_learn_estimator():
     """Parameters from the signature, unchanged by fit; learned state in trailing-underscore attributes; clone."""
     from sklearn.base import clone

@@ -351,7 +351,7 @@ class _MaskExplainer(Explainer):
                                      accumulate=self.accumulate, seed=self.seed, device=self.device, key=key,
                                      out_dir=out_dir, history=self.history_, log=log, progress=progress,
                                      validate=None if val_data is None else (lambda: self.validate(val_data)),
-                                     on_generator=use_generator, ddp=ddp, ctx=ctx)
+                                     on_generator=use_generator, ddp=ddp, ctx=ctx, check_batch=self._check_batch)
         finally:
             self._train_logits = None
         if not ctx.main:  # rank 0 checks the result and saves it
@@ -363,6 +363,25 @@ class _MaskExplainer(Explainer):
         return self
 
     _train_logits: nn.Module | None = None
+
+    def _check_batch(self, x: Any, y: Any) -> None:
+        """A training batch the module can learn from, or a clear error: (B, C, *input_size) floating and
+        finite, and class indices (an integer y of shape (B,)) within the model's outputs."""
+        exp = (self._in_channels, *self._input_size)
+        if not torch.is_tensor(x) or not x.is_floating_point() or tuple(x.shape[1:]) != exp:
+            what = f"{x.dtype} of shape {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__
+            raise NemtError(f"a training batch's x is {what}; this explainer is built for floating (B, "
+                            f"{', '.join(map(str, exp))}) inputs (input_size, in_channels)")
+        bad = ~torch.isfinite(x)
+        if bad.any():
+            raise NemtError(f"a training batch's x holds {int(bad.sum())} NaN or infinite values, in "
+                            f"{int(bad.flatten(1).any(1).sum())} of its {x.shape[0]} images")
+        if torch.is_tensor(y) and y.ndim == 1 and not y.is_floating_point() and y.dtype != torch.bool \
+                and self.targeted and getattr(self, "objective", None) != "teacher" and y.numel():
+            n = self._n_maps()
+            if int(y.min()) < 0 or int(y.max()) >= n:
+                raise NemtError(f"a training batch's labels y run from {int(y.min())} to {int(y.max())}; the "
+                                f"model has {n} outputs (class indices 0..{n - 1})")
 
     def _logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder's mask logits and the model's outputs in a training step: through the

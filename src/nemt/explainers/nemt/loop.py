@@ -66,7 +66,8 @@ def fit_loop(module: nn.Module, data: Iterable, step: Step, *, epochs: int, opti
              key: dict, out_dir: str | Path | None, history: list[dict], log: Callable[[str], None],
              progress: bool, validate: Callable[[], dict] | None = None,
              on_generator: Callable[[torch.Generator], None] | None = None,
-             ddp: nn.Module | None = None, ctx: Context | None = None) -> list[dict]:
+             ddp: nn.Module | None = None, ctx: Context | None = None,
+             check_batch: Callable[[Any, Any], None] | None = None) -> list[dict]:
     """Train ``module``'s trainable parameters with ``step``; return the history (one record per epoch).
 
     ``data``: a :class:`~nemt.distributed.StepBatches` (this rank's micro-batches, in an order fixed by the seed
@@ -76,7 +77,8 @@ def fit_loop(module: nn.Module, data: Iterable, step: Step, *, epochs: int, opti
     settings is refused). Under torchrun (``ctx.distributed``), ``ddp`` is the ``DistributedDataParallel``
     wrapper that ``step`` calls the module through: gradients are averaged over the ranks once per optimiser
     step (``no_sync`` on the other micro-batches), only rank 0 validates, logs and writes the resume point,
-    and every rank resumes from it.
+    and every rank resumes from it. ``check_batch(x, y)`` sees every batch before it is used (and raises on a
+    bad one); an epoch without a batch is an error.
     """
     ctx = ctx or Context()
     if ctx.distributed and not isinstance(data, StepBatches):
@@ -121,6 +123,8 @@ def fit_loop(module: nn.Module, data: Iterable, step: Step, *, epochs: int, opti
                 numbered = enumerate(data)
             for i, (index, b) in enumerate(numbered):
                 x, y = split_xy(b)
+                if check_batch is not None:
+                    check_batch(x, y)
                 x = x.to(device)
                 y = _to(y, device)
                 gen = batch_generator(seed, epoch, index)
@@ -146,6 +150,9 @@ def fit_loop(module: nn.Module, data: Iterable, step: Step, *, epochs: int, opti
                 opt.zero_grad(set_to_none=True)
             names = sorted(sums)
             totals = all_reduce_sum([sums[k] for k in names] + [n], ctx)  # the log covers every rank's batches
+            if not totals[-1]:
+                raise NemtError("the training data gave no batch (an empty data set or loader, or fewer items "
+                                "than one batch with the last partial batch dropped): nothing to fit")
             record = {"epoch": epoch + 1, **{k: v / max(totals[-1], 1) for k, v in zip(names, totals)},
                       "seconds": round(time.time() - t0, 1)}
             if validate is not None and ctx.main:
