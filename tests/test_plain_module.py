@@ -142,6 +142,8 @@ def test_wrong_inputs_raise_standard_exception_types():
         ex.explain(torch.zeros(2, 1, SIZE, SIZE), target=7)  # out of range for 3 outputs
     with pytest.raises(ValueError):
         get_explainer("no-such-method", net)
+    with pytest.raises(ValueError, match="no label names"):  # a name means nothing without a card
+        ex.explain(torch.zeros(2, 1, SIZE, SIZE), target="nodule")
 
 
 @pytest.mark.parametrize("name", [m for m in available() if getattr(_REGISTRY[m], "model_arch", None) is None])
