@@ -293,3 +293,28 @@ def test_layers_by_name_or_by_module():
     assert ex.layers_ == ["2", "5"] and ex.hyper_params()["layers"] == ["2", "5"]
     with pytest.raises(ValueError):
         get_explainer("gradcam", net, layer=nn.Conv2d(1, 1, 1))  # not part of the model
+
+
+def test_a_model_that_does_not_return_logits_is_named():
+    """A model returning a tuple, a dict or a (B,) vector failed deep inside ('tuple' object has no attribute
+    'ndim'); every explainer and metric now says what it returned and what nemt needs."""
+    from nemt.metrics import deletion_auc, faithfulness_estimate
+
+    class Returns(nn.Module):
+        def __init__(self, how):
+            super().__init__()
+            self.conv, self.how = nn.Conv2d(1, 3, 3, stride=2), how
+
+        def forward(self, x):
+            z = self.conv(x).mean((2, 3))
+            return {"tuple": (z, z), "dict": {"logits": z}, "vector": z[:, 0]}[self.how]
+
+    x = torch.rand(2, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(7))
+    for how, words in (("tuple", "returned a tuple"), ("dict", "returned a dict"), ("vector", r"unsqueeze\(1\)")):
+        net = Returns(how)
+        for call in (lambda: get_explainer("ig", net, n_steps=2).explain(x, target=0),
+                     lambda: get_explainer("occlusion", net, window=8, stride=8).explain(x, target=0),
+                     lambda: faithfulness_estimate(net, x, torch.rand(2, 1, SIZE, SIZE), target=0),
+                     lambda: deletion_auc(net, x, torch.rand(2, 1, SIZE, SIZE), target=0)):
+            with pytest.raises(ValueError, match=words):
+                call()

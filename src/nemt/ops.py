@@ -61,6 +61,20 @@ def label_names_of(model: nn.Module) -> list[str]:
     return list(card.label_names) if card is not None else []
 
 
+def checked_outputs(out: Any, batch: int) -> torch.Tensor:
+    """A model's answer to a batch of ``batch`` inputs, which nemt reads as (B, n_outputs) logits; another
+    form (a tuple, a dict, a (B,) vector) is a clear error saying how to wrap the model."""
+    if not torch.is_tensor(out):
+        raise ParameterError(f"the model returned a {type(out).__name__}; nemt needs a module whose forward maps "
+                             "(B, C, *spatial) to a (B, n_outputs) tensor of logits: wrap it (a module whose "
+                             "forward returns the logits, e.g. model(x)[0] or model(x)['logits'])")
+    if out.ndim != 2 or out.shape[0] != batch:
+        hint = "; for one output, return it as (B, 1) (out.unsqueeze(1))" if out.ndim == 1 else ""
+        raise ParameterError(f"the model returned shape {tuple(out.shape)} for {batch} inputs; nemt needs "
+                             f"(B, n_outputs) = ({batch}, n){hint}")
+    return out
+
+
 def n_outputs_of(model: nn.Module, x: torch.Tensor | None = None, outputs: torch.Tensor | None = None) -> int | None:
     """Number of outputs: from the card, else from ``outputs`` or one forward pass on ``x`` (None without either)."""
     card = getattr(model, "card", None)
@@ -68,7 +82,7 @@ def n_outputs_of(model: nn.Module, x: torch.Tensor | None = None, outputs: torch
         return 1 if card.task == "regression" else len(card.label_names)
     if outputs is None and x is not None:
         with torch.no_grad(), evaluating(model):
-            outputs = model(x)
+            outputs = checked_outputs(model(x), x.shape[0])
     if outputs is None:
         return None
     return int(outputs.shape[1]) if outputs.ndim > 1 else 1
@@ -129,7 +143,7 @@ def resolve_targets(target: Target, model: nn.Module, x: torch.Tensor | None = N
             if x is None:
                 raise ParameterError("target='predicted' needs the input x")
             with torch.no_grad(), evaluating(model):
-                outputs = model(x)
+                outputs = checked_outputs(model(x), x.shape[0])
         return outputs.argmax(dim=1, keepdim=True).to(dev)
     if torch.is_tensor(target):
         t = target.to(dev).long()

@@ -31,7 +31,7 @@ from scipy.sparse.linalg import spsolve
 from nemt.errors import NemtError
 from nemt.metrics._common import check_maps, descending_order, float_maps, metric, pearson
 from nemt.metrics._common import normalise as _normalise
-from nemt.ops import fill_values, output_score, resolve_targets, task_of, with_model_in_eval
+from nemt.ops import checked_outputs, fill_values, output_score, resolve_targets, task_of, with_model_in_eval
 
 
 # ---------------------------------------------------------------- shared plumbing
@@ -79,7 +79,8 @@ def _transform(model, out: torch.Tensor, output: str) -> torch.Tensor:
 
 @torch.no_grad()
 def _forward(model, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([model(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+    return torch.cat([checked_outputs(model(x[i:i + batch_size]), len(x[i:i + batch_size]))
+                      for i in range(0, x.shape[0], batch_size)])
 
 
 @torch.no_grad()
@@ -107,7 +108,7 @@ def _scores_for_pairs(model, x, base, img, t, pair_i, pair_s, replace_fn, batch_
             else:
                 vals = bi.expand(len(pi), c_, *spatial).reshape(len(pi), c_, -1).gather(2, idx)
             xp = xi.reshape(len(pi), c_, -1).scatter_(2, idx, vals).view(len(pi), c_, *spatial)
-        out = _transform(model, model(xp), output)
+        out = _transform(model, checked_outputs(model(xp), len(xp)), output)
         res.append(_select(out, t[pi]))
     return torch.cat(res) if res else torch.zeros(0, device=x.device)
 
