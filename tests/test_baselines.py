@@ -253,3 +253,15 @@ def test_count_parameters_below_one_are_refused_before_the_method_is_built():
         with pytest.raises(NemtError, match=f"{next(iter(kw))} must be a whole number >= 1"):
             get_explainer(name, net, **kw)
     get_explainer("occlusion", net, window=(8, 4), stride=4.0)  # a window per axis; 4.0 is a whole number
+
+
+@pytest.mark.parametrize("name", ["lime", "kernelshap"])
+def test_surrogates_need_two_superpixels(name):
+    """A 12^3 volume in cells of 16 is one superpixel: KernelSHAP failed inside Captum (NaN weights) and LIME
+    returned a map of one value; both now ask for a smaller cell, and work with it."""
+    net = nn.Sequential(nn.Conv3d(1, 4, 3, stride=2), nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    x = torch.rand(1, 1, 12, 12, 12, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="makes 1 superpixel; at least 2 are needed: lower cell"):
+        get_explainer(name, net, n_samples=8).explain(x, target=0)
+    maps = get_explainer(name, net, n_samples=8, cell=6).explain(x, target=0)
+    assert maps.shape == (1, 1, 12, 12, 12) and torch.isfinite(maps).all()

@@ -175,7 +175,13 @@ class _SurrogateExplainer(CaptumExplainer):
         self.n_samples, self.cell, self.baseline = int(n_samples), int(cell), baseline
 
     def captum_kwargs(self, x):
-        return {"feature_mask": grid_segments(tuple(x.shape[2:]), self.cell, x.shape[1], x.device),
+        spatial = tuple(x.shape[2:])
+        cells = math.prod(math.ceil(s / self.cell) for s in spatial)
+        if cells < 2:  # one superpixel: nothing to compare (KernelSHAP's weights are then NaN)
+            raise ParameterError(f"{self.name}: an input of {'x'.join(map(str, spatial))} in cells of {self.cell} "
+                                 f"makes {cells} superpixel; at least 2 are needed: lower cell (e.g. "
+                                 f"cell={max(1, min(spatial) // 2)})")
+        return {"feature_mask": grid_segments(spatial, self.cell, x.shape[1], x.device),
                 "baselines": baseline_image(x, self.baseline), "n_samples": self.n_samples,
                 "perturbations_per_eval": max(self.batch_size, 1)}
 
