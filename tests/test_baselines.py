@@ -122,6 +122,7 @@ def test_rise_reproducible_and_all_labels_from_the_same_passes():
     net = _Counting(build_model("smallcnn", spatial_dims=2, in_channels=1, out_channels=5, width=4))
     clf = Classifier.from_module(net, spatial_dims=2, in_channels=1, input_size=(16, 16), task="multilabel",
                                  label_names=list("abcde")).eval()
+    net.images = 0  # from_module's probe batch (2 images) is not the explanation's
     x = torch.randn(2, 1, 16, 16)
     ex = get_explainer("rise", clf, n_masks=50, batch_size=16, seed=3, fast=False)
     a = ex.explain(x, target="all")

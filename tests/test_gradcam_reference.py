@@ -95,7 +95,7 @@ def test_laplace_reference_known_answer():
     expected[3, 3] = 4
     expected[2, 3] = expected[4, 3] = expected[3, 2] = expected[3, 4] = 1
     assert torch.equal(m, expected)
-    assert get_explainer("laplace", _clf(3, 8))._map(torch.zeros(1, 1, 5, 5, 5)).abs().sum() == 0
+    assert get_explainer("laplace", _clf(3, 16))._map(torch.zeros(1, 1, 5, 5, 5)).abs().sum() == 0
 
 
 @pytest.mark.parametrize("dims", [2, 3])

@@ -184,3 +184,20 @@ def test_card_json_is_strict_an_undefined_auroc_is_null(tmp_path):
     card = json.loads((tmp_path / "model.json").read_text(), parse_constant=refuse)
     assert card["metrics"]["val"] == {"auroc": {"a": None, "b": 0.75}, "auroc_macro": None}
     assert load_model(tmp_path).card.metrics["val"]["auroc"]["a"] is None
+
+
+def test_from_module_probes_the_wrapped_network():
+    """A wrapped network that cannot take the described input, or gives another number of outputs than the
+    labels, is refused when wrapped (not at the first explanation); the network's state is left as it was."""
+    from nemt.errors import NemtError
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(4, 3)).train()
+    stats = net[1].running_mean.clone()
+    kw = dict(spatial_dims=2, input_size=(16, 16), task="multiclass")
+    Classifier.from_module(net, in_channels=1, label_names=["a", "b", "c"], **kw)
+    assert net.training and torch.equal(net[1].running_mean, stats)  # probed in eval mode, no statistics moved
+    with pytest.raises(NemtError, match=r"gives 3 outputs, the card describes 2 labels \['a', 'b'\]"):
+        Classifier.from_module(net, in_channels=1, label_names=["a", "b"], **kw)
+    with pytest.raises(NemtError, match=r"cannot take the described input \(2, 3, 16, 16\)"):
+        Classifier.from_module(net, in_channels=3, label_names=["a", "b", "c"], **kw)

@@ -24,7 +24,7 @@ from nemt.errors import CardError, NemtError
 from nemt.files import atomic_path, sha256_file
 from nemt.models.card import ModelCard
 from nemt.models.zoo import ARCHITECTURES, build_model
-from nemt.ops import preserved_rng
+from nemt.ops import ParameterError, checked_outputs, evaluating, preserved_rng
 
 WEIGHTS = "model.safetensors"
 CARD = "model.json"
@@ -82,13 +82,19 @@ class Classifier(nn.Module):
                     input_size: Sequence[int], task: str, label_names: Sequence[str],
                     preprocessing: Preprocessing | None = None, target_scale: dict | None = None,
                     arch: str = "custom") -> "Classifier":
-        """Wrap a user's network with a small description of its input."""
+        """Wrap a user's network with a small description of its input.
+
+        The network answers one probe batch (zeros of the described input, in eval mode, no gradients; its
+        state is left as it was): an input it cannot take, or outputs that are not one per label, are an
+        error here rather than at the first explanation.
+        """
         pre = preprocessing or Preprocessing(size=tuple(input_size), channels=in_channels)
         card = ModelCard.from_dict({
             "arch": arch, "spatial_dims": spatial_dims, "in_channels": in_channels, "task": task,
             "label_names": list(label_names), "input_size": list(input_size),
             "preprocessing": pre.to_dict(), "target_scale": target_scale, "format": ModelCard.format,
         })
+        _probe(module, card)
         return cls(module, card)
 
     def save(self, directory: str | Path) -> Path:
@@ -101,6 +107,25 @@ class Classifier(nn.Module):
         self.card.weights_sha256 = sha256_file(directory / WEIGHTS)
         self.card.save(directory / CARD)
         return directory
+
+
+def _probe(module: nn.Module, card: ModelCard) -> None:
+    """``module`` takes the card's input and gives one output per label (one for regression)."""
+    p = next(iter(module.parameters()), None)
+    x = torch.zeros(2, card.in_channels, *card.input_size, device=p.device if p is not None else "cpu",
+                    dtype=p.dtype if p is not None and p.is_floating_point() else torch.float32)
+    try:
+        with torch.no_grad(), evaluating(module):
+            out = checked_outputs(module(x), 2)
+    except ParameterError:
+        raise
+    except Exception as e:
+        raise NemtError(f"the module cannot take the described input (2, {card.in_channels}, "
+                        f"{', '.join(map(str, card.input_size))}): {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    want = 1 if card.task == "regression" else len(card.label_names)
+    if out.shape[1] != want:
+        raise NemtError(f"the module gives {out.shape[1]} outputs, the card describes {want} "
+                        + ("(regression: one)" if card.task == "regression" else f"labels {card.label_names}"))
 
 
 def load_model(directory: str | Path, *, module: nn.Module | None = None,
