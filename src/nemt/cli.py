@@ -1151,7 +1151,8 @@ def concepts(
                        cache=out / "cache" / "image_embeddings.safetensors", cache_key=key)
     if ann.params.get("unrepresented"):
         console.print(f"[yellow]left out:[/yellow] {len(ann.params['unrepresented'])} concepts the VLM cannot "
-                      f"represent (their text vector is zero or the bare template's: the VLM learnt none of their words): {', '.join(ann.params['unrepresented'][:12])}"
+                      "represent (their text vector is zero or the bare template's: the VLM learnt none of their "
+                      f"words): {', '.join(ann.params['unrepresented'][:12])}"
                       + (" ..." if len(ann.params["unrepresented"]) > 12 else ""), highlight=False)
     rows = ann.rows()
     write_json(out / "neurons.json", {"method": method, "layer": layer, "vlm": vl.name, "params": ann.params,

@@ -119,7 +119,8 @@ def resolve_targets(target: Target, model: nn.Module, x: torch.Tensor | None = N
         if isinstance(t, str):
             if not label_names:
                 raise ParameterError(f"target {t!r}: the model has no label names (a plain module); give an "
-                                     "output index, or wrap it with Classifier.from_module(net, ..., label_names=[...])")
+                                     "output index, or wrap it with Classifier.from_module(net, ..., "
+                                     "label_names=[...])")
             if t not in label_names:
                 raise ParameterError(f"target {t!r} is not a label of the model; labels are {label_names}")
             return label_names.index(t)

@@ -176,7 +176,8 @@ def annotate(model: nn.Module, layer: str, data: Any, vlm: VisionLanguageModel, 
         blank |= cosine(text, vlm.encode_text([template]).float())[:, 0] > 1 - 1e-6
     unrepresented = [c for c, b in zip(concepts, blank.tolist()) if b]
     if len(unrepresented) == len(concepts):
-        raise ParameterError(f"the VLM represents none of the {len(concepts)} concepts (the VLM learnt none of their words)")
+        raise ParameterError(f"the VLM represents none of the {len(concepts)} concepts (the VLM learnt none of "
+                             "their words)")
     if unrepresented:
         keep = (~blank).nonzero().flatten()
         concepts = [concepts[int(i)] for i in keep]

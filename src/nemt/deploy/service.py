@@ -161,8 +161,9 @@ _FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"
     "type": "object", "required": ["file"], "properties": {
         "file": {"type": "string", "format": "binary",
                  "description": "the image: PNG, JPEG, BMP, TIFF or DICOM (NIfTI for 3D models)"},
-        "labels": {"type": "string", "default": "all", "description": "comma-separated label names, all, or predicted (the "
-                                                                      "top output, as nemt explain --target predicted)"},
+        "labels": {"type": "string", "default": "all",
+                   "description": "comma-separated label names, all, or predicted (the top output, as nemt explain "
+                                  "--target predicted)"},
         "method": {"type": "string", "default": "nemt", "description": "explainer (GET /v1/model lists them)"},
         "format": {"type": "string", "enum": list(FORMATS), "default": "png"},
         "alpha": {"type": "number", "minimum": 0, "maximum": 1, "default": DEFAULT_ALPHA,

@@ -102,8 +102,9 @@ class Explainer:
             raise ParameterError(f"x holds no image (shape {tuple(x.shape)})")
         bad = ~torch.isfinite(x)
         if bad.any():
-            raise ParameterError(f"x has {int(bad.sum())} NaN or infinite values, in {int(bad.flatten(1).any(1).sum())} "
-                                 f"of its {x.shape[0]} images: a map of such an input means nothing")
+            raise ParameterError(f"x has {int(bad.sum())} NaN or infinite values, in "
+                                 f"{int(bad.flatten(1).any(1).sum())} of its {x.shape[0]} images: a map of such an "
+                                 "input means nothing")
         # a float64 array from NumPy meets a float32 model: the model's dtype (x itself is left as it is)
         return x.detach().to(self.device, dtype=_float_dtype_of(self.model) or x.dtype)
 
