@@ -669,3 +669,21 @@ def test_a_nan_map_is_refused_not_scored():
             f(maps, *args)
         ok = f(torch.nan_to_num(maps, nan=0.0, posinf=1.0), *args)
         assert torch.isfinite(ok).all()
+
+
+def test_square_three_axis_maps_warn_that_they_are_read_as_signals():
+    """(B, H, W) maps (a 2D map without the target axis) are legal 1D input (B, T, L) and were scored per row
+    without a word; a square one now warns and says how to pass 2D maps. 1D maps of other shapes stay quiet."""
+    import warnings as w
+
+    from nemt.metrics import relevance_mass
+
+    maps = torch.rand(2, 16, 16, generator=torch.Generator().manual_seed(0))
+    gt = torch.zeros(2, 16, 16, dtype=torch.bool)
+    gt[:, 4:8, 4:8] = True
+    with pytest.warns(UserWarning, match=r"read as \(B, T, L\): 16 maps of 1D signals.*\(B, 1, H, W\)"):
+        assert relevance_mass(maps, gt).shape == (2, 16)
+    assert relevance_mass(maps[:, None], gt[:, None]).shape == (2, 1)
+    with w.catch_warnings():
+        w.simplefilter("error")
+        relevance_mass(torch.rand(2, 1, 100), torch.ones(2, 1, 100, dtype=torch.bool))  # a signal: no warning

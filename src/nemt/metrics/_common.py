@@ -24,6 +24,7 @@ import contextlib
 import contextvars
 import functools
 import threading
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -276,6 +277,11 @@ def check_maps(maps: torch.Tensor) -> int:
     NaN, which every summary reads as "no lesion, excluded", or a pointing-game miss)."""
     if maps.ndim not in (3, 4, 5):
         raise NemtError(f"maps must be (B, T, L), (B, T, H, W) or (B, T, D, H, W), got shape {tuple(maps.shape)}")
+    if maps.ndim == 3 and maps.shape[1] == maps.shape[2] >= 8:
+        # (B, H, W) images without the target axis read as H maps of 1D signals of length W: scores per row
+        warnings.warn(f"maps of shape {tuple(maps.shape)} are read as (B, T, L): {maps.shape[1]} maps of 1D "
+                      f"signals each; for one 2D map per image give (B, 1, H, W) (maps[:, None], and the masks "
+                      "too)", UserWarning, stacklevel=4)
     bad = ~torch.isfinite(maps)
     if bad.any():
         which = bad.flatten(2).any(2).nonzero()[:5].tolist()
