@@ -215,7 +215,9 @@ def test_label_names_never_write_outside_out(tmp_path):
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert written == sorted(f"{f}.{e}" for f in res[0]["files"] for e in ("npy", "png"))
     assert not list(tmp_path.glob("evil*")) and not list((tmp_path / "deep").glob("evil*"))
-    for bad, why in ((["a", "a", "b"], "'a' twice"), (["a", " ", "b"], "empty name")):
+    for bad, why in ((["a", "a", "b"], "'a' twice"), (["a", " ", "b"], "empty name"),
+                     # every problem at once, as a manifest lists all its bad labels
+                     (["a", " ", "a", "b\tc"], "an empty name; 'a' twice; 'b\\\\tc' holds a control character")):
         card["label_names"] = bad
         (tmp_path / "m" / "model.json").write_text(json.dumps(card))
         with pytest.raises(CardError, match=f"label_names.*{why}"):

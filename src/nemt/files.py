@@ -178,17 +178,19 @@ def label_name_problem(name: object) -> str | None:
 
 
 def label_names_problem(names: list) -> str | None:
-    """:func:`label_name_problem` of the first bad name, or the first name given twice, or None. (Names that
-    differ only in case are two labels; :func:`label_file_parts` keeps their files apart.)"""
+    """Every bad name's :func:`label_name_problem` and every name given twice, joined by "; " (as a
+    manifest lists all its bad labels), or None. (Names that differ only in case are two labels;
+    :func:`label_file_parts` keeps their files apart.)"""
     seen: set[str] = set()
+    problems: list[str] = []
     for n in names:
         why = label_name_problem(n)
         if why:
-            return why
-        if n in seen:
-            return f"{n!r} twice"
+            problems.append(why)
+        elif n in seen:
+            problems.append(f"{n!r} twice")
         seen.add(n)
-    return None
+    return "; ".join(dict.fromkeys(problems)) or None
 
 
 def label_file_parts(names: list[str]) -> list[str]:
