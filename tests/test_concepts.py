@@ -262,6 +262,14 @@ def test_cli_concepts(world):
     assert len(list((out / "sheets").glob("neuron_*.png"))) == 3
     rows = json.loads((out / "neurons.json").read_text())["neurons"]
     assert len(rows) == 64
+    # the shipped list with the tiny CLIP: its distractors are left out as known words never learnt, not unknown
+    params = json.loads((out / "neurons.json").read_text())["params"]
+    unknown = params["unknown"]
+    assert not set(DISTRACTORS) & set(unknown) and set(params["unrepresented"]) - set(unknown) == set(DISTRACTORS)
+    assert all(not world["tiny"].known_words(c) for c in unknown) and "mass" in unknown
+    said = " ".join(res.output.split())
+    assert (f"{len(unknown)} with no word in its vocabulary: mass" in said
+            and f"{len(DISTRACTORS)} whose words are in its vocabulary but were never learnt" in said), said
     page = (out / "report.html").read_text()
     assert "<h2>Summary</h2>" in page
     assert "Drawn for 3 of 64 neurons" in page and page.count("not drawn") == 61  # the empty cells say why
@@ -299,3 +307,50 @@ def test_concepts_the_vlm_cannot_represent_are_left_out_not_tied():
                    method="clip-dissect", to_unit=lambda t: t)
     assert ann.params["unrepresented"] == ["pacemaker", "fracture"]
     assert all(not lab or lab[0][0] in ("nodule", "cyst") for lab in ann.labels)
+    # a VLM without a word list (as a CLIP's tokenizer, which reads any word) cannot say which words it lacks
+    assert ann.params["unknown"] is None
+    assert ann.left_out() == ("2 concepts the VLM cannot represent (their text vector is zero or the bare "
+                              "template's): pacemaker, fracture")
+
+
+def _net_and_probes():
+    """A 1x1-conv layer of 2 channels and 8 probe images, half of them bright."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    x = torch.zeros(8, 1, 16, 16)
+    x[1::2] = 1.0
+    return net, x
+
+
+def test_tiny_clip_distractors_are_known_words_never_learnt_not_unknown(tmp_path):
+    """The tiny CLIP's distractors are in its vocabulary (in no caption, so their word vectors stay zero): a
+    concept of them is left out as one whose words it knows but never learnt, never as an unknown word; only
+    a concept with no word in the vocabulary is unknown. Before, both were reported alike ("no known word")."""
+    from nemt.concepts.report import write_concept_report
+    from nemt.ops import ParameterError
+
+    torch.manual_seed(0)
+    tiny = train_tiny_clip(n=64, size=32, epochs=1, seed=0)  # a fraction of a second: the vocabulary is what counts
+    assert set(DISTRACTORS) <= set(tiny.vocab)
+    assert tiny.known_words("a Fracture") == ["a", "fracture"] and tiny.known_words("pleural thickening") == []
+    assert torch.equal(tiny.encode_text(["fracture", "mass"]), torch.zeros(2, tiny.dim))  # alike as vectors
+    net, x = _net_and_probes()
+    concepts = ["nodule", "fracture", "mass", "pacemaker", "pleural thickening", "cyst"]
+    for method in ("mammi", "clip-dissect"):
+        ann = annotate(net, "output", x, tiny, concepts, method=method, to_unit=lambda t: t)
+        assert ann.concepts == ["nodule", "cyst"]
+        assert ann.params["unrepresented"] == ["fracture", "mass", "pacemaker", "pleural thickening"]
+        assert ann.params["unknown"] == ["mass", "pleural thickening"]
+        assert ann.left_out() == (
+            "4 concepts the VLM cannot represent: 2 with no word in its vocabulary: mass, pleural thickening; "
+            "2 whose words are in its vocabulary but were never learnt (a zero text vector or the bare template's, "
+            "as the tiny CLIP's distractors): fracture, pacemaker")
+    page = write_concept_report(tmp_path, ann, title="t", facts={}).read_text()
+    assert "Left out: 4 concepts" in page and "never learnt" in page and "fracture, pacemaker." in page
+    # the oracle has a word list too: a concept of words outside it is unknown
+    oracle = OracleVLM(x, [[], ["cyst"]] * 4, ["cyst", "fracture"])
+    ann = annotate(net, "output", x, oracle, ["cyst", "fracture", "mass"], method="mammi", to_unit=lambda t: t)
+    assert ann.params["unrepresented"] == ann.params["unknown"] == ["mass"]
+    # nothing left: the error says which concepts are unknown and which only unlearnt
+    with pytest.raises(ParameterError, match="1 with no word in its vocabulary: mass; 1 whose words are in its "
+                                             r"vocabulary but were never learnt .*: fracture$"):
+        annotate(net, "output", x, tiny, ["fracture", "mass"], method="mammi", to_unit=lambda t: t)

@@ -140,6 +140,7 @@ def test_openapi_documents_the_form_and_the_errors(client):
     post_ = spec["paths"]["/v1/explain"]["post"]
     form = post_["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert set(form["properties"]) == {"file", "labels", "method", "format", "alpha"} and form["required"] == ["file"]
+    assert "predicted" in form["properties"]["labels"]["description"]  # labels=predicted, as explain --target
     assert {"200", "408", "413", "415", "422", "503"} <= set(post_["responses"])
     assert "ExplainResponse" in spec["components"]["schemas"]
     assert client.get("/docs").status_code == 404  # Swagger UI would load its scripts from a CDN
@@ -238,6 +239,47 @@ def test_explain_labels_predicted_is_the_top_output(client, env):
         named = post(client, path.read_bytes(), name=path.name, labels=top, format="array").json()
         assert np.array_equal(decode_map(body["explanations"][top]["map"]),
                               decode_map(named["explanations"][top]["map"]))
+
+
+@pytest.mark.parametrize("task", ["multiclass", "multilabel"])
+def test_labels_predicted_explains_what_nemt_explain_target_predicted_does(tmp_path, task):
+    """``labels=predicted`` and ``nemt explain --target predicted`` choose the same labels (the one logic,
+    :func:`nemt.ops.resolve_targets`) and give the same maps. For a multi-label model that is the top output,
+    one label, as explain chooses it, not the response's ``predicted`` list (labels at p >= 0.5): here two
+    labels are above 0.5."""
+    import json
+
+    import torch
+    from typer.testing import CliRunner
+
+    from nemt.cli import app
+    from nemt.models import Classifier, build_model, load_model
+
+    torch.manual_seed(0)
+    net = build_model("smallcnn", spatial_dims=2, in_channels=1, out_channels=3)
+    with torch.no_grad():
+        net.fc.bias.copy_(torch.tensor([1.0, 2.0, -1.0]))  # sigmoid 0.73, 0.88, 0.27: "b" on top, "a" above 0.5
+    Classifier.from_module(net, spatial_dims=2, in_channels=1, input_size=(16, 16), task=task,
+                           label_names=["a", "b", "c"], arch="smallcnn").save(tmp_path / "m")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"img{i}.png")
+        PILImage.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(paths[-1])
+    res = CliRunner().invoke(app, ["explain", *map(str, paths), "--model", str(tmp_path / "m"), "--method",
+                                   "saliency", "--target", "predicted", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 0, res.output
+    cli = json.loads(res.stdout)
+    clf = load_model(tmp_path / "m")
+    with TestClient(create_app(clf, build_explainers(clf, None, ["saliency"]))) as c:
+        for path, rec in zip(paths, cli):
+            r = post(c, path.read_bytes(), name=path.name, labels="predicted", method="saliency", format="array")
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["labels"] == rec["targets"] == ["b"] and list(body["explanations"]) == ["b"]
+            assert body["predicted"] == (["a", "b"] if task == "multilabel" else ["b"])
+            assert np.allclose(decode_map(body["explanations"]["b"]["map"]),
+                               np.load(tmp_path / "x" / f"{rec['files'][0]}.npy"), atol=1e-6)
 
 
 def test_explain_jpeg_dicom_and_grey_stored_as_rgb(client, env, tmp_path):

@@ -1149,11 +1149,9 @@ def concepts(
         ann = annotate(clf, layer, _Ticking(ds, lambda: bar.update(tid, advance=1)), vl, words, method=method,
                        template=template, batch_size=batch_size, device=device,
                        cache=out / "cache" / "image_embeddings.safetensors", cache_key=key)
-    if ann.params.get("unrepresented"):
-        console.print(f"[yellow]left out:[/yellow] {len(ann.params['unrepresented'])} concepts the VLM cannot "
-                      "represent (their text vector is zero or the bare template's: the VLM learnt none of their "
-                      f"words): {', '.join(ann.params['unrepresented'][:12])}"
-                      + (" ..." if len(ann.params["unrepresented"]) > 12 else ""), highlight=False)
+    if ann.left_out():  # concepts with no word in the VLM's vocabulary, and those whose words it never learnt
+        from rich.markup import escape
+        console.print(f"[yellow]left out:[/yellow] {escape(ann.left_out())}", highlight=False)
     rows = ann.rows()
     write_json(out / "neurons.json", {"method": method, "layer": layer, "vlm": vl.name, "params": ann.params,
                                       "probe_images": n, "concepts": words, "neurons": rows})

@@ -24,8 +24,8 @@ from nemt.errors import NemtError
 from nemt.explainers.layers import FeatureTap
 from nemt.ops import ParameterError, evaluating
 
-__all__ = ["DEFAULT_CONCEPTS", "METHODS", "ConceptAnnotation", "annotate", "hit_rate", "layer_activations",
-           "neuron_values", "probe_batches", "read_concepts"]
+__all__ = ["DEFAULT_CONCEPTS", "METHODS", "ConceptAnnotation", "annotate", "describe_left_out", "hit_rate",
+           "layer_activations", "neuron_values", "probe_batches", "read_concepts"]
 
 DEFAULT_CONCEPTS = Path(__file__).with_name("radiology_concepts.txt")
 METHODS = ("mammi", "clip-dissect")
@@ -98,7 +98,10 @@ def layer_activations(model: nn.Module, layer: str, batches: Iterator[torch.Tens
 class ConceptAnnotation:
     """Per neuron: ``labels`` [(concept, score)] best first (empty for dead or unlabelled neurons),
     ``status``, ``n_images`` (images the rule used) and ``top_images`` (probe indices, highest first);
-    ``scores`` (K, C) the rule's score (soft-WPMI, or MAMMI's w_k(c)); ``activations`` (N, K)."""
+    ``scores`` (K, C) the rule's score (soft-WPMI, or MAMMI's w_k(c)); ``activations`` (N, K); ``params``
+    the prompt template, the VLM's name, the method's settings, ``unrepresented`` (the concepts left out: the
+    VLM cannot represent them) and ``unknown`` (those of them with no word in the VLM's vocabulary; None when
+    the VLM cannot tell, see :func:`describe_left_out`)."""
 
     method: str
     layer: str
@@ -124,6 +127,10 @@ class ConceptAnnotation:
                         "top_images": self.top_images[k].tolist()})
         return out
 
+    def left_out(self, limit: int = 12) -> str:
+        """The concepts left out because the VLM cannot represent them, and why, in one line ('' if none)."""
+        return describe_left_out(self.params.get("unrepresented") or [], self.params.get("unknown"), limit)
+
     def summary(self) -> dict[str, list[str]]:
         """Concept -> the neurons whose label (first concept) it is, for concepts that label any neuron."""
         out: dict[str, list[str]] = {}
@@ -131,6 +138,31 @@ class ConceptAnnotation:
             if labels:
                 out.setdefault(labels[0][0], []).append(name)
         return dict(sorted(out.items(), key=lambda kv: (-len(kv[1]), kv[0])))
+
+
+def describe_left_out(unrepresented: Sequence[str], unknown: Sequence[str] | None, limit: int = 12) -> str:
+    """The concepts a VLM cannot represent (a text vector of zero or the bare template's) in one line, '' for none.
+
+    ``unknown``: those of them with no word in the VLM's vocabulary; it knows the others' words but never
+    learnt them (the tiny CLIP's distractors: in its vocabulary, in no caption, so their vectors stay zero).
+    None: the VLM cannot tell the two apart (a CLIP's tokenizer reads any word).
+    """
+    def listed(cs: Sequence[str]) -> str:
+        return ", ".join(cs[:limit]) + (" ..." if len(cs) > limit else "")
+
+    if not unrepresented:
+        return ""
+    head = f"{len(unrepresented)} concept{'' if len(unrepresented) == 1 else 's'} the VLM cannot represent"
+    if unknown is None:
+        return f"{head} (their text vector is zero or the bare template's): {listed(unrepresented)}"
+    unlearnt = [c for c in unrepresented if c not in set(unknown)]
+    parts = []
+    if unknown:
+        parts.append(f"{len(unknown)} with no word in its vocabulary: {listed(unknown)}")
+    if unlearnt:
+        parts.append(f"{len(unlearnt)} whose words are in its vocabulary but were never learnt (a zero text vector "
+                     f"or the bare template's, as the tiny CLIP's distractors): {listed(unlearnt)}")
+    return f"{head}: {'; '.join(parts)}"
 
 
 def annotate(model: nn.Module, layer: str, data: Any, vlm: VisionLanguageModel, concepts: Sequence[str], *,
@@ -169,15 +201,17 @@ def annotate(model: nn.Module, layer: str, data: Any, vlm: VisionLanguageModel, 
     template = TEMPLATES[method] if template is None else template
     prompts = [f"{template} {c}".strip() for c in concepts]
     text = vlm.encode_text(prompts).float()
-    # a concept the VLM cannot represent (none of its words learnt: a zero vector, or the bare template's) would
-    # tie with every other such concept and win by list order: it is left out and reported
+    # a concept the VLM cannot represent (a zero vector, or the bare template's) would tie with every other such
+    # concept and win by list order: it is left out and reported, as a concept with no word in the VLM's
+    # vocabulary or as one whose words it knows but never learnt (the tiny CLIP's distractors)
     blank = text.norm(dim=1) < 1e-8
     if template:
         blank |= cosine(text, vlm.encode_text([template]).float())[:, 0] > 1 - 1e-6
     unrepresented = [c for c, b in zip(concepts, blank.tolist()) if b]
+    known_words = getattr(vlm, "known_words", None)  # a closed vocabulary only (a CLIP's tokenizer reads any word)
+    unknown = [c for c in unrepresented if not known_words(c)] if callable(known_words) else None
     if len(unrepresented) == len(concepts):
-        raise ParameterError(f"the VLM represents none of the {len(concepts)} concepts (the VLM learnt none of "
-                             "their words)")
+        raise ParameterError(f"the VLM represents none of the concepts: {describe_left_out(unrepresented, unknown)}")
     if unrepresented:
         keep = (~blank).nonzero().flatten()
         concepts = [concepts[int(i)] for i in keep]
@@ -201,7 +235,7 @@ def annotate(model: nn.Module, layer: str, data: Any, vlm: VisionLanguageModel, 
     top = torch.topk(acts, min(n_top, acts.shape[0]), dim=0).indices.T
     return ConceptAnnotation(method, layer, concepts, neurons, scores, labels, status, n_images, top, acts,
                              params={"template": template, "vlm": getattr(vlm, "name", type(vlm).__name__),
-                                     "unrepresented": unrepresented, **method_kwargs})
+                                     "unrepresented": unrepresented, "unknown": unknown, **method_kwargs})
 
 
 def hit_rate(annotation: ConceptAnnotation, truth: dict[str, str]) -> float:

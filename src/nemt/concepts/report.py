@@ -45,9 +45,12 @@ def contact_sheet(images: np.ndarray, maps: np.ndarray | None, title: str, capti
 
 def write_concept_report(out: str | Path, ann: ConceptAnnotation, *, title: str, facts: dict[str, str],
                          sheets: dict[int, bytes] | None = None, notes: Sequence[str] = ()) -> Path:
-    """Write ``report.html`` (figures inlined): facts, the concept summary, then one row per neuron."""
+    """Write ``report.html`` (figures inlined): facts, the concept summary (with the concepts left out because
+    the VLM cannot represent them, and why), then one row per neuron."""
     out = Path(out)
     sheets = sheets or {}
+    left_out = ann.left_out(limit=len(ann.params.get("unrepresented") or []))  # every one: the page has room
+    notes = [*notes, *([f"Left out: {left_out}."] if left_out else [])]
     esc = html.escape
     facts_html = "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in facts.items())
     summary = ann.summary()

@@ -123,7 +123,10 @@ class TinyCLIP(nn.Module):
 
     ``encode_image(x)``: ``(N, C, H, W)`` in [0, 1] (channels averaged to grey,
     resized to ``size``) to ``(N, dim)`` unit vectors; ``encode_text(texts)``
-    to ``(N, dim)`` unit vectors (zero for a text without known words).
+    to ``(N, dim)`` unit vectors: zero for a text with no word in the
+    vocabulary, and for one whose only known words were never in a caption
+    (the distractors: known, but their vectors stay zero).
+    ``known_words(text)`` lists a text's words in the vocabulary.
     """
 
     def __init__(self, vocab: Sequence[str], size: int = 48, dim: int = 32, width: int = 8):
@@ -151,10 +154,14 @@ class TinyCLIP(nn.Module):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
         return (x - 0.5) / 0.25
 
+    def known_words(self, text: str) -> list[str]:
+        """The words of ``text`` in the vocabulary (the others are skipped when it is embedded)."""
+        return [w for w in tokenize(text) if w in self.index]
+
     def _text(self, texts: Sequence[str]) -> torch.Tensor:
         rows, known = [], []
         for t in texts:
-            ids = [self.index[w] for w in tokenize(t) if w in self.index]
+            ids = [self.index[w] for w in self.known_words(t)]
             rows.append(self.words.weight[ids].mean(0) if ids else self.words.weight.new_zeros(self.dim))
             known.append(bool(ids))
         return torch.stack(rows), torch.tensor(known, device=self.device)

@@ -3,7 +3,11 @@
 A :class:`VisionLanguageModel` has ``encode_image(x)``: ``(N, C, *spatial)``
 images in [0, 1] (what an overlay shows; each model resizes and normalises
 them itself) to ``(N, D)``, and ``encode_text(texts)`` to ``(N, D)``, plus a
-``name`` (recorded with cached embeddings). Nothing here downloads: real
+``name`` (recorded with cached embeddings). A model with a closed word list
+(the tiny CLIP, the oracle) also has ``known_words(text)``, the text's words
+in its vocabulary: concept annotation then tells a concept it has no word
+for from one whose words it knows but never learnt (a CLIP's tokenizer
+reads any word, so it has none). Nothing here downloads: real
 models load only from a folder the user gives, and a missing folder or
 package is an error that says how to supply it.
 """
@@ -79,9 +83,13 @@ class OracleVLM:
         except KeyError:
             raise NemtError("the oracle VLM only knows the images it was built with") from None
 
-    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+    def known_words(self, text: str) -> list[str]:
+        """The words of ``text`` in the vocabulary."""
         from nemt.concepts.tiny_clip import tokenize
-        return torch.stack([self._code(tokenize(t)) for t in texts])
+        return [w for w in tokenize(text) if w in self.index]
+
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        return torch.stack([self._code(self.known_words(t)) for t in texts])
 
 
 def _rgb(x: torch.Tensor, size: int, mean=_OPENAI_MEAN, std=_OPENAI_STD) -> torch.Tensor:

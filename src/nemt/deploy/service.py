@@ -13,7 +13,8 @@ Endpoints (the OpenAPI schema is at ``/openapi.json``; FastAPI's ``/docs`` and
 - ``POST /v1/explain``: a multipart form with the image in ``file`` (PNG,
   JPEG, BMP, TIFF, DICOM; NIfTI for 3D models) and optional ``labels``
   (comma-separated names, ``all`` (the default), or ``predicted``: the top output, as
-  ``nemt explain --target predicted``), ``method`` (default ``nemt``),
+  ``nemt explain --target predicted`` chooses it (:func:`nemt.ops.resolve_targets`; one
+  label, for a multi-label model too)), ``method`` (default ``nemt``),
   ``format`` (``png``, ``array`` or ``both``; default ``png``) and ``alpha``
   (overlay opacity, default 0.45). The answer holds the predictions
   (probabilities, or the value for regression), the image as the model sees
@@ -162,8 +163,9 @@ _FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"
         "file": {"type": "string", "format": "binary",
                  "description": "the image: PNG, JPEG, BMP, TIFF or DICOM (NIfTI for 3D models)"},
         "labels": {"type": "string", "default": "all",
-                   "description": "comma-separated label names, all, or predicted (the top output, as nemt explain "
-                                  "--target predicted)"},
+                   "description": "comma-separated label names, all, or predicted (the model's top output, as "
+                                  "nemt explain --target predicted chooses it: one label, for a multi-label model "
+                                  "too)"},
         "method": {"type": "string", "default": "nemt", "description": "explainer (GET /v1/model lists them)"},
         "format": {"type": "string", "enum": list(FORMATS), "default": "png"},
         "alpha": {"type": "number", "minimum": 0, "maximum": 1, "default": DEFAULT_ALPHA,
