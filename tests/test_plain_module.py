@@ -318,3 +318,35 @@ def test_a_model_that_does_not_return_logits_is_named():
                      lambda: deletion_auc(net, x, torch.rand(2, 1, SIZE, SIZE), target=0)):
             with pytest.raises(ValueError, match=words):
                 call()
+
+
+def test_silent_misreadings_found_by_the_api_audit_are_refused_or_fixed():
+    """A one-logit plain module's softmax was 1 for every input (RISE maps identical for two images, deletion
+    AUC 1.0 for every map): one output is now read through a sigmoid. A float or multi-hot target tensor was
+    cast to indices (label 1.7 -> 1): now refused. A soft ground-truth mask (0.01 background) made every
+    pixel lesion: now refused, as are NaN masks."""
+    from nemt.errors import NemtError
+    from nemt.metrics import deletion_auc, relevance_mass
+
+    torch.manual_seed(0)
+    one = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 1)).eval()
+    g = torch.Generator().manual_seed(8)
+    x = torch.rand(2, 1, SIZE, SIZE, generator=g)
+    x[1] = torch.rand(1, SIZE, SIZE, generator=g) * 3 - 1  # two clearly different images
+    r = get_explainer("rise", one, n_masks=64, seed=0).raw(x, target=0)
+    assert not torch.equal(r[0], r[1])
+    d = deletion_auc(one, x, torch.rand(2, 1, SIZE, SIZE, generator=g), target=0, steps=5)
+    assert not torch.allclose(d, torch.ones_like(d))
+    net = plain_net().eval()
+    with pytest.raises(ValueError, match=r"integer dtype\), got torch.float32"):
+        get_explainer("gradcam", net).explain(x, target=torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]]))
+    maps = torch.rand(2, 1, SIZE, SIZE, generator=g)
+    gt = torch.zeros(2, 1, SIZE, SIZE)
+    gt[:, :, 2:6, 2:6] = 1
+    ok = relevance_mass(maps, gt)
+    assert torch.equal(relevance_mass(maps, gt * 255), ok)  # 0/255 masks as PNGs store them: binary
+    with pytest.raises(NemtError, match="soft mask"):
+        relevance_mass(maps, gt * 0.98 + 0.01)
+    with pytest.raises(NemtError, match="NaN"):
+        relevance_mass(maps, torch.full_like(gt, float("nan")))

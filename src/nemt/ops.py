@@ -147,6 +147,9 @@ def resolve_targets(target: Target, model: nn.Module, x: torch.Tensor | None = N
                 outputs = checked_outputs(model(x), x.shape[0])
         return outputs.argmax(dim=1, keepdim=True).to(dev)
     if torch.is_tensor(target):
+        if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
+            raise ParameterError(f"a target tensor holds output indices (an integer dtype), got {target.dtype}; "
+                                 "multi-hot labels are not targets: give the indices, e.g. y.nonzero(), or 'all'")
         t = target.to(dev).long()
         if t.ndim == 0:
             t = t.expand(b)
@@ -184,7 +187,8 @@ def output_score(out: torch.Tensor, task: str, score: str, scale: float = 1.0) -
         return out / scale if scale != 1.0 else out
     if score == "logit":
         return out
-    p = out.softmax(dim=-1) if task == "multiclass" else out.sigmoid()
+    # one output is a binary logit: its softmax would be 1 whatever the input (a plain module reads as multi-class)
+    p = out.softmax(dim=-1) if task == "multiclass" and out.shape[-1] > 1 else out.sigmoid()
     return p if score == "prob" else 1 - p
 
 

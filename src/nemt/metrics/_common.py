@@ -312,6 +312,12 @@ def expand_masks(masks: torch.Tensor, maps: torch.Tensor, name: str = "masks", d
             or masks.shape[1] not in (1, maps.shape[1]):
         raise NemtError(f"{name} must be (B, 1 or T, *spatial) matching maps {tuple(maps.shape)}, "
                         f"got {tuple(masks.shape)}")
+    if dtype == torch.bool and masks.is_floating_point():
+        if not torch.isfinite(masks).all():
+            raise NemtError(f"{name} hold NaN or infinite values")
+        if ((masks > 0) & (masks < 1)).any():  # a soft mask: != 0 would make its whole background lesion
+            raise NemtError(f"{name} hold values strictly between 0 and 1 (a soft mask); give a binary mask, "
+                            "e.g. masks > 0.5")
     masks = masks.bool() if dtype == torch.bool else masks.to(dtype)
     return masks.expand(-1, maps.shape[1], *masks.shape[2:]).flatten(2)
 
