@@ -1149,9 +1149,10 @@ def concepts(
         ann = annotate(clf, layer, _Ticking(ds, lambda: bar.update(tid, advance=1)), vl, words, method=method,
                        template=template, batch_size=batch_size, device=device,
                        cache=out / "cache" / "image_embeddings.safetensors", cache_key=key)
-    if ann.left_out():  # concepts with no word in the VLM's vocabulary, and those whose words it never learnt
+    left_out = ann.left_out()  # concepts with no word in the VLM's vocabulary, and those whose words it never learnt
+    if left_out:
         from rich.markup import escape
-        console.print(f"[yellow]left out:[/yellow] {escape(ann.left_out())}", highlight=False)
+        console.print(f"[yellow]left out:[/yellow] {escape(left_out)}", highlight=False)
     rows = ann.rows()
     write_json(out / "neurons.json", {"method": method, "layer": layer, "vlm": vl.name, "params": ann.params,
                                       "probe_images": n, "concepts": words, "neurons": rows})

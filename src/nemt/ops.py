@@ -61,6 +61,22 @@ def label_names_of(model: nn.Module) -> list[str]:
     return list(card.label_names) if card is not None else []
 
 
+def nonfinite_problem(x: torch.Tensor) -> str | None:
+    """``"N NaN or infinite values, in k of its B images"`` for a batch ``x`` (B, ...) holding any, else None."""
+    bad = ~torch.isfinite(x)
+    if not bad.any():
+        return None
+    return f"{int(bad.sum())} NaN or infinite values, in {int(bad.flatten(1).any(1).sum())} of its {x.shape[0]} images"
+
+
+def float_dtype_of(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating parameter or buffer (None: it has none)."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
 def checked_outputs(out: Any, batch: int) -> torch.Tensor:
     """A model's answer to a batch of ``batch`` inputs, which nemt reads as (B, n_outputs) logits; another
     form (a tuple, a dict, a (B,) vector) is a clear error saying how to wrap the model."""

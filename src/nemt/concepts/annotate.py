@@ -155,7 +155,8 @@ def describe_left_out(unrepresented: Sequence[str], unknown: Sequence[str] | Non
     head = f"{len(unrepresented)} concept{'' if len(unrepresented) == 1 else 's'} the VLM cannot represent"
     if unknown is None:
         return f"{head} (their text vector is zero or the bare template's): {listed(unrepresented)}"
-    unlearnt = [c for c in unrepresented if c not in set(unknown)]
+    no_word = set(unknown)
+    unlearnt = [c for c in unrepresented if c not in no_word]
     parts = []
     if unknown:
         parts.append(f"{len(unknown)} with no word in its vocabulary: {listed(unknown)}")

@@ -72,7 +72,6 @@ def check_dataset(manifest: Manifest, progress: Callable[[int], None] | None = N
                       label_names=list(manifest.label_names))
     rep.fatal.extend(manifest.problems)
     rep.warnings.extend(manifest.warnings)
-    counts: Counter = Counter()
     targets = []
     rep.listed = len(manifest.samples)
     if manifest.task != "regression":

@@ -24,9 +24,8 @@ import torch
 from torch import nn
 
 from nemt.ops import (ArgumentTypeError, ParameterError, Target, check_postprocess, chunks, evaluating, fill_values,
-                      frozen_parameters,
-                      n_outputs_of, normalise_maps, output_score, postprocess, resize_linear, resolve_targets,
-                      task_of)
+                      float_dtype_of, frozen_parameters, n_outputs_of, nonfinite_problem, normalise_maps, output_score,
+                      postprocess, resize_linear, resolve_targets, task_of)
 
 __all__ = ["Explainer", "Target", "available", "baseline_image", "frozen_parameters", "get_explainer",
            "normalise_maps", "register", "resize_linear", "resolve_targets"]
@@ -100,13 +99,11 @@ class Explainer:
             raise ParameterError(f"the model takes {self.spatial_dims}D inputs, got x of shape {tuple(x.shape)}")
         if x.shape[0] == 0:
             raise ParameterError(f"x holds no image (shape {tuple(x.shape)})")
-        bad = ~torch.isfinite(x)
-        if bad.any():
-            raise ParameterError(f"x has {int(bad.sum())} NaN or infinite values, in "
-                                 f"{int(bad.flatten(1).any(1).sum())} of its {x.shape[0]} images: a map of such an "
-                                 "input means nothing")
+        why = nonfinite_problem(x)
+        if why:
+            raise ParameterError(f"x has {why}: a map of such an input means nothing")
         # a float64 array from NumPy meets a float32 model: the model's dtype (x itself is left as it is)
-        return x.detach().to(self.device, dtype=_float_dtype_of(self.model) or x.dtype)
+        return x.detach().to(self.device, dtype=float_dtype_of(self.model) or x.dtype)
 
     def raw(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
         """The method's maps (B, T, *spatial) before post-processing."""
@@ -150,14 +147,6 @@ def _blame_shape(x: torch.Tensor):
         raise ParameterError(f"the model cannot take x of shape {tuple(x.shape)}: {text.splitlines()[0]} "
                              "(nemt passes x to the model as given: channel-first (B, C, *spatial), the model's "
                              "channels and rank)") from e
-
-
-def _float_dtype_of(model: nn.Module) -> torch.dtype | None:
-    """The dtype of the model's first floating parameter or buffer (None: it has none)."""
-    for t in (*model.parameters(), *model.buffers()):
-        if t.is_floating_point():
-            return t.dtype
-    return None
 
 
 def init_parameters(cls: type) -> set[str]:

@@ -24,7 +24,7 @@ from nemt.errors import CardError, NemtError
 from nemt.files import atomic_path, sha256_file
 from nemt.models.card import ModelCard
 from nemt.models.zoo import ARCHITECTURES, build_model
-from nemt.ops import ParameterError, checked_outputs, evaluating, preserved_rng
+from nemt.ops import ParameterError, checked_outputs, evaluating, float_dtype_of, preserved_rng
 
 WEIGHTS = "model.safetensors"
 CARD = "model.json"
@@ -113,7 +113,7 @@ def _probe(module: nn.Module, card: ModelCard) -> None:
     """``module`` takes the card's input and gives one output per label (one for regression)."""
     p = next(iter(module.parameters()), None)
     x = torch.zeros(2, card.in_channels, *card.input_size, device=p.device if p is not None else "cpu",
-                    dtype=p.dtype if p is not None and p.is_floating_point() else torch.float32)
+                    dtype=float_dtype_of(module) or torch.float32)
     try:
         with torch.no_grad(), evaluating(module):
             out = checked_outputs(module(x), 2)

@@ -28,7 +28,7 @@ from nemt import __version__
 from nemt.errors import CardError, NemtError
 from nemt.explainers.base import Explainer, Target, init_parameters, register
 from nemt.ops import (ParameterError, diffusion_fill, evaluating, frozen_parameters, label_names_of, n_outputs_of,
-                      output_score, postprocess, preserved_rng, resolve_targets, task_of)
+                      nonfinite_problem, output_score, postprocess, preserved_rng, resolve_targets, task_of)
 from nemt.explainers.layers import _unwrap, find_stages, layer_name
 from nemt.explainers.nemt.losses import (MEAN_IMAGE, OCCLUSIONS, OUTPAINT, QUANTITIES, deletion_loss, game_fills,
                                         game_loss, log_odds, nem_loss, nested_masks, occlude, target_quantity)
@@ -372,10 +372,9 @@ class _MaskExplainer(Explainer):
             what = f"{x.dtype} of shape {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__
             raise NemtError(f"a training batch's x is {what}; this explainer is built for floating (B, "
                             f"{', '.join(map(str, exp))}) inputs (input_size, in_channels)")
-        bad = ~torch.isfinite(x)
-        if bad.any():
-            raise NemtError(f"a training batch's x holds {int(bad.sum())} NaN or infinite values, in "
-                            f"{int(bad.flatten(1).any(1).sum())} of its {x.shape[0]} images")
+        why = nonfinite_problem(x)
+        if why:
+            raise NemtError(f"a training batch's x holds {why}")
         if torch.is_tensor(y) and y.ndim == 1 and not y.is_floating_point() and y.dtype != torch.bool \
                 and self.targeted and getattr(self, "objective", None) != "teacher" and y.numel():
             n = self._n_maps()
