@@ -262,7 +262,7 @@ def test_surrogates_need_two_superpixels(name):
     returned a map of one value; both now ask for a smaller cell, and work with it."""
     net = nn.Sequential(nn.Conv3d(1, 4, 3, stride=2), nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
     x = torch.rand(1, 1, 12, 12, 12, generator=torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match="makes 1 superpixel; at least 2 are needed: lower cell"):
+    with pytest.raises(ValueError, match="makes one superpixel; at least 2 are needed for a map: lower cell"):
         get_explainer(name, net, n_samples=8).explain(x, target=0)
     maps = get_explainer(name, net, n_samples=8, cell=6).explain(x, target=0)
     assert maps.shape == (1, 1, 12, 12, 12) and torch.isfinite(maps).all()

@@ -350,3 +350,101 @@ def test_silent_misreadings_found_by_the_api_audit_are_refused_or_fixed():
         relevance_mass(maps, gt * 0.98 + 0.01)
     with pytest.raises(NemtError, match="NaN"):
         relevance_mass(maps, torch.full_like(gt, float("nan")))
+
+
+@pytest.mark.parametrize("name", ["occlusion", "rise", "ig", "gradshap", "gradcam++", "extremal", "relax"])
+@pytest.mark.parametrize("change", ["load_state_dict", "data", "optimizer"])
+def test_explainer_built_before_a_weight_change_explains_the_new_weights(name, change):
+    """Methods with ``fast=True`` run a folded copy of the model made at construction; after the caller changes
+    the weights (``load_state_dict``, an edit through ``.data`` that bumps no version counter, an optimiser
+    step) the maps must be those of the new weights: equal to a fresh explainer's (same seed, same model, same
+    arithmetic, so equal to float rounding of identical operations: 1e-6) and unlike the old ones."""
+    net = plain_net().eval()
+    x = torch.rand(2, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    old_explainer = get_explainer(name, net, seed=0, **FAST.get(name, {}))
+    before = old_explainer.explain(x, target=1)
+    torch.manual_seed(5)
+    if change == "load_state_dict":
+        net.load_state_dict({k: v + 0.3 * torch.randn_like(v) if v.is_floating_point() else v
+                             for k, v in net.state_dict().items()})
+    elif change == "data":
+        for p in net.parameters():
+            p.data.mul_(-1.5)
+    else:
+        opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.5)
+        net(x).pow(2).sum().mul(-1).backward()
+        opt.step()
+    after = old_explainer.explain(x, target=1)
+    fresh = get_explainer(name, net, seed=0, **FAST.get(name, {})).explain(x, target=1)
+    torch.testing.assert_close(after, fresh, rtol=1e-5, atol=1e-6)
+    assert (after - before).abs().max() > 1e-3, "the change of weights did not move the map: a weak test"
+
+
+@pytest.mark.parametrize("name,params,size", [("extremal", {"steps": 2}, 8), ("inpainting", {"steps": 2}, 6),
+                                              ("occlusion", {"window": 8, "stride": 4}, 8)])
+def test_a_grid_of_one_cell_is_refused(name, params, size):
+    """A mask grid of one cell (extremal perturbation and inpainting: mask_stride 8 on an 8x8 image) or one
+    occlusion window over the whole image gives a constant map, which the post-processing turned into an
+    all-zero map without a word: refused, naming the parameter and a value that works (which then does)."""
+    net = plain_net().eval()
+    x = torch.rand(1, 1, size, size, generator=torch.Generator().manual_seed(0))
+    param = "window" if name == "occlusion" else "mask_stride"
+    with pytest.raises(ValueError, match=f"lower {param}|smaller window"):
+        get_explainer(name, net, **params).explain(x, target=0)
+    params = {**params, param: size // 2, **({"stride": size // 4} if name == "occlusion" else {})}
+    maps = get_explainer(name, net, **params).explain(x, target=0)
+    assert maps.shape == (1, 1, size, size) and torch.isfinite(maps).all()
+
+
+def test_numpy_and_empty_targets():
+    """A NumPy array of indices is read as a tensor (one target per sample), a NumPy array of label names as a
+    list; an empty list or tensor is a clear error (was: 'stack expects a non-empty TensorList')."""
+    net = plain_net().eval()
+    x = torch.rand(2, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    gc = get_explainer("gradcam", net)
+    torch.testing.assert_close(gc.explain(x, target=np.array([2, 0])), gc.explain(x, target=torch.tensor([2, 0])))
+    for empty in ([], (), torch.zeros(2, 0, dtype=torch.long), np.array([], dtype=np.int64)):
+        with pytest.raises(ValueError, match="target is empty"):
+            gc.explain(x, target=empty)
+
+
+def test_device_other_than_the_models_is_refused():
+    """``device=`` where the weights are not (here: the 'meta' device, which any machine has) failed inside the
+    model with PyTorch's device message; now refused when the explainer is built, saying what to do."""
+    with pytest.raises(ValueError, match=r"device='meta' but the model's weights are on 'cpu': move the model"):
+        get_explainer("occlusion", plain_net(), device="meta")
+    get_explainer("occlusion", plain_net(), device="cpu")  # the model's own device: fine
+
+
+BASELINES = sorted(set(available()) - {"nemt", "nem", "prototypes"})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models(dtype):
+    """A bfloat16/float16 model: the layer probe fed it float32 zeros, and RISE's masks, Captum's Gradient SHAP
+    points, RELAX's similarities and the Sobel kernel were float32 (dtype errors). Every baseline now gives
+    finite float32 maps of the input's shape; NEMt learns in float32 and refuses such a model, saying what to do."""
+    net = plain_net().eval().to(dtype)
+    x = torch.rand(2, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    for name in BASELINES:
+        maps = get_explainer(name, net, **FAST.get(name, {})).explain(x, target=1)
+        assert maps.shape == (2, 1, SIZE, SIZE) and maps.dtype == torch.float32, name
+        assert torch.isfinite(maps).all(), name
+    assert get_explainer("gradcam", net).explain(x, target=1).amax() > 0
+    with pytest.raises(ValueError, match=f"fits float32 models; this one's weights are {dtype}"):
+        NEMt(net, input_size=(SIZE, SIZE), in_channels=1)
+
+
+def test_nemt_fits_under_the_callers_no_grad():
+    """``NEMt.fit`` inside the caller's ``torch.no_grad()`` failed with 'element 0 of tensors does not require
+    grad'; it now trains (the decoder's weights move) and the caller's grad mode is off again afterwards."""
+    net = plain_net().eval()
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.rand(4, 1, SIZE, SIZE, generator=g), torch.tensor([0, 1, 2, 0]))]
+    nemt = NEMt(net, input_size=(SIZE, SIZE), in_channels=1, epochs=1, batch_size=4)
+    start = {k: v.clone() for k, v in nemt.init_module().module_.decoder.state_dict().items()}
+    with torch.no_grad():
+        nemt.fit(data, progress=False, log=lambda s: None)
+        assert not torch.is_grad_enabled()
+    moved = [k for k, v in nemt.module_.decoder.state_dict().items() if not torch.equal(v, start[k])]
+    assert moved, "no decoder weight changed: the fit did not train"

@@ -19,9 +19,11 @@
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -75,6 +77,28 @@ def float_dtype_of(model: nn.Module) -> torch.dtype | None:
         if t.is_floating_point():
             return t.dtype
     return None
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a module that has none)."""
+    t = next(iter((*model.parameters(), *model.buffers())), None)
+    return t.device if t is not None else torch.device("cpu")
+
+
+def probe_input(model: nn.Module, shape: Sequence[int], batch: int = 1) -> torch.Tensor:
+    """Zeros (batch, *shape) on the model's device in its floating dtype: a probe pass that finds layers
+    or counts features (a bfloat16 or float16 model cannot take float32 zeros)."""
+    return torch.zeros(batch, *shape, device=device_of(model), dtype=float_dtype_of(model) or torch.float32)
+
+
+def check_cells(method: str, spatial: Sequence[int], cell: int, param: str, unit: str = "cell") -> None:
+    """Refuse a grid of ``cell``-sized blocks that covers ``spatial`` with one block: a map made of one
+    value says nothing (a mask that cannot vary, a single superpixel)."""
+    cells = math.prod(math.ceil(s / cell) for s in spatial)
+    if cells < 2:
+        raise ParameterError(f"{method}: an input of {'x'.join(map(str, spatial))} in blocks of {param}={cell} "
+                             f"makes one {unit}; at least 2 are needed for a map: lower {param} (e.g. "
+                             f"{param}={max(1, min(spatial) // 2)})")
 
 
 def checked_outputs(out: Any, batch: int) -> torch.Tensor:
@@ -162,6 +186,12 @@ def resolve_targets(target: Target, model: nn.Module, x: torch.Tensor | None = N
             with torch.no_grad(), evaluating(model):
                 outputs = checked_outputs(model(x), x.shape[0])
         return outputs.argmax(dim=1, keepdim=True).to(dev)
+    if isinstance(target, np.ndarray) and target.ndim >= 1:  # indices from NumPy: as a tensor; names: as a list
+        target = target.tolist() if target.dtype.kind in "USO" else torch.from_numpy(target)
+    if isinstance(target, (list, tuple, torch.Tensor)) and (len(target) == 0 if not torch.is_tensor(target)
+                                                            else target.numel() == 0):
+        raise ParameterError(f"target is empty ({target!r}): give at least one output (an index, a label name, "
+                             "'all' or 'predicted')")
     if torch.is_tensor(target):
         if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
             raise ParameterError(f"a target tensor holds output indices (an integer dtype), got {target.dtype}; "

@@ -27,7 +27,7 @@ from captum import attr as ca
 from torch import nn
 
 from nemt.explainers.base import Explainer, Target, baseline_image, register
-from nemt.ops import ParameterError, chunks, evaluating, seeded
+from nemt.ops import ParameterError, check_cells, chunks, evaluating, seeded
 from nemt.explainers.fast import inference_copy
 
 SIGNS = ("abs", "positive", "signed")
@@ -176,11 +176,7 @@ class _SurrogateExplainer(CaptumExplainer):
 
     def captum_kwargs(self, x):
         spatial = tuple(x.shape[2:])
-        cells = math.prod(math.ceil(s / self.cell) for s in spatial)
-        if cells < 2:  # one superpixel: nothing to compare (KernelSHAP's weights are then NaN)
-            raise ParameterError(f"{self.name}: an input of {'x'.join(map(str, spatial))} in cells of {self.cell} "
-                                 f"makes {cells} superpixel; at least 2 are needed: lower cell (e.g. "
-                                 f"cell={max(1, min(spatial) // 2)})")
+        check_cells(self.name, spatial, self.cell, "cell", "superpixel")  # one: KernelSHAP's weights are NaN
         return {"feature_mask": grid_segments(spatial, self.cell, x.shape[1], x.device),
                 "baselines": baseline_image(x, self.baseline), "n_samples": self.n_samples,
                 "perturbations_per_eval": max(self.batch_size, 1)}

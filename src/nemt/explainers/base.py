@@ -23,9 +23,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from nemt.ops import (ArgumentTypeError, ParameterError, Target, check_postprocess, chunks, evaluating, fill_values,
-                      float_dtype_of, frozen_parameters, n_outputs_of, nonfinite_problem, normalise_maps, output_score,
-                      postprocess, resize_linear, resolve_targets, task_of)
+from nemt.explainers.fast import new_call
+from nemt.ops import (ArgumentTypeError, ParameterError, Target, check_postprocess, chunks, device_of, evaluating,
+                      fill_values, float_dtype_of, frozen_parameters, n_outputs_of, nonfinite_problem, normalise_maps,
+                      output_score, postprocess, resize_linear, resolve_targets, task_of)
 
 __all__ = ["Explainer", "Target", "available", "baseline_image", "frozen_parameters", "get_explainer",
            "normalise_maps", "register", "resize_linear", "resolve_targets"]
@@ -62,7 +63,8 @@ class Explainer:
         if not isinstance(model, nn.Module):
             raise ArgumentTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
-        self.device = torch.device(device) if device is not None else _device_of(model)
+        self.device = torch.device(device) if device is not None else device_of(model)
+        _check_device(model, self.device)
         self.postprocess = check_postprocess(self.default_postprocess if postprocess is None else postprocess)
 
     @property
@@ -108,6 +110,7 @@ class Explainer:
     def raw(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
         """The method's maps (B, T, *spatial) before post-processing."""
         x = self.check_input(x)
+        new_call()  # inference copies of the model compare its state once in this call (a stale one is rebuilt)
         with evaluating(self.model), _blame_shape(x):
             t = self.targets(x, target)
             parts = [self._attribute(x[sl], t[sl]) for sl in chunks(x.shape[0], self.images_per_call)]
@@ -115,7 +118,8 @@ class Explainer:
 
     def explain(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
         """Maps (B, T, *spatial) for inputs ``x`` (B, C, *spatial), one per target (see :data:`nemt.ops.TARGET_HELP`)."""
-        return postprocess(self.raw(x, target), self.postprocess, x.ndim - 2)
+        maps = postprocess(self.raw(x, target), self.postprocess, x.ndim - 2)
+        return maps.float() if maps.dtype in (torch.float16, torch.bfloat16) else maps  # a half model's: float32
 
     def explain_and_predict(self, x: torch.Tensor, target: Target = None) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`explain`'s maps and the model's predictions on ``x`` (probabilities, or values for
@@ -164,9 +168,15 @@ def init_parameters(cls: type) -> set[str]:
     return names
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
+def _check_device(model: nn.Module, device: torch.device) -> None:
+    """Refuse a ``device=`` that the model's weights are not on (x would meet them on another device)."""
+    devices = {t.device for t in (*model.parameters(), *model.buffers())}
+    if len(devices) == 1:
+        (on,) = devices
+        same = on.type == device.type and (device.index is None or on.index is None or on.index == device.index)
+        if not same:
+            raise ParameterError(f"device={str(device)!r} but the model's weights are on {str(on)!r}: move the "
+                                 f"model first (model.to({str(device)!r})) or leave device unset (the model's)")
 
 
 _REGISTRY: dict[str, Callable[..., Explainer]] = {}

@@ -7,21 +7,70 @@ runs on channels-last tensors. On a 2-core CPU this makes a ResNet-18
 forward pass about 1.5x faster; outputs agree with the original to float
 rounding (about 1e-6 on logits). The user's model is never changed.
 Models that ``torch.fx`` cannot trace are only switched to channels-last.
+
+The copy follows the model: at the first forward pass of every explainer
+call (:func:`new_call`, which :meth:`nemt.explainers.Explainer.raw` calls) it
+compares the model's state (parameters and buffers, by value, and their
+names) with the state it was made from and rebuilds itself when they differ,
+so an explainer built before training, fine-tuning or ``load_state_dict`` never
+explains stale weights. The comparison costs one pass over the weights per
+call (milliseconds) and keeps a second copy of the state in memory.
 """
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 
 import torch
 from torch import nn
 
+from nemt.ops import float_dtype_of
+
+
+#: bumped once per explainer call: a copy checks its model's state at its first forward pass after a bump
+_call_count = itertools.count(1)
+_current_call = 0
+
+
+def new_call() -> None:
+    """Mark the start of an explainer call: every copy compares its model's state at its next forward pass."""
+    global _current_call
+    _current_call = next(_call_count)
+
+
+def _state_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> bool:
+    state = model.state_dict()
+    if state.keys() != snapshot.keys():
+        return False
+    for k, v in state.items():
+        s = snapshot[k]
+        if v.shape != s.shape or v.dtype != s.dtype or v.device != s.device or not torch.equal(v.detach(), s):
+            return False
+    return True
+
 
 class InferenceCopy(nn.Module):
-    """Calls the folded, channels-last copy; inputs are converted to the matching memory format."""
+    """Calls the folded, channels-last copy; inputs are converted to the matching memory format.
+
+    Rebuilt when the model's state has changed since the copy was made (checked once per explainer call).
+    """
 
     def __init__(self, model: nn.Module):
         super().__init__()
+        object.__setattr__(self, "_source", model)  # the user's model: not a submodule of the copy
+        self._build()
+        self.card = getattr(model, "card", None)  # task and labels, for code that reads them
+        self.eval()
+
+    def _build(self) -> None:
+        model = self._source
+        self._snapshot = _state_of(model)
+        self._checked = _current_call
         net = copy.deepcopy(model).eval()
         try:
             from torch.fx.experimental.optimization import fuse
@@ -34,16 +83,26 @@ class InferenceCopy(nn.Module):
         for p in net.parameters():
             p.requires_grad_(False)
         self.net = net
+        self._dtype = float_dtype_of(net)
         self._format: dict[int, torch.memory_format] = {4: torch.channels_last, 5: torch.channels_last_3d}
         self._current: torch.memory_format | None = None
-        self.card = getattr(model, "card", None)  # task and labels, for code that reads them
-        self.eval()
+
+    def sync(self) -> bool:
+        """Rebuild the copy if the model's parameters or buffers changed since it was made; True if rebuilt."""
+        self._checked = _current_call
+        if _same_state(self._source, self._snapshot):
+            return False
+        self._build()
+        return True
 
     def train(self, mode: bool = True) -> "InferenceCopy":
         """Always in eval mode: BatchNorm is folded, so training mode would be wrong."""
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._checked != _current_call:
+            self.sync()
+        x = _as_dtype(x, self._dtype)
         fmt = self._format.get(x.ndim)
         if fmt is None:
             return self.net(x)
@@ -53,6 +112,26 @@ class InferenceCopy(nn.Module):
         return self.net(x.contiguous(memory_format=fmt))
 
 
+def _as_dtype(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return x.to(dtype) if dtype is not None and x.is_floating_point() and x.dtype != dtype else x
+
+
+class CastInput(nn.Module):
+    """The model itself, called on inputs cast to its floating dtype: a method that builds float32 inputs
+    (random masks, Captum's interpolations) then works with a bfloat16 or float16 model."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.net, self._dtype = model, float_dtype_of(model)
+        self.card = getattr(model, "card", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(_as_dtype(x, self._dtype))
+
+
 def inference_copy(model: nn.Module, enabled: bool = True) -> nn.Module:
-    """``InferenceCopy(model)`` when ``enabled``, else the model itself."""
-    return InferenceCopy(model) if enabled else model
+    """``InferenceCopy(model)`` when ``enabled``, else the model itself (behind :class:`CastInput` when its
+    weights are not float32)."""
+    if enabled:
+        return InferenceCopy(model)
+    return CastInput(model) if float_dtype_of(model) not in (None, torch.float32) else model

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from nemt.errors import NemtError
-from nemt.ops import ArgumentTypeError, ParameterError
+from nemt.ops import ArgumentTypeError, ParameterError, probe_input
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -59,8 +59,8 @@ def find_stages(model: nn.Module, input_shape: Sequence[int], max_stages: int = 
     was_training = net.training
     net.eval()
     try:
-        dev = next(net.parameters()).device
-        net(torch.zeros(1, *input_shape, device=dev))
+        with torch.no_grad():
+            net(probe_input(net, input_shape))
     finally:
         for h in hooks:
             h.remove()
@@ -138,8 +138,7 @@ def output_leaf(model: nn.Module, layer: str, input_shape: Sequence[int]) -> str
     was_training = net.training
     net.eval()
     try:
-        dev = next(iter(net.parameters()), torch.zeros(0)).device
-        net(torch.zeros(1, *input_shape, device=dev))
+        net(probe_input(net, input_shape))
     finally:
         for h in hooks:
             h.remove()

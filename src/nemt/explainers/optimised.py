@@ -22,8 +22,8 @@ from torch import nn
 
 from nemt.explainers.base import Explainer, register, resize_linear
 from nemt.explainers.fast import inference_copy
-from nemt.ops import (ParameterError, diffusion_fill, fill_values, frozen_parameters, gaussian_blur, output_score,
-                      task_of)
+from nemt.ops import (ParameterError, check_cells, diffusion_fill, fill_values, frozen_parameters, gaussian_blur,
+                      output_score, task_of)
 
 
 def _total_variation(m: torch.Tensor) -> torch.Tensor:
@@ -104,6 +104,7 @@ class _MaskOptimisation(Explainer):
         The jitter, which breaks the ties of a constant start, is one seeded draw
         shared by every mask, so a mask's start does not depend on its batch.
         """
+        check_cells(self.name, x.shape[2:], self.mask_stride, "mask_stride", "mask cell")  # else a constant mask
         grid = [math.ceil(s / self.mask_stride) for s in x.shape[2:]]
         g = torch.Generator().manual_seed(self.seed)
         noise = torch.rand(1, 1, *grid, generator=g).to(device=x.device, dtype=x.dtype)

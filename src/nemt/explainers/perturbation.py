@@ -59,6 +59,10 @@ def _window_slices(spatial: Sequence[int], window: Sequence[int], stride: Sequen
             raise ParameterError(f"occlusion stride {tuple(stride)} must not exceed the window {tuple(window)}")
         count = math.ceil((n - w) / s) + 1
         axes.append([slice(i * s, min(i * s + w, n)) for i in range(count)])
+    if math.prod(len(a) for a in axes) < 2:  # one window covers everything: every pixel gets the same value
+        raise ParameterError(f"occlusion window {tuple(window)} covers the whole input {tuple(spatial)} at one "
+                             f"position: the map would be constant; use a smaller window (e.g. "
+                             f"window={max(1, min(spatial) // 2)})")
     return list(itertools.product(*axes))
 
 
@@ -270,11 +274,11 @@ class RELAX(Explainer):
         masks = RandomMasks(self.n_masks, x.shape[2:], self.grid, self.p, self.seed, self.device)
         n, d = masks.n, x.ndim - 2
         with torch.inference_mode():
-            h0 = self._encoder(x).flatten(1)
+            h0 = self._encoder(x).flatten(1).float()  # a half model's representation: compared in float32
         scores = torch.empty(x.shape[0], n, device=x.device)
         for jobs, h, _ in _score_batches(self._encoder, x.shape[0] * n, _masked_jobs(x, masks), self.batch_size):
             bs = [j // n for j in jobs]
-            scores[bs, [j % n for j in jobs]] = F.cosine_similarity(h.flatten(1), h0[bs], dim=1)
+            scores[bs, [j % n for j in jobs]] = F.cosine_similarity(h.flatten(1).float(), h0[bs], dim=1)
         # weighted mean and variance over masks, accumulated chunk by chunk (two passes over the masks)
         shape = (x.shape[0], 1, *x.shape[2:])
         wsum, ssum = torch.zeros(shape, device=x.device), torch.zeros(shape, device=x.device)

@@ -24,7 +24,7 @@ class _Reference(Explainer):
         raise NotImplementedError
 
     def _attribute(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        m = self._map(x)
+        m = self._map(x.float())  # maps of the image itself: in float32 whatever the model's dtype
         return m.expand(-1, t.shape[1], *m.shape[2:]).clone()
 
 

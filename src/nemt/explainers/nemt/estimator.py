@@ -27,8 +27,9 @@ from torch import nn
 from nemt import __version__
 from nemt.errors import CardError, NemtError
 from nemt.explainers.base import Explainer, Target, init_parameters, register
-from nemt.ops import (ParameterError, diffusion_fill, evaluating, frozen_parameters, label_names_of, n_outputs_of,
-                      nonfinite_problem, output_score, postprocess, preserved_rng, resolve_targets, task_of)
+from nemt.ops import (ParameterError, diffusion_fill, evaluating, float_dtype_of, frozen_parameters, label_names_of,
+                      n_outputs_of, nonfinite_problem, output_score, postprocess, preserved_rng, resolve_targets,
+                      task_of)
 from nemt.explainers.layers import _unwrap, find_stages, layer_name
 from nemt.explainers.nemt.losses import (MEAN_IMAGE, OCCLUSIONS, OUTPAINT, QUANTITIES, deletion_loss, game_fills,
                                         game_loss, log_odds, nem_loss, nested_masks, occlude, target_quantity)
@@ -177,7 +178,11 @@ class _MaskExplainer(Explainer):
                  input_size: Sequence[int] | None = None, in_channels: int | None = None,
                  device: str | torch.device | None = None):
         super().__init__(model, device)
-        self._params = {k: v for k, v in locals().items() if k not in ("self", "__class__")}  # as given
+        dtype = float_dtype_of(model)
+        if dtype not in (None, torch.float32):  # the decoder learns in float32 from the model's features
+            raise ParameterError(f"{type(self).__name__} fits float32 models; this one's weights are {dtype}: "
+                                 "fit and explain with a float32 copy (copy.deepcopy(model).float())")
+        self._params = {k: v for k, v in locals().items() if k not in ("self", "__class__", "dtype")}  # as given
         card = getattr(model, "card", None)
         # resolved values, used by the code; the parameters themselves stay as given (scikit-learn's rule)
         self._input_size = [int(s) for s in (input_size or (card.input_size if card else []))]
@@ -317,7 +322,8 @@ class _MaskExplainer(Explainer):
         parameters are frozen while fitting (no weight gradients) and their
         ``requires_grad`` flags restored after.
         """
-        with frozen_parameters(self.model), evaluating(self.model):
+        # under the caller's torch.no_grad() too: the decoder learns by gradients (grad mode restored on return)
+        with frozen_parameters(self.model), evaluating(self.model), torch.enable_grad():
             return self._fit(data, epochs=epochs, val_data=val_data, out_dir=out_dir, progress=progress, log=log,
                              guard=guard)
 

@@ -25,7 +25,7 @@ from monai.networks.layers.factories import Conv, Norm, Pool
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from nemt.ops import evaluating, resize_linear
+from nemt.ops import evaluating, probe_input, resize_linear
 from nemt.explainers.layers import FeatureTap
 from nemt.explainers.nemt.losses import staircase
 from nemt.explainers.nemt.smoothing import RandomSmoothing
@@ -170,8 +170,7 @@ class ExplanationModule(nn.Module):
         else:
             self.layers = list(layers)
             with FeatureTap(model, self.layers) as tap, torch.no_grad(), evaluating(model):
-                dev = next(model.parameters()).device
-                model(torch.zeros(2, in_channels, *input_size, device=dev))
+                model(probe_input(model, (in_channels, *input_size), batch=2))
                 skip_channels = [int(tap.features[n].shape[1]) for n in self.layers]
         self.decoder = MaskDecoder(spatial_dims, in_channels, skip_channels, n_maps, decoder_channels, init_keep,
                                    full_resolution=decoder_full_resolution)
