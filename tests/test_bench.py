@@ -530,6 +530,21 @@ def test_markdown_summary_bolds_every_method_tied_at_the_best_mean():
     assert "**" in rows["a"] and "**" in rows["b"] and "**" not in rows["c"]
 
 
+def test_benchmark_summary_counts_collapsed_maps_as_undefined_not_as_excluded():
+    """A constant (collapsed) map scores NaN in faithfulness_estimate; the summary used to count it as
+    "excluded" (no ground truth), hiding a failing explainer: it is now n_undefined, named under the table,
+    while a localisation metric's NaN (an image without a lesion) stays excluded."""
+    from nemt.bench.runner import summarise_results
+    rows = [{"method": "flat", "faithfulness_estimate": v, "relevance_mass": r, "ms": 1.0}
+            for v, r in ((float("nan"), 0.2), (0.5, float("nan")), (0.3, 0.4))]
+    summary = summarise_results(rows, ["flat"], ["faithfulness_estimate", "relevance_mass"])
+    fe, rm = summary["flat"]["faithfulness_estimate"], summary["flat"]["relevance_mass"]
+    assert (fe["n"], fe["n_excluded"], fe["n_undefined"]) == (2, 0, 1)
+    assert (rm["n"], rm["n_excluded"], rm["n_undefined"]) == (2, 1, 0)
+    text = markdown_summary(summary, ["faithfulness_estimate", "relevance_mass"])
+    assert "undefined for (constant, collapsed maps; left out of the mean): flat faithfulness_estimate: 1." in text
+
+
 def test_cli_benchmark_split_all_takes_every_image(tmp_path):
     """`--split all` (as `nemt explain --split all`): every row of the manifest, train, val and test together."""
     runner = CliRunner()

@@ -71,6 +71,24 @@ def nonfinite_problem(x: torch.Tensor) -> str | None:
     return f"{int(bad.sum())} NaN or infinite values, in {int(bad.flatten(1).any(1).sum())} of its {x.shape[0]} images"
 
 
+def checked_input(x: Any, model: nn.Module, device: torch.device | None = None, use: str = "map") -> torch.Tensor:
+    """``x`` as a detached floating tensor (B, C, *spatial) in the model's dtype (a float64 array from NumPy meets
+    a float32 model; the caller's x is left as it is), on ``device`` if given, or one clear error naming x: not
+    a tensor, another rank, integers, no image, NaN/inf ("a {use} of such an input means nothing")."""
+    if not torch.is_tensor(x):
+        raise ArgumentTypeError(f"x must be a torch.Tensor (B, C, *spatial), got {type(x).__name__}")
+    if x.ndim < 3 or x.ndim > 5:
+        raise ParameterError(f"x must be (B, C, *spatial) with 1 to 3 spatial axes, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ParameterError(f"x must be a floating tensor, got {x.dtype}")
+    if x.shape[0] == 0:
+        raise ParameterError(f"x holds no image (shape {tuple(x.shape)})")
+    why = nonfinite_problem(x)
+    if why:
+        raise ParameterError(f"x has {why}: a {use} of such an input means nothing")
+    return x.detach().to(device=device, dtype=float_dtype_of(model) or x.dtype)
+
+
 def float_dtype_of(model: nn.Module) -> torch.dtype | None:
     """The dtype of the model's first floating parameter or buffer (None: it has none)."""
     for t in (*model.parameters(), *model.buffers()):

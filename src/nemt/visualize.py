@@ -13,6 +13,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from nemt.files import atomic_path
+from nemt.ops import ArgumentTypeError, ParameterError
 
 
 def subplots(*grid: int, figsize: tuple[float, float], **kw):
@@ -38,8 +39,12 @@ def save_overlay(path: str | Path, image: np.ndarray, maps: Sequence[np.ndarray]
     """One PNG: the image, then each map over it (with the ground-truth outline if given).
 
     ``image`` is (H, W) or (3, H, W) in [0, 1] (or (D, H, W) for volumes);
-    each map is (*spatial) in [0, 1].
+    each map is (*spatial) in [0, 1], of the image's spatial size (a map of
+    another size is refused, not resized: it would cover only part of the
+    image); ``titles`` has one title per map; ``gt``, if given, the image's
+    spatial size too.
     """
+    _check_panels(image, maps, titles, gt)
     if np.asarray(maps[0]).ndim == 1:
         return _save_signal_overlay(path, image, maps, titles, gt=gt, suptitle=suptitle)
     panels = [(t, s) for t, m in zip(titles, maps) for s in _slices(image, np.asarray(m), gt)]
@@ -65,6 +70,40 @@ def save_overlay(path: str | Path, image: np.ndarray, maps: Sequence[np.ndarray]
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     return path
+
+
+def _check_panels(image, maps, titles, gt) -> None:
+    """Refuse maps whose spatial size differs from the image's, and titles that do not pair one to one with the
+    maps (``zip`` would drop the maps without a title, or the titles without a map, silently)."""
+    if isinstance(titles, str):
+        raise ArgumentTypeError(f"titles must be a sequence of strings, one per map, got the string {titles!r}")
+    maps, titles = list(maps), list(titles)
+    if not maps:
+        raise ParameterError("maps holds no map: give at least one (*spatial) map to draw")
+    if len(titles) != len(maps):
+        raise ParameterError(f"{len(titles)} titles for {len(maps)} maps: give one title per map (titles pair "
+                             "with maps in order)")
+    img = np.asarray(image)
+    for i, m in enumerate(maps):
+        m = np.asarray(m)
+        d = m.ndim
+        if d not in (1, 2, 3):
+            raise ParameterError(f"maps[{i}] must be (*spatial) with 1 to 3 axes, got shape {m.shape}")
+        spatial = img.shape[-d:] if img.ndim >= d else None
+        if d == 2 and img.ndim == 3 and img.shape[-2:] != m.shape and img.shape[:2] == m.shape:
+            raise ParameterError(f"maps[{i}] of shape {m.shape} does not fit the image of shape {img.shape}: "
+                                 "the image looks channel-last (H, W, C); give it channel-first (C, H, W), "
+                                 "np.moveaxis(image, -1, 0)")
+        if spatial != m.shape:
+            want = img.shape[-d:] if img.ndim >= d else img.shape
+            raise ParameterError(f"maps[{i}] of shape {m.shape} does not fit the image of shape {img.shape}: "
+                                 f"each map must have the image's spatial size {want} (resize the map to the "
+                                 "image first, e.g. nemt.ops.resize_linear)")
+    if gt is not None:
+        g, first = np.asarray(gt), np.asarray(maps[0]).shape
+        if g.shape != first:
+            raise ParameterError(f"gt of shape {g.shape} does not fit the maps of shape {first}: give the ground "
+                                 "truth at the image's spatial size")
 
 
 def signal_panels(fig, signal: np.ndarray, maps: Sequence[np.ndarray], titles: Sequence[str],

@@ -563,8 +563,9 @@ def summarise_results(rows: list[dict], methods: Sequence[str], metrics: Sequenc
     for m in methods:
         mine = [r for r in rows if r["method"] == m]
         entry: dict[str, Any] = {"n_items": len(mine)}
-        for k in metrics:
-            entry[k] = summarise([float(r[k]) for r in mine])
+        reg = registry()
+        for k in metrics:  # a registered metric's NaN without ground truth is undefined (a collapsed map)
+            entry[k] = summarise([float(r[k]) for r in mine], metric=k if k in reg else None)
         entry["ms"] = float(sum(float(r["ms"]) for r in mine) / max(len(mine), 1))
         out[m] = entry
     return out
@@ -598,6 +599,12 @@ def markdown_summary(summary: dict, metrics: Sequence[str]) -> str:
     if excluded and max(excluded) > 0:
         lines.append("")
         lines.append(f"Items without ground truth (excluded from the localisation means): {max(excluded)}.")
+    undefined = [f"{method} {m}: {s[m]['n_undefined']}" for method, s in summary.items() for m in metrics
+                 if s[m].get("n_undefined")]
+    if undefined:
+        lines.append("")
+        lines.append("Maps a metric is undefined for (constant, collapsed maps; left out of the mean): "
+                     + "; ".join(undefined) + ".")
     lines += tie_notes(summary, metrics)
     return "\n".join(lines) + "\n"
 
@@ -621,13 +628,13 @@ def tie_notes(summary: dict, metrics: Sequence[str], gap: float = 0.02) -> list[
 def write_summary(out: Path, summary: dict, metrics: Sequence[str]) -> None:
     with atomic_open(out / "summary.csv", "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        w.writerow(["method", "metric", "direction", "mean", "ci_low", "ci_high", "n", "n_excluded"])
+        w.writerow(["method", "metric", "direction", "mean", "ci_low", "ci_high", "n", "n_excluded", "n_undefined"])
         for method, s in summary.items():
             for m in metrics:
                 v = s[m]
                 w.writerow([method, m, DIRECTIONS.get(m, ""), v["mean"], v["ci_low"], v["ci_high"], v["n"],
-                            v["n_excluded"]])
-            w.writerow([method, "ms_per_image", "lower", s["ms"], "", "", s["n_items"], 0])
+                            v["n_excluded"], v.get("n_undefined", 0)])
+            w.writerow([method, "ms_per_image", "lower", s["ms"], "", "", s["n_items"], 0, 0])
     with atomic_open(out / "summary.md", "w", encoding="utf-8") as fh:
         fh.write(markdown_summary(summary, metrics))
     write_json(out / "summary.json", summary)  # strict JSON: an undefined mean is null, not NaN

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from nemt.explainers.fast import new_call
-from nemt.ops import (ArgumentTypeError, ParameterError, Target, check_postprocess, chunks, device_of, evaluating,
-                      fill_values, float_dtype_of, frozen_parameters, n_outputs_of, nonfinite_problem, normalise_maps,
-                      output_score, postprocess, resize_linear, resolve_targets, task_of)
+from nemt.ops import (ArgumentTypeError, ParameterError, Target, check_postprocess, checked_input, chunks, device_of,
+                      evaluating, fill_values, frozen_parameters, n_outputs_of, normalise_maps, output_score,
+                      postprocess, resize_linear, resolve_targets, task_of)
 
 __all__ = ["Explainer", "Target", "available", "baseline_image", "frozen_parameters", "get_explainer",
            "normalise_maps", "register", "resize_linear", "resolve_targets"]
@@ -90,22 +90,12 @@ class Explainer:
         return resolve_targets(target, self.model, x, n_outputs=n_outputs)
 
     def check_input(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` as a detached floating tensor (B, C, *spatial) on the explainer's device, or a clear error."""
-        if not torch.is_tensor(x):
-            raise ArgumentTypeError(f"x must be a torch.Tensor (B, C, *spatial), got {type(x).__name__}")
-        if x.ndim < 3 or x.ndim > 5:
-            raise ParameterError(f"x must be (B, C, *spatial) with 1 to 3 spatial axes, got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise ParameterError(f"x must be a floating tensor, got {x.dtype}")
+        """``x`` as a detached floating tensor (B, C, *spatial) on the explainer's device in the model's dtype,
+        or a clear error (:func:`nemt.ops.checked_input`; and the card's number of spatial axes)."""
+        x = checked_input(x, self.model, self.device)
         if self.spatial_dims is not None and x.ndim - 2 != self.spatial_dims:
             raise ParameterError(f"the model takes {self.spatial_dims}D inputs, got x of shape {tuple(x.shape)}")
-        if x.shape[0] == 0:
-            raise ParameterError(f"x holds no image (shape {tuple(x.shape)})")
-        why = nonfinite_problem(x)
-        if why:
-            raise ParameterError(f"x has {why}: a map of such an input means nothing")
-        # a float64 array from NumPy meets a float32 model: the model's dtype (x itself is left as it is)
-        return x.detach().to(self.device, dtype=float_dtype_of(self.model) or x.dtype)
+        return x
 
     def raw(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
         """The method's maps (B, T, *spatial) before post-processing."""

@@ -8,15 +8,20 @@ the names, optionally only those a caller has the inputs for.
 ``DIRECTIONS[name]`` (and ``fn.direction``) says whether higher or lower is
 better. Localisation, gaze and ground-truth metrics give NaN where no score
 exists (empty ground truth); :func:`summarise` averages excluding and
-counting those. Dataset-level metrics (MaxBoxAccV2: a maximum over the data set)
+counting those. Where a metric is undefined for a map (a correlation with a
+constant, collapsed map) it gives NaN too, says so once per call
+(:class:`UndefinedMetricWarning`), and ``summarise(values, metric=name)``
+counts those apart (``n_undefined``). Invalid input (NaN/inf maps, masks,
+gaze maps or x, an empty batch, shapes that do not fit, e.g. channel-last
+maps) is refused with an error naming the argument. Dataset-level metrics (MaxBoxAccV2: a maximum over the data set)
 carry a per-map statistic and a reduction (:attr:`MetricSpec.dataset_level`).
 
 Per-map metrics run over slices of the batch serially in the calling thread,
 with torch's thread settings untouched; an entry point may opt in to worker
 threads with ``with parallel_chunks(workers): ...`` (same results).
 """
-from nemt.metrics._common import (DIRECTIONS, INPUTS, MetricSpec, available_metrics, get_metric, metric,
-                                  parallel_chunks, registry, unregister_metric)
+from nemt.metrics._common import (DIRECTIONS, INPUTS, MetricSpec, UndefinedMetricWarning, available_metrics,
+                                  get_metric, metric, parallel_chunks, registry, unregister_metric)
 from nemt.metrics.complexity import complexity, sparseness
 from nemt.metrics.faithfulness import (deletion_auc, faithfulness_estimate, insertion_auc, linear_imputation,
                                        road)
@@ -30,7 +35,7 @@ from nemt.metrics.wsol import box_iou_curves, max_box_acc_reduce, max_box_acc_v2
 
 __all__ = [
     "DIRECTIONS", "INPUTS", "MetricSpec", "metric", "registry", "get_metric", "available_metrics",
-    "unregister_metric", "parallel_chunks", "summarise",
+    "unregister_metric", "parallel_chunks", "summarise", "UndefinedMetricWarning",
     "relevance_mass", "relevance_rank", "pointing_game", "pointing_game_expected", "top_k_intersection",
     "energy_pointing_game",
     "complexity", "sparseness",

@@ -6,6 +6,11 @@ Conventions
   ``masks`` (and gaze maps) are ``(B, 1 or T, *spatial)``; a ``(B, *spatial)``
   mask is read as ``(B, 1, *spatial)``.
 - Every metric returns a ``(B, T)`` tensor, one value per map.
+- Inputs are checked before scoring (:func:`check_maps`, :func:`expand_masks`,
+  :func:`check_x`): NaN/inf maps, masks, gaze or fixation maps and x, an empty
+  batch (B = 0 or T = 0) and shapes that do not fit (e.g. channel-last maps)
+  are refused with a :class:`~nemt.ops.ParameterError` (a ``ValueError``)
+  naming the argument, the shape or values found and what is expected.
 - ``normalise`` is applied per map, then ``abs`` (Quantus' order):
   ``"minmax"`` (METHODS.md: every map to [0, 1]; constant maps become 0),
   ``"max"`` (divide by the largest absolute value; Quantus' ``normalise_by_max``
@@ -34,7 +39,8 @@ import numpy as np
 import torch
 
 from nemt.errors import NemtError
-from nemt.ops import gaussian_blur, minmax  # noqa: F401  (the one blur and min-max; re-exported for the families)
+from nemt.ops import (ParameterError, checked_input, gaussian_blur,  # noqa: F401
+                      minmax, n_outputs_of, resolve_targets)  # (blur, min-max re-exported)
 
 #: what a metric's positional arguments may be, by name (``inputs=`` of :func:`metric`)
 INPUTS: dict[str, str] = {
@@ -272,23 +278,56 @@ def float_maps(maps: torch.Tensor) -> torch.Tensor:
     return maps if maps.dtype in (torch.float32, torch.float64) else maps.float()
 
 
+def check_finite(maps: torch.Tensor, name: str = "maps") -> None:
+    """A clear error when (B, T, ...) ``maps`` (or gaze maps, fixation maps, masks: ``name``) hold NaN or inf."""
+    bad = ~torch.isfinite(maps)
+    if bad.any():
+        per_map = bad.flatten(2).any(2) if bad.ndim > 2 else bad.reshape(bad.shape[0], -1).any(1, keepdim=True)
+        which = per_map.nonzero()[:5].tolist()
+        raise ParameterError(f"{name} hold {int(bad.sum())} NaN or infinite values, in {int(per_map.sum())} "
+                             f"of {per_map.numel()} maps (first [image, target]: {which}); "
+                             "a metric of such a map means nothing")
+
+
+def check_not_empty(maps: torch.Tensor, name: str = "maps") -> None:
+    """A clear error for a batch with no map (B = 0 or T = 0) or maps without pixels: a metric of nothing would
+    otherwise be an empty tensor, a NaN mean or an error from deep inside."""
+    if maps.ndim >= 2 and (maps.shape[0] == 0 or maps.shape[1] == 0):
+        raise ParameterError(f"{name} hold no map (shape {tuple(maps.shape)}): a metric needs at least one "
+                             f"image and one target, (B, T, *spatial) with B, T >= 1")
+    if maps.numel() == 0:
+        raise ParameterError(f"{name} have no pixels (shape {tuple(maps.shape)}): every spatial axis needs at "
+                             "least one pixel")
+
+
 def check_maps(maps: torch.Tensor) -> int:
-    """The maps' spatial rank; a clear error for another rank or for NaN/inf values (a NaN map would score
-    NaN, which every summary reads as "no lesion, excluded", or a pointing-game miss)."""
+    """The maps' spatial rank; a clear error for another rank, an empty batch or NaN/inf values (a NaN map
+    would score NaN, which every summary reads as "no lesion, excluded", or a pointing-game miss)."""
     if maps.ndim not in (3, 4, 5):
-        raise NemtError(f"maps must be (B, T, L), (B, T, H, W) or (B, T, D, H, W), got shape {tuple(maps.shape)}")
+        raise ParameterError(f"maps must be (B, T, L), (B, T, H, W) or (B, T, D, H, W), got shape "
+                             f"{tuple(maps.shape)}")
+    check_not_empty(maps)
     if maps.ndim == 3 and maps.shape[1] == maps.shape[2] >= 8:
         # (B, H, W) images without the target axis read as H maps of 1D signals of length W: scores per row
         warnings.warn(f"maps of shape {tuple(maps.shape)} are read as (B, T, L): {maps.shape[1]} maps of 1D "
                       f"signals each; for one 2D map per image give (B, 1, H, W) (maps[:, None], and the masks "
                       "too)", UserWarning, stacklevel=4)
-    bad = ~torch.isfinite(maps)
-    if bad.any():
-        which = bad.flatten(2).any(2).nonzero()[:5].tolist()
-        raise NemtError(f"maps hold {int(bad.sum())} NaN or infinite values, in {int(bad.flatten(2).any(2).sum())} "
-                        f"of {maps.shape[0] * maps.shape[1]} maps (first [image, target]: {which}); "
-                        "a metric of such a map means nothing")
+    check_finite(maps)
     return maps.ndim - 2
+
+
+def layout_hint(name: str, shape: Sequence[int], spatial: Sequence[int], wants: str = "(B, T, *spatial)") -> str:
+    """A hint for a tensor ``name`` whose shape does not fit the other inputs' ``spatial`` size: when it is
+    channel-last ((B, *spatial, 1) or (B, *spatial, C)), how to make it channel-first; else nemt's layout."""
+    shape, spatial = tuple(shape), tuple(spatial)
+    d = len(spatial)
+    verb = "look" if name.endswith("s") else "looks"
+    if len(shape) == d + 2 and shape[1:-1] == spatial and shape[1] != 1:
+        perm = ", ".join(["0", str(d + 1)] + [str(i) for i in range(1, d + 1)])
+        return (f"; {name} {verb} channel-last (B, *spatial, {shape[-1]}): nemt wants channel-first {wants}; "
+                f"use {name}.movedim(-1, 1) (or .permute({perm}))")
+    return ("; nemt wants channel-first (B, T, *spatial) maps, (B, 1 or T, *spatial) masks and gaze maps, "
+            "(B, C, *spatial) x")
 
 
 def prepare_maps(maps: torch.Tensor, how: str | None, abs: bool) -> tuple[torch.Tensor, int]:
@@ -302,24 +341,75 @@ def prepare_maps(maps: torch.Tensor, how: str | None, abs: bool) -> tuple[torch.
 
 
 def expand_masks(masks: torch.Tensor, maps: torch.Tensor, name: str = "masks", dtype=torch.bool) -> torch.Tensor:
-    """``(B, 1 or T, *spatial)`` (or ``(B, *spatial)``) to ``(B, T, n)`` flattened, with ``dtype``."""
+    """``(B, 1 or T, *spatial)`` (or ``(B, *spatial)``) to ``(B, T, n)`` flattened, with ``dtype``; NaN/inf refused."""
     if not torch.is_tensor(masks):
         masks = torch.as_tensor(masks)
     masks = masks.to(maps.device)
+    given = tuple(masks.shape)
     if masks.ndim == maps.ndim - 1:
         masks = masks.unsqueeze(1)
     if masks.ndim != maps.ndim or masks.shape[0] != maps.shape[0] or masks.shape[2:] != maps.shape[2:] \
             or masks.shape[1] not in (1, maps.shape[1]):
-        raise NemtError(f"{name} must be (B, 1 or T, *spatial) matching maps {tuple(maps.shape)}, "
-                        f"got {tuple(masks.shape)}")
+        if maps.ndim >= 3 and tuple(maps.shape[1:-1]) == given[-(maps.ndim - 2):]:  # the maps are channel-last
+            raise ParameterError(f"maps {tuple(maps.shape)} do not fit {name} {given}"
+                                 f"{layout_hint('maps', maps.shape, given[-(maps.ndim - 2):])}")
+        raise ParameterError(f"{name} must be (B, 1 or T, *spatial) matching maps {tuple(maps.shape)}, "
+                             f"got {given}{layout_hint(name, given, maps.shape[2:], '(B, 1 or T, *spatial)')}")
+    if masks.is_floating_point() or masks.is_complex():
+        check_finite(masks, name)
     if dtype == torch.bool and masks.is_floating_point():
-        if not torch.isfinite(masks).all():
-            raise NemtError(f"{name} hold NaN or infinite values")
         if ((masks > 0) & (masks < 1)).any():  # a soft mask: != 0 would make its whole background lesion
-            raise NemtError(f"{name} hold values strictly between 0 and 1 (a soft mask); give a binary mask, "
-                            "e.g. masks > 0.5")
+            raise ParameterError(f"{name} hold values strictly between 0 and 1 (a soft mask); give a binary "
+                                 "mask, e.g. masks > 0.5")
     masks = masks.bool() if dtype == torch.bool else masks.to(dtype)
     return masks.expand(-1, maps.shape[1], *masks.shape[2:]).flatten(2)
+
+
+def check_x(model, x: Any) -> torch.Tensor:
+    """The model's inputs ``x`` as a detached floating tensor (B, C, *spatial) in the model's dtype, or a clear
+    error (:func:`nemt.ops.checked_input`, as the explainers check theirs)."""
+    return checked_input(x, model, use="metric")
+
+
+def check_x_fits(x: torch.Tensor, maps: torch.Tensor) -> None:
+    """A clear error when ``x`` (B, C, *spatial) and ``maps`` (B, T, *spatial) differ in batch or spatial size,
+    naming a channel-last tensor and its fix."""
+    if x.ndim == maps.ndim and x.shape[0] == maps.shape[0] and x.shape[2:] == maps.shape[2:]:
+        return
+    if maps.ndim == x.ndim and tuple(maps.shape[1:-1]) == tuple(x.shape[2:]):
+        hint = layout_hint("maps", maps.shape, x.shape[2:])
+    elif x.ndim == maps.ndim and tuple(x.shape[1:-1]) == tuple(maps.shape[2:]):
+        hint = layout_hint("x", x.shape, maps.shape[2:], "(B, C, *spatial)")
+    else:
+        hint = "; nemt wants channel-first x (B, C, *spatial) and maps (B, T, *spatial)"
+    raise ParameterError(f"x {tuple(x.shape)} and maps {tuple(maps.shape)} must share batch and spatial size{hint}")
+
+
+def checked_targets(target: Any, model, x: torch.Tensor) -> torch.Tensor:
+    """``target`` as (B, T) output indices (:func:`nemt.ops.resolve_targets`), refused when out of range of the
+    model's outputs (a plain module's are counted on one image)."""
+    n = n_outputs_of(model) if getattr(model, "card", None) is not None else n_outputs_of(model, x=x[:1])
+    return resolve_targets(target, model, x, n_outputs=n)
+
+
+class UndefinedMetricWarning(UserWarning):
+    """Some maps got NaN because the metric is undefined for them (e.g. a correlation with a constant map)."""
+
+
+def constant_rows(v: torch.Tensor) -> torch.Tensor:
+    """True where a row of ``v`` (..., n) holds one value (a constant, "collapsed" map)."""
+    return v.amax(-1) == v.amin(-1)
+
+
+def warn_undefined(metric_name: str, n_nan: int, total: int, reasons: Sequence[str], stacklevel: int = 3,
+                   unit: str = "maps") -> None:
+    """One :class:`UndefinedMetricWarning` per call naming how many maps scored NaN, and why."""
+    if n_nan <= 0:
+        return
+    why = "; ".join(r for r in reasons if r)
+    warnings.warn(f"{metric_name}: {n_nan} of {total} {unit} score NaN (undefined{': ' + why if why else ''}); "
+                  f"nemt.metrics.summarise(values, metric={metric_name!r}) counts them as undefined, "
+                  "not as excluded", UndefinedMetricWarning, stacklevel=stacklevel)
 
 
 def nan_where(cond: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -455,7 +545,7 @@ def chunked(fn: Callable) -> Callable:
     """
     @functools.wraps(fn)
     def wrapper(maps, *args, **kw):
-        if not torch.is_tensor(maps) or maps.ndim < 3:
+        if not torch.is_tensor(maps) or maps.ndim < 3 or maps.numel() == 0:  # no map: fn's own checks say so
             return fn(maps, *args, **kw)
         b = maps.shape[0]
         step = max(1, CHUNK_ELEMENTS // max(1, maps[0].numel()))

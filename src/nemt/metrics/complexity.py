@@ -23,11 +23,17 @@ def complexity(maps: torch.Tensor, *, normalise: str | None = "minmax", abs: boo
     """Shannon entropy (natural log) of ``p = a / Σ|a|`` per map, ``-Σ p log(p + 1e-12)``, (B, T).
 
     Lower is better (fewer pixels carry the relevance); at most ``log n``.
-    NaN for an all-zero map (after normalisation, e.g. a constant map), as in
-    Quantus ``Complexity``.
+    A constant ("collapsed") map gives every pixel the same relevance: its
+    distribution is the uniform one, entropy ``log n`` (up to the 1e-12), the
+    same value whatever its constant and whatever ``normalise``. Min-max
+    normalisation turns a constant map into zeros, where ``a / Σ|a|`` is 0/0
+    (Quantus ``Complexity`` returns NaN there, which a summary would then leave
+    out of the mean); an all-zero map is read the same way.
     """
     a, _ = prepare_maps(float_maps(maps).double(), normalise, abs)
-    p = a / (a.sum(-1, keepdim=True) if (abs or normalise == "minmax") else a.abs().sum(-1, keepdim=True))
+    total = a.sum(-1, keepdim=True) if (abs or normalise == "minmax") else a.abs().sum(-1, keepdim=True)
+    flat = total == 0  # only all-zero rows (a >= 0, or Σ|a| = 0): no relevance differences, the uniform share
+    p = torch.where(flat, torch.full_like(a, 1.0 / a.shape[-1]), a / torch.where(flat, torch.ones_like(total), total))
     return -(p + 1e-12).log_().mul_(p).sum(-1)
 
 

@@ -29,27 +29,30 @@ from scipy.sparse import csc_matrix
 from scipy.sparse.linalg import spsolve
 
 from nemt.errors import NemtError
-from nemt.metrics._common import check_maps, descending_order, float_maps, metric, pearson
+from nemt.metrics._common import (check_maps, check_x, check_x_fits, checked_targets, constant_rows,
+                                  descending_order, float_maps, metric, pearson, warn_undefined)
 from nemt.metrics._common import normalise as _normalise
-from nemt.ops import checked_outputs, fill_values, output_score, resolve_targets, task_of, with_model_in_eval
+from nemt.ops import checked_outputs, fill_values, output_score, task_of, with_model_in_eval
 
 
 # ---------------------------------------------------------------- shared plumbing
 
 def _pairs(model, x: torch.Tensor, maps: torch.Tensor, target: Any):
-    """Flatten (sample, target) pairs: image index (N,), target index (N,), maps (N, *spatial), targets (B, T)."""
+    """Check x (:func:`~nemt.metrics._common.check_x`: a float tensor, finite, not empty, cast to the model's
+    dtype), the maps and the targets (in range of the model's outputs), then flatten (sample, target) pairs:
+    x, image index (N,), target index (N,), maps (N, *spatial), targets (B, T), spatial rank."""
+    x = check_x(model, x)
     maps = float_maps(maps)
     d = check_maps(maps)
-    if x.ndim != d + 2 or x.shape[0] != maps.shape[0] or x.shape[2:] != maps.shape[2:]:
-        raise NemtError(f"x {tuple(x.shape)} and maps {tuple(maps.shape)} must share batch and spatial size")
-    t = resolve_targets(target, model, x)
+    check_x_fits(x, maps)
+    t = checked_targets(target, model, x)
     if t.shape[1] != maps.shape[1]:
         if maps.shape[1] == 1:
             raise NemtError(f"{t.shape[1]} targets per sample but one map per sample; pass one target")
         raise NemtError(f"{t.shape[1]} targets per sample but {maps.shape[1]} maps per sample")
     b, tt = maps.shape[:2]
     img = torch.arange(b, device=x.device).repeat_interleave(tt)
-    return img, t.reshape(-1).to(x.device), maps.reshape(b * tt, *maps.shape[2:]).to(x.device), t, d
+    return x, img, t.reshape(-1).to(x.device), maps.reshape(b * tt, *maps.shape[2:]).to(x.device), t, d
 
 
 def _baseline(x: torch.Tensor, baseline: Any) -> torch.Tensor:
@@ -137,7 +140,7 @@ def faithfulness_estimate(model, x: torch.Tensor, maps: torch.Tensor, target: An
     size to divide n; here the last group may be smaller. Model calls:
     ``B·T·ceil(n / features_in_step)`` images plus B, in batches of ``batch_size``.
     """
-    img, t, a, _, d = _pairs(model, x, maps, target)
+    x, img, t, a, _, d = _pairs(model, x, maps, target)
     n = a[0].numel()
     a = _normalise(a.unsqueeze(1), normalise, d).squeeze(1).flatten(1)
     if abs:
@@ -156,13 +159,22 @@ def faithfulness_estimate(model, x: torch.Tensor, maps: torch.Tensor, target: An
     y = _scores_for_pairs(model, x, base, img, t, pair_i, pair_s,
                           lambda pi, ps: groups[pi, ps], batch_size, "logit")
     delta = y0.double()[:, None] - y.double().view(-1, steps)
-    return pearson(att, delta).to(a.dtype).view(maps.shape[:2])
+    out = pearson(att, delta)
+    nan = torch.isnan(out)
+    if nan.any():  # a correlation with a constant side is undefined: NaN, said once per call
+        flat = nan & constant_rows(att)
+        still = nan & ~flat & constant_rows(delta)
+        warn_undefined("faithfulness_estimate", int(nan.sum()), nan.numel(), [
+            f"{int(flat.sum())} constant (collapsed) maps, equal attribution in every group" if flat.any() else "",
+            f"{int(still.sum())} maps whose groups leave the model's output unchanged" if still.any() else ""],
+            stacklevel=4)
+    return out.to(a.dtype).view(maps.shape[:2])
 
 
 # ---------------------------------------------------------------- deletion / insertion
 
 def _curve(model, x, maps, target, steps, baseline, insertion, batch_size, output):
-    img, t, a, _, d = _pairs(model, x, maps, target)
+    x, img, t, a, _, d = _pairs(model, x, maps, target)
     a = a.flatten(1)
     n = a.shape[1]
     rank = torch.empty_like(a, dtype=torch.long).scatter_(
@@ -308,7 +320,7 @@ def road(model, x: torch.Tensor, maps: torch.Tensor, target: Any = None, *,
     """
     if order not in ("morf", "lerf"):
         raise NemtError("order must be 'morf' or 'lerf'")
-    img, t, a, _, d = _pairs(model, x, maps, target)
+    x, img, t, a, _, d = _pairs(model, x, maps, target)
     a = _normalise(a.unsqueeze(1), normalise, d).squeeze(1).flatten(1)
     if abs:
         a = a.abs()

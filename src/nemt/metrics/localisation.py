@@ -17,12 +17,15 @@ position.
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 import torch.nn.functional as F
 
 from nemt.errors import NemtError
-from nemt.metrics._common import (chunked, count, expand_masks, metric, nan_where, order_values, prepare_maps,
-                                  top_k_hits)
+from nemt.metrics._common import (ParameterError, chunked, count, expand_masks, metric, nan_where, order_values,
+                                  prepare_maps, top_k_hits)
 
 
 def _prepare(maps, masks, normalise, abs):
@@ -129,19 +132,29 @@ def pointing_game_expected(maps: torch.Tensor, masks: torch.Tensor, *, tolerance
 
 @metric("higher", inputs=("maps", "gt"))
 @chunked
-def top_k_intersection(maps: torch.Tensor, masks: torch.Tensor, *, k: int = 1000,
+def top_k_intersection(maps: torch.Tensor, masks: torch.Tensor, *, k: int | None = None,
                        concept_influence: bool = False, normalise: str | None = "minmax",
                        abs: bool = False) -> torch.Tensor:
     """Top-k intersection (Theiner et al. 2021): fraction of the ``k`` highest-ranked pixels inside GT, (B, T).
 
-    Quantus ``TopKIntersection`` (default ``k=1000``; here ``k`` is capped at
-    the number of pixels). ``concept_influence`` multiplies by ``n / |GT|``.
-    Higher is better; NaN for an empty GT.
+    Quantus ``TopKIntersection``. ``k`` is a whole number from 1 to the number
+    of pixels per map; another is refused (a larger one used to be capped at
+    the pixel count without a word). ``k=None`` (the default) is Quantus'
+    default 1000, or every pixel of a map with fewer than 1000 pixels (the
+    one documented cap, so the metric runs on small maps with its defaults).
+    ``concept_influence`` multiplies by ``n / |GT|``. Higher is better; NaN
+    for an empty GT.
     """
     v, _ = order_values(maps, normalise, abs)
     m = expand_masks(masks, maps)
     b, t, n = v.shape
-    k = min(int(k), n)
+    if k is None:
+        k = min(1000, n)
+    elif not (isinstance(k, numbers.Real) and not isinstance(k, bool) and math.isfinite(k) and k == int(k)
+              and 1 <= k <= n):
+        raise ParameterError(f"top_k_intersection: k must be a whole number from 1 to the number of pixels per "
+                             f"map ({n}, spatial size {tuple(maps.shape[2:])}), got {k!r}")
+    k = int(k)
     hits = top_k_hits(v.reshape(b * t, n), m.reshape(b * t, n), torch.full((b * t,), k, device=v.device))
     out = hits.view(b, t).to(v.dtype) / k
     gt = count(m)

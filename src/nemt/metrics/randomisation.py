@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from nemt.errors import NemtError
-from nemt.ops import n_outputs_of, resolve_targets, seeded, with_model_in_eval
-from nemt.metrics._common import check_maps, float_maps, metric, pearson, spearman
+from nemt.ops import n_outputs_of, seeded, with_model_in_eval
+from nemt.metrics._common import (check_maps, check_x, checked_targets, float_maps, metric, pearson, spearman,
+                                  warn_undefined)
 from nemt.metrics._common import normalise as _normalise
 
 Explain = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -54,7 +55,9 @@ def ssim(a: torch.Tensor, b: torch.Tensor, win_size: int = 7, k1: float = 0.01, 
     r = (both.amax(1) - both.amin(1)).view(-1, *([1] * (d + 1)))
     c1, c2 = (k1 * r) ** 2, (k2 * r) ** 2
     s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux ** 2 + uy ** 2 + c1) * (vx + vy + c2))
-    return s.flatten(1).mean(1).view(bt)
+    # data range 0: both maps are one and the same constant, identical images, whose SSIM is 1 for any
+    # positive K1, K2 (the formula's 0/0 here comes only from C1 = C2 = 0)
+    return torch.where(r.flatten() == 0, torch.ones_like(r.flatten()), s.flatten(1).mean(1)).view(bt)
 
 
 _SIMILARITIES = {
@@ -104,7 +107,8 @@ def model_parameter_randomisation(model: torch.nn.Module, x: torch.Tensor, expla
     """
     if order not in ("top_down", "bottom_up", "independent"):
         raise NemtError("order must be 'top_down', 'bottom_up' or 'independent'")
-    targets = resolve_targets(target, model, x)
+    x = check_x(model, x)
+    targets = checked_targets(target, model, x)
     with torch.enable_grad():
         original = maps if maps is not None else explain(model, x, targets)
     ref = _prep(original, normalise, abs)
@@ -123,7 +127,18 @@ def model_parameter_randomisation(model: torch.nn.Module, x: torch.Tensor, expla
         with torch.enable_grad():
             rand = explain(rmodel, x, targets)
         out[name or "<model>"] = similarity_of(ref, _prep(rand, normalise, abs), similarity)
+    _warn_nan("model_parameter_randomisation", out.values(), "similarities (maps x layers)")
     return out
+
+
+def _warn_nan(name: str, values, unit: str = "maps") -> None:
+    """One warning per call for similarities that are NaN (a correlation with a constant map is undefined)."""
+    values = [v for v in values if torch.is_tensor(v)]
+    if values:
+        n_nan = sum(int(torch.isnan(v).sum()) for v in values)
+        warn_undefined(name, n_nan, sum(v.numel() for v in values),
+                       ["a similarity of a constant (collapsed) map, e.g. a rank correlation with zero variance"],
+                       stacklevel=5, unit=unit)
 
 
 @metric("lower", inputs=("model", "x", "explain", "target"))
@@ -141,7 +156,8 @@ def random_logit(model: torch.nn.Module, x: torch.Tensor, explain: Explain, targ
     defaults: SSIM, ``abs=False``; but Quantus computes SSIM on flattened maps
     (see the module docstring), ours over the image axes.
     """
-    targets = resolve_targets(target, model, x)
+    x = check_x(model, x)
+    targets = checked_targets(target, model, x)
     n = int(num_classes) if num_classes else n_outputs_of(model, x=x[:1])
     if n < 2:
         raise NemtError("random_logit needs at least two classes")
@@ -151,4 +167,6 @@ def random_logit(model: torch.nn.Module, x: torch.Tensor, explain: Explain, targ
     with torch.enable_grad():
         original = maps if maps is not None else explain(model, x, targets)
         other = explain(model, x, off)
-    return similarity_of(_prep(original, normalise, abs), _prep(other, normalise, abs), similarity)
+    out = similarity_of(_prep(original, normalise, abs), _prep(other, normalise, abs), similarity)
+    _warn_nan("random_logit", [out])
+    return out

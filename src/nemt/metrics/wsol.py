@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from nemt.errors import NemtError
-from nemt.metrics._common import expand_masks, float_maps, metric
+from nemt.metrics._common import check_finite, check_not_empty, expand_masks, float_maps, metric
 from nemt.metrics._common import normalise as _normalise
 
 #: the IoU thresholds of MaxBoxAccV2 (Choe et al. 2020)
@@ -138,6 +138,8 @@ def box_iou_curves(maps: torch.Tensor, masks: torch.Tensor, *, thresholds: int =
     maps = float_maps(maps)
     if maps.ndim < 3:
         raise NemtError(f"maps must be (B, T, *spatial), got shape {tuple(maps.shape)}")
+    check_not_empty(maps)
+    check_finite(maps)  # a NaN map has no box: it scored IoU 0 at every threshold (a silent miss)
     m = expand_masks(masks, maps).reshape(maps.shape)
     a = _normalise(maps, normalise, maps.ndim - 2).detach().cpu().double().numpy()
     m = m.detach().cpu().numpy()
