@@ -7,7 +7,8 @@ finding mask, on the validation images of that class explained for their true cl
 - with ``--games``: the nested objective's two games at each training area, for the explainer's own nested masks
   and for a *finding-centred* ranking of the same areas (the finding first, then outward by distance), as
   s_del, s_pres (log-odds change in units of the clean evidence, see ``game_loss``) and the loss (with the
-  explainer's own ``preservation_bound``). Where the
+  explainer's own ``preservation_bound`` and ``preservation_weight``; before 2026-11-29 the weight was left at
+  1 here, so the README's earlier loss figures of fits at weight 0.5 are weight-1 losses). Where the
   finding-centred masks score a lower loss than the explainer's own, the fit did not find the objective's
   optimum; where they score a higher one, the objective itself prefers the place the maps point at.
 
@@ -49,6 +50,9 @@ def main() -> None:
     ap.add_argument("--explainer", action="append", required=True, help="NAME=FOLDER (repeatable)")
     ap.add_argument("--split", default="val")
     ap.add_argument("--games", action="store_true", help="also score the games at each training area")
+    ap.add_argument("--as-occlusion", default=None,
+                    help="score the games with this --occlusion instead of each explainer's own (no refit: what "
+                         "another objective would reward for the same masks)")
     args = ap.parse_args()
     torch.set_num_threads(1)  # an entry point may
     clf = load_model(args.model)
@@ -62,6 +66,10 @@ def main() -> None:
     for spec in args.explainer:
         name, folder = spec.split("=", 1)
         ex = NEMt.load(folder, clf)
+        if args.as_occlusion:
+            ex.occlusion = args.as_occlusion
+            train = ImageDataset(manifest, clf.preprocessing, load_splits(args.model, manifest)["train"])
+            ex._set_mean_image(train)  # a no-op unless the games play on the mean image
         ex.module_.eval()
         ex.module_.smoothing.generator = torch.Generator().manual_seed(0)  # the games' random smoothing
         rm_all, pg_all = [], []
@@ -84,7 +92,8 @@ def main() -> None:
                             areas = torch.full((len(idx),), float(a))
                             md, mp, cl = ex._games(x, lg, out, t.view(-1, 1), areas)
                             loss, parts = game_loss(md, mp, cl, min_scale=ex.min_scale,
-                                                  preservation_bound=ex.preservation_bound)
+                                                    preservation_bound=ex.preservation_bound,
+                                                    preservation_weight=ex.preservation_weight)
                             games_rows.append((name, label, kind, a, parts["s_del"], parts["s_pres"], float(loss)))
         print(f"| {name} | all | {int(sum(len(r) for r in rm_all))} | {float(torch.cat(rm_all).nanmean()):.3f} | "
               f"{float(torch.cat(pg_all).nanmean()):.3f} |")

@@ -393,6 +393,36 @@ def test_mean_image_background_is_the_training_mean_and_changes_only_the_preserv
     assert not torch.allclose(m_pres, want[1], atol=1e-3)
 
 
+def test_mean_image_occlusion_deletes_by_the_mean_image_and_keeps_on_it():
+    """``occlusion="mean-image"``: the deleted region becomes the training images' pixel-wise mean (x·k + mean·(1-k))
+    and the preservation game keeps the mask on the mean image; the deletion input is exactly that
+    composition, the preservation game equals ``inpaint+mean-image``'s (same background), and the deletion game
+    differs from inpainting's (a region inside a homogeneous finding is refilled from the finding by inpainting,
+    by the mean image here)."""
+    torch.manual_seed(0)
+    net = build_model("smallcnn", spatial_dims=2, in_channels=1, out_channels=3, width=4)
+    clf = Classifier.from_module(net, spatial_dims=2, in_channels=1, input_size=(32, 32), task="multiclass",
+                                 label_names=["a", "b", "c"]).eval()
+    g = torch.Generator().manual_seed(1)
+    xs, ys = torch.randn(10, 1, 32, 32, generator=g), torch.randint(0, 3, (10,), generator=g)
+    mi = NEMt(clf, occlusion="mean-image", **FAST)
+    mi._set_mean_image([(xs, ys)])  # the games play on the mean image: it is read
+    assert torch.allclose(mi.mean_image_, xs.mean(0, keepdim=True), atol=1e-6)  # float32 rounding only
+    keep = (torch.rand(3, 1, 32, 32, generator=g) > 0.5).float()
+    torch.testing.assert_close(mi._occlude(xs[:3], keep), xs[:3] * keep + mi.mean_image_ * (1 - keep))
+    mi.init_module()
+    mi.mean_image_ = 5 * torch.randn(1, 1, 32, 32, generator=g)  # far from the noise images' local means
+    bg = NEMt(clf, occlusion="inpaint+mean-image", **FAST)
+    bg.module_, bg.mean_image_ = mi.module_, mi.mean_image_
+    x, t, areas = xs[:3], torch.tensor([[0], [2], [1]]), torch.tensor([0.3, 0.5, 0.7])  # large: a clear change
+    with torch.no_grad():
+        logits, out = mi._logits(x)
+        m_del, m_pres, clean = mi._games(x, logits, out, t, areas)
+        want = bg._games(x, logits, out, t, areas)
+    assert torch.allclose(m_pres, want[1], atol=1e-6) and torch.allclose(clean, want[2])
+    assert not torch.allclose(m_del, want[0], atol=1e-3)
+
+
 def test_outpaint_continues_the_kept_region_and_falls_back_to_the_mean_image():
     """``occlusion="inpaint+outpaint"``'s preservation input: the mask kept as it is; a hole enclosed by a kept
     ring filled from the ring (a ring of dark tissue stays dark inside, where a fixed background would draw a
@@ -418,7 +448,7 @@ def test_outpaint_continues_the_kept_region_and_falls_back_to_the_mean_image():
 
 
 @pytest.mark.parametrize("dims", [1, 3])
-@pytest.mark.parametrize("occlusion", ["inpaint+mean-image", "inpaint+outpaint"])
+@pytest.mark.parametrize("occlusion", ["inpaint+mean-image", "inpaint+outpaint", "mean-image"])
 def test_mean_image_backgrounds_train_signals_and_volumes(dims, occlusion):
     """Both backgrounds take any ``spatial_dims``: a 1-epoch fit on signals and volumes reads its training mean
     (1, C, *spatial), and the training step's loss is finite and reaches the decoder."""

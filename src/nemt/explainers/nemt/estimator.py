@@ -799,6 +799,8 @@ class NEMt(_MaskExplainer):
     def _occlude(self, x: torch.Tensor, keep: torch.Tensor, kind: str | None = None) -> torch.Tensor:
         """``x`` with ``1 - keep`` deleted by the fill ``kind`` (default: this explainer's, see ``game_fills``)."""
         kind = kind or game_fills(self.occlusion)[0][0]
+        if kind == MEAN_IMAGE:  # the training images' mean where the mask is deleted
+            return x * keep + self._mean_image(x) * (1 - keep)
         return occlude(x, keep, kind, zero_value=self._zero_value(), sigma=self._fill_sigma())
 
     def _filled(self, x: torch.Tensor, kind: str | None = None) -> torch.Tensor:

@@ -22,7 +22,8 @@ OUTPAINT = "outpaint"
 GAME_FILLS = {"inpaint+blur": (("inpaint", "inpaint"), ("blur", "blur")),  # both games with each fill
               "inpaint+blur-background": (("inpaint", "blur"),),  # deletion by inpainting, preservation on the blur
               "inpaint+mean-image": (("inpaint", MEAN_IMAGE),),  # deletion by inpainting, preservation on it
-              "inpaint+outpaint": (("inpaint", OUTPAINT),)}  # deletion by inpainting, preservation outpainted
+              "inpaint+outpaint": (("inpaint", OUTPAINT),),  # deletion by inpainting, preservation outpainted
+              MEAN_IMAGE: ((MEAN_IMAGE, MEAN_IMAGE),)}  # the mask replaced by the mean image; kept on it
 OCCLUSIONS = (*OCCLUSION_FILLS, *GAME_FILLS)
 QUANTITIES = SCORES
 
