@@ -448,7 +448,8 @@ def test_outpaint_continues_the_kept_region_and_falls_back_to_the_mean_image():
 
 
 @pytest.mark.parametrize("dims", [1, 3])
-@pytest.mark.parametrize("occlusion", ["inpaint+mean-image", "inpaint+outpaint", "mean-image"])
+@pytest.mark.parametrize("occlusion", ["inpaint+mean-image", "inpaint+outpaint", "mean-image",
+                                       "inpaint-and-mean-image"])
 def test_mean_image_backgrounds_train_signals_and_volumes(dims, occlusion):
     """Both backgrounds take any ``spatial_dims``: a 1-epoch fit on signals and volumes reads its training mean
     (1, C, *spatial), and the training step's loss is finite and reaches the decoder."""

@@ -515,7 +515,8 @@ def fit(
                                   "inpaint+mean-image (delete by inpainting, keep on the training images' pixel-wise "
                                   "mean) | inpaint+outpaint (keep, the rest filled from the kept pixels, far from "
                                   "them the mean image) | mean-image (delete by the training images' pixel-wise mean, "
-                                  "keep on it)"),
+                                  "keep on it) | inpaint-and-mean-image (NEMt's games with inpaint and with "
+                                  "mean-image)"),
     map_smoothing: bool = typer.Option(True, help="nested: smooth the map at explanation time (training always "
                                        "smooths its masks); --no-map-smoothing: the top --map-areas of the logits"),
     blur_sigma: Optional[float] = typer.Option(None, callback=_positive, help="blur / inpainting sigma in pixels, > 0 (default: 8 px at 128 px; 3D: 0.135 of the side, 4.3 voxels at 32³)"),

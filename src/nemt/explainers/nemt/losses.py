@@ -23,7 +23,8 @@ GAME_FILLS = {"inpaint+blur": (("inpaint", "inpaint"), ("blur", "blur")),  # bot
               "inpaint+blur-background": (("inpaint", "blur"),),  # deletion by inpainting, preservation on the blur
               "inpaint+mean-image": (("inpaint", MEAN_IMAGE),),  # deletion by inpainting, preservation on it
               "inpaint+outpaint": (("inpaint", OUTPAINT),),  # deletion by inpainting, preservation outpainted
-              MEAN_IMAGE: ((MEAN_IMAGE, MEAN_IMAGE),)}  # the mask replaced by the mean image; kept on it
+              MEAN_IMAGE: ((MEAN_IMAGE, MEAN_IMAGE),),  # the mask replaced by the mean image; kept on it
+              "inpaint-and-mean-image": (("inpaint", "inpaint"), (MEAN_IMAGE, MEAN_IMAGE))}  # both, each game twice
 OCCLUSIONS = (*OCCLUSION_FILLS, *GAME_FILLS)
 QUANTITIES = SCORES
 
