@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 import typer
 from rich.table import Table
 
-from nemt.errors import NemtError
+from nemt.errors import SEED_MAX, NemtError
 from nemt.progress import console, progress_bar
 
 app = typer.Typer(help="nemt: fast, verifiable explanations for medical image models.",
@@ -34,7 +34,6 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """nemt: fast, verifiable explanations for medical image models."""
 
 TaskOpt = typer.Option(None, help="multiclass | multilabel | regression (default: from the data)")
-SEED_MAX = 2**32 - 1  # every --seed: NumPy, torch and scikit-learn all take [0, 2**32 - 1]
 MaxPixelsOpt = typer.Option(None, "--max-pixels", min=1,
                             help="largest image to decode, in pixels (voxels, all frames), e.g. 1e9; a file "
                                  "declaring more is refused from its header [default: 2.56e8, 256 Mpx]")
@@ -372,36 +371,14 @@ def data_ecg(
 
 
 def _arch_kwargs(arch: str, items: list[str], size: tuple) -> dict:
-    """``--arch-param`` as keyword arguments, refused before anything is written if the architecture rejects them."""
-    from nemt.models.zoo import build_model, sized_arch_kwargs
+    """``--arch-param`` as keyword arguments, refused before anything is written if the architecture rejects them
+    or ``--size`` does not survive its downsampling (:func:`nemt.models.training.probe_network`)."""
+    from nemt.models.training import probe_network
     from nemt.params import parse_params
 
     kwargs = parse_params(items)
-
-    def build():
-        return build_model(arch, spatial_dims=len(size), in_channels=1, out_channels=2,
-                           **sized_arch_kwargs(arch, kwargs, size))
-
-    net = None
-    if kwargs:
-        try:
-            net = build()
-        except NemtError as exc:  # build_model's message already names the architecture and the keywords
-            raise NemtError(f"--arch-param {' '.join(items)}: {exc}") from exc
-        except (TypeError, ValueError) as exc:
-            raise NemtError(f"--arch-param {' '.join(items)}: {arch} cannot be built with {kwargs}: "
-                            f"{type(exc).__name__}: {exc}") from exc
-    if min(size) < 32:  # small inputs may not survive the network's downsampling: one input through it tells
-        import torch
-
-        from nemt.ops import preserved_rng
-        with preserved_rng(), torch.no_grad():
-            try:
-                (net if net is not None else build()).eval()(torch.zeros(1, 1, *size))
-            except (RuntimeError, ValueError) as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise NemtError(f"--size {'x'.join(map(str, size))}: too small for {arch} ({first}); "
-                                "give a larger --size") from exc
+    probe_network(arch, kwargs, tuple(size), kwargs_name=f"--arch-param {' '.join(items)}", size_name="--size",
+                  size_label="x".join(map(str, size)))
     return kwargs
 
 

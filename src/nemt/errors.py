@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+#: the largest seed, for the command line's --seed and the library alike: NumPy, torch and scikit-learn all
+#: take [0, 2**32 - 1] (here, a module without heavy imports, so that the command line starts fast)
+SEED_MAX = 2**32 - 1
+
 
 class NemtError(Exception):
     """Base class of the errors nemt raises on purpose."""

@@ -63,6 +63,11 @@ def label_names_of(model: nn.Module) -> list[str]:
     return list(card.label_names) if card is not None else []
 
 
+def is_whole_number(v: Any) -> bool:
+    """An int (Python's or NumPy's), not a bool."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
 def nonfinite_problem(x: torch.Tensor) -> str | None:
     """``"N NaN or infinite values, in k of its B images"`` for a batch ``x`` (B, ...) holding any, else None."""
     bad = ~torch.isfinite(x)

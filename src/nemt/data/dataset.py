@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 from nemt.data.manifest import Manifest, Sample
 from nemt.data.preprocess import Preprocessing
 from nemt.data.readers import Image, read_image, read_mask
+from nemt.ops import ArgumentTypeError, ParameterError
 
 
 def read_sample(manifest: Manifest, sample: Sample) -> Image:
@@ -40,9 +41,18 @@ class ImageDataset(Dataset):
 
     def __init__(self, manifest: Manifest, preprocessing: Preprocessing,
                  indices: Sequence[int] | None = None, cache: bool = True):
+        if not isinstance(manifest, Manifest):
+            raise ArgumentTypeError(f"manifest must be a Manifest (nemt.data.open_dataset), got "
+                                    f"{type(manifest).__name__}")
+        if isinstance(preprocessing, dict):  # a card's "preprocessing" as it is stored
+            preprocessing = Preprocessing.from_dict(preprocessing)
+        if not isinstance(preprocessing, Preprocessing):
+            raise ArgumentTypeError(f"preprocessing must be a Preprocessing (e.g. a model's clf.preprocessing), "
+                                    f"got {type(preprocessing).__name__}")
         self.manifest = manifest
         self.pre = preprocessing
-        self.indices = list(range(len(manifest.samples)) if indices is None else indices)
+        n = len(manifest.samples)
+        self.indices = list(range(n)) if indices is None else _checked_indices(indices, n, manifest.source)
         self.cache = cache
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor, bool]] = {}
 
@@ -78,13 +88,44 @@ class ImageDataset(Dataset):
 
     def stacked(self) -> dict:
         """All items at once (small data sets): image (N, C, *size), y, gt, has_gt, index."""
+        if len(self) == 0:
+            raise ParameterError(f"this ImageDataset of {self.manifest.source} holds no sample (an empty split?): "
+                                 "nothing to stack")
         items = [self[i] for i in range(len(self))]
         return {k: (torch.stack([it[k] for it in items]) if torch.is_tensor(items[0][k])
                     else torch.tensor([it[k] for it in items])) for k in items[0]}
 
 
+def _checked_indices(indices, n: int, source) -> list[int]:
+    """``indices`` as a list of ints in [0, n): a list, range, NumPy array or tensor of whole numbers. A
+    boolean mask, a negative index (Python would count it from the end) or one past the end is refused."""
+    if isinstance(indices, (str, bytes, dict)) or not hasattr(indices, "__iter__"):
+        raise ArgumentTypeError(f"indices must be a sequence of sample indices (e.g. split['test']), got "
+                                f"{type(indices).__name__}")
+    if isinstance(indices, torch.Tensor):
+        arr = indices.detach().cpu().numpy()
+    else:
+        arr = indices if isinstance(indices, np.ndarray) else np.asarray(list(indices))
+    if arr.size == 0:
+        return []
+    if arr.ndim != 1:
+        raise ParameterError(f"indices must be one-dimensional, got shape {arr.shape}")
+    if arr.dtype.kind == "b":
+        raise ParameterError("indices is a boolean mask; give the indices of the samples (np.flatnonzero(mask))")
+    if arr.dtype.kind not in "iu":
+        raise ArgumentTypeError(f"indices must be whole numbers, got {arr.dtype} ({arr[:3].tolist()} ...)")
+    bad = arr[(arr < 0) | (arr >= n)]
+    if bad.size:
+        raise ParameterError(f"index {int(bad[0])} out of range: {source} has {n} samples (0 to {n - 1}); "
+                             f"{bad.size} of the {arr.size} indices are outside")
+    return [int(i) for i in arr]
+
+
 def channel_stats(ds: ImageDataset) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of the [0, 1] images of ``ds`` (for the normalisation)."""
+    if len(ds) == 0:
+        raise ParameterError(f"channel statistics of an empty data set ({ds.manifest.source}, no sample): "
+                             "they need at least one image")
     total = sq = count = 0.0
     for i in range(len(ds)):
         x = ds.unit_item(i)[0].double()

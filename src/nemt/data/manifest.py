@@ -90,6 +90,16 @@ class Sample:
     index: int | None = None
     row: int | None = None
 
+    def __post_init__(self) -> None:
+        if isinstance(self.image, (str, os.PathLike)):
+            self.image = Path(self.image)
+        else:
+            raise DataError(None, "image", f"a sample's image must be a path (str or Path), got {self.image!r}")
+        if isinstance(self.mask, (str, os.PathLike)):
+            self.mask = Path(self.mask)
+        elif self.mask is not None:
+            raise DataError(self.image, "mask", f"must be a path or None, got {self.mask!r}")
+
     @property
     def name(self) -> str:
         return self.image.name if self.index is None else f"{self.image.name}[{self.index}]"
@@ -118,6 +128,26 @@ class Manifest:
     warnings: list[DataError] = field(default_factory=list)
     max_pixels: int | None = None
     headline: str | None = None  #: one line that sums up many problems, shown first by raise_problems
+
+    def __post_init__(self) -> None:
+        """A manifest built in Python is held to the loaders' rules: a known task, a list of label names, and
+        each sample's ``y`` of the task's form (a class index within the label set, one 0/1 value per label,
+        a finite number), so that a bad one fails here, naming the sample, rather than deep in training."""
+        self.source = Path(self.source)
+        if self.task not in TASKS:
+            raise DataError(self.source, "task", f"unknown task {self.task!r}; choose one of {TASKS}")
+        if isinstance(self.label_names, (str, bytes)) or not all(isinstance(n, str) for n in self.label_names):
+            raise DataError(self.source, "label_names", f"need a list of names (str), got {self.label_names!r}")
+        self.label_names = [str(n) for n in self.label_names]
+        if not all(isinstance(s, Sample) for s in self.samples):
+            bad = next(s for s in self.samples if not isinstance(s, Sample))
+            raise DataError(self.source, "samples", f"need a list of Sample, got a {type(bad).__name__}")
+        for s in self.samples:
+            why = _y_problem(s.y, self.task, len(self.label_names))
+            if why:
+                where = f"row {s.row}: " if s.row is not None else ""
+                raise DataError(s.image if s.index is None else f"{s.image}[{s.index}]", "y",
+                                f"{where}{why} (task {self.task}, labels {self.label_names})")
 
     @property
     def n_outputs(self) -> int:
@@ -164,6 +194,25 @@ class Manifest:
         if self.task == "multiclass":
             return np.asarray(ys, dtype=np.int64)
         return np.asarray(ys, dtype=np.float32)
+
+
+def _y_problem(y, task: str, n_labels: int) -> str | None:
+    """Why ``y`` is not a target of ``task`` with ``n_labels`` labels, or None."""
+    def real(v) -> bool:
+        return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)) \
+            and math.isfinite(v)
+
+    if task == "multiclass":
+        if not isinstance(y, (int, np.integer)) or isinstance(y, (bool, np.bool_)):
+            return f"a multi-class target is a class index (int), got {y!r}"
+        if not 0 <= y < n_labels:
+            return f"class index {y} out of range for {n_labels} labels"
+    elif task == "multilabel":
+        if not isinstance(y, (tuple, list)) or len(y) != n_labels or not all(real(v) and v in (0, 1) for v in y):
+            return f"a multi-label target is one 0/1 value per label ({n_labels}), got {y!r}"
+    elif not real(y):
+        return f"a regression target is a finite number, got {y!r}"
+    return None
 
 
 def _pick(columns: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str,
@@ -267,6 +316,7 @@ def load_manifest(path: str | Path, *, task: str | None = None, image_col: str |
     distinct labels.
     """
     path = Path(path)
+    _check_name_lists(path, labels=labels, label_cols=label_cols)
     columns, rows = read_csv_table(path, "manifest", "empty manifest")
     root = path.parent
 
@@ -468,6 +518,17 @@ def _parse_y(row: dict, task: str, ycols: list[str], label_names: list[str], fix
     return f, None
 
 
+def _check_name_lists(path, **lists) -> None:
+    """``labels`` / ``label_cols`` must be lists of names: a string would be taken letter by letter."""
+    for key, value in lists.items():
+        if value is None:
+            continue
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__") or not all(
+                isinstance(v, str) for v in value):
+            raise DataError(path, key, f"need a list of names, e.g. ['benign', 'malignant'], got {value!r}"
+                            + (f" (for comma-separated text: {value!r}.split(','))" if isinstance(value, str) else ""))
+
+
 def load_folder(root: str | Path, labels: Sequence[str] | None = None) -> Manifest:
     """A class-per-folder tree: ``root/<label>/<image>``; multi-class."""
     from nemt.data.readers import is_image_file
@@ -540,6 +601,10 @@ def load_medmnist_npz(path: str | Path, *, task: str | None = None,
                     arrays=data, kind="medmnist", max_pixels=max_pixels)
 
 
+#: the keyword options of :func:`open_dataset` besides ``max_pixels`` (those of :func:`load_manifest`)
+_OPEN_OPTIONS = ("task", "labels", "image_col", "label_col", "label_cols", "target_col", "mask_col", "group_col")
+
+
 def open_dataset(path: str | Path, *, max_pixels: int | None = None, **options) -> Manifest:
     """One entry point: a CSV file, a folder with ``manifest.csv``, a MedMNIST ``.npz``,
     or a class-per-folder tree.
@@ -547,13 +612,26 @@ def open_dataset(path: str | Path, *, max_pixels: int | None = None, **options) 
     ``max_pixels`` is kept in the manifest and bounds every image read from it
     (None: :data:`nemt.data.readers.DEFAULT_MAX_PIXELS`).
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise DataError(None, "path", f"need a path (str or Path) to a data set, got {type(path).__name__}")
     path = Path(path)
+    unknown = sorted(set(options) - set(_OPEN_OPTIONS))
+    if unknown:
+        raise DataError(path, ",".join(unknown), f"unknown option{'s' * (len(unknown) > 1)}; open_dataset takes "
+                        f"max_pixels and {', '.join(_OPEN_OPTIONS)}")
+    _check_name_lists(path, labels=options.get("labels"), label_cols=options.get("label_cols"))
+    if max_pixels is not None and (not isinstance(max_pixels, (int, np.integer)) or isinstance(max_pixels, bool)
+                                   or max_pixels < 1):
+        raise DataError(path, "max_pixels", f"need a whole number >= 1 (or None: the default), got {max_pixels!r}")
     if not path.exists():
         raise DataError(path, None, "no such file or folder")
     if path.is_file():
         if path.suffix.lower() == ".csv":
             m = load_manifest(path, **options)
         elif path.suffix.lower() == ".npz":
+            columns = sorted(k for k, v in options.items() if v is not None and k not in ("labels", "task"))
+            if columns:
+                raise DataError(path, ",".join(columns), "column options apply to CSV manifests only")
             return load_medmnist_npz(path, task=options.get("task"), labels=options.get("labels"),
                                      max_pixels=max_pixels)
         else:

@@ -15,6 +15,7 @@ Everything is written for any number of spatial dimensions.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -24,6 +25,10 @@ import torch.nn.functional as F
 
 from nemt.data.readers import Image
 from nemt.errors import DataError
+
+def _whole(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
 
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -43,9 +48,26 @@ class Preprocessing:
     std: list[float] = field(default_factory=lambda: [1.0])
 
     def __post_init__(self) -> None:
-        self.size = tuple(int(s) for s in self.size)
+        size = self.size
+        if isinstance(size, (str, bytes)) or not hasattr(size, "__len__") or not 1 <= len(size) <= 3 \
+                or not all(_whole(s) and s >= 1 for s in size):
+            raise DataError(None, "size", f"need 1 to 3 positive whole numbers, one per spatial axis (e.g. "
+                            f"(128, 128)), got {size!r}")
+        self.size = tuple(int(s) for s in size)
+        if not _whole(self.channels) or self.channels < 1:
+            raise DataError(None, "channels", f"need a whole number >= 1, got {self.channels!r}")
+        self.channels = int(self.channels)
         if self.scale not in ("range", "minmax"):
             raise DataError(None, "scale", f"unknown intensity scaling {self.scale!r} (range or minmax)")
+        for key in ("mean", "std"):
+            v = getattr(self, key)
+            if isinstance(v, (str, bytes)) or not hasattr(v, "__len__") or not len(v) or not all(
+                    isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+                    and math.isfinite(x) for x in v):
+                raise DataError(None, key, f"need a list of finite numbers (1 or one per channel), got {v!r}")
+            setattr(self, key, [float(x) for x in v])
+        if min(self.std) <= 0:
+            raise DataError(None, "std", f"must be positive (it divides the input), got {self.std}")
         if len(self.mean) == 1 and self.channels > 1:
             self.mean = self.mean * self.channels
         if len(self.std) == 1 and self.channels > 1:
@@ -74,6 +96,9 @@ class Preprocessing:
             raise DataError(img.path, "shape", f"image has {a.ndim - 1} spatial dimensions, "
                             f"the model takes {self.spatial_dims}")
         check_volume_channels(img, self.channels)
+        bad = ~np.isfinite(a)
+        if bad.any():  # np.clip keeps NaN: the model's input, and every map of it, would be NaN
+            raise DataError(img.path, "pixels", f"image has {int(bad.sum())} NaN or infinite values of {a.size}")
         if self.scale == "range":
             lo, hi = img.value_range
         else:

@@ -504,6 +504,8 @@ def _read_npy(path: Path, max_pixels: int | None = None) -> Image:
         raise DataError(path, "shape", f"{len(shape)}-D array {_fmt_shape(shape)}; readable: (L,) or "
                         "channel-first (C, *spatial) with 1 to 3 spatial axes")
     check_pixels(path, shape, max_pixels, "shape")
+    if 0 in shape:
+        raise DataError(path, "shape", f"array {_fmt_shape(shape)} holds no values (an axis of length 0)")
     with _decoding(path, "pixels"):
         a = np.load(path, allow_pickle=False)
     array = np.ascontiguousarray(a[None] if a.ndim == 1 else a, dtype=np.float32)

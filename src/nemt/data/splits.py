@@ -15,7 +15,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
 from nemt.data.manifest import SPLITS, Manifest
-from nemt.errors import DataError
+from nemt.errors import SEED_MAX, DataError
 
 
 def strata(manifest: Manifest) -> np.ndarray:
@@ -45,14 +45,22 @@ def split_indices(manifest: Manifest, fractions: Sequence[float] = (0.7, 0.1, 0.
     proportion to ``fractions``. The same manifest and seed always give the
     same split.
     """
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, (bool, np.bool_)) or not 0 <= seed <= SEED_MAX:
+        raise DataError(None, "seed", f"need a whole number in [0, 2**32 - 1], got {seed!r}")
+    if isinstance(fractions, (str, bytes)):
+        raise DataError(None, "fractions", f"need three numbers (train, val, test), e.g. (0.7, 0.1, 0.2), "
+                        f"got {fractions!r}")
     n = len(manifest.samples)
     if n == 0:
         raise DataError(manifest.source, None, "no usable samples to split")
     given = [s.split for s in manifest.samples]
     if all(g is not None for g in given):
         return {k: np.array([i for i, g in enumerate(given) if g == k], dtype=np.int64) for k in SPLITS}
-    f = np.asarray(fractions, dtype=float)
-    if f.shape != (3,) or (f < 0).any() or not np.isclose(f.sum(), 1.0):
+    try:
+        f = np.asarray(fractions, dtype=float)
+    except (TypeError, ValueError):
+        f = np.full(0, np.nan)
+    if f.shape != (3,) or not np.isfinite(f).all() or (f < 0).any() or not np.isclose(f.sum(), 1.0):
         raise DataError(None, "fractions", f"need three non-negative fractions summing to 1, got {list(fractions)}")
 
     groups = np.array([s.group for s in manifest.samples])

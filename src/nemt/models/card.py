@@ -136,6 +136,9 @@ class ModelCard:
         _check_preprocessing(d["preprocessing"], d, path)
         if d.get("target_scale") is not None:
             _check_target_scale(d["target_scale"], path)
+            if d["task"] != "regression":  # forward applies it to regression outputs only: it would be ignored
+                raise CardError(path, "target_scale", f"only a regression model has one (this card's task is "
+                                f"{d['task']}); leave it null")
         kwargs = d.get("arch_kwargs", {})
         if not isinstance(kwargs, dict) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
             raise CardError(path, "arch_kwargs", f"must be an object of keyword arguments, got {kwargs!r}")

@@ -12,6 +12,7 @@ back with :func:`load_model`.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -24,7 +25,8 @@ from nemt.errors import CardError, NemtError
 from nemt.files import atomic_path, sha256_file
 from nemt.models.card import ModelCard
 from nemt.models.zoo import ARCHITECTURES, build_model
-from nemt.ops import ParameterError, checked_outputs, evaluating, float_dtype_of, preserved_rng
+from nemt.ops import (ArgumentTypeError, ParameterError, checked_outputs, evaluating, float_dtype_of,
+                      is_whole_number, preserved_rng)
 
 WEIGHTS = "model.safetensors"
 CARD = "model.json"
@@ -74,8 +76,12 @@ class Classifier(nn.Module):
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Probabilities (multi-class softmax, multi-label sigmoid) or regression values, (B, T)."""
-        return predictions_from_outputs(self(x), self.card.task)
+        """Probabilities (multi-class softmax, multi-label sigmoid) or regression values, (B, T).
+
+        Always in eval mode (no dropout, BatchNorm's running statistics used and left unchanged); every
+        module's ``training`` flag is restored after, so a model in training mode stays in it."""
+        with evaluating(self):
+            return predictions_from_outputs(self(x), self.card.task)
 
     @classmethod
     def from_module(cls, module: nn.Module, *, spatial_dims: int, in_channels: int,
@@ -88,10 +94,32 @@ class Classifier(nn.Module):
         state is left as it was): an input it cannot take, or outputs that are not one per label, are an
         error here rather than at the first explanation.
         """
-        pre = preprocessing or Preprocessing(size=tuple(input_size), channels=in_channels)
+        if not isinstance(module, nn.Module):
+            raise ArgumentTypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        for name, v in (("spatial_dims", spatial_dims), ("in_channels", in_channels)):
+            if not is_whole_number(v):
+                raise ArgumentTypeError(f"{name} must be a whole number (int), got {v!r}")
+            if v < 1:
+                raise ParameterError(f"{name} must be at least 1, got {v}")
+        if isinstance(input_size, (str, bytes)) or is_whole_number(input_size) or not hasattr(input_size, "__len__"):
+            raise ArgumentTypeError(f"input_size must be one size per spatial axis, e.g. (224, 224), got "
+                                    f"{input_size!r}")
+        if not all(is_whole_number(v) and v >= 1 for v in input_size):
+            raise ParameterError(f"input_size must be positive whole numbers, got {list(input_size)!r}")
+        input_size = [int(v) for v in input_size]
+        if isinstance(label_names, (str, bytes)) or not hasattr(label_names, "__iter__"):
+            raise ArgumentTypeError(f"label_names must be a list of names, one per output (e.g. "
+                                    f"['normal', 'lesion']), got {label_names!r}")
+        label_names = [str(n) if isinstance(n, str) else n for n in label_names]  # NumPy's str_ as str
+        if isinstance(preprocessing, dict):  # a card's "preprocessing" as it is stored
+            preprocessing = Preprocessing.from_dict(preprocessing)
+        if preprocessing is not None and not isinstance(preprocessing, Preprocessing):
+            raise ArgumentTypeError(f"preprocessing must be a Preprocessing (or its dict), got "
+                                    f"{type(preprocessing).__name__}")
+        pre = preprocessing or Preprocessing(size=tuple(input_size), channels=int(in_channels))
         card = ModelCard.from_dict({
-            "arch": arch, "spatial_dims": spatial_dims, "in_channels": in_channels, "task": task,
-            "label_names": list(label_names), "input_size": list(input_size),
+            "arch": arch, "spatial_dims": int(spatial_dims), "in_channels": int(in_channels), "task": task,
+            "label_names": label_names, "input_size": input_size,
             "preprocessing": pre.to_dict(), "target_scale": target_scale, "format": ModelCard.format,
         })
         _probe(module, card)
@@ -135,9 +163,22 @@ def load_model(directory: str | Path, *, module: nn.Module | None = None,
     ``module`` supplies the network for a card whose ``arch`` is not one of
     nemt's (a wrapped user model); its weights are loaded into it.
     """
-    directory = Path(directory)
-    if directory.is_file():
+    if not isinstance(directory, (str, os.PathLike)):
+        raise ArgumentTypeError(f"load_model takes a model folder (str or Path), got {type(directory).__name__}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ParameterError(f"device {device!r} is not a torch device (e.g. 'cpu', 'cuda:0'): {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ParameterError(f"device {str(device)!r}: no CUDA device is available here; use device='cpu'")
+    given = directory = Path(directory)
+    if not directory.exists():
+        raise CardError(directory, None, "no such model folder")
+    if directory.is_file():  # a file of a model folder (model.json, model.safetensors) names its folder
         directory = directory.parent
+        if not (directory / CARD).is_file():
+            raise CardError(given, None, f"a file, and its folder holds no {CARD}; give the model folder "
+                            f"({CARD} + {WEIGHTS}, as `nemt train` or Classifier.save writes it)")
     card = ModelCard.load(directory / CARD)
     weights = directory / WEIGHTS
     if not weights.is_file():
@@ -161,6 +202,11 @@ def load_model(directory: str | Path, *, module: nn.Module | None = None,
         except (TypeError, ValueError) as exc:  # an unknown or ill-typed keyword of the architecture
             raise CardError(directory / CARD, "arch_kwargs", f"{card.arch} cannot be built with "
                             f"{card.arch_kwargs}: {type(exc).__name__}: {exc}") from exc
+        except (RuntimeError, MemoryError) as exc:  # e.g. an absurd in_channels: memory for its weights
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CardError(directory / CARD, None, f"{card.arch} ({card.spatial_dims}D, {card.in_channels} ch, "
+                            f"{card.out_channels} outputs, {card.arch_kwargs}) cannot be built: "
+                            f"{type(exc).__name__}: {first}") from exc
     try:
         state = load_file(str(weights))
     except Exception as exc:  # safetensors raises its own error types
@@ -177,6 +223,15 @@ def load_model(directory: str | Path, *, module: nn.Module | None = None,
             f"{tuple(own[wrong[0]].shape)}" if wrong else ""]))
         raise CardError(weights, "state_dict", f"weights do not fit {card.arch} "
                         f"({card.spatial_dims}D, {card.in_channels} ch, {card.out_channels} outputs): {detail}")
+    params = {name for name, _ in module.named_parameters()}
+    for k, v in own.items():
+        if own[k].is_floating_point() and not state[k].is_floating_point():
+            raise CardError(weights, "state_dict", f"{k} is stored as {state[k].dtype}, the network's tensor is "
+                            f"{own[k].dtype}: not this network's weights")
+        if k in params and state[k].is_floating_point() and not torch.isfinite(state[k]).all():
+            n = int((~torch.isfinite(state[k])).sum())
+            raise CardError(weights, "state_dict", f"{k} holds {n} NaN or infinite values of {state[k].numel()}: "
+                            "every output would be NaN (a diverged training run?)")
     module.load_state_dict(state)
     clf = Classifier(module, card).to(device)
     clf.eval()

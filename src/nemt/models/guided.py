@@ -373,11 +373,11 @@ def _train_guided(manifest, out_dir, config, guide: GuideConfig, *, device, fres
     from nemt.distributed import (StepBatches, all_reduce_sum, average_gradients, batch_generator, context,
                                   local_device, steps_per_epoch)
     from nemt.models.metrics import score_for_selection
-    from nemt.models.training import (TrainConfig, _format, _loss_fn, augment_batch, evaluate, finish_run,
+    from nemt.models.training import (_format, _loss_fn, augment_batch, checked_config, evaluate, finish_run,
                                       prepare_run, ready_folder, resume, seed_everything)
     from nemt.progress import console, progress_bar
 
-    cfg = config or TrainConfig()
+    cfg = checked_config(config)
     guide.check()
     ctx = context(device)
     device = local_device(device, ctx)

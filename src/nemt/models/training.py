@@ -41,13 +41,13 @@ from nemt.data.dataset import ImageDataset, channel_stats, read_sample
 from nemt.data.manifest import Manifest
 from nemt.data.preprocess import Preprocessing
 from nemt.data.splits import split_indices
-from nemt.errors import NemtError
+from nemt.errors import SEED_MAX, CardError, DataError, NemtError
 from nemt.files import atomic_open, code_fingerprint, differing_keys, write_json
 from nemt.models.card import ModelCard
 from nemt.models.classifier import Classifier, load_model
 from nemt.models.metrics import classification_metrics, score_for_selection
 from nemt.models.zoo import build_model, sized_arch_kwargs
-from nemt.ops import preserved_rng
+from nemt.ops import ArgumentTypeError, ParameterError, evaluating, is_whole_number, preserved_rng
 from nemt.progress import console, progress_bar
 
 
@@ -72,10 +72,130 @@ class TrainConfig:
     #: batch_size x accumulate x processes, so 2 processes with accumulate=A train like 1 with 2A)
     accumulate: int = 1
 
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Refuse a setting that training cannot use, before any work: one :class:`~nemt.ops.ParameterError`
+        (a ``ValueError``) or :class:`~nemt.ops.ArgumentTypeError` (a ``TypeError``) naming the field, what
+        it needs and what it got. Run at construction and again by :func:`train_classifier` (a field may be
+        changed in between); the architecture's keywords are tried by :func:`check_network`."""
+        from nemt.models.zoo import ARCHITECTURES
+
+        if not isinstance(self.arch, str):
+            raise ArgumentTypeError(f"TrainConfig.arch must be an architecture name (str), got {self.arch!r}")
+        if self.arch not in ARCHITECTURES:
+            raise ParameterError(f"TrainConfig.arch: unknown architecture {self.arch!r}; choose one of "
+                                 f"{sorted(ARCHITECTURES)}")
+        size = self.size
+        if isinstance(size, (str, bytes)) or not isinstance(size, Sequence) and not (
+                isinstance(size, (np.ndarray, torch.Size)) and np.ndim(size) == 1):
+            raise ArgumentTypeError(f"TrainConfig.size must be a sequence of 1 to 3 sizes, one per spatial axis "
+                                    f"(e.g. (128, 128), or (1000,) for a signal), got {size!r}")
+        if not 1 <= len(size) <= 3 or not all(is_whole_number(s) and s >= 1 for s in size):
+            raise ParameterError(f"TrainConfig.size must be 1 to 3 positive whole numbers, one per spatial axis "
+                                 f"(e.g. (128, 128)), got {list(size)!r}")
+        for name, low in (("epochs", 1), ("batch_size", 1), ("accumulate", 1)):
+            _check_int(name, getattr(self, name), low)
+        _check_int("seed", self.seed, 0, SEED_MAX)
+        _check_real("lr", self.lr, positive=True)
+        _check_real("weight_decay", self.weight_decay, positive=False)
+        fr = self.fractions
+        if isinstance(fr, (str, bytes)) or not isinstance(fr, (Sequence, np.ndarray)) or len(fr) != 3 or not all(
+                isinstance(f, (int, float, np.integer, np.floating)) and not isinstance(f, bool) for f in fr):
+            raise ParameterError(f"TrainConfig.fractions must be three numbers (train, val, test), "
+                                 f"e.g. (0.7, 0.1, 0.2), got {fr!r}")
+        if not all(math.isfinite(f) and f >= 0 for f in fr) or not np.isclose(sum(fr), 1.0):
+            raise ParameterError(f"TrainConfig.fractions must be three non-negative numbers summing to 1 (train, "
+                                 f"val, test), got {list(fr)}")
+        for name in ("augment", "class_weighting"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ArgumentTypeError(f"TrainConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.scale not in ("range", "minmax"):
+            raise ParameterError(f"TrainConfig.scale must be 'range' or 'minmax', got {self.scale!r}")
+        if self.channels is not None:
+            _check_int("channels", self.channels, 1)
+        kw = self.arch_kwargs
+        if not isinstance(kw, dict) or not all(isinstance(k, str) and k.isidentifier() for k in kw):
+            raise ArgumentTypeError(f"TrainConfig.arch_kwargs must be a dict of keyword arguments of {self.arch}, "
+                                    f"got {kw!r}")
+        reserved = sorted(set(kw) & {"spatial_dims", "in_channels", "out_channels"})
+        if reserved:
+            raise ParameterError(f"TrainConfig.arch_kwargs: {reserved} come from the data (size, channels, labels), "
+                                 "not from arch_kwargs")
+
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["size"], d["fractions"] = list(self.size), list(self.fractions)
+        d["size"] = [int(s) for s in self.size]
+        d["fractions"] = [float(f) if isinstance(f, (np.integer, np.floating)) else f for f in self.fractions]
         return d
+
+
+
+
+def _check_int(name: str, v, low: int, high: int | None = None) -> None:
+    if not is_whole_number(v):
+        raise ArgumentTypeError(f"TrainConfig.{name} must be a whole number (int), got {v!r}")
+    if v < low or high is not None and v > high:
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ParameterError(f"TrainConfig.{name} must be {bound}, got {v}")
+
+
+def _check_real(name: str, v, *, positive: bool) -> None:
+    if not isinstance(v, (int, float, np.integer, np.floating)) or isinstance(v, (bool, np.bool_)):
+        raise ArgumentTypeError(f"TrainConfig.{name} must be a number, got {v!r}")
+    if not math.isfinite(v) or (v <= 0 if positive else v < 0):
+        raise ParameterError(f"TrainConfig.{name} must be a finite number {'> 0' if positive else '>= 0'}, got {v}")
+
+
+def check_network(cfg: TrainConfig, spatial_dims: int | None = None) -> None:
+    """``cfg``'s network tried before any data are read or anything is written (:func:`probe_network`)."""
+    probe_network(cfg.arch, cfg.arch_kwargs, tuple(int(s) for s in cfg.size), spatial_dims=spatial_dims)
+
+
+def probe_network(arch: str, arch_kwargs: dict, size: tuple[int, ...], *, spatial_dims: int | None = None,
+                  kwargs_name: str = "TrainConfig.arch_kwargs", size_name: str = "TrainConfig.size",
+                  size_label: str | None = None) -> None:
+    """Build the network once (1 channel, 2 outputs; the caller's random generators untouched) when it has
+    keywords or a small input, and pass one input of ``size`` through it: an unknown or ill-typed keyword, or a
+    size the network's downsampling cannot take, is one :class:`~nemt.ops.ParameterError` naming the field
+    (``kwargs_name``, ``size_name``: the library's fields or the command line's options)."""
+    kwargs = sized_arch_kwargs(arch, arch_kwargs, size)
+    if not arch_kwargs and min(size) >= 32:
+        return
+    with preserved_rng(), torch.no_grad():
+        try:
+            net = build_model(arch, spatial_dims=spatial_dims or len(size), in_channels=1, out_channels=2,
+                              **kwargs)
+        except NemtError as exc:  # build_model's own message names the architecture and the keywords
+            raise ParameterError(f"{kwargs_name}: {exc}") from exc
+        except (TypeError, ValueError) as exc:
+            raise ParameterError(f"{kwargs_name}: {arch} cannot be built with {arch_kwargs}: "
+                                 f"{type(exc).__name__}: {_first_line(exc)}") from exc
+        if min(size) < 32:
+            try:
+                net.eval()(torch.zeros(1, 1, *size))
+            except (RuntimeError, ValueError) as exc:
+                label = size_label or str(list(size))
+                raise ParameterError(f"{size_name} {label}: too small for {arch} ({_first_line(exc)}); give a "
+                                     f"larger {size_name.split('.')[-1]}") from exc
+
+
+def checked_config(config: TrainConfig | None) -> TrainConfig:
+    """``config`` (default: ``TrainConfig()``) checked field by field and its network tried (see
+    :meth:`TrainConfig.check`, :func:`check_network`), before a training run reads or writes anything."""
+    if config is None:
+        return TrainConfig()
+    if not isinstance(config, TrainConfig):
+        raise ArgumentTypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    config.check()
+    check_network(config)
+    return config
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def seed_everything(seed: int) -> None:
@@ -137,12 +257,15 @@ def _loss_fn(task: str, y_train: np.ndarray, n_out: int, weighting: bool, device
 @torch.no_grad()
 def predict_outputs(clf: Classifier, ds: ImageDataset, batch_size: int = 64,
                     device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Targets and raw outputs of ``clf`` over ``ds`` (eval mode)."""
-    clf.eval()
+    """Targets and raw outputs of ``clf`` over ``ds`` (in eval mode for the call: every module's ``training``
+    flag is restored after, so a model in training mode leaves in training mode)."""
+    if len(ds) == 0:
+        raise ParameterError("the data set holds no sample (an empty split?): there is nothing to evaluate")
     ys, outs = [], []
-    for batch in DataLoader(ds, batch_size=batch_size, shuffle=False):
-        outs.append(clf(batch["image"].to(device)).float().cpu())
-        ys.append(batch["y"])
+    with evaluating(clf):
+        for batch in DataLoader(ds, batch_size=batch_size, shuffle=False):
+            outs.append(clf(batch["image"].to(device)).float().cpu())
+            ys.append(batch["y"])
     return torch.cat(ys).numpy(), torch.cat(outs).numpy()
 
 
@@ -225,7 +348,8 @@ def prepare_run(manifest: Manifest, out_dir: Path, cfg: TrainConfig, *, fresh: b
     size = tuple(int(s) for s in cfg.size)
     first = read_sample(manifest, manifest.samples[int(splits["train"][0])])
     if first.array.ndim - 1 != len(size):
-        raise NemtError(f"images are {first.array.ndim - 1}D but --size gives {len(size)} sizes {size}")
+        raise NemtError(f"images are {first.array.ndim - 1}D but the size (--size, TrainConfig.size) gives "
+                        f"{len(size)} sizes {size}; give one size per spatial axis")
     channels = cfg.channels or (3 if first.array.shape[0] == 3 else 1)
     pre = Preprocessing(size=size, channels=channels, scale=cfg.scale)
     ds = {k: ImageDataset(manifest, pre, splits[k]) for k in ("train", "val", "test")}
@@ -268,7 +392,7 @@ def _train_classifier(manifest: Manifest, out_dir: str | Path, config: TrainConf
     (:func:`check_init_model`), and its weights' SHA-256 is part of the run (a resume with another
     start is refused) and of the card (``training.init_from``).
     """
-    cfg = config or TrainConfig()
+    cfg = checked_config(config)
     ctx = context(device)
     device = local_device(device, ctx)
     log = log or (lambda s: console.print(s, soft_wrap=True, highlight=False))
@@ -429,18 +553,58 @@ def load_splits(model_dir: str | Path, manifest: Manifest) -> dict[str, np.ndarr
 
     Falls back to recomputing the split from the card's seed and fractions
     when the file is absent (same manifest and seed give the same split).
+    The manifest must be the model's data: the same task and label names in the same order (a data set
+    opened without the model's label set may number its classes otherwise), and every row of
+    ``splits.csv`` must name the manifest's sample at its index; each sample is in one split at most.
     """
     model_dir = Path(model_dir)
+    if not isinstance(manifest, Manifest):
+        raise ArgumentTypeError(f"manifest must be a Manifest (nemt.data.open_dataset), got {type(manifest).__name__}")
+    if not model_dir.is_dir():
+        raise CardError(model_dir, None, "no such model folder" if not model_dir.exists() else
+                        "not a folder; give the model folder (model.json, model.safetensors, splits.csv)")
     path = model_dir / "splits.csv"
+    card_path = model_dir / "model.json"
+    card = ModelCard.load(card_path) if card_path.is_file() or not path.is_file() else None
+    if card is not None:
+        _check_data_of_model(card, card_path, manifest)
     if not path.is_file():
-        card = ModelCard.load(model_dir / "model.json")
         return split_indices(manifest, card.data.get("fractions", (0.7, 0.1, 0.2)), card.data.get("split_seed", 0))
     out: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    seen: dict[int, str] = {}
     with open(path, newline="", encoding="utf-8") as fh:
-        for row in csv.DictReader(fh):
-            i = int(row["index"])
-            if i >= len(manifest.samples) or manifest.samples[i].name != row["image"]:
-                raise NemtError(f"{path}: row for {row['image']!r} does not match the data set "
+        reader = csv.DictReader(fh)
+        missing = [c for c in ("index", "image", "split") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(path, ",".join(missing), f"column missing (columns are {reader.fieldnames}); "
+                            "a model folder's splits.csv has index, image, split")
+        for line, row in enumerate(reader, start=2):
+            try:
+                i = int(row["index"])
+            except (TypeError, ValueError):
+                raise DataError(path, "index", f"row {line}: {row['index']!r} is not a whole number") from None
+            if row["split"] not in out:
+                raise DataError(path, "split", f"row {line}: {row['split']!r} is not one of {list(out)}")
+            if not 0 <= i < len(manifest.samples) or manifest.samples[i].name != row["image"]:
+                raise ParameterError(f"{path}: row for {row['image']!r} does not match the data set "
                                 f"({len(manifest.samples)} samples); is this the data the model was trained on?")
+            if i in seen:
+                raise DataError(path, "index", f"row {line}: sample {i} ({row['image']!r}) is in the {seen[i]} "
+                                f"split already; a sample in two splits would leak between them")
+            seen[i] = row["split"]
             out[row["split"]].append(i)
     return {k: np.asarray(v, dtype=np.int64) for k, v in out.items()}
+
+
+def _check_data_of_model(card: ModelCard, card_path: Path, manifest: Manifest) -> None:
+    """Refuse a manifest whose task or label names (names and order: the outputs' numbering) are not the
+    model's: its items' ``y`` would count classes another way than the model's outputs."""
+    if manifest.task != card.task:
+        raise ParameterError(f"{manifest.source}: the data set's task is {manifest.task}, the model's ({card_path}) is "
+                        f"{card.task}; is this the data the model was trained on?")
+    if card.task != "regression" and list(manifest.label_names) != list(card.label_names):
+        hint = (f"; open it with the model's label set: open_dataset(..., labels={list(card.label_names)})"
+                if card.task == "multiclass" and sorted(manifest.label_names) == sorted(card.label_names) else
+                "; is this the data the model was trained on?")
+        raise ParameterError(f"{manifest.source}: the data set's labels are {list(manifest.label_names)}, the model's "
+                        f"({card_path}) are {list(card.label_names)}{hint}")
