@@ -123,6 +123,14 @@ def test_preservation_weight_scales_the_preservation_term_only():
              preservation_weight=-1.0)
 
 
+def _untrained_clf(size: int = 32) -> Classifier:
+    """An untrained 4-channel smallcnn on (1, size, size) images with 3 classes, wrapped as a classifier (drawn
+    from the global RNG: callers seed it first)."""
+    net = build_model("smallcnn", spatial_dims=2, in_channels=1, out_channels=3, width=4)
+    return Classifier.from_module(net, spatial_dims=2, in_channels=1, input_size=(size, size), task="multiclass",
+                                  label_names=["a", "b", "c"]).eval()
+
+
 # -- a saturated classifier: softmax > 0.999 on its finding ----------------------------------------------
 
 def _toy(n: int, g: torch.Generator, size: int = 32, side: int = 8):
@@ -241,9 +249,7 @@ def test_unsmoothed_map_is_the_top_area_of_the_logits_and_old_cards_stay_smoothe
     image's resolution its peak is exactly the largest logit, with no tie (the linear tie-break); the default
     adds the smoothing operator, and ``set_map_smoothing`` switches without a refit; a card saved before the
     option existed loads smoothed, with the inpainting fill, as it was made."""
-    net = build_model("smallcnn", spatial_dims=2, in_channels=1, out_channels=3, width=4)
-    clf = Classifier.from_module(net, spatial_dims=2, in_channels=1, input_size=(32, 32), task="multiclass",
-                                 label_names=["a", "b", "c"]).eval()
+    clf = _untrained_clf()
     ex = NEMt(clf, decoder_full_resolution=True, map_smoothing=False, **FAST).init_module()
     assert ex.hyper_params()["map_smoothing"] is False and ex.hyper_params()["occlusion"] == DEFAULT_OCCLUSION
     x = torch.randn(6, 1, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -319,9 +325,7 @@ def test_inpaint_plus_blur_plays_each_game_with_both_fills():  # and the blur ba
     with the blur, the loss their equal mean: the first half of each game equals the inpainting explainer's
     games, the second half the blur explainer's (same module, same masks; float rounding only)."""
     torch.manual_seed(0)
-    net = build_model("smallcnn", spatial_dims=2, in_channels=1, out_channels=3, width=4)
-    clf = Classifier.from_module(net, spatial_dims=2, in_channels=1, input_size=(32, 32), task="multiclass",
-                                 label_names=["a", "b", "c"]).eval()
+    clf = _untrained_clf()
     both = NEMt(clf, occlusion="inpaint+blur", **FAST).init_module()
     x = torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([[0], [2], [1]])
@@ -352,9 +356,7 @@ def test_mean_image_background_is_the_training_mean_and_changes_only_the_preserv
     image only the preservation game changes. The mean image is that of every training image, whether the data
     come as batches or as a map-style data set of items."""
     torch.manual_seed(0)
-    net = build_model("smallcnn", spatial_dims=2, in_channels=1, out_channels=3, width=4)
-    clf = Classifier.from_module(net, spatial_dims=2, in_channels=1, input_size=(32, 32), task="multiclass",
-                                 label_names=["a", "b", "c"]).eval()
+    clf = _untrained_clf()
     g = torch.Generator().manual_seed(1)
     xs, ys = torch.randn(10, 1, 32, 32, generator=g), torch.randint(0, 3, (10,), generator=g)
     mi = NEMt(clf, occlusion="inpaint+mean-image", **FAST)
@@ -400,9 +402,7 @@ def test_mean_image_occlusion_deletes_by_the_mean_image_and_keeps_on_it():
     differs from inpainting's (a region inside a homogeneous finding is refilled from the finding by inpainting,
     by the mean image here)."""
     torch.manual_seed(0)
-    net = build_model("smallcnn", spatial_dims=2, in_channels=1, out_channels=3, width=4)
-    clf = Classifier.from_module(net, spatial_dims=2, in_channels=1, input_size=(32, 32), task="multiclass",
-                                 label_names=["a", "b", "c"]).eval()
+    clf = _untrained_clf()
     g = torch.Generator().manual_seed(1)
     xs, ys = torch.randn(10, 1, 32, 32, generator=g), torch.randint(0, 3, (10,), generator=g)
     mi = NEMt(clf, occlusion="mean-image", **FAST)
@@ -428,9 +428,7 @@ def test_outpaint_continues_the_kept_region_and_falls_back_to_the_mean_image():
     ring filled from the ring (a ring of dark tissue stays dark inside, where a fixed background would draw a
     brighter patch there, i.e. evidence the image does not have); far from everything kept, the mean image."""
     torch.manual_seed(0)
-    net = build_model("smallcnn", spatial_dims=2, in_channels=1, out_channels=3, width=4)
-    clf = Classifier.from_module(net, spatial_dims=2, in_channels=1, input_size=(64, 64), task="multiclass",
-                                 label_names=["a", "b", "c"]).eval()
+    clf = _untrained_clf(64)
     e = NEMt(clf, occlusion="inpaint+outpaint", **FAST)
     e._set_mean_image([(torch.ones(2, 1, 64, 64), None)])  # mean image 1 everywhere
     x = torch.full((1, 1, 64, 64), -1.0)  # dark tissue
@@ -480,9 +478,7 @@ def test_bad_parameters_and_hand_edited_cards_are_refused_naming_the_field(tmp_p
     fitted input size or kernel the model cannot have, weights of another decoder (one line)."""
     from nemt.errors import CardError, NemtError
 
-    net = build_model("smallcnn", spatial_dims=2, in_channels=1, out_channels=3, width=4)
-    clf = Classifier.from_module(net, spatial_dims=2, in_channels=1, input_size=(32, 32), task="multiclass",
-                                 label_names=["a", "b", "c"]).eval()
+    clf = _untrained_clf()
     for bad, match in (({"init_keep": 0.0}, "init_keep must be a fraction"), ({"init_keep": 1}, "init_keep"),
                        ({"kernel_size": 999}, "kernel_size 999 is too large for inputs of \\[32, 32\\]"),
                        ({"blur_sigma": 0}, "blur_sigma must be a finite number of pixels > 0"),
@@ -524,9 +520,7 @@ def test_every_field_of_a_hand_edited_card_is_checked_on_load(tmp_path):
     does not have, a fitted epoch count or history of the wrong type, a card that is no JSON object."""
     from nemt.errors import CardError
 
-    net = build_model("smallcnn", spatial_dims=2, in_channels=1, out_channels=3, width=4)
-    clf = Classifier.from_module(net, spatial_dims=2, in_channels=1, input_size=(32, 32), task="multiclass",
-                                 label_names=["a", "b", "c"]).eval()
+    clf = _untrained_clf()
     NEMt(clf, **FAST).init_module().save(tmp_path / "e")
     path = tmp_path / "e" / "explainer.json"
     good = json.loads(path.read_text())
@@ -571,9 +565,7 @@ def test_every_field_of_a_hand_edited_card_is_checked_on_load(tmp_path):
 def test_bad_constructor_parameters_name_the_parameter():
     """NEMt's own parameters beyond the CLI's: counts, flags, weights, the teacher's settings, each refused with
     its name (what a card's loader reports as ``params.NAME``); a kernel of 65 px fits a 32-px input, 66 not."""
-    net = build_model("smallcnn", spatial_dims=2, in_channels=1, out_channels=3, width=4)
-    clf = Classifier.from_module(net, spatial_dims=2, in_channels=1, input_size=(32, 32), task="multiclass",
-                                 label_names=["a", "b", "c"]).eval()
+    clf = _untrained_clf()
     for bad, name in (({"batch_size": 0}, "batch_size"), ({"epochs": 2.5}, "epochs"), ({"seed": -1}, "seed"),
                       ({"decoder_channels": (8, 0)}, "decoder_channels"), ({"lr": float("nan")}, "lr"),
                       ({"weight_decay": -1}, "weight_decay"), ({"flip": 1}, "flip"),

@@ -211,8 +211,7 @@ def resolve_targets(target: Target, model: nn.Module, x: torch.Tensor | None = N
         return outputs.argmax(dim=1, keepdim=True).to(dev)
     if isinstance(target, np.ndarray) and target.ndim >= 1:  # indices from NumPy: as a tensor; names: as a list
         target = target.tolist() if target.dtype.kind in "USO" else torch.from_numpy(target)
-    if isinstance(target, (list, tuple, torch.Tensor)) and (len(target) == 0 if not torch.is_tensor(target)
-                                                            else target.numel() == 0):
+    if (target.numel() == 0 if torch.is_tensor(target) else isinstance(target, (list, tuple)) and not target):
         raise ParameterError(f"target is empty ({target!r}): give at least one output (an index, a label name, "
                              "'all' or 'predicted')")
     if torch.is_tensor(target):

@@ -25,10 +25,7 @@ import torch.nn.functional as F
 
 from nemt.data.readers import Image
 from nemt.errors import DataError
-
-def _whole(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-
+from nemt.ops import is_whole_number
 
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -50,11 +47,11 @@ class Preprocessing:
     def __post_init__(self) -> None:
         size = self.size
         if isinstance(size, (str, bytes)) or not hasattr(size, "__len__") or not 1 <= len(size) <= 3 \
-                or not all(_whole(s) and s >= 1 for s in size):
+                or not all(is_whole_number(s) and s >= 1 for s in size):
             raise DataError(None, "size", f"need 1 to 3 positive whole numbers, one per spatial axis (e.g. "
                             f"(128, 128)), got {size!r}")
         self.size = tuple(int(s) for s in size)
-        if not _whole(self.channels) or self.channels < 1:
+        if not is_whole_number(self.channels) or self.channels < 1:
             raise DataError(None, "channels", f"need a whole number >= 1, got {self.channels!r}")
         self.channels = int(self.channels)
         if self.scale not in ("range", "minmax"):

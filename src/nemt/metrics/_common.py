@@ -388,8 +388,7 @@ def check_x_fits(x: torch.Tensor, maps: torch.Tensor) -> None:
 def checked_targets(target: Any, model, x: torch.Tensor) -> torch.Tensor:
     """``target`` as (B, T) output indices (:func:`nemt.ops.resolve_targets`), refused when out of range of the
     model's outputs (a plain module's are counted on one image)."""
-    n = n_outputs_of(model) if getattr(model, "card", None) is not None else n_outputs_of(model, x=x[:1])
-    return resolve_targets(target, model, x, n_outputs=n)
+    return resolve_targets(target, model, x, n_outputs=n_outputs_of(model, x=x[:1]))  # a card's count, no pass
 
 
 class UndefinedMetricWarning(UserWarning):
