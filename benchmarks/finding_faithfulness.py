@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from nemt.data import ImageDataset, open_dataset
 from nemt.explainers import NEMt, get_explainer
 from nemt.bench.runner import split_method_params
-from nemt.explainers.nemt.losses import game_fills, nested_masks
+from nemt.explainers.nemt.losses import first_fill, nested_masks
 from nemt.metrics import pointing_game
 from nemt.metrics.localisation import pointing_game_expected
 from nemt.metrics.faithfulness import deletion_auc, insertion_auc
@@ -98,7 +98,7 @@ def main() -> None:
         print("\nPointing game with one point per map (tied maxima share it; the table counts any of them in the "
               "finding as a hit, Quantus' rule): " + "; ".join(plateaus))
 
-    fill = game_fills(nemt.occlusion)[0][0]
+    fill = first_fill(nemt.occlusion)
     print(f"\nDeleting NEMt's fixed-area masks ({fill} fill): mean change of each logit, per finding kind")
     print("| finding | deleted | share on the finding | " + " | ".join(names) + " |")
     print("|---|---|---|" + "---|" * len(names))

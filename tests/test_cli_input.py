@@ -78,9 +78,10 @@ def test_counts_below_one_are_refused(tmp_path, cmd, option, value):
 
 
 @pytest.mark.parametrize("cmd", ["train", "fit"])
-@pytest.mark.parametrize("value", ["-1", "0"])
+@pytest.mark.parametrize("value", ["-1", "0", "inf", "nan"])
 def test_learning_rate_must_be_positive(tmp_path, cmd, value):
-    _refused(_cmd(cmd, tmp_path) + ["--lr", value], "Invalid value for '--lr'", "is not > 0")
+    """inf passed the former "> 0" check (NaN did not); both are refused now, with zero and negative rates."""
+    _refused(_cmd(cmd, tmp_path) + ["--lr", value], "Invalid value for '--lr'", "is not a finite number > 0")
 
 
 def test_train_size_and_fractions(tmp_path):

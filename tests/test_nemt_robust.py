@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
+from nemt.errors import NemtError
 from nemt.explainers import NEMt
 from nemt.explainers.nemt.estimator import DEFAULT_OCCLUSION, CollapseError
 from nemt.explainers.nemt.losses import area_thresholds, game_loss, log_odds, nested_masks, staircase
@@ -378,6 +379,8 @@ def test_mean_image_background_is_the_training_mean_and_changes_only_the_preserv
     assert torch.equal(torch.get_rng_state(), rng)
     assert torch.allclose(mi.mean_image_, xs.mean(0, keepdim=True), atol=1e-6)
     NEMt(clf, occlusion="inpaint", **FAST)._set_mean_image(None)  # no mean-image game: the data are not read at all
+    with pytest.raises(NemtError, match="one-shot iterator"):  # reading the mean would leave nothing to train on
+        mi._set_mean_image(iter([(xs, ys)]))
 
     mi.init_module()
     plain = NEMt(clf, occlusion="inpaint", **FAST)
@@ -423,6 +426,51 @@ def test_mean_image_occlusion_deletes_by_the_mean_image_and_keeps_on_it():
     assert not torch.allclose(m_del, want[0], atol=1e-3)
 
 
+def test_either_fill_scores_the_deletion_game_by_the_fill_that_removes_more():
+    """``occlusion="inpaint-or-mean-image"``: one deletion game played with both fills and scored by the one that
+    lowers the target's log-odds more (a region matters if some fill of it removes the evidence), so its deletion
+    log-odds are the elementwise minimum of the inpainting and the mean-image explainers' (same module, masks and
+    mean image); the preservation game keeps the mask on the mean image, as ``mean-image``'s does; one game of
+    each kind, so the loss weighs them as the default does. Where one image is occluded once (collapse guard)
+    the fill is inpainting. The training step reaches the decoder through either fill."""
+    from nemt.explainers.nemt.losses import first_fill, uses_mean_image
+    torch.manual_seed(0)
+    clf = _untrained_clf()
+    with torch.no_grad():  # a classifier whose outputs follow the pixels strongly, so that the two fills differ
+        for m in clf.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.mul_(3.0)
+    g = torch.Generator().manual_seed(1)
+    xs = torch.randn(10, 1, 32, 32, generator=g)
+    either = NEMt(clf, occlusion="inpaint-or-mean-image", **FAST).init_module()
+    either.mean_image_ = 2 * torch.randn(1, 1, 32, 32, generator=g)
+    assert first_fill("inpaint-or-mean-image") == "inpaint" and uses_mean_image("inpaint-or-mean-image")
+    assert not uses_mean_image("inpaint")
+    x, t = xs[:6], torch.tensor([[0], [2], [1], [1], [0], [2]])
+    areas = torch.tensor([0.05, 0.1, 0.2, 0.3, 0.5, 0.7])
+    with torch.no_grad():
+        logits, out = either._logits(x)
+        m_del, m_pres, clean = either._games(x, logits, out, t, areas)
+        one = {}
+        for kind in ("inpaint", "mean-image"):
+            e = NEMt(clf, occlusion=kind, **FAST)
+            e.module_, e.mean_image_ = either.module_, either.mean_image_
+            one[kind] = e._games(x, logits, out, t, areas)
+    assert m_del.shape == m_pres.shape == clean.shape == (6,)
+    torch.testing.assert_close(m_del, torch.minimum(one["inpaint"][0], one["mean-image"][0]), atol=1e-5, rtol=0)
+    gap = one["inpaint"][0] - one["mean-image"][0]
+    assert (gap > 1e-3).any() and (gap < -1e-3).any()  # each fill removes more for some samples: both are used
+    torch.testing.assert_close(m_pres, one["mean-image"][1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(clean, one["inpaint"][2])
+    keep = (torch.rand(2, 1, 32, 32, generator=g) > 0.5).float()
+    torch.testing.assert_close(either._occlude(xs[:2], keep), NEMt(clf, occlusion="inpaint", **FAST)._occlude(
+        xs[:2], keep))
+    loss, _ = either._step(xs[:4], torch.tensor([0, 1, 2, 0]), torch.Generator().manual_seed(2))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in either.module_.parameters())
+
+
 def test_outpaint_continues_the_kept_region_and_falls_back_to_the_mean_image():
     """``occlusion="inpaint+outpaint"``'s preservation input: the mask kept as it is; a hole enclosed by a kept
     ring filled from the ring (a ring of dark tissue stays dark inside, where a fixed background would draw a
@@ -447,7 +495,7 @@ def test_outpaint_continues_the_kept_region_and_falls_back_to_the_mean_image():
 
 @pytest.mark.parametrize("dims", [1, 3])
 @pytest.mark.parametrize("occlusion", ["inpaint+mean-image", "inpaint+outpaint", "mean-image",
-                                       "inpaint-and-mean-image"])
+                                       "inpaint-and-mean-image", "inpaint-or-mean-image"])
 def test_mean_image_backgrounds_train_signals_and_volumes(dims, occlusion):
     """Both backgrounds take any ``spatial_dims``: a 1-epoch fit on signals and volumes reads its training mean
     (1, C, *spatial), and the training step's loss is finite and reaches the decoder."""
@@ -476,7 +524,7 @@ def test_bad_parameters_and_hand_edited_cards_are_refused_naming_the_field(tmp_p
     is no fraction, teacher parameters without a teacher, more targets per image than outputs, a zero map
     temperature (all-NaN maps), a map area that is no number; in a card also a missing params object, a
     fitted input size or kernel the model cannot have, weights of another decoder (one line)."""
-    from nemt.errors import CardError, NemtError
+    from nemt.errors import CardError
 
     clf = _untrained_clf()
     for bad, match in (({"init_keep": 0.0}, "init_keep must be a fraction"), ({"init_keep": 1}, "init_keep"),

@@ -129,9 +129,9 @@ def _finite_positive(value: Optional[float]) -> Optional[float]:
 
 
 def _positive(value: Optional[float]) -> Optional[float]:
-    """Typer callback: a number that must be > 0 (None stays None)."""
-    if value is not None and not value > 0:
-        raise typer.BadParameter(f"{value:g} is not > 0")
+    """Typer callback: a finite number that must be > 0 (None stays None; inf, e.g. a learning rate, is refused)."""
+    if value is not None and not 0 < value < float("inf"):
+        raise typer.BadParameter(f"{value:g} is not a finite number > 0")
     return value
 
 
@@ -485,15 +485,16 @@ def fit(
     targets_per_image: int = typer.Option(1, min=1, help="nested: targets trained per image and step"),
     present_fraction: float = typer.Option(0.5, help="nested: share of targets that are the image's own"),
     allow_collapse: bool = typer.Option(False, help="save the explainer even if the collapse guard fires"),
-    occlusion: str = typer.Option("inpaint", help="what deleted pixels become: mean | zero | blur | "
-                                  "inpaint (the default: both games fill by inpainting, so the preservation game "
-                                  "keeps the mask on a constant) | inpaint+blur (NEMt's games with both) | "
+    occlusion: str = typer.Option("inpaint-or-mean-image", help="what deleted pixels become: mean | zero | blur | "
+                                  "inpaint (both games fill by inpainting, so the preservation game keeps the mask "
+                                  "on a constant; the default until 2026-11-29) | inpaint+blur (NEMt's games with both) | "
                                   "inpaint+blur-background (delete by inpainting, keep on the blurred image) | "
                                   "inpaint+mean-image (delete by inpainting, keep on the training images' pixel-wise "
                                   "mean) | inpaint+outpaint (keep, the rest filled from the kept pixels, far from "
                                   "them the mean image) | mean-image (delete by the training images' pixel-wise mean, "
                                   "keep on it) | inpaint-and-mean-image (NEMt's games with inpaint and with "
-                                  "mean-image)"),
+                                  "mean-image) | inpaint-or-mean-image (the default: delete by both, scored by the "
+                                  "fill that removes more of the evidence; keep on the mean image)"),
     map_smoothing: bool = typer.Option(True, help="nested: smooth the map at explanation time (training always "
                                        "smooths its masks); --no-map-smoothing: the top --map-areas of the logits"),
     blur_sigma: Optional[float] = typer.Option(None, callback=_positive, help="blur / inpainting sigma in pixels, > 0 (default: 8 px at 128 px; 3D: 0.135 of the side, 4.3 voxels at 32³)"),

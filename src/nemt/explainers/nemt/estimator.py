@@ -31,8 +31,9 @@ from nemt.ops import (ParameterError, diffusion_fill, evaluating, float_dtype_of
                       n_outputs_of, nonfinite_problem, output_score, postprocess, preserved_rng, resolve_targets,
                       task_of)
 from nemt.explainers.layers import _unwrap, find_stages, layer_name
-from nemt.explainers.nemt.losses import (MEAN_IMAGE, OCCLUSIONS, OUTPAINT, QUANTITIES, deletion_loss, game_fills,
-                                        game_loss, log_odds, nem_loss, nested_masks, occlude, target_quantity)
+from nemt.explainers.nemt.losses import (MEAN_IMAGE, OCCLUSIONS, OUTPAINT, QUANTITIES, deletion_kinds, deletion_loss,
+                                         first_fill, game_fills, game_loss, log_odds, nem_loss, nested_masks, occlude,
+                                         target_quantity, uses_mean_image)
 from nemt.distributed import Context, StepBatches, context
 from nemt.explainers.nemt.loop import batches, fit_loop, split_xy
 from nemt.explainers.nemt.module import ExplanationModule
@@ -547,9 +548,10 @@ DEFAULT_AREAS = (0.01, 0.025, 0.05, 0.1, 0.2)  # 1 % added on BUSI/demo validati
 DEFAULT_PRESERVATION_BOUND = 2.0  # chosen on the validation splits of the demo and BUSI (README)
 #: chosen on the validation splits, then replicated on fresh NEMt seeds under a rule fixed before those fits (README)
 DEFAULT_PRESERVATION_WEIGHT = 0.5
-#: both games fill by inpainting (the preservation background is then a constant); the other backgrounds are
-#: options that did not beat it on the validation splits of the demo and BUSI (README)
-DEFAULT_OCCLUSION = "inpaint"
+#: the deletion game played with inpainting and with the training images' mean image, scored by the fill that
+#: removes more of the evidence, the preservation game on the mean image: adopted by a rule fixed before its fits
+#: on the validation splits of the demo and BUSI (README; benchmarks/results/nemt_either_fill.md); "inpaint" before
+DEFAULT_OCCLUSION = "inpaint-or-mean-image"
 DEFAULT_MAP_AREAS = (0.01,)  # chosen on the demo's validation split (README); the logits rank every pixel anyway
 # parameters that shape only the map made from the fitted logits (set_map_areas, set_map_smoothing): no refit
 EXPLANATION_TIME_PARAMS = ("map_areas", "map_smoothing")
@@ -798,7 +800,7 @@ class NEMt(_MaskExplainer):
 
     def _occlude(self, x: torch.Tensor, keep: torch.Tensor, kind: str | None = None) -> torch.Tensor:
         """``x`` with ``1 - keep`` deleted by the fill ``kind`` (default: this explainer's, see ``game_fills``)."""
-        kind = kind or game_fills(self.occlusion)[0][0]
+        kind = kind or first_fill(self.occlusion)
         if kind == MEAN_IMAGE:  # the training images' mean where the mask is deleted
             return x * keep + self._mean_image(x) * (1 - keep)
         return occlude(x, keep, kind, zero_value=self._zero_value(), sigma=self._fill_sigma())
@@ -827,9 +829,15 @@ class NEMt(_MaskExplainer):
 
         A map-style data set is read whole (on every rank under torchrun); data given as batches are read as
         given, and under torchrun their sums are added over the ranks, so every rank plays on the same mean."""
-        if not any(bg in (MEAN_IMAGE, OUTPAINT) for _, bg in game_fills(self.occlusion)):
+        if not uses_mean_image(self.occlusion):
             return
+        from collections.abc import Iterator
+
         from torch.utils.data import DataLoader, Dataset
+        if isinstance(data, Iterator):  # a generator: this pass would leave nothing to train on
+            raise NemtError(f"occlusion {self.occlusion!r} reads the training images' mean image before training, "
+                            "a second pass over the data, and the data given are a one-shot iterator; pass a list "
+                            "of batches, a DataLoader or a Dataset")
         whole = isinstance(data, Dataset) and not isinstance(data, DataLoader)
         items = (data[i] for i in range(len(data))) if whole else data
         total = torch.zeros(1, self._in_channels, *self._input_size, dtype=torch.float64)
@@ -907,18 +915,22 @@ class NEMt(_MaskExplainer):
         fills = game_fills(self.occlusion)  # one deletion and one preservation game per pair, in this order
         parts = []
         for kind, background in fills:
-            x_del = self._occlude(xr, 1 - m, kind)  # the mask deleted (a counterfactual fill for inpainting)
+            for fill in deletion_kinds(kind):  # the mask deleted (a counterfactual fill for inpainting)
+                parts.append(self._occlude(xr, 1 - m, fill))
             if background == OUTPAINT:  # only the mask kept, the rest filled from it, then the mean image
-                x_pres = self._outpaint(xr, m)
+                parts.append(self._outpaint(xr, m))
             else:  # ... and only the mask kept, on the reference
-                x_pres = xr * m + self._filled(x, background).repeat_interleave(k, dim=0) * (1 - m)
-            parts += [x_del, x_pres]
-        o = log_odds(self.model(torch.cat(parts)), self.task, self._scale()).view(len(fills), 2, b * k, -1)
-        flat_t = t.reshape(1, -1, 1).expand(len(fills), -1, 1)
-        m_del = o[:, 0].gather(2, flat_t).reshape(-1)
-        m_pres = o[:, 1].gather(2, flat_t).reshape(-1)
+                parts.append(xr * m + self._filled(x, background).repeat_interleave(k, dim=0) * (1 - m))
+        o = log_odds(self.model(torch.cat(parts)), self.task, self._scale()).view(len(parts), b * k, -1)
+        o = o.gather(2, t.reshape(1, -1, 1).expand(len(parts), -1, 1)).squeeze(2)  # (games' inputs, B*K)
+        m_del, m_pres, i = [], [], 0
+        for kind, _ in fills:
+            n = len(deletion_kinds(kind))
+            m_del.append(o[i:i + n].amin(0))  # several fills: the one that removes more of the evidence
+            m_pres.append(o[i + n])
+            i += n + 1
         clean = log_odds(out, self.task, self._scale()).gather(1, t).reshape(-1).repeat(len(fills))
-        return m_del, m_pres, clean
+        return torch.cat(m_del), torch.cat(m_pres), clean
 
     # -- the teacher objective (a student of another explainer) ------------------
     def make_teacher(self):

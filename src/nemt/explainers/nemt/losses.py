@@ -24,7 +24,9 @@ GAME_FILLS = {"inpaint+blur": (("inpaint", "inpaint"), ("blur", "blur")),  # bot
               "inpaint+mean-image": (("inpaint", MEAN_IMAGE),),  # deletion by inpainting, preservation on it
               "inpaint+outpaint": (("inpaint", OUTPAINT),),  # deletion by inpainting, preservation outpainted
               MEAN_IMAGE: ((MEAN_IMAGE, MEAN_IMAGE),),  # the mask replaced by the mean image; kept on it
-              "inpaint-and-mean-image": (("inpaint", "inpaint"), (MEAN_IMAGE, MEAN_IMAGE))}  # both, each game twice
+              "inpaint-and-mean-image": (("inpaint", "inpaint"), (MEAN_IMAGE, MEAN_IMAGE)),  # both, each game twice
+              # one deletion game scored by the fill that removes more of the evidence; preservation on the mean image
+              "inpaint-or-mean-image": ((("inpaint", MEAN_IMAGE), MEAN_IMAGE),)}
 OCCLUSIONS = (*OCCLUSION_FILLS, *GAME_FILLS)
 QUANTITIES = SCORES
 
@@ -61,10 +63,29 @@ def occlude(x: torch.Tensor, keep: torch.Tensor, kind: str, *, zero_value: torch
     return x * keep + fill * (1 - keep)
 
 
-def game_fills(occlusion: str) -> tuple[tuple[str, str], ...]:
-    """The (deletion fill, preservation background) pairs an ``occlusion`` plays NEMt's games with; the first
-    pair's deletion fill is its fill wherever one image is occluded once (collapse guard, paper objective)."""
+def game_fills(occlusion: str) -> tuple[tuple[str | tuple[str, ...], str], ...]:
+    """The (deletion fill, preservation background) pairs an ``occlusion`` plays NEMt's games with.
+
+    A deletion fill given as a tuple of fills is one game that each of them plays, scored by the one that
+    removes more of the target's evidence (a region matters if some fill of it removes the evidence). The
+    first pair's (first) deletion fill is the fill wherever one image is occluded once (collapse guard,
+    paper objective): see :func:`first_fill`."""
     return GAME_FILLS.get(occlusion, ((occlusion, occlusion),))
+
+
+def deletion_kinds(kind: str | tuple[str, ...]) -> tuple[str, ...]:
+    """The fills of one deletion game (see :func:`game_fills`)."""
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def first_fill(occlusion: str) -> str:
+    """The fill an ``occlusion`` deletes with where one image is occluded once."""
+    return deletion_kinds(game_fills(occlusion)[0][0])[0]
+
+
+def uses_mean_image(occlusion: str) -> bool:
+    """Whether any game of ``occlusion`` reads the training images' mean image."""
+    return any(f in (MEAN_IMAGE, OUTPAINT) for kind, bg in game_fills(occlusion) for f in (*deletion_kinds(kind), bg))
 
 
 def target_quantity(out: torch.Tensor, task: str, quantity: str, scale: float = 1.0) -> torch.Tensor:
