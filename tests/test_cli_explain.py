@@ -251,3 +251,32 @@ def test_explain_data_records_paths_relative_to_the_data_root(tmp_path):
     assert len(set(files)) == len(files) == 2 * 4  # every label of each item, no file shared
     for f in files:
         assert (tmp_path / "x" / f"{f}.npy").is_file()
+
+
+def test_a_label_named_like_a_keyword_or_an_index_is_never_guessed(tmp_path):
+    """--target 'predicted' or 'all' on a model with a label of that name, or '0' where label '0' is output 1, could
+    mean either: refused, naming the label's index to give instead; a digit label that is no output's index (label
+    '7' of 3 outputs) or is its own index can only mean the label and is explained."""
+    import torch
+
+    from nemt.models import Classifier
+    from nemt.models.zoo import build_model
+
+    torch.manual_seed(0)
+    net = build_model("smallcnn", spatial_dims=2, in_channels=1, out_channels=3, width=4)
+    Classifier.from_module(net, spatial_dims=2, in_channels=1, input_size=(16, 16), task="multiclass",
+                           label_names=["predicted", "0", "7"], arch="smallcnn").save(tmp_path / "m")
+    card = json.loads((tmp_path / "m" / "model.json").read_text())
+    card["arch_kwargs"] = {"width": 4}
+    (tmp_path / "m" / "model.json").write_text(json.dumps(card))
+    img = tmp_path / "scan.npy"
+    np.save(img, np.random.default_rng(0).random((1, 16, 16)).astype(np.float32))
+    base = ["explain", str(img), "--model", str(tmp_path / "m"), "--method", "gradcam", "--out"]
+    for target, own in (("predicted", 0), ("0", 1)):
+        res = runner.invoke(app, base + [str(tmp_path / f"o-{target}"), "--target", target])
+        assert res.exit_code == 2, res.output
+        assert f"--target {own}" in res.output and "both this model's label" in res.output, res.output
+        assert not (tmp_path / f"o-{target}").exists() or not any((tmp_path / f"o-{target}").iterdir())
+    for target, name in (("7", "7"), ("1", "0")):  # label '7' (no index 7); index 1 (label '0')
+        res = json.loads(_ok(base + [str(tmp_path / f"ok-{target}"), "--target", target]))
+        assert res[0]["targets"] == [name]

@@ -653,6 +653,14 @@ def explain(
     tgt: object = target
     if target not in ("all", "predicted"):
         tgt = int(target) if target.isdigit() else target
+    if target in clf.label_names:  # a label named like a keyword or like an index: never guess which is meant
+        own = clf.label_names.index(target)
+        if isinstance(tgt, int) and tgt >= len(clf.label_names):
+            tgt = own  # no output has that index: only the label can be meant
+        elif tgt != own:
+            other = "a keyword" if isinstance(tgt, str) else f"the index of label {clf.label_names[tgt]!r}"
+            raise NemtError(f"--target {target!r} is both this model's label {own} and {other}; give the label's "
+                            f"index, --target {own}")
     pre = clf.preprocessing
     file_parts = label_file_parts(clf.label_names)
 
