@@ -841,20 +841,24 @@ class NEMt(_MaskExplainer):
         whole = isinstance(data, Dataset) and not isinstance(data, DataLoader)
         items = (data[i] for i in range(len(data))) if whole else data
         total = torch.zeros(1, self._in_channels, *self._input_size, dtype=torch.float64)
-        n = 0
+        n, bad = 0, 0
         with preserved_rng():  # an extra pass over a shuffled loader draws nothing from the caller's generators
             for b in items:
                 x = torch.as_tensor(split_xy(b)[0])
                 x = x.unsqueeze(0) if x.ndim == self.spatial_dims + 1 else x
+                if tuple(x.shape[1:]) != tuple(total.shape[1:]):
+                    bad += 1  # the training loop's input check names it, at its first batch
+                    continue
                 total += x.detach().to("cpu", torch.float64).sum(0, keepdim=True)
                 n += x.shape[0]
         if ctx is not None and ctx.distributed and not whole:
-            flat = torch.cat([total.flatten(), torch.tensor([float(n)], dtype=torch.float64)]).to(self.device)
+            flat = torch.cat([total.flatten(), torch.tensor([float(n), float(bad)], dtype=torch.float64)])
+            flat = flat.to(self.device)
             torch.distributed.all_reduce(flat)
-            total, n = flat[:-1].view_as(total).cpu(), int(flat[-1].item())
-        if n == 0:
-            raise NemtError("no training images to take the mean image of")
-        self.mean_image_ = (total / n).float()
+            total, n, bad = flat[:-2].view_as(total).cpu(), int(flat[-2].item()), int(flat[-1].item())
+        # no images or images of another shape: no mean image; the training loop then stops with its own error
+        # ("gave no batch", the shape it expects), as it does for every fill (NaN images too, at the first batch)
+        self.mean_image_ = (total / n).float() if n and not bad else None
 
     # -- the paper's objective -----------------------------------------------
     def _train_targets(self, y: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
