@@ -487,7 +487,8 @@ def fit(
     allow_collapse: bool = typer.Option(False, help="save the explainer even if the collapse guard fires"),
     occlusion: str = typer.Option("inpaint-or-mean-image", help="what deleted pixels become: mean | zero | blur | "
                                   "inpaint (both games fill by inpainting, so the preservation game keeps the mask "
-                                  "on a constant; the default until 2026-11-29) | inpaint+blur (NEMt's games with both) | "
+                                  "on a constant; the default until 2026-11-29) | inpaint+blur (NEMt's games with "
+                                  "both) | "
                                   "inpaint+blur-background (delete by inpainting, keep on the blurred image) | "
                                   "inpaint+mean-image (delete by inpainting, keep on the training images' pixel-wise "
                                   "mean) | inpaint+outpaint (keep, the rest filled from the kept pixels, far from "
