@@ -280,3 +280,32 @@ def test_a_label_named_like_a_keyword_or_an_index_is_never_guessed(tmp_path):
     for target, name in (("7", "7"), ("1", "0")):  # label '7' (no index 7); index 1 (label '0')
         res = json.loads(_ok(base + [str(tmp_path / f"ok-{target}"), "--target", target]))
         assert res[0]["targets"] == [name]
+
+
+def test_library_refuses_a_keyword_target_that_is_also_a_label():
+    """The library's own reading of target='all' / 'predicted' (resolve_targets, every explainer) must not guess
+    either when a label has that name: refused naming the label's index; the index, the name in a list and the
+    default target (None) still work."""
+    import torch
+
+    from nemt.errors import NemtError
+    from nemt.explainers import get_explainer
+    from nemt.models import Classifier
+    from nemt.models.zoo import build_model
+    from nemt.ops import resolve_targets
+
+    torch.manual_seed(0)
+    net = build_model("smallcnn", spatial_dims=2, in_channels=1, out_channels=3, width=4)
+    clf = Classifier.from_module(net, spatial_dims=2, in_channels=1, input_size=(16, 16), task="multiclass",
+                                 label_names=["normal", "all", "predicted"], arch="smallcnn")
+    x = torch.rand(2, 1, 16, 16)
+    for word, own in (("all", 1), ("predicted", 2)):
+        with pytest.raises(NemtError, match=f"both a keyword and the name of label {own}; give {own}"):
+            resolve_targets(word, clf, x)
+        with pytest.raises(NemtError, match="both a keyword"):
+            get_explainer("gradcam", clf).explain(x, target=word)
+        assert resolve_targets([word], clf, x).tolist() == [[own], [own]]
+        assert resolve_targets(own, clf, x).tolist() == [[own], [own]]
+    with torch.no_grad():
+        top = clf(x).argmax(1, keepdim=True)
+    assert torch.equal(resolve_targets(None, clf, x), top)

@@ -122,6 +122,25 @@ def test_generator_refuses_bad_arguments():
         make_ecgs(3, classes=[0, 1])
 
 
+def test_cli_ecg_limits_are_the_generators():
+    """`nemt data ecg` states its --fs / --duration minimums as literals (the CLI does not import torch to build its
+    options); they must be the generator's own MIN_FS / MIN_DURATION, and each is accepted at the limit."""
+    import typer.main
+
+    from nemt.cli import app
+    from nemt.data.ecg import MIN_DURATION, MIN_FS
+
+    cmd = typer.main.get_command(app).commands["data"].commands["ecg"]
+    opts = {p.name: p for p in cmd.params}
+    assert opts["fs"].min == MIN_FS and f"at least {MIN_FS:g}" in opts["fs"].help
+    assert opts["duration"].min == MIN_DURATION and f"at least {MIN_DURATION:g}" in opts["duration"].help
+    assert make_ecgs(1, fs=MIN_FS, duration=MIN_DURATION).signals.shape[-1] == int(MIN_FS * MIN_DURATION)
+    with pytest.raises(DataError, match="fs"):
+        make_ecgs(1, fs=MIN_FS - 1)
+    with pytest.raises(DataError, match="duration"):
+        make_ecgs(1, duration=MIN_DURATION - 0.5)
+
+
 # ---------------------------------------------------------------------------- readers
 
 def test_npy_signal_with_sampling_rate(tmp_path):

@@ -46,7 +46,9 @@ TARGET_HELP = """``target`` may be
 - ``"predicted"``: the highest-scoring output of each sample;
 - an int or a label name: that output for every sample;
 - a list of ints or names: those outputs, T = len(list);
-- a tensor of shape (B,) (one target per sample) or (B, T)."""
+- a tensor of shape (B,) (one target per sample) or (B, T).
+A label named ``"all"`` or ``"predicted"`` is refused as a bare string (which of the two is meant?): give its
+index or ``["all"]``."""
 
 
 # ---------------------------------------------------------------------------- model facts
@@ -194,6 +196,11 @@ def resolve_targets(target: Target, model: nn.Module, x: torch.Tensor | None = N
             raise ParameterError(f"target {t} out of range: the model has {n_outputs} outputs")
         return t
 
+    if isinstance(target, str) and target in ("all", "predicted") and target in label_names:
+        # a label named like a keyword: reading it either way would explain something the caller may not mean
+        own = label_names.index(target)
+        raise ParameterError(f"target {target!r} is both a keyword and the name of label {own}; give {own} (or "
+                             f"[{target!r}]) for the label, or the output indices meant by the keyword")
     if target is None:
         target = "predicted" if task == "multiclass" else "all"
     if isinstance(target, str) and target == "all":
