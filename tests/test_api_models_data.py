@@ -133,6 +133,17 @@ def test_load_model_refuses_weights_that_are_nan_or_not_floating(tmp_path):
     _reseal(folder)
     with pytest.raises(CardError, match=r"fc.weight is stored as torch.int32"):
         load_model(folder)
+    # float64 weights load cast to the network's float32; values beyond its range would turn infinite there
+    good = load_file(str(_saved_model(tmp_path / "again") / "model.safetensors"))
+    wide = {k: v.double() if v.is_floating_point() else v for k, v in good.items()}
+    save_file(wide, str(folder / "model.safetensors"))
+    _reseal(folder)
+    assert load_model(folder).net.fc.weight.dtype == torch.float32
+    wide["fc.weight"][0, 0] = 1e300
+    save_file(wide, str(folder / "model.safetensors"))
+    _reseal(folder)
+    with pytest.raises(CardError, match=r"fc.weight is stored as torch.float64 and 1 of its values lie beyond"):
+        load_model(folder)
     torch.save({"fc.weight": torch.zeros(3, 32)}, folder / "model.safetensors")
     _reseal(folder)
     with pytest.raises(CardError, match="unreadable safetensors file"):

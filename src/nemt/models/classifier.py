@@ -232,6 +232,12 @@ def load_model(directory: str | Path, *, module: nn.Module | None = None,
             n = int((~torch.isfinite(state[k])).sum())
             raise CardError(weights, "state_dict", f"{k} holds {n} NaN or infinite values of {state[k].numel()}: "
                             "every output would be NaN (a diverged training run?)")
+        if k in params and state[k].is_floating_point() and state[k].dtype != own[k].dtype:
+            # load_state_dict casts to the network's dtype: a value beyond its range would become infinite there
+            n = int((~torch.isfinite(state[k].to(own[k].dtype))).sum())
+            if n:
+                raise CardError(weights, "state_dict", f"{k} is stored as {state[k].dtype} and {n} of its values "
+                                f"lie beyond the range of the network's {own[k].dtype}: they would load as infinite")
     module.load_state_dict(state)
     clf = Classifier(module, card).to(device)
     clf.eval()
