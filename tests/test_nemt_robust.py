@@ -279,6 +279,31 @@ def test_unsmoothed_map_is_the_top_area_of_the_logits_and_old_cards_stay_smoothe
     assert NEMt(clf).map_smoothing is True  # the default
 
 
+def test_a_fitted_explainer_takes_only_its_explanation_time_parameters(tmp_path):
+    """``get_explainer("nemt", path=..., map_smoothing=False, map_areas=...)`` (``--param nemt.KEY=V`` of
+    benchmark and explain) gives the maps of the setters, no refit; any other parameter of a fitted explainer
+    is refused, and so are values of the wrong kind (a string is not a switch: bool("false") is True)."""
+    from nemt.explainers import get_explainer
+
+    clf = _untrained_clf()
+    NEMt(clf, **FAST).init_module().save(tmp_path / "e")
+    x = torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0, 1, 2, 0])
+    want = NEMt.load(tmp_path / "e", clf).set_map_smoothing(False).set_map_areas([0.05])
+    got = get_explainer("nemt", clf, path=tmp_path / "e", map_smoothing=False, map_areas=0.05)
+    assert got.map_smoothing is False and got.map_areas == [0.05]
+    with torch.no_grad():
+        assert torch.equal(got.explain(x, target=t), want.explain(x, target=t))
+        assert not torch.equal(got.explain(x, target=t), get_explainer("nemt", clf, path=tmp_path / "e").explain(
+            x, target=t))
+    with pytest.raises(NemtError, match=r"not \['epochs'\] \(only \['map_areas', 'map_smoothing'\] may change"):
+        get_explainer("nemt", clf, path=tmp_path / "e", epochs=3)
+    with pytest.raises(NemtError, match="map_smoothing must be true or false"):
+        get_explainer("nemt", clf, path=tmp_path / "e", map_smoothing="false")
+    with pytest.raises(NemtError, match="map_areas must be fractions"):
+        get_explainer("nemt", clf, path=tmp_path / "e", map_areas="0.05")
+
+
 def test_linear_order_resolves_the_top_of_far_outlying_logits():
     """A sigmoid of logits many standard deviations above their mean is 1 to within a float32 ulp, so the
     sigmoid tie-break leaves the top pixels of an unsmoothed map tied; the linear one keeps them apart. Both

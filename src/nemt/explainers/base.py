@@ -206,10 +206,15 @@ def get_explainer(name: str, model: nn.Module, *, path: str | Path | None = None
         load = getattr(cls, "load", None)
         if load is None:
             raise ParameterError(f"method {name!r} is not fitted: it takes no path")
-        extra = sorted(set(params) - {"device"})
+        late = getattr(cls, "EXPLANATION_TIME_PARAMS", ())  # shape only the map from the fitted module: no refit
+        extra = sorted(set(params) - {"device"} - set(late))
         if extra:
-            raise ParameterError(f"a fitted {name!r} takes its parameters from its card, not {extra}")
-        return load(path, model, device=params.get("device"))
+            raise ParameterError(f"a fitted {name!r} takes its parameters from its card, not {extra}"
+                                 + (f" (only {list(late)} may change at explanation time)" if late else ""))
+        ex = load(path, model, device=params.get("device"))
+        for key in (k for k in late if k in params):
+            getattr(ex, f"set_{key}")(params[key])
+        return ex
     if seed is not None and "seed" in accepted:
         params.setdefault("seed", seed)
     _check_counts(name, params)

@@ -616,6 +616,10 @@ class NEMt(_MaskExplainer):
     ``explain`` returns the maps of the requested targets.
     """
 
+    #: what a fitted explainer may change without a refit (``get_explainer(..., path=, map_smoothing=False)``,
+    #: ``--param nemt.map_smoothing=false``): the setters ``set_map_areas`` / ``set_map_smoothing``
+    EXPLANATION_TIME_PARAMS = EXPLANATION_TIME_PARAMS
+
     def __init__(self, model: nn.Module, *, objective: str = "nested", areas: Sequence[float] = DEFAULT_AREAS,
                  map_areas: Sequence[float] | None = DEFAULT_MAP_AREAS, temperature: float = 1.0, map_temperature: float = 0.02,
                  games: str = "both", min_scale: float = 1.0,
@@ -754,8 +758,11 @@ class NEMt(_MaskExplainer):
         """Change the areas the map is built from (no refit: the logits rank the pixels whatever the areas)."""
         if self.objective == "paper":
             raise NemtError("map_areas apply to the nested objective only")
-        if map_areas is not None and not all(0 < float(v) < 1 for v in map_areas):
-            raise NemtError(f"map_areas must be fractions strictly between 0 and 1, got {list(map_areas)!r}")
+        if isinstance(map_areas, numbers.Real) and not isinstance(map_areas, bool):
+            map_areas = [map_areas]  # one area, as `--param map_areas=0.05` gives it
+        if map_areas is not None and not (isinstance(map_areas, (list, tuple)) and all(
+                isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 < float(v) < 1 for v in map_areas)):
+            raise NemtError(f"map_areas must be fractions strictly between 0 and 1, got {map_areas!r}")
         self.map_areas = [float(a) for a in map_areas] if map_areas else None
         self._params["map_areas"] = map_areas
         if self.module_ is not None:
@@ -769,6 +776,8 @@ class NEMt(_MaskExplainer):
         logit (README, "NEMt's objective")."""
         if self.objective == "paper":
             raise NemtError("map_smoothing applies to fixed-area maps (nested objective, students' 'areas' map)")
+        if not isinstance(map_smoothing, bool):
+            raise ParameterError(f"map_smoothing must be true or false, got {map_smoothing!r}")
         self.map_smoothing = self._params["map_smoothing"] = bool(map_smoothing)
         if self.module_ is not None:
             self.module_.map_smoothing = self.map_smoothing
