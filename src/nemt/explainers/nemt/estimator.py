@@ -758,10 +758,10 @@ class NEMt(_MaskExplainer):
         """Change the areas the map is built from (no refit: the logits rank the pixels whatever the areas)."""
         if self.objective == "paper":
             raise NemtError("map_areas apply to the nested objective only")
-        if isinstance(map_areas, numbers.Real) and not isinstance(map_areas, bool):
+        if _is_number(map_areas):
             map_areas = [map_areas]  # one area, as `--param map_areas=0.05` gives it
-        if map_areas is not None and not (isinstance(map_areas, (list, tuple)) and all(
-                isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 < float(v) < 1 for v in map_areas)):
+        if map_areas is not None and not (isinstance(map_areas, (list, tuple))
+                                          and all(_is_number(v) and 0 < v < 1 for v in map_areas)):
             raise NemtError(f"map_areas must be fractions strictly between 0 and 1, got {map_areas!r}")
         self.map_areas = [float(a) for a in map_areas] if map_areas else None
         self._params["map_areas"] = map_areas
