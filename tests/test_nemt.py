@@ -318,15 +318,17 @@ def test_fit_and_resume_leave_the_callers_parameters_and_global_rng_alone(tmp_pa
     assert torch.equal(torch.get_rng_state(), state)
 
 
+@pytest.mark.parametrize("smoothing", [False, True])
 @pytest.mark.parametrize("size, resized_first", [(28, True), (64, False)])
-def test_a_small_decoder_grid_cuts_the_map_steps_at_the_image_size(size, resized_first):
+def test_a_small_decoder_grid_cuts_the_map_steps_at_the_image_size(size, resized_first, smoothing):
     """At 28 px the decoder's grid is 14 px and 1 % of it is 2 cells: the steps are cut after resizing the
     logits, so every map marks its 1 % (about 8 of 784 pixels at 0.5 or above, the step's soft edge giving one
-    pixel either way) and has a pixel there. At 64 px (41 cells in 1 %) the map is made on the grid and resized."""
+    pixel either way) and has a pixel there. At 64 px (41 cells in 1 %) the map is made on the grid and resized.
+    Both maps (the default unsmoothed one, with its linear tie-break, and the smoothed one before its box)."""
     from nemt.explainers.nemt.losses import staircase
     from nemt.explainers.nemt.module import MIN_STEP_CELLS
     from nemt.ops import resize_linear
-    e = NEMt(_clf(size=size), **FAST).init_module()
+    e = NEMt(_clf(size=size), map_smoothing=smoothing, **FAST).init_module()
     mod = e.module_
     g = torch.Generator().manual_seed(0)
     x = torch.randn(16, 1, size, size, generator=g)
@@ -335,7 +337,8 @@ def test_a_small_decoder_grid_cuts_the_map_steps_at_the_image_size(size, resized
         raw = mod.maps(native, smooth=False, size=(size, size))
     cells = 0.01 * native.shape[-1] * native.shape[-2]
     assert (cells < MIN_STEP_CELLS) == resized_first
-    expected = staircase(resize_linear(native, (size, size)) if resized_first else native, (0.01,))
+    expected = staircase(resize_linear(native, (size, size)) if resized_first else native, (0.01,),
+                         order="sigmoid" if smoothing else "linear")
     assert torch.allclose(raw, resize_linear(expected, (size, size)), atol=1e-6)
     if resized_first:
         marked = (raw >= 0.5).flatten(2).sum(-1)

@@ -242,14 +242,14 @@ def test_cli_fit_areas_default_is_the_library_default():
     occlusion = next(p.default for p in fit.params if p.name == "occlusion")
     assert occlusion == inspect.signature(NEMt).parameters["occlusion"].default == DEFAULT_OCCLUSION
     smooth = next(p.default for p in fit.params if p.name == "map_smoothing")
-    assert smooth is inspect.signature(NEMt).parameters["map_smoothing"].default is True
+    assert smooth is inspect.signature(NEMt).parameters["map_smoothing"].default is False
 
 
 def test_unsmoothed_map_is_the_top_area_of_the_logits_and_old_cards_stay_smoothed(tmp_path):
     """``map_smoothing=False``: the map is the staircase of the logits as they are, so with the decoder at the
-    image's resolution its peak is exactly the largest logit, with no tie (the linear tie-break); the default
-    adds the smoothing operator, and ``set_map_smoothing`` switches without a refit; a card saved before the
-    option existed loads smoothed, with the inpainting fill, as it was made."""
+    image's resolution its peak is exactly the largest logit, with no tie (the linear tie-break);
+    ``map_smoothing=True`` adds the smoothing operator, and ``set_map_smoothing`` switches without a refit;
+    a card saved before the option existed loads smoothed, with the inpainting fill, as it was made."""
     clf = _untrained_clf()
     ex = NEMt(clf, decoder_full_resolution=True, map_smoothing=False, **FAST).init_module()
     assert ex.hyper_params()["map_smoothing"] is False and ex.hyper_params()["occlusion"] == DEFAULT_OCCLUSION
@@ -276,8 +276,42 @@ def test_unsmoothed_map_is_the_top_area_of_the_logits_and_old_cards_stay_smoothe
     assert old.map_smoothing is True and old.module_.map_smoothing is True and old.occlusion == "inpaint"
     with torch.no_grad():
         assert torch.equal(old.explain(x, target=t)[:, 0], smoothed)
-    assert NEMt(clf).map_smoothing is True  # the default
+    assert NEMt(clf).map_smoothing is False  # the default since 2026-11-29
 
+
+
+def test_default_box_is_the_nested_rule_for_images_and_volumes_and_the_paper_box_elsewhere(tmp_path):
+    """The smoothing box when ``kernel_size`` is unset: 30/224 of the shortest side (odd) for the nested
+    objective on images and volumes (13 at 96 px, 17 at 128, 9 at 64, 5 at 32³), 21/224 for the paper's
+    objective and NEM (9 at 96 px, 13 at 128), and the 21 px box's 0.88 % share on a signal (9 of 1,000
+    samples). An explicit ``kernel_size`` wins; a card without ``fitted.kernel_size`` (hand-made: every
+    saved card has it) loads with the paper's box, not the nested rule."""
+    from nemt.explainers import NEM
+
+    def clf(dims: int, size: int) -> Classifier:
+        net = build_model("smallcnn", spatial_dims=dims, in_channels=1, out_channels=3, width=4)
+        return Classifier.from_module(net, spatial_dims=dims, in_channels=1, input_size=(size,) * dims,
+                                      task="multiclass", label_names=["a", "b", "c"]).eval()
+
+    def box(ex) -> int:
+        return ex.init_module().kernel_size_
+
+    torch.manual_seed(0)
+    small = dict(decoder_channels=(8, 8, 8, 8, 8))
+    for dims, size, nested, paper in ((2, 96, 13, 9), (2, 128, 17, 13), (2, 64, 9, 7), (3, 32, 5, 3),
+                                     (1, 1000, 9, 9)):
+        model = clf(dims, size)
+        assert box(NEMt(model, **small)) == nested, (dims, size)
+        assert box(NEMt(model, objective="paper", **small)) == paper, (dims, size)
+        assert box(NEM(model, **small)) == paper, (dims, size)
+    model = clf(2, 96)
+    assert box(NEMt(model, kernel_size=5, **small)) == 5
+    NEMt(model, **small).init_module().save(tmp_path / "e")
+    card = json.loads((tmp_path / "e" / "explainer.json").read_text())
+    assert card["fitted"]["kernel_size"] == 13
+    del card["fitted"]["kernel_size"]
+    (tmp_path / "e" / "explainer.json").write_text(json.dumps(card))
+    assert NEMt.load(tmp_path / "e", model).kernel_size_ == 9
 
 def test_a_fitted_explainer_takes_only_its_explanation_time_parameters(tmp_path):
     """``get_explainer("nemt", path=..., map_smoothing=False, map_areas=...)`` (``--param nemt.KEY=V`` of
@@ -365,7 +399,9 @@ def test_inpaint_plus_blur_plays_each_game_with_both_fills():  # and the blur ba
             want = one._games(x, logits, out, t, areas)
             for g, w in zip(got, want):
                 assert g.shape == (6,) and torch.allclose(g[3 * i:3 * i + 3], w, atol=1e-5)
-    assert not torch.allclose(got[0][:3], got[0][3:])  # the two fills do differ
+    # the two fills do differ; the untrained classifier barely tells them apart (its games' values agree to
+    # about 1e-4), so the fills are compared as images, not through its outputs
+    assert (both._filled(x, "inpaint") - both._filled(x, "blur")).abs().amax() > 0.1
     # "inpaint+blur-background": deletion as with inpainting, preservation as with the blur (its background)
     mixed = NEMt(clf, occlusion="inpaint+blur-background", **FAST)
     mixed.module_ = both.module_

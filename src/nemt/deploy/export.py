@@ -344,4 +344,4 @@ def export_model(model_dir: str | Path, explainer_dir: str | Path, out: str | Pa
             raise NemtError(f"{path}: the exported model differs from PyTorch by {diffs} (tolerance {tol}); "
                             "nothing kept")
     return {"path": str(path), "format": format, "labels": clf.label_names, "input_size": clf.card.input_size,
-            "max_abs_diff": diffs, "bytes": Path(path).stat().st_size}
+            "max_abs_diff": diffs, "tolerance": tol, "bytes": Path(path).stat().st_size}

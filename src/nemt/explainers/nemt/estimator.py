@@ -37,7 +37,7 @@ from nemt.explainers.nemt.losses import (MEAN_IMAGE, OCCLUSIONS, OUTPAINT, QUANT
 from nemt.distributed import Context, StepBatches, context
 from nemt.explainers.nemt.loop import batches, fit_loop, split_xy
 from nemt.explainers.nemt.module import ExplanationModule
-from nemt.explainers.nemt.smoothing import fill_sigma_for, kernel_size_for
+from nemt.explainers.nemt.smoothing import NESTED_BOX_AT_224, fill_sigma_for, kernel_size_for
 from nemt.files import atomic_path, code_fingerprint, sha256_file, write_json
 from nemt.progress import console
 
@@ -282,12 +282,16 @@ class _MaskExplainer(Explainer):
         """How the module turns decoder logits into maps (see ``ExplanationModule.maps``)."""
         return {"map_kind": "keep"}
 
+    def _default_kernel_size(self) -> int:
+        """The smoothing box's side when ``kernel_size`` is unset: :data:`BOX_AT_224` scaled to the input."""
+        return kernel_size_for(tuple(self._input_size))
+
     def _build(self) -> ExplanationModule:
         if self.layers_ is None:
             self.layers_ = [layer_name(self.model, la) for la in self.layers] if self.layers else (
                 find_stages(self.model, (self._in_channels, *self._input_size)) if self.encoder == "model" else [])
         if self.kernel_size_ is None:
-            self.kernel_size_ = int(self.kernel_size or kernel_size_for(tuple(self._input_size)))
+            self.kernel_size_ = int(self.kernel_size or self._default_kernel_size())
         k = self.kernel_size_
         with torch.random.fork_rng(devices=[]):  # seeded initial weights; the caller's global RNG is left as it was
             torch.manual_seed(self.seed)
@@ -523,6 +527,8 @@ class _MaskExplainer(Explainer):
         if "n_maps" in card and card["n_maps"] != self._n_maps():
             raise CardError(path, "n_maps", f"{card['n_maps']!r}, but the model has {self._n_maps()} outputs to map")
         self.layers_, self.kernel_size_ = fitted.get("layers"), fitted.get("kernel_size")
+        if self.kernel_size_ is None and params.get("kernel_size") is None:  # every card since the first has it:
+            self.kernel_size_ = _MaskExplainer._default_kernel_size(self)  # a hand-made one gets the paper's box
         self.epochs_ = fitted.get("epochs", params.get("epochs"))
         if "teacher_seconds" in fitted:
             self.teacher_seconds_ = fitted["teacher_seconds"]
@@ -632,7 +638,7 @@ class NEMt(_MaskExplainer):
                  teacher: str | None = None, teacher_params: dict | None = None, teacher_budget: int | None = None,
                  teacher_targets: str | None = None, teacher_loss: str = "bce", teacher_batch: int = 16,
                  teacher_seed: int = 0, student_map: str = "sigmoid", teacher_flip: bool = False,
-                 flip: bool = False, map_smoothing: bool = True, **kw: Any):
+                 flip: bool = False, map_smoothing: bool = False, **kw: Any):
         super().__init__(model, **kw)
         self._params.update({k: v for k, v in locals().items() if k not in ("self", "__class__", "model", "kw")})
         if objective not in OBJECTIVES:
@@ -707,7 +713,8 @@ class NEMt(_MaskExplainer):
         if student_map not in ("sigmoid", "areas"):
             raise _BadParameter("student_map", f"must be 'sigmoid' or 'areas', got {student_map!r}")
         self.student_map = student_map
-        # whether the fixed-area map passes the smoothing operator at explanation time (training always smooths)
+        # whether the fixed-area map passes the smoothing operator at explanation time (training always smooths);
+        # off by default since 2026-11-29 (with the larger training box, NESTED_BOX_AT_224)
         self.map_smoothing = bool(map_smoothing)
         self.teacher_seconds_: float | None = None
         self.objective = objective
@@ -729,6 +736,13 @@ class NEMt(_MaskExplainer):
         self.collapse_: dict | None = None
         self._last_report: dict | None = None
         self._n_outputs: int | None = None
+
+    def _default_kernel_size(self) -> int:
+        """The nested objective's images and volumes: :data:`NESTED_BOX_AT_224` (13 px at 96 px, 17 at 128);
+        the paper's objective, students and signals keep the paper's box."""
+        if self.objective == "nested" and len(self._input_size) >= 2:
+            return kernel_size_for(tuple(self._input_size), NESTED_BOX_AT_224)
+        return super()._default_kernel_size()
 
     def _map_kwargs(self) -> dict:
         if self.objective == "paper":
@@ -771,9 +785,9 @@ class NEMt(_MaskExplainer):
 
     def set_map_smoothing(self, map_smoothing: bool) -> "NEMt":
         """Whether the fixed-area map is smoothed at explanation time (no refit; training always smooths the
-        masks it plays the games with). Smoothed (the default), the map's peak is the densest box of its top
-        ``map_areas``; unsmoothed, the map is that top area of the logits themselves and its peak their largest
-        logit (README, "NEMt's objective")."""
+        masks it plays the games with). Unsmoothed (the default since 2026-11-29), the map is the top
+        ``map_areas`` of the logits themselves and its peak their largest logit; smoothed, its peak is the
+        densest box of that top area (README, "NEMt's objective")."""
         if self.objective == "paper":
             raise NemtError("map_smoothing applies to fixed-area maps (nested objective, students' 'areas' map)")
         if not isinstance(map_smoothing, bool):

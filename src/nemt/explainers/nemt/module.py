@@ -157,7 +157,7 @@ class ExplanationModule(nn.Module):
                  n_maps: int, layers: Sequence[str] | None, own_encoder: bool,
                  decoder_channels: Sequence[int], init_keep: float, kernel_size: int, smoothing: bool,
                  map_kind: str = "keep", map_areas: Sequence[float] = (), map_temperature: float = 0.02,
-                 map_smoothing: bool = True, decoder_full_resolution: bool = True):
+                 map_smoothing: bool = False, decoder_full_resolution: bool = True):
         super().__init__()
         self.map_kind, self.map_areas, self.map_temperature = map_kind, tuple(map_areas), float(map_temperature)
         self.map_smoothing = bool(map_smoothing)
