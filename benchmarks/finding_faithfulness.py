@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from nemt.data import ImageDataset, open_dataset
-from nemt.explainers import NEMt, get_explainer
+from nemt.explainers import get_explainer
 from nemt.bench.runner import split_method_params
 from nemt.explainers.nemt.losses import deletion_kinds, game_fills, nested_masks
 from nemt.metrics import pointing_game
@@ -71,10 +71,11 @@ def main() -> None:
     has = st["gt"].flatten(1).any(1)
     x, y, gt = st["image"][has], st["y"][has], st["gt"][has]
     t = y.view(-1, 1)
-    nemt = NEMt.load(args.explainer, clf)
+    params = split_method_params(args.param)
+    # a fitted NEMt with its card's parameters; --param nemt.map_smoothing / nemt.map_areas change its map
+    nemt = get_explainer("nemt", clf, path=args.explainer, **params.pop("nemt", {}))
     maps = {"finding mask": finding_map(gt),
             "nemt": torch.cat([nemt.explain(x[i:i + 16], target=y[i:i + 16]) for i in range(0, len(x), 16)])}
-    params = split_method_params(args.param)
     for m in [m for m in args.methods.split(",") if m]:
         ex = get_explainer(m, clf, seed=args.seed, **params.get(m, {}))
         maps[m] = torch.cat([ex.explain(x[i:i + 16], target=y[i:i + 16]) for i in range(0, len(x), 16)])
