@@ -150,6 +150,41 @@ def test_load_model_refuses_weights_that_are_nan_or_not_floating(tmp_path):
         load_model(folder)
 
 
+def test_load_model_refuses_an_input_size_the_network_cannot_take(tmp_path):
+    """Guards: a card edited to an input size its network cannot take loaded and failed at the first forward
+    pass with a pooling error; now the load probes it and names the card's field. A user's network
+    (``module=``) is probed at any size (a Flatten + Linear head fixes the size); nemt's own only below 32 px
+    (their pooling is adaptive above)."""
+    def edit(folder, size):
+        card = json.loads((folder / "model.json").read_text())
+        card["input_size"] = card["preprocessing"]["size"] = size
+        (folder / "model.json").write_text(json.dumps(card))
+
+    folder = _saved_model(tmp_path)
+    assert load_model(folder).card.input_size == [16, 16]
+    edit(folder, [2, 2])
+    with pytest.raises(CardError, match=r"model.json: input_size: \[2, 2\]: the network cannot take an input of "
+                                        r"this size \(RuntimeError"):
+        load_model(folder)
+
+    def fixed():  # a head that only takes 8 x 8 inputs
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten(), nn.Linear(2 * 8 * 8, 3))
+
+    clf = Classifier.from_module(fixed(), **{**KW, "input_size": (8, 8)})
+    user = clf.save(tmp_path / "user")
+    assert load_model(user, module=fixed()).card.input_size == [8, 8]
+    edit(user, [40, 40])
+    with pytest.raises(CardError, match=r"input_size: \[40, 40\]: the network cannot take"):
+        load_model(user, module=fixed())
+    # the probe leaves the caller's RNG as it was
+    edit(user, [8, 8])
+    net = fixed()
+    state = torch.get_rng_state()
+    load_model(user, module=net)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_card_refuses_a_target_scale_that_would_be_ignored(tmp_path):
     """Guards: a multi-class card with a target_scale (applied to regression outputs only) loaded silently."""
     folder = _saved_model(tmp_path)

@@ -26,7 +26,7 @@ from nemt.files import atomic_path, sha256_file
 from nemt.models.card import ModelCard
 from nemt.models.zoo import ARCHITECTURES, build_model
 from nemt.ops import (ArgumentTypeError, ParameterError, checked_outputs, evaluating, float_dtype_of,
-                      is_whole_number, preserved_rng)
+                      is_whole_number, preserved_rng, probe_input)
 
 WEIGHTS = "model.safetensors"
 CARD = "model.json"
@@ -241,4 +241,26 @@ def load_model(directory: str | Path, *, module: nn.Module | None = None,
     module.load_state_dict(state)
     clf = Classifier(module, card).to(device)
     clf.eval()
+    _probe_card_input(clf, directory / CARD, user_module=card.arch not in ARCHITECTURES)
     return clf
+
+
+def _probe_card_input(clf: Classifier, card_path: Path, user_module: bool) -> None:
+    """One input of the card's ``input_size`` through the network, so that a size it cannot take (a card
+    edited by hand, or written for another network) is refused at load, naming the field, instead of failing
+    at first use. nemt's own networks take any size from 32 px on (their pooling is adaptive), so they are
+    probed only below that; a user's network (``module=``) always, once (its forward may fix the size)."""
+    size = list(clf.card.input_size)
+    if not user_module and min(size) >= 32:
+        return
+    with torch.no_grad(), preserved_rng():
+        try:
+            out = clf.net(probe_input(clf.net, (clf.card.in_channels, *size)))
+        except (RuntimeError, ValueError, IndexError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise CardError(card_path, "input_size", f"{size}: the network cannot take an input of this size "
+                            f"({type(exc).__name__}: {first})") from exc
+    n = out.shape[-1] if isinstance(out, torch.Tensor) and out.ndim >= 1 else None
+    if isinstance(out, torch.Tensor) and out.ndim == 2 and n != clf.card.out_channels:
+        raise CardError(card_path, "out_channels", f"{clf.card.out_channels}, but the network gives {n} outputs "
+                        f"for an input of {size}")
