@@ -177,8 +177,14 @@ def test_load_model_refuses_an_input_size_the_network_cannot_take(tmp_path):
     edit(user, [40, 40])
     with pytest.raises(CardError, match=r"input_size: \[40, 40\]: the network cannot take"):
         load_model(user, module=fixed())
-    # the probe leaves the caller's RNG as it was
+    # a label list longer than the network's outputs
     edit(user, [8, 8])
+    card = json.loads((user / "model.json").read_text())
+    (user / "model.json").write_text(json.dumps({**card, "label_names": ["a", "b", "c", "d"]}))
+    with pytest.raises(CardError, match=r"label_names: 4 labels, but the network gives 3 outputs"):
+        load_model(user, module=fixed())
+    (user / "model.json").write_text(json.dumps(card))
+    # the probe leaves the caller's RNG as it was
     net = fixed()
     state = torch.get_rng_state()
     load_model(user, module=net)

@@ -262,5 +262,5 @@ def _probe_card_input(clf: Classifier, card_path: Path, user_module: bool) -> No
                             f"({type(exc).__name__}: {first})") from exc
     n = out.shape[-1] if isinstance(out, torch.Tensor) and out.ndim >= 1 else None
     if isinstance(out, torch.Tensor) and out.ndim == 2 and n != clf.card.out_channels:
-        raise CardError(card_path, "out_channels", f"{clf.card.out_channels}, but the network gives {n} outputs "
-                        f"for an input of {size}")
+        raise CardError(card_path, "label_names", f"{clf.card.out_channels} labels, but the network gives {n} "
+                        f"outputs for an input of {size}")
