@@ -163,8 +163,8 @@ def test_load_model_refuses_an_input_size_the_network_cannot_take(tmp_path):
     folder = _saved_model(tmp_path)
     assert load_model(folder).card.input_size == [16, 16]
     edit(folder, [2, 2])
-    with pytest.raises(CardError, match=r"model.json: input_size: \[2, 2\]: the network cannot take an input of "
-                                        r"this size \(RuntimeError"):
+    with pytest.raises(CardError, match=r"model.json: input_size: the module cannot take the described input "
+                                        r"\(2, 1, 2, 2\): RuntimeError"):
         load_model(folder)
 
     def fixed():  # a head that only takes 8 x 8 inputs
@@ -175,13 +175,13 @@ def test_load_model_refuses_an_input_size_the_network_cannot_take(tmp_path):
     user = clf.save(tmp_path / "user")
     assert load_model(user, module=fixed()).card.input_size == [8, 8]
     edit(user, [40, 40])
-    with pytest.raises(CardError, match=r"input_size: \[40, 40\]: the network cannot take"):
+    with pytest.raises(CardError, match=r"input_size: the module cannot take the described input \(2, 1, 40, 40\)"):
         load_model(user, module=fixed())
     # a label list longer than the network's outputs
     edit(user, [8, 8])
     card = json.loads((user / "model.json").read_text())
     (user / "model.json").write_text(json.dumps({**card, "label_names": ["a", "b", "c", "d"]}))
-    with pytest.raises(CardError, match=r"label_names: 4 labels, but the network gives 3 outputs"):
+    with pytest.raises(CardError, match=r"label_names: the module gives 3 outputs, the card describes 4 labels"):
         load_model(user, module=fixed())
     (user / "model.json").write_text(json.dumps(card))
     # the probe leaves the caller's RNG as it was

@@ -26,7 +26,7 @@ from nemt.files import atomic_path, sha256_file
 from nemt.models.card import ModelCard
 from nemt.models.zoo import ARCHITECTURES, build_model
 from nemt.ops import (ArgumentTypeError, ParameterError, checked_outputs, evaluating, float_dtype_of,
-                      is_whole_number, preserved_rng, probe_input)
+                      is_whole_number, preserved_rng)
 
 WEIGHTS = "model.safetensors"
 CARD = "model.json"
@@ -137,8 +137,12 @@ class Classifier(nn.Module):
         return directory
 
 
-def _probe(module: nn.Module, card: ModelCard) -> None:
-    """``module`` takes the card's input and gives one output per label (one for regression)."""
+def _probe(module: nn.Module, card: ModelCard, card_path: Path | None = None) -> None:
+    """``module`` takes the card's input and gives one output per label (one for regression). With
+    ``card_path`` (a saved card being loaded) a failure is a :class:`CardError` naming the card's field."""
+    def fail(field: str, msg: str) -> NemtError:
+        return CardError(card_path, field, msg) if card_path is not None else NemtError(msg)
+
     p = next(iter(module.parameters()), None)
     x = torch.zeros(2, card.in_channels, *card.input_size, device=p.device if p is not None else "cpu",
                     dtype=float_dtype_of(module) or torch.float32)
@@ -148,12 +152,12 @@ def _probe(module: nn.Module, card: ModelCard) -> None:
     except ParameterError:
         raise
     except Exception as e:
-        raise NemtError(f"the module cannot take the described input (2, {card.in_channels}, "
-                        f"{', '.join(map(str, card.input_size))}): {type(e).__name__}: {str(e).splitlines()[0]}") from e
+        raise fail("input_size", f"the module cannot take the described input (2, {card.in_channels}, "
+                   f"{', '.join(map(str, card.input_size))}): {type(e).__name__}: {str(e).splitlines()[0]}") from e
     want = 1 if card.task == "regression" else len(card.label_names)
     if out.shape[1] != want:
-        raise NemtError(f"the module gives {out.shape[1]} outputs, the card describes {want} "
-                        + ("(regression: one)" if card.task == "regression" else f"labels {card.label_names}"))
+        raise fail("label_names", f"the module gives {out.shape[1]} outputs, the card describes {want} "
+                   + ("(regression: one)" if card.task == "regression" else f"labels {card.label_names}"))
 
 
 def load_model(directory: str | Path, *, module: nn.Module | None = None,
@@ -241,26 +245,8 @@ def load_model(directory: str | Path, *, module: nn.Module | None = None,
     module.load_state_dict(state)
     clf = Classifier(module, card).to(device)
     clf.eval()
-    _probe_card_input(clf, directory / CARD, user_module=card.arch not in ARCHITECTURES)
+    # a card edited to a size its network cannot take fails here, naming the field, not at first use: nemt's own
+    # networks take any size from 32 px on (adaptive pooling), a user's module= is probed always (one pass)
+    if card.arch not in ARCHITECTURES or min(card.input_size) < 32:
+        _probe(clf.net, card, directory / CARD)
     return clf
-
-
-def _probe_card_input(clf: Classifier, card_path: Path, user_module: bool) -> None:
-    """One input of the card's ``input_size`` through the network, so that a size it cannot take (a card
-    edited by hand, or written for another network) is refused at load, naming the field, instead of failing
-    at first use. nemt's own networks take any size from 32 px on (their pooling is adaptive), so they are
-    probed only below that; a user's network (``module=``) always, once (its forward may fix the size)."""
-    size = list(clf.card.input_size)
-    if not user_module and min(size) >= 32:
-        return
-    with torch.no_grad(), preserved_rng():
-        try:
-            out = clf.net(probe_input(clf.net, (clf.card.in_channels, *size)))
-        except (RuntimeError, ValueError, IndexError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise CardError(card_path, "input_size", f"{size}: the network cannot take an input of this size "
-                            f"({type(exc).__name__}: {first})") from exc
-    n = out.shape[-1] if isinstance(out, torch.Tensor) and out.ndim >= 1 else None
-    if isinstance(out, torch.Tensor) and out.ndim == 2 and n != clf.card.out_channels:
-        raise CardError(card_path, "label_names", f"{clf.card.out_channels} labels, but the network gives {n} "
-                        f"outputs for an input of {size}")
