@@ -231,17 +231,24 @@ def plot_maps(path: Path, x: np.ndarray, fs: float, clusters: np.ndarray, ent: n
 
 # ---------------------------------------------------------------------------- the two data sets
 
-def run_synthetic(args, seed: int, out: Path) -> dict:
-    t0 = time.time()
-    ecg = make_ecgs(args.n, leads=args.leads, seed=seed)
+def synthetic_classifier(n: int, leads: int, seed: int, epochs: int, widen: float):
+    """Synthetic ECGs of ``seed``, their 60/20/20 split, the signals standardised by the training records'
+    mean and sd per lead, and the 1D ResNet trained on them: (ecg, splits, x, y, net, classifier)."""
+    ecg = make_ecgs(n, leads=leads, seed=seed)
     splits = stratified_split(ecg.labels, (0.6, 0.2, 0.2), seed)
     sig = torch.as_tensor(ecg.signals)
     mean = sig[torch.as_tensor(splits["train"])].mean(dim=(0, 2), keepdim=True)
     std = sig[torch.as_tensor(splits["train"])].std(dim=(0, 2), keepdim=True)
     x, y = (sig - mean) / std, torch.as_tensor(ecg.labels)
-    net = train_cnn(x, y, splits, len(ECG_CLASSES), epochs=args.epochs, widen=args.widen, seed=seed)
+    net = train_cnn(x, y, splits, len(ECG_CLASSES), epochs=epochs, widen=widen, seed=seed)
     clf = Classifier.from_module(net, spatial_dims=1, in_channels=x.shape[1], input_size=(x.shape[2],),
                                  task="multiclass", label_names=list(ECG_CLASSES), arch="resnet10")
+    return ecg, splits, x, y, net, clf
+
+
+def run_synthetic(args, seed: int, out: Path) -> dict:
+    t0 = time.time()
+    ecg, splits, x, y, net, clf = synthetic_classifier(args.n, args.leads, seed, args.epochs, args.widen)
     te = splits["test"]
     cnn = predict(net, x).numpy()
     res = {"seed": seed, "n": args.n, "leads": len(ecg.leads), "k": args.k,

@@ -20,13 +20,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ecg_clusters import train_cnn  # noqa: E402  (the benchmark's own CNN, trained the same way)
+from ecg_clusters import synthetic_classifier  # noqa: E402  (the benchmark's own data and CNN)
 
-from nemt.data.ecg import ECG_CLASSES, make_ecgs, stratified_split  # noqa: E402
 from nemt.explainers.nemt import NEMt  # noqa: E402
 from nemt.files import atomic_open  # noqa: E402
 from nemt.metrics import pointing_game, relevance_mass  # noqa: E402
-from nemt.models import Classifier  # noqa: E402
 
 CONFIGS = {"defaults": {}, "benchmark": {"map_areas": None, "kernel_size": 11, "epochs": 4}}
 
@@ -45,15 +43,9 @@ def score(nemt: NEMt, x: torch.Tensor, y: torch.Tensor, gt: torch.Tensor) -> dic
 
 def run(seed: int, args) -> dict:
     t0 = time.time()
-    ecg = make_ecgs(args.n, leads=1, seed=seed)
-    splits = stratified_split(ecg.labels, (0.6, 0.2, 0.2), seed)
-    sig = torch.as_tensor(ecg.signals)
+    ecg, splits, x, y, _, clf = synthetic_classifier(args.n, 1, seed, args.epochs, 0.25)
+    clf.eval()
     tr = torch.as_tensor(splits["train"])
-    x = (sig - sig[tr].mean(dim=(0, 2), keepdim=True)) / sig[tr].std(dim=(0, 2), keepdim=True)
-    y = torch.as_tensor(ecg.labels)
-    net = train_cnn(x, y, splits, len(ECG_CLASSES), epochs=args.epochs, widen=0.25, seed=seed)
-    clf = Classifier.from_module(net, spatial_dims=1, in_channels=1, input_size=(x.shape[2],),
-                                 task="multiclass", label_names=list(ECG_CLASSES), arch="resnet10").eval()
     va = splits["val"]
     sel = va[np.flatnonzero(ecg.findings[va].any(1))]
     gt = torch.as_tensor(ecg.findings[sel])[:, None]
