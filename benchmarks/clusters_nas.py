@@ -1,4 +1,4 @@
-"""Activation clusters (NAVE / NAS, issue 16) on the phantoms and on BUSI: the figures of the README.
+"""Activation clusters (NAVE / NAS, issue 16) on the phantoms and on BUSI: the figures of docs/guide.md.
 
     python benchmarks/clusters_nas.py phantoms [--k 12] [--out runs/clusters/phantoms-k12]
     python benchmarks/clusters_nas.py busi [--k 12] [--out runs/clusters/busi-k12]
@@ -21,7 +21,7 @@ It prints both tables and writes them to OUT/figures.md. What it needs (made onc
 - phantoms: runs/demo3-0 from `nemt demo --seed 0 --out runs/demo3-0` (1000 phantoms of 96 px, smallcnn,
   NEMt; the README's demo), or `--model/--data/--explainer` of your own;
 - busi: runs/busi-r18 (`nemt train ... --out runs/busi-r18`) and runs/busi3-nemt-s0 (`nemt fit ... --seed 0`),
-  data ../shared/data/busi (the README's BUSI section).
+  data ../shared/data/busi (docs/results.md's BUSI section).
 """
 from __future__ import annotations
 

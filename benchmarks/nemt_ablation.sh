@@ -2,7 +2,7 @@
 # NEMt ablation on BUSI (128 px, the ResNet-18 of `nemt train`): levers one at a time against a paper-like
 # base (Prodigy, blurred-image occlusion, 3 epochs), then the localisation table of all of them next to
 # Grad-CAM(++), a centred Gaussian of the same mean value, and reference maps.
-# This is the ablation of the paper's objective (--objective paper), kept to reproduce the README's table;
+# This is the ablation of the paper's objective (--objective paper), kept to reproduce docs/results.md's table;
 # its best variant (inpaint-adamw-e10-cosine) was the default of `nemt fit` before the nested objective.
 # The guard is off (--allow-collapse): collapsed variants are part of the table.
 #   bash benchmarks/nemt_ablation.sh MODEL_DIR DATA OUT_DIR [variant ...]

@@ -9,7 +9,7 @@
 #
 # Data: 3D phantoms (written here, 800 volumes of 32^3 voxels) and BreastMNIST (../shared/data/medmnist, labels only,
 # 28 px; skipped when absent). The 2D phantoms are the demo's (scripts/demo.sh), BUSI and XAI-TRIS
-# have their own sections in the README. The chest radiograph samples (7 images) are too few to
+# have their own sections in docs/results.md. The chest radiograph samples (7 images) are too few to
 # train a classifier on, and no pretrained weights may be downloaded: not covered.
 set -euo pipefail
 OUT=${1:-runs/defaults}

@@ -9,7 +9,7 @@ explained for their true class as they are ("plain"), flipped along the last axi
     OMP_NUM_THREADS=1 python benchmarks/nemt_flip_tta.py --model runs/demo4-0/model --data runs/demo4-0/data \\
         --explainer runs/demo4-0/explainer          # (and demo4-1, demo4-2 with their own model and data)
 
-Figures and the decision (not adopted: twice the cost) in the README, "What is not there yet".
+Figures and the decision (not adopted: twice the cost) in docs/known-gaps.md.
 """
 from __future__ import annotations
 

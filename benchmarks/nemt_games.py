@@ -8,14 +8,14 @@ finding mask, on the validation images of that class explained for their true cl
   and for a *finding-centred* ranking of the same areas (the finding first, then outward by distance), as
   s_del, s_pres (log-odds change in units of the clean evidence, see ``game_loss``) and the loss (with the
   explainer's own ``preservation_bound`` and ``preservation_weight``; before 2026-11-29 the weight was left at
-  1 here, so the README's earlier loss figures of fits at weight 0.5 are weight-1 losses). Where the
+  1 here, so docs/results.md's earlier loss figures of fits at weight 0.5 are weight-1 losses). Where the
   finding-centred masks score a lower loss than the explainer's own, the fit did not find the objective's
   optimum; where they score a higher one, the objective itself prefers the place the maps point at.
 
     OMP_NUM_THREADS=1 python benchmarks/nemt_games.py --model runs/demo4-1/model --data runs/demo4-1/data \\
         --explainer default=runs/demo4-1/explainer --explainer pb1=runs/demo4-1/explainer-pb1 --games
 
-Figures and the decision in the README ("NEMt's objective").
+Figures and the decision in docs/results.md ("NEMt's objective").
 """
 from __future__ import annotations
 

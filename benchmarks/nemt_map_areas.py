@@ -1,4 +1,4 @@
-"""Label-free choice of NEMt's map areas on the validation split (README, "Known limits": 3D): deletion/insertion AUC
+"""Label-free choice of NEMt's map areas on the validation split (docs/known-gaps.md: 3D): deletion/insertion AUC
 next to relevance mass / pointing game (which need masks). Cases: BUSI seed 0, demo seed 0, 3D phantoms."""
 import sys, time, torch
 from pathlib import Path
@@ -9,7 +9,7 @@ from nemt.data.dataset import ImageDataset
 from nemt.models.training import load_splits
 from nemt.metrics import get_metric
 import nemt.cli as cli
-# run: python benchmarks/nemt_map_areas.py ph3d,demo,busi 60  (needs the runs named below: README "Do NEMt's defaults carry?")
+# run: python benchmarks/nemt_map_areas.py ph3d,demo,busi 60  (needs the runs named below: docs/results.md, "Do NEMt's defaults carry?")
 CASES = {"busi": ("runs/busi-r18", "../shared/data/busi", "runs/busi3-nemt-s0"),
          "demo": ("runs/demo3-0/model", "runs/demo3-0/data", "runs/demo3-0/explainer"),
          "ph3d": ("runs/defaults3/ph3d-model", "runs/defaults3/ph3d/manifest.csv", "runs/defaults3/ph3d-nemt")}

@@ -185,7 +185,7 @@ def test_nested_objective_lands_on_the_finding_of_a_saturated_classifier(saturat
     # the finding is 64 of 1024 pixels: a map with no idea puts ~6 % of its mass there and points in it 6 % of
     # the time; the paper's loss gives empty maps here (relevance mass 0.04-0.06, pointing game 0, seeds 0-2),
     # this objective 0.99-1.00 and 1.0 unbounded (seeds 0-2), 0.97 and 1.0 with the default preservation bound
-    # 2 (seed 0; bound 1 fails here: 0.51 and 0.52, README): 0.8 leaves room for other CPUs' rounding
+    # 2 (seed 0; bound 1 fails here: 0.51 and 0.52, docs/results.md): 0.8 leaves room for other CPUs' rounding
     assert e.collapse_["collapsed"] == []
     assert (maps.flatten(1).amax(1) >= 0.5).all()  # no empty map
     assert pointing_game(maps, m).nanmean() >= 0.9

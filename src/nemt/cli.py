@@ -1023,9 +1023,9 @@ def demo(
     console.rule("5. benchmark NEMt against the baselines on the test split (true label)")
     from nemt.bench.runner import benchmark_model, markdown_summary
     methods = _csv_list(bench_methods) or []
-    budgets = {"rise": {"n_masks": 500}, "extremal": {"steps": 100}}  # the demo's time budget; see the README
+    budgets = {"rise": {"n_masks": 500}, "extremal": {"steps": 100}}  # the demo's time budget; see docs/results.md
     # deletion and insertion AUC on a blurred substrate: faithfulness to the classifier, beside localisation's
-    # agreement with the finding (they part on the opacities: README, "Set-up")
+    # agreement with the finding (they part on the opacities: docs/results.md, "The main job")
     metric_list = ["relevance_mass", "relevance_rank", "pointing_game", "pointing_game_expected",
                    "energy_pointing_game", "complexity", "sparseness", "faithfulness_estimate", "deletion_auc",
                    "insertion_auc"]

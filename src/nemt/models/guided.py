@@ -44,7 +44,7 @@ map minus the mean of the copies' maps of the same image instead of the map
 itself. The paper's discriminator sees one map at a time, so it can only tell
 the copies apart by how their maps look *in general*; copies that fool it
 have maps of the same distribution, not the same map of each image (measured:
-their pairwise correlation does not rise; README). The deviation is what one
+their pairwise correlation does not rise; docs/guide.md). The deviation is what one
 copy's map has that the others' maps of that very image have not, so fooling
 a discriminator of it asks the copies to agree image by image; it is zero,
 and carries nothing to tell apart, when they agree exactly.
@@ -53,7 +53,7 @@ discriminator's cross-entropy to the uniform label's (log M, its minimum at
 "cannot tell") instead of maximising it, which rewards a confidently wrong
 discriminator, i.e. copies that swap looks rather than share one. Neither
 raised the copies' agreement above the β = 0 ensemble's on the phantoms'
-validation split (README, "Explanation-guided training"); both are kept
+validation split (docs/guide.md, "Explanation-guided training"); both are kept
 in the library and ``benchmarks/guided_gaze.py`` (models ``mimic-dev``,
 ``mimic-conf``, ``mimic-dev-conf``) for that comparison, not in the CLI.
 

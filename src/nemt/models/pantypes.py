@@ -37,7 +37,7 @@ Choices where the paper or its code are silent or unsafe:
   paper, by default of this class; both public codes pass the unsquared ``cdist``
   (``distance="euclidean"``), which ``nemt train`` records in every new card:
   with it a sampled z trains (planted-modes benchmark: accuracy 1.0 in 3 of 3
-  seeds, against 1 of 3 with the squared distance; see the README).
+  seeds, against 1 of 3 with the squared distance; see docs/guide.md).
 - **Sampling.** ``z = mu + sigma * eps`` in training (the public codes test
   ``~is_train``, which is always truthy, so they always use ``mu``). ``eps``
   comes from a generator owned by the model, seeded by the persistent buffers
@@ -161,7 +161,7 @@ def volume_loss(prototypes: torch.Tensor, eps: float = 1e-4, centred: bool = Fal
 
     ``form="log"`` (not in the paper) is ``mean_k -log sqrt(det(...))``, the log-determinant of a DPP's
     likelihood. With the prototypes scaled by c the inverse form's gradient falls as c^-(M+1): for
-    prototypes at the data's scale in a 256-dimensional latent it is ~1e-6 and moves nothing (README,
+    prototypes at the data's scale in a 256-dimensional latent it is ~1e-6 and moves nothing (docs/guide.md,
     "Pantypes"); the log form's falls only as 1/c, so it keeps pushing the prototypes apart (on the planted
     modes: out of the data, where the KL term's similarity-weighted pull no longer holds them).
     """

@@ -550,15 +550,15 @@ class _MaskExplainer(Explainer):
 OBJECTIVES = ("nested", "paper", "teacher")
 TEACHER_LOSSES = ("bce", "kl")
 GAMES = ("both", "deletion", "preservation")
-DEFAULT_AREAS = (0.01, 0.025, 0.05, 0.1, 0.2)  # 1 % added on BUSI/demo validation (pointing game; README)
-DEFAULT_PRESERVATION_BOUND = 2.0  # chosen on the validation splits of the demo and BUSI (README)
-#: chosen on the validation splits, then replicated on fresh NEMt seeds under a rule fixed before those fits (README)
+DEFAULT_AREAS = (0.01, 0.025, 0.05, 0.1, 0.2)  # 1 % added on BUSI/demo validation (pointing game; docs/results.md)
+DEFAULT_PRESERVATION_BOUND = 2.0  # chosen on the validation splits of the demo and BUSI (docs/results.md)
+#: chosen on the validation splits, then replicated on fresh NEMt seeds under a rule fixed before those fits (docs/results.md)
 DEFAULT_PRESERVATION_WEIGHT = 0.5
 #: the deletion game played with inpainting and with the training images' mean image, scored by the fill that
 #: removes more of the evidence, the preservation game on the mean image: adopted by a rule fixed before its fits
-#: on the validation splits of the demo and BUSI (README; benchmarks/results/nemt_either_fill.md); "inpaint" before
+#: on the validation splits of the demo and BUSI (docs/results.md; benchmarks/results/nemt_either_fill.md); "inpaint" before
 DEFAULT_OCCLUSION = "inpaint-or-mean-image"
-DEFAULT_MAP_AREAS = (0.01,)  # chosen on the demo's validation split (README); the logits rank every pixel anyway
+DEFAULT_MAP_AREAS = (0.01,)  # chosen on the demo's validation split (docs/results.md); the logits rank every pixel anyway
 # parameters that shape only the map made from the fitted logits (set_map_areas, set_map_smoothing): no refit
 EXPLANATION_TIME_PARAMS = ("map_areas", "map_smoothing")
 
@@ -593,7 +593,7 @@ class NEMt(_MaskExplainer):
       way) gives no gradient, since a small mask kept on the filled image is
       far from the model's data and its log-odds there can reward a fixed
       place over the finding (the demo's opacity); ``None``: unbounded (a
-      bound of 1 loses the saturated toy's finding, see the README); the
+      bound of 1 loses the saturated toy's finding, see docs/results.md); the
       preservation term is weighted by ``preservation_weight`` (default
       0.5, against the deletion game's 1, chosen on the validation splits:
       with equal weights the demo's diffuse opacities were pointed at less
@@ -787,7 +787,7 @@ class NEMt(_MaskExplainer):
         """Whether the fixed-area map is smoothed at explanation time (no refit; training always smooths the
         masks it plays the games with). Unsmoothed (the default since 2026-11-29), the map is the top
         ``map_areas`` of the logits themselves and its peak their largest logit; smoothed, its peak is the
-        densest box of that top area (README, "NEMt's objective")."""
+        densest box of that top area (docs/results.md, "NEMt's objective")."""
         if self.objective == "paper":
             raise NemtError("map_smoothing applies to fixed-area maps (nested objective, students' 'areas' map)")
         if not isinstance(map_smoothing, bool):
@@ -1096,7 +1096,7 @@ class NEMt(_MaskExplainer):
                 f"NEMt collapsed for target(s) {', '.join(rep['collapsed'])}: more than half of their validation "
                 f"maps are empty or full (figures in {Path(out_dir) / 'collapse.json' if out_dir else 'collapse_'}); "
                 "the explainer was not saved. " + {
-                    "paper": "The paper's objective collapses on confident classifiers (README); the default "
+                    "paper": "The paper's objective collapses on confident classifiers (docs/results.md); the default "
                              "objective (nested) cannot, by construction. ",
                     "teacher": f"A student learns its teacher's maps ({self.teacher}): are the teacher's own maps "
                                "empty or full here? ",

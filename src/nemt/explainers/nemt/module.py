@@ -33,7 +33,7 @@ from nemt.explainers.nemt.smoothing import RandomSmoothing
 MIN_STEP_CELLS = 8
 """Cells of the decoder's grid the smallest map step needs before the map is made on that grid and resized.
 BreastMNIST (28 px, a 14 px grid): 1 % is 2 cells there, and after the linear resize 1-5 % of the validation
-maps had no pixel at 0.5; cut at 28 px, none (README, "Do NEMt's defaults carry?"). Every other 2D and 3D
+maps had no pixel at 0.5; cut at 28 px, none (docs/results.md, "Do NEMt's defaults carry?"). Every other 2D and 3D
 input here has at least 10 cells in its 1 % step and keeps the cheaper path."""
 
 
