@@ -384,3 +384,23 @@ def test_clusters_command_then_superpixelified_benchmark_and_explain(tmp_path):
     seg = ActivationClustering.load(out, clf).segments(xi)[0].numpy()
     for s in np.unique(seg):
         assert np.ptp(arr[seg == s]) < 1e-6  # constant within each cluster's segment
+
+
+    # the same data without masks, into the same folder: the earlier run's localisation must not stay beside
+    # this run's maps (it scored other maps), and the summary is this run's
+    rows = list(csv.DictReader(open(manifest)))
+    bare = manifest.parent / "manifest-nomask.csv"
+    with open(bare, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=[c for c in rows[0] if c != "mask"])
+        w.writeheader()
+        w.writerows({c: r[c] for c in w.fieldnames} for r in rows)
+    res = runner.invoke(app, ["clusters", "--model", str(model), "--data", str(bare), "--out", str(out),
+                              "--k", "4", "--max-samples", "2000", "--gallery", "3", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert not (out / "localisation.json").exists()
+    assert json.loads((out / "summary.json").read_text())["localisation"] == {}
+    # fewer pixels than clusters: refused before any work, naming both options
+    res = runner.invoke(app, ["clusters", "--model", str(model), "--data", str(manifest), "--out",
+                              str(tmp_path / "few"), "--k", "5", "--max-samples", "3", "--no-progress"])
+    assert res.exit_code == 2 and "--max-samples (3) must be at least --k (5)" in res.output
+    assert not (tmp_path / "few").exists()

@@ -279,6 +279,12 @@ def test_cli_concepts(world):
     res = CliRunner().invoke(app, ["concepts", "--model", str(world["root"] / "m"), "--layer", "nope",
                                    "--data", str(world["manifest"]), "--out", str(out / "bad-layer")])
     assert res.exit_code == 2 and "['nope'] not found" in res.output and not (out / "bad-layer").exists()
+    # a misspelt method is refused before the model loads or the tiny CLIP trains (nothing written)
+    res = CliRunner().invoke(app, ["concepts", "--model", str(world["root"] / "m"), "--layer", "stage4",
+                                   "--data", str(world["manifest"]), "--vlm", "tiny", "--method", "clipdissect",
+                                   "--out", str(out / "bad-method")])
+    assert res.exit_code == 2 and "--method must be one of mammi, clip-dissect" in res.output
+    assert not (out / "bad-method").exists()
 
 
 def test_concepts_the_vlm_cannot_represent_are_left_out_not_tied():

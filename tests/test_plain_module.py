@@ -448,3 +448,18 @@ def test_nemt_fits_under_the_callers_no_grad():
         assert not torch.is_grad_enabled()
     moved = [k for k, v in nemt.module_.decoder.state_dict().items() if not torch.equal(v, start[k])]
     assert moved, "no decoder weight changed: the fit did not train"
+
+
+def test_importing_nemt_leaves_the_callers_global_rngs_as_they_were():
+    """rich (progress bars; MONAI imports it) draws from Python's global `random` when first imported: nemt
+    imports it under the caller's state. A fresh interpreter, as a user's script would be."""
+    import subprocess
+    import sys
+
+    code = ("import random, numpy as np\n"
+            "random.seed(0); np.random.seed(0); want = (random.random(), np.random.rand())\n"
+            "random.seed(0); np.random.seed(0)\n"
+            "import nemt.cli, nemt.clustering, nemt.explainers, nemt.metrics, nemt.models, nemt.bench\n"
+            "assert (random.random(), np.random.rand()) == want, 'an import moved a global RNG'\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr

@@ -1107,7 +1107,7 @@ def concepts(
     import torch
     import torch.nn.functional as F
 
-    from nemt.concepts import DEFAULT_CONCEPTS, annotate, load_vlm, read_concepts
+    from nemt.concepts import DEFAULT_CONCEPTS, METHODS, annotate, load_vlm, read_concepts
     from nemt.concepts.report import contact_sheet, write_concept_report
     from nemt.data import ImageDataset
     from nemt.explainers import GradCAM
@@ -1117,6 +1117,8 @@ def concepts(
     from nemt.ops import evaluating
 
     _out_dir(out)
+    if method not in METHODS:  # before the tiny CLIP trains
+        raise NemtError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     torch.manual_seed(seed)
     clf = load_model(model, device=_device(device))
     manifest = _open(data, None, None, max_pixels=max_pixels)
@@ -1221,6 +1223,8 @@ def clusters(
 
     _out_dir(out)
     _device(device)
+    if max_samples < k:
+        raise NemtError(f"--max-samples ({max_samples}) must be at least --k ({k}): each cluster needs a pixel")
     summary = run_clusters(model, data, out, layers=_csv_list(layers), k=k, method=method, seed=seed,
                            fit_split=fit_split, split=split, max_samples=max_samples, epochs=epochs,
                            batch_size=batch_size, limit=limit, per_cluster=gallery, device=device, progress=progress)

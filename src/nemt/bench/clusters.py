@@ -302,6 +302,8 @@ def run_clusters(model_dir: str | Path, data_path: str | Path, out: str | Path, 
     from nemt.progress import progress_bar
 
     out = Path(out)
+    # the run's last file marks a finished run: an earlier run's must not vouch for this one's files if it stops
+    (out / "summary.json").unlink(missing_ok=True)
     clf = load_model(model_dir, device=device)
     kw = {"labels": list(clf.label_names)} if clf.task == "multiclass" else {}
     manifest = open_dataset(data_path, task=clf.task, **kw)
@@ -365,6 +367,8 @@ def run_clusters(model_dir: str | Path, data_path: str | Path, out: str | Path, 
         localisation = cluster_localisation(labels_t, gt_t, members, label_names, k, baselines=baselines, x=x_eval,
                                             match="slic")
         write_json(out / "localisation.json", localisation)
+    else:  # no ground truth in this split: an earlier run's scores must not stay beside this run's maps
+        (out / "localisation.json").unlink(missing_ok=True)
     captions = [f"{n[:18]} ({lab})" for n, lab in zip(names, image_labels)]
     gallery = cluster_gallery(unit_t.numpy(), labels_t.numpy(), gt_t.numpy(), frac.numpy(), captions, k, per_cluster)
     first = {}
