@@ -29,6 +29,7 @@ Any ``spatial_dims`` (1, 2, 3). Nothing here changes the caller's state: models 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -37,11 +38,61 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nemt.errors import CardError, NemtError
+from nemt.explainers.base import _blame_shape
 from nemt.explainers.layers import FeatureTap, find_stages, layer_name
-from nemt.ops import ParameterError, evaluating, postprocess, resize_linear
+from nemt.ops import (ParameterError, checked_input, device_of, evaluating, is_whole_number, nonfinite_problem,
+                      postprocess, resize_linear)
 
 #: restarts of scikit-learn's k-means (fixed, so a seed gives one answer whatever scikit-learn's default)
 KMEANS_N_INIT = 10
+
+
+# ---------------------------------------------------------------------------- settings
+
+def _is_count(value, least: int) -> bool:
+    """A whole number (an int, or a float without a fraction; not a bool) of at least ``least``."""
+    if is_whole_number(value):
+        return int(value) >= least
+    return _is_number(value) and value == int(value) and value >= least
+
+
+def _count(value, name: str, least: int = 2) -> int:
+    """``value`` as an int, or a ParameterError naming ``name``: one rule for every count (k clusters or
+    segments: at least 2, a map of one segment says nothing)."""
+    if not _is_count(value, least):
+        raise ParameterError(f"{name} must be a whole number >= {least}, got {value!r}")
+    return int(value)
+
+
+def _is_number(value) -> bool:
+    """A finite real number (Python's or NumPy's), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive(value, name: str) -> float:
+    """``value`` as a float, or a ParameterError naming ``name`` (NaN, inf, 0 and below refused)."""
+    if not (_is_number(value) and value > 0):
+        raise ParameterError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _checked_features(features: torch.Tensor, name: str = "features") -> torch.Tensor:
+    """Composite activations (N, D, *grid) without NaN or inf, or a ParameterError naming ``name``."""
+    if not torch.is_tensor(features):
+        raise ParameterError(f"{name} must be a tensor (N, D, *grid), got {type(features).__name__}")
+    if features.ndim < 3:
+        raise ParameterError(f"{name} must be (N, D, *grid), got shape {tuple(features.shape)}")
+    why = nonfinite_problem(features)
+    if why:
+        raise ParameterError(f"{name} hold {why}: a clustering of such features means nothing")
+    return features
+
+
+def _model_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` checked as the explainers check theirs (:func:`nemt.ops.checked_input`: a floating tensor
+    (B, C, *spatial) without NaN/inf, at least one image), on the model's device in its dtype."""
+    return checked_input(x, model, device_of(model), use="clustering")
 
 
 # ---------------------------------------------------------------------------- 1. composite activations
@@ -50,10 +101,13 @@ KMEANS_N_INIT = 10
 def stage_activations(model: nn.Module, x: torch.Tensor, layers: Sequence[str | nn.Module] | None = None
                       ) -> tuple[list[str], list[torch.Tensor]]:
     """The outputs (B, C_l, *grid_l) of ``layers`` (default the last 3 stages of :func:`find_stages`) for
-    ``x`` (B, C, *spatial), with their module names: one forward pass in eval mode, without gradients."""
-    if x.ndim < 3:
-        raise ParameterError(f"x must be (B, C, *spatial), got shape {tuple(x.shape)}")
-    with evaluating(model):
+    ``x`` (B, C, *spatial), with their module names: one forward pass in eval mode, without gradients.
+
+    ``x`` is checked as the explainers check theirs: a floating tensor without NaN/inf, cast to the model's
+    dtype (float64 input meets a float32 model) on its device; an input the model cannot take (channel-last,
+    another channel count or rank) is one error naming x's shape and nemt's channel-first layout."""
+    x = _model_input(model, x)
+    with evaluating(model), _blame_shape(x):
         if layers is None:
             layers = find_stages(model, tuple(x.shape[1:]))[-3:]
         names = [layer_name(model, layer) for layer in layers]
@@ -74,10 +128,21 @@ def finest_grid(feats: Sequence[torch.Tensor]) -> tuple[int, ...]:
     return tuple(int(s) for s in max((tuple(f.shape[2:]) for f in feats), key=math.prod))
 
 
+def _checked_size(size: Sequence[int], rank: int, name: str = "size") -> tuple[int, ...]:
+    """``size`` as ``rank`` ints >= 1 (one per spatial axis), or a ParameterError naming ``name``."""
+    try:
+        parts = list(size)
+    except TypeError:
+        parts = None
+    if parts is None or len(parts) != rank or not all(_is_count(v, 1) for v in parts):
+        raise ParameterError(f"{name} must be {rank} whole numbers >= 1 (one per spatial axis), got {size!r}")
+    return tuple(int(v) for v in parts)
+
+
 def compose(feats: Sequence[torch.Tensor], size: Sequence[int], eps: float = 1e-12) -> torch.Tensor:
     """Stage outputs -> (B, D, *size): each resized linearly to ``size``, each pixel vector divided by its L2
     norm (``eps`` guards zero vectors, which stay zero), concatenated in order (D = sum of C_l)."""
-    size = tuple(int(s) for s in size)
+    size = _checked_size(size, feats[0].ndim - 2)
     return torch.cat([F.normalize(resize_linear(f.float() if not f.is_floating_point() else f, size), dim=1,
                                   eps=eps) for f in feats], dim=1)
 
@@ -127,6 +192,8 @@ def composite_activations(model: nn.Module, x: torch.Tensor, layers: Sequence[st
     vector is divided by its L2 norm (``eps`` guards zero vectors, which stay zero); D = sum of C_l.
     Stages are concatenated in the order given. The model runs once, in eval mode, without gradients.
     """
+    if size is not None and torch.is_tensor(x):
+        _checked_size(size, x.ndim - 2)
     _, feats = stage_activations(model, x, layers)
     return compose(feats, finest_grid(feats) if size is None else size, eps)
 
@@ -142,6 +209,13 @@ def _unpixels(values: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     """(N * pixels, K) -> (N, K, *grid) for the grid of ``features``."""
     n, grid = features.shape[0], features.shape[2:]
     return values.reshape(n, *grid, values.shape[-1]).movedim(-1, 1)
+
+
+def _check_dim(features: torch.Tensor, dim: int) -> None:
+    """A ParameterError when ``features`` (N, D, *grid) have another D than the clustering was fitted on."""
+    if int(features.shape[1]) != int(dim):
+        raise ParameterError(f"features have D={features.shape[1]} channels (shape {tuple(features.shape)}), the "
+                             f"clustering was fitted on D={dim}: give the composite activations of the same layers")
 
 
 def _subsample(x: torch.Tensor, max_samples: int | None, seed: int) -> torch.Tensor:
@@ -166,6 +240,15 @@ class KMeansClusters:
     centroids: torch.Tensor
     temperature: float
 
+    def __post_init__(self):
+        if not torch.is_tensor(self.centroids) or self.centroids.ndim != 2:
+            raise ParameterError(f"centroids must be a tensor (K, D), got "
+                                 f"{getattr(self.centroids, 'shape', type(self.centroids).__name__)}")
+        why = nonfinite_problem(self.centroids)
+        if why:
+            raise ParameterError(f"centroids have {why.replace('images', 'centroids')}")
+        self.temperature = _positive(self.temperature, "temperature")
+
     @property
     def k(self) -> int:
         return int(self.centroids.shape[0])
@@ -173,6 +256,7 @@ class KMeansClusters:
     def assign(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, D, *grid) -> labels (N, *grid) int64 (nearest centroid) and gamma (N, K, *grid), where
         gamma_k = softmax_k(-||x - mu_k||^2 / temperature)."""
+        _check_dim(_checked_features(features), self.centroids.shape[1])
         x = _pixels(features)
         d = squared_distances(x, self.centroids.to(x.device, x.dtype))
         gamma = _unpixels(torch.softmax(-d / self.temperature, dim=1), features)
@@ -191,15 +275,18 @@ def fit_kmeans(features: torch.Tensor, k: int, seed: int = 0, *, temperature: fl
     """
     from sklearn.cluster import KMeans
 
-    x = _subsample(_pixels(features).detach(), max_samples, seed)
+    k = _count(k, "k")
+    if temperature is not None:
+        temperature = _positive(temperature, "temperature")
+    if max_samples is not None:
+        _count(max_samples, "max_samples", 1)
+    x = _subsample(_pixels(_checked_features(features)).detach(), max_samples, seed)
     if x.shape[0] < k:
         raise ParameterError(f"k={k} clusters need at least {k} pixels, got {x.shape[0]}")
-    km = KMeans(n_clusters=int(k), n_init=KMEANS_N_INIT, random_state=int(seed))
+    km = KMeans(n_clusters=k, n_init=KMEANS_N_INIT, random_state=int(seed))
     km.fit(x.cpu().double().numpy())
     if temperature is None:
         temperature = max(float(km.inertia_) / x.shape[0], 1e-12)
-    if temperature <= 0:
-        raise ParameterError(f"temperature must be positive, got {temperature}")
     centroids = torch.as_tensor(km.cluster_centers_, dtype=features.dtype, device=features.device)
     return KMeansClusters(centroids, float(temperature))
 
@@ -227,7 +314,9 @@ class ClusteringModule(nn.Module):
 
     def __init__(self, dim: int, k: int, *, bias: bool = True, alpha: float = 1.0, seed: int = 0):
         super().__init__()
-        self.dim, self.k, self.alpha = int(dim), int(k), float(alpha)
+        if not _is_number(alpha):
+            raise ParameterError(f"alpha must be a finite number, got {alpha!r}")
+        self.dim, self.k, self.alpha = _count(dim, "dim", 1), _count(k, "k"), float(alpha)
         self.weight = nn.Parameter(torch.empty(self.k, self.dim))
         self.bias = nn.Parameter(torch.zeros(self.k)) if bias else None
         self.centroids = nn.Parameter(torch.empty(self.k, self.dim))
@@ -264,6 +353,7 @@ class ClusteringModule(nn.Module):
     @torch.no_grad()
     def assign(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, D, *grid) -> labels (N, *grid) int64 (argmax gamma) and gamma (N, K, *grid)."""
+        _check_dim(_checked_features(features), self.dim)
         x = _pixels(features).to(self.weight.device, self.weight.dtype)
         gamma = _unpixels(self.gamma(x), features)
         return gamma.argmax(1), gamma
@@ -281,7 +371,11 @@ def fit_clustering_module(features: torch.Tensor, k: int, epochs: int = 20, seed
     """
     from sklearn.cluster import kmeans_plusplus
 
-    x = _subsample(_pixels(features).detach(), max_samples, seed)
+    k, epochs, batch_size = _count(k, "k"), _count(epochs, "epochs", 0), _count(batch_size, "batch_size", 1)
+    lr, init_temperature = _positive(lr, "lr"), _positive(init_temperature, "init_temperature")
+    if max_samples is not None:
+        _count(max_samples, "max_samples", 1)
+    x = _subsample(_pixels(_checked_features(features)).detach(), max_samples, seed)
     if x.shape[0] < k:
         raise ParameterError(f"k={k} clusters need at least {k} pixels, got {x.shape[0]}")
     dtype = x.dtype if x.is_floating_point() else torch.float32
@@ -319,15 +413,44 @@ def _nearest(t: torch.Tensor, size: Sequence[int] | None) -> torch.Tensor:
     return out.to(t.dtype)
 
 
+def _checked_gamma(gamma: torch.Tensor, size: Sequence[int] | None) -> tuple[int, ...] | None:
+    """A ParameterError for ``gamma`` that is not (B, K, *grid) with 1 to 3 grid axes, or a ``size`` that is
+    not one whole number >= 1 per grid axis; ``size`` as a tuple."""
+    if not torch.is_tensor(gamma) or not 3 <= gamma.ndim <= 5:
+        raise ParameterError(f"gamma must be (B, K, *grid) with 1 to 3 grid axes, got "
+                             f"{tuple(gamma.shape) if torch.is_tensor(gamma) else type(gamma).__name__}")
+    return None if size is None else _checked_size(size, gamma.ndim - 2)
+
+
 def label_map(gamma: torch.Tensor, size: Sequence[int] | None = None) -> torch.Tensor:
     """(B, K, *grid) assignments -> (B, *size) int64 cluster ids (argmax over K), upsampled nearest to
-    ``size`` (e.g. the image's spatial shape; default: the grid itself)."""
+    ``size`` (e.g. the image's spatial shape, one whole number per grid axis; default: the grid itself)."""
+    size = _checked_gamma(gamma, size)
     return _nearest(gamma.argmax(1), size)
 
 
 def entropy(gamma: torch.Tensor, size: Sequence[int] | None = None) -> torch.Tensor:
     """(B, K, *grid) assignments -> (B, *size) entropy -sum_k gamma_k log gamma_k (natural log, 0 log 0 = 0):
-    0 for a one-hot assignment, log K for a uniform one; upsampled nearest like :func:`label_map`."""
+    0 for a one-hot assignment, log K for a uniform one; upsampled nearest like :func:`label_map`.
+
+    ``gamma`` must be soft assignments: finite, non-negative, summing to 1 over K at every pixel (up to
+    rounding: 1e-4, or 8 K ulps of a half-precision dtype); anything else is refused (its "entropy" would be
+    a number without meaning, NaN for a negative value)."""
+    size = _checked_gamma(gamma, size)
+    if not gamma.is_floating_point():
+        raise ParameterError(f"gamma must be a floating tensor of soft assignments, got {gamma.dtype}")
+    if gamma.numel():
+        why = nonfinite_problem(gamma)
+        if why:
+            raise ParameterError(f"gamma has {why}")
+        if bool((gamma < 0).any()):
+            raise ParameterError(f"gamma has negative values (the smallest {float(gamma.min()):.4g}): entropy needs "
+                                 "soft assignments (non-negative, summing to 1 over K)")
+        tol = max(1e-4, 8 * gamma.shape[1] * torch.finfo(gamma.dtype).eps)
+        off = float((gamma.sum(1, dtype=torch.float64) - 1).abs().max())
+        if off > tol:
+            raise ParameterError(f"gamma does not sum to 1 over K (off by up to {off:.4g} at a pixel): entropy needs "
+                                 "soft assignments, e.g. a softmax over K")
     return _nearest(-torch.special.xlogy(gamma, gamma).sum(1), size)
 
 
@@ -338,7 +461,10 @@ def superpixelify(maps: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
 
     ``segments``: integer ids (B, *spatial) (or (B, 1, *spatial)), any values; ids are per image (the same id
     in two images is two segments). The result is constant within segments, idempotent, and keeps each map's
-    sum over pixels. Vectorised: one ``index_add_`` over all images, targets and segments.
+    sum over pixels. Vectorised: one ``index_add_`` over all images, targets and segments. A map that is
+    constant on a segment keeps its value there exactly (each segment's mean is taken of the differences
+    from one of its values, in float64 for a float32 or half map). An empty batch (B = 0 or T = 0) gives an
+    empty result.
     """
     if maps.ndim < 3:
         raise ParameterError(f"maps must be (B, T, *spatial), got shape {tuple(maps.shape)}")
@@ -350,15 +476,23 @@ def superpixelify(maps: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
         raise ParameterError(f"segments must be (B, *spatial) = {(b, *spatial)}, got {tuple(seg.shape)}")
     if seg.is_floating_point() or seg.is_complex():
         raise ParameterError("segments must be integer ids")
+    if maps.numel() == 0 or seg.numel() == 0:  # no image, no target or no pixel: nothing to average
+        return maps.clone()
     seg = seg.long().reshape(b, -1)
     seg = seg - seg.amin(dim=1, keepdim=True)                       # ids from 0 per image
     key = seg + torch.arange(b, device=seg.device)[:, None] * (int(seg.max()) + 1)
     _, inverse = torch.unique(key.reshape(-1), return_inverse=True)   # (B * P,) in 0..S-1
     n_seg = int(inverse.max()) + 1
     values = maps.reshape(b, t, -1).transpose(1, 2).reshape(-1, t)    # (B * P, T)
-    sums = torch.zeros(n_seg, t, dtype=maps.dtype, device=maps.device).index_add_(0, inverse, values)
-    counts = torch.bincount(inverse, minlength=n_seg).to(maps.dtype)
-    means = sums / counts[:, None]
+    acc = torch.float64  # integer or bool maps give float32 means
+    # each segment's mean = one of its values + the mean of the differences from it: a constant stays exact
+    first = torch.full((n_seg,), values.shape[0], dtype=torch.long, device=maps.device).scatter_reduce_(
+        0, inverse, torch.arange(values.shape[0], device=maps.device), reduce="amin")
+    ref = values[first].to(acc)                                        # (S, T)
+    diffs = values.to(acc) - ref[inverse]
+    sums = torch.zeros(n_seg, t, dtype=acc, device=maps.device).index_add_(0, inverse, diffs)
+    counts = torch.bincount(inverse, minlength=n_seg).to(acc)
+    means = (ref + sums / counts[:, None]).to(maps.dtype if maps.is_floating_point() else torch.float32)
     return means[inverse].reshape(b, -1, t).transpose(1, 2).reshape(maps.shape)
 
 
@@ -442,7 +576,7 @@ class ActivationClustering:
     def __init__(self, model: nn.Module, layers: Sequence[str] | None = None, k: int = 12, method: str = "kmeans",
                  seed: int = 0, max_samples: int = 20_000, epochs: int = 20, batch_size: int = 32):
         self.model = model
-        self.layers = None if layers is None else list(layers)
+        self.layers = None if layers is None else [layers] if isinstance(layers, str) else list(layers)
         self.k = k
         self.method = method
         self.seed = seed
@@ -457,16 +591,24 @@ class ActivationClustering:
     def _check(self) -> None:
         if self.method not in CLUSTER_METHODS:
             raise ParameterError(f"method must be one of {CLUSTER_METHODS}, got {self.method!r}")
-        if int(self.k) < 2:
-            raise ParameterError(f"k must be at least 2 clusters, got {self.k}")
-        if int(self.max_samples) < int(self.k):
+        k = _count(self.k, "k")
+        if _count(self.max_samples, "max_samples", 1) < k:
             raise ParameterError(f"max_samples ({self.max_samples}) must be at least k ({self.k})")
+        _count(self.epochs, "epochs", 0)
+        _count(self.batch_size, "batch_size", 1)
+        if self.layers is not None and not (self.layers and all(
+                (isinstance(n, str) and n) or isinstance(n, nn.Module) for n in self.layers)):
+            raise ParameterError(f"layers must be a non-empty list of module names (or modules), or None, got "
+                                 f"{self.layers!r}")
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, *spatial) -> composite activations (B, D, *grid_) of the fitted layers and grid."""
         self._fitted()
-        dev = _device(self.model)
-        return composite_activations(self.model, x.to(dev), self.layers_, self.grid_)
+        if torch.is_tensor(x) and x.ndim - 2 != len(self.grid_):
+            raise ParameterError(f"this clustering was fitted on {len(self.grid_)}D inputs (grid "
+                                 f"{'x'.join(map(str, self.grid_))}), got x of shape {tuple(x.shape)}; nemt wants "
+                                 "channel-first (B, C, *spatial)")
+        return composite_activations(self.model, x, self.layers_, self.grid_)
 
     def fit(self, data, progress: Callable[[int], None] | None = None) -> "ActivationClustering":
         """Cluster the composite activations of every image of ``data`` (pixels pooled; ``max_samples`` of them
@@ -474,16 +616,25 @@ class ActivationClustering:
         kept, batch by batch). ``progress(n)`` is called after each batch of n images."""
         self._check()
         from nemt.explainers.nemt.estimator import model_checksum
-        dev = _device(self.model)
         g = torch.Generator().manual_seed(int(self.seed))
         keys = feats = None
         layers, grid, seen = self.layers, None, 0
         for x in _image_batches(data, int(self.batch_size)):
-            if layers is None:
-                with evaluating(self.model):
-                    layers = find_stages(self.model, tuple(x.shape[1:]))[-3:]
-            layers = [layer_name(self.model, layer) for layer in layers]
-            f = composite_activations(self.model, x.to(dev), layers, grid)
+            try:
+                x = _model_input(self.model, x)
+                if layers is None:
+                    with evaluating(self.model), _blame_shape(x):
+                        layers = find_stages(self.model, tuple(x.shape[1:]))[-3:]
+                layers = [layer_name(self.model, layer) for layer in layers]
+                if grid is not None and x.ndim - 2 != len(grid):
+                    raise ParameterError(f"a batch of shape {tuple(x.shape)} has {x.ndim - 2} spatial axes, the "
+                                         f"ones before {len(grid)}")
+                f = composite_activations(self.model, x, layers, grid)
+            except ParameterError as exc:
+                if isinstance(data, (list, tuple)) and "shape" in str(exc):
+                    raise ParameterError(f"{exc}; a list is read as a list of batches (b, C, *spatial): for a list "
+                                         "of single images (C, *spatial) give torch.stack(data)") from exc
+                raise
             grid = tuple(f.shape[2:])
             px = _pixels(f).cpu()
             seen += px.shape[0]
@@ -524,7 +675,7 @@ class ActivationClustering:
         in [0, log K]) and gamma (B, K, *grid_); both maps upsampled nearest to the input's grid."""
         f = self.features(x)
         _, gamma = self._clusters_on(f.device, f.dtype).assign(f)
-        size = tuple(x.shape[2:])
+        size = tuple(x.shape[2:])  # x passed the checks of features(): a tensor (B, C, *spatial)
         return label_map(gamma, size), entropy(gamma, size), gamma
 
     def segments(self, x: torch.Tensor) -> torch.Tensor:
@@ -544,6 +695,9 @@ class ActivationClustering:
         from nemt.files import atomic_path, write_json
         self._fitted()
         directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise ParameterError(f"directory {directory}: a file is there, not a folder; give a folder (new or "
+                                 "existing) to save the clustering in")
         c = self.clusters_
         if isinstance(c, KMeansClusters):
             tensors = {"centroids": c.centroids.detach().cpu().contiguous()}
@@ -563,13 +717,15 @@ class ActivationClustering:
     @classmethod
     def load(cls, directory: str | Path, model: nn.Module, *, check_model: bool = True) -> "ActivationClustering":
         """A clustering saved by :meth:`save` (or ``nemt clusters --out``), for ``model``; refuses another model's
-        weights (``check_model=False`` skips the check)."""
+        weights (``check_model=False`` skips the check). A damaged file is one :class:`~nemt.errors.CardError`
+        (or :class:`~nemt.errors.NemtError`) naming the file, the field and the reason."""
         import json
 
         from safetensors.torch import load_file
 
-        from nemt.errors import NemtError
         directory = Path(directory)
+        if directory.is_file():
+            raise NemtError(f"{directory}: a file, not a folder written by `nemt clusters --out`")
         meta_path, weights = directory / "clustering.json", directory / "clustering.safetensors"
         for p in (meta_path, weights):
             if not p.is_file():
@@ -578,6 +734,9 @@ class ActivationClustering:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as exc:
             raise NemtError(f"{meta_path}: not valid JSON ({exc})") from None
+        if not isinstance(meta, dict):
+            raise CardError(meta_path, None, f"not a JSON object (got {type(meta).__name__}); is {directory} a "
+                                             "folder written by `nemt clusters --out`?")
         need = ("format", "method", "k", "layers", "grid", "seed", "model_sha256")
         missing = [k for k in need if k not in meta]
         if missing:
@@ -586,21 +745,37 @@ class ActivationClustering:
             raise NemtError(f"{meta_path}: field 'format' is {meta['format']!r}; this nemt reads {_CLUSTERING_FORMAT}")
         if meta["method"] not in CLUSTER_METHODS:
             raise NemtError(f"{meta_path}: field 'method' is {meta['method']!r}, not one of {CLUSTER_METHODS}")
+        _check_meta(meta, meta_path)
+        card = getattr(model, "card", None)
+        dims = getattr(card, "spatial_dims", None)
+        if isinstance(dims, int) and len(meta["grid"]) != dims:
+            raise CardError(meta_path, "grid", f"{meta['grid']} has {len(meta['grid'])} axes, the model takes "
+                                               f"{dims}D inputs")
         if check_model:
             from nemt.explainers.nemt.estimator import model_checksum
             if model_checksum(model) != meta["model_sha256"]:
                 raise NemtError(f"{meta_path}: fitted on another model (weights checksum "
                                 f"{str(meta['model_sha256'])[:16]}...); fit it again for this model")
-        t = load_file(str(weights))
+        try:
+            t = load_file(str(weights))
+        except Exception as exc:  # safetensors' own error (a damaged or empty file): one line naming the file
+            first = str(exc).strip().splitlines()
+            raise CardError(weights, None, f"not a readable safetensors file "
+                                           f"({first[0] if first else type(exc).__name__})") from None
+        for name, v in t.items():
+            why = nonfinite_problem(v.reshape(1, -1)) if v.is_floating_point() else None
+            if why:
+                raise CardError(weights, name, f"{why.split(',')[0]}: the file is damaged")
         self = cls(model, layers=meta["layers"], k=meta["k"], method=meta["method"], seed=meta["seed"],
                    max_samples=meta.get("max_samples", 20_000), epochs=meta.get("epochs", 20),
                    batch_size=meta.get("batch_size", 32))
         try:
             if meta["method"] == "kmeans":
-                clusters = KMeansClusters(t["centroids"], float(meta["temperature"]))
+                if t.get("centroids") is None or t["centroids"].ndim != 2:
+                    raise KeyError("no centroids (K, D)")
+                clusters = KMeansClusters(t["centroids"], meta["temperature"])
             else:
-                clusters = ClusteringModule(int(meta["dim"]), int(meta["k"]), bias=bool(meta["bias"]),
-                                            alpha=float(meta["alpha"]))
+                clusters = ClusteringModule(meta["dim"], meta["k"], bias=meta["bias"], alpha=meta["alpha"])
                 clusters.load_state_dict(t)
                 clusters.eval()
         except (KeyError, RuntimeError) as exc:
@@ -613,9 +788,62 @@ class ActivationClustering:
         return self
 
 
-def _device(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
+def _check_meta(meta: dict, path: Path) -> None:
+    """A :class:`~nemt.errors.CardError` naming ``path`` and the field for a value of ``clustering.json`` that
+    :meth:`ActivationClustering.save` would not have written (read: a damaged or hand-edited file)."""
+    def need(ok: bool, field: str, what: str) -> None:
+        if not ok:
+            raise CardError(path, field, f"need {what}, got {meta.get(field)!r}")
+
+    need(is_whole_number(meta["k"]) and meta["k"] >= 2, "k", "a whole number >= 2")
+    layers = meta["layers"]
+    need(isinstance(layers, list) and bool(layers) and all(isinstance(n, str) and n for n in layers), "layers",
+         "a non-empty list of module names")
+    grid = meta["grid"]
+    need(isinstance(grid, list) and 1 <= len(grid) <= 3 and all(is_whole_number(v) and v >= 1 for v in grid),
+         "grid", "a list of 1 to 3 whole numbers >= 1 (the grid's size per spatial axis)")
+    need(is_whole_number(meta["seed"]) and meta["seed"] >= 0, "seed", "a whole number >= 0")
+    need(isinstance(meta["model_sha256"], str), "model_sha256", "the model's checksum (a string)")
+    for field, least in (("max_samples", meta["k"]), ("epochs", 0), ("batch_size", 1), ("n_pixels", 0)):
+        if field in meta:
+            need(is_whole_number(meta[field]) and meta[field] >= least, field, f"a whole number >= {least}")
+    if meta["method"] == "kmeans":
+        need(_is_number(meta.get("temperature")) and meta.get("temperature", 0) > 0, "temperature",
+             "a finite number > 0")
+    else:
+        need(is_whole_number(meta.get("dim")) and meta.get("dim", 0) >= 1, "dim", "a whole number >= 1")
+        need(isinstance(meta.get("bias"), bool), "bias", "true or false")
+        need(_is_number(meta.get("alpha")), "alpha", "a finite number")
+
+
+def _segment_counts(n_segments, default: int, batch: int) -> list[int]:
+    """``n_segments`` of a segmenter's call (None: ``default``; one count for all images; or one per image) as
+    ``batch`` ints, each a whole number >= 2, or a ParameterError naming it."""
+    if n_segments is None:
+        return [default] * batch
+    if torch.is_tensor(n_segments) or hasattr(n_segments, "tolist"):
+        n_segments = n_segments.tolist()
+    if isinstance(n_segments, (list, tuple)):
+        if len(n_segments) != batch:
+            raise ParameterError(f"n_segments gives {len(n_segments)} counts for {batch} images: give one count for "
+                                 "all images or one per image")
+        return [_count(v, f"n_segments[{i}]") for i, v in enumerate(n_segments)]
+    return [_count(n_segments, "n_segments")] * batch
+
+
+def _image_input(x: torch.Tensor) -> torch.Tensor:
+    """A model-free segmenter's input: :func:`nemt.ops.checked_input`'s checks (a tensor (B, C, *spatial) with 1 to
+    3 spatial axes, at least one image, no NaN/inf; integer images are read as float64), and channel-last input
+    ((B, *spatial, C): a last axis of 1 to 4 after a "channel" axis longer than 4) refused with nemt's layout."""
+    if torch.is_tensor(x) and not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool):
+        x = x.double()
+    x = checked_input(x, nn.Module(), use="segmentation")  # a module without parameters: x keeps its dtype
+    if x.shape[-1] <= 4 and x.shape[1] > 4:
+        raise ParameterError(f"x of shape {tuple(x.shape)} looks channel-last (B, *spatial, {x.shape[-1]}): its "
+                             f"channel axis ({x.shape[1]}) is as long as a spatial axis and its last axis "
+                             f"({x.shape[-1]}) as short as a channel axis; nemt takes channel-first (B, C, *spatial): "
+                             "use x.movedim(-1, 1)")
+    return x
 
 
 # ---------------------------------------------------------------------------- 6. superpixelified explainers
@@ -625,37 +853,50 @@ class SlicSegments:
     (B, *spatial) int64 ids. Each image is min-max scaled to [0, 1] first (per image, all channels);
     ``compactness`` as scikit-image's (for [0, 1] intensities, 0.1 to 1 is the usual range). SLIC often
     returns fewer segments than asked; ``at_least=True`` raises the request (up to 4x) until an image has
-    at least ``n_segments``, for comparisons at equal segment count."""
+    at least ``n_segments``, for comparisons at equal segment count.
+
+    1D signals (B, C, L) are segmented as images of L x 1 pixels: scikit-image's ``slic`` on the (L, 1, C) array
+    (``channel_axis=-1``) in its zero-parameter mode (SLIC-zero, ``slic_zero=True``, which adapts the
+    compactness of each segment, so ``compactness`` is only its start): about ``n_segments`` contiguous runs,
+    cut where the values change (a step) and evenly where they oscillate throughout (an ECG). Plain SLIC
+    clusters an oscillating signal by value into many short runs, which connectivity enforcement then merges
+    along the line into a single segment."""
 
     tag = "slic"
 
     def __init__(self, n_segments: int = 12, compactness: float = 0.1, sigma: float = 1.0, at_least: bool = False):
-        if int(n_segments) < 1:
-            raise ParameterError(f"n_segments must be positive, got {n_segments}")
-        self.n_segments, self.compactness, self.sigma = int(n_segments), float(compactness), float(sigma)
-        self.at_least = bool(at_least)
+        self.n_segments = _count(n_segments, "n_segments")
+        self.compactness = _positive(compactness, "compactness")
+        if not (_is_number(sigma) and sigma >= 0):
+            raise ParameterError(f"sigma must be a finite number >= 0, got {sigma!r}")
+        self.sigma, self.at_least = float(sigma), bool(at_least)
 
     def _one(self, img, n: int):
         import numpy as np
         from skimage.segmentation import slic
+        one_d = img.ndim == 2  # (C, L): a signal, segmented as an image of L x 1 pixels
+        a = np.moveaxis(img, 0, -1)
+        if one_d:
+            a = a[:, None, :]
         ask = n
         while True:
-            seg = slic(np.moveaxis(img, 0, -1), n_segments=ask, compactness=self.compactness, sigma=self.sigma,
-                       channel_axis=-1, start_label=0, enforce_connectivity=True)
+            seg = slic(a, n_segments=ask, compactness=self.compactness, sigma=self.sigma, channel_axis=-1,
+                       start_label=0, enforce_connectivity=True, slic_zero=one_d)
             if not self.at_least or len(np.unique(seg)) >= n or ask >= 4 * n:
-                return seg
+                return seg[:, 0] if one_d else seg
             ask += max(1, n // 8)
 
     def __call__(self, x: torch.Tensor, n_segments: Sequence[int] | int | None = None) -> torch.Tensor:
-        """``n_segments``: a count for all images or one per image (default: the constructor's)."""
+        """``n_segments``: a count for all images or one per image, each a whole number >= 2 (default: the
+        constructor's). ``x`` (B, C, *spatial), 1 to 3 spatial axes, channel-first."""
         import numpy as np
+        x = _image_input(x)
+        counts = _segment_counts(n_segments, self.n_segments, x.shape[0])
         a = x.detach().cpu().double().numpy()
         out = []
-        for i, img in enumerate(a):
+        for img, n in zip(a, counts):
             lo, hi = img.min(), img.max()
             img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
-            n = self.n_segments if n_segments is None else int(n_segments if isinstance(n_segments, int)
-                                                                   else n_segments[i])
             out.append(torch.from_numpy(np.asarray(self._one(img, n), dtype=np.int64)))
         return torch.stack(out).to(x.device)
 
@@ -685,13 +926,13 @@ class NasSegments:
 
     def __init__(self, model: nn.Module, k: int = 12, layers: Sequence[str] | None = None, seed: int = 0, *,
                  fit_scale: float = 2.0, assign: str = "input"):
-        if int(k) < 2:
-            raise ParameterError(f"k must be at least 2 segments, got {k}")
-        if not float(fit_scale) >= 1:
-            raise ParameterError(f"fit_scale must be at least 1 (the finest stage's grid), got {fit_scale}")
+        k = _count(k, "k")
+        if not (_is_number(fit_scale) and fit_scale >= 1):
+            raise ParameterError(f"fit_scale must be a finite number >= 1 (the finest stage's grid), got {fit_scale!r}")
         if assign not in self.ASSIGN:
             raise ParameterError(f"assign must be one of {self.ASSIGN}, got {assign!r}")
-        self.model, self.k, self.layers, self.seed = model, int(k), None if layers is None else list(layers), int(seed)
+        self.model, self.k, self.seed = model, k, int(seed)
+        self.layers = None if layers is None else [layers] if isinstance(layers, str) else list(layers)
         self.fit_scale, self.assign = float(fit_scale), assign
 
     def fit_size(self, grid: Sequence[int], spatial: Sequence[int]) -> tuple[int, ...]:
@@ -700,22 +941,25 @@ class NasSegments:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, n_segments: Sequence[int] | int | None = None) -> torch.Tensor:
-        """``n_segments``: a count for all images or one per image (default: the constructor's ``k``)."""
-        _, feats = stage_activations(self.model, x.to(_device(self.model)), self.layers)
+        """``n_segments``: a count for all images or one per image, each a whole number >= 2 (default: the
+        constructor's ``k``; at most the fitting grid's pixels are used). ``x`` as :func:`stage_activations`."""
+        where = x.device if torch.is_tensor(x) else None
+        x = _model_input(self.model, x)
+        counts = _segment_counts(n_segments, self.k, x.shape[0])
+        _, feats = stage_activations(self.model, x, self.layers)
         spatial = tuple(x.shape[2:])
         size = self.fit_size(finest_grid(feats), spatial)
         out = []
-        for i in range(x.shape[0]):
+        for i, k in enumerate(counts):
             one = [f[i:i + 1] for f in feats]
             f = compose(one, size)
-            k = self.k if n_segments is None else int(n_segments if isinstance(n_segments, int) else n_segments[i])
-            km = fit_kmeans(f, min(k, math.prod(size)), seed=self.seed)
+            km = fit_kmeans(f, max(2, min(k, math.prod(size))), seed=self.seed)
             if self.assign == "input":  # nearest centroid only (no soft assignment at the input's size)
                 labels = nearest_centroid(one, km.centroids, spatial)
             else:
                 labels = _nearest(km.assign(f)[0], spatial)
             out.append(labels)
-        return torch.cat(out).to(x.device)
+        return torch.cat(out).to(where)
 
 
 class Superpixelified:
@@ -757,8 +1001,8 @@ def load_segmenter(source: str | Path, model: nn.Module, seed: int = 0) -> Calla
     """The segments of ``--superpixelify SOURCE``: a folder written by ``nemt clusters --out`` (the model's
     activation clusters fitted over its training split, shared by all images: :class:`ActivationClustering`,
     tag ``clusters``), ``nas:K`` (K neuro-activated superpixels per image, :class:`NasSegments`, tag ``nas``)
-    or ``slic:N`` (SLIC with N segments per image, :class:`SlicSegments`, tag ``slic``); K, N default 12."""
-    from nemt.errors import NemtError
+    or ``slic:N`` (SLIC with N segments per image, :class:`SlicSegments`, tag ``slic``); K, N default 12,
+    each a whole number >= 2."""
     text = str(source)
     head, sep, n = text.partition(":")
     if head.lower() in ("slic", "nas") and not Path(text).is_dir():
@@ -766,8 +1010,8 @@ def load_segmenter(source: str | Path, model: nn.Module, seed: int = 0) -> Calla
             count = int(n) if sep else 12
             return SlicSegments(count) if head.lower() == "slic" else NasSegments(model, count, seed=seed)
         except (ValueError, ParameterError):
-            raise NemtError(f"--superpixelify {text!r}: expected {head.lower()} or {head.lower()}:N with N a "
-                            "positive integer") from None
+            raise NemtError(f"--superpixelify {text!r}: expected {head.lower()} or {head.lower()}:N with N a whole "
+                            "number >= 2") from None
     if not Path(text).is_dir():
         raise NemtError(f"--superpixelify {text!r}: neither a folder written by `nemt clusters --out` nor "
                         "nas:K or slic:N")

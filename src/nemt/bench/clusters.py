@@ -36,10 +36,19 @@ from nemt.visualize import subplots
 
 # ---------------------------------------------------------------------------- statistics of label maps
 
+def _check_ids(flat: torch.Tensor, k: int | None, name: str) -> None:
+    """A NemtError naming ``name`` when its ids (N, P) are negative or, with ``k``, not below k."""
+    bad = (flat < 0) | (flat >= int(k)) if k is not None else flat < 0
+    if bool(bad.any()):
+        rule = f"0..{int(k) - 1} (k = {int(k)})" if k is not None else "non-negative"
+        raise NemtError(f"{name} hold id {int(flat[bad][0])}: ids must be {rule}")
+
+
 def area_fractions(labels: torch.Tensor, k: int) -> torch.Tensor:
     """(N, *spatial) cluster ids in 0..k-1 -> (N, k): the share of each image each cluster covers (rows sum to 1)."""
     n = labels.shape[0]
     flat = labels.reshape(n, -1).long()
+    _check_ids(flat, k, "labels")
     counts = torch.zeros(n, k, dtype=torch.float64).scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float64))
     return counts / flat.shape[1]
 
@@ -48,11 +57,13 @@ def segment_ious(segments: torch.Tensor, gt: torch.Tensor, k: int | None = None)
     """IoU of every segment with the mask, per image: segments (N, *spatial) non-negative ids, gt (N, *spatial)
     bool -> (N, S) with S = ``k`` (ids 0..k-1; an absent id has IoU 0) or the largest id + 1; rows of NaN where
     the mask is empty."""
+    if tuple(segments.shape) != tuple(gt.shape):
+        raise NemtError(f"segments {tuple(segments.shape)} and gt {tuple(gt.shape)} must have the same shape "
+                        "(N, *spatial)")
     n = segments.shape[0]
     seg = segments.reshape(n, -1).long()
     m = gt.reshape(n, -1).bool()
-    if (seg < 0).any():
-        raise NemtError("segment ids must be non-negative")
+    _check_ids(seg, k, "segments")
     s = int(k) if k is not None else int(seg.max()) + 1
     ones = torch.ones_like(seg, dtype=torch.float64)
     area = torch.zeros(n, s, dtype=torch.float64).scatter_add_(1, seg, ones)
@@ -107,7 +118,8 @@ def cluster_localisation(labels: torch.Tensor, gt: torch.Tensor, members: torch.
             count = torch.full((labels.shape[0],), float("nan"), dtype=torch.float64)
             count[idx] = torch.tensor([float(torch.unique(s).numel()) for s in segs], dtype=torch.float64)
             if name == match:
-                counts = [int(c) for c in count[idx].tolist()]
+                # a segmenter needs 2 segments at least: an image SLIC leaves whole asks the others for 2
+                counts = [max(2, int(c)) for c in count[idx].tolist()]
             extra[name] = (best, count)
     out = {}
     for j, name in enumerate(names):

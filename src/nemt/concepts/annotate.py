@@ -21,8 +21,9 @@ from torch import nn
 from nemt.concepts.methods import clip_dissect, cosine, dead_neurons, mammi
 from nemt.concepts.vlm import VisionLanguageModel, image_embeddings
 from nemt.errors import NemtError
+from nemt.explainers.base import _blame_shape
 from nemt.explainers.layers import FeatureTap
-from nemt.ops import ParameterError, evaluating
+from nemt.ops import ParameterError, checked_input, evaluating, is_whole_number
 
 __all__ = ["DEFAULT_CONCEPTS", "METHODS", "ConceptAnnotation", "annotate", "describe_left_out", "hit_rate",
            "layer_activations", "neuron_values", "probe_batches", "read_concepts"]
@@ -57,7 +58,10 @@ def neuron_values(features: torch.Tensor) -> torch.Tensor:
 
 def probe_batches(data: Any, batch_size: int = 32) -> Callable[[], Iterator[torch.Tensor]]:
     """A factory of model-input batches from a tensor (N, C, *spatial), a Dataset whose items are tensors
-    or dicts with "image" (nemt's ImageDataset), or a list of batches; each call iterates from the start."""
+    or dicts with "image" (nemt's ImageDataset), or a list of batches (b, C, *spatial); each call iterates from the
+    start. A list of single images (C, *spatial) is read as batches too: give ``torch.stack(images)``."""
+    if not (is_whole_number(batch_size) and batch_size >= 1):
+        raise ParameterError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
     if torch.is_tensor(data):
         return lambda: (data[i:i + batch_size] for i in range(0, len(data), batch_size))
     if isinstance(data, (list, tuple)) and data and torch.is_tensor(data[0]) and data[0].ndim >= 3:
@@ -74,17 +78,29 @@ def probe_batches(data: Any, batch_size: int = 32) -> Callable[[], Iterator[torc
 def layer_activations(model: nn.Module, layer: str, batches: Iterator[torch.Tensor], *,
                       device: str | torch.device | None = None) -> tuple[torch.Tensor, bool]:
     """(N, K) neuron values at ``layer`` (a module name, as in ``model.net`` for a Classifier, or "output"),
-    streamed batch by batch (only (N, K) is kept), and whether the layer's output is the model's output."""
+    streamed batch by batch (only (N, K) is kept), and whether the layer's output is the model's output.
+
+    Each batch is checked as the explainers check their input (:func:`nemt.ops.checked_input`: a floating tensor
+    (b, C, *spatial) without NaN/inf, cast to the model's dtype); one the model cannot take (channel-last, another
+    channel count or rank) is one error naming its shape and nemt's channel-first layout."""
     dev = torch.device(device) if device is not None else next(iter(model.parameters()), torch.zeros(0)).device
     rows, is_output = [], layer == "output"
+
+    def checked(x):
+        return checked_input(x, model, dev, use="concept annotation")
+
     with evaluating(model):
         if layer == "output":
             for x in batches:
-                rows.append(neuron_values(model(x.to(dev))).cpu())
+                x = checked(x)
+                with _blame_shape(x):
+                    rows.append(neuron_values(model(x)).cpu())
         else:
             with FeatureTap(model, [layer]) as tap:
                 for i, x in enumerate(batches):
-                    out = model(x.to(dev))
+                    x = checked(x)
+                    with _blame_shape(x):
+                        out = model(x)
                     f = tap.features[layer]
                     if i == 0:
                         is_output = torch.is_tensor(out) and f.shape == out.shape and torch.equal(f, out)
@@ -192,8 +208,17 @@ def annotate(model: nn.Module, layer: str, data: Any, vlm: VisionLanguageModel, 
     if to_unit is None:
         pre = getattr(model, "preprocessing", None)
         to_unit = pre.denormalise if pre is not None else (lambda x: x)
+    for name, v in (("n_top", n_top), ("n_labels", n_labels)):
+        if not (is_whole_number(v) and v >= 1):
+            raise ParameterError(f"{name} must be a whole number >= 1, got {v!r}")
     batches = probe_batches(data, batch_size)
-    acts, is_output = layer_activations(model, layer, batches(), device=device)
+    try:
+        acts, is_output = layer_activations(model, layer, batches(), device=device)
+    except ParameterError as exc:
+        if isinstance(data, (list, tuple)) and "shape" in str(exc):
+            raise ParameterError(f"{exc}; a list is read as a list of batches (b, C, *spatial): for a list of "
+                                 "single images (C, *spatial) give torch.stack(data)") from exc
+        raise
     if acts.shape[0] < 2:  # one image cannot show a neuron's activation vary: every neuron would read as dead
         raise ParameterError(f"concept annotation needs at least 2 probe images, got {acts.shape[0]}")
     emb = image_embeddings(vlm, (to_unit(x.cpu()).clamp(0, 1) for x in batches()), cache=cache, key=cache_key)
@@ -201,13 +226,13 @@ def annotate(model: nn.Module, layer: str, data: Any, vlm: VisionLanguageModel, 
         raise NemtError(f"{acts.shape[0]} activations but {emb.shape[0]} image embeddings (stale cache?)")
     template = TEMPLATES[method] if template is None else template
     prompts = [f"{template} {c}".strip() for c in concepts]
-    text = vlm.encode_text(prompts).float()
+    text = _text_embeddings(vlm, prompts)
     # a concept the VLM cannot represent (a zero vector, or the bare template's) would tie with every other such
     # concept and win by list order: it is left out and reported, as a concept with no word in the VLM's
     # vocabulary or as one whose words it knows but never learnt (the tiny CLIP's distractors)
     blank = text.norm(dim=1) < 1e-8
     if template:
-        blank |= cosine(text, vlm.encode_text([template]).float())[:, 0] > 1 - 1e-6
+        blank |= cosine(text, _text_embeddings(vlm, [template]))[:, 0] > 1 - 1e-6
     unrepresented = [c for c, b in zip(concepts, blank.tolist()) if b]
     known_words = getattr(vlm, "known_words", None)  # a closed vocabulary only (a CLIP's tokenizer reads any word)
     unknown = [c for c in unrepresented if not known_words(c)] if callable(known_words) else None
@@ -220,7 +245,7 @@ def annotate(model: nn.Module, layer: str, data: Any, vlm: VisionLanguageModel, 
     sim = cosine(emb, text)
     dead = dead_neurons(acts)
     if method == "mammi":
-        tmpl = cosine(emb, vlm.encode_text([template]).float())[:, 0] if template else None
+        tmpl = cosine(emb, _text_embeddings(vlm, [template]))[:, 0] if template else None
         res = mammi(acts, sim, tmpl, **method_kwargs)
         scores, status, n_images = res.weights, res.status, res.n_images.tolist()
         labels = [[(concepts[c], float(scores[k, c])) for c in sel[:n_labels]] for k, sel in enumerate(res.selected)]
@@ -237,6 +262,18 @@ def annotate(model: nn.Module, layer: str, data: Any, vlm: VisionLanguageModel, 
     return ConceptAnnotation(method, layer, concepts, neurons, scores, labels, status, n_images, top, acts,
                              params={"template": template, "vlm": getattr(vlm, "name", type(vlm).__name__),
                                      "unrepresented": unrepresented, "unknown": unknown, **method_kwargs})
+
+
+def _text_embeddings(vlm: VisionLanguageModel, texts: list[str]) -> torch.Tensor:
+    """The VLM's (len(texts), D) text embeddings as float32, or a NemtError when it gives NaN or inf."""
+    text = vlm.encode_text(texts).float()
+    bad = ~torch.isfinite(text).reshape(text.shape[0], -1).all(1) if text.ndim else ~torch.isfinite(text).reshape(1)
+    if bool(bad.any()):
+        which = [t for t, b in zip(texts, bad.tolist()) if b]
+        raise NemtError(f"the vision-language model {getattr(vlm, 'name', type(vlm).__name__)!r} gave text embeddings "
+                        f"with NaN or infinite values for {len(which)} of {len(texts)} prompts (first: {which[0]!r}); "
+                        "scores of them would mean nothing")
+    return text
 
 
 def hit_rate(annotation: ConceptAnnotation, truth: dict[str, str]) -> float:

@@ -9,14 +9,47 @@ tens of MB.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
 
-from nemt.ops import ParameterError
+from nemt.ops import ParameterError, is_whole_number, nonfinite_problem
 
 __all__ = ["MammiResult", "clip_dissect", "concept_probabilities", "cosine", "dead_neurons", "mammi",
            "soft_wpmi"]
+
+
+def _finite(t: torch.Tensor, name: str) -> None:
+    """A ParameterError naming ``name`` when ``t`` (N, ...) (one row per probe image) holds NaN or inf."""
+    why = nonfinite_problem(t.reshape(t.shape[0], -1) if t.ndim and t.numel() else t.reshape(-1, 1))
+    if why:
+        raise ParameterError(f"{name} hold{'' if name.endswith('s') else 's'} {why}: a concept score of such "
+                             "values means nothing")
+
+
+def _is_number(value) -> bool:
+    """A finite real number (Python's or NumPy's), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _in_range(value, name: str, lo: float, hi: float, hi_open: bool = False, lo_open: bool = False) -> float:
+    """``value`` as a float in [lo, hi] (an end left open where asked), or a ParameterError naming ``name``."""
+    ok = _is_number(value)
+    ok = ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        span = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise ParameterError(f"{name} must be a number in {span}, got {value!r}")
+    return float(value)
+
+
+def _whole(value, name: str, least: int = 1) -> int:
+    """``value`` as an int (a whole number, or a float without a fraction; not a bool), or a ParameterError."""
+    whole = is_whole_number(value) or (_is_number(value) and value == int(value))
+    if not (whole and value >= least):
+        raise ParameterError(f"{name} must be a whole number >= {least}, got {value!r}")
+    return int(value)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -34,6 +67,9 @@ def dead_neurons(activations: torch.Tensor) -> torch.Tensor:
 
 def concept_probabilities(similarity: torch.Tensor, alpha: float = 10.0) -> torch.Tensor:
     """p(c | x) = softmax(alpha * P) over concepts, P the (N, C) image-concept cosines."""
+    if not _is_number(alpha):
+        raise ParameterError(f"alpha must be a finite number, got {alpha!r}")
+    _finite(similarity, "similarity")
     return torch.softmax(alpha * similarity.float(), dim=1)
 
 
@@ -50,15 +86,23 @@ def soft_wpmi(activations: torch.Tensor, probs: torch.Tensor, *, top_k: int = 10
         log p(c)       = logsumexp_k log p(c | B_k) - log K
         score          = log p(c | B_k) - lam * log p(c)
 
-    ``probs``: (N, C) p(c | x) (rows sum to 1, see :func:`concept_probabilities`).
+    ``probs``: (N, C) p(c | x) (rows sum to 1, see :func:`concept_probabilities`). ``top_k`` and
+    ``neuron_chunk`` are whole numbers >= 1, ``p_start`` and ``p_end`` in (0, 1], ``min_prob`` >= 0.
     """
     a, q = activations.float(), probs.float()
     if a.ndim != 2 or q.ndim != 2 or a.shape[0] != q.shape[0]:
         raise ParameterError(f"activations (N, K) and probabilities (N, C) need the same N, got "
                              f"{tuple(a.shape)} and {tuple(q.shape)}")
-    m = min(int(top_k), a.shape[0])
-    if m < 1:
-        raise ParameterError("no probe images")
+    top_k, neuron_chunk = _whole(top_k, "top_k"), _whole(neuron_chunk, "neuron_chunk")
+    p_start = _in_range(p_start, "p_start", 0, 1, lo_open=True)
+    p_end = _in_range(p_end, "p_end", 0, 1, lo_open=True)
+    min_prob = _in_range(min_prob, "min_prob", 0, 1)
+    if not _is_number(lam):
+        raise ParameterError(f"lam must be a finite number, got {lam!r}")
+    if a.shape[0] == 0:
+        raise ParameterError(f"activations hold no probe image (shape {tuple(a.shape)}): soft-WPMI needs at least one")
+    _finite(q, "probs")
+    m = min(top_k, a.shape[0])
     p = torch.linspace(p_start, p_end, m, dtype=q.dtype) if m > 1 else torch.tensor([p_start], dtype=q.dtype)
     top = torch.topk(a, m, dim=0).indices.T  # (K, m), highest first
     out = torch.empty(a.shape[1], q.shape[1])
@@ -104,14 +148,25 @@ def mammi(activations: torch.Tensor, concept_similarity: torch.Tensor,
       template): nothing is kept, status "no-positive-concept"; the weights are still
       returned (the rule ``w > 0.95 max`` keeps nothing for a negative max in the authors'
       code too, and would keep the *less* similar concepts if read with |max|).
+
+    ``quantile`` and ``keep`` are in [0, 1) (at 1 no image, or no concept, could pass the strict threshold);
+    the similarities must be finite (NaN or inf is refused, naming the argument).
     """
+    quantile = _in_range(quantile, "quantile", 0, 1, hi_open=True)
+    keep = _in_range(keep, "keep", 0, 1, hi_open=True)
     a = activations.float()
     s = concept_similarity.float()
-    if template_similarity is not None:
-        s = s - template_similarity.float().reshape(-1, 1)
     if a.ndim != 2 or s.ndim != 2 or a.shape[0] != s.shape[0]:
         raise ParameterError(f"activations (N, K) and similarities (N, C) need the same N, got "
                              f"{tuple(a.shape)} and {tuple(s.shape)}")
+    _finite(s, "concept_similarity")
+    if template_similarity is not None:
+        t = template_similarity.float()
+        if t.numel() != a.shape[0] or (t.ndim > 1 and t.shape not in ((a.shape[0], 1), (a.shape[0],))):
+            raise ParameterError(f"template_similarity must be (N,) = ({a.shape[0]},), one value per probe image, "
+                                 f"got shape {tuple(t.shape)}")
+        _finite(t.reshape(-1, 1), "template_similarity")
+        s = s - t.reshape(-1, 1)
     lo, hi = a.amin(0), a.amax(0)
     chosen = a > (lo + quantile * (hi - lo))  # (N, K); strict, so a dead neuron has no image
     dead = dead_neurons(a)

@@ -139,7 +139,15 @@ class TinyCLIP(nn.Module):
         nn.init.normal_(self.words.weight, std=0.1)  # words never seen in training are zeroed by train_tiny_clip
         self.text_proj = nn.Linear(dim, dim, bias=False)  # no bias: a prompt keeps its direction when unknown words dilute the mean
         self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
-        self.name = f"tiny-clip(size={self.size}, dim={self.dim})"
+        self.set_trained_on(None)
+
+    def set_trained_on(self, trained_on: dict | None) -> None:
+        """Record how the model was trained (:func:`train_tiny_clip`'s settings, saved in its card as
+        ``trained_on``; None: unknown) and name it after its seed: the name keys cached image embeddings, so
+        another seed's tiny CLIP never reuses them."""
+        self.trained_on = dict(trained_on) if isinstance(trained_on, dict) else None
+        seed = (self.trained_on or {}).get("seed")
+        self.name = f"tiny-clip(size={self.size}, dim={self.dim}" + (f", seed={seed})" if seed is not None else ")")
 
     @property
     def device(self) -> torch.device:
@@ -193,8 +201,11 @@ class TinyCLIP(nn.Module):
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         with atomic_path(d / _WEIGHTS) as tmp:
             save_file(state, str(tmp))
+        extra = dict(extra or {})
+        if self.trained_on is not None:
+            extra.setdefault("trained_on", self.trained_on)
         write_json(d / _CARD, {"kind": "nemt-tiny-clip", "format": _FORMAT, "vocab": self.vocab, "size": self.size,
-                               "dim": self.dim, "width": self.width, **(extra or {})})
+                               "dim": self.dim, "width": self.width, **extra})
         return d
 
     @classmethod
@@ -226,6 +237,10 @@ class TinyCLIP(nn.Module):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise NemtError(f"{d / _CARD}: {key}: need a positive integer, got {v!r}")
         model = cls(vocab, size=card["size"], dim=card["dim"], width=card["width"])
+        trained_on = card.get("trained_on")
+        if trained_on is not None and not isinstance(trained_on, dict):
+            raise NemtError(f"{d / _CARD}: trained_on: need a JSON object (the training settings), got {trained_on!r}")
+        model.set_trained_on(trained_on)
         try:
             model.load_state_dict(load_file(str(d / _WEIGHTS)))
         except Exception as exc:  # safetensors' own errors, or torch's shape mismatch: one line, not the dump
@@ -293,7 +308,8 @@ def train_tiny_clip(n: int = 600, size: int = 48, *, epochs: int = 40, batch_siz
             opt.step()
             sched.step()
     model.eval()
+    model.set_trained_on({"n": n, "size": size, "epochs": epochs, "seed": seed, "width": width,
+                          "findings": list(findings), "distractors": list(distractors)})
     if out_dir is not None:
-        model.save(out_dir, extra={"trained_on": {"n": n, "size": size, "epochs": epochs, "seed": seed,
-                                                  "width": width, "findings": list(findings), "distractors": list(distractors)}})
+        model.save(out_dir)
     return model

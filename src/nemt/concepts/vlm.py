@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from nemt.errors import NemtError
 from nemt.files import atomic_path
+from nemt.ops import nonfinite_problem
 
 __all__ = ["HFCLIPAdapter", "OpenCLIPAdapter", "OracleVLM", "VisionLanguageModel", "image_embeddings",
            "load_vlm"]
@@ -177,15 +178,51 @@ class HFCLIPAdapter:
         return self.model.get_text_features(**tok).float().cpu()
 
 
+def _tiny_settings(seed: int, size: int) -> dict:
+    """What ``train_tiny_clip(size=size, seed=seed)`` records as ``trained_on`` (its other settings at their
+    defaults), with the model's ``dim``: what a saved tiny CLIP must match to be reused for ``load_vlm("tiny")``."""
+    import inspect
+
+    from nemt.concepts.tiny_clip import train_tiny_clip
+    from nemt.data.phantoms import FINDINGS
+
+    d = {k: v.default for k, v in inspect.signature(train_tiny_clip).parameters.items()}
+    return {"n": d["n"], "size": int(size), "epochs": d["epochs"], "seed": int(seed), "width": d["width"],
+            "findings": list(d["findings"] or FINDINGS), "distractors": list(d["distractors"]), "dim": d["dim"]}
+
+
+def _check_reuse(model, folder: Path, seed: int, size: int) -> None:
+    """Refuse a tiny CLIP saved in ``folder`` that another seed or size (or other training settings) made:
+    reusing it would report the asked seed for another model, and retraining would overwrite the user's folder."""
+    want = _tiny_settings(seed, size)
+    saved = getattr(model, "trained_on", None)
+    got = dict(saved) if isinstance(saved, dict) else {}
+    got["dim"] = model.dim
+    diff = [k for k in want if got.get(k) != want[k]]
+    if diff:
+        def show(d: dict) -> str:
+            return ", ".join(f"{k} {d.get(k, 'unknown')}" for k in ["seed", "size", *[k for k in diff
+                                                                                     if k not in ("seed", "size")]])
+        raise NemtError(f"{folder} holds a tiny CLIP trained with {show(got)}, not the asked {show(want)}: give "
+                        f"another output folder (--out), or delete {folder} to train one with these settings")
+
+
 def load_vlm(spec: str | Path, *, device: str | torch.device = "cpu", seed: int = 0, size: int = 48,
              cache_dir: str | Path | None = None) -> VisionLanguageModel:
     """``"tiny"`` (train nemt's tiny CLIP on phantoms, or reuse the one saved in ``cache_dir``) or a local
-    folder: a saved tiny CLIP, an open_clip folder or a Hugging Face CLIP folder (see the adapters)."""
+    folder: a saved tiny CLIP, an open_clip folder or a Hugging Face CLIP folder (see the adapters).
+
+    A tiny CLIP in ``cache_dir`` is reused only when it was trained with this ``seed`` and ``size`` (and the
+    other settings of :func:`~nemt.concepts.tiny_clip.train_tiny_clip` at their defaults, as ``"tiny"`` trains
+    it); one made otherwise is refused, naming the folder, its settings and the asked ones (it is neither
+    reused under the wrong seed nor overwritten)."""
     from nemt.concepts.tiny_clip import TinyCLIP, train_tiny_clip
 
     if str(spec) == "tiny":
         if cache_dir is not None and TinyCLIP.is_saved(cache_dir):
-            return TinyCLIP.load(cache_dir, device)
+            model = TinyCLIP.load(cache_dir, device)
+            _check_reuse(model, Path(cache_dir), seed, size)
+            return model
         return train_tiny_clip(size=size, seed=seed, device=device, out_dir=cache_dir)
     p = Path(spec)
     if not p.exists():
@@ -206,6 +243,7 @@ def image_embeddings(vlm: VisionLanguageModel, batches: Iterable[torch.Tensor], 
     With ``cache`` (a .safetensors path) the embeddings are read from it when it
     was written for the same VLM name and ``key`` (e.g. a fingerprint of the
     probe set), else computed and written: reused across layers and methods.
+    The embeddings must be finite: NaN or inf from the VLM (or in the cache) is a NemtError naming it.
     """
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -214,8 +252,16 @@ def image_embeddings(vlm: VisionLanguageModel, batches: Iterable[torch.Tensor], 
     if cache is not None and Path(cache).is_file():
         with safe_open(str(cache), "pt") as fh:
             if fh.metadata() == meta:
-                return fh.get_tensor("image_embeddings")
+                emb = fh.get_tensor("image_embeddings")
+                why = nonfinite_problem(emb) if emb.ndim == 2 else f"shape {tuple(emb.shape)}, not (N, D)"
+                if why:
+                    raise NemtError(f"{cache}: image_embeddings: {why}; delete the file to compute them again")
+                return emb
     emb = torch.cat([vlm.encode_image(x).float().cpu() for x in batches])
+    why = nonfinite_problem(emb)
+    if why:
+        raise NemtError(f"the vision-language model {meta['vlm']!r} gave image embeddings with {why}: scores of "
+                        "them would mean nothing (are its inputs [0, 1] images?)")
     if cache is not None:
         with atomic_path(cache) as tmp:
             save_file({"image_embeddings": emb.contiguous()}, str(tmp), metadata=meta)
