@@ -39,9 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nemt.errors import CardError, NemtError
-from nemt.explainers.base import _blame_shape
 from nemt.explainers.layers import FeatureTap, find_stages, layer_name
-from nemt.ops import (ParameterError, checked_input, device_of, evaluating, is_whole_number, nonfinite_problem,
+from nemt.ops import (ParameterError, blame_shape, checked_input, device_of, evaluating, is_whole_number, nonfinite_problem,
                       postprocess, resize_linear)
 
 #: restarts of scikit-learn's k-means (fixed, so a seed gives one answer whatever scikit-learn's default)
@@ -107,7 +106,7 @@ def stage_activations(model: nn.Module, x: torch.Tensor, layers: Sequence[str | 
     dtype (float64 input meets a float32 model) on its device; an input the model cannot take (channel-last,
     another channel count or rank) is one error naming x's shape and nemt's channel-first layout."""
     x = _model_input(model, x)
-    with evaluating(model), _blame_shape(x):
+    with evaluating(model), blame_shape(x):
         if layers is None:
             layers = find_stages(model, tuple(x.shape[1:]))[-3:]
         names = [layer_name(model, layer) for layer in layers]
@@ -623,7 +622,7 @@ class ActivationClustering:
             try:
                 x = _model_input(self.model, x)
                 if layers is None:
-                    with evaluating(self.model), _blame_shape(x):
+                    with evaluating(self.model), blame_shape(x):
                         layers = find_stages(self.model, tuple(x.shape[1:]))[-3:]
                 layers = [layer_name(self.model, layer) for layer in layers]
                 if grid is not None and x.ndim - 2 != len(grid):

@@ -78,6 +78,25 @@ def nonfinite_problem(x: torch.Tensor) -> str | None:
     return f"{int(bad.sum())} NaN or infinite values, in {int(bad.flatten(1).any(1).sum())} of its {x.shape[0]} images"
 
 
+#: the words of PyTorch's errors for an input of the wrong rank or channel count (convolutions, linear layers)
+_SHAPE_ERRORS = ("expected input", "channels", "expected 2d", "expected 3d", "expected 4d", "expected 5d",
+                 "cannot be multiplied", "size mismatch", "must match the size")
+
+
+@contextmanager
+def blame_shape(x: torch.Tensor):
+    """A model's own error about its input's shape, re-raised naming x's shape and nemt's layout."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = str(e)
+        if not any(w in text.lower() for w in _SHAPE_ERRORS):
+            raise
+        raise ParameterError(f"the model cannot take x of shape {tuple(x.shape)}: {text.splitlines()[0]} "
+                             "(nemt passes x to the model as given: channel-first (B, C, *spatial), the model's "
+                             "channels and rank)") from e
+
+
 def checked_input(x: Any, model: nn.Module, device: torch.device | None = None, use: str = "map") -> torch.Tensor:
     """``x`` as a detached floating tensor (B, C, *spatial) in the model's dtype (a float64 array from NumPy meets
     a float32 model; the caller's x is left as it is), on ``device`` if given, or one clear error naming x: not

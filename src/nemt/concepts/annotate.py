@@ -21,9 +21,8 @@ from torch import nn
 from nemt.concepts.methods import clip_dissect, cosine, dead_neurons, mammi
 from nemt.concepts.vlm import VisionLanguageModel, image_embeddings
 from nemt.errors import NemtError
-from nemt.explainers.base import _blame_shape
 from nemt.explainers.layers import FeatureTap
-from nemt.ops import ParameterError, checked_input, evaluating, is_whole_number
+from nemt.ops import ParameterError, blame_shape, checked_input, evaluating, is_whole_number
 
 __all__ = ["DEFAULT_CONCEPTS", "METHODS", "ConceptAnnotation", "annotate", "describe_left_out", "hit_rate",
            "layer_activations", "neuron_values", "probe_batches", "read_concepts"]
@@ -93,13 +92,13 @@ def layer_activations(model: nn.Module, layer: str, batches: Iterator[torch.Tens
         if layer == "output":
             for x in batches:
                 x = checked(x)
-                with _blame_shape(x):
+                with blame_shape(x):
                     rows.append(neuron_values(model(x)).cpu())
         else:
             with FeatureTap(model, [layer]) as tap:
                 for i, x in enumerate(batches):
                     x = checked(x)
-                    with _blame_shape(x):
+                    with blame_shape(x):
                         out = model(x)
                     f = tap.features[layer]
                     if i == 0:

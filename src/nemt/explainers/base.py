@@ -15,7 +15,6 @@ Targets: see :data:`nemt.ops.TARGET_HELP`.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 from pathlib import Path
 from typing import Any, Callable
@@ -24,8 +23,8 @@ import torch
 from torch import nn
 
 from nemt.explainers.fast import new_call
-from nemt.ops import (ArgumentTypeError, ParameterError, Target, check_postprocess, checked_input, chunks, device_of,
-                      evaluating, fill_values, frozen_parameters, n_outputs_of, normalise_maps, output_score,
+from nemt.ops import (ArgumentTypeError, ParameterError, Target, blame_shape, check_postprocess, checked_input, chunks,
+                      device_of, evaluating, fill_values, frozen_parameters, n_outputs_of, normalise_maps, output_score,
                       postprocess, resize_linear, resolve_targets, task_of)
 
 __all__ = ["Explainer", "Target", "available", "baseline_image", "frozen_parameters", "get_explainer",
@@ -101,7 +100,7 @@ class Explainer:
         """The method's maps (B, T, *spatial) before post-processing."""
         x = self.check_input(x)
         new_call()  # inference copies of the model compare its state once in this call (a stale one is rebuilt)
-        with evaluating(self.model), _blame_shape(x):
+        with evaluating(self.model), blame_shape(x):
             t = self.targets(x, target)
             parts = [self._attribute(x[sl], t[sl]) for sl in chunks(x.shape[0], self.images_per_call)]
         return torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -122,25 +121,6 @@ class Explainer:
     def _attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         """Raw maps (b, T, *spatial) for a chunk ``x`` (b, C, *spatial) and its targets (b, T)."""
         raise NotImplementedError
-
-
-#: the words of PyTorch's errors for an input of the wrong rank or channel count (convolutions, linear layers)
-_SHAPE_ERRORS = ("expected input", "channels", "expected 2d", "expected 3d", "expected 4d", "expected 5d",
-                 "cannot be multiplied", "size mismatch", "must match the size")
-
-
-@contextlib.contextmanager
-def _blame_shape(x: torch.Tensor):
-    """A model's own error about its input's shape, re-raised naming x's shape and nemt's layout."""
-    try:
-        yield
-    except RuntimeError as e:
-        text = str(e)
-        if not any(w in text.lower() for w in _SHAPE_ERRORS):
-            raise
-        raise ParameterError(f"the model cannot take x of shape {tuple(x.shape)}: {text.splitlines()[0]} "
-                             "(nemt passes x to the model as given: channel-first (B, C, *spatial), the model's "
-                             "channels and rank)") from e
 
 
 def init_parameters(cls: type) -> set[str]:
