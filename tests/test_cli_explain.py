@@ -280,6 +280,9 @@ def test_a_label_named_like_a_keyword_or_an_index_is_never_guessed(tmp_path):
     for target, name in (("7", "7"), ("1", "0")):  # label '7' (no index 7); index 1 (label '0')
         res = json.loads(_ok(base + [str(tmp_path / f"ok-{target}"), "--target", target]))
         assert res[0]["targets"] == [name]
+    # a non-ASCII digit is no index (str.isdigit() said it was, and int() then crashed with a traceback)
+    res = runner.invoke(app, base + [str(tmp_path / "o-sup"), "--target", "\u00b2"])
+    assert res.exit_code == 2 and "\u00b2" in res.output and "Traceback" not in res.output, res.output
 
 
 def test_library_refuses_a_keyword_target_that_is_also_a_label():

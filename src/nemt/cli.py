@@ -628,6 +628,7 @@ def explain(
     from nemt.explainers import get_explainer, resolve_targets
     from nemt.files import OutputNames, atomic_open, image_stem, label_file_parts, write_json
     from nemt.models import load_model
+    from nemt.ops import label_or_index
     from nemt.params import blamed_on_params
     from nemt.visualize import save_overlay
 
@@ -655,16 +656,14 @@ def explain(
         ex = Superpixelified(ex, load_segmenter(superpixelify, clf, seed=seed))
         method = ex.name
     tgt: object = target
-    if target not in ("all", "predicted"):
-        tgt = int(target) if target.isdigit() else target
-    if target in clf.label_names:  # a label named like a keyword or like an index: never guess which is meant
-        own = clf.label_names.index(target)
-        if isinstance(tgt, int) and tgt >= len(clf.label_names):
-            tgt = own  # no output has that index: only the label can be meant
-        elif tgt != own:
-            other = "a keyword" if isinstance(tgt, str) else f"the index of label {clf.label_names[tgt]!r}"
-            raise NemtError(f"--target {target!r} is both this model's label {own} and {other}; give the label's "
+    if target in ("all", "predicted"):
+        if target in clf.label_names:  # a label named like a keyword: never guess which is meant
+            own = clf.label_names.index(target)
+            raise NemtError(f"--target {target!r} is both this model's label {own} and a keyword; give the label's "
                             f"index, --target {own}")
+    else:  # a label's name or an output's index, read as the service reads its labels
+        own = label_or_index(target, clf.label_names, what="--target", option="--target")
+        tgt = own if own is not None else int(target) if target.isascii() and target.isdigit() else target
     pre = clf.preprocessing
     file_parts = label_file_parts(clf.label_names)
 
@@ -931,14 +930,20 @@ def serve(
     max_receiving: int = typer.Option(64, min=1, help="request bodies received at once; more get 503"),
     seed: int = typer.Option(0, min=0, max=SEED_MAX, help="seed of stochastic baselines"),
     device: str = typer.Option("cpu", help="torch device"),
+    param: list[str] = typer.Option([], "--param", help="METHOD.KEY=VALUE (repeatable), a served method's "
+                                    "parameter, e.g. occlusion.window=4 (see `nemt methods`)"),
 ) -> None:
-    """Serve predictions and explanations over HTTP (POST /v1/explain, /openapi.json), with a viewer at /."""
+    """Serve predictions and explanations over HTTP (POST /v1/explain, /openapi.json), with a viewer at /.
+
+    Every method is tried once on the model's input size before the port is opened: a setting that cannot
+    work there is refused with the method's own reason (change it with --param)."""
+    from nemt.bench.runner import split_method_params
     from nemt.deploy.service import serve as run
 
     _device(device)
-    run(model, explainer, baselines=_csv_list(baselines) or [], host=host, port=port, workers=workers,
-        queue=queue, max_upload_mb=max_upload_mb, max_pixels=int(max_pixels), body_timeout=body_timeout,
-        max_receiving=max_receiving, device=device, seed=seed)
+    run(model, explainer, baselines=_csv_list(baselines) or [], params=split_method_params(param, metrics=False), host=host,
+        port=port, workers=workers, queue=queue, max_upload_mb=max_upload_mb, max_pixels=int(max_pixels),
+        body_timeout=body_timeout, max_receiving=max_receiving, device=device, seed=seed)
 
 
 @app.command()

@@ -174,6 +174,21 @@ def n_outputs_of(model: nn.Module, x: torch.Tensor | None = None, outputs: torch
 
 # ---------------------------------------------------------------------------- targets
 
+def label_or_index(text: str, names: Sequence[str], what: str = "labels", option: str = "") -> int | None:
+    """One label written as text (``nemt explain --target``, the service's ``labels``): a label's name, or
+    ASCII digits, an output index (None: neither, or an index no output has). Digits that are also a label's
+    name mean that label when no output has that index, and are refused as ambiguous (a :class:`ParameterError`
+    naming ``what``, advising ``option`` with the label's index) when the index is another label's."""
+    index = int(text) if text.isascii() and text.isdigit() else None
+    if text in names:
+        own = list(names).index(text)
+        if index is not None and index < len(names) and index != own:
+            raise ParameterError(f"{what} {text!r} is both this model's label {own} and the index of label "
+                                 f"{names[index]!r}; give the label's index, {option + ' ' if option else ''}{own}")
+        return own
+    return index if index is not None and index < len(names) else None
+
+
 def resolve_targets(target: Target, model: nn.Module, x: torch.Tensor | None = None, *,
                     n_outputs: int | None = None, label_names: Sequence[str] | None = None,
                     task: str | None = None, batch_size: int | None = None,

@@ -758,15 +758,16 @@ def prototype_section(data: BenchmarkData, picked: Sequence, explainers: dict[st
 DEFAULT_METHODS = ("nemt", "gradcam++", "ig", "gradshap", "rise", "extremal", "random", "sobel")
 
 
-def split_method_params(items: Sequence[str]) -> dict[str, dict]:
-    """``["rise.n_masks=2000", "faithfulness_estimate.batch_size=64"]`` -> ``{"rise": {"n_masks": 2000}, ...}``."""
+def split_method_params(items: Sequence[str], metrics: bool = True) -> dict[str, dict]:
+    """``["rise.n_masks=2000", "faithfulness_estimate.batch_size=64"]`` -> ``{"rise": {"n_masks": 2000}, ...}``
+    (``metrics=False``: a command that takes methods' parameters only, and says so when one is malformed)."""
     from nemt.params import parse_params
     out: dict[str, dict] = {}
     for item in items:
         head, dot, rest = item.partition(".")
         if not dot or "=" not in rest:
-            raise NemtError(f"--param {item!r}: expected METHOD.KEY=VALUE (or METRIC.KEY=VALUE), "
-                            "e.g. rise.n_masks=2000")
+            raise NemtError(f"--param {item!r}: expected METHOD.KEY=VALUE"
+                            + (" (or METRIC.KEY=VALUE)" if metrics else "") + ", e.g. rise.n_masks=2000")
         out.setdefault(head, {}).update(parse_params([rest]))
     return out
 

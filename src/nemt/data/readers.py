@@ -13,6 +13,11 @@ Every reader returns channel-first float32 with no resizing or normalisation:
 ``Image.value_range`` is the nominal intensity range of ``array``, so
 ``(array - lo) / (hi - lo)`` lies in [0, 1]. Anything unreadable raises
 :class:`~nemt.errors.DataError` naming the file, the field and the reason.
+The field tells an unsupported file from a damaged one: ``file`` (or
+``TransferSyntaxUID``, ``SampleFormat``) for a format, or a variant of one,
+that nemt does not read; ``header``, ``pixels``, ``PixelData`` and the like
+for a file that starts as a supported format (its signature, magic bytes)
+but cannot be read: truncated or damaged.
 
 Decompression bombs: a small file may declare a huge image (a 196-byte PNG
 of 30000x30000). Every reader takes the size from the header and refuses an
@@ -49,6 +54,9 @@ _SUFFIX_FORMAT = {".png": "pil", ".jpg": "pil", ".jpeg": "pil", ".bmp": "pil", "
                   ".tiff": "pil", ".dcm": "dicom", ".dicom": "dicom", ".nii": "nifti",
                   ".nii.gz": "nifti", ".npz": "npz"}
 _PIL_FORMATS = ["PNG", "JPEG", "BMP", "TIFF"]
+#: the first bytes of each format Pillow reads here (as :func:`_sniff` tells them)
+_PIL_SIGNATURES = {"PNG": (b"\x89PNG\r\n\x1a\n",), "JPEG": (b"\xff\xd8\xff",), "BMP": (b"BM",),
+                   "TIFF": (b"II*\x00", b"MM\x00*")}
 _MEDMNIST_SPLITS = ("train", "val", "test")
 DEFAULT_MAX_PIXELS = 256_000_000
 """Largest image decoded by default: 256 Mpx (about 1 GB as float32 per channel); a 512x512x900 CT fits."""
@@ -201,7 +209,7 @@ def _sniff(path: Path) -> str | None:
     # DICOM first: its 128-byte preamble is free-form and may itself be a TIFF header.
     if head[128:132] == b"DICM":
         return "dicom"
-    if head.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM", b"II*\x00", b"MM\x00*")):
+    if head.startswith(tuple(m for magics in _PIL_SIGNATURES.values() for m in magics)):
         return "pil"
     if head.startswith(b"PK\x03\x04"):
         return "npz"
@@ -246,6 +254,7 @@ def _open_pil(path: Path):
     PILImage.init()  # registers the format plugins (once per process)
     with open(path, "rb") as f:
         prefix = f.read(16)
+    failure = None
     for fmt in _PIL_FORMATS:
         factory, accept = PILImage.OPEN[fmt]
         result = accept(prefix) if accept is not None else True
@@ -253,9 +262,61 @@ def _open_pil(path: Path):
             continue
         try:
             return factory(str(path), str(path))  # opens (and on failure closes) its own file handle
-        except (SyntaxError, IndexError, TypeError, struct.error):
-            continue  # not this format after all; Image.open goes on to the next plugin too
+        except (SyntaxError, IndexError, TypeError, struct.error) as e:
+            failure = failure or e  # kept to say why; Image.open goes on to the next plugin too
+    if failure is not None:  # a plugin took the file by its first bytes, then could not parse its header
+        raise failure
     return None
+
+
+def _pil_refusal(path: Path, exc: Exception | None) -> DataError:
+    """Why Pillow's plugins could not open ``path`` (``exc``: what the one that took it raised): ``file`` when
+    the file has none of their signatures or is a variant they do not read (415 in the service),
+    ``SampleFormat`` for a TIFF of a sample type they do not decode, ``header`` when it has a signature but
+    its header cannot be read: truncated or damaged."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    fmt = next((name for name, magics in _PIL_SIGNATURES.items() if head.startswith(magics)), None)
+    reason = f"{type(exc).__name__}: {exc}" if exc is not None else ""
+    if fmt is None:
+        return DataError(path, "file", "not a readable PNG, JPEG, BMP or TIFF image"
+                         + (f" ({reason})" if reason else ""))
+    if fmt == "TIFF" and "pixel mode" in str(exc):  # Pillow's "unknown pixel mode": a sample type it lacks
+        samples = _tiff_samples(path)
+        if samples is not None:
+            return DataError(path, "SampleFormat", f"a TIFF of {samples}: a sample type nemt does not read (it "
+                             "reads 8- or 16-bit integers, grey or RGB, and one sample of 32-bit integers or "
+                             "floats); save the image as one of those")
+    if "nsupported" in str(exc):  # e.g. Pillow's "Unsupported BMP compression (1)"
+        return DataError(path, "file", f"a {fmt} variant nemt does not read ({reason})")
+    return DataError(path, "header", f"a {fmt} file by its signature, but its header cannot be read "
+                     f"({reason or 'no image found'}; {path.stat().st_size} bytes): the file is truncated or damaged")
+
+
+_TIFF_SAMPLE_KINDS = {1: "unsigned integer", 2: "signed integer", 3: "floating-point", 4: "undefined",
+                      5: "complex integer", 6: "complex floating-point"}
+
+
+def _tiff_samples(path: Path) -> str | None:
+    """A TIFF's sample type from its first directory, in words (None if that cannot be read)."""
+    from PIL import TiffImagePlugin
+
+    try:
+        with open(path, "rb") as f:
+            ifh = f.read(8)
+            if ifh[2:3] == b"+" or ifh[3:4] == b"+":  # BigTIFF: a 16-byte header
+                ifh += f.read(8)
+            ifd = TiffImagePlugin.ImageFileDirectory_v2(ifh)
+            f.seek(ifd.next)
+            ifd.load(f)
+        bits = tuple(ifd.get(258, (1,)))
+        kind = tuple(ifd.get(339, (1,)))
+        n = int(ifd.get(277, 1))
+    except Exception:  # noqa: BLE001 - only a better message is lost
+        return None
+    words = _TIFF_SAMPLE_KINDS.get(kind[0], f"SampleFormat {kind[0]}")
+    return (f"{bits[0]}-bit {words} samples, {n} per pixel (BitsPerSample {'/'.join(map(str, bits))}, "
+            f"SampleFormat {'/'.join(map(str, kind))})")
 
 
 def _read_pil(path: Path, palette_indices: bool = False, max_pixels: int | None = None) -> Image:
@@ -263,9 +324,9 @@ def _read_pil(path: Path, palette_indices: bool = False, max_pixels: int | None 
     try:
         im = _open_pil(path)
     except Exception as e:  # a plugin's header parser may raise more than OSError
-        raise DataError(path, "file", f"{type(e).__name__}: {e}") from e
+        raise _pil_refusal(path, e) from e
     if im is None:
-        raise DataError(path, "file", "not a readable PNG, JPEG, BMP or TIFF image")
+        raise _pil_refusal(path, None)
     try:
         check_pixels(path, im.size[::-1], max_pixels)  # the header's size, before any decoding
     except ImageTooLarge:
@@ -357,13 +418,16 @@ def _read_dicom_warned(path: Path, max_pixels: int | None, caught: list) -> Imag
         ds = pydicom.dcmread(path)
     except InvalidDicomError as e:
         raise DataError(path, "file", "not a DICOM file (no 'DICM' marker at byte 128)") from e
-    except Exception as e:
+    except Exception as e:  # the 'DICM' marker is there: a damaged file, not another format
         cut = isinstance(e, (struct.error, EOFError)) or type(e).__name__ == "BytesLengthException"
-        raise DataError(path, "file", f"cannot parse DICOM: {type(e).__name__}: {e}"
+        raise DataError(path, "header", f"cannot parse DICOM: {type(e).__name__}: {e}"
                         + (f" (the header ends mid-element after {Path(path).stat().st_size} bytes: "
-                           "truncated?)" if cut else "")) from e
-    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+                           "truncated?)" if cut else " (damaged?)")) from e
+    element = next((k for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData") if k in ds), None)
+    if element is None:
         raise DataError(path, "PixelData", _no_pixel_data(ds, path, caught))
+    if not ds[element].value:  # present but empty (pydicom reads a zero-length value as None)
+        raise DataError(path, element, f"no pixel data: the {element} element is empty")
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     prefix = ""
     if ts is not None and ts.is_compressed:
@@ -462,8 +526,14 @@ def _read_nifti(path: Path, max_pixels: int | None = None) -> Image:
     """
     import nibabel as nib
 
-    with _decoding(path, "file"):
+    try:
         img = nib.load(str(path))
+    except Exception as e:  # nibabel raises a zoo of types
+        if _starts_as_nifti(path):
+            raise DataError(path, "header", f"a NIfTI file by its first bytes, but it cannot be read "
+                            f"({type(e).__name__}: {e}; {path.stat().st_size} bytes): the file is truncated or "
+                            "damaged") from e
+        raise DataError(path, "file", f"{type(e).__name__}: {e}") from e
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise DataError(path, "file", f"not a NIfTI image ({type(img).__name__})")
     shape = img.shape
@@ -482,6 +552,20 @@ def _read_nifti(path: Path, max_pixels: int | None = None) -> Image:
             "axcodes": list(nib.aff2axcodes(img.affine))}
     return Image(array, spacing, np.asarray(img.affine, dtype=np.float64), _data_range(array),
                  "nifti", str(path), meta)
+
+
+def _starts_as_nifti(path: Path) -> bool:
+    """Whether a NIfTI reader should have read ``path``: a gzip stream that breaks off or is damaged (a cut
+    ``.nii.gz``), or a file (after gzip) whose first field is NIfTI's ``sizeof_hdr``, 348 or 540."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] == b"\x1f\x8b":
+        try:
+            with gzip.open(path, "rb") as f:
+                head = f.read(4)
+        except (OSError, EOFError, zlib.error):
+            return True
+    return len(head) == 4 and {struct.unpack("<i", head)[0], struct.unpack(">i", head)[0]} & {348, 540} != set()
 
 
 # -- NumPy arrays and signals -----------------------------------------------

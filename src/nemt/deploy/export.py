@@ -21,8 +21,15 @@ CumSum; circular padding becomes Slice/Concat at opset 17). TorchScript
 keeps all of it. ONNX keeps it for 2D models; for 3D models PyTorch's
 ONNX exporter has no ``channels_last_3d``, so the plain path (BatchNorm
 unfolded, which ONNX Runtime folds itself when it loads the graph) is
-exported instead. The metadata key ``graph`` says which (``fast`` or
-``plain``); both give the same outputs.
+exported instead. 1D models (signals, (B, C, L)) are exported on the plain
+path too (``graph`` ``plain``). The metadata key ``graph`` says which
+(``fast`` or ``plain``); both give the same outputs.
+
+A batch of 0: :class:`SelfExplainingModel` and the TorchScript archive
+return empty ``outputs`` (0, T) and ``maps`` (0, T, *input_size); the ONNX
+graph does not (ONNX Runtime refuses the empty batch at a Reshape node with
+an error), so callers of the ONNX file skip empty batches. Exporting leaves
+the classifier's ``training`` flags and ``requires_grad`` as they were.
 """
 from __future__ import annotations
 
@@ -31,7 +38,7 @@ import io
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Tuple
 
 import numpy as np
 import torch
@@ -41,6 +48,7 @@ from nemt import __version__
 from nemt.errors import NemtError
 from nemt.files import atomic_path
 from nemt.models.classifier import predictions_from_outputs
+from nemt.ops import ParameterError, n_outputs_of
 
 FORMAT = "nemt-self-explaining/1"
 INPUT, OUTPUTS, MAPS = "image", "outputs", "maps"
@@ -59,7 +67,11 @@ class SelfExplainingModel(nn.Module):
     :meth:`Classifier.predict`; ``maps`` (B, T, *spatial) in [0, 1] are NEMt's
     maps for every output (``explain(x, target="all")``). One pass of the
     classifier serves both: the explanation module reads its stage features.
-    Inference only: the module stays in eval mode.
+    Inference only: this module and NEMt's explanation module stay in eval
+    mode (as ``NEMt.explain`` puts it), while the classifier keeps the
+    ``training`` flags the caller gave it: each pass runs it in eval mode and
+    restores them (:func:`nemt.ops.evaluating`). A batch of 0 gives empty
+    ``outputs`` (0, T) and ``maps`` (0, T, *spatial).
     """
 
     def __init__(self, classifier: nn.Module, explainer: Any):
@@ -74,7 +86,8 @@ class SelfExplainingModel(nn.Module):
         self.classifier = classifier
         self.explanation = explainer._check_fitted()
         self.task = classifier.card.task
-        self.eval()
+        self.n_outputs = n_outputs_of(classifier)
+        self.train(False)
         self.freeze_fast_path()
 
     def freeze_fast_path(self) -> None:
@@ -88,11 +101,35 @@ class SelfExplainingModel(nn.Module):
             block.requires_grad_(False)
 
     def train(self, mode: bool = True) -> "SelfExplainingModel":
-        return super().train(False)  # a deployment module: training mode would draw random smoothing kernels
+        """Always eval (a deployment module: training mode would draw random smoothing kernels), and only
+        for this module and the explanation module: the classifier's flags stay the caller's (the
+        explanation module runs it in eval mode on each pass). The explanation module is switched only when
+        some part of it is in training mode, so that its folded fast path (:meth:`freeze_fast_path`) is kept."""
+        self.training = False
+        if any(m.training for m in self.explanation.modules()):
+            self.explanation.eval()
+        return self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not torch.jit.is_tracing() and x.shape[0] == 0:  # the graph's flattening cannot take an empty batch
+            return (x.new_zeros((0, self.n_outputs)), x.new_zeros((0, self.n_outputs, *x.shape[2:])))
         maps, out = self.explanation(x)
         return predictions_from_outputs(out, self.task), maps
+
+
+class _EmptyBatch(nn.Module):
+    """The traced TorchScript model, answering a batch of 0 with empty outputs as :class:`SelfExplainingModel`
+    does (a trace holds no branch; this scripted wrapper does)."""
+
+    def __init__(self, traced: nn.Module, n_outputs: int):
+        super().__init__()
+        self.traced = traced
+        self.n_outputs = n_outputs
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if x.size(0) == 0:
+            return x.new_zeros([0, self.n_outputs]), x.new_zeros([0, self.n_outputs] + list(x.shape[2:]))
+        return self.traced(x)
 
 
 def export_metadata(clf: nn.Module, explainer: Any) -> dict[str, Any]:
@@ -137,19 +174,52 @@ def _example(clf: nn.Module, batch: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, card.in_channels, *card.input_size, generator=g).to(dev)
 
 
+def _traced_input(clf: nn.Module, example: torch.Tensor | None) -> torch.Tensor:
+    """The batch to trace: ``example`` when it is (B, channels, *input_size) floats with B >= 1, as the
+    metadata says (a graph traced at another size would contradict it), else a clear error."""
+    if example is None:
+        return _example(clf)
+    card = clf.card
+    want = (card.in_channels, *card.input_size)
+    form = f"(B, {', '.join(map(str, want))}) with B >= 1 (the model's channels and input size)"
+    if not torch.is_tensor(example):
+        raise ParameterError(f"example must be a float tensor {form}, got {type(example).__name__}")
+    if tuple(example.shape[1:]) != want or example.ndim != len(want) + 1 or example.shape[0] < 1:
+        raise ParameterError(f"example must be {form}, got shape {tuple(example.shape)}")
+    if not example.is_floating_point():
+        raise ParameterError(f"example must be a float tensor {form}, got {example.dtype}")
+    return example
+
+
+def _writable_target(path: str | Path, name: str) -> Path:
+    """``path`` as a file to write: refused before any work when it is a folder or a folder above it is a
+    file (``--out afile/x.onnx``)."""
+    path = Path(path)
+    if path.is_dir():
+        raise NemtError(f"{name} {path} is a folder, not a file; give a file name in it")
+    for parent in path.parents:  # the nearest existing one decides
+        if parent.exists():
+            if not parent.is_dir():
+                raise NemtError(f"{name} {path}: {parent} is a file, not a folder")
+            break
+    return path
+
+
 def export_onnx(clf: nn.Module, nemt: Any, path: str | Path, opset: int = 17, *,
                 example: torch.Tensor | None = None) -> Path:
     """Write the self-explaining model as ONNX (dynamic batch axis, metadata attached), atomically.
 
     ``example`` is the input traced (default: a seeded random batch of 2 of
-    the card's shape); the graph is the same for any input of that shape.
+    the card's shape), (B, channels, *input_size) with B >= 1: another
+    shape is refused; the graph is the same for any input of that shape.
     Uses PyTorch's TorchScript-based exporter (``dynamo=False``): it needs no
     ``onnxscript`` and handles the forward hooks NEMt reads features with.
     """
     import onnx
 
+    path = _writable_target(path, "path")
+    x = _traced_input(clf, example)
     sem = SelfExplainingModel(clf, nemt)
-    x = _example(clf) if example is None else example
     # grad mode picks the decoder's path: no_grad -> folded, channels-last; enabled -> plain.
     # 3D: the exporter has no channels_last_3d, so the plain path (ONNX Runtime folds BatchNorm itself).
     fast = clf.card.spatial_dims == 2
@@ -169,7 +239,6 @@ def export_onnx(clf: nn.Module, nemt: Any, path: str | Path, opset: int = 17, *,
         entry = model.metadata_props.add()
         entry.key, entry.value = key, json.dumps(value, allow_nan=False)
     onnx.checker.check_model(model)
-    path = Path(path)
     with atomic_path(path) as tmp:
         onnx.save(model, str(tmp))
     return path
@@ -192,14 +261,15 @@ def export_torchscript(clf: nn.Module, nemt: Any, path: str | Path, *,
     The batch axis stays dynamic; the trace holds the device it was made on.
     PyTorch 2.13 marks TorchScript deprecated (in favour of ``torch.export``)
     but still writes and runs it; its notices are silenced here, since the
-    format was asked for by name. ONNX is the format to prefer.
+    format was asked for by name. ONNX is the format to prefer. ``example`` as for :func:`export_onnx`.
+    The trace is wrapped in a small scripted module that answers a batch of 0 with empty outputs.
     """
+    path = _writable_target(path, "path")
+    x = _traced_input(clf, example)
     sem = SelfExplainingModel(clf, nemt)
-    x = _example(clf) if example is None else example
     sem.freeze_fast_path()
     with torch.no_grad(), _quiet_jit():
-        traced = torch.jit.trace(sem, (x,))
-    path = Path(path)
+        traced = torch.jit.script(_EmptyBatch(torch.jit.trace(sem, (x,)), sem.n_outputs))
     with atomic_path(path) as tmp, _quiet_jit():
         meta = {**export_metadata(clf, nemt), "graph": "fast"}
         torch.jit.save(traced, str(tmp), _extra_files={META_FILE: json.dumps(meta, allow_nan=False)})
@@ -288,11 +358,14 @@ def opset_range() -> tuple[int, int]:
 
 
 def export_format(out: str | Path, format: str | None) -> str:
-    """The format of an export to ``out``: ``format`` if given, else from the suffix (.onnx; .pt, .pth or .ts
-    for TorchScript); a suffix that contradicts ``format``, or an unknown one, is refused."""
+    """The format of an export to ``out``: ``format`` if given (onnx or torchscript, in any case), else from
+    the suffix (.onnx; .pt, .pth or .ts for TorchScript, in any case); a suffix that contradicts ``format``, or
+    an unknown one, is refused."""
     suffix = Path(out).suffix.lower()
+    given = format
+    format = format.lower() if isinstance(format, str) else format  # ONNX, TorchScript: as suffixes, any case
     if format is not None and format not in ("onnx", "torchscript"):
-        raise NemtError(f"--format must be onnx or torchscript, got {format!r}")
+        raise NemtError(f"--format must be onnx or torchscript (any case), got {given!r}")
     if suffix not in SUFFIXES:
         raise NemtError(f"--out {out}: {f'unknown suffix {suffix!r}' if suffix else 'no suffix'}; use .onnx for ONNX "
                         "or .pt / .pth / .ts for TorchScript")
@@ -321,6 +394,7 @@ def export_model(model_dir: str | Path, explainer_dir: str | Path, out: str | Pa
     lo, hi = opset_range()
     if format == "onnx" and not lo <= opset <= hi:
         raise NemtError(f"--opset {opset}: the ONNX export supports opsets {lo} to {hi}")
+    _writable_target(out, "--out")  # before the model is loaded: not a traceback from the final rename
     clf = load_model(model_dir, device="cpu")
     nemt = get_explainer("nemt", clf, path=explainer_dir, device="cpu")
     example = _example(clf, 2, seed)

@@ -12,11 +12,12 @@ Endpoints (the OpenAPI schema is at ``/openapi.json``; FastAPI's ``/docs`` and
   offers, the upload limit and the colour map overlays are drawn with;
 - ``POST /v1/explain``: a multipart form with the image in ``file`` (PNG,
   JPEG, BMP, TIFF, DICOM; NIfTI for 3D models) and optional ``labels``
-  (comma-separated names, ``all`` (the default), or ``predicted``: the top output, as
-  ``nemt explain --target predicted`` chooses it (:func:`nemt.ops.resolve_targets`; one
-  label, for a multi-label model too)), ``method`` (default ``nemt``),
+  (:data:`LABELS_HELP`: ``all`` (the default), ``predicted`` (the top output, as
+  ``nemt explain --target predicted`` chooses it, :func:`nemt.ops.resolve_targets`; one
+  label, for a multi-label model too), comma-separated label names or indices, or a JSON
+  list of names and indices), ``method`` (default ``nemt``),
   ``format`` (``png``, ``array`` or ``both``; default ``png``) and ``alpha``
-  (overlay opacity, default 0.45). The answer holds the predictions
+  (overlay opacity, default 0.45); each field at most once. The answer holds the predictions
   (probabilities, or the value for regression), the image as the model sees
   it, per requested label the overlay PNG and/or the raw map (float32,
   little-endian, base64, with its shape), and the time spent in ``ms``;
@@ -28,15 +29,24 @@ A request's path: the upload is streamed, its bytes counted, into a
 a compute slot. A worker thread then reads the file with
 :func:`nemt.data.read_image` (its size checked from the header first),
 preprocesses it with the card's preprocessing, predicts, explains and
-encodes. Errors answer with FastAPI's ``{"detail": reason}``: 408 for a body
+encodes. Errors answer with FastAPI's ``{"detail": reason}``: 400 for a
+malformed or incomplete multipart body, a form part without a name, a bad
+Content-Length or a client that closed the connection mid-upload, 408 for a body
 not complete within ``body_timeout`` seconds, 413 for an upload over the
 byte limit (Content-Length, and counted while reading) or an image over the
 pixel limit (``max_pixels``, default 50 Mpx, from the file's header before
-any decoding), 415 for a file that is no format nemt reads, 422 for a file
-that cannot be decoded, a wrong number of dimensions or channels, or an
-unknown label, method, format or field, 503 with ``Retry-After`` when the
+any decoding), 415 for a file that is no format nemt reads (or a sample type
+it does not decode), 422 for a file of a supported format that cannot be
+decoded (truncated or damaged, from its header on), a wrong number of
+dimensions or channels, an unknown label, method, format or field, or a field
+given twice, 503 with ``Retry-After`` when the
 queue is full. Messages name the client's file name, never the server's
 temporary path; a client that goes away mid-upload is logged in one line.
+
+Every method served is checked when the app is made (:func:`check_explainers`: one
+explanation of a zero image of the model's input size, the only size a request hands it), so that a
+setting that cannot work there (an occlusion window as large as a 16 px input) is refused at start-up
+with the method's own message, not answered with a 500 on every request.
 
 Bounds: a slow or stalled client holds only an upload slot (at most
 ``max_receiving`` bodies are read at once, each for at most
@@ -62,6 +72,7 @@ import asyncio
 import base64
 import contextlib
 import io
+import json
 import logging
 import tempfile
 import threading
@@ -85,7 +96,7 @@ from nemt import __version__
 from nemt.data.readers import SUPPORTED_SUFFIXES, Image, ImageTooLarge, format_pixels, read_image
 from nemt.errors import DataError, NemtError
 from nemt.explainers.base import Explainer
-from nemt.ops import evaluating, resolve_targets
+from nemt.ops import ParameterError, evaluating, label_or_index, probe_input, resolve_targets
 
 MB = 1024 * 1024
 DEFAULT_MAX_PIXELS = 50_000_000  # the service's own limit: a 285 KB PNG of 10000x10000 would take gigabytes
@@ -96,12 +107,21 @@ FORMATS = ("png", "array", "both")
 FIELDS = ("file", "labels", "method", "format", "alpha")
 #: ``labels=predicted``: the model's top output, as ``nemt explain --target predicted``
 PREDICTED = "predicted"
+ALL = "all"
+LABELS_HELP = ("all (the default: every label), predicted (the model's top output, as nemt explain --target "
+               "predicted chooses it: one label, for a multi-label model too), comma-separated label names or "
+               "indices (spaces around each ignored; as nemt explain --target reads one, digits are an index, "
+               "and digits that are also a label's name mean that label when no output has that index and are "
+               "refused as ambiguous when it is another label's), or a JSON list of names (strings, "
+               "taken exactly) and indices (integers), e.g. [\"left, upper\", \"all\", 2]: the way to name a "
+               "label holding a comma, spaces at its ends or a leading [, or one called all or predicted (which "
+               "alone are refused as ambiguous for such a model). Give the field once.")
 DEFAULT_ALPHA = 0.45
 STATIC = Path(__file__).with_name("static")
 #: how many of a class's prototypes a prototype model's response shows per label (nearest first)
 PROTOTYPES_SHOWN = 3
 _FIELD_LIMIT = 64 * 1024  # a form field other than the file (labels, method, ...) is short
-_UNSUPPORTED = ("file", "TransferSyntaxUID")  # DataError fields meaning "not a format nemt decodes": 415
+_UNSUPPORTED = ("file", "TransferSyntaxUID", "SampleFormat")  # DataError fields: "not a format nemt decodes": 415
 _GREY_TOLERANCE = 0.01  # RGB channels this close (fraction of the value range) make a grey image
 
 
@@ -162,18 +182,20 @@ _FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"
     "type": "object", "required": ["file"], "properties": {
         "file": {"type": "string", "format": "binary",
                  "description": "the image: PNG, JPEG, BMP, TIFF or DICOM (NIfTI for 3D models)"},
-        "labels": {"type": "string", "default": "all",
-                   "description": "comma-separated label names, all, or predicted (the model's top output, as "
-                                  "nemt explain --target predicted chooses it: one label, for a multi-label model "
-                                  "too)"},
+        "labels": {"type": "string", "default": "all", "description": LABELS_HELP},
         "method": {"type": "string", "default": "nemt", "description": "explainer (GET /v1/model lists them)"},
         "format": {"type": "string", "enum": list(FORMATS), "default": "png"},
         "alpha": {"type": "number", "minimum": 0, "maximum": 1, "default": DEFAULT_ALPHA,
                   "description": "overlay opacity"}}}}}}}
-_ERRORS = {408: {"description": "request body not received within the time limit"},
+_ERRORS = {400: {"description": "malformed or incomplete multipart body, a form part without a name, a bad "
+                                "(e.g. negative) Content-Length, or a client that closed the connection before "
+                                "its body was complete"},
+           408: {"description": "request body not received within the time limit"},
            413: {"description": "upload over the size limit, or an image over the pixel limit"},
-           415: {"description": "not a multipart form, or a file in no format nemt reads"},
-           422: {"description": "undecodable file, wrong dimensions or channels, unknown label/method/format"},
+           415: {"description": "not a multipart form, or a file in no format (or sample type) nemt reads"},
+           422: {"description": "a file of a supported format that cannot be decoded (truncated or damaged), "
+                                "wrong dimensions or channels, an unknown or ambiguous label, an unknown "
+                                "method/format/field, or a field given twice"},
            503: {"description": "queue (or upload slots) full; retry after the Retry-After seconds"}}
 
 
@@ -205,6 +227,7 @@ class _FormReader:
         self._data = bytearray()
         self._headers: dict[bytes, bytes] = {}
         self._hname = self._hvalue = b""
+        self._seen: set[str] = set()  # part names so far: a field given twice is refused, not last-wins
 
     def callbacks(self) -> dict:
         return {name: getattr(self, name) for name in (
@@ -230,12 +253,16 @@ class _FormReader:
             raise HTTPException(400, "a form part has no name (Content-Disposition)")
         self._name = opts[b"name"].decode("utf-8", "replace")
         if b"filename" in opts:
-            if self._name != "file" or self.form.path is not None:
+            if self._name != "file" or self.form.path is not None or "file" in self._seen:
                 raise HTTPException(422, "send one file, in the form field 'file'")
             name = opts[b"filename"].decode("utf-8", "replace").replace("\\", "/").rsplit("/", 1)[-1]
             self.form.filename = name[:200] or "upload"
             self.form.path = self.directory / ("upload" + _suffix(name))
             self._file = open(self.form.path, "wb")
+        elif self._name in self._seen:
+            raise HTTPException(422, f"form field {self._name!r} is given more than once; give each field once "
+                                     "(several labels: comma-separated, or a JSON list, in one labels field)")
+        self._seen.add(self._name)
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self._file is not None:
@@ -346,6 +373,51 @@ def _is_grey(img: Image) -> bool:
     lo, hi = img.value_range
     tol = _GREY_TOLERANCE * (hi - lo)
     return bool(np.abs(a[0] - a[1]).max() <= tol and np.abs(a[1] - a[2]).max() <= tol)
+
+
+# -- labels ----------------------------------------------------------------------------------------------
+
+def _known(names: Sequence[str]) -> str:
+    return (f"the model's labels are {list(names)} (names, or indices 0 to {len(names) - 1}; or {ALL}, or "
+            f"{PREDICTED}, or a JSON list)")
+
+
+def requested_labels(raw: str, names: Sequence[str]) -> list[int] | None:
+    """The ``labels`` form field (:data:`LABELS_HELP`) as output indices, in the order asked, each once;
+    ``None`` for ``predicted`` (resolved from the prediction). Refusals are :class:`ParameterError`."""
+    names = list(names)
+    text = raw.strip()
+    if not text:
+        return list(range(len(names)))
+    if text in (ALL, PREDICTED):
+        if text in names:  # a keyword that is also a label's name: never guess which is meant
+            own = names.index(text)
+            raise ParameterError(f"labels {text!r} is both a keyword and the name of label {own}; give labels={own} "
+                                 f"or the JSON list [{json.dumps(text)}] for the label"
+                                 + (", or leave labels out for every label" if text == ALL else ""))
+        return None if text == PREDICTED else list(range(len(names)))
+    if text.startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ParameterError(f"labels {raw!r}: not a JSON list ({exc.msg}); e.g. [\"a, b\", 2]") from None
+        if not isinstance(items, list) or not items or not all(
+                isinstance(v, str) or isinstance(v, int) and not isinstance(v, bool) for v in items):
+            raise ParameterError(f"labels {raw!r}: a JSON list of label names (strings) and indices (integers), "
+                                 "at least one, e.g. [\"a, b\", 2]")
+        bad = [v for v in items if (v not in names if isinstance(v, str) else not 0 <= v < len(names))]
+        if bad:
+            raise ParameterError(f"unknown label(s) {bad}; " + _known(names))
+        return list(dict.fromkeys(names.index(v) if isinstance(v, str) else v for v in items))
+    parts = [s.strip() for s in text.split(",") if s.strip()]
+    found = [label_or_index(part, names) for part in parts]
+    out = [i for i in found if i is not None]
+    bad = [part for part, i in zip(parts, found) if i is None]
+    if bad or not out:
+        whole = next((n for n in (raw, text) if n in names), None)  # "left, upper", " pad": one label, not split
+        hint = f"; to name the label {whole!r}, send the JSON list [{json.dumps(whole)}]" if whole else ""
+        raise ParameterError(f"unknown label(s) {bad or [raw]}; " + _known(names) + hint)
+    return list(dict.fromkeys(out))
 
 
 # -- the service -----------------------------------------------------------------------------------------
@@ -496,17 +568,14 @@ class ExplanationService:
             alpha = float("nan")
         if not 0.0 <= alpha <= 1.0:
             raise HTTPException(422, f"alpha must be a number in [0, 1], got {raw_alpha!r}")
-        names = self.clf.card.label_names
-        raw_labels = fields.get("labels", "").strip() or "all"
-        if raw_labels == PREDICTED:  # resolved from the prediction, in the worker
+        names = list(self.clf.card.label_names)
+        try:
+            indices = requested_labels(fields.get("labels", ""), names)
+        except ParameterError as exc:
+            raise HTTPException(422, str(exc)) from None
+        if indices is None:  # labels=predicted: resolved from the prediction, in the worker
             return _Options(method, [], [], fmt, alpha)
-        wanted = names if raw_labels == "all" else list(dict.fromkeys(
-            s.strip() for s in raw_labels.split(",") if s.strip()))
-        bad = [s for s in wanted if s not in names]
-        if bad or not wanted:
-            raise HTTPException(422, f"unknown label(s) {bad or [raw_labels]}; the model's labels are {names} "
-                                     f"(or all, or {PREDICTED})")
-        return _Options(method, list(wanted), [names.index(s) for s in wanted], fmt, alpha)
+        return _Options(method, [names[i] for i in indices], indices, fmt, alpha)
 
     # -- worker thread ----------------------------------------------------------
     def _explain_file(self, form: _Form, opts: _Options, t_start: float, t_received: float) -> dict:
@@ -640,10 +709,16 @@ def create_app(clf: torch.nn.Module, explainers: Mapping[str, Explainer], *, max
     seconds to receive it and ``max_receiving`` the bodies read at once;
     ``max_pixels`` bounds the image's size (from its header); ``workers``
     threads do the work and at most ``workers + queue`` complete requests are
-    admitted at once.
+    admitted at once. Each explainer is checked on the model's input size first
+    (:func:`check_explainers`): one that cannot explain it is a :class:`NemtError` now.
     """
     service = ExplanationService(clf, explainers, max_upload_bytes=max_upload_bytes, workers=workers, queue=queue,
                                  max_pixels=max_pixels, body_timeout=body_timeout, max_receiving=max_receiving)
+    try:
+        check_explainers(clf, service.explainers)
+    except BaseException:
+        service.pool.shutdown(wait=False)
+        raise
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -678,31 +753,69 @@ def create_app(clf: torch.nn.Module, explainers: Mapping[str, Explainer], *, max
 
 
 def build_explainers(clf: torch.nn.Module, explainer_dir: str | Path | None = None, baselines: Sequence[str] = (),
-                     *, seed: int = 0, device: str | torch.device | None = None) -> dict[str, Explainer]:
-    """``{"nemt": NEMt from explainer_dir, baseline: its explainer, ...}`` (NEMt only with a folder)."""
-    from nemt.explainers import get_explainer
+                     *, params: Mapping[str, Mapping[str, Any]] | None = None, seed: int = 0,
+                     device: str | torch.device | None = None) -> dict[str, Explainer]:
+    """``{"nemt": NEMt from explainer_dir, baseline: its explainer, ...}`` (NEMt only with a folder).
 
-    out: dict[str, Explainer] = {}
-    if explainer_dir is not None:
-        out["nemt"] = get_explainer("nemt", clf, path=explainer_dir, device=device)
+    ``params``: per method, its keywords (``nemt serve --param METHOD.KEY=VALUE``, read by
+    :func:`nemt.bench.runner.split_method_params`), built as ``nemt benchmark`` builds its methods
+    (``seed`` among them replaces ``seed``; ``device`` and ``path`` are refused). Refused now rather than
+    answered with a 500 on every request: ``nemt`` among the baselines without a folder, a method that
+    must be fitted (``nem``: the service loads only NEMt's folder), parameters for a method not served.
+    """
+    from nemt.bench.runner import _method_explainers
+    from nemt.explainers.base import _REGISTRY
+
+    methods = ["nemt"] if explainer_dir is not None else []
     for name in baselines:
         if name == "nemt":  # NEMt is a fitted folder, not a baseline: refused now, not with a 500 per request
             if explainer_dir is None:
                 raise NemtError("method 'nemt' needs a fitted explainer folder: give --explainer DIR (written by "
                                 "`nemt fit`) instead of listing nemt among --baselines")
             continue
-        out[name] = get_explainer(name, clf, seed=seed, device=device)
-    if not out:
+        if getattr(_REGISTRY.get(name), "load", None) is not None:  # as get_explainer tells a fitted method
+            raise NemtError(f"method {name!r} must be fitted before it explains anything, and the service loads "
+                            "only NEMt's fitted folder (--explainer DIR); leave it out of --baselines")
+        methods.append(name)
+    methods = list(dict.fromkeys(methods))
+    if not methods:
         raise NemtError("nothing to serve: give a NEMt explainer folder and/or baseline methods")
-    return out
+    params = {m: dict(kw) for m, kw in (params or {}).items()}
+    unknown = [m for m in params if m not in methods]
+    if unknown:
+        raise NemtError(f"--param for {unknown}: not a method this service offers ({methods})")
+    return _method_explainers(methods, clf, params, explainer_dir=explainer_dir, seed=seed, device=device)
+
+
+def check_explainers(clf: torch.nn.Module, explainers: Mapping[str, Explainer]) -> None:
+    """Refuse a method that cannot explain an input of the model's size, with the method's own message.
+
+    Every image a request sends is resized to the card's input size, so one explanation of a zero image
+    of that size (the data's mean once normalised; the first output) tells whether a method's settings work
+    there (e.g. an occlusion window or a LIME cell as large as a 16 px input makes a map of one value).
+    The model's flags are restored (:func:`nemt.ops.evaluating`).
+    """
+    card = clf.card
+    x = probe_input(clf, (card.in_channels, *card.input_size))
+    size = "x".join(map(str, card.input_size))
+    for name, explainer in explainers.items():
+        try:
+            with evaluating(clf):
+                explainer.explain_and_predict(x, target=[0])
+        except (NemtError, ValueError, TypeError, RuntimeError) as exc:
+            why = str(exc) if isinstance(exc, NemtError) else f"{type(exc).__name__}: {exc}"
+            raise NemtError(f"method {name!r} cannot explain this model's {size} inputs: {why} (nemt serve: set "
+                            f"its parameters with --param {name}.KEY=VALUE, see `nemt methods`)") from exc
 
 
 def serve(model_dir: str | Path, explainer_dir: str | Path | None = None, *, baselines: Sequence[str] = (),
+          params: Mapping[str, Mapping[str, Any]] | None = None,
           host: str = "127.0.0.1", port: int = 8000, workers: int = 2, queue: int = 16,
           max_upload_mb: float = 20, max_pixels: int = DEFAULT_MAX_PIXELS, body_timeout: float = DEFAULT_BODY_TIMEOUT,
           max_receiving: int = DEFAULT_MAX_RECEIVING, device: str = "cpu", seed: int = 0,
           log_level: str = "info") -> None:
-    """``nemt serve``: load the model and its explainers and run the service until interrupted."""
+    """``nemt serve``: load the model and its explainers (``params`` per method, :func:`build_explainers`),
+    check each on the model's input size, and run the service until interrupted."""
     import uvicorn
 
     from nemt.models import load_model
@@ -714,7 +827,7 @@ def serve(model_dir: str | Path, explainer_dir: str | Path | None = None, *, bas
     if not np.isfinite(upload_bytes):
         raise NemtError(f"--max-upload-mb {max_upload_mb:g}: the upload limit is too large to count in bytes")
     clf = load_model(model_dir, device=device)
-    app = create_app(clf, build_explainers(clf, explainer_dir, baselines, seed=seed, device=device),
+    app = create_app(clf, build_explainers(clf, explainer_dir, baselines, params=params, seed=seed, device=device),
                      max_upload_bytes=int(upload_bytes), workers=workers, queue=queue, max_pixels=max_pixels,
                      body_timeout=body_timeout, max_receiving=max_receiving)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -71,7 +71,7 @@
     form.append("file", file, file.name);
     form.append("method", method);
     form.append("format", "array");
-    form.append("labels", "all");
+    // no labels field: every label (a model may call a label "all", which labels=all would not name)
     const r = await fetch("v1/explain", { method: "POST", body: form });
     let body = null;
     try { body = await r.json(); } catch (_) { body = { detail: r.statusText }; }
