@@ -257,12 +257,14 @@ def test_restart_moves_dead_prototypes_onto_the_farthest_images_of_their_class()
         net.prototypes.copy_(mu.mean(0) + 1e3 * torch.randn(net.prototypes.shape, generator=g))  # all far away
         keep = int(torch.nonzero(net.prototype_class == 0)[0])
         net.prototypes[keep] = mu[y == 0].mean(0)               # one live prototype in class 0
-        s = net.similarities(mu)
+        keep1 = int(torch.nonzero(net.prototype_class == 1)[0])
+        net.prototypes[keep1] = mu[y == 1].mean(0)              # and one in class 1 (with exact similarities the
+        s = net.similarities(mu)                                  # nearest of all-far prototypes is live, then dies)
     live = set()   # prototypes that are some image's nearest among its class's prototypes
     for k in (0, 1):
         idx = torch.nonzero(net.prototype_class == k).flatten()
         live |= set(idx[s[y == k][:, idx].argmax(1)].tolist())
-    assert live & set(range(M)) == {keep} and len(live) < 2 * M
+    assert live == {keep, keep1}
     moved = restart_dead_prototypes(net, x, y)
     assert sorted(moved.tolist()) == sorted(set(range(2 * M)) - live)   # every other one was dead
     for j in moved.tolist():                                     # each now sits on an image of its class

@@ -305,17 +305,19 @@ def data_gaze(
                                        "where nemt benchmark finds it]"),
     seed: int = typer.Option(0, min=0, max=SEED_MAX, help="random seed of the simulation"),
     fixations: float = typer.Option(40.0, callback=_positive,
-                                    help="mean number of simulated fixations per image (Poisson)"),
+                                    help="mean number of simulated fixations per image (Poisson; at most 10000)"),
     p_finding: float = typer.Option(0.7, min=0, max=1, help="share of simulated fixations inside the finding's mask"),
     max_pixels: Optional[float] = MaxPixelsOpt,
     progress: bool = typer.Option(True, help="show a progress bar"),
 ) -> None:
     """Give a data set eye gaze: simulated (--simulate) or real (--gaze FILE); the benchmark then scores KL and NSS."""
-    from nemt.data.gaze import (default_gaze_path, match_fixations, read_fixations, simulate_gaze,
-                                write_fixations)
+    from nemt.data.gaze import MAX_FIXATIONS, check_gaze, default_gaze_path, simulate_gaze, write_fixations
 
     if simulate == (gaze is not None):
         raise NemtError("nemt data gaze: give exactly one of --simulate and --gaze FILE")
+    if simulate and fixations > MAX_FIXATIONS:
+        raise NemtError(f"--fixations {fixations:g}: at most {MAX_FIXATIONS} mean fixations per image (a reading "
+                        "has tens to a few hundred)")
     if out is not None:
         _out_file(out)
     manifest = _open(path, None, None, max_pixels=max_pixels)
@@ -330,11 +332,18 @@ def data_gaze(
             table = simulate_gaze(manifest, seed=seed, n_fixations=fixations, p_finding=p_finding,
                                   progress=lambda k: bar.update(tid, advance=k))
         unknown: list[str] = []
-    else:
-        table = read_fixations(gaze)
-        matched, unknown = match_fixations(manifest, table, gaze)
+        ambiguous: dict[str, list[str]] = {}
+        with_gaze = len(table)
+    else:  # every row checked, and every fixation of a matched image inside it, before anything is written
+        table, match = check_gaze(manifest, gaze)
+        unknown, ambiguous, with_gaze = match.unknown, match.ambiguous, len(match.matched)
         for name in unknown[:10]:
             console.print(f"[yellow]warning[/yellow] {gaze}: image {name!r} is not a sample of {path}; "
+                          "its fixations are ignored", highlight=False)
+        for name, keys in list(ambiguous.items())[:10]:
+            more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
+            console.print(f"[yellow]warning[/yellow] {gaze}: image {name!r} is ambiguous: it names {len(keys)} "
+                          f"samples of {path} ({', '.join(keys[:5])}{more}); name it by its path in the manifest; "
                           "its fixations are ignored", highlight=False)
     if gaze is None or Path(gaze).resolve() != Path(target).resolve():
         try:
@@ -344,8 +353,8 @@ def data_gaze(
                             "give --out FILE elsewhere and pass it to nemt benchmark --gaze") from None
     n_fix = int(sum(len(v) for v in table.values()))
     typer.echo(json.dumps({"gaze": str(target), "images": len(manifest.samples),
-                           "images_with_gaze": len(table) - len(unknown), "fixations": n_fix,
-                           "unknown_images": len(unknown)}))
+                           "images_with_gaze": with_gaze, "fixations": n_fix,
+                           "unknown_images": len(unknown), "ambiguous_images": len(ambiguous)}))
 
 
 @data_app.command("ecg")
@@ -380,6 +389,26 @@ def _arch_kwargs(arch: str, items: list[str], size: tuple) -> dict:
     probe_network(arch, kwargs, tuple(size), kwargs_name=f"--arch-param {' '.join(items)}", size_name="--size",
                   size_label="x".join(map(str, size)))
     return kwargs
+
+
+def _guide_config(guide: str | None, **options):
+    """``nemt train``'s guide options as a checked :class:`~nemt.models.guided.GuideConfig` (None without
+    --guide), before anything is read: an option of the guide not chosen (or given without --guide) is refused
+    by name, as it would be ignored (and yet recorded)."""
+    from nemt.models.guided import GUIDE_FIELDS, GUIDES, GuideConfig
+
+    if guide is not None and guide not in GUIDES:
+        raise NemtError(f"--guide must be one of {', '.join(GUIDES)}, got {guide!r}")
+    for name, value in options.items():
+        kind = next(k for k, names in GUIDE_FIELDS.items() if name in names)
+        if value is not None and guide != kind:
+            run = "this run has no --guide" if guide is None else f"this run is --guide {guide}"
+            raise NemtError(f"--{name.replace('_', '-')} is an option of --guide {kind}; {run}: leave it out")
+    if guide is None:
+        return None
+    cfg = GuideConfig(kind=guide, **{k: v for k, v in options.items() if v is not None})
+    cfg.check()
+    return cfg
 
 
 @app.command()
@@ -419,16 +448,23 @@ def train(
     guide: Optional[str] = typer.Option(None, help="explanation-guided training: mimic (M copies and a "
                                         "discriminator of their explanations, Watson et al. 2023) or mask "
                                         "(penalise input gradients outside the lesion masks, Ross et al. 2017)"),
-    copies: int = typer.Option(3, min=2, help="--guide mimic: copies of --arch trained together"),
-    beta: float = typer.Option(1.0, help="--guide mimic: weight of the discriminator's cross-entropy"),
-    mask_weight: float = typer.Option(1.0, help="--guide mask: weight of the right-reasons penalty"),
-    mask_penalty: str = typer.Option("fraction", help="--guide mask: fraction (share of the squared input "
-                                     "gradient outside the mask) or ross (its sum, Ross et al.'s eq. 1)"),
+    copies: Optional[int] = typer.Option(None, min=2, help="--guide mimic: copies of --arch trained together "
+                                         "[default: 3]"),
+    beta: Optional[float] = typer.Option(None, help="--guide mimic: weight of the discriminator's cross-entropy "
+                                         "[default: 1]"),
+    mask_weight: Optional[float] = typer.Option(None, help="--guide mask: weight of the right-reasons penalty "
+                                                "[default: 1]"),
+    mask_penalty: Optional[str] = typer.Option(None, help="--guide mask: fraction (share of the squared input "
+                                               "gradient outside the mask) or ross (its sum, Ross et al.'s eq. 1) "
+                                               "[default: fraction]"),
 ) -> None:
     """Train a classifier to explain. Re-run the same command to resume an interrupted run."""
     from nemt.files import json_safe
     from nemt.models.training import TrainConfig, train_classifier
 
+    gcfg = _guide_config(guide, copies=copies, beta=beta, mask_weight=mask_weight, mask_penalty=mask_penalty)
+    if guide is not None and init_from is not None:
+        raise NemtError("--init-from starts a plain run; guided training (--guide) trains its copies from scratch")
     device = _device(device)
     _out_dir(out)
     _size(size)  # a bad --size or --fractions is refused before the data are read
@@ -440,11 +476,8 @@ def train(
                       fractions=split_fractions, augment=augment,
                       class_weighting=class_weighting, scale=scale, accumulate=accumulate,
                       arch_kwargs=_arch_kwargs(arch, arch_param, _size(size, dims)))
-    if guide is not None and init_from is not None:
-        raise NemtError("--init-from starts a plain run; guided training (--guide) trains its copies from scratch")
-    if guide is not None:  # the guided loop (nemt.models.guided) writes the same folder
-        from nemt.models.guided import GuideConfig, train_guided
-        gcfg = GuideConfig(kind=guide, copies=copies, beta=beta, mask_weight=mask_weight, mask_penalty=mask_penalty)
+    if gcfg is not None:  # the guided loop (nemt.models.guided) writes the same folder
+        from nemt.models.guided import train_guided
         clf, result = train_guided(manifest, out, cfg, gcfg, device=device, fresh=fresh, progress=progress)
     else:
         clf, result = train_classifier(manifest, out, cfg, device=device, fresh=fresh, progress=progress,
@@ -819,6 +852,15 @@ def benchmark(
     if suite is not None:
         if suite != "xai-tris":
             raise NemtError(f"--suite must be 'xai-tris', got {suite!r}")
+        given = [opt for opt, v in (("--model", model), ("--data", data), ("--explainer", explainer),
+                                    ("--metrics", metrics), ("--shard", shard), ("--merge", merge),
+                                    ("--superpixelify", superpixelify), ("--gaze", gaze), ("--no-gaze", no_gaze))
+                 if v]
+        if given:
+            raise NemtError(f"--suite xai-tris: {', '.join(given)} do(es) not apply (the suite trains its own models "
+                            "on generated data, scores top_k_precision, emd_score and importance_mass_accuracy "
+                            "(their parameters: --param METRIC.KEY=VALUE) and runs in one process); leave "
+                            f"{'it' if len(given) == 1 else 'them'} out")
         from nemt.bench.xaitris import run_suite
         table = run_suite(out, methods=method_list, seed=seed, device=device, progress=progress, restart=restart,
                           params=split_method_params(param), batch_size=batch_size,
@@ -829,6 +871,13 @@ def benchmark(
         return
     if model is None or data is None:
         raise NemtError("nemt benchmark needs --model and --data (or --suite xai-tris)")
+    shard_given = _shard(shard)  # --shard with --merge: refused by benchmark_model before any work
+    from nemt.distributed import launched_world
+    if (shard is not None or merge) and launched_world() > 1:
+        raise NemtError(f"--shard and --merge do not run under torchrun (WORLD_SIZE={launched_world()}): every rank "
+                        "would run the same share and append to the same files; torchrun already gives each rank "
+                        "its share and rank 0 merges them, so leave --shard and --merge out (or run them as "
+                        "independent jobs, without torchrun)")
     metric_list = metric_list or list(DEFAULT_METRICS)
     method_list = method_list or list(DEFAULT_METHODS)
     run = dict(explainer_dir=explainer, methods=method_list, metrics=metric_list, split=split, limit=limit,
@@ -838,13 +887,15 @@ def benchmark(
     from nemt.distributed import context
     ctx = context() if shard is None and not merge else None
     if ctx is not None and ctx.distributed:  # launched by torchrun: each rank a shard, rank 0 merges and reports
-        benchmark_model(model, data, out, **run, progress=progress and ctx.main,
-                        restart=restart and ctx.main, shard=(ctx.rank, ctx.world))
+        # --restart: each rank clears its own shard and any of another split (rank 0 cannot do it for all
+        # without a barrier before the checks)
+        benchmark_model(model, data, out, **run, progress=progress and ctx.main, restart=restart,
+                        shard=(ctx.rank, ctx.world))
         ctx.barrier()
         if not ctx.main:
             return
         merge = True
-    summary = benchmark_model(model, data, out, **run, progress=progress, restart=restart, shard=_shard(shard),
+    summary = benchmark_model(model, data, out, **run, progress=progress, restart=restart, shard=shard_given,
                               merge=merge)
     if shard is not None:
         typer.echo(json.dumps(summary))
@@ -881,13 +932,15 @@ def fidelity(
     split: str = typer.Option("test", help="split of the model's data: train | val | test"),
     limit: Optional[int] = typer.Option(None, min=1, help="at most this many images"),
     batch_size: int = typer.Option(16, min=1, help="images per explain call"),
-    seed: int = typer.Option(0, min=0, max=SEED_MAX, help="random seed"),
+    seed: Optional[int] = typer.Option(None, min=0, max=SEED_MAX, help="the seed both maps are made under: always "
+                                       "the student's teacher seed (its card's teacher_seed, the seed of its "
+                                       "training maps); another is refused [default: the student's]"),
     device: str = typer.Option("cpu", help="torch device"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ) -> None:
     """A student against its teacher on a split: map correlation, relevance mass and pointing game, time, break-even."""
-    from nemt.bench.fidelity import fidelity_report, markdown
-    from nemt.bench.runner import load_benchmark_data
+    from nemt.bench.fidelity import fidelity_report, markdown, teacher_seed
+    from nemt.bench.runner import load_benchmark_data, split_rows
     from nemt.data.manifest import open_dataset
     from nemt.explainers import get_explainer
     from nemt.models import load_model
@@ -898,13 +951,12 @@ def fidelity(
     student = get_explainer("nemt", clf, path=explainer, device=device)
     if getattr(student, "teacher", None) is None:
         raise NemtError(f"{explainer}: not a student (fitted without --teacher)")
+    teacher_seed(student, seed)  # another --seed than the student's teacher seed: refused before any work
     kw = {"labels": list(clf.label_names)} if clf.task == "multiclass" else {}
     manifest = open_dataset(data, task=clf.task, **kw)
     manifest.raise_problems()
     splits = load_splits(model, manifest)
-    if split not in splits:
-        raise NemtError(f"--split must be one of {sorted(splits)}, got {split!r}")
-    bench = load_benchmark_data(clf, manifest, splits[split], device=device, limit=limit)
+    bench = load_benchmark_data(clf, manifest, split_rows(splits, split, model), device=device, limit=limit)
     rep = fidelity_report(student, bench, out, batch_size=batch_size, seed=seed, progress=progress,
                           log=lambda s: console.print(s, highlight=False))
     console.print(markdown(rep), highlight=False)

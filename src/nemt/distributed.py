@@ -60,10 +60,16 @@ class Context:
             torch.distributed.barrier()
 
 
+def launched_world() -> int:
+    """The number of processes torchrun launched this one among (``WORLD_SIZE``; 1 when not launched by
+    torchrun), read without joining a process group."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def context(device: str | torch.device | None = None) -> Context:
     """The process group of a torchrun launch (initialised here on first use: NCCL for a CUDA ``device``,
     gloo otherwise), or a one-process :class:`Context`."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if launched_world() <= 1:
         return Context()
     import torch.distributed as dist
     if not dist.is_initialized():

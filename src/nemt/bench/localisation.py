@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from nemt.errors import NemtError
 from nemt.explainers import NEMt, get_explainer
 from nemt.metrics import pointing_game, relevance_mass, relevance_rank
 
@@ -21,8 +22,12 @@ from nemt.metrics import pointing_game, relevance_mass, relevance_rank
 def score_methods(model, x: torch.Tensor, y: torch.Tensor, gt: torch.Tensor, nemt: dict[str, NEMt],
                   baselines: list[str], batch_size: int = 16) -> list[dict]:
     """Rows of figures; with NEMt explainers, ``gaussian`` gives one centred blob per explainer with
-    the same mean map value, right after it."""
+    the same mean map value, right after it. Images without a non-empty mask are left out (and counted); none
+    with one is a :class:`~nemt.errors.NemtError`."""
     has = gt.flatten(1).any(1)
+    if not bool(has.any()):
+        raise NemtError(f"score_methods: none of the {len(gt)} images has a non-empty ground-truth mask, so there "
+                        "is no localisation to score; give images with masks (or boxes)")
     x, y, gt = x[has], y[has], gt[has]
     rows: list[dict] = []
 

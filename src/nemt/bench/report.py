@@ -104,14 +104,22 @@ def gallery_figure(unit: np.ndarray, gt: np.ndarray, maps: dict[str, np.ndarray]
     return _png(fig)
 
 
-def html_table(summary: dict, metrics: Sequence[str]) -> str:
-    arrows = {"higher": "↑", "lower": "↓"}
-    head = "".join(f"<th>{html.escape(m)} {arrows.get(DIRECTIONS.get(m, ''), '')}</th>" for m in metrics)
-    best = {}
+def best_methods(summary: dict, metrics: Sequence[str]) -> dict[str, set[str]]:
+    """Per metric, every method at the best mean (by the metric's direction; methods without a value left out):
+    ties are all best, in the Markdown summary (bold) and the HTML report (highlighted) alike."""
+    best: dict[str, set[str]] = {}
     for m in metrics:
         vals = {k: v[m]["mean"] for k, v in summary.items() if v[m]["n"] > 0}
         if vals:
-            best[m] = (max if DIRECTIONS.get(m, "higher") == "higher" else min)(vals, key=vals.get)
+            top = (max if DIRECTIONS.get(m, "higher") == "higher" else min)(vals.values())
+            best[m] = {k for k, v in vals.items() if v == top}
+    return best
+
+
+def html_table(summary: dict, metrics: Sequence[str]) -> str:
+    arrows = {"higher": "↑", "lower": "↓"}
+    head = "".join(f"<th>{html.escape(m)} {arrows.get(DIRECTIONS.get(m, ''), '')}</th>" for m in metrics)
+    best = best_methods(summary, metrics)
     rows = []
     for method, s in summary.items():
         cells = []
@@ -122,7 +130,7 @@ def html_table(summary: dict, metrics: Sequence[str]) -> str:
             else:
                 ci = "" if math.isnan(v["ci_low"]) else f"<br><small>[{v['ci_low']:.3f}, {v['ci_high']:.3f}]</small>"
                 text = f"{v['mean']:.3f}{ci}"
-            style = ' class="best"' if best.get(m) == method else ""
+            style = ' class="best"' if method in best.get(m, ()) else ""
             cells.append(f"<td{style}>{text}</td>")
         rows.append(f"<tr><th>{html.escape(method)}</th>{''.join(cells)}<td>{s['ms']:.1f}</td></tr>")
     return (f"<table><thead><tr><th>method</th>{head}<th>ms / image</th></tr></thead>"
@@ -137,9 +145,10 @@ def write_report(out: Path, summary: dict, metrics: Sequence[str], *, title: str
     out = Path(out)
     facts_html = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
     parts = [f"<h1>{html.escape(title)}</h1>", f"<table class='facts'>{facts_html}</table>",
-             "<h2>Summary</h2><p>Mean over items with a 95 % confidence interval (Student t; Wilson for "
-             "hit-or-miss metrics such as pointing game); best per metric highlighted. Items without ground truth "
-             "are excluded from localisation means and counted below.</p>",
+             "<h2>Summary</h2><p>Mean over items with a 95 % confidence interval (Wilson for the hit-or-miss "
+             "pointing game, Student t for every other metric, clipped to the metric's range where it has one); "
+             "best per metric highlighted (ties all). Items without ground truth (no mask, or an empty one) are "
+             "excluded from localisation means and counted below.</p>",
              html_table(summary, metrics)]
     parts += [f"<p>{html.escape(n)}</p>" for n in notes]
     parts += ["<h2>Metrics</h2>", f"<img alt='metrics' src='{metric_plots(summary, metrics)}'>",

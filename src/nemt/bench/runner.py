@@ -25,12 +25,16 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import inspect
 import io
 import json
 import math
 import os
 import re
+import shutil
 import time
+import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -80,6 +84,9 @@ class BenchmarkData:
     fingerprint: str = ""
     gaze: torch.Tensor | None = None  # (N, 1, *spatial) gaze heat maps in [0, 1] (zeros: no gaze), or None
     fixations: torch.Tensor | None = None  # (N, 1, *spatial) fixation counts, or None
+    #: when the data set is not the one the model was trained on (its manifest's checksum is not the model
+    #: card's ``data.sha256``): both checksums and the model's data source; recorded in run.json; None otherwise
+    other_data: dict | None = None
 
 
 @dataclass
@@ -128,6 +135,119 @@ def check_metrics(metrics: Sequence[str], gaze: bool = False) -> list[str]:
                     "`nemt data gaze DATA --simulate` makes one)")
         raise NemtError(f"unknown metric(s) {bad}; available: {sorted(known)}{why}")
     return list(metrics)
+
+
+#: metric keywords that count something (pixels per group, steps, images per model call, thresholds, pixels of a
+#: side): whole numbers of at least 1 (None, where a metric allows it, is its default), as for the methods'
+#: :data:`~nemt.explainers.base.COUNT_PARAMETERS`
+METRIC_COUNT_PARAMETERS = frozenset({"features_in_step", "steps", "batch_size", "max_side", "thresholds",
+                                     "num_iter_max", "k"})
+
+
+def metric_parameters(name: str) -> list[str] | None:
+    """The keyword parameters (sorted) that metric ``name`` takes from ``--param METRIC.KEY=VALUE``, as the runner
+    calls it: a per-map metric's function; a dataset-level metric's statistic and reduction both get them (so
+    only the keywords both take). None: it takes any keyword (``**kwargs``)."""
+    spec = get_metric(name)
+    n_in = len(spec.inputs)
+    fns = [(spec.statistic, n_in), (spec.reduce, 1)] if spec.dataset_level else [(spec.fn, n_in)]
+    sets = []
+    for fn, n_pos in fns:
+        ps = list(inspect.signature(fn).parameters.values())
+        if any(p.kind == p.VAR_KEYWORD for p in ps):
+            continue
+        sets.append({p.name for p in ps[n_pos:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)})
+    return sorted(set.intersection(*sets)) if sets else None
+
+
+_SIMPLE_TYPES: dict[str, Callable[[Any], bool]] = {
+    "None": lambda v: v is None, "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str),
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _annotation_parts(annotation: Any) -> list[str] | None:
+    """``"int | None"`` -> ``["int", "None"]`` when every part is a plain type of :data:`_SIMPLE_TYPES`, else None
+    (``Any``, sequences, tensors: left to the metric's own checks)."""
+    text = annotation.__name__ if isinstance(annotation, type) else annotation
+    if not isinstance(text, str):
+        return None
+    parts = [t.strip() for t in text.split("|")]
+    return parts if all(t in _SIMPLE_TYPES for t in parts) else None
+
+
+def check_metric_params(metrics: Sequence[str], params: dict[str, dict] | None, *,
+                        probe: dict[str, Any] | None = None, seed: int = 0) -> None:
+    """Refuse bad metric parameters before any work, as the methods' are refused: a metric not in ``metrics``,
+    a key the metric does not take (named with the metric's parameters), a value of the wrong type (by the
+    metric's signature: an ``int`` for ``int``, a bool for ``bool``, ...) or a count below 1
+    (:data:`METRIC_COUNT_PARAMETERS`). With ``probe`` (the inputs of one map, :func:`_metric_probe`), each metric
+    with parameters is also called once on it, so that a value its own checks refuse, or one that breaks it, is
+    a :class:`NemtError` naming the parameters now, not after the first chunk was explained (the global random
+    state is left as it was)."""
+    params = params or {}
+    stray = [m for m in params if m not in metrics]
+    if stray:
+        raise NemtError(f"--param for {stray}: not a metric of this run ({list(metrics)})")
+    for name, kw in params.items():
+        if not isinstance(kw, dict):
+            raise NemtError(f"parameters of metric {name!r} must be a dict of keywords, got {type(kw).__name__}")
+        given = _param_text(name, kw)
+        accepted = metric_parameters(name)
+        unknown = sorted(set(kw) - set(accepted)) if accepted is not None else []
+        if unknown:
+            raise NemtError(f"--param {given}: metric {name!r} has no parameter {unknown}; its parameters are "
+                            f"{accepted}")
+        spec = get_metric(name)
+        sig = inspect.signature(spec.statistic if spec.dataset_level else spec.fn).parameters
+        for key, value in kw.items():
+            parts = _annotation_parts(sig[key].annotation) if key in sig else None
+            if parts is not None and not any(_SIMPLE_TYPES[t](value) for t in parts):
+                raise NemtError(f"--param {name}.{key}={value}: metric {name!r}: {key} must be "
+                                f"{' or '.join(parts)}, got {value!r}")
+            if key in METRIC_COUNT_PARAMETERS and value is not None and not (
+                    _SIMPLE_TYPES["float"](value) and math.isfinite(value) and value == int(value) and value >= 1):
+                raise NemtError(f"--param {name}.{key}={value}: metric {name!r}: {key} must be a whole number >= 1, "
+                                f"got {value!r}")
+        if probe is not None and kw:
+            _probe_metric(name, kw, probe, given, seed)
+
+
+def _metric_probe(data: BenchmarkData, model) -> dict[str, Any] | None:
+    """The inputs of one map for :func:`check_metric_params`' trial call: the first item with a non-empty
+    mask (else the first item) and a ramp map over its pixels (not constant, so every metric is defined)."""
+    if not data.items:
+        return None
+    nonempty = data.gt.flatten(1).any(1)
+    it = next((it for it in data.items if bool(nonempty[it.sample])), data.items[0])
+    s, x = it.sample, data.x[it.sample:it.sample + 1]
+    ramp = torch.linspace(0, 1, math.prod(x.shape[2:]), device=x.device).view(1, 1, *x.shape[2:])
+    values = {"maps": ramp, "gt": data.gt[s:s + 1], "model": model, "x": x,
+              "target": torch.tensor([it.target], device=x.device)}
+    values.update({k: v[s:s + 1] for k, v in (("gaze", data.gaze), ("fixations", data.fixations)) if v is not None})
+    return values
+
+
+def _probe_metric(name: str, kw: dict, values: dict[str, Any], given: str, seed: int) -> None:
+    """Metric ``name`` called once on ``values`` with its parameters ``kw``; what fails is a NemtError naming them."""
+    spec = get_metric(name)
+    what = f"metric {name!r} cannot run with --param {given}"
+    device = values["x"].device
+    try:
+        with seeded(seed, device), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an undefined value of the trial map is no error of the parameters
+            if spec.dataset_level:
+                v, _ = spec.reduce(spec.call_statistic(values, **kw).reshape(1, -1), **kw)
+            else:
+                v = spec.call(values, **kw)
+    except NemtError as exc:
+        raise NemtError(f"{what}: {exc}") from None
+    except (ValueError, TypeError, RuntimeError, ArithmeticError, LookupError, AttributeError) as exc:
+        raise NemtError(f"{what}: {type(exc).__name__}: {exc}") from None
+    if not torch.is_tensor(v) or v.numel() != 1:
+        raise NemtError(f"{what}: it gives {type(v).__name__}"
+                        f"{f' of shape {tuple(v.shape)}' if torch.is_tensor(v) else ''} for one map, not one value "
+                        "per map, which the benchmark needs")
 
 
 def score_maps(metrics: Sequence[str], maps: torch.Tensor, gt: torch.Tensor, model, x: torch.Tensor,
@@ -335,7 +455,7 @@ def run_benchmark(model, data: BenchmarkData, explainers: dict[str, Any], config
                   progress: bool = True, metric_model=None, model_sha256: str | None = None,
                   explainer_sha256: dict[str, str] | None = None,
                   log: Callable[[str], None] | None = None, metric_workers: int = 0,
-                  shard: tuple[int, int] | None = None) -> dict:
+                  shard: tuple[int, int] | None = None, record: dict | None = None) -> dict:
     """Explain and score every item with every method; write results, summary; return the summary dict.
 
     ``shard=(i, n)``: only every n-th chunk of ``batch_size`` items from the i-th (the same chunks as one
@@ -356,47 +476,33 @@ def run_benchmark(model, data: BenchmarkData, explainers: dict[str, Any], config
     multi-threaded caller); the default 0 leaves them serial in this thread
     (or as an enclosing ``parallel_chunks`` block chose). The results equal
     those of serial slices at one torch thread, bit for bit.
+    ``record``: facts written to ``run.json`` beside the run's key and not compared on a resume (the data's
+    fingerprint and the item count are): :func:`benchmark_model` records the split, the limit, the data set's
+    checksum and the model's configuration, which ``benchmarks/seed_summary.py`` compares between runs.
+    Metric parameters (``config.metric_params``) are checked before any work (:func:`check_metric_params`).
     """
     out = Path(out)
-    metrics = check_metrics(config.metrics, gaze=data.gaze is not None)
-    if model_sha256 is None:
-        from nemt.explainers.nemt import model_checksum
-        model_sha256 = model_checksum(model)
-    fitted = {m: explainer_sha256[m] for m in explainers if explainer_sha256 and m in explainer_sha256}
-    params = {m: config.method_params.get(m, {}) for m in explainers}
-    meta = {"methods": list(explainers), "metrics": metrics, "batch_size": config.batch_size, "seed": config.seed,
-            "items": len(data.items), "data": data.fingerprint, "metric_params": config.metric_params,
-            "method_params": params, "model_sha256": model_sha256, "explainer_sha256": fitted,
-            "code": code_fingerprint()}
+    meta = run_key(model, data, explainers, config, model_sha256=model_sha256, explainer_sha256=explainer_sha256)
+    metrics, params, fitted = meta["metrics"], meta["method_params"], meta["explainer_sha256"]
+    check_metric_params(metrics, config.metric_params, seed=config.seed,
+                        probe=_metric_probe(data, metric_model or model) if any(config.metric_params.values())
+                        else None)
     home = out
     if shard is not None:
         i, n = int(shard[0]), int(shard[1])
         if not 0 <= i < n:
             raise NemtError(f"--shard {i}/{n}: expected I/N with 0 <= I < N")
+        refuse_shards_of_another_count(home, n)
         out = out / "shards" / f"{i}-of-{n}"
     meta_path = out / "run.json"
     before = meta_path.read_text() if meta_path.is_file() else None  # restored if this run logs nothing
     if before is not None:
         old = json.loads(before)
-        recorded = old.get("model_sha256")
-        if recorded is None:
-            raise NemtError(f"{meta_path}: does not record its model's checksum (written by an earlier nemt), so "
-                            "its results may be another model's; use another --out or --restart")
-        if recorded != model_sha256:
-            raise NemtError(f"{out}: holds a run of another model (weights checksum {recorded[:16]}..., this "
-                            f"model {model_sha256[:16]}...); use another --out or --restart")
-        diff = [k for k in ("metrics", "items", "data", "seed", "metric_params") if k in old and old[k] != meta[k]]
-        if "code" in old and old["code"] != meta["code"]:  # a folder from before the fingerprint is not refused for it
-            diff.append(KEY_NAMES["code"])
-        diff += [f"parameters of {m}" for m, p in params.items()
-                 if m in old.get("method_params", {}) and old["method_params"][m] != p]
-        diff += [f"fitted explainer of {m}" for m in explainers
-                 if m in old.get("methods", []) and old.get("explainer_sha256", {}).get(m) != fitted.get(m)]
-        if diff:
-            raise NemtError(f"{out}: holds a run with other {', '.join(diff)}; use another --out or --restart")
+        refuse_another_run(old, meta, meta_path)
         meta["methods"] = list(dict.fromkeys(old.get("methods", []) + meta["methods"]))
         meta["method_params"] = {**old.get("method_params", {}), **params}
         meta["explainer_sha256"] = {**old.get("explainer_sha256", {}), **fitted}
+    meta.update({k: v for k, v in (record or {}).items() if k not in meta})
     made = [d for d in (out, *out.parents) if not d.exists()]  # folders this run creates, deepest first
     out.mkdir(parents=True, exist_ok=True)
     log_ = ResultsLog(out / "results.partial.csv", metrics, log)
@@ -443,6 +549,109 @@ def run_benchmark(model, data: BenchmarkData, explainers: dict[str, Any], config
     summary = summarise_results(rows, list(explainers), metrics)
     write_summary(out, summary, metrics)
     return summary
+
+
+def run_key(model, data: BenchmarkData, explainers: dict[str, Any], config: RunConfig, *,
+            model_sha256: str | None = None, explainer_sha256: dict[str, str] | None = None) -> dict:
+    """What :func:`run_benchmark` records in ``run.json``: the methods, metrics, batch size, seed, items, data
+    (:attr:`BenchmarkData.fingerprint`), parameters, the model's and each fitted explainer's checksum and
+    nemt's code; a folder holding another run is refused (:func:`refuse_another_run`), not resumed."""
+    metrics = check_metrics(config.metrics, gaze=data.gaze is not None)
+    if model_sha256 is None:
+        from nemt.explainers.nemt import model_checksum
+        model_sha256 = model_checksum(model)
+    fitted = {m: explainer_sha256[m] for m in explainers if explainer_sha256 and m in explainer_sha256}
+    params = {m: config.method_params.get(m, {}) for m in explainers}
+    meta = {"methods": list(explainers), "metrics": metrics, "batch_size": config.batch_size, "seed": config.seed,
+            "items": len(data.items), "data": data.fingerprint, "metric_params": config.metric_params,
+            "method_params": params, "model_sha256": model_sha256, "explainer_sha256": fitted,
+            "code": code_fingerprint()}
+    if data.other_data:  # recorded, not part of the key: the data's fingerprint already is
+        meta["other_data"] = data.other_data
+    return meta
+
+
+def refuse_another_run(old: dict, meta: dict, path: Path, remedy: str = "use another --out or --restart") -> None:
+    """A :class:`NemtError` when the run recorded in ``old`` (read from ``path``, a ``run.json``) is not the run
+    ``meta`` (:func:`run_key`) may resume: another model, data, items, metrics, seed or parameters, another
+    fitted explainer for a method both have, or other nemt code. Methods the old run lacks may join it."""
+    where = Path(path).parent
+    recorded = old.get("model_sha256")
+    if recorded is None:
+        raise NemtError(f"{path}: does not record its model's checksum (written by an earlier nemt), so "
+                        f"its results may be another model's; {remedy}")
+    if recorded != meta["model_sha256"]:
+        raise NemtError(f"{where}: holds a run of another model (weights checksum {recorded[:16]}..., this "
+                        f"model {meta['model_sha256'][:16]}...); {remedy}")
+    diff = [k for k in ("metrics", "items", "data", "seed", "metric_params") if k in old and old[k] != meta[k]]
+    if "code" in old and old["code"] != meta["code"]:  # a folder from before the fingerprint is not refused for it
+        diff.append(KEY_NAMES["code"])
+    diff += [f"parameters of {m}" for m, p in meta["method_params"].items()
+             if m in old.get("method_params", {}) and old["method_params"][m] != p]
+    fitted = meta["explainer_sha256"]
+    diff += [f"fitted explainer of {m}" for m in meta["methods"]
+             if m in old.get("methods", []) and old.get("explainer_sha256", {}).get(m) != fitted.get(m)]
+    if diff:
+        raise NemtError(f"{where}: holds a run with other {', '.join(diff)}; {remedy}")
+
+
+def _shard_count(folder: Path) -> str:
+    return folder.name.split("-of-")[-1]
+
+
+def _shard_folders(out: Path) -> list[Path]:
+    """The folders ``out/shards/I-of-N`` (sorted)."""
+    folder = Path(out) / "shards"
+    return sorted(p for p in folder.glob("*-of-*") if p.is_dir() and re.fullmatch(r"\d+-of-\d+", p.name)) \
+        if folder.is_dir() else []
+
+
+def refuse_shards_of_another_count(out: Path, n: int) -> None:
+    """A :class:`NemtError` when ``out/shards`` holds shards of a run split another number of ways than ``n``
+    (an earlier ``--shard I/M`` or torchrun with M processes): their rows could never be merged with this run's,
+    so it is refused before any work, naming the old count and how to start over."""
+    folder = Path(out) / "shards"
+    others = [p.name for p in _shard_folders(out) if _shard_count(p) != str(n)]
+    if others:
+        counts = sorted({o.split("-of-")[-1] for o in others})
+        raise NemtError(f"{folder}: holds the shards of a run split {' and '.join(counts)} ways ({', '.join(others)}); "
+                        f"this run is split {n} ways (--shard I/{n}, or {n} torchrun processes), and shards of two "
+                        f"splits cannot be merged; to start over use --restart (or delete {folder}); to finish the "
+                        f"old run, split it {counts[0]} ways again")
+
+
+#: what a run writes in its folder: ``--restart`` removes them (its shards' folders too, for a sharded run)
+RUN_OUTPUTS = ("results.partial.csv", "run.json", "statistics", "results.csv", "summary.csv", "summary.md",
+               "summary.json", "dataset_metrics.json", "report.html", "report.md")
+
+
+def _remove(path: Path) -> None:
+    """Remove a file or folder; a folder is first renamed aside (atomically), so that processes starting over
+    together (torchrun ranks) never see it half removed, nor fail on one another's deletions."""
+    if path.is_dir() and not path.is_symlink():
+        aside = path.with_name(f".removed-{uuid.uuid4().hex}")  # no "-of-" in it: never read as a shard
+        try:
+            path.rename(aside)
+        except FileNotFoundError:  # another process took it
+            return
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def clear_run(out: Path, shard: tuple[int, int] | None = None, *, keep_shards: bool = False) -> None:
+    """``--restart``: forget the run in ``out`` (every file of :data:`RUN_OUTPUTS`, so that no results, summary
+    or report of the earlier run stays beside the new ``run.json``). With ``shard=(i, n)`` also this shard's
+    folder and those of another split (``out/shards/*-of-M``, M != n); the other shards of an n-way split are
+    theirs to clear. ``keep_shards`` (a merge): ``out/shards`` is left alone."""
+    out = Path(out)
+    for name in RUN_OUTPUTS:
+        _remove(out / name)
+    if shard is not None and not keep_shards:
+        i, n = int(shard[0]), int(shard[1])
+        for p in _shard_folders(out):
+            if p.name == f"{i}-of-{n}" or _shard_count(p) != str(n):
+                _remove(p)
 
 
 def _explain_and_score(todo, explainers, given, data, config, metrics, mm, metric_workers, out, log_,
@@ -494,19 +703,23 @@ def _restore(meta_path: Path, before: str | None, made: list[Path]) -> None:
             break
 
 
-def merge_shards(out: Path, metrics: Sequence[str], log: Callable[[str], None] | None = None) -> int:
+def merge_shards(out: Path, metrics: Sequence[str], log: Callable[[str], None] | None = None, *,
+                 expect: dict | None = None) -> int:
     """Collect the rows of ``out/shards/*`` (runs with ``shard``) into ``out``'s results log; return how many
     were added. The shards must record the same run (model, explainers, data, items, metrics, seed,
     parameters); a later run without ``shard`` then finds every item done and writes results, summary and
-    report. Rows already in ``out`` are kept."""
+    report. Rows already in ``out`` are kept. ``expect``: the run that will follow (:func:`run_key`); shards
+    of another run are refused before anything is written. Nothing is written until every check passed."""
     out = Path(out)
-    folders = sorted(p for p in (out / "shards").glob("*-of-*") if (p / "run.json").is_file())
+    folders = [p for p in _shard_folders(out) if (p / "run.json").is_file()]
     if not folders:
         raise NemtError(f"{out}: no shards to merge (out/shards/I-of-N/run.json, written by --shard I/N)")
     metas = [json.loads((f / "run.json").read_text()) for f in folders]
-    counts = {f.name.split("-of-")[1] for f in folders}
+    counts = {_shard_count(f) for f in folders}
     if len(counts) != 1:
-        raise NemtError(f"{out}/shards: shards of different splits ({sorted(f.name for f in folders)})")
+        raise NemtError(f"{out}/shards: holds the shards of runs split different numbers of ways "
+                        f"({', '.join(f.name for f in folders)}); delete the folders of the split you do not want "
+                        "(or start over with --restart), then merge")
     n = int(counts.pop())
     missing = sorted(set(range(n)) - {int(f.name.split("-of-")[0]) for f in folders})
     if missing:
@@ -515,20 +728,19 @@ def merge_shards(out: Path, metrics: Sequence[str], log: Callable[[str], None] |
         if m != metas[0]:
             diff = sorted(k for k in set(m) | set(metas[0]) if m.get(k) != metas[0].get(k))
             raise NemtError(f"{f}: another run than {folders[0].name} (differs in {', '.join(diff)})")
+    if expect is not None:  # the run that follows the merge would refuse what the merge wrote: refuse it now
+        refuse_another_run(metas[0], expect, folders[0] / "run.json",
+                           remedy="run the shards again with this run's settings (each --shard I/N with --restart), "
+                                  "or merge with the settings they were run with")
     main = out / "run.json"
     if main.is_file():
-        old = json.loads(main.read_text())
-        diff = sorted(k for k in ("model_sha256", "data", "items", "metrics", "seed", "metric_params")
-                      if old.get(k) != metas[0].get(k))
-        if diff:
-            raise NemtError(f"{main}: another run than the shards (differs in {', '.join(diff)}); use another "
-                            "--out or --restart")
-    else:
-        write_json(main, metas[0])
+        refuse_another_run(json.loads(main.read_text()), metas[0], main)
+    parts = [ResultsLog(f / "results.partial.csv", metas[0]["metrics"], log) for f in folders]  # each read whole
     target = ResultsLog(out / "results.partial.csv", metas[0]["metrics"], log)
+    if not main.is_file():
+        write_json(main, metas[0])
     added = []
-    for f in folders:
-        part = ResultsLog(f / "results.partial.csv", metas[0]["metrics"], log)
+    for f, part in zip(folders, parts):
         new = [r for k, r in sorted(part.rows.items(), key=lambda kv: kv[0][1]) if k not in target.rows]
         for src in sorted((f / "statistics").glob("*/*.safetensors")):  # dataset-level metrics' statistics
             dst = out / "statistics" / src.parent.name / src.name
@@ -557,15 +769,43 @@ def explainer_checksum(directory: str | Path) -> str:
     return h.hexdigest()
 
 
+#: the metrics whose value per map is a hit or a miss (0 or 1): their interval is Wilson's score interval; every
+#: other metric's is Student t's. Fixed per metric, not chosen by the values (a run whose relevance ranks
+#: happen to be all 0 or 1 keeps the t interval of every other run)
+BINARY_METRICS = frozenset({"pointing_game"})
+#: the range of the metrics documented as bounded (the metric registry records no range): their interval is
+#: clipped to it. Relevance mass, energy pointing game, relevance rank, pointing game (expected), top-k
+#: intersection, sparseness (Gini), top-k precision, importance mass accuracy, EMD score, MaxBoxAccV2 and gaze
+#: similarity lie in [0, 1]; faithfulness estimate and gaze CC (correlations) in [-1, 1]. Some leave their range
+#: under other parameters (signed maps, concept influence): a run with a value outside it is not clipped.
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    **{k: (0.0, 1.0) for k in ("relevance_mass", "energy_pointing_game", "relevance_rank", "pointing_game",
+                               "pointing_game_expected", "top_k_intersection", "sparseness", "top_k_precision",
+                               "importance_mass_accuracy", "emd_score", "max_box_acc_v2", "similarity")},
+    "faithfulness_estimate": (-1.0, 1.0), "cc": (-1.0, 1.0)}
+
+
+def summarise_metric(values: Sequence[float], metric: str) -> dict:
+    """:func:`nemt.metrics.summarise` of one metric's values with its interval method (Wilson for
+    :data:`BINARY_METRICS`, Student t otherwise) and its interval clipped to :data:`METRIC_RANGES`."""
+    reg = registry()  # a registered metric's NaN without ground truth is undefined (a collapsed map)
+    s = summarise(values, method="wilson" if metric in BINARY_METRICS else "t",
+                  metric=metric if metric in reg else None)
+    lo, hi = METRIC_RANGES.get(metric, (-math.inf, math.inf))
+    finite = [v for v in map(float, values) if not math.isnan(v)]
+    if s["n"] >= 2 and all(lo <= v <= hi for v in finite):
+        s["ci_low"], s["ci_high"] = max(lo, s["ci_low"]), min(hi, s["ci_high"])
+    return s
+
+
 def summarise_results(rows: list[dict], methods: Sequence[str], metrics: Sequence[str]) -> dict:
-    """{method: {metric: summarise(...) dict, "ms": mean ms/image, "n_items": n}}."""
+    """{method: {metric: :func:`summarise_metric` dict, "ms": mean ms/image, "n_items": n}}."""
     out: dict[str, dict] = {}
     for m in methods:
         mine = [r for r in rows if r["method"] == m]
         entry: dict[str, Any] = {"n_items": len(mine)}
-        reg = registry()
-        for k in metrics:  # a registered metric's NaN without ground truth is undefined (a collapsed map)
-            entry[k] = summarise([float(r[k]) for r in mine], metric=k if k in reg else None)
+        for k in metrics:
+            entry[k] = summarise_metric([float(r[k]) for r in mine], k)
         entry["ms"] = float(sum(float(r["ms"]) for r in mine) / max(len(mine), 1))
         out[m] = entry
     return out
@@ -583,12 +823,8 @@ def markdown_summary(summary: dict, metrics: Sequence[str]) -> str:
     arrows = {"higher": "↑", "lower": "↓"}
     head = ["method"] + [f"{m} {arrows.get(DIRECTIONS.get(m, ''), '')}" for m in metrics] + ["ms / image"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    best: dict[str, set] = {}  # per metric, every method at the best mean (ties all bold)
-    for m in metrics:
-        vals = {k: v[m]["mean"] for k, v in summary.items() if v[m]["n"] > 0}
-        if vals:
-            top = (max if DIRECTIONS.get(m, "higher") == "higher" else min)(vals.values())
-            best[m] = {k for k, v in vals.items() if v == top}
+    from nemt.bench.report import best_methods
+    best = best_methods(summary, metrics)  # per metric, every method at the best mean (ties all bold)
     for method, s in summary.items():
         cells = [method] + [("**" + _cell(s[m]) + "**") if method in best.get(m, ()) else _cell(s[m])
                             for m in metrics]
@@ -669,8 +905,11 @@ def load_benchmark_data(clf, manifest, indices: Sequence[int], device=None, limi
                         gaze: str | Path | None = None) -> BenchmarkData:
     """Images of ``manifest`` rows ``indices`` at the model's size, with their ground truth and items.
 
-    ``gaze``: a fixation CSV (:mod:`nemt.data.gaze`) whose heat maps and fixation maps join the data (its
-    bytes join the fingerprint, so a resumed run refuses other gaze)."""
+    The fingerprint covers the manifest's bytes, the rows and the images and masks as loaded (so a resumed
+    run refuses a data set whose files changed under the same names). ``other_data`` is set when the manifest
+    is not the one the model card records (``data.sha256``): evaluating on other data (external validation) is
+    allowed, and the caller says so. ``gaze``: a fixation CSV (:mod:`nemt.data.gaze`) whose heat maps and
+    fixation maps join the data (its bytes join the fingerprint, so a resumed run refuses other gaze)."""
     from nemt.data import ImageDataset
     _check_limit(limit)
     indices = [int(i) for i in indices][:limit] if limit is not None else [int(i) for i in indices]
@@ -681,7 +920,13 @@ def load_benchmark_data(clf, manifest, indices: Sequence[int], device=None, limi
     unit = clf.preprocessing.denormalise(st["image"]).clamp(0, 1)
     names = [manifest.samples[i].name for i in indices]
     items = make_items(st["y"], clf.card.task, clf.label_names, names, [bool(h) for h in st["has_gt"]])
-    fp = f"{manifest.fingerprint()}:{','.join(map(str, indices))}"
+    from nemt.explainers.nemt.teacher import items_fingerprint
+    theirs = manifest.fingerprint()
+    # the images and masks as loaded join the manifest's bytes: a file replaced under the same name is other data
+    fp = f"{theirs}:{','.join(map(str, indices))}:arrays {items_fingerprint([st['image'], st['gt']])}"
+    recorded = (getattr(clf.card, "data", None) or {}).get("sha256")
+    other = None if recorded is None or recorded == theirs else {
+        "data_sha256": theirs, "model_data_sha256": recorded, "model_data_source": clf.card.data.get("source")}
     heat = fix = None
     if gaze is not None:
         from nemt.data.gaze import gaze_targets, match_fixations, read_fixations
@@ -692,7 +937,7 @@ def load_benchmark_data(clf, manifest, indices: Sequence[int], device=None, limi
         fp += f":gaze {sha256_file(gaze)}"
     import hashlib
     return BenchmarkData(st["image"].to(device), unit, st["gt"].bool().to(device), items, list(clf.label_names),
-                         hashlib.sha256(fp.encode()).hexdigest()[:16], gaze=heat, fixations=fix)
+                         hashlib.sha256(fp.encode()).hexdigest()[:16], gaze=heat, fixations=fix, other_data=other)
 
 
 def _check_limit(limit: int | None) -> None:
@@ -797,14 +1042,22 @@ def benchmark_model(model_dir: Path, data_path: Path, out: Path, *, explainer_di
     from nemt.models.training import load_splits
 
     params = dict(params or {})
+    if "prototypes" in methods:  # scored as attributions: the explainer's default maps (decoded prototypes) are images
+        given = params.get("prototypes", {})
+        if given.get("kind") == "decoded":
+            raise NemtError("--param prototypes.kind=decoded: decoded prototypes are images of what a class looks "
+                            "like, not attributions of the input, and the benchmark's metrics do not apply to them; "
+                            "the benchmark scores kind=contribution (leave kind out)")
+        params["prototypes"] = {"kind": "contribution", **given}
     _check_limit(limit)
     out = Path(out)
-    if restart:  # forget earlier results in this folder
-        for name in ("results.partial.csv", "run.json"):
-            (out / name).unlink(missing_ok=True)
-        if (out / "statistics").is_dir():
-            import shutil
-            shutil.rmtree(out / "statistics")
+    if shard is not None and merge:
+        raise NemtError("give --shard or --merge, not both: --shard I/N runs one share of the items; --merge, once "
+                        "every share is done, collects them and writes the results, summary and report")
+    if shard is not None:
+        _check_shard(shard)
+        if not restart:  # refused before any work (--restart removes them, after every check passed)
+            refuse_shards_of_another_count(out, int(shard[1]))
     clf = load_model(model_dir, device=device)
     if open_data is None:
         from nemt.data.manifest import open_dataset
@@ -815,8 +1068,7 @@ def benchmark_model(model_dir: Path, data_path: Path, out: Path, *, explainer_di
     manifest.raise_problems()
     splits = load_splits(model_dir, manifest)
     splits["all"] = list(range(len(manifest.samples)))  # every image, as `nemt explain --split all`
-    if split not in splits:
-        raise NemtError(f"--split must be one of {sorted(splits)}, got {split!r}")
+    rows = split_rows(splits, split, model_dir)
     if gaze is False:  # told to leave out a gaze.csv beside the manifest
         gaze = None
     elif gaze is None or gaze is True:
@@ -832,11 +1084,16 @@ def benchmark_model(model_dir: Path, data_path: Path, out: Path, *, explainer_di
     unknown = [k for k in params if k not in methods]
     if unknown:
         raise NemtError(f"--param for {unknown}: neither a chosen method ({list(methods)}) nor metric ({metrics})")
+    check_metric_params(metrics, metric_params)  # keys, types, counts: before anything is built
     if "nemt" in methods and explainer_dir is None:
         raise NemtError("method 'nemt' needs --explainer DIR (from `nemt fit`); or leave it out of --methods")
     explainers = _method_explainers(methods, clf, params, explainer_dir=explainer_dir, seed=seed, device=device)
-    data = load_benchmark_data(clf, manifest, splits[split], device=device, limit=limit, gaze=gaze)
+    data = load_benchmark_data(clf, manifest, rows, device=device, limit=limit, gaze=gaze)
     fast = inference_copy(clf)
+    if any(metric_params.values()):  # the values, by one trial call of each metric given parameters
+        check_metric_params(metrics, metric_params, probe=_metric_probe(data, fast), seed=seed)
+    if data.other_data:
+        _say(other_data_warning(data.other_data, data_path, model_dir, split, manifest))
     cfg = RunConfig(list(methods), list(metrics), batch_size, seed, metric_params, params)
     fitted = {m: explainer_checksum(explainer_dir) for m in methods if m in ("nemt", "nem")}
     sources = [] if superpixelify is None else (
@@ -861,19 +1118,30 @@ def benchmark_model(model_dir: Path, data_path: Path, out: Path, *, explainer_di
                 fitted[sp] = f"{fitted.get(m, '')}+{seg_sum}"
         explainers = both
         cfg.methods = list(explainers)
-    if merge:
-        added = merge_shards(out, metrics)
+    if restart:  # forget earlier results in this folder, now that every check passed
+        clear_run(out, shard, keep_shards=merge)
+    if merge:  # shards of another run than this one are refused before anything is written
+        added = merge_shards(out, metrics, expect=run_key(clf, data, explainers, cfg, explainer_sha256=fitted))
         console.print(f"merged {added} rows from {out / 'shards'}", highlight=False)
+    card = clf.card
+    record = {"split": split, "limit": limit, "data_set_sha256": manifest.fingerprint(),
+              "model_config": {"arch": card.arch, "task": card.task, "labels": list(clf.label_names),
+                               "input_size": list(card.input_size), "in_channels": card.in_channels,
+                               "training_seed": (getattr(card, "training", None) or {}).get("seed")}}
     summary = run_benchmark(clf, data, explainers, cfg, out, progress=progress, metric_model=fast,
-                            explainer_sha256=fitted, metric_workers=metric_workers, shard=shard)
+                            explainer_sha256=fitted, metric_workers=metric_workers, shard=shard, record=record)
     if shard is not None:
         return summary
     facts = {"model": f"{model_dir} ({clf.card.arch}, {clf.task}, labels {', '.join(clf.label_names)})",
              "data": f"{data_path}, {split} split: {len({it.sample for it in data.items})} images, "
-                     f"{len(data.items)} items ({sum(not it.has_gt for it in data.items)} without ground truth)",
+                     f"{len(data.items)} items ({items_without_ground_truth(data)} without ground truth: no mask "
+                     "or an empty one, excluded from the localisation means)",
              "input": f"{clf.card.in_channels} x {'x'.join(map(str, clf.card.input_size))}",
              "device": f"{device}, {__import__('torch').get_num_threads()} threads", "seed": str(seed),
-             "methods": ", ".join(methods), "parameters": json.dumps(params) if params else "defaults"}
+             "methods": ", ".join(methods), "parameters": json.dumps(params) if params else "defaults",
+             "metric parameters": json.dumps(metric_params) if any(metric_params.values()) else "defaults"}
+    if data.other_data:
+        facts["data check"] = other_data_fact(data.other_data)
     if sources:
         facts["superpixelify"] = "; ".join(f"METHOD@{tag}: {src}" for tag, (src, _, _) in segmenters.items()) + \
             " (maps averaged within the segments of each image)"
@@ -884,6 +1152,59 @@ def benchmark_model(model_dir: Path, data_path: Path, out: Path, *, explainer_di
     report_run(out, data, explainers, summary, metrics, title="nemt benchmark", facts=facts, gallery=gallery,
                seed=seed, notes=dataset_metric_notes(out))
     return summary
+
+
+def _check_shard(shard: tuple[int, int]) -> None:
+    i, n = int(shard[0]), int(shard[1])
+    if not 0 <= i < n:
+        raise NemtError(f"--shard {i}/{n}: expected I/N with 0 <= I < N")
+
+
+def split_rows(splits: dict[str, Sequence[int]], split: str, model_dir: str | Path) -> list[int]:
+    """The manifest rows of ``split`` (from :func:`~nemt.models.training.load_splits`, ``all`` included); an
+    unknown split, or an empty one, is a :class:`NemtError` naming the split and the model's ``splits.csv``."""
+    if split not in splits:
+        raise NemtError(f"--split must be one of {sorted(splits)}, got {split!r}")
+    rows = [int(i) for i in splits[split]]
+    if not rows:
+        source = Path(model_dir) / "splits.csv"
+        if not source.is_file():
+            source = Path(model_dir) / "model.json"  # the split recomputed from the card's seed and fractions
+        sizes = ", ".join(f"{k} {len(v)}" for k, v in splits.items() if k != "all")
+        raise NemtError(f"--split {split}: the model's {split} split is empty ({source}: {sizes} images); "
+                        f"choose another --split{' (all: every image)' if 'all' in splits else ''}")
+    return rows
+
+
+def items_without_ground_truth(data: BenchmarkData) -> int:
+    """Items whose mask is missing or empty: what the localisation metrics leave out (NaN) and the summary
+    counts as "without ground truth"."""
+    nonempty = data.gt.flatten(1).any(1)
+    return sum(not bool(nonempty[it.sample]) for it in data.items)
+
+
+def other_data_fact(other: dict) -> str:
+    """The report's line for a run on other data than the model's (:attr:`BenchmarkData.other_data`)."""
+    return (f"not the data the model was trained on (this manifest's sha256 {other['data_sha256'][:16]}..., the "
+            f"model card's data.sha256 {other['model_data_sha256'][:16]}... of {other.get('model_data_source')}): "
+            "an evaluation on other data (external validation)")
+
+
+def other_data_warning(other: dict, data_path, model_dir, split: str, manifest) -> str:
+    """The warning of a run on other data than the model's: both checksums, and where the split came from
+    (:func:`~nemt.models.training.load_splits` applies the model's ``splits.csv`` when its image names are
+    found at the same rows of this data)."""
+    if split == "all":
+        how = "--split all takes every image of it"
+    elif (Path(model_dir) / "splits.csv").is_file():
+        how = (f"its {split} split is the model's {Path(model_dir) / 'splits.csv'}, applied by image name (this data "
+               "has the same names at the same rows, so those rows are taken, whatever the images now are)")
+    else:
+        how = f"its {split} split is recomputed from the model card's seed and fractions over this data"
+    return (f"warning: {data_path} is not the data {model_dir} was trained on: its manifest's sha256 is "
+            f"{other['data_sha256']}, the model card records data.sha256 {other['model_data_sha256']} "
+            f"({other.get('model_data_source')}); evaluating on it anyway (external validation), recorded in "
+            f"run.json and the report; {how}")
 
 
 def dataset_metric_notes(out: Path) -> list[str]:

@@ -268,21 +268,22 @@ def run_suite(out: str | Path, *, methods: Sequence[str] = (), seed: int = 0, de
     split, :func:`fit_suite_nemt`, and its time per image excludes the fit) and scored with top-|GT| precision, EMD score and
     importance mass accuracy; each (scenario, background, model) is one
     resumable :func:`~nemt.bench.runner.run_benchmark` run under ``out/runs``.
-    Returns the Markdown table.
+    Methods, their parameters and the metrics' (``params``: {method or suite metric: keywords}) are checked
+    before any model is trained (:func:`check_suite`). Returns the Markdown table.
     """
     import csv
 
     from nemt.bench.report import write_report
-    from nemt.bench.runner import BenchmarkData, RunConfig, make_items, run_benchmark
+    from nemt.bench.runner import BenchmarkData, RunConfig, clear_run, make_items, run_benchmark
     from nemt.data.xaitris import BACKGROUNDS, SCENARIOS
     from nemt.explainers import get_explainer
     from nemt.files import atomic_open
     from nemt.models import load_model
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     methods = list(methods) or list(SUITE_METHODS)
-    budgets = {m: {**SUITE_PARAMS.get(m, {}), **(params or {}).get(m, {})} for m in methods}
+    budgets, metric_params = check_suite(methods, params, seed=seed)  # before any training
+    out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     skipped: list[str] = []
     collapse: dict[str, list[str] | None] = {}
@@ -316,12 +317,11 @@ def run_suite(out: str | Path, *, methods: Sequence[str] = (), seed: int = 0, de
                 if "nemt" in explainers:
                     collapse[f"{key}/{name}"] = suite_nemt_collapsed(explainers["nemt"])
                 # EMD on 32 x 32 sum-pooled maps: 0.015 s a map instead of 0.26 s, values within about 5e-4
-                cfg = RunConfig(usable, list(SUITE_METRICS), batch_size, seed, {"emd_score": {"max_side": 32}},
+                cfg = RunConfig(usable, list(SUITE_METRICS), batch_size, seed, metric_params,
                                 {m: budgets[m] for m in usable})
                 run_dir = out / "runs" / f"{key}-{name}"
                 if restart:  # forget earlier results (the trained models are kept)
-                    for stale in ("results.partial.csv", "run.json"):
-                        (run_dir / stale).unlink(missing_ok=True)
+                    clear_run(run_dir)
                 summary = run_benchmark(clf, data, explainers, cfg, run_dir, progress=progress)
                 for m, s in summary.items():
                     rows.append({"scenario": scenario, "background": background, "model": name,
@@ -339,6 +339,40 @@ def run_suite(out: str | Path, *, methods: Sequence[str] = (), seed: int = 0, de
         fh.write(table)
     _suite_report(out, rows, methods, skipped, table, write_report)
     return table
+
+
+def check_suite(methods: Sequence[str], params: dict[str, dict] | None, *,
+                seed: int = 0) -> tuple[dict[str, dict], dict[str, dict]]:
+    """The suite's methods and ``--param`` checked before any model is trained: every method known, every
+    parameter one of a chosen method or of a suite metric (:data:`SUITE_METRICS`), each method built once with
+    its budget (:data:`SUITE_PARAMS` and the given parameters) on an untrained suite CNN, so that a key or value
+    it refuses is an error now, and the metrics' parameters checked as the benchmark checks them. Returns
+    ({method: budget}, {metric: parameters}); the global random state is left as it was."""
+    from nemt.bench.runner import _method_explainers, check_metric_params
+    from nemt.explainers import available
+    from nemt.ops import seeded
+
+    unknown = [m for m in methods if m not in available()]
+    if unknown:
+        raise NemtError(f"unknown method(s) {unknown}; available: {available()}")
+    params = dict(params or {})
+    metric_params: dict[str, dict] = {"emd_score": {"max_side": 32}}  # EMD on 32 x 32 sum-pooled maps (see run_suite)
+    for m in SUITE_METRICS:
+        if m in params:
+            metric_params[m] = {**metric_params.get(m, {}), **params.pop(m)}
+    stray = [k for k in params if k not in methods]
+    if stray:
+        raise NemtError(f"--param for {stray}: neither a chosen method ({list(methods)}) nor a suite metric "
+                        f"({list(SUITE_METRICS)})")
+    check_metric_params(SUITE_METRICS, metric_params)
+    budgets = {m: {**SUITE_PARAMS.get(m, {}), **params.get(m, {})} for m in methods}
+    size = [64, 64]  # xaitris_splits' default size, which the suite trains at
+    with seeded(seed):
+        net = build_model("cnn", spatial_dims=2, in_channels=1, out_channels=2, input_size=size)
+        clf = Classifier.from_module(net, spatial_dims=2, in_channels=1, input_size=size, task="multiclass",
+                                     label_names=LABEL_NAMES, arch="cnn").eval()
+        _method_explainers(methods, clf, budgets, seed=seed, device="cpu")
+    return budgets, metric_params
 
 
 def beats_references(rows: list[dict], metric: str = "top_k_precision") -> dict[str, list[str]]:

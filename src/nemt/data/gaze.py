@@ -11,7 +11,9 @@ here, for real and simulated gaze alike:
   ``duration`` in seconds). ``image`` names a sample of the data set: its path
   as written in the manifest, its file name or its stem (EGD's ``DICOM_ID``).
   EGD's own ``fixations.csv`` reads as it is (``DICOM_ID``, ``X_ORIGINAL``,
-  ``Y_ORIGINAL``, ``FPOGD``).
+  ``Y_ORIGINAL``, ``FPOGD``). :func:`read_fixations` checks every row;
+  :func:`check_gaze` also checks the file against a data set (the images it
+  names, 2D, each fixation inside its image: ``0 <= x < width``, ``0 <= y < height``).
 - **Where it lives**: ``gaze.csv`` beside the data set's manifest (or in a
   class-per-folder tree's root) is found by default (:func:`default_gaze_path`);
   any other file is given by path (``nemt benchmark --gaze FILE``). The
@@ -43,7 +45,9 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -74,6 +78,12 @@ DURATION_GAMMA = (2.5, 0.1)
 CENTRE_SIGMA = 0.25
 #: the anatomy prior is computed on a grid of at most this many pixels per side
 PRIOR_GRID = 64
+#: the largest mean number of simulated fixations per image (a radiologist's reading has tens to a few
+#: hundred; a larger mean only fills memory: each fixation is 3 float64 numbers)
+MAX_FIXATIONS = 10_000
+#: a number as the fixation CSV writes it: ASCII digits, an optional sign, point and exponent (no ``1_0``,
+#: which Python's ``float`` reads as 10); ``nan`` and ``inf`` are read by ``float`` and refused as not finite
+_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?", re.ASCII)
 
 Fixations = dict[str, np.ndarray]
 """Image key -> (N, 3) float64 array of fixations: x, y (original pixels), duration (s)."""
@@ -85,10 +95,28 @@ def read_fixations(path: str | Path) -> Fixations:
     """A fixation CSV (see the module docstring) as {image: (N, 3) x, y, duration}.
 
     Every row is checked: the image cell non-empty, x and y finite numbers
-    >= 0, the duration a finite number > 0. All bad rows are reported in one
+    >= 0, the duration a finite number > 0, no more cells than the header has;
+    a number is written with ASCII digits, an optional sign, point and exponent
+    (``1_0`` is refused, not read as 10). A column of the file's header that
+    appears twice (in any case: ``x`` and ``X``) is refused, and so is a file
+    without rows. All bad rows are reported in one
     :class:`~nemt.errors.DataError` that names the file, and per row its line,
-    field and reason.
+    field and reason. Whether the fixations lie inside their images is checked
+    against the data set by :func:`check_gaze`.
     """
+    return _read_rows(path).fixations
+
+
+@dataclass
+class _Rows:
+    """A fixation CSV as read: the fixations, each one's CSV line, and the file's names of the columns."""
+
+    fixations: Fixations
+    lines: dict[str, list[int]]
+    columns: dict[str, str]
+
+
+def _read_rows(path: str | Path) -> _Rows:
     path = Path(path)
     header, rows = read_csv_table(path, "fixation file", "empty file")
     lower = {c.lower(): c for c in header}
@@ -97,10 +125,22 @@ def read_fixations(path: str | Path) -> Fixations:
         found = next((lower[a] for a in aliases if a in lower), None)
         if found is None:
             raise DataError(path, name, f"no {name} column (tried {', '.join(aliases)}); columns are {header}")
+        same = [c for c in header if c.lower() == found.lower()]
+        if len(same) > 1:  # csv.DictReader keeps the last of them: refused instead of read silently
+            raise DataError(path, found, f"the column is in the header {len(same)} times ({', '.join(same)}); "
+                            "give each column once")
         cols[name] = found
+    if not rows:
+        raise DataError(path, None, "no fixation rows (only the header)")
     problems: list[str] = []
     out: dict[str, list[tuple[float, float, float]]] = {}
+    lines: dict[str, list[int]] = {}
     for line, row in enumerate(rows, start=2):  # line 1 is the header
+        extra = row.get(None)  # csv.DictReader's key for the cells past the header's
+        if extra:
+            problems.append(f"row {line}: {len(header) + len(extra)} fields, the header has {len(header)} "
+                            f"({', '.join(header)})")
+            continue
         image = (row.get(cols["image"]) or "").strip()
         if not image:
             problems.append(f"row {line}: {cols['image']}: empty image name")
@@ -111,6 +151,8 @@ def read_fixations(path: str | Path) -> Fixations:
             try:
                 v = float(cell)
             except ValueError:
+                v = None
+            if v is None or math.isfinite(v) and not _NUMBER.fullmatch(cell):
                 problems.append(f"row {line}: {cols[name]}: {cell!r} is not a number")
                 break
             if not math.isfinite(v):
@@ -125,10 +167,16 @@ def read_fixations(path: str | Path) -> Fixations:
             values.append(v)
         else:
             out.setdefault(image, []).append(tuple(values))
+            lines.setdefault(image, []).append(line)
+    _raise_rows(path, problems)
+    return _Rows({k: np.asarray(v, dtype=np.float64).reshape(-1, 3) for k, v in out.items()}, lines, cols)
+
+
+def _raise_rows(path: Path, problems: list[str]) -> None:
+    """One :class:`~nemt.errors.DataError` naming ``path`` and the first 20 of ``problems`` (one per bad row)."""
     if problems:
         shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
         raise DataError(path, None, f"{len(problems)} bad fixation rows:\n  " + "\n  ".join(shown))
-    return {k: np.asarray(v, dtype=np.float64).reshape(-1, 3) for k, v in out.items()}
 
 
 def write_fixations(path: str | Path, fixations: Mapping[str, np.ndarray]) -> Path:
@@ -162,37 +210,101 @@ def sample_key(manifest: Manifest, sample: Sample) -> str:
         return sample.image.as_posix()
 
 
-def match_fixations(manifest: Manifest, fixations: Mapping[str, np.ndarray],
-                    source: str | Path | None = None) -> tuple[dict[int, np.ndarray], list[str]]:
-    """{sample index: fixations} for the images of ``fixations`` that name a sample, and the names that
-    name none. A name matches a sample's key (:func:`sample_key`), else its file name, else its stem
-    (EGD's DICOM id), whichever is unique in the data set. Raises if no name matches any sample."""
+@dataclass
+class FixationMatch:
+    """Which sample each image name of a fixation table names (:func:`resolve_fixations`)."""
+
+    #: sample index -> its fixations (two spellings of one image: their fixations together)
+    matched: dict[int, np.ndarray] = field(default_factory=dict)
+    #: image name -> the sample index it names
+    names: dict[str, int] = field(default_factory=dict)
+    #: names that name no sample
+    unknown: list[str] = field(default_factory=list)
+    #: names that name several samples (e.g. one file name in two folders) -> those samples' keys
+    ambiguous: dict[str, list[str]] = field(default_factory=dict)
+
+
+def resolve_fixations(manifest: Manifest, fixations: Mapping[str, np.ndarray],
+                      source: str | Path | None = None) -> FixationMatch:
+    """The samples of ``manifest`` that the images of ``fixations`` name. A name matches a sample's key
+    (:func:`sample_key`), else its file name, else its stem (EGD's DICOM id); a file name or stem that several
+    samples share is ambiguous (listed with their keys) and matches none. Raises if no name matches any sample."""
     by: dict[str, dict[str, list[int]]] = {"key": {}, "name": {}, "stem": {}}
+    keys = []
     for i, s in enumerate(manifest.samples):
         key = sample_key(manifest, s)
+        keys.append(key)
         by["key"].setdefault(key, []).append(i)
         by["name"].setdefault(Path(key).name, []).append(i)
         by["stem"].setdefault(image_stem(key), []).append(i)
-    out: dict[int, np.ndarray] = {}
-    unknown: list[str] = []
+    out = FixationMatch()
     for image, f in fixations.items():
         hit = None
+        several: list[int] = []
         for kind in ("key", "name", "stem"):
             idx = by[kind].get(image.replace("\\", "/"))
             if idx is not None and len(idx) == 1:
                 hit = idx[0]
                 break
-        if hit is None:
-            unknown.append(image)
-        elif hit in out:  # two spellings of one image: their fixations together
-            out[hit] = np.concatenate([out[hit], f])
+            if idx is not None and not several:
+                several = idx
+        if hit is None and several:
+            out.ambiguous[image] = [keys[i] for i in several]
+        elif hit is None:
+            out.unknown.append(image)
         else:
-            out[hit] = f
-    if fixations and not out:
+            out.names[image] = hit
+            out.matched[hit] = np.concatenate([out.matched[hit], f]) if hit in out.matched else f
+    if fixations and not out.matched:
+        why = ""
+        if out.ambiguous:
+            name, keys_ = next(iter(out.ambiguous.items()))
+            why = (f"; {len(out.ambiguous)} of them name several samples (e.g. {name!r}: "
+                   f"{', '.join(keys_[:5])}), name those by their path in the manifest")
         raise DataError(source, "image", f"none of the {len(fixations)} images named (e.g. "
                         f"{list(fixations)[:3]}) is a sample of {manifest.source}; name them by their path in the "
-                        "manifest, their file name or their stem")
-    return out, unknown
+                        f"manifest, their file name or their stem{why}")
+    return out
+
+
+def match_fixations(manifest: Manifest, fixations: Mapping[str, np.ndarray],
+                    source: str | Path | None = None) -> tuple[dict[int, np.ndarray], list[str]]:
+    """{sample index: fixations} for the images of ``fixations`` that name a sample, and the names that
+    name none (an ambiguous name, one that several samples share, among them): :func:`resolve_fixations`.
+    Raises if no name matches any sample."""
+    m = resolve_fixations(manifest, fixations, source)
+    return m.matched, m.unknown + list(m.ambiguous)
+
+
+def check_gaze(manifest: Manifest, path: str | Path) -> tuple[Fixations, FixationMatch]:
+    """A real fixation CSV read (:func:`read_fixations`) and checked against the data set ``manifest``: the
+    images it names (:func:`resolve_fixations`), each 2D (gaze is recorded on displayed images), and every
+    fixation of those images inside its image, ``0 <= x < width`` and ``0 <= y < height`` in pixels of the
+    original image (pixel i covers [i, i + 1)). Returns the file's fixations (every row, unknown names
+    included) and the match. Every fixation outside its image is reported in one
+    :class:`~nemt.errors.DataError` naming the file, and per row its line, field and reason."""
+    from nemt.data.dataset import read_sample
+    path = Path(path)
+    rows = _read_rows(path)
+    match = resolve_fixations(manifest, rows.fixations, path)
+    problems: list[str] = []
+    shapes: dict[int, tuple[int, ...]] = {}
+    for image, i in match.names.items():
+        if i not in shapes:
+            shapes[i] = tuple(read_sample(manifest, manifest.samples[i]).array.shape[1:])
+            if len(shapes[i]) != 2:
+                raise DataError(path, rows.columns["image"], f"gaze is recorded on 2D images; "
+                                f"{sample_key(manifest, manifest.samples[i])!r} (named by {image!r}) is "
+                                f"{len(shapes[i])}D, shape {shapes[i]}")
+        h, w = shapes[i]
+        for (x, y, _), line in zip(rows.fixations[image], rows.lines[image]):
+            for name, v, side, what in (("x", x, w, "wide"), ("y", y, h, "high")):
+                if v >= side:
+                    problems.append(f"row {line}: {rows.columns[name]}: {v:g} is outside the image {image!r} "
+                                    f"({side} px {what}: 0 <= {name} < {side})")
+                    break
+    _raise_rows(path, problems)
+    return rows.fixations, match
 
 
 # ---------------------------------------------------------------------------- heat maps
@@ -211,7 +323,9 @@ def gaze_heatmap(fixations: np.ndarray, original: Sequence[int], size: Sequence[
     (H0, W0); they are scaled to ``size`` (the same stretch as the model's resize). Each fixation sets a
     box of side ``box`` x W (at least one pixel: the one holding the fixation) to 1; the union is blurred
     with a Gaussian of ``sigma`` x W pixels (reflected edges, kernel truncated at 4 sigma, as
-    ``scipy.ndimage.gaussian_filter``) and min-max normalised. No fixation inside the image: all zeros.
+    ``scipy.ndimage.gaussian_filter``) and min-max normalised. No fixation inside the image: all zeros;
+    boxes covering every pixel: all ones (the blur of a constant is that constant, which min-max would
+    make all zeros, as if there were no gaze).
     """
     h0, w0 = _check_2d(original, "original")
     h, w = _check_2d(size if size is not None else original, "size")
@@ -228,7 +342,9 @@ def gaze_heatmap(fixations: np.ndarray, original: Sequence[int], size: Sequence[
             c[int(xi)] = r[int(yi)] = True  # the fixated pixel itself, however small the box
             boxes[np.ix_(r, c)] = 1.0
     heat = torch.as_tensor(boxes)[None, None]
-    if boxes.any():
+    if boxes.all():
+        heat = torch.ones_like(heat)
+    elif boxes.any():
         s = sigma * w
         heat = gaussian_blur(heat, s, radius=max(1, int(4 * s + 0.5)), mode="reflect")
         heat = minmax(heat.flatten(2)).view_as(heat)
@@ -284,6 +400,21 @@ def _draw_from(p: np.ndarray, n: int, rng: np.random.Generator, scale: tuple[flo
     return np.stack([(c + u[:, 0]) * scale[1], (r + u[:, 1]) * scale[0]], axis=1)
 
 
+def check_simulation(n_fixations: float, p_finding: float) -> None:
+    """Refuse a simulation setting: ``n_fixations`` a finite number in (0, :data:`MAX_FIXATIONS`],
+    ``p_finding`` in [0, 1]."""
+    for name, v in (("n_fixations", n_fixations), ("p_finding", p_finding)):
+        if not isinstance(v, (int, float, np.integer, np.floating)) or isinstance(v, (bool, np.bool_)):
+            raise DataError(None, name, f"must be a number, got {v!r}")
+    if not 0.0 <= p_finding <= 1.0:
+        raise DataError(None, "p_finding", f"must be in [0, 1], got {p_finding}")
+    if not (math.isfinite(n_fixations) and n_fixations > 0):
+        raise DataError(None, "n_fixations", f"must be a finite number > 0, got {n_fixations}")
+    if n_fixations > MAX_FIXATIONS:
+        raise DataError(None, "n_fixations", f"must be at most {MAX_FIXATIONS} (mean fixations per image; a "
+                        f"reading has tens to a few hundred), got {n_fixations:g}")
+
+
 def simulate_fixations(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator, *,
                        n_fixations: float = 40, p_finding: float = 0.7,
                        centre_sigma: float = CENTRE_SIGMA) -> np.ndarray:
@@ -296,10 +427,7 @@ def simulate_fixations(image: np.ndarray, mask: np.ndarray | None, rng: np.rando
     (points uniform within a cell). Draws come from ``rng`` only.
     """
     h, w = _check_2d(np.shape(image), "image")
-    if not 0.0 <= p_finding <= 1.0:
-        raise DataError(None, "p_finding", f"must be in [0, 1], got {p_finding}")
-    if n_fixations <= 0:
-        raise DataError(None, "n_fixations", f"must be positive, got {n_fixations}")
+    check_simulation(n_fixations, p_finding)
     n = max(3, int(rng.poisson(n_fixations)))
     has_finding = mask is not None and bool(np.any(mask))
     if mask is not None and np.shape(mask) != (h, w):
@@ -317,8 +445,9 @@ def simulate_fixations(image: np.ndarray, mask: np.ndarray | None, rng: np.rando
     if n - k:
         parts.append(_draw_from(prior, n - k, rng, (h / gh, w / gw)))
     xy = np.concatenate(parts)
-    xy[:, 0] = np.clip(xy[:, 0], 0.0, np.nextafter(w, 0))
-    xy[:, 1] = np.clip(xy[:, 1], 0.0, np.nextafter(h, 0))
+    # inside the image as the fixation CSV writes it (3 decimals): x < w even after rounding
+    xy[:, 0] = np.clip(xy[:, 0], 0.0, w - 1e-3)
+    xy[:, 1] = np.clip(xy[:, 1], 0.0, h - 1e-3)
     order = rng.permutation(n)  # a scan path mixes finding and anatomy fixations
     duration = rng.gamma(DURATION_GAMMA[0], DURATION_GAMMA[1], size=n)
     return np.concatenate([xy[order], duration[:, None]], axis=1)
@@ -360,6 +489,7 @@ def simulate_gaze(manifest: Manifest, *, seed: int = 0, n_fixations: float = 40,
     normal. ``progress(k)`` is called after each image.
     """
     from nemt.data.dataset import read_sample
+    check_simulation(n_fixations, p_finding)  # before any image is read
     out: Fixations = {}
     for s in manifest.samples:
         img = read_sample(manifest, s)

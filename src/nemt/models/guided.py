@@ -97,6 +97,10 @@ DISC_INPUTS = ("map", "deviation")
 ADVERSARIES = ("paper", "confusion")
 EXPLANATIONS = ("gxi", "gradcam")
 MASK_TARGETS = ("all", "true")
+#: the settings of :class:`GuideConfig` that each guide uses (``kind`` aside)
+GUIDE_FIELDS = {"mimic": ("copies", "beta", "disc_lr", "disc_hidden", "disc_size", "disc_input", "adversary",
+                          "explanation"),
+                "mask": ("mask_target", "mask_weight", "mask_penalty")}
 
 
 @dataclass
@@ -112,7 +116,9 @@ class GuideConfig:
     right-reasons term's: ``mask_weight`` (λ), ``mask_target`` (``"all"``: Σ_k log p_k differentiated, as
     Ross et al.; ``"true"``: the true class's log p only, multi-class) and ``mask_penalty``, its form:
     ``"fraction"`` (the share of the squared input gradient outside the mask, in [0, 1]) or ``"ross"`` (its
-    sum, Ross et al.'s eq. 1). Options not in the papers are left out of :meth:`to_dict` at their defaults.
+    sum, Ross et al.'s eq. 1). Options not in the papers are left out of :meth:`to_dict` at their defaults,
+    and so are the other guide's (:data:`GUIDE_FIELDS`), whose values :meth:`check` refuses unless they are
+    their defaults: a setting of MIMIC is not one of a mask-guided run, nor the reverse.
     """
 
     kind: str = "mimic"
@@ -129,16 +135,28 @@ class GuideConfig:
     mask_penalty: str = "fraction"
 
     def to_dict(self) -> dict:
+        """The settings of the chosen guide (``kind`` and its :data:`GUIDE_FIELDS`), for the card and the run
+        key; the other guide's fields are left out (a card written before kept them all, and still loads)."""
         d = asdict(self)
         for k, paper in (("disc_input", "map"), ("adversary", "paper"), ("explanation", "gxi"),
                          ("mask_target", "all")):
             if d[k] == paper:  # the paper's, and what every run made before the option had: same run key
                 del d[k]
+        for kind, names in GUIDE_FIELDS.items():
+            if kind != self.kind:
+                for k in names:
+                    d.pop(k, None)
         return d
 
     def check(self) -> None:
         if self.kind not in GUIDES:
             raise NemtError(f"--guide must be one of {GUIDES}, got {self.kind!r}")
+        defaults = GuideConfig.__dataclass_fields__
+        for kind, names in GUIDE_FIELDS.items():
+            for k in names if kind != self.kind else ():
+                if getattr(self, k) != defaults[k].default:
+                    raise NemtError(f"{k}={getattr(self, k)!r} is a setting of --guide {kind}; this guide is "
+                                    f"{self.kind!r}, which does not use it: leave it out")
         if self.kind == "mimic" and self.copies < 2:
             raise NemtError(f"--copies must be at least 2 (a discriminator tells copies apart), got {self.copies}")
         for name in ("beta", "mask_weight"):

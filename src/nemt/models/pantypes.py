@@ -9,7 +9,8 @@ replaced by a *volume* loss:
   in training, ``z = mu`` at test;
 - ``M`` prototypes per class, ``p_j`` in the latent space (``K * M`` rows of
   :attr:`Pantypes.prototypes`, class ``j // M``);
-- similarity ``s_j = log((d_j + 1) / (d_j + 1e-4))`` with ``d_j = ||z - p_j||^2``;
+- similarity ``s_j = log((d_j + 1) / (d_j + 1e-4))`` with ``d_j = ||z - p_j||^2``
+  (computed as ``log1p((1 - 1e-4) / (d_j + 1e-4))``: the same value, and > 0 however far z is);
 - logits ``= W s``, a bias-free linear layer (initialised +1 to the own class,
   -0.5 to the others, as ProtoPNet and the authors do);
 - a decoder ending in ``tanh`` that reconstructs the input from ``z`` (MSE);
@@ -90,7 +91,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nemt.errors import NemtError
-from nemt.ops import evaluating, seeded
+from nemt.ops import ParameterError, evaluating, is_whole_number, seeded
 
 __all__ = ["Pantypes", "PantypesParts", "is_pantypes", "class_volumes", "volume_loss", "kl_to_prototypes", "similarity",
            "fit_pantypes", "pantypes_of", "top_prototypes", "restart_dead_prototypes"]
@@ -111,13 +112,15 @@ def similarity(z: torch.Tensor, prototypes: torch.Tensor, distance: str = "squar
     Between ``log(1) = 0`` (far) and ``log(1e4) = 9.21`` (on the prototype). The squared distance is
     written out (not ``cdist``) so that its gradient is 0, not NaN, at distance 0. ``distance="euclidean"``
     uses ``d_j = ||z - p_j||`` as the public codes' ``cdist`` does (``sqrt(||.||^2 + 1e-8)``: a finite
-    gradient at 0).
+    gradient at 0). Computed as ``log1p((1 - 1e-4) / (d + 1e-4))``, the same value: the difference of two
+    logs cancels to exactly 0 in float32 for d beyond ~1.7e7, where this stays positive (~1 / d), so the
+    KL term's and the explainer's weights ``s_j / sum s`` stay defined far from every prototype.
     """
     _check_distance(distance)
     d = (z[:, None, :] - prototypes[None, :, :]).pow(2).sum(-1)
     if distance == "euclidean":
         d = (d + 1e-8).sqrt()
-    return torch.log(d + 1) - torch.log(d + SIMILARITY_EPS)
+    return torch.log1p((1 - SIMILARITY_EPS) / (d + SIMILARITY_EPS))
 
 
 def _logdet_gram(prototypes: torch.Tensor, eps: float) -> torch.Tensor:
@@ -232,7 +235,9 @@ class Pantypes(nn.Module):
     first stage's channels (doubled per stage). Loss weights: ``volume_weight`` (0 gives ProtoVAE without
     its orthogonality term, the ablation of the paper), ``kl_weight``, ``reconstruction_weight``; the
     cross-entropy's weight is 1. ``volume_eps`` guards the determinant. ``sample``: z = mu + sigma * eps in
-    training (the paper; False: z = mu, what the public codes run). ``seed``: the initial weights and
+    training (the paper; False: z = mu, what the public codes run). With the volume loss on, a class's M
+    prototypes (M - 1 edges with ``volume_centred``) must fit in the latent space, M <= L: more span no
+    volume. ``seed``: the initial weights and
     the noise seed, drawn inside a forked RNG (the caller's global generator is left as it was); ``None``
     draws them from the global generator like any torch module (nemt train seeds it).
 
@@ -278,6 +283,13 @@ class Pantypes(nn.Module):
         if volume_form not in VOLUME_FORMS:
             raise NemtError(f"volume_form must be one of {VOLUME_FORMS}, got {volume_form!r}")
         self.volume_form = volume_form
+        edges = self.per_class - 1 if self.volume_centred else self.per_class
+        if self.volume_weight > 0 and edges > self.latent_dim:
+            raise NemtError(f"prototypes_per_class={self.per_class} with latent_dim={self.latent_dim}: "
+                            f"{edges} {'edge vectors' if self.volume_centred else 'prototypes'} of a class in "
+                            f"{self.latent_dim} dimensions span no volume (their Gram matrix is always "
+                            f"singular), so the volume loss stays at its largest and swamps training; give "
+                            f"latent_dim >= {edges}, fewer prototypes_per_class, or volume_weight=0")
         self._cache: tuple[torch.Tensor, PantypesParts] | None = None
         self._noise_key: int | None = None
         if seed is None:
@@ -576,12 +588,18 @@ def fit_pantypes(net: Pantypes, x: torch.Tensor, y: torch.Tensor, *, epochs: int
     ``restarted`` (the count).
 
     x (N, C, H, W) standardised images (``mean``/``std`` as in :meth:`Pantypes.loss_terms`), y (N,) class
-    indices. Returns one dict of mean terms per epoch (``loss``, ``ce``, ``kl``, ``reconstruction``,
-    ``volume``); ``callback(epoch, figures)`` is called after each epoch (the net in eval mode). The
-    caller's global RNG is untouched; the net is left in eval mode.
+    indices; ``batch_size`` >= 2 (a last batch of one sample is skipped: BatchNorm cannot train on it).
+    Returns one dict of mean terms per epoch (``loss``, ``ce``, ``kl``, ``reconstruction``, ``volume``);
+    ``callback(epoch, figures)`` is called after each epoch (the net in eval mode). The caller's global RNG
+    is untouched; the net is left in eval mode.
     """
     if len(x) != len(y) or len(x) == 0:
         raise NemtError(f"x and y need the same, non-zero length, got {len(x)} and {len(y)}")
+    if len(x) < 2:
+        raise NemtError(f"fit_pantypes needs at least 2 samples (BatchNorm cannot train on one), got {len(x)}")
+    if not (is_whole_number(batch_size) and batch_size >= 2):
+        raise ParameterError(f"batch_size must be a whole number >= 2 (BatchNorm cannot train on one sample), "
+                             f"got {batch_size!r}")
     gen = torch.Generator().manual_seed(int(seed))
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     history = []

@@ -161,24 +161,45 @@ def probe_network(arch: str, arch_kwargs: dict, size: tuple[int, ...], *, spatia
     size the network's downsampling cannot take, is one :class:`~nemt.ops.ParameterError` naming the field
     (``kwargs_name``, ``size_name``: the library's fields or the command line's options)."""
     kwargs = sized_arch_kwargs(arch, arch_kwargs, size)
-    if not arch_kwargs and min(size) >= 32:
+    label = size_label or str(list(size))
+    dims = spatial_dims or len(size)
+    if not arch_kwargs and min(size) >= 32 and arch not in SIZE_CHECKED:
         return
     with preserved_rng(), torch.no_grad():
         try:
-            net = build_model(arch, spatial_dims=spatial_dims or len(size), in_channels=1, out_channels=2,
-                              **kwargs)
-        except NemtError as exc:  # build_model's own message names the architecture and the keywords
-            raise ParameterError(f"{kwargs_name}: {exc}") from exc
-        except (TypeError, ValueError) as exc:
+            net = build_model(arch, spatial_dims=dims, in_channels=1, out_channels=2, **kwargs)
+        except (NemtError, TypeError, ValueError) as exc:
+            # blame what the network cannot take: the size (the dimensions, or the input_size filled in from
+            # it) when the architecture cannot be built even without the caller's keywords (or without the
+            # filled-in input_size), else the keywords
+            filled = {k: v for k, v in kwargs.items() if k != "input_size" or "input_size" in arch_kwargs}
+            if not _builds(arch, dims, {}) or (filled != kwargs and _builds(arch, dims, filled)):
+                raise ParameterError(f"{size_name} {label}: {arch} cannot take it ({_first_line(exc)})") from exc
+            if isinstance(exc, NemtError):  # build_model's own message names the architecture and the keywords
+                raise ParameterError(f"{kwargs_name}: {exc}") from exc
             raise ParameterError(f"{kwargs_name}: {arch} cannot be built with {arch_kwargs}: "
                                  f"{type(exc).__name__}: {_first_line(exc)}") from exc
         if min(size) < 32:
             try:
                 net.eval()(torch.zeros(1, 1, *size))
             except (RuntimeError, ValueError) as exc:
-                label = size_label or str(list(size))
                 raise ParameterError(f"{size_name} {label}: too small for {arch} ({_first_line(exc)}); give a "
                                      f"larger {size_name.split('.')[-1]}") from exc
+
+
+#: architectures tried by :func:`probe_network` at any size, not only below 32 px: whether they can be built
+#: depends on the size itself (Pantypes: 2D only)
+SIZE_CHECKED = frozenset({"pantypes"})
+
+
+def _builds(arch: str, spatial_dims: int, kwargs: dict) -> bool:
+    """Whether ``arch`` can be built with ``kwargs`` (1 channel, 2 outputs; the caller's generators untouched)."""
+    try:
+        with preserved_rng():
+            build_model(arch, spatial_dims=spatial_dims, in_channels=1, out_channels=2, **kwargs)
+    except (NemtError, TypeError, ValueError):
+        return False
+    return True
 
 
 def checked_config(config: TrainConfig | None) -> TrainConfig:
@@ -393,6 +414,9 @@ def _train_classifier(manifest: Manifest, out_dir: str | Path, config: TrainConf
     start is refused) and of the card (``training.init_from``).
     """
     cfg = checked_config(config)
+    if cfg.arch == "pantypes" and getattr(manifest, "task", None) != "multiclass":
+        raise NemtError(f"--arch pantypes needs a multi-class task (each prototype belongs to one class), not "
+                        f"{getattr(manifest, 'task', None)}")
     ctx = context(device)
     device = local_device(device, ctx)
     log = log or (lambda s: console.print(s, soft_wrap=True, highlight=False))

@@ -7,8 +7,8 @@ hooks and gradient-based explainers see each stage's output unchanged.
 ``smallcnn`` is a four-stage CNN for tests and quick runs. ``linear``, ``mlp``
 and ``cnn`` are the small models of the XAI-TRIS benchmark (Clark, Wilming &
 Haufe 2024); they take the optional ``input_size`` keyword (spatial size) to
-size their dense layers, and infer it at the first forward pass (or when
-weights are loaded) without it. No weights are ever downloaded: every model
+size their dense layers, which training fills in (:data:`SIZED_BY_INPUT`), and
+infer it at the first forward pass without it. No weights are ever downloaded: every model
 starts from random initialisation. ``pantypes`` (2D) is the Pantypes prototype
 classifier (:mod:`nemt.models.pantypes`): logits like the others, plus loss
 terms of its own that training adds (its ``auxiliary_loss``), and layers sized
@@ -210,8 +210,9 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
 }
 
 #: architectures whose layers are sized by the input: training passes ``input_size`` (the training size)
-#: unless the architecture keywords give it, so that the card rebuilds the same network
-SIZED_BY_INPUT = frozenset({"pantypes"})
+#: unless the architecture keywords give it, so that the card rebuilds the same network (the XAI-TRIS models'
+#: dense layers would otherwise be lazy, and a saved model of them could not be loaded)
+SIZED_BY_INPUT = frozenset({"pantypes", "linear", "mlp", "cnn"})
 
 
 #: keywords that training writes into every new card (unless given): choices whose class default is kept
