@@ -196,3 +196,11 @@ def test_benchmark_scores_kl_and_nss_when_the_data_has_gaze(tmp_path):
     both = CliRunner().invoke(app, ["benchmark", "--model", str(model), "--data", str(manifest.parent), "--out",
                                     str(tmp_path / "d"), "--gaze", str(tmp_path / "data" / "gaze.csv"), "--no-gaze"])
     assert both.exit_code == 2 and "--no-gaze" in both.output
+    # a fixation file given to the benchmark (never installed by `nemt data gaze`) is checked as that command
+    # checks it: a fixation outside its 16 px image is refused naming the row, not scored as gaze
+    name = open_dataset(manifest).samples[0].name
+    bad = tmp_path / "outside.csv"
+    bad.write_text(f"image,x,y,duration\n{name},40,3,0.3\n")
+    res = CliRunner().invoke(app, ["benchmark", "--model", str(model), "--data", str(manifest.parent), "--out",
+                                   str(tmp_path / "e"), "--methods", "random", "--gaze", str(bad), "--no-progress"])
+    assert res.exit_code == 2 and "row 2" in res.output and "outside the image" in res.output, res.output

@@ -929,10 +929,12 @@ def load_benchmark_data(clf, manifest, indices: Sequence[int], device=None, limi
         "data_sha256": theirs, "model_data_sha256": recorded, "model_data_source": clf.card.data.get("source")}
     heat = fix = None
     if gaze is not None:
-        from nemt.data.gaze import gaze_targets, match_fixations, read_fixations
+        from nemt.data.gaze import check_gaze, gaze_targets
         from nemt.files import sha256_file
-        matched, _ = match_fixations(manifest, read_fixations(gaze), gaze)
-        heat, fix, _ = gaze_targets(manifest, indices, clf.card.input_size, matched)
+        # checked as `nemt data gaze --gaze` checks it (a file given here may never have been installed by it):
+        # each named image 2D, every fixation inside its image
+        _, match = check_gaze(manifest, gaze)
+        heat, fix, _ = gaze_targets(manifest, indices, clf.card.input_size, match.matched)
         heat, fix = heat.to(device), fix.to(device)
         fp += f":gaze {sha256_file(gaze)}"
     import hashlib
