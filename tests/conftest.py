@@ -88,3 +88,26 @@ def train_and_fit(root: Path, n: int = 48, size: int = 32):
                                    "--epochs", "1", "--batch-size", "4", "--optimizer", "adamw", "--no-progress"])
     assert res.exit_code == 0, res.output
     return load_model(model), sorted((root / "data" / "images").glob("*.png"))
+
+
+def bench_setup(n: int = 10, size: int = 16, empty_masks=()):
+    """A tiny untrained 3-class classifier and a BenchmarkData of ``n`` random images: classes i % 3, a 6x6
+    mask on each finding image (class > 0), except the images of ``empty_masks``, whose mask file is empty."""
+    import torch
+
+    from nemt.bench.runner import BenchmarkData, make_items
+    from nemt.models import Classifier, build_model
+
+    torch.manual_seed(0)
+    net = build_model("smallcnn", spatial_dims=2, in_channels=1, out_channels=3, width=4)
+    clf = Classifier.from_module(net, spatial_dims=2, in_channels=1, input_size=(size, size), task="multiclass",
+                                 label_names=["normal", "a", "b"]).eval()
+    x = torch.randn(n, 1, size, size)
+    y = torch.tensor([i % 3 for i in range(n)])
+    gt = torch.zeros(n, 1, size, size, dtype=torch.bool)
+    for i in range(n):
+        if y[i] > 0 and i not in empty_masks:
+            gt[i, 0, 2:8, 3:9] = True
+    has = [bool(y[i] > 0) for i in range(n)]  # a mask file; those of empty_masks are empty
+    items = make_items(y, "multiclass", clf.label_names, [f"img{i}" for i in range(n)], has)
+    return clf, BenchmarkData(x, (x - x.min()) / (x.max() - x.min()), gt, items, clf.label_names, "fp")

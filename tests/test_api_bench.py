@@ -18,13 +18,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from nemt.bench.runner import BenchmarkData, RunConfig, make_items, run_benchmark
+from nemt.bench.runner import RunConfig, run_benchmark
 from nemt.cli import app
 from nemt.errors import NemtError
 from nemt.explainers import get_explainer
-from nemt.models import Classifier, build_model
 
-from conftest import Interrupted, folder_bytes, train_phantom_model
+from conftest import Interrupted, bench_setup, folder_bytes, train_phantom_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,20 +32,6 @@ def _text(res) -> str:
     return " ".join(res.output.split())  # the console wraps long lines
 
 
-def _setup(n=10, size=16, empty_masks=()):
-    torch.manual_seed(0)
-    net = build_model("smallcnn", spatial_dims=2, in_channels=1, out_channels=3, width=4)
-    clf = Classifier.from_module(net, spatial_dims=2, in_channels=1, input_size=(size, size), task="multiclass",
-                                 label_names=["normal", "a", "b"]).eval()
-    x = torch.randn(n, 1, size, size)
-    y = torch.tensor([i % 3 for i in range(n)])
-    gt = torch.zeros(n, 1, size, size, dtype=torch.bool)
-    for i in range(n):
-        if y[i] > 0 and i not in empty_masks:
-            gt[i, 0, 2:8, 3:9] = True
-    has = [bool(y[i] > 0) for i in range(n)]  # a mask file; those of empty_masks are empty
-    items = make_items(y, "multiclass", clf.label_names, [f"img{i}" for i in range(n)], has)
-    return clf, BenchmarkData(x, (x - x.min()) / (x.max() - x.min()), gt, items, clf.label_names, "fp")
 
 
 class _Counting:
@@ -93,7 +78,7 @@ def test_cli_bad_metric_param_is_one_line_exit_2_before_any_work(phantom, tmp_pa
 
 
 def test_api_bad_metric_params_raise_before_any_map_is_made(tmp_path):
-    clf, data = _setup()
+    clf, data = bench_setup()
     ex = _Counting(get_explainer("sobel", clf))
     for params, match in (({"relevance_mass": {"bogus": 1}}, "has no parameter"),
                           ({"faithfulness_estimate": {"batch_size": 0}}, "whole number >= 1"),
@@ -162,7 +147,7 @@ def test_report_facts_count_empty_masks_as_the_note_does_and_list_metric_paramet
 # ---------------------------------------------------------------- 4, 11-14: shards, merge, restart
 
 def test_shards_of_another_count_are_refused_before_any_work_and_restart_clears_them(tmp_path):
-    clf, data = _setup()
+    clf, data = bench_setup()
     ex = _Counting(get_explainer("sobel", clf))
     cfg = RunConfig(["sobel"], ["relevance_mass"], batch_size=2)
     run_benchmark(clf, data, {"sobel": ex}, cfg, tmp_path, progress=False, shard=(0, 3))
@@ -325,7 +310,7 @@ def test_suite_checks_methods_and_parameters_before_training(tmp_path, kw, match
 
 def test_score_methods_without_a_masked_image_says_so():
     from nemt.bench.localisation import score_methods
-    clf, data = _setup(n=4)
+    clf, data = bench_setup(n=4)
     with pytest.raises(NemtError, match="none of the 4 images has a non-empty ground-truth mask"):
         score_methods(clf, data.x, torch.zeros(4, dtype=torch.long), torch.zeros_like(data.gt), {}, ["sobel"])
 
@@ -351,7 +336,7 @@ class _Student:
 
 def test_fidelity_headline_says_how_many_maps_each_figure_covers(tmp_path):
     from nemt.bench.fidelity import fidelity_report, markdown
-    clf, data = _setup(n=4, empty_masks=(2,))  # item 2 has a mask file, but an empty one
+    clf, data = bench_setup(n=4, empty_masks=(2,))  # item 2 has a mask file, but an empty one
     data.items = data.items[:3]  # items 1 and 2 have a mask file
     rep = fidelity_report(_Student(clf), data, tmp_path / "f", batch_size=4, progress=False, log=lambda s: None)
     assert rep["n_with_mask"] == 1  # the empty mask is no mask
@@ -365,7 +350,7 @@ def test_fidelity_headline_says_how_many_maps_each_figure_covers(tmp_path):
 
 def test_fidelity_refuses_another_seed_and_says_a_folder_holds_other_items(tmp_path):
     from nemt.bench.fidelity import fidelity_report
-    clf, data = _setup(n=6)
+    clf, data = bench_setup(n=6)
     student = _Student(clf)
     with pytest.raises(NemtError, match=r"--seed 3: .*teacher seed 0"):
         fidelity_report(student, data, tmp_path / "f", seed=3, progress=False, log=lambda s: None)

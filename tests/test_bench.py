@@ -9,28 +9,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from nemt.bench.runner import BenchmarkData, RunConfig, make_items, markdown_summary, run_benchmark, tie_notes
+from nemt.bench.runner import RunConfig, make_items, markdown_summary, run_benchmark, tie_notes
 from nemt.cli import app
 from nemt.data import write_phantom_dataset
 from nemt.explainers import get_explainer
 from nemt.models import Classifier, build_model
 
-from conftest import Interrupted, folder_bytes, train_phantom_model
+from conftest import Interrupted, bench_setup, folder_bytes, train_phantom_model
 
 
-def _setup(n=10, size=16):
-    torch.manual_seed(0)
-    net = build_model("smallcnn", spatial_dims=2, in_channels=1, out_channels=3, width=4)
-    clf = Classifier.from_module(net, spatial_dims=2, in_channels=1, input_size=(size, size), task="multiclass",
-                                 label_names=["normal", "a", "b"]).eval()
-    x = torch.randn(n, 1, size, size)
-    y = torch.tensor([i % 3 for i in range(n)])
-    gt = torch.zeros(n, 1, size, size, dtype=torch.bool)
-    for i in range(n):
-        if y[i] > 0:
-            gt[i, 0, 2:8, 3:9] = True
-    items = make_items(y, "multiclass", clf.label_names, [f"img{i}" for i in range(n)], gt.flatten(1).any(1).tolist())
-    return clf, BenchmarkData(x, (x - x.min()) / (x.max() - x.min()), gt, items, clf.label_names, "fp")
 
 
 class _Counting:
@@ -53,7 +40,7 @@ def test_make_items_per_task():
 
 
 def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path):
-    clf, data = _setup()
+    clf, data = bench_setup()
     metrics = ["relevance_mass", "pointing_game", "complexity", "faithfulness_estimate"]
     cfg = RunConfig(["gradcam", "sobel"], metrics, batch_size=3, metric_params={"faithfulness_estimate":
                                                                                 {"features_in_step": 32}})
@@ -83,7 +70,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_a_run_with_other_metrics_is_not_mixed_in(tmp_path):
-    clf, data = _setup()
+    clf, data = bench_setup()
     ex = {"sobel": get_explainer("sobel", clf)}
     run_benchmark(clf, data, ex, RunConfig(["sobel"], ["complexity"]), tmp_path, progress=False)
     from nemt.errors import NemtError
@@ -166,7 +153,7 @@ def test_xaitris_suite_small(tmp_path):
 def test_results_of_another_model_or_explainer_are_refused_not_reused(tmp_path):
     """Issue 12, item 1: the resume key holds the model's weights checksum and each fitted explainer's."""
     from nemt.errors import NemtError
-    clf, data = _setup()
+    clf, data = bench_setup()
     cfg = RunConfig(["gradcam"], ["relevance_mass"], batch_size=4)
     run_benchmark(clf, data, {"gradcam": get_explainer("gradcam", clf)}, cfg, tmp_path, progress=False)
     before = (tmp_path / "results.csv").read_bytes()
@@ -193,7 +180,7 @@ def test_results_of_edited_nemt_code_are_refused_not_reused(tmp_path, monkeypatc
     """The run records nemt's code fingerprint: a folder resumed after the code was edited is refused, untouched."""
     import nemt.bench.runner as runner
     from nemt.errors import NemtError
-    clf, data = _setup()
+    clf, data = bench_setup()
     cfg = RunConfig(["gradcam"], ["relevance_mass"], batch_size=4)
     run_benchmark(clf, data, {"gradcam": get_explainer("gradcam", clf)}, cfg, tmp_path, progress=False)
     before = folder_bytes(tmp_path)
@@ -242,7 +229,7 @@ def test_cli_benchmark_refuses_the_results_of_another_model(tmp_path):
 # ---------------------------------------------------------------- issue 12, item 12: the results log read strictly
 
 def _partial_run(tmp_path):
-    clf, data = _setup()
+    clf, data = bench_setup()
     cfg = RunConfig(["sobel"], ["relevance_mass", "complexity"], batch_size=4)
     full = run_benchmark(clf, data, {"sobel": get_explainer("sobel", clf)}, cfg, tmp_path / "full", progress=False)
     return clf, data, cfg, full
@@ -291,7 +278,7 @@ def test_a_damaged_row_is_an_error_naming_line_and_field(tmp_path, damage, messa
 
 def test_a_run_that_does_not_record_its_model_is_not_reused(tmp_path):
     from nemt.errors import NemtError
-    clf, data = _setup()
+    clf, data = bench_setup()
     cfg = RunConfig(["sobel"], ["complexity"], batch_size=4)
     run_benchmark(clf, data, {"sobel": get_explainer("sobel", clf)}, cfg, tmp_path, progress=False)
     meta = json.loads((tmp_path / "run.json").read_text())
@@ -353,7 +340,7 @@ def test_a_metric_defined_here_runs_in_the_benchmark_without_editing_the_runner(
         assert "test_needs_gaze" not in runnable_metrics() and "test_needs_gaze" in M.available_metrics()
         with pytest.raises(NemtError, match="test_needs_gaze needs gaze"):
             check_metrics(["relevance_mass", "test_needs_gaze"])
-        clf, data = _setup()
+        clf, data = bench_setup()
         metrics = ["test_outside_share", "relevance_mass", "test_target_logit"]
         cfg = RunConfig(["sobel"], metrics, batch_size=4, metric_params={"test_outside_share": {"scale": 2.0}})
         summary = run_benchmark(clf, data, {"sobel": get_explainer("sobel", clf)}, cfg, tmp_path, progress=False)
@@ -387,7 +374,7 @@ def test_metric_workers_give_the_same_results(tmp_path, monkeypatch):
     results identical to the default (serial, in the calling thread, torch's thread count untouched)."""
     import nemt.metrics._common as common
     from nemt.bench.runner import runnable_metrics
-    clf, data = _setup()
+    clf, data = bench_setup()
     monkeypatch.setattr(common, "CHUNK_ELEMENTS", 256)  # one 16 x 16 map per slice
     used = []  # worker counts of the thread pools that chunked starts
 
@@ -456,7 +443,7 @@ def test_a_shard_without_items_says_why_and_how_to_spread_them(tmp_path):
     """Shards take whole chunks of --batch-size items (the same chunks as one process): with 10 items in
     chunks of 8, shard 1 of 2 gets 2 items and shard 2 of 3 none; the idle shard says so and names the
     batch size that gives every shard work (ceil(10 / 3) = 4), and logs no rows."""
-    clf, data = _setup(n=10)
+    clf, data = bench_setup(n=10)
     ex = {"sobel": get_explainer("sobel", clf)}
     cfg = RunConfig(["sobel"], ["relevance_mass"], batch_size=8)
     said = []
@@ -506,7 +493,7 @@ class _Flat:
 
 
 def test_tie_notes_name_methods_whose_pointing_game_is_a_plateau(tmp_path):
-    clf, data = _setup()
+    clf, data = bench_setup()
     metrics = ["pointing_game", "pointing_game_expected"]
     summary = run_benchmark(clf, data, {"flat": _Flat(), "random": get_explainer("random", clf)},
                             RunConfig(["flat", "random"], metrics), tmp_path, progress=False)
