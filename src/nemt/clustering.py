@@ -29,7 +29,6 @@ Any ``spatial_dims`` (1, 2, 3). Nothing here changes the caller's state: models 
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -40,8 +39,8 @@ from torch import nn
 
 from nemt.errors import CardError, NemtError
 from nemt.explainers.layers import FeatureTap, find_stages, layer_name
-from nemt.ops import (ParameterError, blame_shape, checked_input, device_of, evaluating, is_whole_number, nonfinite_problem,
-                      postprocess, resize_linear)
+from nemt.ops import (ParameterError, blame_shape, checked_input, count_param, device_of, evaluating, is_count,
+                      is_finite_number, is_whole_number, nonfinite_problem, postprocess, resize_linear)
 
 #: restarts of scikit-learn's k-means (fixed, so a seed gives one answer whatever scikit-learn's default)
 KMEANS_N_INIT = 10
@@ -49,29 +48,15 @@ KMEANS_N_INIT = 10
 
 # ---------------------------------------------------------------------------- settings
 
-def _is_count(value, least: int) -> bool:
-    """A whole number (an int, or a float without a fraction; not a bool) of at least ``least``."""
-    if is_whole_number(value):
-        return int(value) >= least
-    return _is_number(value) and value == int(value) and value >= least
-
-
 def _count(value, name: str, least: int = 2) -> int:
-    """``value`` as an int, or a ParameterError naming ``name``: one rule for every count (k clusters or
-    segments: at least 2, a map of one segment says nothing)."""
-    if not _is_count(value, least):
-        raise ParameterError(f"{name} must be a whole number >= {least}, got {value!r}")
-    return int(value)
-
-
-def _is_number(value) -> bool:
-    """A finite real number (Python's or NumPy's), not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    """:func:`~nemt.ops.count_param` with this module's rule for counts of clusters or segments: at least 2
+    (a map of one segment says nothing)."""
+    return count_param(value, name, least)
 
 
 def _positive(value, name: str) -> float:
     """``value`` as a float, or a ParameterError naming ``name`` (NaN, inf, 0 and below refused)."""
-    if not (_is_number(value) and value > 0):
+    if not (is_finite_number(value) and value > 0):
         raise ParameterError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
 
@@ -133,7 +118,7 @@ def _checked_size(size: Sequence[int], rank: int, name: str = "size") -> tuple[i
         parts = list(size)
     except TypeError:
         parts = None
-    if parts is None or len(parts) != rank or not all(_is_count(v, 1) for v in parts):
+    if parts is None or len(parts) != rank or not all(is_count(v) for v in parts):
         raise ParameterError(f"{name} must be {rank} whole numbers >= 1 (one per spatial axis), got {size!r}")
     return tuple(int(v) for v in parts)
 
@@ -313,7 +298,7 @@ class ClusteringModule(nn.Module):
 
     def __init__(self, dim: int, k: int, *, bias: bool = True, alpha: float = 1.0, seed: int = 0):
         super().__init__()
-        if not _is_number(alpha):
+        if not is_finite_number(alpha):
             raise ParameterError(f"alpha must be a finite number, got {alpha!r}")
         self.dim, self.k, self.alpha = _count(dim, "dim", 1), _count(k, "k"), float(alpha)
         self.weight = nn.Parameter(torch.empty(self.k, self.dim))
@@ -807,12 +792,12 @@ def _check_meta(meta: dict, path: Path) -> None:
         if field in meta:
             need(is_whole_number(meta[field]) and meta[field] >= least, field, f"a whole number >= {least}")
     if meta["method"] == "kmeans":
-        need(_is_number(meta.get("temperature")) and meta.get("temperature", 0) > 0, "temperature",
+        need(is_finite_number(meta.get("temperature")) and meta.get("temperature", 0) > 0, "temperature",
              "a finite number > 0")
     else:
         need(is_whole_number(meta.get("dim")) and meta.get("dim", 0) >= 1, "dim", "a whole number >= 1")
         need(isinstance(meta.get("bias"), bool), "bias", "true or false")
-        need(_is_number(meta.get("alpha")), "alpha", "a finite number")
+        need(is_finite_number(meta.get("alpha")), "alpha", "a finite number")
 
 
 def _segment_counts(n_segments, default: int, batch: int) -> list[int]:
@@ -866,7 +851,7 @@ class SlicSegments:
     def __init__(self, n_segments: int = 12, compactness: float = 0.1, sigma: float = 1.0, at_least: bool = False):
         self.n_segments = _count(n_segments, "n_segments")
         self.compactness = _positive(compactness, "compactness")
-        if not (_is_number(sigma) and sigma >= 0):
+        if not (is_finite_number(sigma) and sigma >= 0):
             raise ParameterError(f"sigma must be a finite number >= 0, got {sigma!r}")
         self.sigma, self.at_least = float(sigma), bool(at_least)
 
@@ -926,7 +911,7 @@ class NasSegments:
     def __init__(self, model: nn.Module, k: int = 12, layers: Sequence[str] | None = None, seed: int = 0, *,
                  fit_scale: float = 2.0, assign: str = "input"):
         k = _count(k, "k")
-        if not (_is_number(fit_scale) and fit_scale >= 1):
+        if not (is_finite_number(fit_scale) and fit_scale >= 1):
             raise ParameterError(f"fit_scale must be a finite number >= 1 (the finest stage's grid), got {fit_scale!r}")
         if assign not in self.ASSIGN:
             raise ParameterError(f"assign must be one of {self.ASSIGN}, got {assign!r}")

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
@@ -68,6 +69,24 @@ def label_names_of(model: nn.Module) -> list[str]:
 def is_whole_number(v: Any) -> bool:
     """An int (Python's or NumPy's), not a bool."""
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def is_finite_number(v: Any) -> bool:
+    """A finite real number (Python's or NumPy's), not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def is_count(v: Any, least: int = 1) -> bool:
+    """A whole number (an int, or a float without a fraction; not a bool) of at least ``least``."""
+    whole = is_whole_number(v) or (is_finite_number(v) and v == int(v))
+    return bool(whole and v >= least)
+
+
+def count_param(value: Any, name: str, least: int = 1) -> int:
+    """``value`` as an int (see :func:`is_count`), or a ParameterError naming ``name``."""
+    if not is_count(value, least):
+        raise ParameterError(f"{name} must be a whole number >= {least}, got {value!r}")
+    return int(value)
 
 
 def nonfinite_problem(x: torch.Tensor) -> str | None:

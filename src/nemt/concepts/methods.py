@@ -9,13 +9,11 @@ tens of MB.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass, field
 
 import torch
 
-from nemt.ops import ParameterError, is_whole_number, nonfinite_problem
+from nemt.ops import ParameterError, count_param, is_finite_number, nonfinite_problem
 
 __all__ = ["MammiResult", "clip_dissect", "concept_probabilities", "cosine", "dead_neurons", "mammi",
            "soft_wpmi"]
@@ -29,27 +27,14 @@ def _finite(t: torch.Tensor, name: str) -> None:
                              "values means nothing")
 
 
-def _is_number(value) -> bool:
-    """A finite real number (Python's or NumPy's), not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _in_range(value, name: str, lo: float, hi: float, hi_open: bool = False, lo_open: bool = False) -> float:
     """``value`` as a float in [lo, hi] (an end left open where asked), or a ParameterError naming ``name``."""
-    ok = _is_number(value)
+    ok = is_finite_number(value)
     ok = ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
     if not ok:
         span = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
         raise ParameterError(f"{name} must be a number in {span}, got {value!r}")
     return float(value)
-
-
-def _whole(value, name: str, least: int = 1) -> int:
-    """``value`` as an int (a whole number, or a float without a fraction; not a bool), or a ParameterError."""
-    whole = is_whole_number(value) or (_is_number(value) and value == int(value))
-    if not (whole and value >= least):
-        raise ParameterError(f"{name} must be a whole number >= {least}, got {value!r}")
-    return int(value)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -67,7 +52,7 @@ def dead_neurons(activations: torch.Tensor) -> torch.Tensor:
 
 def concept_probabilities(similarity: torch.Tensor, alpha: float = 10.0) -> torch.Tensor:
     """p(c | x) = softmax(alpha * P) over concepts, P the (N, C) image-concept cosines."""
-    if not _is_number(alpha):
+    if not is_finite_number(alpha):
         raise ParameterError(f"alpha must be a finite number, got {alpha!r}")
     _finite(similarity, "similarity")
     return torch.softmax(alpha * similarity.float(), dim=1)
@@ -93,11 +78,11 @@ def soft_wpmi(activations: torch.Tensor, probs: torch.Tensor, *, top_k: int = 10
     if a.ndim != 2 or q.ndim != 2 or a.shape[0] != q.shape[0]:
         raise ParameterError(f"activations (N, K) and probabilities (N, C) need the same N, got "
                              f"{tuple(a.shape)} and {tuple(q.shape)}")
-    top_k, neuron_chunk = _whole(top_k, "top_k"), _whole(neuron_chunk, "neuron_chunk")
+    top_k, neuron_chunk = count_param(top_k, "top_k"), count_param(neuron_chunk, "neuron_chunk")
     p_start = _in_range(p_start, "p_start", 0, 1, lo_open=True)
     p_end = _in_range(p_end, "p_end", 0, 1, lo_open=True)
     min_prob = _in_range(min_prob, "min_prob", 0, 1)
-    if not _is_number(lam):
+    if not is_finite_number(lam):
         raise ParameterError(f"lam must be a finite number, got {lam!r}")
     if a.shape[0] == 0:
         raise ParameterError(f"activations hold no probe image (shape {tuple(a.shape)}): soft-WPMI needs at least one")
