@@ -10,7 +10,9 @@ metric not scored in every run, or undefined in one), its cell says over how man
 present in one run only (a deterministic baseline computed once) shows its single value without a spread.
 
 Only runs that differ in their seed are averaged. Each run's run.json must record the same split, limit,
-number of items, batch size, metric parameters, parameters of the methods they share, model configuration
+number of items, batch size, metric parameters, parameters of the methods they share (the settings each
+ran with, defaults included, where every run.json records them: ``map_smoothing=false`` given equals a default
+of false; a fitted explainer's fit settings too; else the parameters as given), model configuration
 (architecture, task, labels, input size) and data set (the manifest's checksum; ``--allow-other-data`` for
 pipelines that make their data with the seed, such as ``nemt demo --seed S``). What may vary is what the
 seed makes: the model's weights, the fitted explainers, the rows of the split. A run is one replicate: its
@@ -72,8 +74,11 @@ def check_alike(runs: list[tuple[str, dict]], *, allow_other_data: bool = False,
                 raise NemtError(f"{path}: another {what} than {seen[key][0]} ({meta[key]!r}, there "
                                 f"{seen[key][1]!r}); only runs that differ in their seed are averaged{hint}")
     params: dict[str, tuple[str, object]] = {}
-    for path, meta in runs:
-        for method, p in (meta.get("method_params") or {}).items():
+    settled = {m for m in {m for _, meta in runs for m in (meta.get("method_params") or {})}
+               if all(m in (meta.get("method_settings") or {}) for _, meta in runs if m in (meta.get("method_params") or {}))}
+    for path, meta in runs:  # the settings each method ran with where every run records them, else as given
+        given = meta.get("method_params") or {}
+        for method, p in {m: (meta["method_settings"][m] if m in settled else p) for m, p in given.items()}.items():
             if method not in params:
                 params[method] = (path, p)
             elif params[method][1] != p:

@@ -375,12 +375,14 @@ def _seed_summary(*args: str) -> subprocess.CompletedProcess:
 
 
 def _fake_run(folder: Path, seed: int, *, split="test", model=None, metrics=("relevance_mass", "pointing_game"),
-              rm=0.5, data="d" * 64):
+              rm=0.5, data="d" * 64, given=None, settings=None):
     folder.mkdir(parents=True)
     meta = {"methods": ["nemt"], "metrics": list(metrics), "batch_size": 16, "seed": seed, "items": 40,
-            "data": f"fp{seed}", "metric_params": {}, "method_params": {"nemt": {}},
+            "data": f"fp{seed}", "metric_params": {}, "method_params": {"nemt": given or {}},
             "model_sha256": model or f"{seed:064d}", "explainer_sha256": {"nemt": f"e{seed}"}, "split": split,
             "limit": None, "data_set_sha256": data, "model_config": {"arch": "smallcnn"}}
+    if settings is not None:
+        meta["method_settings"] = {"nemt": settings}
     cell = {"ci_low": 0.0, "ci_high": 1.0, "n": 40, "n_excluded": 0, "n_undefined": 0}
     summary = {"nemt": {**{m: {**cell, "mean": rm if m == "relevance_mass" else 0.8} for m in metrics}, "ms": 2.0,
                         "n_items": 40}}
@@ -411,12 +413,34 @@ def test_seed_summary_averages_alike_runs_only(tmp_path):
     assert done.returncode == 2 and "missing: no such folder" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_seed_summary_compares_the_settings_runs_ran_with_where_recorded(tmp_path):
+    """A parameter given explicitly at its default is the same run as one left at the default when both run.json
+    record the settings; without them the parameters are compared as given (the default may have changed)."""
+    only = ["--metrics", "relevance_mass"]
+    same = {"map_smoothing": False, "objective": "nested"}
+    a = _fake_run(tmp_path / "a", 0, given={"map_smoothing": False}, settings=same)
+    b = _fake_run(tmp_path / "b", 1, given={}, settings=same)
+    assert _seed_summary(a, b, *only).returncode == 0
+    c = _fake_run(tmp_path / "c", 2, given={}, settings={**same, "map_smoothing": True})
+    done = _seed_summary(a, c, *only)
+    assert done.returncode == 2 and "other parameters of nemt" in done.stderr, done.stderr
+    d = _fake_run(tmp_path / "d", 3, given={})  # an older run.json: no settings, so compared as given
+    done = _seed_summary(a, d, *only)
+    assert done.returncode == 2 and "other parameters of nemt" in done.stderr, done.stderr
+
+
 def test_seed_summary_reads_a_real_run(phantom, tmp_path):
-    """A benchmark's run.json records what seed_summary compares: split, limit, data set, model configuration."""
+    """A benchmark's run.json records what seed_summary compares: split, limit, data set, model configuration,
+    each method's settings with its defaults."""
     assert _bench(phantom, tmp_path / "b").exit_code == 0
     run = json.loads((tmp_path / "b" / "run.json").read_text())
     assert run["split"] == "test" and run["limit"] == 4 and len(run["data_set_sha256"]) == 64
     assert run["model_config"]["arch"] == "smallcnn"
+    assert set(run["method_settings"]) == set(run["methods"])
+    for method, settings in run["method_settings"].items():
+        assert "seed" not in settings and "device" not in settings
+        if method == "nemt":  # a fitted explainer: its card's parameters
+            assert settings["map_smoothing"] is False and "objective" in settings
     done = _seed_summary(str(tmp_path / "b"), str(tmp_path / "b"))
     assert done.returncode == 2 and "same replicate" in done.stderr and "Traceback" not in done.stderr
 
@@ -431,3 +455,20 @@ def test_readme_names_each_commands_own_start_over_option():
     for command, option in named:
         res = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
         assert option in res.output, (command, option)
+
+
+def test_explainer_settings_are_the_defaults_with_the_given_parameters_over_them():
+    from torch import nn
+
+    from nemt.explainers import get_explainer
+    from nemt.explainers.base import explainer_settings
+    from nemt.explainers.nemt import NEMt
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 3))
+    size = {"input_size": (16, 16), "in_channels": 1}
+    rise = explainer_settings(get_explainer("rise", net, n_masks=10, seed=3), {"n_masks": 10})
+    assert rise["n_masks"] == 10 and "seed" not in rise and "device" not in rise
+    assert explainer_settings(get_explainer("rise", net), {}) == {**rise, "n_masks": get_explainer("rise", net).n_masks}
+    assert explainer_settings(NEMt(net, map_smoothing=False, **size)) == explainer_settings(NEMt(net, **size))
+    assert explainer_settings(NEMt(net, map_smoothing=True, **size)) != explainer_settings(NEMt(net, **size))
+    json.dumps(explainer_settings(get_explainer("gradcam++", net), {}))  # JSON whatever the defaults hold

@@ -503,6 +503,9 @@ def run_benchmark(model, data: BenchmarkData, explainers: dict[str, Any], config
         meta["method_params"] = {**old.get("method_params", {}), **params}
         meta["explainer_sha256"] = {**old.get("explainer_sha256", {}), **fitted}
     meta.update({k: v for k, v in (record or {}).items() if k not in meta})
+    from nemt.explainers.base import explainer_settings
+    meta["method_settings"] = {**(old.get("method_settings", {}) if before is not None else {}),  # not compared on a resume
+                               **{m: explainer_settings(ex, params.get(m)) for m, ex in explainers.items()}}
     made = [d for d in (out, *out.parents) if not d.exists()]  # folders this run creates, deepest first
     out.mkdir(parents=True, exist_ok=True)
     log_ = ResultsLog(out / "results.partial.csv", metrics, log)

@@ -16,6 +16,7 @@ Targets: see :data:`nemt.ops.TARGET_HELP`.
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,8 +28,8 @@ from nemt.ops import (ArgumentTypeError, ParameterError, Target, blame_shape, ch
                       device_of, evaluating, fill_values, frozen_parameters, n_outputs_of, normalise_maps, output_score,
                       postprocess, resize_linear, resolve_targets, task_of)
 
-__all__ = ["Explainer", "Target", "available", "baseline_image", "frozen_parameters", "get_explainer",
-           "normalise_maps", "register", "resize_linear", "resolve_targets"]
+__all__ = ["Explainer", "Target", "available", "baseline_image", "explainer_settings", "frozen_parameters",
+           "get_explainer", "normalise_maps", "register", "resize_linear", "resolve_targets"]
 
 
 def baseline_image(x: torch.Tensor, baseline: float | str) -> torch.Tensor | float:
@@ -136,6 +137,42 @@ def init_parameters(cls: type) -> set[str]:
         if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
             break
     return names
+
+
+def init_defaults(cls: type) -> dict[str, Any]:
+    """The defaults of :func:`init_parameters`' keyword parameters (those without one left out), the nearest
+    class's default where a base declares the name too."""
+    out: dict[str, Any] = {}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        sig = inspect.signature(init)
+        for p in sig.parameters.values():
+            if (p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in ("self", "model")
+                    and p.default is not p.empty):
+                out.setdefault(p.name, p.default)
+        if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+            break
+    return out
+
+
+def _json_name(obj: Any) -> str:
+    return getattr(obj, "__qualname__", None) or type(obj).__name__  # a callable by name, not its address
+
+
+def explainer_settings(explainer: Any, given: dict | None = None) -> dict:
+    """Every setting an explainer runs with, as JSON, for comparing runs whose parameters were written
+    differently (``map_smoothing=false`` given against a default of false): a fitted explainer's card
+    parameters (``hyper_params``, with any explanation-time change), else the method's defaults with the
+    ``given`` parameters over them. ``seed`` and ``device`` are left out: replicates differ in their seed."""
+    hyper = getattr(explainer, "hyper_params", None)
+    if callable(hyper):
+        out = dict(hyper())
+    else:
+        out = {**init_defaults(type(explainer)), **(given or {})}
+    out = {k: v for k, v in out.items() if k not in ("seed", "device")}
+    return json.loads(json.dumps(out, default=_json_name, sort_keys=True))
 
 
 def _check_device(model: nn.Module, device: torch.device) -> None:
