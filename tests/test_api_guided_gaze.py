@@ -178,6 +178,13 @@ def test_xai_tris_models_get_their_input_size_and_load_after_training(data, tmp_
     clf = load_model(out)
     assert clf.card.arch_kwargs["input_size"] == [16, 16] and "test" in clf.card.metrics
     assert clf(torch.zeros(2, 1, 16, 16)).shape == (2, 4)
+    # a card from a run that crashed before input_size was written there (earlier nemt): rebuilt at the card's size
+    card = json.loads((out / "model.json").read_text())
+    del card["arch_kwargs"]["input_size"]
+    (out / "model.json").write_text(json.dumps(card))
+    again = load_model(out)
+    x = torch.rand(2, 1, 16, 16)
+    assert torch.equal(again(x), clf(x))
 
 
 def test_guided_linear_model_loads_and_keeps_only_its_guide_in_the_card(data, tmp_path):

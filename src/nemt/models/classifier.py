@@ -24,7 +24,7 @@ from nemt.data.preprocess import Preprocessing
 from nemt.errors import CardError, NemtError
 from nemt.files import atomic_path, sha256_file
 from nemt.models.card import ModelCard
-from nemt.models.zoo import ARCHITECTURES, build_model
+from nemt.models.zoo import ARCHITECTURES, SIZED_BY_INPUT, build_model
 from nemt.ops import (ArgumentTypeError, ParameterError, checked_outputs, evaluating, float_dtype_of,
                       is_whole_number, preserved_rng)
 
@@ -199,8 +199,11 @@ def load_model(directory: str | Path, *, module: nn.Module | None = None,
                             "pass the network as module=")
         try:
             with preserved_rng():  # the initial weights, overwritten below, draw nothing from the caller's RNG
+                kwargs = dict(card.arch_kwargs)
+                if card.arch in SIZED_BY_INPUT:  # a card of a run that crashed before it wrote input_size there:
+                    kwargs.setdefault("input_size", list(card.input_size))  # the card's input is the training size
                 module = build_model(card.arch, spatial_dims=card.spatial_dims, in_channels=card.in_channels,
-                                     out_channels=card.out_channels, **card.arch_kwargs)
+                                     out_channels=card.out_channels, **kwargs)
         except NemtError as exc:  # build_model's own message names the architecture and the keywords
             raise CardError(directory / CARD, "arch_kwargs", str(exc)) from exc
         except (TypeError, ValueError) as exc:  # an unknown or ill-typed keyword of the architecture
