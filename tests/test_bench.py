@@ -485,11 +485,14 @@ def test_torchrun_benchmark_equals_one_process(tmp_path):
 
 
 class _Flat:
-    """A map with every pixel tied at its maximum: Quantus' pointing game calls it a hit on every mask."""
+    """A map with every pixel but one tied at its maximum: Quantus' pointing game calls it a hit on every mask
+    that does not lie in the corner pixel alone. (Not every pixel: a constant map localises nothing, NaN.)"""
 
     def explain(self, x, target=None):
         t = 1 if target is None or target.ndim == 1 else target.shape[1]
-        return torch.ones(x.shape[0], t, *x.shape[2:])
+        maps = torch.ones(x.shape[0], t, *x.shape[2:])
+        maps[:, :, 0, 0] = 0.0
+        return maps
 
 
 def test_tie_notes_name_methods_whose_pointing_game_is_a_plateau(tmp_path):
@@ -500,7 +503,9 @@ def test_tie_notes_name_methods_whose_pointing_game_is_a_plateau(tmp_path):
     flat = summary["flat"]
     assert flat["pointing_game"]["mean"] == 1.0          # every tied pixel counts: always a hit
     gt = data.gt[[it.sample for it in data.items if it.has_gt]].flatten(1).float()
-    assert abs(flat["pointing_game_expected"]["mean"] - gt.mean(1).mean().item()) < 1e-6  # the mask's share
+    assert not gt[:, 0].any()  # the corner pixel lies outside every mask
+    share = gt.sum(1) / (gt.shape[1] - 1)  # the mask's share of the plateau (every pixel but the corner)
+    assert abs(flat["pointing_game_expected"]["mean"] - share.mean().item()) < 1e-6
     notes = tie_notes(summary, metrics)
     assert len(notes) == 2 and notes[1].startswith("flat:")  # uniform noise has a single maximum: no note
     assert summary["random"]["pointing_game"]["mean"] == summary["random"]["pointing_game_expected"]["mean"]

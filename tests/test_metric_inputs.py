@@ -310,13 +310,23 @@ def test_save_overlay_refuses_maps_of_another_size_and_unpaired_titles(tmp_path)
 
 def test_metrics_leave_the_callers_state_alone():
     """Global RNGs (Python, NumPy, torch), warnings filters, torch's thread count and matplotlib's backend are
-    the same after the metrics (including ROAD's noisy imputation and the randomisation test) and an overlay."""
+    the same after the metrics (including ROAD's noisy imputation and the randomisation tests) and an overlay,
+    and so are the models' training flags and requires_grad. The randomisation tests run on a model with
+    layers to re-initialise (on PixelModel, which has none, the parameter randomisation test did nothing: its
+    RNG check was vacuous; it is now refused)."""
     import matplotlib
 
     from nemt.visualize import save_overlay
 
     model, x, maps = _case(6, size=8)  # SSIM (random_logit's similarity) needs 7 pixels a side
     maps[1] = 0.0  # a constant map: the warning path too
+    torch.manual_seed(0)  # the layers' initial weights (the test's own seeding)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(128, 3))
+    net[0].bias.requires_grad_(False)  # a caller's frozen parameter stays frozen
+    model.train(), net.train()  # left in training mode by the caller: handed back so
+    grads = lambda: [p.requires_grad for m in (model, net) for p in m.parameters()]  # noqa: E731
+    flags = lambda: [m.training for mm in (model, net) for m in mm.modules()]  # noqa: E731
+    grads_before, flags_before = grads(), flags()
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
     before = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state(), list(warnings.filters),
               torch.get_num_threads(), matplotlib.get_backend())
@@ -324,12 +334,19 @@ def test_metrics_leave_the_callers_state_alone():
     def explain(m, xx, t):
         return xx[:, :1].expand(-1, t.shape[1], -1, -1).clone() * m.w
 
+    def grad_explain(m, xx, t):  # the input gradient: depends on every layer's weights
+        xx = xx.clone().requires_grad_(True)
+        g, = torch.autograd.grad(m(xx).gather(1, t[:, :1]).sum(), xx)
+        return g[:, :1].expand(-1, t.shape[1], -1, -1)
+
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         inner = list(warnings.filters)
         road(model, x, maps, 0, percentages=(10, 50), noise=0.01)
         faithfulness_estimate(model, x, maps, 0, features_in_step=4)
-        model_parameter_randomisation(model, x, explain, 0)
+        r = model_parameter_randomisation(net, x, grad_explain, 0)
+        assert list(r) == ["3", "0"]  # both layers re-initialised, under their own seeds
+        random_logit(net, x, grad_explain, 0)
         random_logit(model, x, explain, 0)
         complexity(maps), top_k_intersection(maps, maps > 0.5, k=5)
         assert warnings.filters == inner
@@ -340,6 +357,7 @@ def test_metrics_leave_the_callers_state_alone():
              torch.get_num_threads(), matplotlib.get_backend())
     assert after[0] == before[0] and np.array_equal(after[1], before[1]) and torch.equal(after[2], before[2])
     assert after[3:] == before[3:]
+    assert grads() == grads_before and flags() == flags_before
 
 
 def test_errors_are_nemt_errors_too():

@@ -282,7 +282,12 @@ def test_complexity_equals_quantus(random_case, name, cls):
     maps, x, _ = random_case
     ours = getattr(M, name)
     args = dict(model=None, x_batch=x.numpy(), y_batch=np.zeros(len(x), dtype=int))
+    # METHODS.md's min-max first: Quantus takes |a| after its normaliser, where it changes nothing (abs=False here)
     q = getattr(quantus, cls)(normalise_func=_minmax_np, disable_warnings=True)(a_batch=maps.numpy().copy(), **args)
+    np.testing.assert_allclose(ours(maps, abs=False).squeeze(1).numpy(), np.asarray(q, float), atol=1e-5)
+    # our abs=True (the default) takes |a| before the min-max: Quantus given the min-max of |a|
+    q = getattr(quantus, cls)(normalise_func=lambda a, **_: _minmax_np(np.abs(a)), disable_warnings=True)(
+        a_batch=maps.numpy().copy(), **args)
     np.testing.assert_allclose(ours(maps).squeeze(1).numpy(), np.asarray(q, float), atol=1e-5)
     q = getattr(quantus, cls)(disable_warnings=True)(a_batch=maps.numpy().copy(), **args)  # abs=True, by max
     np.testing.assert_allclose(ours(maps, normalise="max").squeeze(1).numpy(), np.asarray(q, float), atol=1e-5)
@@ -300,7 +305,7 @@ def test_complexity_and_sparseness_are_accumulated_in_float64(name, cls):
     maps = torch.randn(b, 1, s, s, generator=g)
     maps[: b // 2] = maps[: b // 2].mul(2).exp()  # heavy-tailed maps too, as attributions often are
     args = dict(model=None, x_batch=np.zeros((b, 1, s, s), np.float32), y_batch=np.zeros(b, dtype=int))
-    ours = getattr(M, name)(maps).squeeze(1)
+    ours = getattr(M, name)(maps, abs=False).squeeze(1)  # Quantus' order: min-max, then a no-op |a|
     assert maps.dtype == torch.float32 and ours.dtype == torch.float64
     q32 = getattr(quantus, cls)(normalise_func=_minmax_np, disable_warnings=True)(a_batch=maps.numpy().copy(),
                                                                                   **args)
@@ -494,7 +499,8 @@ def test_gaze_metrics_by_definition():
     assert nss(s, fix).item() == pytest.approx(1.0)
     assert nss(s, torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]])).item() == pytest.approx(0.0)
     assert cc(s, s).item() == pytest.approx(1.0) and cc(s, 1 - s).item() == pytest.approx(-1.0)
-    assert cc(torch.ones(1, 1, 2, 2), s).item() == 0.0  # constant map: no information
+    with pytest.warns(M.UndefinedMetricWarning, match="cc: 1 of 1 maps score NaN"):
+        assert math.isnan(cc(torch.ones(1, 1, 2, 2), s).item())  # constant map: no spread to correlate
     g = torch.tensor([[[[0.0, 1.0], [1.0, 0.0]]]])
     assert similarity(s, g).item() == pytest.approx(0.5)  # min((0, .5, 0, .5), (0, .5, .5, 0))
     assert similarity(s, s).item() == pytest.approx(1.0)

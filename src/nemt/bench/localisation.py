@@ -4,7 +4,9 @@ One row per method: relevance mass, relevance rank accuracy and the pointing
 game (Quantus' rule: a hit when any tied maximum lies in the mask; means over
 images with a non-empty mask; images without one are excluded and counted),
 the mean map value, milliseconds per image, and for NEMt the deleted area and
-the mean |change| of the target quantity when its mask is deleted.
+the mean |change| of the target quantity when its mask is deleted. A constant
+map localises nothing: its scores are undefined (NaN), left out of the means
+and counted (``constant_maps``, named under the table).
 """
 from __future__ import annotations
 
@@ -36,11 +38,13 @@ def score_methods(model, x: torch.Tensor, y: torch.Tensor, gt: torch.Tensor, nem
         maps = torch.cat([explain(x[i:i + batch_size], y[i:i + batch_size]).detach()
                           for i in range(0, len(x), batch_size)])
         ms = 1000 * (time.perf_counter() - t0) / max(len(x), 1)
+        pg = pointing_game(maps, gt)  # NaN for a constant map (nothing localised; every image here has a mask)
         rows.append({"method": name, "relevance_mass": float(relevance_mass(maps, gt).nanmean()),
                      "relevance_rank": float(relevance_rank(maps, gt).nanmean()),
-                     "pointing_game": float(pointing_game(maps, gt).nanmean()),
+                     "pointing_game": float(pg.nanmean()),
                      "mean_map": float(maps.mean()), "ms_per_image": ms, "n_images": int(len(x)),
-                     "excluded_empty_gt": int((~has).sum()), **(extra or {})})
+                     "excluded_empty_gt": int((~has).sum()), "constant_maps": int(pg.isnan().sum()),
+                     **(extra or {})})
         return maps
 
     for name, ex in nemt.items():
@@ -69,4 +73,7 @@ def markdown_table(rows: list[dict]) -> str:
     lines += [f"| {r['method']} | {fmt(r, 'relevance_mass')} | {fmt(r, 'relevance_rank')} | "
               f"{fmt(r, 'pointing_game')} | {fmt(r, 'mean_map')} | "
               f"{fmt(r, 'deleted_area')} | {fmt(r, 'target_change')} | {r['ms_per_image']:.1f} |" for r in rows]
+    constant = [f"{r['method']} {r['constant_maps']} of {r['n_images']}" for r in rows if r.get("constant_maps")]
+    if constant:  # they localise nothing: undefined, left out of the means above, and named here
+        lines += ["", "Constant maps (undefined, not in the means): " + ", ".join(constant) + "."]
     return "\n".join(lines)

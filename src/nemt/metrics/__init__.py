@@ -9,9 +9,11 @@ the names, optionally only those a caller has the inputs for.
 better. Localisation, gaze and ground-truth metrics give NaN where no score
 exists (empty ground truth); :func:`summarise` averages excluding and
 counting those. Where a metric is undefined for a map (a correlation with a
-constant, collapsed map) it gives NaN too, says so once per call
-(:class:`UndefinedMetricWarning`), and ``summarise(values, metric=name)``
-counts those apart (``n_undefined``). Invalid input (NaN/inf maps, masks,
+constant, collapsed map; a constant map's pointing game, rank or mass) it
+gives NaN too and says so once per call (:class:`UndefinedMetricWarning`);
+``summarise(values, metric=name)`` counts those apart (``n_undefined``) for
+a metric without ground truth, ``summarise(values, undefined=mask)`` for
+one with ground truth or gaze. Invalid input (NaN/inf maps, masks,
 gaze maps or x, an empty batch, shapes that do not fit, e.g. channel-last
 maps) is refused with an error naming the argument. Dataset-level metrics (MaxBoxAccV2: a maximum over the data set)
 carry a per-map statistic and a reduction (:attr:`MetricSpec.dataset_level`).

@@ -11,10 +11,15 @@ Conventions
   batch (B = 0 or T = 0) and shapes that do not fit (e.g. channel-last maps)
   are refused with a :class:`~nemt.ops.ParameterError` (a ``ValueError``)
   naming the argument, the shape or values found and what is expected.
-- ``normalise`` is applied per map, then ``abs`` (Quantus' order):
-  ``"minmax"`` (METHODS.md: every map to [0, 1]; constant maps become 0),
-  ``"max"`` (divide by the largest absolute value; Quantus' ``normalise_by_max``
-  but per map, all-zero maps unchanged), or ``None``.
+- ``abs`` (``|a|``) is taken first, then ``normalise`` per map (the other
+  way round ``abs`` would do nothing after min-max; Quantus takes ``abs``
+  after its normaliser, which for its default ``normalise_by_max`` gives the
+  same numbers): ``"minmax"`` (METHODS.md: every map to [0, 1]; constant maps
+  become 0), ``"max"`` (divide by the largest absolute value; Quantus'
+  ``normalise_by_max`` but per map, all-zero maps unchanged), or ``None``.
+- A map a metric is undefined for (a constant map has no maximum, no ranking,
+  no spread) scores NaN, and one :class:`UndefinedMetricWarning` per call says
+  how many (:func:`report_undefined`).
 - Each metric registers itself where it is defined with the :func:`metric`
   decorator: its direction (``"higher"`` or ``"lower"`` is better; also
   ``fn.direction``) and its positional inputs by name (:data:`INPUTS`).
@@ -209,15 +214,15 @@ def order_values(maps: torch.Tensor, how: str | None, abs: bool) -> tuple[torch.
     """Values with the same ranking (ties included, up to rounding) as ``prepare_maps(maps, how, abs)``, (B, T, n).
 
     Min-max normalisation and division by a positive number do not change the
-    order, so only ``abs`` (when it is not a no-op after min-max) is applied:
-    rank-based metrics skip the normalisation pass.
+    order, so only ``abs`` (taken before normalising) is applied: rank-based
+    metrics skip the normalisation pass.
     """
     maps = float_maps(maps)
     d = check_maps(maps)
     if how not in (None, False, "minmax", "max", "sum"):
         raise NemtError(f"normalise must be 'minmax', 'max', 'sum' or None, got {how!r}")
     v = maps.flatten(2)
-    if abs and how != "minmax":
+    if abs:
         v = v.abs()
     return v, d
 
@@ -272,9 +277,19 @@ def top_k_hits(v: torch.Tensor, m: torch.Tensor, k: torch.Tensor, exclude_zero: 
     return torch.where(k > 0, hits, torch.zeros_like(hits))
 
 
+def as_tensor(a: Any) -> Any:
+    """A NumPy array (or a list or tuple of numbers) as a tensor, anything else as it is (an array with negative
+    strides, e.g. from ``np.flip``, is copied first: torch cannot view it)."""
+    if isinstance(a, np.ndarray):
+        return torch.as_tensor(np.ascontiguousarray(a))
+    if isinstance(a, (list, tuple)) and len(a) and not torch.is_tensor(a[0]):
+        return torch.as_tensor(np.ascontiguousarray(np.asarray(a)))
+    return a
+
+
 def float_maps(maps: torch.Tensor) -> torch.Tensor:
     if not torch.is_tensor(maps):
-        maps = torch.as_tensor(maps)
+        maps = torch.as_tensor(as_tensor(maps))
     return maps if maps.dtype in (torch.float32, torch.float64) else maps.float()
 
 
@@ -331,19 +346,22 @@ def layout_hint(name: str, shape: Sequence[int], spatial: Sequence[int], wants: 
 
 
 def prepare_maps(maps: torch.Tensor, how: str | None, abs: bool) -> tuple[torch.Tensor, int]:
-    """Normalise then (optionally) take |.|; return the maps flattened to (B, T, n) and the spatial rank."""
+    """(Optionally) take |.|, then normalise; return the maps flattened to (B, T, n) and the spatial rank."""
     maps = float_maps(maps)
     d = check_maps(maps)
-    a = normalise(maps, how, d)
-    if abs:
-        a = a.abs()
+    a = normalise(maps.abs() if abs else maps, how, d)
     return a.flatten(2), d
 
 
-def expand_masks(masks: torch.Tensor, maps: torch.Tensor, name: str = "masks", dtype=torch.bool) -> torch.Tensor:
-    """``(B, 1 or T, *spatial)`` (or ``(B, *spatial)``) to ``(B, T, n)`` flattened, with ``dtype``; NaN/inf refused."""
+def expand_masks(masks: torch.Tensor, maps: torch.Tensor, name: str = "masks", dtype=torch.bool,
+                 nonnegative: bool = False) -> torch.Tensor:
+    """``(B, 1 or T, *spatial)`` (or ``(B, *spatial)``) to ``(B, T, n)`` flattened, with ``dtype``; NaN/inf refused.
+
+    Binary masks (``dtype=torch.bool``) must hold 0/1 (False/True), or 0/255 as 8-bit images store them: a
+    label map (other values, e.g. -1 or 2) is refused, not read as "every non-zero label is lesion".
+    ``nonnegative``: negative values are refused (gaze densities, fixation weights)."""
     if not torch.is_tensor(masks):
-        masks = torch.as_tensor(masks)
+        masks = torch.as_tensor(as_tensor(masks))
     masks = masks.to(maps.device)
     given = tuple(masks.shape)
     if masks.ndim == maps.ndim - 1:
@@ -361,6 +379,19 @@ def expand_masks(masks: torch.Tensor, maps: torch.Tensor, name: str = "masks", d
         if ((masks > 0) & (masks < 1)).any():  # a soft mask: != 0 would make its whole background lesion
             raise ParameterError(f"{name} hold values strictly between 0 and 1 (a soft mask); give a binary "
                                  "mask, e.g. masks > 0.5")
+    if dtype == torch.bool and masks.dtype != torch.bool and not masks.is_complex():
+        if ((masks != 0) & (masks != 1)).any() and ((masks != 0) & (masks != 255)).any():
+            # a label map: != 0 made every label (and -1, "ignore") lesion
+            found = torch.unique(masks[(masks != 0) & (masks != 1)])[:5].tolist()
+            raise ParameterError(f"{name} hold values other than 0 and 1 (e.g. {found}): give a binary mask "
+                                 "(0/1, False/True, or 0/255 as 8-bit images store it), for a label map "
+                                 "masks == label")
+    if nonnegative and not masks.is_complex() and masks.dtype != torch.bool:
+        neg = masks < 0
+        if neg.any():
+            per_map = neg.flatten(2).any(2)
+            raise ParameterError(f"{name} hold {int(neg.sum())} negative values, in {int(per_map.sum())} of "
+                                 f"{per_map.numel()} maps: {name} must be >= 0 (a density or fixation weights)")
     masks = masks.bool() if dtype == torch.bool else masks.to(dtype)
     return masks.expand(-1, maps.shape[1], *masks.shape[2:]).flatten(2)
 
@@ -406,9 +437,39 @@ def warn_undefined(metric_name: str, n_nan: int, total: int, reasons: Sequence[s
     if n_nan <= 0:
         return
     why = "; ".join(r for r in reasons if r)
+    spec = _REGISTRY.get(metric_name)
+    if spec is not None and {"gt", "gaze", "fixations"} & set(spec.inputs):
+        # by name, summarise reads such a metric's NaN as "no ground truth (or gaze)": say how to count them apart
+        tail = (f"nemt.metrics.summarise(values, metric={metric_name!r}) counts this metric's NaN as excluded "
+                "(no ground truth): pass undefined= (a boolean mask of these maps) to count them as undefined")
+    else:
+        tail = (f"nemt.metrics.summarise(values, metric={metric_name!r}) counts them as undefined, "
+                "not as excluded")
     warnings.warn(f"{metric_name}: {n_nan} of {total} {unit} score NaN (undefined{': ' + why if why else ''}); "
-                  f"nemt.metrics.summarise(values, metric={metric_name!r}) counts them as undefined, "
-                  "not as excluded", UndefinedMetricWarning, stacklevel=stacklevel)
+                  f"{tail}", UndefinedMetricWarning, stacklevel=stacklevel)
+
+
+#: where :func:`report_undefined` collects, inside a :func:`chunked` call (None: say it at once)
+_UNDEFINED_SINK: contextvars.ContextVar[list | None] = contextvars.ContextVar("nemt_undefined_sink", default=None)
+
+#: the reason a constant map is undefined for a localisation or gaze metric
+CONSTANT_MAPS = "constant (collapsed) maps, all pixels equal"
+
+
+def report_undefined(metric_name: str, cond: torch.Tensor, reason: str = CONSTANT_MAPS) -> None:
+    """Say that the maps where ``cond`` (B, T) holds score NaN because the metric is undefined for them.
+
+    Inside a :func:`chunked` metric the reports of its slices are collected and said once per call, one
+    :class:`UndefinedMetricWarning` counting the whole batch (named after the called metric); elsewhere at once.
+    """
+    n = int(cond.sum())
+    if n == 0:
+        return
+    sink = _UNDEFINED_SINK.get()
+    if sink is not None:
+        sink.append((reason, n))
+        return
+    warn_undefined(metric_name, n, cond.numel(), [f"{n} {reason}"], stacklevel=4)
 
 
 def nan_where(cond: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -534,7 +595,9 @@ def chunked(fn: Callable) -> Callable:
     metric makes over its temporaries run in cache and reuse memory instead of
     page-faulting fresh allocations (several times faster on CPU for
     (256, 1, 224, 224) maps); results are identical to one call. Positional
-    tensors whose first axis is the batch are sliced alongside.
+    tensors whose first axis is the batch are sliced alongside (NumPy arrays
+    are made tensors first, so they are sliced too). The maps a metric is
+    undefined for (:func:`report_undefined`) are said once per call.
 
     By default the slices run one after another in the calling thread, with
     torch's thread settings untouched (safe in a multi-threaded caller).
@@ -544,25 +607,45 @@ def chunked(fn: Callable) -> Callable:
     """
     @functools.wraps(fn)
     def wrapper(maps, *args, **kw):
-        if not torch.is_tensor(maps) or maps.ndim < 3 or maps.numel() == 0:  # no map: fn's own checks say so
-            return fn(maps, *args, **kw)
-        b = maps.shape[0]
-        step = max(1, CHUNK_ELEMENTS // max(1, maps[0].numel()))
-        if step >= b:
-            return fn(maps, *args, **kw)
-
-        def run(i):
-            sl = [a[i:i + step] if torch.is_tensor(a) and a.ndim > 0 and a.shape[0] == b else a for a in args]
-            return fn(maps[i:i + step], *sl, **kw)
-
-        starts = range(0, b, step)
-        workers = min(_CHUNK_WORKERS.get(), len(starts))
-        if maps.device.type != "cpu" or workers <= 1:
-            return torch.cat([run(i) for i in starts])
-        with _single_threaded_ops(), ThreadPoolExecutor(workers) as pool:
-            outs = list(pool.map(run, starts))
-        return torch.cat(outs)
+        # NumPy masks, gaze maps (and maps) become tensors first: a slice must cut them alongside the maps
+        maps = as_tensor(maps)
+        args = [as_tensor(a) for a in args]
+        sink: list = []
+        token = _UNDEFINED_SINK.set(sink)
+        try:
+            out = _run_chunks(fn, maps, args, kw)
+        finally:
+            _UNDEFINED_SINK.reset(token)
+        if sink:  # the maps the metric is undefined for, said once for the whole call
+            reasons: dict[str, int] = {}
+            for reason, n in sink:
+                reasons[reason] = reasons.get(reason, 0) + n
+            warn_undefined(fn.__name__, sum(reasons.values()), out.numel(),
+                           [f"{n} {r}" for r, n in reasons.items()], stacklevel=3)
+        return out
     return wrapper
+
+
+def _run_chunks(fn: Callable, maps: Any, args: list, kw: dict) -> torch.Tensor:
+    if not torch.is_tensor(maps) or maps.ndim < 3 or maps.numel() == 0:  # no map: fn's own checks say so
+        return fn(maps, *args, **kw)
+    b = maps.shape[0]
+    step = max(1, CHUNK_ELEMENTS // max(1, maps[0].numel()))
+    if step >= b:
+        return fn(maps, *args, **kw)
+
+    def run(i):
+        sl = [a[i:i + step] if torch.is_tensor(a) and a.ndim > 0 and a.shape[0] == b else a for a in args]
+        return fn(maps[i:i + step], *sl, **kw)
+
+    starts = range(0, b, step)
+    workers = min(_CHUNK_WORKERS.get(), len(starts))
+    if maps.device.type != "cpu" or workers <= 1:
+        return torch.cat([run(i) for i in starts])
+    contexts = [contextvars.copy_context() for _ in starts]  # the caller's (its undefined-map sink) per slice
+    with _single_threaded_ops(), ThreadPoolExecutor(workers) as pool:
+        outs = list(pool.map(lambda c, i: c.run(run, i), contexts, starts))
+    return torch.cat(outs)
 
 
 def count(m: torch.Tensor) -> torch.Tensor:

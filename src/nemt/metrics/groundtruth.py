@@ -14,7 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nemt.metrics._common import chunked, count, expand_masks, metric, nan_where, prepare_maps, top_k_hits
+from nemt.metrics._common import (chunked, count, expand_masks, float_maps, metric, nan_where, prepare_maps,
+                                  top_k_hits)
 
 
 @metric("higher", inputs=("maps", "gt"))
@@ -86,6 +87,7 @@ def emd_score(maps: torch.Tensor, masks: torch.Tensor, *, abs: bool = True, max_
     """
     import ot  # POT: imported when the metric is used (a large package)
 
+    maps = float_maps(maps).detach()  # scored through NumPy: maps that require grad are read as values
     a, d = prepare_maps(maps, None, abs)
     m = expand_masks(masks, maps)
     spatial = tuple(maps.shape[2:])

@@ -26,18 +26,33 @@ import torch
 import torch.nn.functional as F
 
 from nemt.errors import NemtError
-from nemt.ops import n_outputs_of, seeded, with_model_in_eval
-from nemt.metrics._common import (check_maps, check_x, checked_targets, float_maps, metric, pearson, spearman,
-                                  warn_undefined)
+from nemt.ops import count_param, n_outputs_of, seeded, with_model_in_eval
+from nemt.metrics._common import (ParameterError, check_finite, check_maps, check_x, checked_targets, float_maps,
+                                  metric, pearson, spearman, warn_undefined)
 from nemt.metrics._common import normalise as _normalise
 
 Explain = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def ssim(a: torch.Tensor, b: torch.Tensor, win_size: int = 7, k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
-    """Mean structural similarity of (B, T, *spatial) maps (2D or 3D), (B, T); scikit-image defaults (see module)."""
-    a, b = float_maps(a).double(), float_maps(b).double()
+def _check_pair(a, b, names: tuple[str, str] = ("a", "b")) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Two sets of maps to compare, as float tensors, and their spatial rank; an error naming them when either
+    holds NaN/inf or their shapes differ (they used to broadcast: one map compared with every other)."""
+    a, b = float_maps(a), float_maps(b)
+    check_finite(a, names[0])
+    check_finite(b, names[1])
     d = check_maps(a)
+    if a.shape != b.shape:
+        raise ParameterError(f"{names[0]} {tuple(a.shape)} and {names[1]} {tuple(b.shape)} must have the same "
+                             "shape (B, T, *spatial): one map of each per sample and target")
+    return a, b, d
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, win_size: int = 7, k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
+    """Mean structural similarity of (B, T, *spatial) maps (2D or 3D), (B, T); scikit-image defaults (see module).
+
+    ``a`` and ``b`` must have the same shape and finite values."""
+    a, b, d = _check_pair(a, b)
+    a, b = a.double(), b.double()
     if min(a.shape[2:]) < win_size:
         raise NemtError(f"ssim needs maps of at least {win_size} pixels per side, got {tuple(a.shape[2:])}")
     bt = a.shape[:2]
@@ -67,19 +82,22 @@ _SIMILARITIES = {
 }
 
 
-def similarity_of(a: torch.Tensor, b: torch.Tensor, similarity: str | Callable = "spearman") -> torch.Tensor:
-    """One similarity value per map between (B, T, *spatial) tensors ``a`` and ``b``."""
+def similarity_of(a: torch.Tensor, b: torch.Tensor, similarity: str | Callable = "spearman",
+                  names: tuple[str, str] = ("a", "b")) -> torch.Tensor:
+    """One similarity value per map between (B, T, *spatial) tensors ``a`` and ``b`` of the same shape, with
+    finite values (else an error naming them, as ``names``)."""
     fn = _SIMILARITIES.get(similarity) if isinstance(similarity, str) else similarity
     if fn is None:
         raise NemtError(f"similarity must be one of {sorted(_SIMILARITIES)} or a function, got {similarity!r}")
+    a, b, _ = _check_pair(a, b, names)
     return fn(a, b).float()
 
 
-def _prep(maps: torch.Tensor, normalise, abs) -> torch.Tensor:
+def _prep(maps: torch.Tensor, normalise, abs, name: str = "maps") -> torch.Tensor:
     maps = float_maps(maps).detach()
+    check_finite(maps, name)
     d = check_maps(maps)
-    m = _normalise(maps, normalise, d)
-    return m.abs() if abs else m
+    return _normalise(maps.abs() if abs else maps, normalise, d)
 
 
 @metric("lower", inputs=("model", "x", "explain", "target"))
@@ -100,21 +118,32 @@ def model_parameter_randomisation(model: torch.nn.Module, x: torch.Tensor, expla
     ordered dict ``layer name -> (B, T)`` similarities, in randomisation order.
     Lower is better (a map that ignores the weights stays similar).
 
-    Quantus defaults: Spearman similarity, ``abs=True``, seed 42, top-down;
-    Quantus re-seeds every layer with ``seed + 1``, here layer i uses
-    ``seed + i`` (the global RNG is left untouched). Module order is
-    ``named_modules()`` (definition) order, as in Quantus.
+    Defaults: Spearman similarity, seed 42, top-down (Quantus' defaults);
+    ``abs=True``: the magnitudes |a| are compared, taken before the per-map
+    min-max normalisation (``normalise="minmax"``): a positive affine
+    rescaling of the |a| / max |a| that Quantus' defaults compare (``abs=True``
+    after ``normalise_by_max``), to which Spearman and Pearson are blind (SSIM
+    is not). Quantus re-seeds every layer
+    with ``seed + 1``, here layer i uses ``seed + i`` (the global RNG is left
+    untouched). Module order is ``named_modules()`` (definition) order, as in
+    Quantus. ``maps`` (and every map ``explain`` gives) must have the shape of
+    the randomised model's maps and finite values. A model without a module
+    that has ``reset_parameters`` (nothing to randomise) is refused.
     """
     if order not in ("top_down", "bottom_up", "independent"):
         raise NemtError("order must be 'top_down', 'bottom_up' or 'independent'")
     x = check_x(model, x)
     targets = checked_targets(target, model, x)
+    rmodel = copy.deepcopy(model).eval()
+    modules = [(n, m) for n, m in rmodel.named_modules() if hasattr(m, "reset_parameters")]
+    if not modules:
+        raise ParameterError(f"model_parameter_randomisation: the model ({type(model).__name__}) has no module "
+                             "with reset_parameters, so there is nothing to randomise")
+    first = "maps" if maps is not None else "explain(model, x, target)"
     with torch.enable_grad():
         original = maps if maps is not None else explain(model, x, targets)
-    ref = _prep(original, normalise, abs)
-    rmodel = copy.deepcopy(model).eval()
+    ref = _prep(original, normalise, abs, first)
     state = copy.deepcopy(rmodel.state_dict())
-    modules = [(n, m) for n, m in rmodel.named_modules() if hasattr(m, "reset_parameters")]
     if order == "top_down":
         modules = modules[::-1]
     out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
@@ -126,7 +155,9 @@ def model_parameter_randomisation(model: torch.nn.Module, x: torch.Tensor, expla
         rmodel.eval()
         with torch.enable_grad():
             rand = explain(rmodel, x, targets)
-        out[name or "<model>"] = similarity_of(ref, _prep(rand, normalise, abs), similarity)
+        second = f"explain(model with {name or '<model>'} randomised, x, target)"
+        out[name or "<model>"] = similarity_of(ref, _prep(rand, normalise, abs, second), similarity,
+                                               names=(first, second))
     _warn_nan("model_parameter_randomisation", out.values(), "similarities (maps x layers)")
     return out
 
@@ -150,23 +181,38 @@ def random_logit(model: torch.nn.Module, x: torch.Tensor, explain: Explain, targ
     """Random-logit test (Sixt et al. 2020; Quantus ``RandomLogit``), (B, T).
 
     For each map (target t) a different class t' ≠ t is drawn uniformly
-    (``torch.Generator`` seeded with ``seed``), the map for t' is computed and
-    compared with the map for t (``maps``, or ``explain(model, x, target)``).
-    Lower is better (a class-sensitive method gives different maps). Quantus
-    defaults: SSIM, ``abs=False``; but Quantus computes SSIM on flattened maps
-    (see the module docstring), ours over the image axes.
+    among ``num_classes`` (default: the model's outputs; at most that many),
+    each sample from its own ``torch.Generator`` seeded with ``seed``, so a
+    sample's other class, and its value, do not depend on its place in the
+    batch; the map for t' is computed and compared with the map for t
+    (``maps``, or ``explain(model, x, target)``; of the same shape as the
+    maps ``explain`` gives, with finite values). Lower is better (a
+    class-sensitive method gives different maps). Quantus defaults: SSIM,
+    ``abs=False``; but Quantus computes SSIM on flattened maps (see the
+    module docstring), ours over the image axes.
     """
     x = check_x(model, x)
     targets = checked_targets(target, model, x)
-    n = int(num_classes) if num_classes else n_outputs_of(model, x=x[:1])
-    if n < 2:
+    outputs = n_outputs_of(model, x=x[:1])
+    if num_classes is None:
+        n = outputs
+    else:
+        n = count_param(num_classes, "random_logit: num_classes", least=2)
+        if outputs is not None and n > outputs:
+            raise ParameterError(f"random_logit: num_classes must be at most the model's {outputs} outputs, "
+                                 f"got {num_classes!r}")
+    if n is None or n < 2:
         raise NemtError("random_logit needs at least two classes")
+    # every sample's generator is seeded with seed alone: the same draws as one generator per sample
     g = torch.Generator().manual_seed(seed)
-    r = torch.randint(0, n - 1, targets.shape, generator=g).to(targets.device)
+    r = torch.randint(0, n - 1, targets.shape[1:], generator=g).expand_as(targets).to(targets.device)
     off = r + (r >= targets).long()
+    first = "maps" if maps is not None else "explain(model, x, target)"
+    second = "explain(model, x, other class)"
     with torch.enable_grad():
         original = maps if maps is not None else explain(model, x, targets)
         other = explain(model, x, off)
-    out = similarity_of(_prep(original, normalise, abs), _prep(other, normalise, abs), similarity)
+    out = similarity_of(_prep(original, normalise, abs, first), _prep(other, normalise, abs, second), similarity,
+                        names=(first, second))
     _warn_nan("random_logit", [out])
     return out

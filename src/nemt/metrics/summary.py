@@ -22,7 +22,9 @@ def summarise(values, confidence: float = 0.95, method: str = "auto", n_boot: in
     explainer, which must show, not pass as "no lesion"). Which NaN is which:
     ``metric``, a registered metric's name: one that compares with no ground
     truth, gaze or fixations (faithfulness estimate, the randomisation tests)
-    has no "no score" case, so all its NaN are undefined; ``undefined``, a
+    has no "no score" case, so all its NaN are undefined (a metric with ground
+    truth or gaze: all its NaN are excluded, also those of constant maps, which
+    its warning counts); ``undefined``, a
     boolean mask of the values' shape (or an int count), marks the undefined
     NaN explicitly. Without either, every NaN counts as excluded. Neither
     enters the mean. ``method="t"``: Student-t

@@ -37,8 +37,12 @@ Choices where the paper and code leave room (documented differences from ``wsole
 - No foreground above tau gives IoU 0 (the official code scores a 1-pixel box at the origin).
 - Components, not contours: the official V2 mining also boxes the inner contours of holes, which can only
   add boxes inside a component's box.
+- ``multi_contour=False`` (the original MaxBoxAcc) keeps the largest component by pixel count; the official
+  code keeps the contour of largest ``cv2.contourArea``, the area its outline encloses (holes included, a
+  one-pixel-wide component's area 0), which can pick another component.
 
-Any number of spatial axes (1D intervals, 2D boxes, 3D cuboids).
+Maps are checked as every metric's (:func:`~nemt.metrics._common.check_maps`): 1 to 3 spatial axes (1D
+intervals, 2D boxes, 3D cuboids), no NaN/inf; square (B, H, W) maps warn that they are read as (B, T, L).
 """
 from __future__ import annotations
 
@@ -48,7 +52,7 @@ import numpy as np
 import torch
 
 from nemt.errors import NemtError
-from nemt.metrics._common import check_finite, check_not_empty, expand_masks, float_maps, metric
+from nemt.metrics._common import check_maps, expand_masks, float_maps, metric
 from nemt.metrics._common import normalise as _normalise
 
 #: the IoU thresholds of MaxBoxAccV2 (Choe et al. 2020)
@@ -136,10 +140,9 @@ def box_iou_curves(maps: torch.Tensor, masks: torch.Tensor, *, thresholds: int =
     is accepted so that one parameter set serves both). The statistic of :func:`max_box_acc_v2`.
     """
     maps = float_maps(maps)
-    if maps.ndim < 3:
-        raise NemtError(f"maps must be (B, T, *spatial), got shape {tuple(maps.shape)}")
-    check_not_empty(maps)
-    check_finite(maps)  # a NaN map has no box: it scored IoU 0 at every threshold (a silent miss)
+    # the shared checks: rank, empty batch, NaN/inf (a NaN map has no box: it scored IoU 0 at every threshold,
+    # a silent miss), and the warning for square (B, H, W) maps, read as (B, T, L) signals
+    check_maps(maps)
     m = expand_masks(masks, maps).reshape(maps.shape)
     a = _normalise(maps, normalise, maps.ndim - 2).detach().cpu().double().numpy()
     m = m.detach().cpu().numpy()
