@@ -472,3 +472,14 @@ def test_explainer_settings_are_the_defaults_with_the_given_parameters_over_them
     assert explainer_settings(NEMt(net, map_smoothing=False, **size)) == explainer_settings(NEMt(net, **size))
     assert explainer_settings(NEMt(net, map_smoothing=True, **size)) != explainer_settings(NEMt(net, **size))
     json.dumps(explainer_settings(get_explainer("gradcam++", net), {}))  # JSON whatever the defaults hold
+
+
+def test_a_constant_maps_nan_on_an_item_with_a_lesion_is_undefined_not_excluded():
+    """A localisation metric is NaN for an item without a lesion (excluded) and for a constant map (undefined: a
+    failing explainer, which must show in the report, not pass as 'no ground truth')."""
+    from nemt.bench.runner import summarise_results
+    nan = float("nan")
+    rows = [{"method": "m", "has_gt": h, "pointing_game": v, "ms": 1.0}
+            for h, v in (("True", 1.0), ("True", 0.0), ("True", nan), ("False", nan), ("False", nan))]
+    s = summarise_results(rows, ["m"], ["pointing_game"])["m"]["pointing_game"]
+    assert (s["n"], s["n_undefined"], s["n_excluded"], s["mean"]) == (2, 1, 2, 0.5)

@@ -609,6 +609,12 @@ def fit(
                      seed=seed, device=device)
     manifest = _open(data, clf.task, ",".join(clf.label_names) if clf.task == "multiclass" else None)
     manifest.raise_problems()
+    recorded, theirs = (getattr(clf.card, "data", None) or {}).get("sha256"), manifest.fingerprint()
+    if recorded is not None and recorded != theirs and ctx.main:
+        from nemt.bench.runner import _say, other_data_warning
+        _say(other_data_warning({"data_sha256": theirs, "model_data_sha256": recorded,
+                                 "model_data_source": clf.card.data.get("source")}, data, model, "train", manifest,
+                                doing="fitting the explainer on it anyway"))
     splits = load_splits(model, manifest)
     train_ds = ImageDataset(manifest, clf.preprocessing, splits["train"])
     val_ds = ImageDataset(manifest, clf.preprocessing, splits["val"])
@@ -703,14 +709,19 @@ def explain(
     def explain_one(img, path: str, stem_of) -> dict:
         unit = pre.unit(img)
         x = pre.normalise(unit)[None].to(device)
-        t = resolve_targets(tgt, clf, x)
+        targeted = getattr(ex, "targeted", True)  # an encoder's explainer (RELAX, NEM): one map, whatever --target
+        t = resolve_targets(tgt, clf, x) if targeted else None
         with blamed_on_params(given, f"method {method!r} failed on {path}"):
             maps, probs = ex.explain_and_predict(x, target=t)
         maps, probs = maps.detach().cpu()[0], probs[0].cpu()
-        names = [clf.label_names[int(i)] for i in t[0]]
-        files = [file_parts[int(i)] for i in t[0]]  # a label's file-safe name ("mass/nodule": mass_nodule)
+        if targeted:
+            names = [clf.label_names[int(i)] for i in t[0]]
+            files = [file_parts[int(i)] for i in t[0]]  # a label's file-safe name ("mass/nodule": mass_nodule)
+            titles = [f"{method}: {name}" for name in names]
+        else:  # its one map is named for the method, not for a class
+            names, files, titles = [], label_file_parts([method]), [method]
         stem = stem_of(files)
-        for name, part, m in zip(names, files, maps):
+        for part, title, m in zip(files, titles, maps):
             arr = m.numpy().astype(np.float32)
             if clf.spatial_dims == 3:
                 import gzip
@@ -725,7 +736,7 @@ def explain(
             shown = unit.numpy()
             shown = shown[0] if shown.shape[0] == 1 else shown
             pred = ", ".join(f"{n} {p:.2f}" for n, p in zip(clf.label_names, probs.tolist()))
-            save_overlay(out / f"{stem}__{part}.png", shown, [arr], [f"{method}: {name}"],
+            save_overlay(out / f"{stem}__{part}.png", shown, [arr], [title],
                          suptitle=f"{Path(path).name if data is None else path} | {pred}")
         return {"image": str(path), "outputs": stem, "targets": names,
                 "files": [f"{stem}__{part}" for part in files],  # each target's map: FILE.npy / .png / .nii.gz

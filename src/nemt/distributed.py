@@ -165,7 +165,8 @@ class StepBatches:
         if n < self.batch_size:
             return [order] if self.ctx.world == 1 and n else []
         k = n // self.batch_size
-        k -= k % self.group
+        if not (self.ctx.world == 1 and k < self.group):  # one process, fewer batches than a step: one short step
+            k -= k % self.group
         return [order[i * self.batch_size:(i + 1) * self.batch_size] for i in range(k)]
 
     def _mine(self) -> list[tuple[int, list[int]]]:

@@ -416,15 +416,35 @@ def resize_linear(t: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------- normalisation
 
+#: a row whose spread (max - min) is at most this many float epsilons (of its dtype) times its largest magnitude
+#: is constant up to float rounding: its differences are rounding noise, which min-max would stretch to [0, 1]
+ROUNDING_SPREAD = 16
+
+
+def near_constant(flat: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """(…, 1) booleans: the rows of ``flat`` (values along the last axis) that are constant up to float
+    rounding, max − min ≤ :data:`ROUNDING_SPREAD` · eps(dtype) · max |v|, or below ``eps``.
+
+    E.g. Grad-CAM of a layer after global pooling: 1.2e-10 of spread on values of 6e-4 in float32."""
+    spread = flat.amax(-1, keepdim=True) - flat.amin(-1, keepdim=True)
+    if not flat.is_floating_point():
+        return spread < eps
+    rounding = ROUNDING_SPREAD * torch.finfo(flat.dtype).eps * flat.abs().amax(-1, keepdim=True)
+    return spread <= rounding.clamp_min(eps)
+
+
 def minmax(flat: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Min-max normalise along the last axis to [0, 1]: (v - min) / (max - min); constant rows become 0."""
+    """Min-max normalise along the last axis to [0, 1]: (v - min) / (max - min); rows that are constant, or
+    constant up to float rounding (:func:`near_constant`), become 0."""
     lo = flat.amin(-1, keepdim=True)
     hi = flat.amax(-1, keepdim=True)
-    return (flat - lo).div_((hi - lo).clamp_min(eps))
+    out = (flat - lo).div_((hi - lo).clamp_min(eps))
+    return out.masked_fill_(near_constant(flat, eps), 0)
 
 
 def normalise_maps(maps: torch.Tensor, spatial_dims: int, eps: float = 1e-12) -> torch.Tensor:
-    """:func:`minmax` of each map of (…, *spatial) over its spatial axes (constant maps -> 0)."""
+    """:func:`minmax` of each map of (…, *spatial) over its spatial axes (maps constant up to float
+    rounding -> 0)."""
     return minmax(maps.flatten(start_dim=-spatial_dims), eps).view_as(maps)
 
 
@@ -435,11 +455,11 @@ def scale_signed(maps: torch.Tensor, spatial_dims: int, eps: float = 1e-12) -> t
 
 
 def zero_constant(maps: torch.Tensor, spatial_dims: int) -> torch.Tensor:
-    """Maps already in [0, 1] kept as they are, except constant maps, which become 0 (as min-max would)."""
+    """Maps already in [0, 1] kept as they are, except maps constant up to float rounding
+    (:func:`near_constant`), which become 0 (as min-max would)."""
     flat = maps.flatten(start_dim=-spatial_dims)
-    constant = (flat.amax(dim=-1) - flat.amin(dim=-1) < 1e-12).view(*maps.shape[:-spatial_dims],
-                                                                      *([1] * spatial_dims))
-    return torch.where(constant, normalise_maps(maps, spatial_dims), maps)
+    constant = near_constant(flat).view(*maps.shape[:-spatial_dims], *([1] * spatial_dims))
+    return torch.where(constant, torch.zeros_like(maps), maps)
 
 
 POSTPROCESS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {

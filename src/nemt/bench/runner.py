@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from nemt.errors import NemtError
@@ -788,12 +789,14 @@ METRIC_RANGES: dict[str, tuple[float, float]] = {
     "faithfulness_estimate": (-1.0, 1.0), "cc": (-1.0, 1.0)}
 
 
-def summarise_metric(values: Sequence[float], metric: str) -> dict:
+def summarise_metric(values: Sequence[float], metric: str, undefined: Sequence[bool] | None = None) -> dict:
     """:func:`nemt.metrics.summarise` of one metric's values with its interval method (Wilson for
-    :data:`BINARY_METRICS`, Student t otherwise) and its interval clipped to :data:`METRIC_RANGES`."""
+    :data:`BINARY_METRICS`, Student t otherwise) and its interval clipped to :data:`METRIC_RANGES`;
+    ``undefined`` marks the NaN values that are undefined scores (else the metric's rule decides)."""
     reg = registry()  # a registered metric's NaN without ground truth is undefined (a collapsed map)
     s = summarise(values, method="wilson" if metric in BINARY_METRICS else "t",
-                  metric=metric if metric in reg else None)
+                  **({"undefined": np.asarray(undefined, dtype=bool)} if undefined is not None
+                     else {"metric": metric if metric in reg else None}))
     lo, hi = METRIC_RANGES.get(metric, (-math.inf, math.inf))
     finite = [v for v in map(float, values) if not math.isnan(v)]
     if s["n"] >= 2 and all(lo <= v <= hi for v in finite):
@@ -804,11 +807,17 @@ def summarise_metric(values: Sequence[float], metric: str) -> dict:
 def summarise_results(rows: list[dict], methods: Sequence[str], metrics: Sequence[str]) -> dict:
     """{method: {metric: :func:`summarise_metric` dict, "ms": mean ms/image, "n_items": n}}."""
     out: dict[str, dict] = {}
+    reg = registry()
     for m in methods:
         mine = [r for r in rows if r["method"] == m]
         entry: dict[str, Any] = {"n_items": len(mine)}
         for k in metrics:
-            entry[k] = summarise_metric([float(r[k]) for r in mine], k)
+            values = [float(r[k]) for r in mine]
+            # a localisation metric's NaN on an item with a lesion is undefined (a constant map: nothing
+            # localised), not an item without ground truth
+            undefined = [math.isnan(v) and str(r["has_gt"]) == "True" for v, r in zip(values, mine)] \
+                if k in reg and reg[k].needs_gt and all("has_gt" in r for r in mine) else None
+            entry[k] = summarise_metric(values, k, undefined)
         entry["ms"] = float(sum(float(r["ms"]) for r in mine) / max(len(mine), 1))
         out[m] = entry
     return out
@@ -922,7 +931,9 @@ def load_benchmark_data(clf, manifest, indices: Sequence[int], device=None, limi
     st = ds.stacked()
     unit = clf.preprocessing.denormalise(st["image"]).clamp(0, 1)
     names = [manifest.samples[i].name for i in indices]
-    items = make_items(st["y"], clf.card.task, clf.label_names, names, [bool(h) for h in st["has_gt"]])
+    # ground truth: a mask that marks something (an empty mask file scores nothing, as no mask)
+    items = make_items(st["y"], clf.card.task, clf.label_names, names,
+                       [bool(h) and bool(g.any()) for h, g in zip(st["has_gt"], st["gt"])])
     from nemt.explainers.nemt.teacher import items_fingerprint
     theirs = manifest.fingerprint()
     # the images and masks as loaded join the manifest's bytes: a file replaced under the same name is other data
@@ -1195,7 +1206,9 @@ def other_data_fact(other: dict) -> str:
             "an evaluation on other data (external validation)")
 
 
-def other_data_warning(other: dict, data_path, model_dir, split: str, manifest) -> str:
+def other_data_warning(other: dict, data_path, model_dir, split: str, manifest,
+                       doing: str = "evaluating on it anyway (external validation), recorded in run.json and the "
+                                    "report") -> str:
     """The warning of a run on other data than the model's: both checksums, and where the split came from
     (:func:`~nemt.models.training.load_splits` applies the model's ``splits.csv`` when its image names are
     found at the same rows of this data)."""
@@ -1208,8 +1221,7 @@ def other_data_warning(other: dict, data_path, model_dir, split: str, manifest) 
         how = f"its {split} split is recomputed from the model card's seed and fractions over this data"
     return (f"warning: {data_path} is not the data {model_dir} was trained on: its manifest's sha256 is "
             f"{other['data_sha256']}, the model card records data.sha256 {other['model_data_sha256']} "
-            f"({other.get('model_data_source')}); evaluating on it anyway (external validation), recorded in "
-            f"run.json and the report; {how}")
+            f"({other.get('model_data_source')}); {doing}; {how}")
 
 
 def dataset_metric_notes(out: Path) -> list[str]:

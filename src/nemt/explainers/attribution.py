@@ -2,9 +2,10 @@
 
 Captum does the attribution; this module adds what it lacks for medical
 models: our target convention (``"all"`` labels, ``"predicted"``, per-sample
-tensors, label names), a memory bound per method (``batch_size``: Captum's
-``internal_batch_size`` or ``perturbations_per_eval``, or chunks of Gradient
-SHAP's samples), seeded and batch-independent randomness (each sample of a
+tensors, label names), a memory bound per method (``batch_size``: the most
+inputs per model call: images of saliency, path points of Integrated
+Gradients, perturbations of LIME/KernelSHAP, samples of Gradient SHAP),
+seeded and batch-independent randomness (each sample of a
 random method is explained on its own under ``seed``, the caller's global RNG
 restored after, so its map does not depend on the rest of the batch), grid superpixels for
 LIME/KernelSHAP that work in 2D and 3D, and maps reduced to (B, T, *spatial).
@@ -24,21 +25,23 @@ import math
 
 import torch
 from captum import attr as ca
+from captum.attr._utils.approximation_methods import SUPPORTED_METHODS as IG_METHODS
 from torch import nn
 
-from nemt.explainers.base import Explainer, Target, baseline_image, register
-from nemt.ops import ParameterError, check_cells, chunks, evaluating, seeded
+from nemt.explainers.base import Explainer, Target, baseline_image, check_range, register
+from nemt.ops import ParameterError, check_cells, chunks, seeded
 from nemt.explainers.fast import inference_copy
 
 SIGNS = ("abs", "positive", "signed")
 
 
 class CaptumExplainer(Explainer):
-    """Base: one Captum call per target column; random methods one image at a time, each column under ``seed``."""
+    """Base: one Captum call per target column; random methods one image at a time, each column under ``seed``,
+    the others ``batch_size`` images at a time."""
 
     captum_class: type = ca.Saliency
     random = False  # does the Captum method draw random numbers?
-    gradient = True  # does it differentiate the model (then the input must require gradients)?
+    needs_grad = True  # does it differentiate the model (then the input must require gradients)?
 
     def __init__(self, model: nn.Module, device=None, sign: str = "abs", seed: int = 0, batch_size: int = 64,
                  fast: bool = True, **kw):
@@ -47,8 +50,9 @@ class CaptumExplainer(Explainer):
         kw.setdefault("postprocess", sign)  # "abs", "positive" or "signed": :func:`nemt.ops.postprocess`
         super().__init__(model, device, **kw)
         self.sign, self.seed, self.batch_size = sign, int(seed), int(batch_size)
-        if self.random:  # one image per call, so that no map depends on the rest of its batch
-            self.images_per_call = 1
+        # random methods: one image per call, so that no map depends on the rest of its batch; the others:
+        # at most batch_size images per Captum call (the memory bound)
+        self.images_per_call = 1 if self.random else self.batch_size
         self.method = self.captum_class(inference_copy(self.model, fast))
 
     def captum_kwargs(self, x: torch.Tensor) -> dict:
@@ -60,7 +64,7 @@ class CaptumExplainer(Explainer):
 
     def _columns(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Captum's attributions (b, T, C, *spatial) for a chunk whose targets are resolved."""
-        if self.gradient:
+        if self.needs_grad:
             x = x.requires_grad_(True)
         columns = []
         for j in range(t.shape[1]):
@@ -74,7 +78,7 @@ class CaptumExplainer(Explainer):
     def attribute(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
         """Captum's attributions, (B, T, C, *spatial)."""
         x = self.check_input(x)
-        with evaluating(self.model):
+        with self.running(x):
             t = self.targets(x, target)
             return torch.cat([self._columns(x[sl], t[sl]) for sl in chunks(x.shape[0], self.images_per_call)])
 
@@ -97,7 +101,10 @@ def grid_segments(spatial: tuple[int, ...], cell: int, channels: int, device=Non
 
 @register("saliency")
 class Saliency(CaptumExplainer):
-    """Simonyan et al. 2014: the absolute gradient of the target score with respect to the input."""
+    """Simonyan et al. 2014: the absolute gradient of the target score with respect to the input.
+
+    ``batch_size`` (64): images per forward/backward pass (the memory bound).
+    """
 
     captum_class = ca.Saliency
 
@@ -109,21 +116,29 @@ class Saliency(CaptumExplainer):
 class IntegratedGradients(CaptumExplainer):
     """Sundararajan et al. 2017: (x − x') ∫ ∂f/∂x along the straight path from the baseline x' to x.
 
-    ``n_steps`` (50) points of Captum's ``method`` (``"gausslegendre"``);
-    ``baseline`` 0, ``"min"`` or ``"mean"``; ``batch_size`` is Captum's
-    ``internal_batch_size`` (path points per backward pass).
+    ``n_steps`` (50) points of Captum's ``method`` (``"gausslegendre"``, or one
+    of Captum's Riemann sums); ``baseline`` 0, ``"min"`` or ``"mean"``;
+    ``batch_size`` (64): the most path points per forward/backward pass, the
+    memory bound (images are explained ``batch_size`` at a time, and Captum's
+    ``internal_batch_size`` groups as many of their steps as fit: with ``b``
+    images, ``batch_size // b`` steps of each per pass).
     """
 
     captum_class = ca.IntegratedGradients
 
     def __init__(self, model: nn.Module, device=None, n_steps: int = 50, method: str = "gausslegendre",
                  baseline: float | str = 0.0, **kw):
+        if method not in IG_METHODS:
+            raise ParameterError(f"method must be one of Captum's {list(IG_METHODS)}, got {method!r}")
         super().__init__(model, device, **kw)
         self.n_steps, self.integration, self.baseline = int(n_steps), method, baseline
 
     def captum_kwargs(self, x):
-        return {"baselines": baseline_image(x, self.baseline), "n_steps": self.n_steps, "method": self.integration,
-                "internal_batch_size": max(self.batch_size, 1)}
+        base = baseline_image(x, self.baseline)  # "min"/"mean": (b, C, 1, ...), which Captum refuses for b > 1
+        if torch.is_tensor(base):
+            base = base.expand_as(x).contiguous()
+        return {"baselines": base, "n_steps": self.n_steps, "method": self.integration,
+                "internal_batch_size": self.batch_size}
 
 
 @register("gradshap")
@@ -143,8 +158,9 @@ class GradientShap(CaptumExplainer):
 
     def __init__(self, model: nn.Module, device=None, n_samples: int = 20, stdevs: float = 0.1,
                  baselines: str | torch.Tensor = "zero", **kw):
+        stdevs = check_range("stdevs", stdevs, 0.0, low_closed=True)
         super().__init__(model, device, **kw)
-        self.n_samples, self.stdevs, self.baselines = int(n_samples), float(stdevs), baselines
+        self.n_samples, self.stdevs, self.baselines = int(n_samples), stdevs, baselines
 
     def _baselines(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_tensor(self.baselines):
@@ -167,7 +183,7 @@ class _SurrogateExplainer(CaptumExplainer):
     """LIME and KernelSHAP: a linear surrogate fitted on ``n_samples`` random on/off patterns of grid superpixels."""
 
     random = True
-    gradient = False
+    needs_grad = False
 
     def __init__(self, model: nn.Module, device=None, n_samples: int = 200, cell: int = 16,
                  baseline: float | str = 0.0, **kw):

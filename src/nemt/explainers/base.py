@@ -5,6 +5,7 @@ adds its card: labels and task) and answers ``explain(x, target=...) ->
 (B, T, *spatial)`` maps at input resolution, one map per requested target.
 The base class runs the steps every method shares (:meth:`Explainer.explain`):
 check the input, put the model in eval mode for the call (restored after),
+refuse the caller's ``torch.inference_mode()`` for a method that needs gradients,
 resolve the targets once, cut the batch into chunks of
 :attr:`~Explainer.images_per_call` images (seeded one by one for methods that
 draw from the global RNG), call the method's own :meth:`~Explainer._attribute`
@@ -17,16 +18,17 @@ from __future__ import annotations
 
 import inspect
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 from nemt.explainers.fast import new_call
 from nemt.ops import (ArgumentTypeError, ParameterError, Target, blame_shape, check_postprocess, checked_input, chunks,
-                      device_of, evaluating, fill_values, frozen_parameters, n_outputs_of, normalise_maps, output_score,
-                      postprocess, resize_linear, resolve_targets, task_of)
+                      device_of, evaluating, fill_values, frozen_parameters, is_count, is_finite_number, n_outputs_of,
+                      normalise_maps, output_score, postprocess, resize_linear, resolve_targets, task_of)
 
 __all__ = ["Explainer", "Target", "available", "baseline_image", "explainer_settings", "frozen_parameters",
            "get_explainer", "normalise_maps", "register", "resize_linear", "resolve_targets"]
@@ -37,6 +39,19 @@ def baseline_image(x: torch.Tensor, baseline: float | str) -> torch.Tensor | flo
     if isinstance(baseline, str) and baseline not in ("min", "mean"):
         raise ParameterError(f"baseline must be a number, 'min' or 'mean', got {baseline!r}")
     return fill_values(x, baseline)
+
+
+def check_range(name: str, value: Any, low: float, high: float | None = None, *, low_closed: bool = False) -> float:
+    """``value`` as a float if it is a finite number above ``low`` (at least ``low`` with ``low_closed``) and
+    below ``high`` (if given), else a ParameterError naming ``name``: a negative blur, an infinite learning
+    rate or an area of 0 would otherwise run and give a meaningless map."""
+    ok = (is_finite_number(value) and (value >= low if low_closed else value > low)
+          and (high is None or value < high))
+    if not ok:
+        want = (f"a finite number {'>=' if low_closed else '>'} {low:g}" if high is None
+                else f"a number in {'[' if low_closed else '('}{low:g}, {high:g})")
+        raise ParameterError(f"{name} must be {want}, got {value!r}")
+    return float(value)
 
 
 class Explainer:
@@ -57,6 +72,17 @@ class Explainer:
     images_per_call: int | None = None
     #: one map per requested target (False: one map per image whatever the target, e.g. an encoder's explainer)
     targeted = True
+    #: the class checks its count parameters itself (:func:`check_counts` is then not run at construction)
+    checks_own_counts = False
+    #: does the method differentiate the model? Then it cannot run under the caller's ``torch.inference_mode()``
+    needs_grad = False
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        # not a copy being unpickled: the count parameters, however the explainer is built (a class that checks
+        # each of its parameters itself, naming it as its cards' loader needs, says so)
+        if (args or kwargs) and not cls.checks_own_counts:
+            check_counts(cls, args, kwargs)
+        return super().__new__(cls)
 
     def __init__(self, model: nn.Module, device: str | torch.device | None = None,
                  postprocess: str | Callable | None = None):
@@ -97,11 +123,24 @@ class Explainer:
             raise ParameterError(f"the model takes {self.spatial_dims}D inputs, got x of shape {tuple(x.shape)}")
         return x
 
+    @contextmanager
+    def running(self, x: torch.Tensor) -> Iterator[None]:
+        """What every public entry point that runs the model does around it: refuse the caller's
+        ``torch.inference_mode()`` for a method that needs gradients, start a new explainer call (inference
+        copies of the model compare its state once per call; a stale one is rebuilt), the model in eval mode,
+        and a model's own error about x's shape re-raised naming x."""
+        if self.needs_grad and torch.is_inference_mode_enabled():
+            raise ParameterError(f"method {self.name!r} needs gradients of the model and cannot run under "
+                                 "torch.inference_mode() (no code can turn gradients back on inside it): call it "
+                                 "under torch.no_grad() or neither")
+        new_call()
+        with evaluating(self.model), blame_shape(x):
+            yield
+
     def raw(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
         """The method's maps (B, T, *spatial) before post-processing."""
         x = self.check_input(x)
-        new_call()  # inference copies of the model compare its state once in this call (a stale one is rebuilt)
-        with evaluating(self.model), blame_shape(x):
+        with self.running(x):
             t = self.targets(x, target)
             parts = [self._attribute(x[sl], t[sl]) for sl in chunks(x.shape[0], self.images_per_call)]
         return torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -234,26 +273,41 @@ def get_explainer(name: str, model: nn.Module, *, path: str | Path | None = None
         return ex
     if seed is not None and "seed" in accepted:
         params.setdefault("seed", seed)
-    _check_counts(name, params)
-    return cls(model, **params)
+    return cls(model, **params)  # the count parameters are checked at construction (:func:`check_counts`)
 
 
 #: budget parameters that count something (samples, masks, steps, copies per call, pixels of a window):
 #: whole numbers of at least 1 in every method that has them
 COUNT_PARAMETERS = frozenset({"batch_size", "n_masks", "n_samples", "n_steps", "steps", "window", "stride", "cell",
-                              "grid", "refresh", "n_segments", "images_per_call"})
+                              "grid", "refresh", "n_segments", "images_per_call", "mask_stride"})
+
+
+def check_counts(cls: type, args: tuple, kwargs: dict) -> None:
+    """Refuse a count parameter below 1 (or not a whole number) before the method is built, however it is
+    built (:func:`get_explainer` or the class itself: :meth:`Explainer.__new__` calls this with the
+    constructor's arguments): a negative ``n_masks`` or a zero ``batch_size`` would otherwise fail deep inside
+    the method, or run silently. Arguments that do not fit ``cls.__init__`` are left to it to refuse."""
+    sig = inspect.signature(cls.__init__)
+    try:
+        bound = sig.bind(None, *args, **kwargs)  # None: self
+    except TypeError:
+        return
+    params: dict[str, Any] = {}
+    for key, value in bound.arguments.items():
+        kind = sig.parameters[key].kind
+        if kind == inspect.Parameter.VAR_KEYWORD:  # passed on to a base class's parameters
+            params.update(value)
+        elif kind != inspect.Parameter.VAR_POSITIONAL:
+            params[key] = value
+    _check_counts(getattr(cls, "name", cls.__name__), params)
 
 
 def _check_counts(name: str, params: dict) -> None:
-    """Refuse a count parameter below 1 (or not a whole number) before the method is built: a negative
-    ``n_masks`` or a zero ``batch_size`` would otherwise fail deep inside the method, or run silently."""
-    def whole(v: Any) -> bool:
-        return not isinstance(v, bool) and isinstance(v, (int, float)) and v == int(v) and v >= 1
-
+    """The check of :func:`check_counts` on named parameters."""
     for key in sorted(COUNT_PARAMETERS & set(params)):
         value = params[key]
         if value is None:
             continue
         parts = list(value) if isinstance(value, (list, tuple)) else [value]  # a window per axis
-        if not parts or not all(whole(v) for v in parts):
+        if not parts or not all(is_count(v) for v in parts):  # an inf or NaN too (int() of it raised)
             raise ParameterError(f"method {name!r}: {key} must be a whole number >= 1, got {value!r}")

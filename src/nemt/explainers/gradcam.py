@@ -6,9 +6,13 @@ B x B indexing of a shared class vector), and since samples do not interact
 in an eval-mode network, the gradient of their sum gives each sample its own
 gradient. By default (``fast=True``) the network runs as the BatchNorm-folded,
 channels-last inference copy, tapped at the leaf module that makes the
-stage's output (equal maps to float rounding); ``fast=False`` uses the model
-as it is. Works for 2D and 3D; maps are upsampled to the input size
-(bi/trilinear) and min-max normalised per map.
+stage's output (no BatchNorm is folded into or out of that leaf, so it
+outputs what it outputs in the model: equal maps to float rounding);
+``fast=False`` uses the model as it is. Works for 2D and 3D; maps are
+upsampled to the input size (bi/trilinear) and min-max normalised per map.
+A layer that never runs, whose output is not (B, C, *spatial), or that has
+fewer than 2 cells (after global pooling, the map would be one value) is
+refused naming it.
 """
 from __future__ import annotations
 
@@ -18,8 +22,9 @@ from torch import nn
 
 from nemt.errors import NemtError
 from nemt.explainers.base import Explainer, register, resize_linear
-from nemt.explainers.fast import inference_copy
-from nemt.explainers.layers import FeatureTap, find_stages, layer_name, output_leaf
+from nemt.explainers.fast import InferenceCopy, inference_copy
+from nemt.explainers.layers import FeatureTap, find_stages, layer_name, output_leaf, tapped_output
+from nemt.ops import ParameterError
 
 
 MIN_CAM_CELLS = 3
@@ -47,6 +52,8 @@ class GradCAM(Explainer):
     ``batch_size``: images per forward/backward pass (the memory bound).
     """
 
+    needs_grad = True
+
     def __init__(self, model: nn.Module, layer: str | nn.Module | None = None, device=None, batch_size: int = 32,
                  fast: bool = True, **kw):
         super().__init__(model, device, **kw)
@@ -64,7 +71,9 @@ class GradCAM(Explainer):
         if self.fast:
             leaf = output_leaf(self.model, self.layer, shape)
             if leaf is not None:
-                copy = inference_copy(self.model)
+                # no BatchNorm folded into the tapped leaf (a conv ending the stage, followed by a BatchNorm
+                # outside it, would output BN(conv) in the copy), nor the leaf folded away (a BatchNorm)
+                copy = inference_copy(self.model, keep={leaf, "net." + leaf})
                 names = dict(copy.net.named_modules())
                 name = next((n for n in (leaf, "net." + leaf) if n in names), None)
                 if copy.folded and name is not None:
@@ -78,9 +87,15 @@ class GradCAM(Explainer):
             self._setup(tuple(x.shape[1:]))
         x = x.requires_grad_(True)  # a graph exists even for a frozen model
         d = x.ndim - 2
+        if isinstance(self.net, InferenceCopy):
+            self.net.refresh()  # rebuilt now if the model changed: the hook goes on the copy that runs
         with FeatureTap(self.net, [self.tap_name]) as tap, torch.enable_grad():
             out = self.net(x)
-            acts = tap.features[self.tap_name]
+            acts = tapped_output(tap, self.tap_name, self.layer, x)
+            if acts.shape[2:].numel() < 2:
+                raise ParameterError(f"Grad-CAM layer {self.layer!r} outputs {tuple(acts.shape)}: fewer than 2 "
+                                     "cells (after global pooling?), so every pixel would get the same value; "
+                                     "choose an earlier layer")
             maps = []
             for j in range(t.shape[1]):
                 score = out.gather(1, t[:, j:j + 1]).sum()  # each sample's own target

@@ -115,6 +115,25 @@ class FeatureTap:
         self.remove()
 
 
+def tapped_output(tap: FeatureTap, name: str, shown: str, x: torch.Tensor, spatial: bool = True) -> torch.Tensor:
+    """The output of module ``name`` that ``tap`` captured while the model ran on ``x``, or a ParameterError
+    naming the layer as the user gave it (``shown``): a layer that never ran (a module the forward pass does
+    not call), an output that is not a tensor of x's batch, or, with ``spatial``, not (B, C, *spatial) with
+    x's number of spatial axes (a linear layer, a flattened output)."""
+    if name not in tap.features:
+        raise ParameterError(f"layer {shown!r} never runs in the model's forward pass (no output to read): "
+                             "choose a layer the model calls")
+    out = tap.features[name]
+    if not torch.is_tensor(out):
+        raise ParameterError(f"layer {shown!r} outputs a {type(out).__name__}, not a tensor: choose a layer that "
+                             "outputs one tensor")
+    if out.ndim < 2 or out.shape[0] != x.shape[0] or (spatial and out.ndim != x.ndim):
+        need = f"(B, C, *spatial) with {x.ndim - 2} spatial axes" if spatial else "(B, ...)"
+        raise ParameterError(f"layer {shown!r} outputs shape {tuple(out.shape)} for x of shape {tuple(x.shape)}; "
+                             f"it must be {need}: choose another layer")
+    return out
+
+
 @torch.no_grad()
 def output_leaf(model: nn.Module, layer: str, input_shape: Sequence[int]) -> str | None:
     """The leaf module inside ``layer`` whose output *is* the output of ``layer`` (same tensor), or None.

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nemt.explainers.base import Explainer, register, resize_linear
+from nemt.explainers.base import Explainer, check_range, register, resize_linear
 from nemt.explainers.fast import inference_copy
 from nemt.ops import (ParameterError, check_cells, diffusion_fill, fill_values, frozen_parameters, gaussian_blur,
                       output_score, task_of)
@@ -57,6 +57,7 @@ class _MaskOptimisation(Explainer):
 
     scores = ("logit", "prob")
     default_postprocess = "mask"  # masks in [0, 1] as they are (a constant one becomes 0)
+    needs_grad = True
 
     def __init__(self, model: nn.Module, device: str | torch.device | None = None, *, steps: int, lr: float,
                  mask_stride: int, score: str, direction: int, batch_size: int, seed: int, fast: bool = True,
@@ -68,12 +69,7 @@ class _MaskOptimisation(Explainer):
             raise ParameterError(f"score must be one of {self.scores}, got {score!r}")
         if direction not in (1, -1):
             raise ParameterError(f"direction must be 1 or -1, got {direction!r}")
-        for name, value in (("steps", steps), ("mask_stride", mask_stride), ("batch_size", batch_size)):
-            if int(value) < 1:
-                raise ParameterError(f"{name} must be a positive integer, got {value!r}")
-        if not lr > 0:
-            raise ParameterError(f"lr must be positive, got {lr!r}")
-        self.steps, self.lr, self.mask_stride = int(steps), float(lr), int(mask_stride)
+        self.steps, self.lr, self.mask_stride = int(steps), check_range("lr", lr, 0.0), int(mask_stride)
         self.score, self.direction = score, int(direction)
         self.batch_size, self.seed = int(batch_size), int(seed)
 
@@ -180,6 +176,9 @@ class ExtremalPerturbation(_MaskOptimisation):
         rounding of the network's kernels, see the module docstring).
     seed : int
         Seed of the tie-breaking jitter of the initial mask.
+    postprocess : str or callable
+        The last step on the masks (default ``"mask"``: as they are, a constant one 0; see
+        :func:`nemt.ops.postprocess`).
 
     Returns maps (B, T, *spatial): the final masks, in [0, 1].
 
@@ -193,11 +192,11 @@ class ExtremalPerturbation(_MaskOptimisation):
     def __init__(self, model: nn.Module, device: str | torch.device | None = None, *, area: float = 0.05,
                  perturbation: str = "blur", blur_sigma: float = 20.0, steps: int = 300, lr: float = 0.05,
                  area_weight: float = 300.0, area_weight_start: float = 1.0, mask_stride: int = 8,
-                 score: str = "logit", direction: int = 1, batch_size: int = 16, seed: int = 0, fast: bool = True):
+                 score: str = "logit", direction: int = 1, batch_size: int = 16, seed: int = 0, fast: bool = True,
+                 **kw):
         super().__init__(model, device, steps=steps, lr=lr, mask_stride=mask_stride, score=score,
-                         direction=direction, batch_size=batch_size, seed=seed, fast=fast)
-        if not 0 < area < 1:
-            raise ParameterError(f"area must be in (0, 1), got {area!r}")
+                         direction=direction, batch_size=batch_size, seed=seed, fast=fast, **kw)
+        area, blur_sigma = check_range("area", area, 0.0, 1.0), check_range("blur_sigma", blur_sigma, 0.0)
         if perturbation not in self.perturbations:
             raise ParameterError(f"perturbation must be one of {self.perturbations}, got {perturbation!r}")
         if not 0 < area_weight_start <= area_weight:
@@ -294,6 +293,9 @@ class CounterfactualInpainting(_MaskOptimisation):
         rounding of the network's kernels, see the module docstring).
     seed : int
         Unused (the method has no randomness); kept for a uniform signature.
+    postprocess : str or callable
+        The last step on the masks (default ``"mask"``: as they are, a constant one 0; see
+        :func:`nemt.ops.postprocess`).
 
     Returns maps (B, T, *spatial): the final masks :math:`M`, in [0, 1].
     """
@@ -303,13 +305,13 @@ class CounterfactualInpainting(_MaskOptimisation):
     def __init__(self, model: nn.Module, device: str | torch.device | None = None, *, steps: int = 200,
                  lr: float = 0.1, area_weight: float = 1.0, tv_weight: float = 1.0, refresh: int = 10,
                  inpainter: str = "auto", sigma: float = 8.0, mask_stride: int = 8, score: str = "prob",
-                 direction: int = 1, batch_size: int = 16, seed: int = 0, fast: bool = True):
+                 direction: int = 1, batch_size: int = 16, seed: int = 0, fast: bool = True, **kw):
         super().__init__(model, device, steps=steps, lr=lr, mask_stride=mask_stride, score=score,
-                         direction=direction, batch_size=batch_size, seed=seed, fast=fast)
+                         direction=direction, batch_size=batch_size, seed=seed, fast=fast, **kw)
+        sigma = check_range("sigma", sigma, 0.0)
+        area_weight = check_range("area_weight", area_weight, 0.0, low_closed=True)
         if inpainter not in self.inpainters:
             raise ParameterError(f"inpainter must be one of {self.inpainters}, got {inpainter!r}")
-        if int(refresh) < 1:
-            raise ParameterError(f"refresh must be a positive integer, got {refresh!r}")
         self.area_weight, self.tv_weight = float(area_weight), float(tv_weight)
         self.refresh, self.inpainter, self.sigma = int(refresh), inpainter, float(sigma)
 

@@ -20,8 +20,8 @@ from torch import nn
 
 from nemt.explainers.base import Explainer, Target, baseline_image, register, resize_linear
 from nemt.explainers.fast import inference_copy
-from nemt.explainers.layers import FeatureTap, layer_name
-from nemt.ops import ParameterError, evaluating, output_score, task_of
+from nemt.explainers.layers import FeatureTap, layer_name, tapped_output
+from nemt.ops import ParameterError, checked_outputs, chunks, output_score, task_of
 
 Score = str  # "logit" | "prob" (see :func:`nemt.ops.output_score`)
 
@@ -30,6 +30,12 @@ def _check_score(score: Score) -> Score:
     if score not in ("logit", "prob"):
         raise ParameterError(f"score must be 'logit' or 'prob', got {score!r}")
     return score
+
+
+def _sums_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype maps are summed in: the input's (a float64 model's), at least float32 (a half model's
+    thousands of masked scores are not summed in half precision)."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def _score_batches(model: nn.Module, n_jobs: int, build: Callable[[Sequence[int]], tuple[torch.Tensor, Any]],
@@ -118,8 +124,8 @@ class Occlusion(Explainer):
         d = x.ndim - 2
         slices = _window_slices(x.shape[2:], _per_axis(self.window, d, "window"), _per_axis(self.stride, d, "stride"))
         task = task_of(self.model)
-        with torch.inference_mode():
-            out0 = self.forward_model(x)
+        with torch.inference_mode():  # the clean pass too: at most batch_size images per model call
+            out0 = torch.cat([self.forward_model(x[sl]) for sl in chunks(x.shape[0], self.batch_size)])
         s0 = output_score(out0, task, self.score).gather(1, t)  # (B, T)
         fill = self._baseline(x)
         n_win = len(slices)
@@ -131,15 +137,15 @@ class Occlusion(Explainer):
                 xs[(i, slice(None)) + slices[w]] = fill[b]
             return xs, None
 
-        total = torch.zeros(x.shape[0], t.shape[1], *x.shape[2:], device=x.device)
+        total = torch.zeros(x.shape[0], t.shape[1], *x.shape[2:], device=x.device, dtype=_sums_dtype(x))
         for jobs, out, _ in _score_batches(self.forward_model, x.shape[0] * n_win, build, self.batch_size):
             bs = torch.tensor([j // n_win for j in jobs], device=x.device)
             drop = (s0[bs] - output_score(out, task, self.score).gather(1, t[bs])).tolist()
             for i, j in enumerate(jobs):
                 b, w = divmod(j, n_win)
                 view = total[(b, slice(None)) + slices[w]]
-                view += torch.tensor(drop[i], device=x.device).view(-1, *(1,) * d)
-        counts = torch.zeros(x.shape[2:], device=x.device)
+                view += torch.tensor(drop[i], device=x.device, dtype=total.dtype).view(-1, *(1,) * d)
+        counts = torch.zeros(x.shape[2:], device=x.device, dtype=total.dtype)
         for sl in slices:
             counts[sl] += 1
         return total / counts
@@ -224,12 +230,12 @@ class RISE(Explainer):
     def _attribute(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         masks = self.masks(x.shape[2:])
         task, n = task_of(self.model), masks.n
-        total = torch.zeros(x.shape[0], t.shape[1], *x.shape[2:], device=x.device)
+        total = torch.zeros(x.shape[0], t.shape[1], *x.shape[2:], device=x.device, dtype=_sums_dtype(x))
         for jobs, out, m in _score_batches(self.forward_model, x.shape[0] * n, _masked_jobs(x, masks),
                                            self.batch_size):
             bs = torch.tensor([j // n for j in jobs], device=x.device)
             s = output_score(out, task, self.score).gather(1, t[bs])  # (k, T); m: (k, 1, *spatial)
-            total.index_add_(0, bs, s.view(*s.shape, *(1,) * (x.ndim - 2)) * m)
+            total.index_add_(0, bs, (s.view(*s.shape, *(1,) * (x.ndim - 2)) * m).to(total.dtype))
         return total / (n * self.p)
 
 
@@ -267,14 +273,15 @@ class RELAX(Explainer):
     def importance_and_uncertainty(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw R and U, each (B, 1, *spatial)."""
         x = self.check_input(x)
-        with evaluating(self.model):
+        with self.running(x):
             return self._importance_and_uncertainty(x)
 
     def _importance_and_uncertainty(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         masks = RandomMasks(self.n_masks, x.shape[2:], self.grid, self.p, self.seed, self.device)
         n, d = masks.n, x.ndim - 2
-        with torch.inference_mode():
-            h0 = self._encoder(x).flatten(1).float()  # a half model's representation: compared in float32
+        with torch.inference_mode():  # a half model's representation: compared in float32
+            h0 = torch.cat([_representation(self._encoder(x[sl]), x[sl]).float()
+                            for sl in chunks(x.shape[0], self.batch_size)])
         scores = torch.empty(x.shape[0], n, device=x.device)
         for jobs, h, _ in _score_batches(self._encoder, x.shape[0] * n, _masked_jobs(x, masks), self.batch_size):
             bs = [j // n for j in jobs]
@@ -282,15 +289,15 @@ class RELAX(Explainer):
         # weighted mean and variance over masks, accumulated chunk by chunk (two passes over the masks)
         shape = (x.shape[0], 1, *x.shape[2:])
         wsum, ssum = torch.zeros(shape, device=x.device), torch.zeros(shape, device=x.device)
-        chunks = [range(i, min(i + self.batch_size, n)) for i in range(0, n, self.batch_size)]
-        for idx in chunks:
+        mask_runs = [range(i, min(i + self.batch_size, n)) for i in range(0, n, self.batch_size)]
+        for idx in mask_runs:
             m = masks.chunk(idx).to(x.device)[:, 0]  # (k, *spatial)
             s = scores[:, idx.start:idx.stop]  # (B, k)
             wsum[:, 0] += m.sum(dim=0)
             ssum[:, 0] += torch.tensordot(s, m, dims=1)
         importance = ssum / wsum.clamp_min(1e-12)
         vsum = torch.zeros(shape, device=x.device)
-        for idx in chunks:
+        for idx in mask_runs:
             m = masks.chunk(idx).to(x.device)[:, 0]
             s = scores[:, idx.start:idx.stop].view(x.shape[0], -1, *(1,) * d)  # (B, k, 1…)
             vsum[:, 0] += ((s - importance) ** 2 * m).sum(dim=1)
@@ -314,6 +321,14 @@ class URELAX(RELAX):
         super().__init__(model, device, **params)
 
 
+def _representation(h, x: torch.Tensor) -> torch.Tensor:
+    """An encoder's output for ``x`` as (B, D); a tuple, a dict or a (B,) vector is the clear error every
+    method gives for a model's output of another form (:func:`nemt.ops.checked_outputs`)."""
+    if not torch.is_tensor(h) or h.ndim < 2 or h.shape[0] != x.shape[0]:
+        checked_outputs(h, x.shape[0])  # raises, saying how to wrap the model
+    return h.flatten(1)
+
+
 class _LayerOutput(nn.Module):
     """The output of one named module of a model (a Classifier's network), as the representation."""
 
@@ -324,4 +339,4 @@ class _LayerOutput(nn.Module):
     def forward(self, x):
         with FeatureTap(self.model, [self.layer]) as tap:
             self.model(x)
-            return tap.features[self.layer]
+            return tapped_output(tap, self.layer, self.layer, x, spatial=False)

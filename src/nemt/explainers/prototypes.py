@@ -65,6 +65,7 @@ class PrototypeExplainer(Explainer):
         kw.setdefault("postprocess", "none" if kind == "decoded" else "positive")
         super().__init__(model, device, **kw)
         self.kind = kind
+        self.needs_grad = kind == "contribution"  # a gradient of the similarities
 
     def _weights(self, s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Similarities (b, T, M) of each target class's prototypes and their weights ``a_j`` (summing to 1)."""

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nemt.explainers.base import Explainer, register
+from nemt.explainers.base import Explainer, check_range, register
 
 
 class _Reference(Explainer):
@@ -88,7 +88,7 @@ class CentredGaussian(_Reference):
 
     def __init__(self, model: nn.Module, device=None, area: float = 0.1, seed: int = 0, **kw):
         super().__init__(model, device, seed, **kw)
-        self.area = float(area)
+        self.area = check_range("area", area, 0.0, 1.0)  # the blob's mean: 0 or 1 has no Gaussian
 
     @staticmethod
     def blob(spatial: tuple[int, ...], area: float, device=None) -> torch.Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import inspect
 import math
 import numbers
 from pathlib import Path
@@ -168,6 +169,7 @@ class _MaskExplainer(Explainer):
     """Shared machinery of NEMt and NEM: module building, training loop, checkpoints, save/load."""
 
     default_postprocess = "none"  # the module's maps are in [0, 1] already
+    checks_own_counts = True  # each refusal names its parameter (a card's loader reports params.NAME)
 
     def __init__(self, model: nn.Module, *, layers: Sequence[str] | None = None, encoder: str = "model",
                  smoothing: bool = True, kernel_size: int | None = None, init_keep: float = 0.95,
@@ -335,16 +337,27 @@ class _MaskExplainer(Explainer):
     def _fit(self, data: Iterable, *, epochs: int | None, val_data: Iterable | None, out_dir: str | Path | None,
              progress: bool, log: Callable[[str], None] | None, guard: bool) -> "_MaskExplainer":
         log = log or (lambda s: console.print(s, soft_wrap=True, highlight=False))
-        epochs = self.epochs_ = int(epochs or self.epochs)
+        from collections.abc import Iterator
+        epochs = int(epochs or self.epochs)
+        if isinstance(data, Iterator) and epochs > 1:
+            raise NemtError(f"the training data are a one-shot iterator and {epochs} epochs read them {epochs} "
+                            "times; pass a list of batches, a DataLoader or a Dataset")
+        self._refuse_ignored()
+        # a second fit starts over (scikit-learn's rule), as a new explainer would; out_dir's resume point resumes
+        self.module_, self.history_, self.layers_, self.kernel_size_ = None, [], None, None
+        self._model_versions = None  # the weights this fit is for are remembered when it ends
+        self.epochs_ = epochs
         mod = self.init_module().module_
         ctx = context(self.device)
         if getattr(self, "objective", None) == "nested":
             self._set_mean_image(data, ctx)
+        with preserved_rng():  # a data set that draws as it reads draws nothing from the caller's generators
+            data_key = _data_key(data)
         data = self._teacher_data(data, out_dir, progress, log, ctx) \
             if getattr(self, "objective", None) == "teacher" else self._loader(data, ctx)
         key = json.loads(json.dumps({"params": self.hyper_params(), "epochs": epochs,  # another version's: refused
                                      "model": model_checksum(self.model), "nemt": __version__,
-                                     "code": code_fingerprint()}))
+                                     "code": code_fingerprint(), **data_key}))
         self._last_report = None  # set by validate(); the guard reuses the final epoch's report
         ddp = None
         if ctx.distributed:  # the decoder learns on every rank; the frozen model inside it has no trainable weights
@@ -365,6 +378,7 @@ class _MaskExplainer(Explainer):
                                      on_generator=use_generator, ddp=ddp, ctx=ctx, check_batch=self._check_batch)
         finally:
             self._train_logits = None
+        self._remember_model(key["model"])
         if not ctx.main:  # rank 0 checks the result and saves it
             return self
         if val_data is not None:
@@ -375,23 +389,68 @@ class _MaskExplainer(Explainer):
 
     _train_logits: nn.Module | None = None
 
-    def _check_batch(self, x: Any, y: Any) -> None:
-        """A training batch the module can learn from, or a clear error: (B, C, *input_size) floating and
-        finite, and class indices (an integer y of shape (B,)) within the model's outputs."""
+    def _refuse_ignored(self) -> None:
+        """Refuse, before fitting, a parameter set away from its default that this explainer's objective never
+        reads (it would be ignored, and yet recorded in the card); see :data:`OBJECTIVE_ONLY`."""
+        objective = getattr(self, "objective", None)
+        if objective is None:
+            return
+        defaults = {name: p.default for name, p in inspect.signature(type(self).__init__).parameters.items()}
+        defaults.update({name: p.default for name, p in inspect.signature(_MaskExplainer.__init__).parameters.items()})
+        for owner, names in (*OBJECTIVE_ONLY.items(), ("paper or teacher", NOT_NESTED)):
+            if owner == objective or (owner == "paper or teacher" and objective != "nested"):
+                continue
+            for name in names:
+                given = self._params.get(name, defaults.get(name))
+                if not _same_value(given, defaults.get(name)):
+                    raise _BadParameter(name, f"{given!r} applies to objective {owner} only; objective="
+                                        f"{objective!r} never reads it (it would be ignored)")
+
+    def _check_batch(self, x: Any, y: Any, batch: str = "a training batch") -> None:
+        """A batch the module can learn from (or be validated on), or a clear error: x (B, C, *input_size)
+        floating and finite; y, where the objective reads it, the model's labels: class indices (B,) within its
+        outputs for a multi-class model, (B, n_outputs) 0/1 for a multi-label one."""
         exp = (self._in_channels, *self._input_size)
         if not torch.is_tensor(x) or not x.is_floating_point() or tuple(x.shape[1:]) != exp:
             what = f"{x.dtype} of shape {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__
-            raise NemtError(f"a training batch's x is {what}; this explainer is built for floating (B, "
+            raise NemtError(f"{batch}'s x is {what}; this explainer is built for floating (B, "
                             f"{', '.join(map(str, exp))}) inputs (input_size, in_channels)")
         why = nonfinite_problem(x)
         if why:
-            raise NemtError(f"a training batch's x holds {why}")
-        if torch.is_tensor(y) and y.ndim == 1 and not y.is_floating_point() and y.dtype != torch.bool \
-                and self.targeted and getattr(self, "objective", None) != "teacher" and y.numel():
-            n = self._n_maps()
-            if int(y.min()) < 0 or int(y.max()) >= n:
-                raise NemtError(f"a training batch's labels y run from {int(y.min())} to {int(y.max())}; the "
-                                f"model has {n} outputs (class indices 0..{n - 1})")
+            raise NemtError(f"{batch}'s x holds {why}")
+        if torch.is_tensor(y) and y.numel() and self.targeted and getattr(self, "objective", None) != "teacher":
+            self._check_labels(x, y, batch)
+
+    def _check_labels(self, x: torch.Tensor, y: torch.Tensor, batch: str) -> None:
+        n, b, task = self._n_maps(), x.shape[0], getattr(self, "task", "multiclass")
+        if task == "regression" or n == 1:
+            return  # one output: every target is 0, y is not read
+        if task == "multiclass":
+            if y.ndim == 2 and y.shape[1] == 1:
+                y = y[:, 0]
+            if y.ndim != 1 or y.shape[0] != b:
+                hint = " (one-hot or probabilities? give class indices)" if y.ndim == 2 and y.shape[1] == n else ""
+                raise NemtError(f"{batch}'s labels y have shape {tuple(y.shape)}; a multi-class model's labels are "
+                                f"class indices of shape ({b},){hint}")
+            if y.dtype == torch.bool or (y.is_floating_point() and not torch.equal(y, y.round())):
+                raise NemtError(f"{batch}'s labels y are {y.dtype} values that are not class indices")
+            lo, hi = int(y.min()), int(y.max())
+            if lo < 0 or hi >= n:
+                raise NemtError(f"{batch}'s labels y run from {lo} to {hi}; the model has {n} outputs "
+                                f"(class indices 0..{n - 1})")
+        elif tuple(y.shape) != (b, n):
+            raise NemtError(f"{batch}'s labels y have shape {tuple(y.shape)}; a multi-label model's labels are "
+                            f"(B, {n}) 0/1 values, one column per output")
+
+    def _eval_batches(self, data: Iterable) -> Iterable[tuple[torch.Tensor, Any]]:
+        """Validation batches as fit reads them: a map-style Dataset in batches of ``batch_size``, in order;
+        each checked like a training batch and cast to float32 on the explainer's device."""
+        from torch.utils.data import DataLoader, Dataset
+        if isinstance(data, Dataset) and not isinstance(data, DataLoader):
+            data = DataLoader(data, batch_size=int(self.batch_size), shuffle=False)
+        for x, y in batches(data):
+            self._check_batch(x, y, "a validation batch")
+            yield x.to(self.device, torch.float32), y
 
     def _logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder's mask logits and the model's outputs in a training step: through the
@@ -405,7 +464,25 @@ class _MaskExplainer(Explainer):
     def _check_fitted(self) -> ExplanationModule:
         if self.module_ is None:
             raise NemtError("this explainer is not fitted: call fit(data) or load(dir, model) first")
+        self._check_model_unchanged()
         return self.module_
+
+    def _remember_model(self, sha256: str) -> None:
+        """The weights this explainer was fitted for (or loaded with): their checksum, and each tensor's in-place
+        version counter, which any change of its values (an optimiser step, ``load_state_dict``) bumps."""
+        self._model_sha256, self._model_versions = sha256, _versions(self.model)
+
+    def _check_model_unchanged(self) -> None:
+        """Refuse to explain for weights changed in place since the fit or load (its maps would explain the former
+        model); the checksum is recomputed only when a version counter moved, so an unchanged model costs a
+        pass over its tensors' counters."""
+        known = getattr(self, "_model_versions", None)
+        if known is None or _versions(self.model) == known:
+            return
+        if model_checksum(self.model) != self._model_sha256:
+            raise NemtError("the model's weights changed since this explainer was fitted (or loaded): its maps "
+                            "would explain the former weights; fit it again for these weights")
+        self._model_versions = _versions(self.model)  # the same values written again (e.g. load_state_dict)
 
     @torch.no_grad()
     def _maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -414,7 +491,9 @@ class _MaskExplainer(Explainer):
         mod.eval()
         exp = (self._in_channels, *self._input_size)
         if tuple(x.shape[1:]) != exp:
-            raise NemtError(f"input is {tuple(x.shape[1:])}, the explainer was fitted for {exp}")
+            raise ParameterError(f"input is {tuple(x.shape[1:])}, the explainer was fitted for {exp}"
+                                 + (" (channel-last? give (B, C, *spatial))"
+                                    if (x.shape[-1], *x.shape[1:-1]) == exp else ""))
         return mod(x.to(self.device))
 
     # -- persistence --------------------------------------------------------
@@ -511,7 +590,8 @@ class _MaskExplainer(Explainer):
         for where, names in (("params.layers", params.get("layers")), ("fitted.layers", fitted.get("layers"))):
             if names is None:
                 continue
-            if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            own = where == "fitted.layers" and params.get("encoder") == "own" and not params.get("layers")
+            if not isinstance(names, list) or not (names or own) or not all(isinstance(n, str) for n in names):
                 raise CardError(path, where, f"must be a non-empty list of the model's layer names, got {names!r}")
             missing = [n for n in names if n not in layer_names]
             if missing:
@@ -544,6 +624,7 @@ class _MaskExplainer(Explainer):
                             "decoder_full_resolution, encoder and fitted.layers shape it)") from None
         self.module_.eval()
         self.history_ = card.get("history", [])
+        self._remember_model(card["model_sha256"])
         return self
 
 
@@ -558,6 +639,48 @@ DEFAULT_PRESERVATION_WEIGHT = 0.5
 #: removes more of the evidence, the preservation game on the mean image: adopted by a rule fixed before its fits
 #: on the validation splits of the demo and BUSI (docs/results.md; benchmarks/results/nemt_either_fill.md); "inpaint" before
 DEFAULT_OCCLUSION = "inpaint-or-mean-image"
+#: parameters only one objective reads (the paper's loss, a student's, the nested games); fit refuses them set away
+#: from their default under another objective. ``init_keep`` starts the mask head at a uniform logit, which the
+#: nested masks (top areas of the logits) cannot see.
+OBJECTIVE_ONLY = {
+    "paper": ("quantity", "area_weight", "change_weight", "area_target", "train_targets"),
+    "teacher": ("teacher_budget", "teacher_targets", "teacher_loss", "teacher_batch", "teacher_seed", "teacher_flip",
+                "student_map"),
+    "nested": ("games", "min_scale", "preservation_bound", "preservation_weight", "targets_per_image",
+               "present_fraction", "temperature"),
+}
+NOT_NESTED = ("init_keep",)
+
+
+def _data_key(data: Any) -> dict:
+    """What a resume point records of its training data, so that a re-run on other data is refused, not mixed
+    into the fit: a map-style Dataset's (or a DataLoader's) length and first 8 images, a list's batches;
+    nothing for a one-shot iterable."""
+    from torch.utils.data import DataLoader, Dataset
+
+    from nemt.explainers.nemt.teacher import items_fingerprint
+    ds = data.dataset if isinstance(data, DataLoader) else data
+    if isinstance(ds, Dataset) and hasattr(ds, "__len__"):
+        xs = [torch.as_tensor(split_xy(ds[i])[0]) for i in range(min(8, len(ds)))]
+        return {"data": {"items": len(ds), "first_items": items_fingerprint(xs)}}
+    if isinstance(data, (list, tuple)):
+        xs = [torch.as_tensor(x) for x, _ in batches(data[:8])]
+        return {"data": {"batches": len(data), "first_batches": items_fingerprint(xs)}}
+    return {}
+
+
+def _versions(model: nn.Module) -> tuple:
+    return tuple((k, id(v), v._version) for k, v in model.state_dict(keep_vars=True).items())
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_value(u, v) for u, v in zip(a, b))
+    if _is_number(a) and _is_number(b):
+        return float(a) == float(b)
+    return a == b
+
+
 DEFAULT_MAP_AREAS = (0.01,)  # chosen on the demo's validation split (docs/results.md); the logits rank every pixel anyway
 # parameters that shape only the map made from the fitted logits (set_map_areas, set_map_smoothing): no refit
 EXPLANATION_TIME_PARAMS = ("map_areas", "map_smoothing")
@@ -649,6 +772,8 @@ class NEMt(_MaskExplainer):
             raise _BadParameter("quantity", f"must be one of {QUANTITIES}, got {quantity!r}")
         if games not in GAMES:
             raise _BadParameter("games", f"must be one of {GAMES}, got {games!r}")
+        areas = [areas] if _is_number(areas) else areas  # one area, as `--param map_areas=0.05` gives it
+        map_areas = [map_areas] if _is_number(map_areas) else map_areas
         for name, a in (("areas", areas), ("map_areas", map_areas or areas)):
             if isinstance(a, (str, bytes)) or not a or not all(_is_number(v) and 0 < v < 1 for v in a):
                 raise _BadParameter(name, f"must be fractions strictly between 0 and 1, got {a!r}")
@@ -1057,8 +1182,7 @@ class NEMt(_MaskExplainer):
             (labels or [f"output {i}" for i in range(n_maps)])
         sums = {k: torch.zeros(n_maps, dtype=torch.float64) for k in ("area", "empty", "full", "change")}
         n = 0
-        for x, _ in batches(data):
-            x = x.to(self.device)
+        for x, _ in self._eval_batches(data):
             logits, out = mod.logits(x, native=True)
             maps = mod.maps(logits, size=x.shape[2:])  # (B, T, *spatial), as explain makes them
             b = x.shape[0]
@@ -1092,6 +1216,11 @@ class NEMt(_MaskExplainer):
             log(f"  target {name}: map area {row['area']:.3f}, empty {row['empty']:.0%}, full {row['full']:.0%}, "
                 f"|change of log-odds| {row['change']:.3f}" + ("  COLLAPSED" if row["collapsed"] else ""))
         if rep["collapsed"] and guard:
+            stale = [Path(out_dir) / f for f in (CARD, WEIGHTS)] if out_dir else []
+            if any(f.is_file() for f in stale):  # another fit's explainer: it must not pass for this refused one
+                for f in stale:
+                    f.unlink(missing_ok=True)
+                log(f"  removed the explainer an earlier fit had saved in {out_dir} (it is not this fit's)")
             raise CollapseError(
                 f"NEMt collapsed for target(s) {', '.join(rep['collapsed'])}: more than half of their validation "
                 f"maps are empty or full (figures in {Path(out_dir) / 'collapse.json' if out_dir else 'collapse_'}); "
@@ -1165,8 +1294,7 @@ class NEM(_MaskExplainer):
         self.module_.eval()
         tot = {"area": 0.0, "distance": 0.0}
         n = 0
-        for x, _ in batches(data):
-            x = x.to(self.device)
+        for x, _ in self._eval_batches(data):
             maps, e = self.module_(x)
             keep = 1 - maps
             _, parts = nem_loss(e, self.model(x * keep), self.model(x * (1 - keep)), keep)

@@ -125,7 +125,7 @@ def fit_loop(module: nn.Module, data: Iterable, step: Step, *, epochs: int, opti
                 x, y = split_xy(b)
                 if check_batch is not None:
                     check_batch(x, y)
-                x = x.to(device)
+                x = x.to(device, torch.float32)  # the module learns in float32 (float64 data from NumPy too)
                 y = _to(y, device)
                 gen = batch_generator(seed, epoch, index)
                 if on_generator is not None:
@@ -152,7 +152,9 @@ def fit_loop(module: nn.Module, data: Iterable, step: Step, *, epochs: int, opti
             totals = all_reduce_sum([sums[k] for k in names] + [n], ctx)  # the log covers every rank's batches
             if not totals[-1]:
                 raise NemtError("the training data gave no batch (an empty data set or loader, or fewer items "
-                                "than one batch with the last partial batch dropped): nothing to fit")
+                                "than one batch with the last partial batch dropped"
+                                + (f", or fewer batches than one step of {accumulate} accumulated batches per "
+                                   "process" if accumulate > 1 or ctx.world > 1 else "") + "): nothing to fit")
             record = {"epoch": epoch + 1, **{k: v / max(totals[-1], 1) for k, v in zip(names, totals)},
                       "seconds": round(time.time() - t0, 1)}
             if validate is not None and ctx.main:
