@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import inspect
+import itertools
 import math
 import numbers
 from pathlib import Path
@@ -670,7 +671,9 @@ def _data_key(data: Any) -> dict:
 
 
 def _versions(model: nn.Module) -> tuple:
-    return tuple((k, id(v), v._version) for k, v in model.state_dict(keep_vars=True).items())
+    """Each parameter's and buffer's identity and in-place version counter (a tensor replaced, or its values
+    changed in place, changes the tuple); a fraction of a millisecond for a ResNet-18."""
+    return tuple((id(v), v._version) for v in itertools.chain(model.parameters(), model.buffers()))
 
 
 def _same_value(a: Any, b: Any) -> bool:
