@@ -179,3 +179,56 @@ def test_explaining_after_the_model_changed_in_place_is_refused(tmp_path):
     for e in (ex, loaded):
         with pytest.raises(NemtError, match="weights changed since this explainer was fitted"):
             e.explain(X)
+
+
+# ------------------------------------------------------------ second audit: the demo, students
+
+def test_an_explainer_card_lists_its_parameters_in_one_order_whatever_the_hash_seed():
+    """A resumed, finished fit saves its card again; the benchmark checks a fitted explainer by the card's bytes.
+    The parameters' order followed Python's string hashing (a set), so a re-run of `nemt demo` was refused."""
+    import os
+    import subprocess
+    import sys
+    code = ("from torch import nn; from nemt.explainers import NEMt; "
+            "print(list(NEMt(nn.Conv2d(1, 2, 3), input_size=(8, 8), in_channels=1).hyper_params()))")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
+    assert len(outs) == 1
+
+
+def _student(clf, **kw):
+    return NEMt(clf, objective="teacher", **{"teacher": "sobel", **KW, **kw})
+
+
+def test_a_students_map_options_apply_to_its_areas_map_only(tmp_path):
+    from nemt.explainers import get_explainer
+    clf = _clf()
+    _student(clf).fit(_data(), out_dir=tmp_path / "s", **QUIET)
+    sigmoid = get_explainer("nemt", clf, path=tmp_path / "s").explain(X, 0)
+    for bad in ({"map_areas": [0.2]}, {"map_smoothing": True}):
+        with pytest.raises(NemtError, match="set student_map='areas' first"):
+            get_explainer("nemt", clf, path=tmp_path / "s", **bad)
+    areas = get_explainer("nemt", clf, path=tmp_path / "s", student_map="areas", map_areas=[0.2]).explain(X, 0)
+    assert not torch.equal(areas, sigmoid) and areas.flatten(1).gt(0.5).float().mean(1).sub(0.2).abs().max() < 0.05
+
+
+def test_a_student_refuses_the_nested_augmentation():
+    with pytest.raises(ParameterError, match="^flip .*objective nested or paper only"):
+        _student(_clf(), flip=True).fit(_data(), **QUIET)
+
+
+def test_a_bad_teacher_parameter_leaves_no_cache_behind(tmp_path):
+    clf = _clf()
+    with pytest.raises(ParameterError):
+        _student(clf, teacher="rise", teacher_params={"n_masks": 0}).fit(_data(), out_dir=tmp_path / "s", **QUIET)
+    assert not (tmp_path / "s" / "teacher").exists()
+    _student(clf, teacher="rise", teacher_params={"n_masks": 8}).fit(_data(), out_dir=tmp_path / "s", **QUIET)
+
+
+def test_a_teacher_cache_is_refused_when_any_training_image_changed(tmp_path):
+    clf = _clf()
+    data = _data(n_batches=4)
+    _student(clf).fit(data, out_dir=tmp_path / "s", **QUIET)
+    data[3][0][2] += 1.0  # the 15th image of 16: past the first 8 the key used to cover
+    with pytest.raises(NemtError, match="another teacher's maps|other"):
+        _student(clf).fit(data, out_dir=tmp_path / "s", **QUIET)

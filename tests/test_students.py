@@ -158,6 +158,12 @@ def test_cli_student_of_a_baseline_then_fidelity_and_export(tmp_path):
     rep = json.loads((tmp_path / "f" / "fidelity.json").read_text())
     assert rep["teacher"] == "occlusion" and rep["n_items"] >= 1
     assert -1 <= rep["pearson"]["mean"] <= 1 and rep["teacher_maps"]["ms_per_image"] > 0
+    # the student's up-front price: its teacher's maps and its own fit (the card's epoch seconds)
+    assert rep["student_fit_seconds"] == round(sum(r["seconds"] for r in card["history"]), 1)
+    saved = (rep["teacher_maps"]["ms_per_image"] - rep["student"]["ms_per_image"]) / 1000
+    if saved > 0:
+        want = (rep["teacher_seconds_on_training_split"] + sum(r["seconds"] for r in card["history"])) / saved
+        assert rep["break_even_images"] == pytest.approx(want, rel=1e-9)
     clf = load_model(tmp_path / "m")
     student = get_explainer("nemt", clf, path=tmp_path / "s")
     path = export_onnx(clf, student, tmp_path / "x" / "model.onnx")

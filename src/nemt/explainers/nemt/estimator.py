@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import inspect
 import itertools
 import math
 import numbers
@@ -238,7 +237,8 @@ class _MaskExplainer(Explainer):
     def get_params(self, deep: bool = True) -> dict:
         """The ``__init__`` parameters as given (``model`` and ``device`` included), so that
         ``type(ex)(**ex.get_params())`` and :func:`sklearn.base.clone` build an unfitted copy."""
-        return {name: self._params[name] for name in init_parameters(type(self)) | {"model"}}
+        # in a fixed order: a card written again (a resumed, finished fit saves it anew) is the same bytes
+        return {name: self._params[name] for name in sorted(init_parameters(type(self)) | {"model"})}
 
     def set_params(self, **params: Any) -> "_MaskExplainer":
         """Change parameters; the explainer is built anew from them (any fit is forgotten)."""
@@ -396,11 +396,12 @@ class _MaskExplainer(Explainer):
         objective = getattr(self, "objective", None)
         if objective is None:
             return
-        defaults = {name: p.default for name, p in inspect.signature(type(self).__init__).parameters.items()}
-        defaults.update({name: p.default for name, p in inspect.signature(_MaskExplainer.__init__).parameters.items()})
-        for owner, names in (*OBJECTIVE_ONLY.items(), ("paper or teacher", NOT_NESTED)):
-            if owner == objective or (owner == "paper or teacher" and objective != "nested"):
+        from nemt.explainers.base import init_defaults
+        defaults = init_defaults(type(self))
+        for owners, names in OBJECTIVE_ONLY:
+            if objective in owners:
                 continue
+            owner = " or ".join(owners)
             for name in names:
                 given = self._params.get(name, defaults.get(name))
                 if not _same_value(given, defaults.get(name)):
@@ -640,33 +641,35 @@ DEFAULT_PRESERVATION_WEIGHT = 0.5
 #: removes more of the evidence, the preservation game on the mean image: adopted by a rule fixed before its fits
 #: on the validation splits of the demo and BUSI (docs/results.md; benchmarks/results/nemt_either_fill.md); "inpaint" before
 DEFAULT_OCCLUSION = "inpaint-or-mean-image"
-#: parameters only one objective reads (the paper's loss, a student's, the nested games); fit refuses them set away
-#: from their default under another objective. ``init_keep`` starts the mask head at a uniform logit, which the
-#: nested masks (top areas of the logits) cannot see.
-OBJECTIVE_ONLY = {
-    "paper": ("quantity", "area_weight", "change_weight", "area_target", "train_targets"),
-    "teacher": ("teacher_budget", "teacher_targets", "teacher_loss", "teacher_batch", "teacher_seed", "teacher_flip",
-                "student_map"),
-    "nested": ("games", "min_scale", "preservation_bound", "preservation_weight", "targets_per_image",
-               "present_fraction", "temperature"),
-}
-NOT_NESTED = ("init_keep",)
+#: parameters only some objectives read (the paper's loss, a student's, the nested games), with those objectives;
+#: fit refuses them set away from their default under another. ``init_keep`` starts the mask head at a uniform
+#: logit, which the nested masks (top areas of the logits) cannot see; a student learns its teacher's maps on the
+#: images as they are (its own augmentation is ``teacher_flip``).
+OBJECTIVE_ONLY = (
+    (("paper",), ("quantity", "area_weight", "change_weight", "area_target", "train_targets")),
+    (("teacher",), ("teacher_budget", "teacher_targets", "teacher_loss", "teacher_batch", "teacher_seed",
+                    "teacher_flip", "student_map")),
+    (("nested",), ("games", "min_scale", "preservation_bound", "preservation_weight", "targets_per_image",
+                   "present_fraction", "temperature")),
+    (("paper", "teacher"), ("init_keep",)),
+    (("nested", "paper"), ("flip",)),
+)
 
 
 def _data_key(data: Any) -> dict:
     """What a resume point records of its training data, so that a re-run on other data is refused, not mixed
-    into the fit: a map-style Dataset's (or a DataLoader's) length and first 8 images, a list's batches;
-    nothing for a one-shot iterable."""
+    into the fit: a map-style Dataset's (or a DataLoader's) length and images (one read of each), a list's
+    batches; nothing for a one-shot iterable."""
     from torch.utils.data import DataLoader, Dataset
 
     from nemt.explainers.nemt.teacher import items_fingerprint
     ds = data.dataset if isinstance(data, DataLoader) else data
     if isinstance(ds, Dataset) and hasattr(ds, "__len__"):
-        xs = [torch.as_tensor(split_xy(ds[i])[0]) for i in range(min(8, len(ds)))]
-        return {"data": {"items": len(ds), "first_items": items_fingerprint(xs)}}
+        xs = (torch.as_tensor(split_xy(ds[i])[0]) for i in range(len(ds)))
+        return {"data": {"items": len(ds), "items_sha256": items_fingerprint(xs)}}
     if isinstance(data, (list, tuple)):
-        xs = [torch.as_tensor(x) for x, _ in batches(data[:8])]
-        return {"data": {"batches": len(data), "first_batches": items_fingerprint(xs)}}
+        xs = (torch.as_tensor(x) for x, _ in batches(data))
+        return {"data": {"batches": len(data), "batches_sha256": items_fingerprint(xs)}}
     return {}
 
 
@@ -686,7 +689,8 @@ def _same_value(a: Any, b: Any) -> bool:
 
 DEFAULT_MAP_AREAS = (0.01,)  # chosen on the demo's validation split (docs/results.md); the logits rank every pixel anyway
 # parameters that shape only the map made from the fitted logits (set_map_areas, set_map_smoothing): no refit
-EXPLANATION_TIME_PARAMS = ("map_areas", "map_smoothing")
+#: (a student's map kind first: the areas and smoothing apply to its fixed-area map only)
+EXPLANATION_TIME_PARAMS = ("student_map", "map_areas", "map_smoothing")
 
 
 class CollapseError(NemtError):
@@ -896,10 +900,16 @@ class NEMt(_MaskExplainer):
                 setattr(self.module_, k, tuple(v) if k == "map_areas" else v)
         return self
 
+    def _refuse_sigmoid_student(self, what: str) -> None:
+        if self.objective == "teacher" and self.student_map == "sigmoid":
+            raise NemtError(f"{what} applies to a student's fixed-area map; this student's map is its sigmoid: "
+                            "set student_map='areas' first (--param student_map=areas)")
+
     def set_map_areas(self, map_areas: Sequence[float] | None) -> "NEMt":
         """Change the areas the map is built from (no refit: the logits rank the pixels whatever the areas)."""
         if self.objective == "paper":
             raise NemtError("map_areas apply to the nested objective only")
+        self._refuse_sigmoid_student("map_areas")
         if _is_number(map_areas):
             map_areas = [map_areas]  # one area, as `--param map_areas=0.05` gives it
         if map_areas is not None and not (isinstance(map_areas, (list, tuple))
@@ -918,6 +928,7 @@ class NEMt(_MaskExplainer):
         densest box of that top area (docs/results.md, "NEMt's objective")."""
         if self.objective == "paper":
             raise NemtError("map_smoothing applies to fixed-area maps (nested objective, students' 'areas' map)")
+        self._refuse_sigmoid_student("map_smoothing")
         if not isinstance(map_smoothing, bool):
             raise ParameterError(f"map_smoothing must be true or false, got {map_smoothing!r}")
         self.map_smoothing = self._params["map_smoothing"] = bool(map_smoothing)
@@ -1106,10 +1117,10 @@ class NEMt(_MaskExplainer):
         key = {"teacher": self.teacher, "params": self.teacher_params, "targets": self.teacher_targets,
                "seed": self.teacher_seed,
                "model": model_checksum(self.model), "items": len(items),
-               "first_items": items_fingerprint([items[i][0] for i in range(min(8, len(items)))]),
+               "items_sha256": items_fingerprint(items[i][0] for i in range(len(items))),  # every image: one read
                "code": code_fingerprint()}
+        teacher = self.make_teacher()  # a bad teacher parameter is refused before the cache folder is written
         cache = TeacherCache(Path(out_dir) / "teacher" if out_dir else None, key)
-        teacher = self.make_teacher()
         cache.fill(teacher, items, self.model, targets=self.teacher_targets, seed=self.teacher_seed,
                    device=self.device,
                    batch_size=self.teacher_batch, progress=progress, log=log, ctx=ctx)

@@ -16,7 +16,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -32,7 +32,7 @@ FORMAT = "nemt-teacher/1"
 TEACHER_TARGETS = ("true", "all", "predicted")
 
 
-def items_fingerprint(xs: Sequence[torch.Tensor]) -> str:
+def items_fingerprint(xs: Iterable[torch.Tensor]) -> str:
     """SHA-256 over the items' shapes and bytes (float32): which images a cache belongs to."""
     h = hashlib.sha256()
     for x in xs:
