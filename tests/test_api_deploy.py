@@ -322,3 +322,16 @@ def test_the_export_docs_say_what_a_1d_model_exports():
     import nemt.deploy.export as E
 
     assert "1D models" in E.__doc__ and "plain" in E.__doc__.split("1D models")[1][:120]
+
+
+def test_the_service_refuses_a_signal_model_at_start_up():
+    """Its uploads are images and volumes and its overlays pictures: a 1D model answered every request 500."""
+    from nemt.deploy.service import ExplanationService
+    from nemt.errors import NemtError
+    from nemt.explainers import get_explainer
+    from nemt.models import Classifier, build_model
+    net = build_model("smallcnn", spatial_dims=1, in_channels=1, out_channels=3, width=4)
+    clf = Classifier.from_module(net, spatial_dims=1, in_channels=1, input_size=(64,), task="multiclass",
+                                 label_names=["a", "b", "c"]).eval()
+    with pytest.raises(NemtError, match="takes 1D signals"):
+        ExplanationService(clf, {"sobel": get_explainer("sobel", clf)})

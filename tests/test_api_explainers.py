@@ -386,3 +386,17 @@ def test_forward_only_methods_run_under_inference_mode(name):
     clf, x = _clf(), _x()
     with torch.inference_mode():
         assert get_explainer(name, clf, **SMALL.get(name, {})).explain(x, 0).shape == (2, 1, 16, 16)
+
+
+def test_methods_that_never_run_the_model_check_its_channels():
+    """Reference maps (sobel, input, random) need no model call, so a channel-last or other-channel input went
+    through and gave maps of the wrong shape (audit of 1D/3D)."""
+    from nemt.models import Classifier, build_model
+    net = build_model("smallcnn", spatial_dims=2, in_channels=1, out_channels=3, width=4)
+    clf = Classifier.from_module(net, spatial_dims=2, in_channels=1, input_size=(16, 16), task="multiclass",
+                                 label_names=["a", "b", "c"]).eval()
+    for name in ("sobel", "input", "random"):
+        with pytest.raises(ValueError, match="1-channel inputs.*channel-last"):
+            get_explainer(name, clf).explain(torch.rand(2, 16, 16, 1))
+        with pytest.raises(ValueError, match="1-channel inputs"):
+            get_explainer(name, clf).explain(torch.rand(2, 3, 16, 16))

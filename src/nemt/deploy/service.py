@@ -439,6 +439,10 @@ class ExplanationService:
                  body_timeout: float = DEFAULT_BODY_TIMEOUT, max_receiving: int = DEFAULT_MAX_RECEIVING):
         if not explainers:
             raise NemtError("the service needs at least one explainer")
+        dims = getattr(getattr(clf, "card", None), "spatial_dims", None)
+        if dims == 1:  # its uploads are images and volumes, its overlays pictures: a signal would answer 500
+            raise NemtError("the service takes images and volumes (2D and 3D models); this model takes 1D signals: "
+                            "explain signals with `nemt explain` or the Python API")
         for name, value, least in (("workers", workers, 1), ("queue", queue, 0),
                                    ("max_upload_bytes", max_upload_bytes, 1)):
             if value < least:

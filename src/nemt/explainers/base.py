@@ -121,6 +121,10 @@ class Explainer:
         x = checked_input(x, self.model, self.device)
         if self.spatial_dims is not None and x.ndim - 2 != self.spatial_dims:
             raise ParameterError(f"the model takes {self.spatial_dims}D inputs, got x of shape {tuple(x.shape)}")
+        channels = getattr(self.card, "in_channels", None)
+        if channels is not None and x.shape[1] != channels:  # methods that never run the model would not notice
+            hint = " (channel-last? give (B, C, *spatial))" if x.shape[-1] == channels else ""
+            raise ParameterError(f"the model takes {channels}-channel inputs, got x of shape {tuple(x.shape)}{hint}")
         return x
 
     @contextmanager
