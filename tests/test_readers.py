@@ -504,3 +504,22 @@ def test_dicom_nifti_and_medmnist_bombs_refused_from_the_header(tmp_path):
     with pytest.raises(ImageTooLarge, match="train_images: image of 7x7 = 49 pixels exceeds the limit of 48"):
         read_medmnist(npz, max_pixels=48)
     assert read_medmnist(npz, max_pixels=49)["train"][0].shape == (6, 1, 7, 7)
+
+
+def test_a_nifti_mask_on_another_grid_than_its_image_is_refused(tmp_path):
+    """Matched by shape alone, a mask stored flipped (same world geometry, other affine) marked the mirrored
+    place: the two affines must agree (audit of 3D)."""
+    import nibabel as nib
+
+    from nemt.data.readers import DataError, read_image, read_mask
+    vol = np.zeros((8, 8, 8), np.float32)
+    vol[5:7, 2:4, 2:4] = 1
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "img.nii.gz")
+    nib.save(nib.Nifti1Image(vol.astype(np.uint8), np.eye(4)), tmp_path / "same.nii.gz")
+    flipped = np.diag([-1.0, 1, 1, 1])
+    flipped[0, 3] = 7
+    nib.save(nib.Nifti1Image(vol[::-1].astype(np.uint8).copy(), flipped), tmp_path / "flipped.nii.gz")
+    img = read_image(tmp_path / "img.nii.gz")
+    assert read_mask(tmp_path / "same.nii.gz", like=img).sum() == 8
+    with pytest.raises(DataError, match="affine.*resample the mask"):
+        read_mask(tmp_path / "flipped.nii.gz", like=img)

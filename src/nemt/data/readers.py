@@ -136,15 +136,22 @@ def read_mask(path: str | Path, like: Image | tuple[int, ...] | None = None, *,
     """
     path = Path(path)
     if (_sniff(path) or _suffix_format(path)) == "pil":
-        array = _read_pil(path, palette_indices=True, max_pixels=max_pixels).array
+        read = _read_pil(path, palette_indices=True, max_pixels=max_pixels)
     else:
-        array = read_image(path, max_pixels=max_pixels).array
-    mask = np.any(array != 0, axis=0, keepdims=True)
+        read = read_image(path, max_pixels=max_pixels)
+    mask = np.any(read.array != 0, axis=0, keepdims=True)
     if like is not None:
         want = tuple(like.array.shape[1:]) if isinstance(like, Image) else tuple(like)
         if mask.shape[1:] != want:
             raise DataError(path, "shape", f"mask is {_fmt_shape(mask.shape[1:])}, "
                             f"image is {_fmt_shape(want)}")
+        theirs = like.affine if isinstance(like, Image) else None
+        if theirs is not None and read.affine is not None and not np.allclose(read.affine, theirs, rtol=1e-4,
+                                                                               atol=1e-3):
+            # the same shape on another grid (e.g. stored flipped): voxel by voxel it would mark another place
+            raise DataError(path, "affine", "the mask's voxel-to-world affine differs from its image's "
+                            f"({np.round(read.affine, 3).tolist()} against {np.round(theirs, 3).tolist()}): "
+                            "resample the mask onto the image's grid")
     return mask
 
 
