@@ -202,8 +202,15 @@ def test_top_k_intersection_refuses_k_outside_1_to_n():
                                              r"of pixels per map \(64, spatial size \(8, 8\)\), got "):
             top_k_intersection(maps, gt, k=k)
     assert torch.allclose(top_k_intersection(maps, gt, k=64), torch.full((2, 1), 9 / 64, dtype=maps.dtype))
-    # the default (k=None) is Quantus' 1000, or every pixel of a smaller map: documented, so it runs
-    assert torch.allclose(top_k_intersection(maps, gt), top_k_intersection(maps, gt, k=64))
+    # the default (k=None) is Quantus' 1000, or on a map of at most 1000 pixels Quantus' share at 224 px (2 %:
+    # every pixel would score |GT| / n whatever the map): 2 of 64 here
+    assert torch.allclose(top_k_intersection(maps, gt), top_k_intersection(maps, gt, k=2))
+    signal = torch.zeros(1, 1, 1000)
+    signal[..., 100:120] = 1
+    hit = torch.zeros(1, 1, 1000, dtype=torch.bool)
+    hit[..., 100:130] = True
+    assert top_k_intersection(signal + 0.01 * torch.rand(1, 1, 1000), hit).item() == 1.0  # k = 20: all inside
+    assert top_k_intersection(signal.flip(-1) + 0.01 * torch.rand(1, 1, 1000), hit).item() == 0.0
     assert torch.allclose(top_k_intersection(maps, gt, k=np.int64(3)), top_k_intersection(maps, gt, k=3))
 
 

@@ -161,9 +161,10 @@ def top_k_intersection(maps: torch.Tensor, masks: torch.Tensor, *, k: int | None
 
     Quantus ``TopKIntersection``. ``k`` is a whole number from 1 to the number
     of pixels per map; another is refused (a larger one used to be capped at
-    the pixel count without a word). ``k=None`` (the default) is Quantus'
-    default 1000, or every pixel of a map with fewer than 1000 pixels (the
-    one documented cap, so the metric runs on small maps with its defaults).
+    the pixel count without a word). ``k=None`` (the default) is Quantus' default 1000 on maps of more than 1000
+    pixels; on smaller maps, where 1000 would take every pixel and score |GT| / n
+    whatever the map, Quantus' default share at 224 px, ``ceil(1000 n / 50176)``
+    (2 %: 20 samples of a 1,000-sample signal, 16 pixels at 28 px).
     ``concept_influence`` multiplies by ``n / |GT|``. Higher is better; NaN
     for an empty GT and for a constant map (no ranking).
     """
@@ -171,7 +172,7 @@ def top_k_intersection(maps: torch.Tensor, masks: torch.Tensor, *, k: int | None
     m = expand_masks(masks, maps)
     b, t, n = v.shape
     if k is None:
-        k = min(1000, n)
+        k = 1000 if n > 1000 else math.ceil(1000 * n / (224 * 224))
     elif not (isinstance(k, numbers.Real) and not isinstance(k, bool) and math.isfinite(k) and k == int(k)
               and 1 <= k <= n):
         raise ParameterError(f"top_k_intersection: k must be a whole number from 1 to the number of pixels per "
