@@ -644,8 +644,10 @@ def explain(
     data: Optional[Path] = typer.Option(None, help="explain a data set instead of files (the model's data: "
                                         "manifest, folder or .npz); resumable; under torchrun each rank takes "
                                         "a share and rank 0 writes the index"),
-    split: str = typer.Option("test", help="with --data: train | val | test | all"),
-    limit: Optional[int] = typer.Option(None, min=1, help="with --data: at most this many items of the split"),
+    split: Optional[str] = typer.Option(None, help="with --data: train | val | test | all (default: test)",
+                                        show_default=False),
+    limit: Optional[int] = typer.Option(None, min=1, help="with --data: at most this many items of the split (a "
+                                        "later call with a larger --limit into the same --out adds the rest)"),
     param: list[str] = typer.Option([], "--param", help="method parameter KEY=VALUE (repeatable), e.g. n_masks=2000"),
     seed: int = typer.Option(0, min=0, max=SEED_MAX, help="random seed (for stochastic methods)"),
     device: str = typer.Option("cpu", help="torch device"),
@@ -657,7 +659,9 @@ def explain(
 
     With --data, every item of a split is explained (outputs named INDEX-STEM__TARGET, INDEX the item's row in
     the data set), each finished item is logged (OUT/log/rank-R.jsonl) so that a re-run skips it, and
-    OUT/explanations.json lists them all.
+    OUT/explanations.json lists every item explained in OUT. A re-run resumes the same model (by its weights'
+    checksum, whatever its path), explainer, method, target, parameters, seed, data and split (a larger --limit
+    adds the rest of the split); other settings into the same OUT are refused.
     """
     import numpy as np
     import torch
@@ -673,6 +677,15 @@ def explain(
 
     if (data is None) == (not images):
         raise NemtError("give image files or --data (one of the two)")
+    if data is None:  # options of a data set's run: silently ignored for image files, so refused
+        given_opts = [opt for opt, v in (("--split", split), ("--limit", limit)) if v is not None]
+        if given_opts:
+            raise NemtError(f"{' and '.join(given_opts)} appl{'ies' if len(given_opts) == 1 else 'y'} to --data "
+                            "only (a split of a data set), not to image files: leave "
+                            f"{'it' if len(given_opts) == 1 else 'them'} out")
+    split = "test" if split is None else split
+    if split not in ("train", "val", "test", "all"):
+        raise NemtError(f"--split {split!r}: expected train, val, test or all")
     # every input read (and so checked: there, a regular file, decodable) before the model is loaded and before
     # any output: a bad second file must not leave the first's maps written without its predictions printed
     imgs = [read_image(path, max_pixels=None if max_pixels is None else int(max_pixels)) for path in images or []]
@@ -756,19 +769,16 @@ def explain(
     from nemt.progress import progress_bar
     manifest = _open(data, clf.task, ",".join(clf.label_names) if clf.task == "multiclass" else None,
                      max_pixels=max_pixels)
-    if split == "all":
-        todo = list(range(len(manifest.samples)))
-    elif split in ("train", "val", "test"):
-        todo = [int(i) for i in load_splits(model, manifest)[split]]
-    else:
-        raise NemtError(f"--split {split!r}: expected train, val, test or all")
-    todo = todo[:limit] if limit is not None else todo
-    out.mkdir(parents=True, exist_ok=True)  # once the data are open
+    order = list(range(len(manifest.samples))) if split == "all" else \
+        [int(i) for i in load_splits(model, manifest)[split]]
+    todo = order[:limit] if limit is not None else order
+    run = _explain_run_key(clf, explainer, superpixelify, method=method, target=target, params=sorted(param),
+                           seed=seed, data=manifest.fingerprint(), split=split, limit=limit)
+    ext = ".nii.gz" if clf.spatial_dims == 3 else ".npy"
     logs = out / "log"
-    run = {"model": str(model), "explainer": None if explainer is None else str(explainer), "method": method,
-           "target": target, "params": sorted(param), "seed": seed, "data": manifest.fingerprint()}
-    done = _explained(logs, run)  # items any rank finished in an earlier run (the same settings)
+    done = _explained(logs, run, out, ext)  # items any rank finished in an earlier call (the same run)
     mine = [i for k, i in enumerate(todo) if k % ctx.world == ctx.rank and i not in done]
+    out.mkdir(parents=True, exist_ok=True)  # once the data are open and the folder's earlier run accepted
     logs.mkdir(parents=True, exist_ok=True)
     mylog = logs / f"rank-{ctx.rank}.jsonl"
     with open(mylog, "a", encoding="utf-8") as log, progress_bar(progress and ctx.main) as bar:
@@ -785,17 +795,52 @@ def explain(
     ctx.barrier()
     if not ctx.main:
         return
-    done = _explained(logs, run)
+    done = _explained(logs, run, out, ext)
     missing = [i for i in todo if i not in done]
     if missing:
         raise NemtError(f"{len(missing)} items have no explanation in {logs} (a rank failed?); run again to finish")
-    write_json(out / "explanations.json", [done[i] for i in todo])
-    typer.echo(json.dumps({"explained": len(todo), "index": str(out / "explanations.json")}))
+    # every item explained in this folder, by this call or an earlier one of the same run (a smaller --limit),
+    # in the split's order
+    pos = {i: k for k, i in enumerate(order)}
+    index = [done[i] for i in sorted(done, key=lambda i: (pos.get(i, len(order)), i))]
+    write_json(out / "explanations.json", index)
+    typer.echo(json.dumps({"explained": len(index), "index": str(out / "explanations.json")}))
 
 
-def _explained(logs: Path, run: dict) -> dict[int, dict]:
+#: what ``explain --data``'s run key records, named for its refusal
+_EXPLAIN_KEY_NAMES = {"model_sha256": "model (weights checksum)", "explainer_sha256": "fitted explainer (--explainer "
+                      "checksum)", "superpixelify": "--superpixelify segments", "method": "--method",
+                      "target": "--target", "params": "--param", "seed": "--seed", "data": "data (--data)",
+                      "split": "--split"}
+
+
+def _explain_run_key(clf, explainer: Path | None, superpixelify: str | None, **settings) -> dict:
+    """``explain --data``'s run key: the model's weights checksum, the fitted explainer's and the
+    ``--superpixelify`` clusters folder's checksums (their files, not their paths: the same model given by another
+    path resumes, another model at the same path is refused) and the settings (split and limit included; a
+    resume compares all but the limit, whose items are a prefix of the split)."""
+    from nemt.bench.runner import explainer_checksum
+    from nemt.explainers.nemt import model_checksum
+    key = {"model_sha256": model_checksum(clf),
+           "explainer_sha256": None if explainer is None else explainer_checksum(explainer), "superpixelify": None}
+    if superpixelify is not None:
+        from nemt.clustering import segmenter_checksum
+        key["superpixelify"] = segmenter_checksum(superpixelify)
+    return json.loads(json.dumps({**key, **settings}))  # as stored and read back
+
+
+def _other_run(recorded: Any, run: dict) -> list[str]:
+    """The settings in which a log record's ``run`` differs from ``run`` (the limit is not compared)."""
+    if not isinstance(recorded, dict) or "model_sha256" not in recorded:
+        return ["log format (written by an earlier nemt, which recorded no checksums)"]
+    return [_EXPLAIN_KEY_NAMES.get(k, k) for k in sorted(set(recorded) | set(run))
+            if k != "limit" and recorded.get(k) != run.get(k)]
+
+
+def _explained(logs: Path, run: dict, out: Path | None = None, ext: str = ".npy") -> dict[int, dict]:
     """Items logged as explained in ``logs/rank-*.jsonl`` by a run with these settings: {index: record}.
-    A record of other settings is refused; a last line cut by a kill is ignored (its item is redone)."""
+    A record of other settings is refused; a last line cut by a kill is ignored (its item is redone), and so is
+    an item whose map (``FILE{ext}``) or overlay (``FILE.png``) is no longer in ``out``."""
     done: dict[int, dict] = {}
     for path in sorted(logs.glob("rank-*.jsonl")) if logs.is_dir() else []:
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -803,11 +848,15 @@ def _explained(logs: Path, run: dict) -> dict[int, dict]:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if rec.get("run") != run:
-                raise NemtError(f"{path}, line {n}: written by a run with other settings (model, method, "
-                                "target, parameters, seed or data); use another --out")
+            diff = _other_run(rec.get("run"), run)
+            if diff:
+                raise NemtError(f"{path}, line {n}: written by a run with other settings ({', '.join(diff)}); "
+                                "use another --out")
             rec.pop("run")
             done[int(rec.pop("index"))] = rec
+    if out is not None:
+        done = {i: rec for i, rec in done.items()
+                if all((out / f"{f}{ext}").is_file() and (out / f"{f}.png").is_file() for f in rec["files"])}
     return done
 
 
@@ -1012,18 +1061,41 @@ def serve(
 @app.command()
 @_friendly
 def methods() -> None:
-    """List the explanation methods, with their parameters (pass them to `explain` as --param KEY=VALUE)."""
+    """List the explanation methods, with their parameters and defaults (pass them to `explain` as --param
+    KEY=VALUE). A fitted method (nemt, nem) takes at explanation time only the parameters listed so; the
+    others are fixed when it is fitted (for nemt, by `nemt fit`) and read from its card."""
     from rich.table import Table
 
     from nemt.explainers import available
     from nemt.explainers.base import _REGISTRY
-    from nemt.explainers.base import init_parameters
 
-    table = Table("method", "what", "parameters")
+    table = Table("method", "what", "parameters (default)")
     for name in available():
         cls = _REGISTRY[name]
-        table.add_row(name, _plain_summary(cls.__doc__), ", ".join(sorted(init_parameters(cls) - {"device"})))
-    console.print(table)
+        table.add_row(name, _plain_summary(cls.__doc__), _method_parameters(cls))
+    console.print(table, highlight=False)
+
+
+def _method_parameters(cls: type) -> str:
+    """``nemt methods``' parameter column: each ``NAME=DEFAULT``; for a fitted method (one with ``load``) those
+    its fitted explainer takes at explanation time (``EXPLANATION_TIME_PARAMS``) apart from the others, which
+    are set when it is fitted."""
+    from nemt.explainers.base import init_defaults, init_parameters
+
+    defaults = init_defaults(cls)
+    names = sorted(init_parameters(cls) - {"device"})
+
+    def shown(keys) -> str:
+        return ", ".join(f"{k}={defaults[k]!r}" if k in defaults else k for k in keys) or "none"
+
+    if getattr(cls, "load", None) is None:
+        return shown(names)
+    late = [k for k in names if k in getattr(cls, "EXPLANATION_TIME_PARAMS", ())]
+    fit = [k for k in names if k not in late]
+    how = ("by `nemt fit`'s options or NEMt(...).fit in Python" if cls.name == "nemt"
+           else f"by {cls.__name__}(...).fit in Python; `nemt fit` fits nemt")
+    return (f"--param with a fitted explainer (--explainer DIR): {shown(late)}. "
+            f"Fixed when it is fitted ({how}), read from its card, not --param: {shown(fit)}")
 
 
 def _plain_summary(doc: str | None) -> str:
@@ -1055,8 +1127,117 @@ def demo(
                                       help="methods in the benchmark"),
     open_report: bool = typer.Option(False, "--open", help="open the report in a browser at the end"),
     progress: bool = typer.Option(True, help="show progress bars"),
+    restart: bool = typer.Option(False, help="start over: remove what an earlier demo wrote in --out (its phantoms, "
+                                 "model, explainer, benchmark and summary.md; other files are kept) once every "
+                                 "option is checked; without it a re-run resumes, and one with other settings is "
+                                 "refused"),
 ) -> None:
-    """The main job on built-in phantoms: data, check, classifier, NEMt, benchmark against the baselines, report."""
+    """The main job on built-in phantoms: data, check, classifier, NEMt, benchmark against the baselines, report.
+
+    Re-run the same command to resume (finished stages are reused); --restart starts over."""
+    _out_dir(out)
+    _device(device)
+    methods = _demo_methods(bench_methods, arch, size)  # every option checked before stage 1
+    if restart:
+        _clear_demo(out)
+    try:
+        _demo(out, n=n, size=size, arch=arch, epochs=epochs, fit_epochs=fit_epochs, seed=seed, device=device,
+              bench_images=bench_images, methods=methods, open_report=open_report, progress=progress)
+    except NemtError as exc:  # the stages' remedies name their own commands' options: name the demo's
+        raise _demo_error(exc) from None
+
+
+def _demo_methods(bench_methods: str, arch: str, size: int) -> list[str]:
+    """``demo``'s ``--bench-methods`` and ``--arch``, checked before stage 1: the methods as a list."""
+    from nemt.explainers import available
+    from nemt.explainers.base import _REGISTRY
+    from nemt.models.training import probe_network
+    from nemt.models.zoo import ARCHITECTURES
+
+    if arch not in ARCHITECTURES:
+        raise NemtError(f"--arch {arch!r}: not an architecture; choose one of {', '.join(sorted(ARCHITECTURES))}")
+    probe_network(arch, {}, (size, size), kwargs_name="--arch", size_name="--size", size_label=str(size))
+    methods = _csv_list(bench_methods) or []
+    if not methods:
+        raise NemtError(f"--bench-methods {bench_methods!r}: no method; give one or more of {', '.join(available())}")
+    unknown = [m for m in methods if m not in available()]
+    if unknown:
+        raise NemtError(f"--bench-methods: unknown method(s) {', '.join(map(repr, unknown))}; available: "
+                        f"{', '.join(available())}")
+    if "nem" in methods:
+        raise NemtError("--bench-methods: nem needs an explainer fitted for it (NEM), and the demo fits NEMt only; "
+                        "leave it out (benchmark it with `nemt benchmark --explainer DIR`)")
+    for m in methods:
+        need = getattr(_REGISTRY[m], "model_arch", None)
+        if need is not None and need != arch:
+            raise NemtError(f"--bench-methods: {m} explains a {need} model only; this demo trains --arch {arch}: "
+                            f"leave {m} out or give --arch {need}")
+    return methods
+
+
+#: what ``nemt demo`` writes in its --out folder: ``--restart`` removes these (and only these) first; the phantoms in
+#: ``data`` are removed by the files their manifest lists (a data set the demo did not write is kept, and refused)
+_DEMO_OUTPUTS = {"model": ("model.safetensors", "model.json", "splits.csv", "history.json", "state"),
+                 "explainer": ("explainer.safetensors", "explainer.json", "collapse.json", "state", "teacher"),
+                 ".": ("summary.md",)}
+
+
+def _clear_demo(out: Path) -> None:
+    """``demo --restart``: remove what an earlier demo wrote in ``out`` (see :data:`_DEMO_OUTPUTS`; the benchmark's
+    run as ``nemt benchmark --restart`` clears it; the phantoms as ``nemt data phantoms --overwrite`` replaces
+    them), leaving any other file; folders left empty are removed."""
+    from nemt.bench.runner import _remove, clear_run
+    from nemt.data.generated import _remove_listed
+
+    if not out.is_dir():
+        return
+    bench = out / "benchmark"
+    if bench.is_dir():
+        clear_run(bench)
+    for sub, names in _DEMO_OUTPUTS.items():
+        for name in names:
+            _remove(out / sub / name)
+    data = out / "data"
+    meta = data / "phantoms.json"
+    try:
+        generator = json.loads(meta.read_text(encoding="utf-8")).get("generator") if meta.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        generator = None
+    if generator == "nemt.data.phantoms":  # a phantom set (any settings): its files, as --overwrite removes them
+        if (data / "manifest.csv").is_file():
+            _remove_listed(data, data / "manifest.csv")
+        meta.unlink()
+    for folder in (bench, out / "model", out / "explainer", data / "images", data / "masks", data):
+        try:
+            folder.rmdir()  # only where nothing else is left
+        except OSError:
+            pass
+
+
+def _demo_error(exc: NemtError) -> NemtError:
+    """A stage's refusal as the demo's: a remedy that names the stage's own options (``--overwrite``,
+    ``--fresh``, ``--restart``, another ``--out`` or output folder, ``--allow-collapse``) replaced by the demo's
+    (``--restart`` or another ``--out``); any other error unchanged."""
+    import re
+
+    text = str(exc)
+    if "--allow-collapse" in text:  # nemt fit's option; the demo saves no collapsed explainer
+        return NemtError(text.replace("Pass --allow-collapse to save it anyway",
+                                      "Try another --seed or more --fit-epochs, or fit it with `nemt fit "
+                                      "--allow-collapse` (the demo has no such option)"))
+    head, sep, tail = text.rpartition("; ")
+    if not sep or not re.search(r"--overwrite|--fresh|--restart|another (?:--out|output folder|folder)"
+                                r"|delete it", tail):
+        return exc
+    if "did not write" in head:  # a data set of the user's in OUT/data: never removed, so --restart cannot help
+        return NemtError(f"{head}; give the demo another --out")
+    return NemtError(f"{head}; run the demo with --restart to start over (it removes what the demo wrote in "
+                     "--out), or give another --out")
+
+
+def _demo(out: Path, *, n: int, size: int, arch: str, epochs: int, fit_epochs: int, seed: int, device: str,
+          bench_images: int, methods: list[str], open_report: bool, progress: bool) -> None:
+    """``nemt demo``'s stages, its options checked."""
     from torch.utils.data import DataLoader
 
     from nemt.data import ImageDataset
@@ -1067,8 +1248,6 @@ def demo(
     from nemt.files import atomic_open
     from nemt.models.training import TrainConfig, load_splits, train_classifier
 
-    _out_dir(out)
-    _device(device)
     console.rule("1. phantoms")
     manifest_path = write_phantom_dataset(out / "data", n, size, task="multiclass", seed=seed)
     label_names = json.loads((out / "data" / "phantoms.json").read_text())["label_names"]
@@ -1090,7 +1269,6 @@ def demo(
     explainer.fit(train_ds, val_data=val_loader, out_dir=out / "explainer", progress=progress)  # collapse guard
     console.rule("5. benchmark NEMt against the baselines on the test split (true label)")
     from nemt.bench.runner import benchmark_model, markdown_summary
-    methods = _csv_list(bench_methods) or []
     budgets = {"rise": {"n_masks": 500}, "extremal": {"steps": 100}}  # the demo's time budget; see docs/results.md
     # deletion and insertion AUC on a blurred substrate: faithfulness to the classifier, beside localisation's
     # agreement with the finding (they part on the opacities: docs/results.md, "The main job")
