@@ -365,3 +365,22 @@ def test_segment_ious_and_area_fractions_refuse_other_shapes_and_ids_outside_k()
         area_fractions(torch.tensor([[[0, -1]]]), 3)
     # within range they are what they were
     assert torch.equal(area_fractions(labels, 6), torch.tensor([[0.25, 0.25, 0.25, 0, 0, 0.25]], dtype=torch.float64))
+
+
+def test_concepts_refuse_a_signal_model_before_the_tiny_clip_trains(tmp_path):
+    """Every vision-language model here embeds 2D images: a 1D (or 3D) model was refused only after ~20 s of
+    training the tiny CLIP, leaving its folder behind (audit of 1D/3D)."""
+    from typer.testing import CliRunner
+
+    from nemt.cli import app
+    res = CliRunner().invoke(app, ["data", "ecg", "--out", str(tmp_path / "d"), "--n", "24", "--duration", "2",
+                                   "--seed", "0"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "m"), "--arch",
+                                   "smallcnn", "--dims", "1", "--size", "200", "--epochs", "1", "--batch-size", "8",
+                                   "--no-progress"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["concepts", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "d"),
+                                   "--layer", "output", "--out", str(tmp_path / "c")])
+    assert res.exit_code == 2 and "takes 2D images; this model takes 1D inputs" in res.output, res.output
+    assert not (tmp_path / "c" / "tiny-clip").exists()

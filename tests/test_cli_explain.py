@@ -62,6 +62,13 @@ def test_train_fit_explain(tmp_path, dims, size, n):
         assert np.allclose(centre_in, centre_map)
         # a map voxel is as large as the input's voxels it covers (2 along the first and last axes)
         assert np.allclose(np.linalg.norm(out_img.affine[:3, :3], axis=0), [2 * 0.8, 2.5, 2 * 1.5])
+        # a .npy volume has no affine: its sidecar's spacing places the map (it was the identity)
+        np.save(tmp_path / "vol.npy", big[None])
+        (tmp_path / "vol.json").write_text(json.dumps({"spacing": [0.5, 1.0, 3.0]}))
+        _ok(["explain", str(tmp_path / "vol.npy"), "--model", str(tmp_path / "m"), "--method", "gradcam",
+             "--target", "0", "--out", str(tmp_path / "v")])
+        out_img = nib.load(next((tmp_path / "v").glob("vol__*.nii.gz")))
+        assert np.allclose(np.diag(out_img.affine)[:3], [2 * 0.5, 1.0, 2 * 3.0])
     # a seeded baseline with budget parameters; the same seed gives the same map
     for run in ("r1", "r2"):
         _ok(["explain", str(imgs[0]), "--model", str(tmp_path / "m"), "--method", "rise", "--param", "n_masks=40",
@@ -184,6 +191,17 @@ def test_ecg_1d_through_the_cli(tmp_path):
          "--methods", "nemt,gradcam,ig,random", "--metrics", "relevance_mass,pointing_game", "--limit", "6",
          "--out", str(tmp_path / "b"), "--no-progress"])
     assert (tmp_path / "b" / "report.html").read_text().count("<img") >= 3  # speed plot and signal galleries
+    assert "notes" not in res[0]  # its sidecar's range, the model's length: nothing to say
+    # a record without its sidecar (scaled by its own range) and one of twice the length (resampled): both said
+    bare = tmp_path / "bare" / rec.name
+    bare.parent.mkdir()
+    bare.write_bytes(rec.read_bytes())
+    np.save(tmp_path / "long.npy", np.repeat(np.load(rec), 2, axis=-1))
+    (tmp_path / "long.json").write_text(rec.with_suffix(".json").read_text())
+    res = runner.invoke(app, ["explain", str(bare), str(tmp_path / "long.npy"), "--model", str(tmp_path / "m"),
+                              "--method", "sobel", "--target", "0", "--out", str(tmp_path / "n")])
+    assert res.exit_code == 0, res.output
+    assert "no sidecar range" in res.output and "resampled from 800 to the model's 400 samples" in res.output
 
 
 def test_label_names_never_write_outside_out(tmp_path):

@@ -720,6 +720,16 @@ def explain(
     file_parts = label_file_parts(clf.label_names)
 
     def explain_one(img, path: str, stem_of) -> dict:
+        notes = []  # warned and listed in the JSON: what makes this input other than the training inputs
+        if img.modality == "npy" and pre.scale == "range" and img.meta.get("range") != "sidecar":
+            notes.append("no sidecar range ([lo, hi] in its .json, as `nemt data ecg` writes): scaled by its own "
+                         "minimum and maximum, which differs from training if the model learnt fixed ranges")
+        if clf.spatial_dims == 1 and tuple(img.array.shape[1:]) != tuple(pre.size):  # images: resized routinely
+            notes.append(f"resampled from {img.array.shape[-1]} to the model's {pre.size[0]} samples (a signal of "
+                         "another duration or sampling rate than training's is read at another time scale); its "
+                         "maps have the model's length")
+        for note in notes:
+            console.print(f"warning: {path}: {note}", highlight=False, markup=False, soft_wrap=True)
         unit = pre.unit(img)
         x = pre.normalise(unit)[None].to(device)
         targeted = getattr(ex, "targeted", True)  # an encoder's explainer (RELAX, NEM): one map, whatever --target
@@ -740,7 +750,9 @@ def explain(
                 import gzip
 
                 import nibabel as nib
-                affine = pre.resized_affine(img.affine, img.array.shape[1:])  # the input's world coordinates
+                # the input's world coordinates: its affine, else its voxel spacing (a .npy sidecar, DICOM)
+                world = img.affine if img.affine is not None else np.diag([*map(float, img.spacing), 1.0])
+                affine = pre.resized_affine(world, img.array.shape[1:])
                 with atomic_open(out / f"{stem}__{part}.nii.gz", "wb") as fh:
                     fh.write(gzip.compress(nib.Nifti1Image(arr, affine).to_bytes(), mtime=0))
             else:
@@ -753,7 +765,8 @@ def explain(
                          suptitle=f"{Path(path).name if data is None else path} | {pred}")
         return {"image": str(path), "outputs": stem, "targets": names,
                 "files": [f"{stem}__{part}" for part in files],  # each target's map: FILE.npy / .png / .nii.gz
-                "prediction": dict(zip(clf.label_names, [round(p, 4) for p in probs.tolist()]))}
+                "prediction": dict(zip(clf.label_names, [round(p, 4) for p in probs.tolist()])),
+                **({"notes": notes} if notes else {})}
 
     if data is None:
         out.mkdir(parents=True, exist_ok=True)
@@ -1367,6 +1380,9 @@ def concepts(
         raise NemtError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     torch.manual_seed(seed)
     clf = load_model(model, device=_device(device))
+    if clf.spatial_dims != 2:  # before the tiny CLIP trains: every vision-language model here embeds 2D images
+        raise NemtError(f"concept annotation embeds the probe images with a vision-language model, which takes 2D "
+                        f"images; this model takes {clf.spatial_dims}D inputs")
     manifest = _open(data, None, None, max_pixels=max_pixels)
     n = len(manifest.samples) if limit is None else min(limit, len(manifest.samples))
     ds = ImageDataset(manifest, clf.preprocessing, list(range(n)))

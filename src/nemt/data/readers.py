@@ -648,6 +648,7 @@ def _sidecar(path: Path, array: np.ndarray) -> tuple[tuple[float, ...], tuple[fl
                                                            and math.isfinite(v) for v in r) and r[0] < r[1]):
             raise DataError(side, "range", f"need [lo, hi] with finite lo < hi, got {r!r}")
         value_range = (float(r[0]), float(r[1]))
+        meta["range"] = "sidecar"
     if "channels" in d:
         names = d["channels"]
         if not (isinstance(names, list) and len(names) == array.shape[0] and all(isinstance(n, str) for n in names)):
