@@ -249,3 +249,14 @@ def test_demo_rerun_resumes_with_the_same_results(tmp_path):
     assert runs[0] == runs[1]
     with open(out / "benchmark" / "results.csv", newline="") as fh:
         assert {r["method"] for r in csv.DictReader(fh)} == {"nemt", "random"}
+
+
+def test_train_takes_the_number_of_axes_from_the_data_when_size_is_one_number(tmp_path):
+    """`train --size 16` on volumes read the size as 16x16 and refused with 'the size gives 2 sizes' (audit)."""
+    from nemt.data import write_phantom_dataset
+    from nemt.models import load_model
+    manifest = write_phantom_dataset(tmp_path / "d", 16, 16, spatial_dims=3, seed=0)
+    res = CliRunner().invoke(app, ["train", "--data", str(manifest), "--out", str(tmp_path / "m"), "--arch",
+                                   "smallcnn", "--size", "16", "--epochs", "1", "--batch-size", "8", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert load_model(tmp_path / "m").card.input_size == [16, 16, 16]

@@ -330,7 +330,7 @@ def test_a_fitted_explainer_takes_only_its_explanation_time_parameters(tmp_path)
         assert torch.equal(got.explain(x, target=t), want.explain(x, target=t))
         assert not torch.equal(got.explain(x, target=t), get_explainer("nemt", clf, path=tmp_path / "e").explain(
             x, target=t))
-    with pytest.raises(NemtError, match=r"not \['epochs'\] \(only \['map_areas', 'map_smoothing'\] may change"):
+    with pytest.raises(NemtError, match=r"not \['epochs'\] \(only \['student_map', 'map_areas', 'map_smoothing'\] may change"):
         get_explainer("nemt", clf, path=tmp_path / "e", epochs=3)
     with pytest.raises(NemtError, match="map_smoothing must be true or false"):
         get_explainer("nemt", clf, path=tmp_path / "e", map_smoothing="false")

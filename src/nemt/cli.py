@@ -200,6 +200,15 @@ def _size(value: str, spatial_dims: int | None = None) -> tuple[int, ...]:
     return tuple(parts)
 
 
+def _data_dims(manifest) -> int:
+    """The spatial axes of a data set's first image (1 signal, 2 image, 3 volume): ``--dims`` when neither it
+    nor a multi-part ``--size`` says; 2 for an empty manifest (its own checks refuse it)."""
+    if not manifest.samples:
+        return 2
+    from nemt.data.dataset import read_sample
+    return read_sample(manifest, manifest.samples[0]).array.ndim - 1
+
+
 def _open(path: Path, task, labels, image_col=None, label_col=None, label_cols=None, target_col=None,
           mask_col=None, group_col=None, max_pixels: float | None = None):
     from nemt.data.manifest import open_dataset
@@ -423,7 +432,7 @@ def train(
     task: Optional[str] = TaskOpt,
     size: str = typer.Option("128", help="input size: 128, 128x96 or 64x64x64"),
     spatial_dims: Optional[int] = typer.Option(None, "--dims", help="1 (signals), 2 or 3 (default: from --size, "
-                                               "else 2)"),
+                                               "else the data's first image)"),
     epochs: int = typer.Option(30, min=1, help="epochs"),
     batch_size: int = typer.Option(32, min=1, help="batch size (per process under torchrun)"),
     accumulate: int = typer.Option(1, min=1, help="micro-batches per optimiser step (per process under torchrun: "
@@ -470,7 +479,7 @@ def train(
     _size(size)  # a bad --size or --fractions is refused before the data are read
     split_fractions = tuple(_floats(fractions, "--fractions"))
     manifest = _open(data, task, labels, label_cols=label_cols, target_col=target_col, max_pixels=max_pixels)
-    dims = spatial_dims or (len(_size(size)) if len(_size(size)) > 1 else 2)
+    dims = spatial_dims or (len(_size(size)) if len(_size(size)) > 1 else _data_dims(manifest))
     cfg = TrainConfig(arch=arch, size=_size(size, dims), epochs=epochs, batch_size=batch_size, lr=lr,
                       weight_decay=weight_decay, seed=seed,
                       fractions=split_fractions, augment=augment,
@@ -721,7 +730,8 @@ def explain(
 
     def explain_one(img, path: str, stem_of) -> dict:
         notes = []  # warned and listed in the JSON: what makes this input other than the training inputs
-        if img.modality == "npy" and pre.scale == "range" and img.meta.get("range") != "sidecar":
+        if clf.spatial_dims == 1 and img.modality == "npy" and pre.scale == "range" \
+                and img.meta.get("range") != "sidecar":  # signals: `nemt data ecg` writes fixed ranges
             notes.append("no sidecar range ([lo, hi] in its .json, as `nemt data ecg` writes): scaled by its own "
                          "minimum and maximum, which differs from training if the model learnt fixed ranges")
         if clf.spatial_dims == 1 and tuple(img.array.shape[1:]) != tuple(pre.size):  # images: resized routinely

@@ -128,7 +128,7 @@ def fidelity_report(student: Any, data: Any, out: str | Path, *, batch_size: int
     n = len(items)
     ms_s, ms_t = 1000 * s_seconds / n, 1000 * t_seconds / n
     train_seconds = student.teacher_seconds_
-    fit_seconds = sum(float(r.get("seconds", 0.0)) for r in (student.history_ or []) if isinstance(r, dict))
+    fit_seconds = sum(float(r.get("seconds", 0.0)) for r in (getattr(student, "history_", None) or []) if isinstance(r, dict))
     report = {
         "teacher": student.teacher, "teacher_params": student.teacher_params, "n_items": n,
         "n_with_mask": int(has.sum()),
