@@ -937,8 +937,9 @@ def benchmark(
             raise NemtError(f"--suite must be 'xai-tris', got {suite!r}")
         given = [opt for opt, v in (("--model", model), ("--data", data), ("--explainer", explainer),
                                     ("--metrics", metrics), ("--shard", shard), ("--merge", merge),
-                                    ("--superpixelify", superpixelify), ("--gaze", gaze), ("--no-gaze", no_gaze))
-                 if v]
+                                    ("--superpixelify", superpixelify), ("--gaze", gaze), ("--no-gaze", no_gaze),
+                                    ("--split", split != "test"), ("--gallery", gallery != 6))  # set away from
+                 if v]  # their defaults: the suite scores its own test split and shows no gallery
         if given:
             raise NemtError(f"--suite xai-tris: {', '.join(given)} do(es) not apply (the suite trains its own models "
                             "on generated data, scores top_k_precision, emd_score and importance_mass_accuracy "

@@ -60,11 +60,11 @@ def save_overlay(path: str | Path, image: np.ndarray, maps: Sequence[np.ndarray]
         ax.imshow(m, cmap=cmap, alpha=alpha, vmin=0, vmax=1)
         if g is not None and g.any():
             ax.contour(g.astype(float), levels=[0.5], colors="cyan", linewidths=1.0)
-        ax.set_title(f"{title} {sub}".strip(), fontsize=9)
+        ax.set_title(f"{title} {sub}".strip(), fontsize=9, parse_math=False)
     for ax in axes[0]:
         ax.axis("off")
     if suptitle:
-        fig.suptitle(suptitle, fontsize=9)
+        fig.suptitle(suptitle, fontsize=9, parse_math=False)  # a file name with "$": text, not maths
     fig.tight_layout(rect=(0, 0, 1, 0.92) if suptitle else None)
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -128,7 +128,7 @@ def signal_panels(fig, signal: np.ndarray, maps: Sequence[np.ndarray], titles: S
         ax.imshow(m, aspect="auto", cmap=cmap, vmin=0, vmax=1, extent=(-0.5, m.shape[1] - 0.5, 0, 1),
                   interpolation="nearest")
         ax.set_yticks([])
-        ax.set_ylabel(title, fontsize=7, rotation=0, ha="right", va="center")
+        ax.set_ylabel(title, fontsize=7, rotation=0, ha="right", va="center", parse_math=False)
     axes[-1].set_xlabel("sample", fontsize=8)
     return axes
 
@@ -137,7 +137,7 @@ def _save_signal_overlay(path, image, maps, titles, *, gt=None, suptitle=None) -
     fig = Figure(figsize=(9, 2.2 + 0.6 * len(maps)))
     signal_panels(fig, image, maps, titles, gt)
     if suptitle:
-        fig.suptitle(suptitle, fontsize=9)
+        fig.suptitle(suptitle, fontsize=9, parse_math=False)
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:

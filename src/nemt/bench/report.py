@@ -40,7 +40,12 @@ def metric_plots(summary: dict, metrics: Sequence[str]) -> str:
         lo = np.array([summary[k][m]["ci_low"] for k in methods], dtype=float)
         hi = np.array([summary[k][m]["ci_high"] for k in methods], dtype=float)
         err = np.vstack([np.nan_to_num(means - lo), np.nan_to_num(hi - means)])
-        ax.barh(range(len(methods)), np.nan_to_num(means), xerr=err, color="#4c72b0", capsize=3)
+        has = np.isfinite(means)  # a metric with no value (n/a in the table) gets no bar, not a 0
+        rows = np.arange(len(methods))
+        ax.barh(rows[has], means[has], xerr=err[:, has], color="#4c72b0", capsize=3)
+        for i in rows[~has]:
+            ax.text(0, i, " n/a", va="center", fontsize=7, color="#555555")
+        ax.set_xlabel("mean, 95 % interval", fontsize=7)
         ax.set_yticks(range(len(methods)), methods, fontsize=8)
         ax.invert_yaxis()
         arrow = {"higher": "higher is better", "lower": "lower is better"}.get(DIRECTIONS.get(m, ""), "")
@@ -73,7 +78,7 @@ def gallery_figure(unit: np.ndarray, gt: np.ndarray, maps: dict[str, np.ndarray]
         from matplotlib.figure import Figure
         fig = Figure(figsize=(7, 1.6 + 0.5 * len(maps)))
         signal_panels(fig, unit, list(maps.values()), list(maps), gt)
-        fig.suptitle(title, fontsize=8)
+        fig.suptitle(title, fontsize=8, parse_math=False)  # an image name with "$": text, not maths
         fig.tight_layout()
         return _png(fig)
     if unit.ndim == 4:  # (C, D, H, W)
@@ -97,29 +102,35 @@ def gallery_figure(unit: np.ndarray, gt: np.ndarray, maps: dict[str, np.ndarray]
             ax.axis("off")
         row[0].set_title(("image + ground truth" + (f"\n{plane}" if plane else "")), fontsize=8)
         for ax, (name, m) in zip(row[1:], ms.items()):
-            ax.imshow(m, cmap="inferno", alpha=0.5, vmin=0, vmax=1)
-            ax.set_title(name, fontsize=8)
-    fig.suptitle(title, fontsize=8)
+            signed = bool(np.nanmin(m) < 0)  # e.g. postprocess=signed: [-1, 1], not clipped at 0
+            ax.imshow(m, cmap="coolwarm" if signed else "inferno", alpha=0.5, vmin=-1 if signed else 0, vmax=1)
+            ax.set_title(name, fontsize=8, parse_math=False)
+    fig.suptitle(title, fontsize=8, parse_math=False)
     fig.tight_layout()
     return _png(fig)
 
 
-def best_methods(summary: dict, metrics: Sequence[str]) -> dict[str, set[str]]:
+def best_methods(summary: dict, metrics: Sequence[str], group=None) -> dict[str, set[str]]:
     """Per metric, every method at the best mean (by the metric's direction; methods without a value left out):
-    ties are all best, in the Markdown summary (bold) and the HTML report (highlighted) alike."""
+    ties are all best, in the Markdown summary (bold) and the HTML report (highlighted) alike. ``group``: a
+    function of a row's key naming its block (e.g. a suite's setting); the best is then found within each."""
     best: dict[str, set[str]] = {}
+    blocks: dict[str, list[str]] = {}
+    for k in summary:
+        blocks.setdefault(group(k) if group else "", []).append(k)
     for m in metrics:
-        vals = {k: v[m]["mean"] for k, v in summary.items() if v[m]["n"] > 0}
-        if vals:
-            top = (max if DIRECTIONS.get(m, "higher") == "higher" else min)(vals.values())
-            best[m] = {k for k, v in vals.items() if v == top}
+        for keys in blocks.values():
+            vals = {k: summary[k][m]["mean"] for k in keys if summary[k][m]["n"] > 0}
+            if vals:
+                top = (max if DIRECTIONS.get(m, "higher") == "higher" else min)(vals.values())
+                best.setdefault(m, set()).update(k for k, v in vals.items() if v == top)
     return best
 
 
-def html_table(summary: dict, metrics: Sequence[str]) -> str:
+def html_table(summary: dict, metrics: Sequence[str], group=None) -> str:
     arrows = {"higher": "↑", "lower": "↓"}
     head = "".join(f"<th>{html.escape(m)} {arrows.get(DIRECTIONS.get(m, ''), '')}</th>" for m in metrics)
-    best = best_methods(summary, metrics)
+    best = best_methods(summary, metrics, group)
     rows = []
     for method, s in summary.items():
         cells = []
@@ -139,22 +150,32 @@ def html_table(summary: dict, metrics: Sequence[str]) -> str:
 
 def write_report(out: Path, summary: dict, metrics: Sequence[str], *, title: str, facts: dict[str, str],
                  gallery: list[tuple[str, str]] | None = None, markdown: str = "", notes: Sequence[str] = (),
-                 prototypes: str | None = None) -> Path:
+                 prototypes: str | None = None, group=None, intro: str | None = None) -> Path:
     """Write ``report.html`` (self-contained) and ``report.md``; ``gallery`` is [(label, figure data URI)];
     ``prototypes``: a prototype model's figure (data URI) of the gallery's images and their nearest prototypes."""
     out = Path(out)
     facts_html = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
     parts = [f"<h1>{html.escape(title)}</h1>", f"<table class='facts'>{facts_html}</table>",
-             "<h2>Summary</h2><p>Mean over items with a 95 % confidence interval (Wilson for the hit-or-miss "
-             "pointing game, Student t for every other metric, clipped to the metric's range where it has one); "
-             "best per metric highlighted (ties all). Items without ground truth (no mask, or an empty one) are "
-             "excluded from localisation means and counted below.</p>",
-             html_table(summary, metrics)]
-    parts += [f"<p>{html.escape(n)}</p>" for n in notes]
+             "<h2>Summary</h2><p>" + html.escape(intro or (
+                 "Mean over items with a 95 % confidence interval (Wilson for the hit-or-miss pointing game, "
+                 "Student t for every other metric, clipped to the metric's range where it has one); best per "
+                 "metric highlighted (ties all). Items without ground truth (no mask, or an empty one) are excluded "
+                 "from localisation means (their number is in the facts above); maps a metric is undefined for (a "
+                 "constant map) are left out and counted in the notes under the table.")) + "</p>",
+             html_table(summary, metrics, group)]
+    # the Markdown summary's notes under its table (undefined maps, tied maxima, ...), then the caller's
+    md_notes = [ln.strip() for ln in markdown.splitlines()
+                if ln.strip() and not ln.lstrip().startswith(("|", "#")) and not ln.startswith("Report:")]
+    if "random" in summary:
+        md_notes.append("random: one fixed, seeded noise field for every image, so its interval reflects the "
+                        "images, not the draw of the field.")
+    parts += [f"<p>{html.escape(n)}</p>" for n in dict.fromkeys([*md_notes, *notes])]
     parts += ["<h2>Metrics</h2>", f"<img alt='metrics' src='{metric_plots(summary, metrics)}'>",
               "<h2>Time per method</h2>", f"<img alt='time' src='{time_plot(summary)}'>"]
     if gallery:
-        parts.append("<h2>Gallery</h2><p>Cyan: ground-truth outline. Maps in [0, 1] (inferno).</p>")
+        parts.append("<h2>Gallery</h2><p>Cyan: ground-truth outline. Each map as its method gives it after its "
+                     "post-processing, on its own colour scale: maps in [0, 1] (min-max per map by default) in "
+                     "inferno, signed maps in [-1, 1] in coolwarm (blue negative, red positive).</p>")
         for label in dict.fromkeys(lbl for lbl, _ in gallery):
             parts.append(f"<h3>{html.escape(label)}</h3>")
             parts += [f"<img alt='{html.escape(label)}' src='{uri}'><br>" for lbl, uri in gallery if lbl == label]

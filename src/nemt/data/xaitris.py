@@ -211,8 +211,8 @@ def make_xaitris(scenario: str, background: str, n: int, size: int = 64, alpha: 
     if n < 1:
         raise NemtError(f"n must be at least 1, got {n}")
     if size < 8 or size % (16 if scenario == "rigid" else 8):
-        raise NemtError(f"size must be a multiple of {16 if scenario == 'rigid' else 8} "
-                        f"(at least 8), got {size}")
+        step = 16 if scenario == "rigid" else 8
+        raise NemtError(f"size must be a multiple of {step} (at least {step}), got {size}")
     alpha = DEFAULT_ALPHA[(scenario, background)] if alpha is None else float(alpha)
     if not 0.0 <= alpha <= 1.0:
         raise NemtError(f"alpha must be in [0, 1], got {alpha}")
