@@ -443,7 +443,7 @@ def train(
     fractions: str = typer.Option("0.7,0.1,0.2", help="train,val,test fractions"),
     augment: bool = typer.Option(True, help="random flip, affine and intensity jitter"),
     class_weighting: bool = typer.Option(True, help="weight the loss by inverse class frequency"),
-    scale: str = typer.Option("range", help="intensity to [0,1]: range (by bit depth/window) or minmax"),
+    scale: str = typer.Option("range", help="range (uint8/16: full range; DICOM: window; else own min..max) or minmax"),
     labels: Optional[str] = typer.Option(None, help="the label set, comma-separated"),
     label_cols: Optional[str] = typer.Option(None, help="multi-label 0/1 columns"),
     target_col: Optional[str] = typer.Option(None, help="numeric target column"),

@@ -5,6 +5,14 @@ with its file and reason. Fatal problems (a file that cannot be used for
 training) make the command exit non-zero; warnings (e.g. a box that reaches
 outside the image, a class with very few images) do not.
 
+The data set as a whole must suit one model, as ``nemt train`` needs: images
+of another dimensionality than most (2D images and a 3D volume) are fatal, and
+so is an image whose channels the loader would refuse (:func:`~nemt.data.
+preprocess.check_volume_channels`, e.g. a 4D NIfTI of 3 volumes among 1-channel
+images: the model takes the channels of its first training image, 1 or 3).
+Warnings also name a multi-page TIFF (only page 1 is read) and 16-bit colour
+read as 8-bit.
+
 :func:`read_every_item` is the same promise for ``nemt train``: every image
 of every split is read (header and pixels) and preprocessed before the first
 epoch, so a bad validation or test image stops the run before any training.
@@ -19,7 +27,8 @@ import numpy as np
 
 from nemt.data.dataset import ImageDataset, read_sample
 from nemt.data.manifest import Manifest
-from nemt.data.readers import read_mask
+from nemt.data.preprocess import check_volume_channels, convert_channels
+from nemt.data.readers import Image, read_mask
 from nemt.errors import DataError
 
 
@@ -72,11 +81,11 @@ def check_dataset(manifest: Manifest, progress: Callable[[int], None] | None = N
                       label_names=list(manifest.label_names))
     rep.fatal.extend(manifest.problems)
     rep.warnings.extend(manifest.warnings)
-    targets = []
     rep.listed = len(manifest.samples)
     if manifest.task != "regression":
         rep.listed_per_label = _per_label(manifest, manifest.samples)
     readable = []
+    shapes: list[tuple[str, tuple[int, ...], dict[int, str | None]]] = []  # (image, shape, channel refusals)
     for s in manifest.samples:
         if progress:
             progress(1)
@@ -112,19 +121,79 @@ def check_dataset(manifest: Manifest, progress: Callable[[int], None] | None = N
         rep.sizes[spatial] += 1
         rep.channels[a.shape[0]] += 1
         rep.modalities[img.modality] += 1
-        if manifest.task == "regression":
-            targets.append(float(s.y))
+        shapes.append((str(s.image), tuple(a.shape), {k: _channel_refusal(img, k) for k in (1, 3)}))
+        pages = int(img.meta.get("frames", 1) or 1) if img.modality == "tiff" else 1
+        if pages > 1:
+            rep.warnings.append(DataError(s.image, "pages", f"a TIFF of {pages} pages: only page 1 is read"))
+        if img.meta.get("stored_bits", 0) > img.meta.get("bits", 0):
+            rep.warnings.append(DataError(s.image, "bits", f"{img.meta.get('note') or 'read with fewer bits'}: "
+                                          "the low 8 bits are lost; save it as 16-bit grey (or as 8-bit colour) "
+                                          "to train on what the file holds"))
+    unfit = _whole_set(rep, manifest, shapes)  # readable, but not with the others
+    if unfit:
+        keep = [i for i, (image, _, _) in enumerate(shapes) if image not in unfit]
+        readable = [readable[i] for i in keep]
+        rep.n_images = len(readable)
+        rep.with_boxes = sum(bool(s.boxes) for s in readable)
+        rep.with_gt = sum(int(s.has_gt) for s in readable)
     if manifest.task == "regression":
+        targets = [float(s.y) for s in readable]
         if targets:
             rep.target_range = (min(targets), max(targets))
         rep.per_label = {}
     else:
         rep.per_label = _per_label(manifest, readable)
-    if len(rep.channels) > 1:
+    return rep
+
+
+def _channel_refusal(img: Image, channels: int) -> str | None:
+    """Why loading would refuse ``img`` for a model of ``channels`` channels (the rule of
+    :meth:`Preprocessing.unit_scale <nemt.data.preprocess.Preprocessing.unit_scale>`), or None."""
+    try:
+        check_volume_channels(img, channels)
+        convert_channels(np.zeros((img.array.shape[0],) + (1,) * (img.array.ndim - 1), np.float32), channels,
+                         img.path)
+    except DataError as exc:
+        return exc.reason
+    return None
+
+
+def _whole_set(rep: CheckReport, manifest: Manifest,
+               shapes: list[tuple[str, tuple[int, ...], dict[int, str | None]]]) -> set[str]:
+    """The problems of the readable images together: one dimensionality, channels every image can be loaded
+    with. ``nemt train`` takes the dimensionality of its --size (else its first image) and gives the model 3
+    channels when its first training image has 3, else 1; which image is first depends on the split, so an
+    image is fatal if loading refuses it for either count the data set can give. Returns the images made
+    fatal."""
+    unfit: set[str] = set()
+    dims = Counter(len(shape) - 1 for _, shape, _ in shapes)
+    common = dims.most_common(1)[0][0] if dims else None
+    if len(dims) > 1:
+        counts = ", ".join(f"{n} {d}D" for d, n in sorted(dims.items()))
+        for path, shape, _ in shapes:
+            if len(shape) - 1 != common:
+                size = "x".join(map(str, shape[1:]))
+                unfit.add(path)
+                rep.fatal.append(DataError(path, "shape", f"a {len(shape) - 1}D image ({size}) among {common}D "
+                                           f"ones ({counts}): a model takes one dimensionality"))
+    possible = {3 if shape[0] == 3 else 1 for _, shape, _ in shapes}
+    refused = False
+    for path, shape, refusals in shapes:
+        if len(shape) - 1 != common:
+            continue
+        reasons = [(k, refusals[k]) for k in sorted(possible) if refusals[k]]
+        if reasons:
+            k, why = reasons[0]
+            refused = True
+            unfit.add(path)
+            rep.fatal.append(DataError(path, "channels", f"{why} (a model trained on this data set takes "
+                                       f"{' or '.join(map(str, sorted(possible)))} channels: those of its first "
+                                       "training image, 3 if it has 3, else 1)"))
+    if len(rep.channels) > 1 and not refused:
         rep.warnings.append(DataError(manifest.source, "channels",
                                       f"mixed channel counts {dict(rep.channels)}; images are "
                                       "converted to the model's channels when loaded"))
-    return rep
+    return unfit
 
 
 def _per_label(manifest: Manifest, samples) -> dict[str, int]:

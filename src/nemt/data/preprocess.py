@@ -4,8 +4,15 @@ An image becomes the model's input in three steps, all recorded in
 :class:`Preprocessing` and stored in the model card so that explaining,
 benchmarking and serving see exactly what training saw:
 
-1. intensity to [0, 1]: by the image's nominal range (``scale="range"``: 8-bit
-   /255, 16-bit /65535, DICOM by its window) or per image (``"minmax"``);
+1. intensity to [0, 1]: ``scale="range"`` maps the reader's ``Image.value_range``
+   to [0, 1], which depends on the format (the table in :mod:`nemt.data.readers`):
+   PNG/JPEG/BMP/TIFF of unsigned 8- or 16-bit integers by their dtype's full range
+   (0..255, 0..65535); DICOM by its window (or VOI LUT) when it has one, else by
+   its own min..max after the modality rescale; NIfTI, float and signed or
+   32-bit integer TIFFs by their own min..max; ``.npy`` by its sidecar's
+   ``range``, else its own min..max. So ``"range"`` is per-image min-max for
+   every format without a nominal range. ``scale="minmax"`` is per-image
+   min..max for every format;
 2. channels: RGB to grey by luminance (2D colour images only: the volumes of a
    4D NIfTI are never mixed), or grey repeated to three channels;
 3. resize to ``size`` (anti-aliased linear for images, nearest for masks,
@@ -90,8 +97,12 @@ class Preprocessing:
         """Intensities to [0, 1] and channels to ``self.channels``: (C, *original spatial)."""
         a = img.array.astype(np.float32, copy=False)
         if a.ndim != self.spatial_dims + 1:
+            flat = a.ndim == self.spatial_dims + 2 and a.shape[-1] == 1  # e.g. a 2D image stored as X x Y x 1
             raise DataError(img.path, "shape", f"image has {a.ndim - 1} spatial dimensions, "
-                            f"the model takes {self.spatial_dims}")
+                            f"the model takes {self.spatial_dims}"
+                            + (f"; its last axis has length 1 ({'x'.join(map(str, a.shape[1:]))}): squeeze that "
+                               "axis (e.g. nibabel.squeeze_image) to store it as "
+                               f"{self.spatial_dims}D" if flat else ""))
         check_volume_channels(img, self.channels)
         bad = ~np.isfinite(a)
         if bad.any():  # np.clip keeps NaN: the model's input, and every map of it, would be NaN

@@ -10,8 +10,45 @@ Every reader returns channel-first float32 with no resizing or normalisation:
   A sidecar ``<name>.json`` may give ``fs`` (samples per second of a 1D signal), ``spacing``, ``range``
   (the nominal value range), ``channels`` (names, e.g. leads) and ``units`` (see :func:`_read_npy`).
 
-``Image.value_range`` is the nominal intensity range of ``array``, so
-``(array - lo) / (hi - lo)`` lies in [0, 1]. Anything unreadable raises
+2D images from Pillow (PNG, JPEG, BMP, TIFF) are shown upright: an EXIF (TIFF) Orientation is applied,
+as a viewer does. A multi-page TIFF is read as its first page only (``meta["frames"]`` counts the pages;
+``nemt data check`` warns). 16-bit colour PNG/TIFF and 16-bit grey+alpha PNG are read as 8 bits, their high
+bytes, because Pillow decodes them so: ``meta["bits"]`` is 8, ``meta["stored_bits"]`` 16 and
+``meta["note"]`` says so (``nemt data check`` warns); 16-bit grey is read at full depth.
+
+``Image.value_range`` is the range ``(lo, hi)`` that ``scale="range"``
+(:class:`~nemt.data.preprocess.Preprocessing`) maps to [0, 1] by
+``(array - lo) / (hi - lo)``, clipped. It is fixed by the format and sample
+type where these give one, and is the image's own min..max where they do not:
+
+====================================  ==================================================
+file                                  ``value_range``
+====================================  ==================================================
+PNG, JPEG, BMP, TIFF: unsigned 8-bit  (0, 255) (also 1-bit, palette, 8-bit colour)
+PNG, TIFF: unsigned 16-bit            (0, 65535) (``meta["bits"]`` 16)
+TIFF: signed or 32-bit integers       its own min..max (``meta["bits"]`` 8, 16 or 32)
+TIFF: floats                          its own min..max
+DICOM grey with a VOI LUT             the LUT's own entries' min..max
+DICOM grey with a window              the window's output range: the stored bits' range
+                                      after the modality rescale (pydicom's windowing)
+DICOM grey without either             its own min..max after the modality rescale
+DICOM colour                          (0, 2**BitsStored - 1); PALETTE COLOR: its LUT
+                                      dtype's full range
+NIfTI (any datatype)                  its own min..max
+NumPy ``.npy``                        the sidecar's ``range``, else its own min..max
+====================================  ==================================================
+
+So ``scale="range"`` is a per-image min-max for DICOM without a window,
+every NIfTI, float and signed or 32-bit integer TIFFs, and ``.npy`` without
+a sidecar range. A flat image's own range is ``(v, v + 1)``. An empty
+WindowCenter/WindowWidth, or a width <= 0 (< 1 unless VOILUTFunction is
+LINEAR_EXACT), is read as no window (``meta["window_ignored"]`` says why).
+An enhanced multi-frame DICOM without top-level RescaleSlope/Intercept or
+WindowCenter/Width takes them from its SharedFunctionalGroupsSequence, else
+from its per-frame groups: a rescale that differs between frames is refused,
+a window that differs is the first frame's (``meta["window_from"]``).
+
+Anything unreadable raises
 :class:`~nemt.errors.DataError` naming the file, the field and the reason.
 The field tells an unsupported file from a damaged one: ``file`` (or
 ``TransferSyntaxUID``, ``SampleFormat``) for a format, or a variant of one,
@@ -60,6 +97,9 @@ _PIL_SIGNATURES = {"PNG": (b"\x89PNG\r\n\x1a\n",), "JPEG": (b"\xff\xd8\xff",), "
 _MEDMNIST_SPLITS = ("train", "val", "test")
 DEFAULT_MAX_PIXELS = 256_000_000
 """Largest image decoded by default: 256 Mpx (about 1 GB as float32 per channel); a 512x512x900 CT fits."""
+#: ``warnings.catch_warnings`` swaps process-wide state: two threads' reads (Pillow's, pydicom's) must not
+#: interleave it
+_WARNINGS_LOCK = threading.Lock()
 
 
 class ImageTooLarge(DataError):
@@ -127,16 +167,27 @@ def read_image(path: str | Path, *, max_pixels: int | None = None) -> Image:
 
 def read_mask(path: str | Path, like: Image | tuple[int, ...] | None = None, *,
               max_pixels: int | None = None) -> np.ndarray:
-    """A mask as bool ``(1, *spatial)``: True where any channel is nonzero.
+    """A mask as bool ``(1, *spatial)``: True where any colour channel is nonzero and the pixel is not
+    transparent.
 
-    Palette (``P``) PNGs count nonzero palette indices, not colours, so a
-    palette whose entry 0 is not black still has background False. ``like``
-    (an Image or a spatial shape) must have the same spatial shape.
-    ``max_pixels`` as for :func:`read_image`.
+    Transparency is an alpha band (``LA``, ``RGBA``, a palette's or ``tRNS``
+    transparency): a pixel of alpha 0 is background whatever its colour (a
+    white mask on a transparent background marks only its opaque pixels); an
+    image without alpha counts its colours alone. Palette (``P``) PNGs count
+    nonzero palette indices, not colours, so a palette whose entry 0 is not
+    black still has background False. EXIF/TIFF Orientation is applied as for
+    :func:`read_image`. ``like`` (an Image or a spatial shape) must have the
+    same spatial shape. ``max_pixels`` as for :func:`read_image`.
     """
     path = Path(path)
     if (_sniff(path) or _suffix_format(path)) == "pil":
-        read = _read_pil(path, palette_indices=True, max_pixels=max_pixels)
+        a, grey, alpha, _ = _pil_pixels(path, True, max_pixels, alpha=True)
+        if a.ndim == 3:
+            a = a[..., :1] if grey else a[..., :3]
+        mask = np.any(a.reshape(a.shape[:2] + (-1,)) != 0, axis=-1)
+        if alpha is not None:
+            mask &= alpha > 0
+        read = Image(mask[None], (1.0, 1.0), None, (0.0, 1.0), "mask", str(path))
     else:
         read = read_image(path, max_pixels=max_pixels)
     mask = np.any(read.array != 0, axis=0, keepdims=True)
@@ -327,22 +378,88 @@ def _tiff_samples(path: Path) -> str | None:
 
 
 def _read_pil(path: Path, palette_indices: bool = False, max_pixels: int | None = None) -> Image:
-    """8/16-bit grey or RGB to ``(1|3, H, W)``; alpha dropped. Only the first frame of a TIFF stack."""
+    """8/16-bit grey or RGB to ``(1|3, H, W)``; alpha dropped; EXIF/TIFF Orientation applied. Only the first
+    page of a TIFF stack (``meta["frames"]`` counts them). Value range and ``meta["bits"]`` as the module
+    docstring's table says."""
+    a, grey, _, meta = _pil_pixels(path, palette_indices, max_pixels)
+    if a.ndim == 3:
+        a = a[..., :1] if grey else a[..., :3]  # drops alpha
+    a = a.reshape(a.shape[:2] + (-1,))
+    a, value_range, meta["bits"] = _pil_range(a, meta)
+    array = np.ascontiguousarray(np.moveaxis(a, -1, 0), dtype=np.float32)
+    return Image(array, (1.0, 1.0), None, value_range, meta["format"].lower(), str(path), meta)
+
+
+#: Pillow's warnings that say a file ends before its header does (a TIFF's image file directory cut short)
+_PIL_TRUNCATION = ("truncated file read", "tag data larger than file", "tag offset too large")
+
+
+def _pil_pixels(path: Path, palette_indices: bool, max_pixels: int | None,
+                alpha: bool = False) -> tuple[np.ndarray, bool, np.ndarray | None, dict]:
+    """Decode with Pillow: (pixels ``(H, W)`` or ``(H, W, K)``, grey, alpha ``(H, W)`` or None, meta).
+
+    ``alpha``: also return the transparency of every pixel (a band, or a palette's or ``tRNS`` transparency;
+    None when the image has none). Pillow's warnings do not reach the caller: one that says the header is
+    cut short raises :class:`DataError` (``header``), the others go into ``meta["pillow_warnings"]``.
+    """
+    # warnings.catch_warnings swaps process-wide state: the lock keeps two threads' reads apart
+    with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = _pil_pixels_warned(path, palette_indices, max_pixels, alpha, caught)
+    if caught:
+        out[3]["pillow_warnings"] = list(dict.fromkeys(str(w.message) for w in caught))
+    return out
+
+
+def _refuse_truncated_header(path: Path, fmt: str, caught: Sequence[warnings.WarningMessage]) -> None:
+    cut = [str(w.message) for w in caught if str(w.message).lower().startswith(_PIL_TRUNCATION)]
+    if cut:
+        raise DataError(path, "header", f"a {fmt} file by its signature, but its header is cut short (Pillow: "
+                        f"{cut[0]}; {path.stat().st_size} bytes): the file is truncated")
+
+
+def _pil_pixels_warned(path: Path, palette_indices: bool, max_pixels: int | None, want_alpha: bool,
+                       caught: Sequence[warnings.WarningMessage]):
     try:
         im = _open_pil(path)
     except Exception as e:  # a plugin's header parser may raise more than OSError
+        with open(path, "rb") as f:
+            head = f.read(16)
+        _refuse_truncated_header(path, next((k for k, v in _PIL_SIGNATURES.items() if head.startswith(v)), "TIFF"),
+                                 caught)
         raise _pil_refusal(path, e) from e
     if im is None:
         raise _pil_refusal(path, None)
     try:
+        _refuse_truncated_header(path, im.format, caught)
         check_pixels(path, im.size[::-1], max_pixels)  # the header's size, before any decoding
-    except ImageTooLarge:
+    except DataError:
         im.close()
         raise
     with im, _decoding(path, "pixels"):
+        frames = getattr(im, "n_frames", 1)  # walks a TIFF's directories: a cut one warns here
+        _refuse_truncated_header(path, im.format, caught)
+        meta = {"format": im.format, "mode": im.mode, "frames": frames}
+        if im.format == "TIFF":  # the stored sample type (Pillow reads int8 as uint8, uint32 as int32)
+            kind = im.tag_v2.get(339, (1,))
+            meta["tiff_bits"] = int(tuple(im.tag_v2.get(258, (0,)))[0])
+            meta["tiff_signed"] = int(kind[0] if isinstance(kind, tuple) else kind) == 2
+        rawmode = _pil_rawmode(im)  # the tile goes with the decode
+        orientation = _take_orientation(im)
         im.load()  # a full decode, so that a truncated file fails here and not later
-        meta = {"format": im.format, "mode": im.mode, "frames": getattr(im, "n_frames", 1)}
+        if orientation != 1:  # as a viewer shows it
+            im = im.transpose(_EXIF_TRANSPOSE[orientation])
+            meta["orientation"] = orientation
         grey = im.mode in ("1", "L", "LA", "I", "F") or im.mode.startswith("I;16")
+        if rawmode.startswith(("RGB;16", "RGBA;16", "LA;16")):
+            # Pillow decodes 16-bit colour (and 16-bit grey+alpha, as RGBA of three equal bands) to 8 bits
+            grey = grey or rawmode.startswith("LA;16")
+            meta["stored_bits"] = 16
+            meta["note"] = (f"16-bit {'grey+alpha' if rawmode.startswith('LA') else 'colour'} read as 8-bit "
+                            "(Pillow keeps the 8 high bits)")
+        transparency = None
+        if want_alpha and "transparency" in im.info and im.mode in ("1", "L", "P", "RGB", "I", "I;16"):
+            transparency = np.asarray(im.convert("RGBA"))[..., 3]
         if im.mode in ("P", "PA") and not palette_indices:
             # A palette of greys is a grey image; otherwise colours.
             pal = np.asarray(im.getpalette("RGB") or [0, 0, 0]).reshape(-1, 3)
@@ -355,27 +472,74 @@ def _read_pil(path: Path, palette_indices: bool = False, max_pixels: int | None 
         elif not grey and im.mode not in ("RGB", "RGBA"):
             im = im.convert("RGB")  # CMYK, YCbCr, LAB, ...
         a = np.asarray(im)
-    if a.ndim == 3:
-        a = a[..., :1] if grey else a[..., :3]  # drops alpha
-    a = a.reshape(a.shape[:2] + (-1,))
-    meta["bits"] = a.dtype.itemsize * 8
-    if a.dtype == np.uint8:
-        value_range = (0.0, 255.0)
-    elif a.dtype.kind == "u" and a.dtype.itemsize == 2:
-        value_range = (0.0, 65535.0)
-    elif a.dtype.kind == "i" and a.min() >= 0 and a.max() <= 65535:
-        value_range = (0.0, 65535.0)  # Pillow's "I" mode holds 16-bit files too
-        meta["bits"] = 16
-    else:
-        value_range = _data_range(a)
-    array = np.ascontiguousarray(np.moveaxis(a, -1, 0), dtype=np.float32)
-    return Image(array, (1.0, 1.0), None, value_range, meta["format"].lower(), str(path), meta)
+        has_band = im.mode in ("LA", "PA", "RGBA", "La", "RGBa")
+    if want_alpha and transparency is None and has_band:
+        transparency = a[..., -1]
+    return a, grey, transparency, meta
+
+
+def _exif_transpose_table() -> dict:
+    from PIL.Image import Transpose
+
+    # ImageOps.exif_transpose's table: Orientation -> the transposition that shows the image upright
+    return {2: Transpose.FLIP_LEFT_RIGHT, 3: Transpose.ROTATE_180, 4: Transpose.FLIP_TOP_BOTTOM,
+            5: Transpose.TRANSPOSE, 6: Transpose.ROTATE_270, 7: Transpose.TRANSVERSE, 8: Transpose.ROTATE_90}
+
+
+_EXIF_TRANSPOSE = _exif_transpose_table()
+
+
+def _take_orientation(im) -> int:
+    """The EXIF (TIFF: tag 274) Orientation, 1 to 8, read before decoding (1 when absent or invalid).
+
+    What :func:`PIL.ImageOps.exif_transpose` does, but for a TIFF Pillow's own handling is switched off
+    first: Pillow 13 applies a TIFF's orientation while decoding and scrambles orientations 5 to 8 (it
+    decodes the rows into a buffer of the rotated size); the caller transposes the decoded image instead.
+    """
+    try:
+        exif = im.getexif()  # a PNG's eXIf chunk may follow its pixels: Pillow decodes them to find it
+        orientation = int(exif.get(0x0112, 1))
+    except (TypeError, ValueError):
+        return 1
+    if orientation not in _EXIF_TRANSPOSE:
+        return 1
+    if im.format == "TIFF":
+        del exif[0x0112]  # the cached EXIF Pillow's TIFF decoder consults
+        tile_size = getattr(im, "_tile_size", None)
+        if tile_size:
+            im._size = tuple(tile_size)  # the stored size, which Pillow swapped for orientations 5 to 8
+    return orientation
+
+
+def _pil_rawmode(im) -> str:
+    """How the file stores its pixels, as Pillow names it (``RGB;16B``: 16-bit RGB), or ``""``."""
+    try:
+        args = im.tile[0].args if im.tile else None
+    except (AttributeError, IndexError):
+        return ""
+    raw = args if isinstance(args, str) else args[0] if isinstance(args, tuple) and args else ""
+    return raw if isinstance(raw, str) else ""
+
+
+def _pil_range(a: np.ndarray, meta: dict) -> tuple[np.ndarray, tuple[float, float], int]:
+    """(pixels, value range, bits per sample) by the sample type alone, never by the values: unsigned 8-bit
+    0..255, unsigned 16-bit 0..65535; signed or 32-bit integers and floats their own min..max."""
+    signed, bits = meta.pop("tiff_signed", False), meta.pop("tiff_bits", None)
+    if a.dtype.kind == "f":
+        return a, _data_range(a), a.dtype.itemsize * 8
+    if signed and a.dtype.kind == "u":  # Pillow decodes signed 8-bit TIFF samples as unsigned
+        a = a.view(f"i{a.dtype.itemsize}")
+    elif meta["format"] == "TIFF" and not signed and bits == 32 and a.dtype.kind == "i":
+        a = a.view(np.uint32)  # and unsigned 32-bit ones as signed
+    if not signed and a.dtype.itemsize == 1:  # 8-bit, 1-bit (as 0/255) and Pillow's 8 bits of 16-bit colour
+        return a, (0.0, 255.0), 8
+    if not signed and (a.dtype.itemsize == 2 or (a.dtype.kind == "i" and bits in (None, 16))):
+        return a, (0.0, 65535.0), 16  # Pillow's "I" mode holds 16-bit unsigned samples too
+    return a, _data_range(a), int(bits or a.dtype.itemsize * 8)
 
 
 # -- DICOM --------------------------------------------------------------------
 
-#: ``warnings.catch_warnings`` swaps process-wide state: two threads' reads must not interleave it
-_DICOM_WARNINGS = threading.Lock()
 #: header elements that only an image has: a file holding them but no PixelData was cut short
 _IMAGE_HEADER = ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "PhotometricInterpretation")
 
@@ -391,7 +555,22 @@ def _no_pixel_data(ds, path: Path, caught: Sequence[warnings.WarningMessage]) ->
     if described:
         return (f"no PixelData element, although the header describes an image ({', '.join(described)}): "
                 f"the file ends after {len(ds)} data elements, {size} bytes, probably truncated{note}")
-    return f"no pixel data (not an image object, or a file truncated before its image header; {size} bytes{note})"
+    sop = _sop_class(ds)
+    if "Directory Storage" in sop:
+        return (f"no pixel data: a DICOMDIR ({sop}), the index of a medium's files, not an image; read the "
+                "image files it lists")
+    return (f"no pixel data ({sop + ': ' if sop else ''}not an image object, or a file truncated before its "
+            f"image header; {size} bytes{note})")
+
+
+def _sop_class(ds) -> str:
+    """The file's SOP class in words, ``RT Structure Set Storage (1.2.840.10008.5.1.4.1.1.481.3)``, or ``""``."""
+    meta = getattr(ds, "file_meta", None)
+    uid = (meta.get("MediaStorageSOPClassUID") if meta is not None else None) or ds.get("SOPClassUID")
+    if not uid:
+        return ""
+    name = getattr(uid, "name", "")
+    return f"{name} ({uid})" if name and name != str(uid) else f"SOP class {uid}"
 
 
 def _read_dicom(path: Path, max_pixels: int | None = None) -> Image:
@@ -403,7 +582,7 @@ def _read_dicom(path: Path, max_pixels: int | None = None) -> Image:
     """
     # pydicom reads a file cut short without complaint, up to its last whole element, and warns about a
     # value cut in half when the value is first used, anywhere below
-    with _DICOM_WARNINGS, warnings.catch_warnings(record=True) as caught:  # the lock: the service reads in threads
+    with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:  # the lock: the service reads in threads
         warnings.simplefilter("always")
         image = _read_dicom_warned(path, max_pixels, caught)
     if caught:
@@ -439,21 +618,33 @@ def _read_dicom_warned(path: Path, max_pixels: int | None, caught: list) -> Imag
     prefix = ""
     if ts is not None and ts.is_compressed:
         prefix = f"{ts.name} ({ts}): "
-        if not _dicom_decoder_available(ts):
+        decoders = _dicom_decoders(ts)
+        if not decoders:
             raise DataError(path, "TransferSyntaxUID", f"{prefix}compressed pixel data and no installed "
-                            "decoder; install a pydicom decoder plugin such as pylibjpeg "
-                            "(with pylibjpeg-libjpeg / pylibjpeg-openjpeg) or python-gdcm")
+                            f"decoder; {_decoder_hint(ts)}")
+        allocated = int(ds.get("BitsAllocated", 8) or 8)
+        if ts == "1.2.840.10008.1.2.4.51" and allocated > 8 and decoders == ("pillow",):
+            # JPEG Extended holds 12-bit samples; Pillow, the one decoder here, reads 8-bit JPEG only
+            raise DataError(path, "TransferSyntaxUID", f"{prefix}{int(ds.get('BitsStored', 12) or 12)}-bit "
+                            f"samples (BitsAllocated {allocated}), and Pillow, the only installed decoder for it, "
+                            "reads 8-bit JPEG only; install pylibjpeg-libjpeg "
+                            "(pip install pylibjpeg pylibjpeg-libjpeg) or python-gdcm")
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     try:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     except (TypeError, ValueError) as e:
         raise DataError(path, "Rows/Columns/NumberOfFrames", f"not whole numbers ({e})") from e
+    for name, n in (("Rows", rows), ("Columns", cols)):
+        if n <= 0:
+            raise DataError(path, name, f"{n if name in ds else 'missing'}: an image needs its number of "
+                            f"{name.lower()} (the header is damaged or incomplete)")
     check_pixels(path, (frames, rows, cols) if frames > 1 else (rows, cols), max_pixels,
                  "Rows/Columns/NumberOfFrames")
     meta = {"Modality": str(ds.get("Modality", "")), "PhotometricInterpretation": photometric,
             "BitsStored": int(ds.get("BitsStored", 0) or 0), "frames": frames,
             "TransferSyntaxUID": str(ts or "")}
+    _functional_groups(ds, path, meta)
     with _decoding(path, "PixelData", prefix):
         a = ds.pixel_array
         if photometric == "PALETTE COLOR":
@@ -466,11 +657,15 @@ def _read_dicom_warned(path: Path, max_pixels: int | None, caught: list) -> Imag
             a = np.moveaxis(a, -1, 0)
         else:
             a = apply_modality_lut(a, ds)
+            unusable = _window_problem(ds) if "WindowCenter" in ds and "WindowWidth" in ds else None
             if ds.get("VOILUTSequence"):
                 a = apply_voi(a, ds, 0)
-                value_range = (0.0, float(2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1))
+                # the range of the LUT's own entries (its descriptor's bit depth may be wider than they are)
+                desc = ds.VOILUTSequence[0].LUTDescriptor
+                first, n = int(desc[1]), int(desc[0]) or 2 ** 16
+                value_range = _data_range(apply_voi(np.arange(first, first + n, dtype=np.int64), ds, 0))
                 meta["voi"] = "lut"
-            elif "WindowCenter" in ds and "WindowWidth" in ds:
+            elif "WindowCenter" in ds and "WindowWidth" in ds and unusable is None:
                 a = apply_windowing(a, ds, 0)
                 # pydicom maps the window onto the stored bits' range (after rescale);
                 # windowing -inf and +inf gives exactly those ends.
@@ -481,6 +676,8 @@ def _read_dicom_warned(path: Path, max_pixels: int | None, caught: list) -> Imag
             else:
                 value_range = _data_range(a)
                 meta["voi"] = "none"
+                if unusable:
+                    meta["window_ignored"] = unusable
             if photometric == "MONOCHROME1":  # stored so that high is dark: flip so high is bright
                 a = value_range[0] + value_range[1] - np.asarray(a, dtype=np.float64)
             a = a[None]
@@ -492,13 +689,86 @@ def _read_dicom_warned(path: Path, max_pixels: int | None, caught: list) -> Imag
     return Image(array, spacing, None, value_range, "dicom", str(path), meta)
 
 
-def _dicom_decoder_available(ts) -> bool:
+def _dicom_decoders(ts) -> tuple[str, ...]:
+    """The installed pydicom plugins that decode transfer syntax ``ts`` (``()``: none)."""
     from pydicom.pixels import get_decoder
 
     try:
-        return get_decoder(ts).is_available
+        decoder = get_decoder(ts)
+        return tuple(decoder.available_plugins) if decoder.is_available else ()
     except NotImplementedError:  # no decoder is known for this syntax at all
-        return False
+        return ()
+
+
+def _decoder_hint(ts) -> str:
+    """What to install for ``ts``, from pydicom's own list of the plugins that decode it."""
+    from pydicom.pixels import get_decoder
+
+    try:
+        missing = list(get_decoder(ts).missing_dependencies)
+    except Exception:  # noqa: BLE001 - no decoder is known for this syntax at all
+        missing = []
+    options = []
+    for line in missing:  # e.g. "pylibjpeg - requires pylibjpeg>=2.0 and pylibjpeg-openjpeg>=2.0"
+        plugin, _, needs = line.partition(" - requires ")
+        needs = needs.replace("numpy and ", "")
+        options.append(needs.replace("gdcm>=", "python-gdcm>=") if plugin.strip() == "gdcm" else needs or plugin)
+    if not options:
+        return "no pydicom decoder plugin reads it; convert the file to an uncompressed transfer syntax"
+    return "install a pydicom decoder plugin that reads it: " + ", or ".join(options)
+
+
+def _window_problem(ds) -> str | None:
+    """Why the first WindowCenter/WindowWidth cannot be applied (empty, not a number, width too small), or None."""
+    try:
+        center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+    except (TypeError, ValueError, IndexError):
+        return (f"WindowCenter/WindowWidth {ds.get('WindowCenter')!r}/{ds.get('WindowWidth')!r} are empty or "
+                "not numbers: read as no window")
+    function = str(ds.get("VOILUTFunction", "") or "LINEAR").strip().upper()
+    if not (math.isfinite(center) and math.isfinite(width)) or width <= 0 or \
+            (width < 1 and function != "LINEAR_EXACT"):
+        return f"WindowWidth {width:g} is not a usable width (> 0; >= 1 for {function}): read as no window"
+    return None
+
+
+#: functional group sequence -> the top-level tags it holds (an enhanced multi-frame file keeps them there)
+_FUNCTIONAL_GROUPS = {"PixelValueTransformationSequence": ("RescaleSlope", "RescaleIntercept", "RescaleType"),
+                      "FrameVOILUTSequence": ("WindowCenter", "WindowWidth", "VOILUTFunction")}
+
+
+def _functional_groups(ds, path: Path, meta: dict) -> None:
+    """Copy an enhanced multi-frame file's rescale and window from its functional groups to the top level,
+    where the modality LUT and windowing look, when the top level has none.
+
+    The shared group first; else the per-frame groups: a rescale that differs between frames is refused
+    (one rescale for all frames would change the values), a window that differs is taken from the first
+    frame and ``meta["window_from"]`` says so. ``meta["rescale_from"]``/``["window_from"]`` name the source.
+    """
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    for group, tags in _FUNCTIONAL_GROUPS.items():
+        what = "rescale" if group.startswith("Pixel") else "window"
+        if tags[0] in ds or tags[1] in ds:  # the top level's own values win
+            continue
+        item, source = None, None
+        if shared and shared[0].get(group):
+            item, source = shared[0][group][0], f"SharedFunctionalGroupsSequence.{group}"
+        else:
+            items = [f[group][0] if f.get(group) else None for f in per_frame]
+            if not items or items[0] is None:
+                continue
+            item, source = items[0], f"PerFrameFunctionalGroupsSequence.{group}"
+            values = {tuple(str(it.get(t)) if it is not None else None for t in tags[:2]) for it in items}
+            if len(values) > 1 and what == "rescale":
+                raise DataError(path, source, f"{len(values)} different rescales (RescaleSlope, RescaleIntercept) "
+                                f"among the {len(items)} frames; nemt applies one rescale to a whole image")
+            if len(values) > 1:
+                source += f", first frame's ({len(values)} different windows among the {len(items)} frames)"
+        for tag in tags:
+            if tag in item:
+                ds[item[tag].tag] = item[tag]
+        meta[f"{what}_from"] = source
 
 
 def _dicom_spacing(ds) -> tuple[tuple[float, float], str | None]:
@@ -543,6 +813,14 @@ def _read_nifti(path: Path, max_pixels: int | None = None) -> Image:
         raise DataError(path, "file", f"{type(e).__name__}: {e}") from e
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise DataError(path, "file", f"not a NIfTI image ({type(img).__name__})")
+    dtype = img.get_data_dtype()
+    if dtype.fields is not None or dtype.kind not in "biuf":  # RGB24/RGBA32 (records), complex
+        try:
+            label = str(img.header.get_value_label("datatype"))
+        except Exception:  # noqa: BLE001 - only the name in the message is lost
+            label = str(dtype)
+        raise DataError(path, "file", f"NIfTI datatype {label} ({dtype}) is not supported: nemt reads integer and "
+                        "floating-point NIfTI; store colour or other components as a 4th axis of volumes")
     shape = img.shape
     if len(shape) == 5 and shape[3] == 1:
         shape = shape[:3] + shape[4:]  # (X, Y, Z, 1, C): NIfTI's vector images, one time point
