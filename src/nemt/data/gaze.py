@@ -470,7 +470,8 @@ def _finding_mask(manifest: Manifest, sample: Sample, img) -> np.ndarray | None:
 
 
 def _unit_grey(img) -> np.ndarray:
-    """An image's intensities in [0, 1] by its nominal range, channels averaged: (H, W)."""
+    """An image's intensities in [0, 1] by its value range (as `scale="range"` reads it: the readers module's
+    table per format), channels averaged: (H, W)."""
     a = img.array.astype(np.float64)
     lo, hi = img.value_range
     return np.clip((a - lo) / max(hi - lo, 1e-12), 0.0, 1.0).mean(axis=0)
