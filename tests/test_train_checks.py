@@ -123,3 +123,24 @@ def test_python_api_names_the_architecture_and_the_keyword_it_cannot_take(small_
     assert (tmp_path / "run" / "model.safetensors").is_file()
     with pytest.raises(NemtError, match="wdth"):
         build_model("smallcnn", spatial_dims=2, in_channels=1, out_channels=2, wdth=4)
+
+
+def test_a_new_run_removes_an_earlier_runs_model_and_history_with_its_resume_point(small_csv, tmp_path):
+    """`train --fresh` killed before its first checkpoint left the old run's model beside the new run's split,
+    which `explain --split test` then used (its test images were the old model's training images)."""
+    from nemt.distributed import Context
+    from nemt.models.training import ready_folder
+    manifest = open_dataset(small_csv)
+    out = tmp_path / "run"
+    (out / "state").mkdir(parents=True)
+    for name in ("model.json", "model.safetensors", "history.json", "state/last.json", "state/last.safetensors"):
+        (out / name).write_text("old")
+    splits = {k: np.arange(i * 8, i * 8 + 8) for i, k in enumerate(("train", "val", "test"))}
+    ready_folder(Context(), out, out / "state" / "last", manifest, splits, new_run=True)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == ["splits.csv"]
+
+
+def test_a_refused_resume_names_the_settings_that_differ():
+    from nemt.files import differing_keys
+    assert differing_keys({"config": {"seed": 0, "lr": 1e-3, "arch": "a"}, "data": "x"},
+                          {"config": {"seed": 1, "lr": 1e-2, "arch": "a"}, "data": "x"}) == ["settings (lr, seed)"]

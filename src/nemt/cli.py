@@ -436,7 +436,8 @@ def train(
     epochs: int = typer.Option(30, min=1, help="epochs"),
     batch_size: int = typer.Option(32, min=1, help="batch size (per process under torchrun)"),
     accumulate: int = typer.Option(1, min=1, help="micro-batches per optimiser step (per process under torchrun: "
-                                   "N processes with --accumulate A train like 1 process with N*A)"),
+                                   "N processes with --accumulate A take 1 process's steps with N*A; dropout and "
+                                   "batch-norm statistics differ: docs/guide.md)"),
     lr: float = typer.Option(1e-3, callback=_positive, help="peak learning rate (one-cycle schedule)"),
     weight_decay: float = typer.Option(1e-4, min=0, help="AdamW weight decay"),
     seed: int = typer.Option(0, min=0, max=SEED_MAX, help="seed for split, initialisation, order and augmentation"),
@@ -506,7 +507,8 @@ def fit(
     epochs: int = typer.Option(10, min=1, help="epochs"),
     batch_size: int = typer.Option(16, min=1, help="batch size (per process under torchrun)"),
     accumulate: int = typer.Option(1, min=1, help="gradient accumulation steps (per process under torchrun: N processes "
-                                   "with --accumulate A fit like 1 process with N*A)"),
+                                   "with --accumulate A take 1 process's steps with N*A; the decoder's batch-norm "
+                                   "statistics are rank 0's: docs/guide.md)"),
     optimizer: str = typer.Option("adamw", help="adamw | prodigy"),
     schedule: str = typer.Option("cosine", help="learning-rate schedule: cosine | constant"),
     lr: Optional[float] = typer.Option(None, callback=_positive, help="learning rate (default: 1 for Prodigy, 3e-3 for AdamW)"),

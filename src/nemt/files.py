@@ -135,9 +135,18 @@ KEY_NAMES = {"code": "nemt code (edited since)", "config": "settings", "params":
 
 def differing_keys(old: dict, new: dict) -> list[str]:
     """The top-level keys whose values differ between two run keys (one missing counts as differing), named by
-    :data:`KEY_NAMES`: ``"other " + ", ".join(...)`` says what a refused resume differs in."""
+    :data:`KEY_NAMES`, an object's differing fields in brackets (``config (lr, seed)``): ``"other " +
+    ", ".join(...)`` says what a refused resume differs in."""
     keys = sorted(k for k in set(old) | set(new) if old.get(k, _MISSING) != new.get(k, _MISSING))
-    return list(dict.fromkeys(KEY_NAMES.get(k, k) for k in keys))
+    out = []
+    for k in keys:
+        a, b = old.get(k, _MISSING), new.get(k, _MISSING)
+        name = KEY_NAMES.get(k, k)
+        if isinstance(a, dict) and isinstance(b, dict):  # e.g. a training config: which of its fields
+            sub = sorted(j for j in set(a) | set(b) if a.get(j, _MISSING) != b.get(j, _MISSING))
+            name = f"{name} ({', '.join(sub)})"
+        out.append(name)
+    return list(dict.fromkeys(out))
 
 
 _MISSING = object()

@@ -536,11 +536,16 @@ def _train_classifier(manifest: Manifest, out_dir: str | Path, config: TrainConf
 
 def ready_folder(ctx, out_dir: Path, state_path: Path, manifest: Manifest, splits: dict, *, new_run: bool) -> None:
     """Rank 0 readies a training run's folder, the other ranks wait for it: a new run (or --fresh) gets its
-    split, written once, and no resume point of an earlier run; a resumed one its split if it is missing."""
+    split, written once, and no resume point, model or history of an earlier run; a resumed one its split if it
+    is missing."""
     if ctx.main and new_run:
         out_dir.mkdir(parents=True, exist_ok=True)
         for suffix in (".json", ".safetensors"):  # the JSON first: a lone .safetensors is no resume point
             state_path.with_suffix(suffix).unlink(missing_ok=True)
+        # an earlier run's model and history go too (--fresh): killed before its first checkpoint, a new run
+        # would leave them beside its own split, and they would pass for a model of that split
+        for name in ("model.json", "model.safetensors", "history.json"):
+            (out_dir / name).unlink(missing_ok=True)
         _write_splits(out_dir / "splits.csv", manifest, splits)
     elif ctx.main and not (out_dir / "splits.csv").is_file():
         _write_splits(out_dir / "splits.csv", manifest, splits)
