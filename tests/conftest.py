@@ -55,8 +55,17 @@ def small_csv(tmp_path: Path):
     return tmp_path / "manifest.csv"
 
 
-def train_phantom_model(root: Path, n: int = 48, size: int = 32) -> tuple[Path, Path]:
-    """Phantoms in ``root/data`` and a 1-epoch smallcnn in ``root/m``, via the CLI: (manifest, model folder)."""
+def train_phantom_model(root: Path, n: int = 48, size: int = 32, threads: int | None = None) -> tuple[Path, Path]:
+    """Phantoms in ``root/data`` and a 1-epoch smallcnn in ``root/m``, via the CLI: (manifest, model folder).
+    ``threads``: torch's thread count while training (the one before restored: the other tests' stays theirs)."""
+    if threads is not None:
+        import torch
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return train_phantom_model(root, n, size)
+        finally:
+            torch.set_num_threads(before)
     from typer.testing import CliRunner
 
     from nemt.cli import app

@@ -43,14 +43,8 @@ def _fit(model: Path, manifest: Path, out: Path, seed: int) -> Path:
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
     """(root, manifest, model): 40 phantoms of 32 px and a 1-epoch smallcnn."""
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        root = tmp_path_factory.mktemp("api-cli")
-        manifest, model = train_phantom_model(root, n=40, size=32)
-    finally:
-        torch.set_num_threads(threads)
+    root = tmp_path_factory.mktemp("api-cli")
+    manifest, model = train_phantom_model(root, n=40, size=32, threads=1)
     return root, manifest, model
 
 

@@ -16,20 +16,12 @@ from torch import nn
 import nemt.metrics as M
 from nemt.metrics import UndefinedMetricWarning
 from nemt.ops import ParameterError
+from test_metric_inputs import PixelModel  # two outputs, no module with reset_parameters
+from test_metrics import QUANTUS_LOCALISATION
 
 torch.set_num_threads(1)
 
 
-class PixelModel(nn.Module):
-    """Two outputs: a weighted sum of channel 0's pixels, and 0 (no module with reset_parameters)."""
-
-    def __init__(self, w: torch.Tensor):
-        super().__init__()
-        self.w = nn.Parameter(w)
-
-    def forward(self, x):
-        z = (x[:, 0] * self.w).flatten(1).sum(1)
-        return torch.stack([z, torch.zeros_like(z)], 1)
 
 
 def _case(seed: int = 0, size: int = 8, b: int = 2):
@@ -242,12 +234,7 @@ def test_abs_is_taken_before_the_min_max():
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-@pytest.mark.parametrize("name, cls, kw", [
-    ("relevance_mass", "RelevanceMassAccuracy", {}),
-    ("relevance_rank", "RelevanceRankAccuracy", {}),
-    ("pointing_game", "PointingGame", {}),
-    ("top_k_intersection", "TopKIntersection", {"k": 50}),
-])
+@pytest.mark.parametrize("name, cls, kw", QUANTUS_LOCALISATION)
 def test_abs_true_on_signed_maps_equals_quantus(name, cls, kw):
     """Quantus takes |a| after its default normaliser (division by max |a|): the same numbers as |a| first.
     The rank-based metrics also equal it under our default min-max (a monotone rescaling of |a|)."""

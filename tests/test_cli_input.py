@@ -36,13 +36,8 @@ def _refused(args: list[str], *needles: str) -> str:
 @pytest.fixture(scope="module")
 def phantom_model(tmp_path_factory):
     """(root, manifest, model folder, an image): 48 phantoms of 32 px and a 1-epoch smallcnn."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        root = tmp_path_factory.mktemp("cli-input")
-        manifest, model = train_phantom_model(root)
-    finally:
-        torch.set_num_threads(threads)  # the other tests' thread count stays theirs
+    root = tmp_path_factory.mktemp("cli-input")
+    manifest, model = train_phantom_model(root, threads=1)
     return root, manifest, model, sorted((root / "data" / "images").glob("*.png"))[0]
 
 

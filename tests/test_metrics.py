@@ -241,13 +241,17 @@ def random_case():
     return maps, x, masks
 
 
-@pytest.mark.filterwarnings("ignore")
-@pytest.mark.parametrize("name, cls, kw", [
+#: (nemt's name, Quantus' class, keyword arguments) of the localisation metrics compared with Quantus
+QUANTUS_LOCALISATION = [
     ("relevance_mass", "RelevanceMassAccuracy", {}),
     ("relevance_rank", "RelevanceRankAccuracy", {}),
     ("pointing_game", "PointingGame", {}),
     ("top_k_intersection", "TopKIntersection", {"k": 50}),
-])
+]
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("name, cls, kw", QUANTUS_LOCALISATION)
 def test_localisation_equals_quantus(random_case, name, cls, kw):
     quantus = pytest.importorskip("quantus")
     maps, x, masks = random_case

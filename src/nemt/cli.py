@@ -620,12 +620,10 @@ def fit(
                      seed=seed, device=device)
     manifest = _open(data, clf.task, ",".join(clf.label_names) if clf.task == "multiclass" else None)
     manifest.raise_problems()
-    recorded, theirs = (getattr(clf.card, "data", None) or {}).get("sha256"), manifest.fingerprint()
-    if recorded is not None and recorded != theirs and ctx.main:
-        from nemt.bench.runner import _say, other_data_warning
-        _say(other_data_warning({"data_sha256": theirs, "model_data_sha256": recorded,
-                                 "model_data_source": clf.card.data.get("source")}, data, model, "train", manifest,
-                                doing="fitting the explainer on it anyway"))
+    from nemt.bench.runner import _say, other_data, other_data_warning
+    other = other_data(clf, manifest.fingerprint())
+    if other is not None and ctx.main:
+        _say(other_data_warning(other, data, model, "train", manifest, doing="fitting the explainer on it anyway"))
     splits = load_splits(model, manifest)
     train_ds = ImageDataset(manifest, clf.preprocessing, splits["train"])
     val_ds = ImageDataset(manifest, clf.preprocessing, splits["val"])

@@ -938,9 +938,7 @@ def load_benchmark_data(clf, manifest, indices: Sequence[int], device=None, limi
     theirs = manifest.fingerprint()
     # the images and masks as loaded join the manifest's bytes: a file replaced under the same name is other data
     fp = f"{theirs}:{','.join(map(str, indices))}:arrays {items_fingerprint([st['image'], st['gt']])}"
-    recorded = (getattr(clf.card, "data", None) or {}).get("sha256")
-    other = None if recorded is None or recorded == theirs else {
-        "data_sha256": theirs, "model_data_sha256": recorded, "model_data_source": clf.card.data.get("source")}
+    other = other_data(clf, theirs)
     heat = fix = None
     if gaze is not None:
         from nemt.data.gaze import check_gaze, gaze_targets
@@ -1204,6 +1202,16 @@ def other_data_fact(other: dict) -> str:
     return (f"not the data the model was trained on (this manifest's sha256 {other['data_sha256'][:16]}..., the "
             f"model card's data.sha256 {other['model_data_sha256'][:16]}... of {other.get('model_data_source')}): "
             "an evaluation on other data (external validation)")
+
+
+def other_data(clf, manifest_sha256: str) -> dict | None:
+    """Both checksums and the model's data source when a manifest (its ``fingerprint()``) is not the data the
+    model card records (``data.sha256``); None when it is, or when the card records none."""
+    recorded = (getattr(clf.card, "data", None) or {}).get("sha256")
+    if recorded is None or recorded == manifest_sha256:
+        return None
+    return {"data_sha256": manifest_sha256, "model_data_sha256": recorded,
+            "model_data_source": clf.card.data.get("source")}
 
 
 def other_data_warning(other: dict, data_path, model_dir, split: str, manifest,

@@ -167,36 +167,32 @@ class Explainer:
         raise NotImplementedError
 
 
-def init_parameters(cls: type) -> set[str]:
-    """Keyword parameters of ``cls.__init__`` and of its bases reached through ``**kw`` (``model`` excluded)."""
-    names: set[str] = set()
+def _init_keywords(cls: type):
+    """The keyword parameters (``inspect.Parameter``) of ``cls.__init__`` and of its bases reached through
+    ``**kw``, nearest class first (``self`` and ``model`` excluded)."""
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
         if init is None:
             continue
         sig = inspect.signature(init)
-        names |= {p.name for p in sig.parameters.values()
-                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in ("self", "model")}
+        yield from (p for p in sig.parameters.values()
+                    if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in ("self", "model"))
         if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
             break
-    return names
+
+
+def init_parameters(cls: type) -> set[str]:
+    """Keyword parameters of ``cls.__init__`` and of its bases reached through ``**kw`` (``model`` excluded)."""
+    return {p.name for p in _init_keywords(cls)}
 
 
 def init_defaults(cls: type) -> dict[str, Any]:
     """The defaults of :func:`init_parameters`' keyword parameters (those without one left out), the nearest
     class's default where a base declares the name too."""
     out: dict[str, Any] = {}
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        sig = inspect.signature(init)
-        for p in sig.parameters.values():
-            if (p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in ("self", "model")
-                    and p.default is not p.empty):
-                out.setdefault(p.name, p.default)
-        if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
-            break
+    for p in _init_keywords(cls):
+        if p.default is not p.empty:
+            out.setdefault(p.name, p.default)
     return out
 
 

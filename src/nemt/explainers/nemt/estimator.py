@@ -350,10 +350,12 @@ class _MaskExplainer(Explainer):
         self.epochs_ = epochs
         mod = self.init_module().module_
         ctx = context(self.device)
-        if getattr(self, "objective", None) == "nested":
-            self._set_mean_image(data, ctx)
+        from nemt.explainers.nemt.teacher import fingerprint_update
+        seen = hashlib.sha256()  # the resume key's fingerprint, fed by the mean image's pass when it reads the data
+        read = getattr(self, "objective", None) == "nested" and \
+            self._set_mean_image(data, ctx, observe=lambda x: fingerprint_update(seen, x))
         with preserved_rng():  # a data set that draws as it reads draws nothing from the caller's generators
-            data_key = _data_key(data)
+            data_key = _data_key(data, seen if read else None)
         data = self._teacher_data(data, out_dir, progress, log, ctx) \
             if getattr(self, "objective", None) == "teacher" else self._loader(data, ctx)
         key = json.loads(json.dumps({"params": self.hyper_params(), "epochs": epochs,  # another version's: refused
@@ -656,20 +658,21 @@ OBJECTIVE_ONLY = (
 )
 
 
-def _data_key(data: Any) -> dict:
+def _data_key(data: Any, seen=None) -> dict:
     """What a resume point records of its training data, so that a re-run on other data is refused, not mixed
     into the fit: a map-style Dataset's (or a DataLoader's) length and images (one read of each), a list's
-    batches; nothing for a one-shot iterable."""
+    batches; nothing for a one-shot iterable. ``seen``: the hash a pass over exactly these items (in this order)
+    has already been fed (:meth:`NEMt._set_mean_image`'s), so that they are not read again."""
     from torch.utils.data import DataLoader, Dataset
 
     from nemt.explainers.nemt.teacher import items_fingerprint
     ds = data.dataset if isinstance(data, DataLoader) else data
     if isinstance(ds, Dataset) and hasattr(ds, "__len__"):
-        xs = (torch.as_tensor(split_xy(ds[i])[0]) for i in range(len(ds)))
-        return {"data": {"items": len(ds), "items_sha256": items_fingerprint(xs)}}
+        xs = () if seen is not None else (torch.as_tensor(split_xy(ds[i])[0]) for i in range(len(ds)))
+        return {"data": {"items": len(ds), "items_sha256": items_fingerprint(xs, seen)}}
     if isinstance(data, (list, tuple)):
-        xs = (torch.as_tensor(x) for x, _ in batches(data))
-        return {"data": {"batches": len(data), "batches_sha256": items_fingerprint(xs)}}
+        xs = () if seen is not None else (torch.as_tensor(x) for x, _ in batches(data))
+        return {"data": {"batches": len(data), "batches_sha256": items_fingerprint(xs, seen)}}
     return {}
 
 
@@ -986,13 +989,16 @@ class NEMt(_MaskExplainer):
         """The training images' mean (set by ``fit``); a step taken outside ``fit`` uses its batch's mean."""
         return (self.mean_image_ if self.mean_image_ is not None else x.mean(0, keepdim=True)).to(x)
 
-    def _set_mean_image(self, data: Any, ctx: Context | None = None) -> None:
+    def _set_mean_image(self, data: Any, ctx: Context | None = None,
+                        observe: Callable[[torch.Tensor], None] | None = None) -> bool:
         """The training images' pixel-wise mean (``mean_image_``, (1, C, *spatial)), when a game plays on it.
 
         A map-style data set is read whole (on every rank under torchrun); data given as batches are read as
-        given, and under torchrun their sums are added over the ranks, so every rank plays on the same mean."""
+        given, and under torchrun their sums are added over the ranks, so every rank plays on the same mean.
+        ``observe`` sees each item (a Dataset's) or batch (a list's) as read; True when it saw all of them in
+        their order (a map-style Dataset or a list of batches read), False otherwise (nothing or a loader)."""
         if not uses_mean_image(self.occlusion):
-            return
+            return False
         from collections.abc import Iterator
 
         from torch.utils.data import DataLoader, Dataset
@@ -1002,11 +1008,14 @@ class NEMt(_MaskExplainer):
                             "of batches, a DataLoader or a Dataset")
         whole = isinstance(data, Dataset) and not isinstance(data, DataLoader)
         items = (data[i] for i in range(len(data))) if whole else data
+        in_order = whole or isinstance(data, (list, tuple))
         total = torch.zeros(1, self._in_channels, *self._input_size, dtype=torch.float64)
         n, bad = 0, 0
         with preserved_rng():  # an extra pass over a shuffled loader draws nothing from the caller's generators
             for b in items:
                 x = torch.as_tensor(split_xy(b)[0])
+                if observe is not None and in_order:
+                    observe(x)
                 x = x.unsqueeze(0) if x.ndim == self.spatial_dims + 1 else x
                 if tuple(x.shape[1:]) != tuple(total.shape[1:]):
                     bad += 1  # the training loop's input check names it, at its first batch
@@ -1021,6 +1030,7 @@ class NEMt(_MaskExplainer):
         # no images or images of another shape: no mean image; the training loop then stops with its own error
         # ("gave no batch", the shape it expects), as it does for every fill (NaN images too, at the first batch)
         self.mean_image_ = (total / n).float() if n and not bad else None
+        return in_order
 
     # -- the paper's objective -----------------------------------------------
     def _train_targets(self, y: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:

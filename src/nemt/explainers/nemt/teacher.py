@@ -32,14 +32,20 @@ FORMAT = "nemt-teacher/1"
 TEACHER_TARGETS = ("true", "all", "predicted")
 
 
-def items_fingerprint(xs: Iterable[torch.Tensor]) -> str:
-    """SHA-256 over the items' shapes and bytes (float32): which images a cache belongs to."""
-    h = hashlib.sha256()
+def items_fingerprint(xs: Iterable[torch.Tensor], h=None) -> str:
+    """SHA-256 over the items' shapes and bytes (float32): which images a cache belongs to. ``h``: a hashlib
+    object already fed (by :func:`fingerprint_update`) with earlier items, which ``xs`` follow."""
+    h = hashlib.sha256() if h is None else h
     for x in xs:
-        t = x.detach().to("cpu", torch.float32).contiguous()
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.numpy().tobytes())
+        fingerprint_update(h, x)
     return h.hexdigest()
+
+
+def fingerprint_update(h, x: torch.Tensor) -> None:
+    """Feed one item to an :func:`items_fingerprint` hash (for a pass over the data that does more)."""
+    t = x.detach().to("cpu", torch.float32).contiguous()
+    h.update(str(tuple(t.shape)).encode())
+    h.update(t.numpy().tobytes())
 
 
 class TeacherCache:
