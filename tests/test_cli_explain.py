@@ -201,7 +201,13 @@ def test_ecg_1d_through_the_cli(tmp_path):
     res = runner.invoke(app, ["explain", str(bare), str(tmp_path / "long.npy"), "--model", str(tmp_path / "m"),
                               "--method", "sobel", "--target", "0", "--out", str(tmp_path / "n")])
     assert res.exit_code == 0, res.output
-    assert "no sidecar range" in res.output and "resampled from 800 to the model's 400 samples" in res.output
+    out = " ".join(res.output.split())  # the warnings as printed, wrapped
+    # the card records the training signals' sidecar ranges, rate and duration: the bare record's own range
+    # and the long record's duration (the same 100 Hz, twice the 4 s) are said, and its resampling
+    assert "its value range is its own minimum and maximum, while every training image's was fixed (its " \
+        "sidecar's range" in out
+    assert "its duration (s), 8, is outside training's 4" in out and "Hz" not in out
+    assert "resampled from 800 to the model's 400 samples" in out
 
 
 def test_label_names_never_write_outside_out(tmp_path):

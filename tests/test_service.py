@@ -176,6 +176,7 @@ def test_explain_png_default_nemt_all_labels(client, env, upload_root):
     assert all(v >= 0 for v in body["ms"].values())
     assert list(upload_root.iterdir()) == []  # the upload folder is gone
     assert body["prototypes"] is None  # only a prototype model (Pantypes) adds its prototypes
+    assert body["notes"] == []  # a training image: nothing unlike the training images
 
 
 def test_nemt_requests_run_the_classifier_once(client, env):
@@ -286,9 +287,12 @@ def test_explain_jpeg_dicom_and_grey_stored_as_rgb(client, env, tmp_path):
     grey = np.asarray(PILImage.open(env["images"][3]))
     buf = io.BytesIO()
     PILImage.fromarray(grey).save(buf, format="JPEG", quality=95)
-    assert post(client, buf.getvalue(), name="x.jpg").json()["image"]["modality"] == "jpeg"
+    r = post(client, buf.getvalue(), name="x.jpg")
+    assert r.json()["image"]["modality"] == "jpeg" and r.json()["notes"] == []  # 8-bit, as the training PNGs
     r = post(client, dicom_bytes(tmp_path / "x.dcm", grey), name="x.dcm")
     assert r.status_code == 200 and r.json()["image"]["modality"] == "dicom"
+    # no window: scaled by its own min..max, where the card records the training PNGs' fixed 0..255: said
+    assert ["its own minimum and maximum" in n for n in r.json()["notes"]] == [True]
     # the same grey image in an RGB file is grey, not colour: accepted
     r = post(client, png_bytes(np.repeat(grey[..., None], 3, -1)), name="rgb.png")
     assert r.status_code == 200 and r.json()["image"]["shape"] == [3, 32, 32]
@@ -323,6 +327,25 @@ def test_truncated_png_is_422_with_the_reason(client, env, upload_root):
     assert detail.startswith("cut.png: pixels:") and "truncated" in detail
     assert str(upload_root) not in detail  # the server's temporary path is never shown
     assert list(upload_root.iterdir()) == []
+
+
+def test_dicom_object_without_an_image_is_415(client, tmp_path):
+    """A structured report or an RT structure set is a DICOM file, but no kind of image nemt reads: 415 with
+    its object class named, as for any unsupported format (it was 422, as if it were a damaged image)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = RTStructureSetStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "RTSTRUCT"
+    ds.save_as(tmp_path / "rt.dcm", enforce_file_format=True)
+    r = post(client, (tmp_path / "rt.dcm").read_bytes(), name="rt.dcm")
+    assert r.status_code == 415 and "RT Structure Set Storage" in r.json()["detail"], r.text
 
 
 def test_text_file_named_dcm_is_415(client, upload_root):

@@ -255,6 +255,15 @@ def data_check(
     table.add_row("sizes", sizes + (f", and {more} other sizes" if more > 0 else ""))
     table.add_row("channels", ", ".join(f"{k} ({v})" for k, v in sorted(rep.channels.items())))
     table.add_row("modalities", ", ".join(f"{k} ({v})" for k, v in rep.modalities.items()))
+    acq = rep.acquisition  # what a model's card would record (explain compares inputs with it)
+    table.add_row("value ranges", ", ".join(f"{k} ({v})" for k, v in acq.get("range_from", {}).items()))
+    if acq.get("extent"):
+        ext = acq["extent"]
+        table.add_row("field of view", " x ".join(f"{lo:g}-{hi:g}" for lo, hi in zip(ext["min"], ext["max"]))
+                      + f" (median {' x '.join(f'{v:g}' for v in ext['median'])}; {ext['n']} of {acq['n']} "
+                      "images give a spacing)")
+    if acq.get("fs"):
+        table.add_row("sampling rate", f"{acq['fs']['min'][0]:g}-{acq['fs']['max'][0]:g} Hz")
     table.add_row("with ground truth", str(rep.with_gt))
     table.add_row("masks / non-empty", f"{rep.masks} / {rep.nonempty_masks}")
     table.add_row("with boxes", str(rep.with_boxes))
@@ -675,7 +684,8 @@ def explain(
     import numpy as np
     import torch
 
-    from nemt.data.readers import read_image
+    from nemt.data.acquisition import input_notes
+    from nemt.data.readers import map_nifti, read_image
     from nemt.distributed import context, local_device
     from nemt.explainers import get_explainer, resolve_targets
     from nemt.files import OutputNames, atomic_open, image_stem, label_file_parts, write_json
@@ -729,15 +739,9 @@ def explain(
     file_parts = label_file_parts(clf.label_names)
 
     def explain_one(img, path: str, stem_of) -> dict:
-        notes = []  # warned and listed in the JSON: what makes this input other than the training inputs
-        if clf.spatial_dims == 1 and img.modality == "npy" and pre.scale == "range" \
-                and img.meta.get("range") != "sidecar":  # signals: `nemt data ecg` writes fixed ranges
-            notes.append("no sidecar range ([lo, hi] in its .json, as `nemt data ecg` writes): scaled by its own "
-                         "minimum and maximum, which differs from training if the model learnt fixed ranges")
-        if clf.spatial_dims == 1 and tuple(img.array.shape[1:]) != tuple(pre.size):  # images: resized routinely
-            notes.append(f"resampled from {img.array.shape[-1]} to the model's {pre.size[0]} samples (a signal of "
-                         "another duration or sampling rate than training's is read at another time scale); its "
-                         "maps have the model's length")
+        # warned and listed in the JSON: what makes this input other than the training inputs (its extent, value
+        # range, sampling rate against the card's record of the training images)
+        notes = input_notes(clf.card, img)
         for note in notes:
             console.print(f"warning: {path}: {note}", highlight=False, markup=False, soft_wrap=True)
         unit = pre.unit(img)
@@ -759,12 +763,11 @@ def explain(
             if clf.spatial_dims == 3:
                 import gzip
 
-                import nibabel as nib
                 # the input's world coordinates: its affine, else its voxel spacing (a .npy sidecar, DICOM)
                 world = img.affine if img.affine is not None else np.diag([*map(float, img.spacing), 1.0])
                 affine = pre.resized_affine(world, img.array.shape[1:])
-                with atomic_open(out / f"{stem}__{part}.nii.gz", "wb") as fh:
-                    fh.write(gzip.compress(nib.Nifti1Image(arr, affine).to_bytes(), mtime=0))
+                with atomic_open(out / f"{stem}__{part}.nii.gz", "wb") as fh:  # the input's header codes, units
+                    fh.write(gzip.compress(map_nifti(arr, affine, img), mtime=0))
             else:
                 with atomic_open(out / f"{stem}__{part}.npy", "wb") as fh:
                     np.save(fh, arr)
@@ -772,7 +775,8 @@ def explain(
             shown = shown[0] if shown.shape[0] == 1 else shown
             pred = ", ".join(f"{n} {p:.2f}" for n, p in zip(clf.label_names, probs.tolist()))
             save_overlay(out / f"{stem}__{part}.png", shown, [arr], [title],
-                         suptitle=f"{Path(path).name if data is None else path} | {pred}")
+                         suptitle=f"{Path(path).name if data is None else path} | {pred}",
+                         axcodes=img.meta.get("axcodes"))  # a NIfTI's axial slices
         return {"image": str(path), "outputs": stem, "targets": names,
                 "files": [f"{stem}__{part}" for part in files],  # each target's map: FILE.npy / .png / .nii.gz
                 "prediction": dict(zip(clf.label_names, [round(p, 4) for p in probs.tolist()])),

@@ -23,6 +23,27 @@ def subplots(*grid: int, figsize: tuple[float, float], **kw):
     return fig, fig.subplots(*grid, **kw)
 
 
+def display_order(a: np.ndarray, axcodes: Sequence[str] | None) -> np.ndarray:
+    """A volume's last three (spatial) axes reordered for display by its orientation (``axcodes``, as
+    ``nibabel.aff2axcodes`` gives them for a NIfTI; None or incomplete: unchanged): the superior-inferior axis
+    first (the slices are axial), then anterior to posterior (anterior at the top), then the patient's right to
+    left (the right on the viewer's left, radiological convention). A DICOM series is read frames first, rows,
+    columns, which is its display order already; an array without orientation is shown as stored."""
+    if a.ndim < 3 or not axcodes or len(axcodes) != 3:
+        return a
+    codes = [str(c) if c else "" for c in axcodes]
+    where = {pair: next((i for i, c in enumerate(codes) if c and c in pair), None) for pair in ("SI", "AP", "RL")}
+    if None in where.values() or len(set(where.values())) != 3:
+        return a
+    lead = a.ndim - 3
+    out = np.moveaxis(a, [lead + where[p] for p in ("SI", "AP", "RL")], [lead, lead + 1, lead + 2])
+    if codes[where["AP"]] == "A":  # index grows toward anterior: flip, anterior at the top
+        out = np.flip(out, lead + 1)
+    if codes[where["RL"]] == "R":  # index grows toward the patient's right: flip, right on the left
+        out = np.flip(out, lead + 2)
+    return np.ascontiguousarray(out)
+
+
 def _slices(a: np.ndarray, m: np.ndarray, gt: np.ndarray | None):
     """2D: one panel; 3D: the middle slice and the slice through the map's maximum."""
     if m.ndim == 2:
@@ -35,16 +56,20 @@ def _slices(a: np.ndarray, m: np.ndarray, gt: np.ndarray | None):
 
 def save_overlay(path: str | Path, image: np.ndarray, maps: Sequence[np.ndarray], titles: Sequence[str],
                  *, gt: np.ndarray | None = None, alpha: float = 0.45, cmap: str = "inferno",
-                 suptitle: str | None = None) -> Path:
+                 suptitle: str | None = None, axcodes: Sequence[str] | None = None) -> Path:
     """One PNG: the image, then each map over it (with the ground-truth outline if given).
 
     ``image`` is (H, W) or (3, H, W) in [0, 1] (or (D, H, W) for volumes);
     each map is (*spatial) in [0, 1], of the image's spatial size (a map of
     another size is refused, not resized: it would cover only part of the
     image); ``titles`` has one title per map; ``gt``, if given, the image's
-    spatial size too.
+    spatial size too. A volume is shown as slices along its first axis, after
+    :func:`display_order` by ``axcodes`` (a NIfTI's orientation: axial slices).
     """
     _check_panels(image, maps, titles, gt)
+    if np.asarray(maps[0]).ndim == 3 and axcodes:
+        image, maps = display_order(np.asarray(image), axcodes), [display_order(np.asarray(m), axcodes) for m in maps]
+        gt = None if gt is None else display_order(np.asarray(gt), axcodes)
     if np.asarray(maps[0]).ndim == 1:
         return _save_signal_overlay(path, image, maps, titles, gt=gt, suptitle=suptitle)
     panels = [(t, s) for t, m in zip(titles, maps) for s in _slices(image, np.asarray(m), gt)]

@@ -71,9 +71,32 @@ def time_plot(summary: dict) -> str:
     return _png(fig)
 
 
-def gallery_figure(unit: np.ndarray, gt: np.ndarray, maps: dict[str, np.ndarray], title: str) -> str:
+def gallery_planes(unit: np.ndarray, gt: np.ndarray, maps: dict[str, np.ndarray], axcodes=None) -> list:
+    """A volume's three orthogonal slices through its ground truth's centre (the volume's centre without one):
+    ``(name, image (C, a, b), gt (a, b), {method: map (a, b)})`` each; with ``axcodes`` (a NIfTI's orientation)
+    axial, coronal and sagittal as :func:`nemt.visualize.display_order` shows them, else the stored axes'."""
+    from nemt.visualize import display_order
+    shown = display_order(unit, axcodes)
+    oriented = shown is not unit
+    unit, gt = shown, display_order(gt, axcodes)
+    maps = {m: display_order(v, axcodes) for m, v in maps.items()}
+    pts = np.argwhere(gt) if gt.any() else None
+    centre = (pts.mean(0).round().astype(int) if pts is not None else np.array(unit.shape[1:]) // 2)
+    planes = []
+    names = ("axial", "coronal", "sagittal") if oriented else ("axis 0", "axis 1", "axis 2")
+    for axis, name in enumerate(names):
+        k = int(centre[axis])
+        take = (lambda a, off=0: np.take(a, k, axis=axis + off))
+        planes.append((f"{name} = {k}", take(unit, 1), take(gt), {m: take(v) for m, v in maps.items()}))
+    return planes
+
+
+def gallery_figure(unit: np.ndarray, gt: np.ndarray, maps: dict[str, np.ndarray], title: str,
+                   axcodes=None) -> str:
     """The image with its ground-truth outline, then each method's map over it: one row in 2D; in 3D three
-    rows, the orthogonal slices through the ground truth's centre (the volume's centre without one)."""
+    rows, the orthogonal slices through the ground truth's centre (the volume's centre without one): with
+    ``axcodes`` (a NIfTI's orientation) axial, coronal and sagittal, shown radiologically
+    (:func:`nemt.visualize.display_order`), else the planes of the stored axes."""
     if unit.ndim == 2:  # (C, L): a signal as curves, each method's map as a strip under it
         from matplotlib.figure import Figure
         fig = Figure(figsize=(7, 1.6 + 0.5 * len(maps)))
@@ -82,13 +105,7 @@ def gallery_figure(unit: np.ndarray, gt: np.ndarray, maps: dict[str, np.ndarray]
         fig.tight_layout()
         return _png(fig)
     if unit.ndim == 4:  # (C, D, H, W)
-        pts = np.argwhere(gt) if gt.any() else None
-        centre = (pts.mean(0).round().astype(int) if pts is not None else np.array(unit.shape[1:]) // 2)
-        planes = []
-        for axis, name in enumerate(("axis 0", "axis 1", "axis 2")):
-            k = int(centre[axis])
-            take = (lambda a, off=0: np.take(a, k, axis=axis + off))
-            planes.append((f"{name} = {k}", take(unit, 1), take(gt), {m: take(v) for m, v in maps.items()}))
+        planes = gallery_planes(unit, gt, maps, axcodes)
     else:
         planes = [("", unit, gt, maps)]
     n = 1 + len(maps)

@@ -88,6 +88,12 @@ class BenchmarkData:
     #: when the data set is not the one the model was trained on (its manifest's checksum is not the model
     #: card's ``data.sha256``): both checksums and the model's data source; recorded in run.json; None otherwise
     other_data: dict | None = None
+    #: when some images are unlike the model's training images as its card records them
+    #: (:func:`nemt.data.acquisition.differences`: field of view, value range, sampling rate): ``n`` of ``of``
+    #: images, and the first one's ``image`` and ``notes``; recorded in run.json and the report; None otherwise
+    unlike_training: dict | None = None
+    #: per image, its orientation (a NIfTI's axis codes, for the gallery's axial/coronal/sagittal planes) or None
+    axcodes: list | None = None
 
 
 @dataclass
@@ -572,6 +578,8 @@ def run_key(model, data: BenchmarkData, explainers: dict[str, Any], config: RunC
             "code": code_fingerprint()}
     if data.other_data:  # recorded, not part of the key: the data's fingerprint already is
         meta["other_data"] = data.other_data
+    if data.unlike_training:  # the same: follows from the data
+        meta["unlike_training"] = data.unlike_training
     return meta
 
 
@@ -939,6 +947,7 @@ def load_benchmark_data(clf, manifest, indices: Sequence[int], device=None, limi
     # the images and masks as loaded join the manifest's bytes: a file replaced under the same name is other data
     fp = f"{theirs}:{','.join(map(str, indices))}:arrays {items_fingerprint([st['image'], st['gt']])}"
     other = other_data(clf, theirs)
+    unlike = unlike_training(clf, ds, names)
     heat = fix = None
     if gaze is not None:
         from nemt.data.gaze import check_gaze, gaze_targets
@@ -951,7 +960,28 @@ def load_benchmark_data(clf, manifest, indices: Sequence[int], device=None, limi
         fp += f":gaze {sha256_file(gaze)}"
     import hashlib
     return BenchmarkData(st["image"].to(device), unit, st["gt"].bool().to(device), items, list(clf.label_names),
-                         hashlib.sha256(fp.encode()).hexdigest()[:16], gaze=heat, fixations=fix, other_data=other)
+                         hashlib.sha256(fp.encode()).hexdigest()[:16], gaze=heat, fixations=fix, other_data=other,
+                         unlike_training=unlike, axcodes=[ds.described[j].get("axcodes") for j in ds.indices])
+
+
+def unlike_training(clf, ds, names: Sequence[str]) -> dict | None:
+    """How many images of ``ds`` (an :class:`ImageDataset` read once) are unlike the model's training images as
+    its card records them (:func:`nemt.data.acquisition.differences`), with the first one's notes; None when
+    none is (or the card records nothing)."""
+    from nemt.data.acquisition import differences
+    summary = (clf.card.data or {}).get("acquisition")
+    scale = clf.card.preprocessing.get("scale", "range")
+    found = [(name, notes) for name, j in zip(names, ds.indices)
+             if (notes := differences(summary, ds.described[j], scale=scale))]
+    if not found:
+        return None
+    return {"n": len(found), "of": len(names), "first": {"image": found[0][0], "notes": found[0][1]}}
+
+
+def unlike_training_text(unlike: dict) -> str:
+    """The warning and report line of :attr:`BenchmarkData.unlike_training`."""
+    return (f"{unlike['n']} of {unlike['of']} images are unlike the model's training images as its card records "
+            f"them (the first, {unlike['first']['image']}: {'; '.join(unlike['first']['notes'])})")
 
 
 def _check_limit(limit: int | None) -> None:
@@ -991,7 +1021,8 @@ def report_run(out: Path, data: BenchmarkData, explainers: dict[str, Any], summa
         maps = gallery_maps(data, picked, explainers, seed)
         for k, it in enumerate(picked):
             fig = gallery_figure(data.unit[it.sample].cpu().numpy(), data.gt[it.sample, 0].cpu().numpy(),
-                                 {m: v[k].numpy() for m, v in maps.items()}, f"{it.image}: {it.label}")
+                                 {m: v[k].numpy() for m, v in maps.items()}, f"{it.image}: {it.label}",
+                                 axcodes=data.axcodes[it.sample] if data.axcodes else None)
             figures.append((it.label, fig))
     return write_report(out, summary, metrics, title=title, facts=facts, gallery=figures,
                         markdown=markdown_summary(summary, metrics), notes=notes,
@@ -1108,6 +1139,8 @@ def benchmark_model(model_dir: Path, data_path: Path, out: Path, *, explainer_di
         check_metric_params(metrics, metric_params, probe=_metric_probe(data, fast), seed=seed)
     if data.other_data:
         _say(other_data_warning(data.other_data, data_path, model_dir, split, manifest))
+    if data.unlike_training:
+        _say(f"warning: {unlike_training_text(data.unlike_training)}")
     cfg = RunConfig(list(methods), list(metrics), batch_size, seed, metric_params, params)
     fitted = {m: explainer_checksum(explainer_dir) for m in methods if m in ("nemt", "nem")}
     sources = [] if superpixelify is None else (
@@ -1156,6 +1189,8 @@ def benchmark_model(model_dir: Path, data_path: Path, out: Path, *, explainer_di
              "metric parameters": json.dumps(metric_params) if any(metric_params.values()) else "defaults"}
     if data.other_data:
         facts["data check"] = other_data_fact(data.other_data)
+    if data.unlike_training:
+        facts["inputs"] = unlike_training_text(data.unlike_training)
     if sources:
         facts["superpixelify"] = "; ".join(f"METHOD@{tag}: {src}" for tag, (src, _, _) in segmenters.items()) + \
             " (maps averaged within the segments of each image)"

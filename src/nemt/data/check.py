@@ -25,6 +25,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from nemt.data.acquisition import describe, summarise
 from nemt.data.dataset import ImageDataset, read_sample
 from nemt.data.manifest import Manifest
 from nemt.data.preprocess import check_volume_channels, convert_channels
@@ -51,6 +52,8 @@ class CheckReport:
     nonempty_masks: int = 0
     with_boxes: int = 0
     target_range: tuple[float, float] | None = None
+    #: the usable images' :func:`~nemt.data.acquisition.summarise` (what a model's card would record)
+    acquisition: dict = field(default_factory=dict)
     fatal: list[DataError] = field(default_factory=list)
     warnings: list[DataError] = field(default_factory=list)
 
@@ -67,7 +70,7 @@ class CheckReport:
             "channels": dict(self.channels), "modalities": dict(self.modalities),
             "with_ground_truth": self.with_gt, "masks": self.masks,
             "nonempty_masks": self.nonempty_masks, "with_boxes": self.with_boxes,
-            "target_range": self.target_range,
+            "target_range": self.target_range, "acquisition": self.acquisition,
             "fatal": [str(e) for e in self.fatal], "warnings": [str(e) for e in self.warnings],
         }
 
@@ -84,7 +87,7 @@ def check_dataset(manifest: Manifest, progress: Callable[[int], None] | None = N
     rep.listed = len(manifest.samples)
     if manifest.task != "regression":
         rep.listed_per_label = _per_label(manifest, manifest.samples)
-    readable = []
+    readable, described = [], []
     shapes: list[tuple[str, tuple[int, ...], dict[int, str | None]]] = []  # (image, shape, channel refusals)
     for s in manifest.samples:
         if progress:
@@ -118,6 +121,7 @@ def check_dataset(manifest: Manifest, progress: Callable[[int], None] | None = N
         rep.with_gt += int(s.has_gt)
         rep.n_images += 1
         readable.append(s)
+        described.append(describe(img))
         rep.sizes[spatial] += 1
         rep.channels[a.shape[0]] += 1
         rep.modalities[img.modality] += 1
@@ -132,10 +136,19 @@ def check_dataset(manifest: Manifest, progress: Callable[[int], None] | None = N
     unfit = _whole_set(rep, manifest, shapes)  # readable, but not with the others
     if unfit:
         keep = [i for i, (image, _, _) in enumerate(shapes) if image not in unfit]
-        readable = [readable[i] for i in keep]
+        readable, described = [readable[i] for i in keep], [described[i] for i in keep]
         rep.n_images = len(readable)
         rep.with_boxes = sum(bool(s.boxes) for s in readable)
         rep.with_gt = sum(int(s.has_gt) for s in readable)
+    rep.acquisition = summarise(described)
+    kinds = rep.acquisition["range_from"]
+    if "own" in kinds and len(kinds) > 1:  # scale="range" maps the same tissue to other intensities in each group
+        rep.warnings.append(DataError(manifest.source, "value range", f"{kinds['own']} of {len(described)} images "
+                                      "are scaled by their own minimum and maximum, the others by a fixed range "
+                                      f"({', '.join(f'{k} {v}' for k, v in kinds.items() if k != 'own')}): "
+                                      "under --scale range the same intensity maps to other values in the two "
+                                      "groups (give every image a window or sidecar range, or train with "
+                                      "--scale minmax)"))
     if manifest.task == "regression":
         targets = [float(s.y) for s in readable]
         if targets:

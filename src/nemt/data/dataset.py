@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from nemt.data.acquisition import describe
 from nemt.data.manifest import Manifest, Sample
 from nemt.data.preprocess import Preprocessing
 from nemt.data.readers import Image, read_image, read_mask
@@ -33,7 +34,7 @@ def read_sample(manifest: Manifest, sample: Sample) -> Image:
         return read_image(sample.image, max_pixels=manifest.max_pixels)
     a = manifest.arrays[sample.index].astype(np.float32)
     return Image(array=a, spacing=(1.0,) * (a.ndim - 1), affine=None, value_range=(0.0, 255.0),
-                 modality="npz", path=sample.name, meta={})
+                 modality="npz", path=sample.name, meta={"spacing_from": None, "range_from": "type"})
 
 
 class ImageDataset(Dataset):
@@ -55,6 +56,8 @@ class ImageDataset(Dataset):
         self.indices = list(range(n)) if indices is None else _checked_indices(indices, n, manifest.source)
         self.cache = cache
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor, bool]] = {}
+        #: per manifest index read so far: :func:`nemt.data.acquisition.describe` of its image
+        self.described: dict[int, dict] = {}
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -66,6 +69,7 @@ class ImageDataset(Dataset):
             return self._cache[j]
         s = self.manifest.samples[j]
         img = read_sample(self.manifest, s)
+        self.described[j] = describe(img)
         x = self.pre.resize(self.pre.unit_scale(img))
         spatial = img.array.shape[1:]
         if s.mask is not None:

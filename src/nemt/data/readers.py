@@ -38,6 +38,12 @@ NIfTI (any datatype)                  its own min..max
 NumPy ``.npy``                        the sidecar's ``range``, else its own min..max
 ====================================  ==================================================
 
+``meta["range_from"]`` names the row that applied: ``"type"`` (a sample type's full range), ``"window"``,
+``"lut"``, ``"sidecar"`` or ``"own"`` (the image's own min..max); ``meta["spacing_from"]`` where the spacing
+came from (a DICOM tag, ``"header"`` for NIfTI, ``"sidecar"``), None where the file gives none and the
+spacing is a placeholder 1.0 (PNG, JPEG, BMP, TIFF, ``.npy`` without a sidecar ``spacing`` or ``fs``; see
+:mod:`nemt.data.acquisition`).
+
 So ``scale="range"`` is a per-image min-max for DICOM without a window,
 every NIfTI, float and signed or 32-bit integer TIFFs, and ``.npy`` without
 a sidecar range. A flat image's own range is ``(v, v + 1)``. An empty
@@ -386,6 +392,7 @@ def _read_pil(path: Path, palette_indices: bool = False, max_pixels: int | None 
         a = a[..., :1] if grey else a[..., :3]  # drops alpha
     a = a.reshape(a.shape[:2] + (-1,))
     a, value_range, meta["bits"] = _pil_range(a, meta)
+    meta["spacing_from"] = None  # a pixel's size is not recorded (DPI is not a spacing)
     array = np.ascontiguousarray(np.moveaxis(a, -1, 0), dtype=np.float32)
     return Image(array, (1.0, 1.0), None, value_range, meta["format"].lower(), str(path), meta)
 
@@ -525,7 +532,9 @@ def _pil_range(a: np.ndarray, meta: dict) -> tuple[np.ndarray, tuple[float, floa
     """(pixels, value range, bits per sample) by the sample type alone, never by the values: unsigned 8-bit
     0..255, unsigned 16-bit 0..65535; signed or 32-bit integers and floats their own min..max."""
     signed, bits = meta.pop("tiff_signed", False), meta.pop("tiff_bits", None)
+    meta["range_from"] = "type"  # the sample type's full range, unless one of the own-range cases below
     if a.dtype.kind == "f":
+        meta["range_from"] = "own"
         return a, _data_range(a), a.dtype.itemsize * 8
     if signed and a.dtype.kind == "u":  # Pillow decodes signed 8-bit TIFF samples as unsigned
         a = a.view(f"i{a.dtype.itemsize}")
@@ -535,6 +544,7 @@ def _pil_range(a: np.ndarray, meta: dict) -> tuple[np.ndarray, tuple[float, floa
         return a, (0.0, 255.0), 8
     if not signed and (a.dtype.itemsize == 2 or (a.dtype.kind == "i" and bits in (None, 16))):
         return a, (0.0, 65535.0), 16  # Pillow's "I" mode holds 16-bit unsigned samples too
+    meta["range_from"] = "own"
     return a, _data_range(a), int(bits or a.dtype.itemsize * 8)
 
 
@@ -611,7 +621,11 @@ def _read_dicom_warned(path: Path, max_pixels: int | None, caught: list) -> Imag
                            "truncated?)" if cut else " (damaged?)")) from e
     element = next((k for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData") if k in ds), None)
     if element is None:
-        raise DataError(path, "PixelData", _no_pixel_data(ds, path, caught))
+        # a known object class that holds no image (a structured report, an RT structure set, a DICOMDIR) is a
+        # kind of file nemt does not read (field SOPClassUID: the service answers 415), not a damaged image
+        sop = _sop_class(ds)
+        other = bool(sop) and "Image" not in sop and not any(k in ds for k in _IMAGE_HEADER)
+        raise DataError(path, "SOPClassUID" if other else "PixelData", _no_pixel_data(ds, path, caught))
     if not ds[element].value:  # present but empty (pydicom reads a zero-length value as None)
         raise DataError(path, element, f"no pixel data: the {element} element is empty")
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
@@ -654,6 +668,7 @@ def _read_dicom_warned(path: Path, max_pixels: int | None, caught: list) -> Imag
             # pydicom hands YBR as RGB already; no modality or VOI LUT applies to colour.
             bits = a.dtype.itemsize * 8 if photometric == "PALETTE COLOR" else meta["BitsStored"]
             value_range = (0.0, float(2 ** bits - 1)) if a.dtype.kind == "u" and bits else _data_range(a)
+            meta["range_from"] = "type" if a.dtype.kind == "u" and bits else "own"
             a = np.moveaxis(a, -1, 0)
         else:
             a = apply_modality_lut(a, ds)
@@ -664,18 +679,18 @@ def _read_dicom_warned(path: Path, max_pixels: int | None, caught: list) -> Imag
                 desc = ds.VOILUTSequence[0].LUTDescriptor
                 first, n = int(desc[1]), int(desc[0]) or 2 ** 16
                 value_range = _data_range(apply_voi(np.arange(first, first + n, dtype=np.int64), ds, 0))
-                meta["voi"] = "lut"
+                meta["voi"] = meta["range_from"] = "lut"
             elif "WindowCenter" in ds and "WindowWidth" in ds and unusable is None:
                 a = apply_windowing(a, ds, 0)
                 # pydicom maps the window onto the stored bits' range (after rescale);
                 # windowing -inf and +inf gives exactly those ends.
                 lo, hi = apply_windowing(np.array([-np.inf, np.inf]), ds, 0)
                 value_range = (float(min(lo, hi)), float(max(lo, hi)))
-                meta["voi"] = "window"
+                meta["voi"] = meta["range_from"] = "window"
                 meta["window"] = [_first(ds.WindowCenter), _first(ds.WindowWidth)]
             else:
                 value_range = _data_range(a)
-                meta["voi"] = "none"
+                meta["voi"], meta["range_from"] = "none", "own"
                 if unusable:
                     meta["window_ignored"] = unusable
             if photometric == "MONOCHROME1":  # stored so that high is dark: flip so high is bright
@@ -795,6 +810,27 @@ def _first(value) -> float:
 
 # -- NIfTI --------------------------------------------------------------------
 
+def map_nifti(array: np.ndarray, affine: np.ndarray, like: Image) -> bytes:
+    """A map over image ``like`` as an uncompressed NIfTI-1 file's bytes, with voxel-to-world ``affine`` (the
+    map's grid: :meth:`Preprocessing.resized_affine` of ``like``'s) and ``like``'s header codes: a NIfTI
+    input's sform / qform codes and spatial unit (so a viewer places the map where it places the input); a
+    DICOM's unit, mm, with the "aligned" sform code (its affine is its spacing, not the patient position);
+    else the "aligned" code and no unit."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.asarray(array, dtype=np.float32), affine)
+    meta = like.meta or {}
+    if like.modality == "nifti":
+        sform, qform = int(meta.get("sform_code", 0)), int(meta.get("qform_code", 0))
+        unit = meta.get("space_unit", "unknown")
+    else:
+        sform, qform, unit = 2, 0, "mm" if like.modality == "dicom" else "unknown"
+    img.set_sform(affine, code=sform)
+    img.set_qform(affine if qform else None, code=qform)
+    img.header.set_xyzt_units(xyz=unit if unit in ("meter", "mm", "micron") else "unknown")
+    return img.to_bytes()
+
+
 def _read_nifti(path: Path, max_pixels: int | None = None) -> Image:
     """3D ``(1, X, Y, Z)``; 4D, last axis as channels, ``(C, X, Y, Z)``; 2D ``(1, X, Y)``.
 
@@ -834,7 +870,9 @@ def _read_nifti(path: Path, max_pixels: int | None = None) -> Image:
     n = min(len(shape), 3)
     spacing = tuple(float(z) for z in img.header.get_zooms()[:n])
     meta = {"dtype": str(img.get_data_dtype()), "shape": [int(s) for s in img.shape],
-            "axcodes": list(nib.aff2axcodes(img.affine))}
+            "axcodes": list(nib.aff2axcodes(img.affine)), "spacing_from": "header", "range_from": "own",
+            "space_unit": img.header.get_xyzt_units()[0],
+            "sform_code": int(img.header["sform_code"]), "qform_code": int(img.header["qform_code"])}
     return Image(array, spacing, np.asarray(img.affine, dtype=np.float64), _data_range(array),
                  "nifti", str(path), meta)
 
@@ -894,7 +932,7 @@ def _sidecar(path: Path, array: np.ndarray) -> tuple[tuple[float, ...], tuple[fl
     import json
 
     nd = array.ndim - 1
-    spacing, value_range, meta = (1.0,) * nd, _data_range(array), {}
+    spacing, value_range, meta = (1.0,) * nd, _data_range(array), {"spacing_from": None, "range_from": "own"}
     side = path.with_suffix(".json")
     if not side.is_file():
         return spacing, value_range, meta
@@ -915,18 +953,20 @@ def _sidecar(path: Path, array: np.ndarray) -> tuple[tuple[float, ...], tuple[fl
         if nd != 1:
             raise DataError(side, "fs", f"a sampling rate is for 1D signals (C, L); the array has {nd} spatial axes")
         spacing, meta["fs"] = (1.0 / float(d["fs"]),), float(d["fs"])
+        meta["spacing_from"] = "sidecar"
     if "spacing" in d:
         sp = d["spacing"]
         if not (isinstance(sp, list) and len(sp) == nd and all(positive(v) for v in sp)):
             raise DataError(side, "spacing", f"need {nd} positive numbers (one per spatial axis), got {sp!r}")
         spacing = tuple(float(v) for v in sp)
+        meta["spacing_from"] = "sidecar"
     if "range" in d:
         r = d["range"]
         if not (isinstance(r, list) and len(r) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                            and math.isfinite(v) for v in r) and r[0] < r[1]):
             raise DataError(side, "range", f"need [lo, hi] with finite lo < hi, got {r!r}")
         value_range = (float(r[0]), float(r[1]))
-        meta["range"] = "sidecar"
+        meta["range"] = meta["range_from"] = "sidecar"
     if "channels" in d:
         names = d["channels"]
         if not (isinstance(names, list) and len(names) == array.shape[0] and all(isinstance(n, str) for n in names)):

@@ -93,10 +93,12 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
 from nemt import __version__
+from nemt.data.acquisition import input_notes
 from nemt.data.readers import SUPPORTED_SUFFIXES, Image, ImageTooLarge, format_pixels, read_image
 from nemt.errors import DataError, NemtError
 from nemt.explainers.base import Explainer
 from nemt.ops import ParameterError, evaluating, label_or_index, probe_input, resolve_targets
+from nemt.visualize import display_order
 
 MB = 1024 * 1024
 DEFAULT_MAX_PIXELS = 50_000_000  # the service's own limit: a 285 KB PNG of 10000x10000 would take gigabytes
@@ -121,7 +123,8 @@ STATIC = Path(__file__).with_name("static")
 #: how many of a class's prototypes a prototype model's response shows per label (nearest first)
 PROTOTYPES_SHOWN = 3
 _FIELD_LIMIT = 64 * 1024  # a form field other than the file (labels, method, ...) is short
-_UNSUPPORTED = ("file", "TransferSyntaxUID", "SampleFormat")  # DataError fields: "not a format nemt decodes": 415
+#: DataError fields meaning "not a format (or DICOM object) nemt decodes": 415
+_UNSUPPORTED = ("file", "TransferSyntaxUID", "SampleFormat", "SOPClassUID")
 _GREY_TOLERANCE = 0.01  # RGB channels this close (fraction of the value range) make a grey image
 
 
@@ -176,6 +179,10 @@ class ExplainResponse(BaseModel):
     prototypes: dict[str, list[Prototype]] | None = Field(
         None, description="a prototype model (Pantypes) only: per label, that class's prototypes nearest the "
                           "image, nearest first")
+    notes: list[str] = Field(default_factory=list, description=(
+        "what makes this image unlike the model's training images, as its card records them: another field "
+        "of view (spacing x pixels), a value range fixed where training's were the images' own (or the "
+        "reverse), no spacing in the file; empty when nothing does"))
 
 
 _FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
@@ -192,7 +199,8 @@ _ERRORS = {400: {"description": "malformed or incomplete multipart body, a form 
                                 "its body was complete"},
            408: {"description": "request body not received within the time limit"},
            413: {"description": "upload over the size limit, or an image over the pixel limit"},
-           415: {"description": "not a multipart form, or a file in no format (or sample type) nemt reads"},
+           415: {"description": "not a multipart form, or a file in no format (or sample type) nemt reads, or "
+                                "a DICOM object that holds no image (a structured report, an RT structure set)"},
            422: {"description": "a file of a supported format that cannot be decoded (truncated or damaged), "
                                 "wrong dimensions or channels, an unknown or ambiguous label, an unknown "
                                 "method/format/field, or a field given twice"},
@@ -602,9 +610,11 @@ class ExplanationService:
             prototypes = self._prototypes(x, opts)
             t3 = time.perf_counter()
         shown = unit.numpy()
-        if shown.ndim == 4:  # 3D: the middle slice along the first spatial axis
+        if shown.ndim == 4:  # 3D: the middle slice, axial for a NIfTI (display_order by its orientation)
+            axcodes = img.meta.get("axcodes")
+            shown, maps_shown = display_order(shown, axcodes), display_order(maps, axcodes)
             mid = shown.shape[1] // 2
-            shown, flat = shown[:, mid], maps[:, mid]
+            shown, flat = shown[:, mid], maps_shown[:, mid]
         else:
             flat = maps
         explanations = {}
@@ -632,7 +642,7 @@ class ExplanationService:
                 "image": {"filename": form.filename, "modality": img.modality, "shape": list(img.array.shape),
                           "png": _png(_to_uint8(shown))},
                 "explanations": explanations, "ms": {k: round(v * 1000, 3) for k, v in ms.items()},
-                "prototypes": prototypes}
+                "prototypes": prototypes, "notes": input_notes(card, img)}
 
     def _prototypes(self, x: torch.Tensor, opts: _Options) -> dict | None:
         """A prototype model's own explanation (Pantypes): per requested label, that class's

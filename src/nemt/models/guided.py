@@ -424,7 +424,7 @@ def _train_guided(manifest, out_dir, config, guide: GuideConfig, *, device, fres
 
     run = prepare_run(manifest, out_dir, cfg, fresh=fresh, extra_key={"guide": guide.to_dict()}, check=needs_masks)
     splits, state_path, run_key, st = run.splits, run.state_path, run.run_key, run.state
-    size, channels, pre, ds, fingerprint = run.size, run.channels, run.pre, run.ds, run.fingerprint
+    size, channels, pre, ds = run.size, run.channels, run.pre, run.ds
     y_train = manifest.labels_array()[splits["train"]]
 
     base_kwargs = sized_arch_kwargs(cfg.arch, cfg.arch_kwargs, size)
@@ -435,8 +435,7 @@ def _train_guided(manifest, out_dir, config, guide: GuideConfig, *, device, fres
     card = ModelCard(
         arch=arch, arch_kwargs=arch_kwargs, spatial_dims=len(size), in_channels=channels, task=task,
         label_names=list(manifest.label_names), input_size=list(size), preprocessing=pre.to_dict(),
-        data={"source": str(manifest.source), "kind": manifest.kind, "sha256": fingerprint, "split_seed": cfg.seed,
-              "fractions": list(cfg.fractions), "n": {k: int(len(v)) for k, v in splits.items()}},
+        data=run.card_data(manifest, cfg),
         training={**cfg.to_dict(), "guide": guide.to_dict()},
     )
     net = build_model(arch, spatial_dims=len(size), in_channels=channels, out_channels=card.out_channels,

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 from nemt.checkpoint import load_state, save_state
 from nemt.distributed import (StepBatches, all_reduce_sum, batch_generator, batch_seed, context, local_device,
                               steps_per_epoch)
+from nemt.data.acquisition import summarise
 from nemt.data.check import read_every_item
 from nemt.data.dataset import ImageDataset, channel_stats, read_sample
 from nemt.data.manifest import Manifest
@@ -339,6 +340,16 @@ class RunSetup:
     pre: Preprocessing  #: with the training split's channel statistics
     ds: dict[str, ImageDataset]  #: train / val / test, every item read once already
 
+    def card_data(self, manifest: Manifest, cfg: TrainConfig) -> dict:
+        """The card's ``data``: the manifest, its checksum, the split, and the training images' acquisition
+        (:func:`nemt.data.acquisition.summarise`: their extents, sampling rates and value ranges), which
+        ``nemt explain`` and the service compare each input with."""
+        train = self.ds["train"]
+        return {"source": str(manifest.source), "kind": manifest.kind, "sha256": self.fingerprint,
+                "split_seed": cfg.seed, "fractions": list(cfg.fractions),
+                "n": {k: int(len(v)) for k, v in self.splits.items()},
+                "acquisition": summarise([train.described[j] for j in train.indices])}
+
 
 def prepare_run(manifest: Manifest, out_dir: Path, cfg: TrainConfig, *, fresh: bool, extra_key: dict | None = None,
                 check: Callable[[dict[str, np.ndarray]], None] | None = None) -> RunSetup:
@@ -434,7 +445,7 @@ def _train_classifier(manifest: Manifest, out_dir: str | Path, config: TrainConf
     run = prepare_run(manifest, out_dir, cfg, fresh=fresh,
                       extra_key=None if init is None else {"init_from": init.card.weights_sha256})
     splits, state_path, run_key, st = run.splits, run.state_path, run.run_key, run.state
-    size, channels, pre, ds, fingerprint = run.size, run.channels, run.pre, run.ds, run.fingerprint
+    size, channels, pre, ds = run.size, run.channels, run.pre, run.ds
 
     y_all = manifest.labels_array()
     y_train = y_all[splits["train"]]
@@ -446,10 +457,7 @@ def _train_classifier(manifest: Manifest, out_dir: str | Path, config: TrainConf
         in_channels=channels,
         task=manifest.task, label_names=list(manifest.label_names), input_size=list(size),
         preprocessing=pre.to_dict(), target_scale=target_scale,
-        data={"source": str(manifest.source), "kind": manifest.kind, "sha256": fingerprint,
-              "split_seed": cfg.seed, "fractions": list(cfg.fractions),
-              "n": {k: int(len(v)) for k, v in splits.items()}},
-        training=cfg.to_dict(),
+        data=run.card_data(manifest, cfg), training=cfg.to_dict(),
     )
     net = build_model(cfg.arch, spatial_dims=len(size), in_channels=channels, out_channels=card.out_channels,
                       **card.arch_kwargs)

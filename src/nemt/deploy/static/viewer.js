@@ -127,6 +127,10 @@
       showPredictions(primary.body);
       render();
       status(`${file.name}: ${primary.body.image.modality}, ${primary.body.image.shape.join("×")}`);
+      // what makes the image unlike the training images (the service's notes): shown, not hidden in the JSON
+      const notes = primary.body.notes || [];
+      $("notes").hidden = !notes.length;
+      $("notes").textContent = notes.length ? `Unlike the training images: ${notes.join("; ")}` : "";
       setState("ready");
     } catch (err) {
       if (seq !== state.seq) return;
@@ -241,6 +245,8 @@
 
   function clearViews() {
     $("prototypes").hidden = true;
+    $("notes").hidden = true;
+    $("notes").textContent = "";
     $("prototype-list").replaceChildren();
     for (const id of ["image-canvas", "overlay-primary", "overlay-baseline"]) { const c = $(id); c.width = 1; c.height = 1; }
     $("predictions").tBodies[0].replaceChildren();
