@@ -387,3 +387,38 @@ def test_records_too_short_or_too_coarse_are_refused(tmp_path):
         whole = [b for b in beats if b.r - 0.28 >= 0 and b.r + 0.45 <= MIN_DURATION]
         assert whole, [b.r for b in beats]
         assert label in (0, 4) or findings.any()
+
+
+def test_twelve_lead_ecgs_train_from_the_cli(tmp_path):
+    """`nemt data ecg --leads 12` then `nemt train`: the model takes the first training record's 12 leads (it
+    took 1 and refused every record, "12 channels of a signal ... the model takes 1"); `data check` agrees
+    (nothing fatal), and a 1-lead record among 12-lead ones is fatal there (no lead is made up); `--channels`
+    overrides the count."""
+    from nemt.cli import app
+    from nemt.data.check import check_dataset
+    from nemt.data.manifest import open_dataset
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["data", "ecg", "--out", str(tmp_path / "d"), "--n", "20", "--leads", "12",
+                              "--duration", "2", "--seed", "0"])
+    assert res.exit_code == 0, res.output
+    assert check_dataset(open_dataset(tmp_path / "d")).ok
+    res = runner.invoke(app, ["train", "--data", str(tmp_path / "d"), "--dims", "1", "--size", "200", "--arch",
+                              "smallcnn", "--arch-param", "width=4", "--epochs", "1", "--batch-size", "8",
+                              "--out", str(tmp_path / "m"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "m" / "model.json").read_text())["in_channels"] == 12
+    one = tmp_path / "d" / "signals" / "ecg_00003.npy"
+    np.save(one, np.load(one)[:1])  # one record of lead I only
+    side = json.loads(one.with_suffix(".json").read_text())
+    one.with_suffix(".json").write_text(json.dumps({**side, "channels": ["I"]}))
+    rep = check_dataset(open_dataset(tmp_path / "d"))
+    # either count can be the first training record's, and each refuses the other records: all are fatal, the
+    # lone record saying that its 1 lead is not made into 12
+    assert {e.field for e in rep.fatal} == {"channels"} and len(rep.fatal) == 20
+    lone = [str(e) for e in rep.fatal if "ecg_00003" in str(e)]
+    assert len(lone) == 1 and "has 1 channels, the model takes 12" in lone[0] and "1 or 12 channels" in lone[0]
+    res = runner.invoke(app, ["train", "--data", str(tmp_path / "d"), "--dims", "1", "--size", "200", "--arch",
+                              "smallcnn", "--channels", "1", "--epochs", "1", "--out", str(tmp_path / "m1"),
+                              "--no-progress"])
+    assert res.exit_code != 0 and "the model takes 1" in res.output  # 12 leads are not mixed into one

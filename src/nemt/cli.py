@@ -454,6 +454,9 @@ def train(
     augment: bool = typer.Option(True, help="random flip, affine and intensity jitter"),
     class_weighting: bool = typer.Option(True, help="weight the loss by inverse class frequency"),
     scale: str = typer.Option("range", help="range (uint8/16: full range; DICOM: window; else own min..max) or minmax"),
+    channels: Optional[int] = typer.Option(None, min=1, help="the model's input channels (default: the first "
+                                           "training image's: 1 grey, 3 colour, 12 for 12-lead ECGs; 1 trains on "
+                                           "colour images as grey)"),
     labels: Optional[str] = typer.Option(None, help="the label set, comma-separated"),
     label_cols: Optional[str] = typer.Option(None, help="multi-label 0/1 columns"),
     target_col: Optional[str] = typer.Option(None, help="numeric target column"),
@@ -493,7 +496,7 @@ def train(
     cfg = TrainConfig(arch=arch, size=_size(size, dims), epochs=epochs, batch_size=batch_size, lr=lr,
                       weight_decay=weight_decay, seed=seed,
                       fractions=split_fractions, augment=augment,
-                      class_weighting=class_weighting, scale=scale, accumulate=accumulate,
+                      class_weighting=class_weighting, scale=scale, accumulate=accumulate, channels=channels,
                       arch_kwargs=_arch_kwargs(arch, arch_param, _size(size, dims)))
     if gcfg is not None:  # the guided loop (nemt.models.guided) writes the same folder
         from nemt.models.guided import train_guided

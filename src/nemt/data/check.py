@@ -9,7 +9,7 @@ The data set as a whole must suit one model, as ``nemt train`` needs: images
 of another dimensionality than most (2D images and a 3D volume) are fatal, and
 so is an image whose channels the loader would refuse (:func:`~nemt.data.
 preprocess.check_volume_channels`, e.g. a 4D NIfTI of 3 volumes among 1-channel
-images: the model takes the channels of its first training image, 1 or 3).
+images: the model takes the channels of its first training image, unless ``--channels`` says otherwise).
 Warnings also name a multi-page TIFF (only page 1 is read) and 16-bit colour
 read as 8-bit.
 
@@ -88,7 +88,7 @@ def check_dataset(manifest: Manifest, progress: Callable[[int], None] | None = N
     if manifest.task != "regression":
         rep.listed_per_label = _per_label(manifest, manifest.samples)
     readable, described = [], []
-    shapes: list[tuple[str, tuple[int, ...], dict[int, str | None]]] = []  # (image, shape, channel refusals)
+    shapes: list[tuple[str, tuple[int, ...], Image]] = []  # (image, shape, a pixel-less stand-in)
     for s in manifest.samples:
         if progress:
             progress(1)
@@ -125,7 +125,10 @@ def check_dataset(manifest: Manifest, progress: Callable[[int], None] | None = N
         rep.sizes[spatial] += 1
         rep.channels[a.shape[0]] += 1
         rep.modalities[img.modality] += 1
-        shapes.append((str(s.image), tuple(a.shape), {k: _channel_refusal(img, k) for k in (1, 3)}))
+        # a stand-in of the image's channels, kind and header (no pixels) to try the channel counts on later
+        stub = Image(np.zeros((a.shape[0],) + (1,) * (a.ndim - 1), np.float32), img.spacing, None, img.value_range,
+                     img.modality, img.path, img.meta)
+        shapes.append((str(s.image), tuple(a.shape), stub))
         pages = int(img.meta.get("frames", 1) or 1) if img.modality == "tiff" else 1
         if pages > 1:
             rep.warnings.append(DataError(s.image, "pages", f"a TIFF of {pages} pages: only page 1 is read"))
@@ -172,12 +175,11 @@ def _channel_refusal(img: Image, channels: int) -> str | None:
 
 
 def _whole_set(rep: CheckReport, manifest: Manifest,
-               shapes: list[tuple[str, tuple[int, ...], dict[int, str | None]]]) -> set[str]:
+               shapes: list[tuple[str, tuple[int, ...], Image]]) -> set[str]:
     """The problems of the readable images together: one dimensionality, channels every image can be loaded
-    with. ``nemt train`` takes the dimensionality of its --size (else its first image) and gives the model 3
-    channels when its first training image has 3, else 1; which image is first depends on the split, so an
-    image is fatal if loading refuses it for either count the data set can give. Returns the images made
-    fatal."""
+    with. ``nemt train`` takes the dimensionality of its --size (else its first image) and gives the model its
+    first training image's channels (without ``--channels``); which image is first depends on the split, so an
+    image is fatal if loading refuses it for any count the data set can give. Returns the images made fatal."""
     unfit: set[str] = set()
     dims = Counter(len(shape) - 1 for _, shape, _ in shapes)
     common = dims.most_common(1)[0][0] if dims else None
@@ -189,19 +191,19 @@ def _whole_set(rep: CheckReport, manifest: Manifest,
                 unfit.add(path)
                 rep.fatal.append(DataError(path, "shape", f"a {len(shape) - 1}D image ({size}) among {common}D "
                                            f"ones ({counts}): a model takes one dimensionality"))
-    possible = {3 if shape[0] == 3 else 1 for _, shape, _ in shapes}
+    possible = {shape[0] for _, shape, _ in shapes if len(shape) - 1 == common}
     refused = False
-    for path, shape, refusals in shapes:
+    for path, shape, stub in shapes:
         if len(shape) - 1 != common:
             continue
-        reasons = [(k, refusals[k]) for k in sorted(possible) if refusals[k]]
+        reasons = [(k, why) for k in sorted(possible) if (why := _channel_refusal(stub, k))]
         if reasons:
             k, why = reasons[0]
             refused = True
             unfit.add(path)
             rep.fatal.append(DataError(path, "channels", f"{why} (a model trained on this data set takes "
                                        f"{' or '.join(map(str, sorted(possible)))} channels: those of its first "
-                                       "training image, 3 if it has 3, else 1)"))
+                                       "training image, or --channels)"))
     if len(rep.channels) > 1 and not refused:
         rep.warnings.append(DataError(manifest.source, "channels",
                                       f"mixed channel counts {dict(rep.channels)}; images are "

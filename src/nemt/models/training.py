@@ -382,7 +382,9 @@ def prepare_run(manifest: Manifest, out_dir: Path, cfg: TrainConfig, *, fresh: b
     if first.array.ndim - 1 != len(size):
         raise NemtError(f"images are {first.array.ndim - 1}D but the size (--size, TrainConfig.size) gives "
                         f"{len(size)} sizes {size}; give one size per spatial axis")
-    channels = cfg.channels or (3 if first.array.shape[0] == 3 else 1)
+    # the first training image's channels: grey 1, colour 3, a signal's leads, a multi-sequence volume's
+    # sequences; the others are converted to them where that is defined (grey <-> colour), else refused
+    channels = cfg.channels or int(first.array.shape[0])
     pre = Preprocessing(size=size, channels=channels, scale=cfg.scale)
     ds = {k: ImageDataset(manifest, pre, splits[k]) for k in ("train", "val", "test")}
     read_every_item(ds)  # every image of every split (header, pixels, masks) before the first epoch
