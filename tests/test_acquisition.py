@@ -244,3 +244,25 @@ def test_report_gallery_planes_follow_the_orientation():
     name, u, g, ms = planes[0]
     assert u.shape == (1, 5, 4) and g[0, 0] and ms["m"][0, 0] == 1 and u[0, 0, 0] == 1
     assert [p[0] for p in gallery_planes(unit, gt, {}, axcodes=None)] == ["axis 0 = 3", "axis 1 = 4", "axis 2 = 2"]
+
+
+def test_one_slice_volumes_get_a_squeeze_hint(tmp_path):
+    """An X x Y x 1 NIfTI data set is a 2D data set stored as volumes: training it as 3D would stretch one slice
+    into many, as 2D is refused for its dimensionality; both errors say so and what to do."""
+    from typer.testing import CliRunner
+
+    from nemt.cli import app
+
+    rows = ["image,label"]
+    for i in range(8):
+        nib.save(nib.Nifti1Image(np.random.default_rng(i).random((20, 16, 1)).astype(np.float32), np.eye(4)),
+                 tmp_path / f"v{i}.nii.gz")
+        rows.append(f"v{i}.nii.gz,{'ab'[i % 2]}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    runner = CliRunner()
+    for size in ("16", "16x16"):
+        res = runner.invoke(app, ["train", "--data", str(tmp_path / "m.csv"), "--size", size, "--epochs", "1",
+                                  "--arch", "smallcnn", "--out", str(tmp_path / f"o{size}"), "--no-progress"])
+        out = " ".join(res.output.split())
+        assert res.exit_code != 0 and "a 2D image stored as a volume of one slice" in out, out
+        assert ("stretch one slice" in out) == (size == "16")

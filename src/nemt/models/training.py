@@ -379,9 +379,16 @@ def prepare_run(manifest: Manifest, out_dir: Path, cfg: TrainConfig, *, fresh: b
 
     size = tuple(int(s) for s in cfg.size)
     first = read_sample(manifest, manifest.samples[int(splits["train"][0])])
+    spatial = tuple(first.array.shape[1:])
+    flat = len(spatial) == 3 and 1 in spatial  # a 2D image stored as a volume of one slice (X x Y x 1 NIfTI)
+    hint = (f"; {first.path} is {'x'.join(map(str, spatial))}, a 2D image stored as a volume of one slice: save "
+            "the images as 2D files (a 2D NIfTI, e.g. nibabel.squeeze_image, or PNG) to train a 2D model"
+            if flat else "")
     if first.array.ndim - 1 != len(size):
         raise NemtError(f"images are {first.array.ndim - 1}D but the size (--size, TrainConfig.size) gives "
-                        f"{len(size)} sizes {size}; give one size per spatial axis")
+                        f"{len(size)} sizes {size}; give one size per spatial axis{hint}")
+    if flat and any(n == 1 and s > 1 for n, s in zip(spatial, size)):
+        raise NemtError(f"--size {'x'.join(map(str, size))} would stretch one slice into {max(size)}{hint}")
     # the first training image's channels: grey 1, colour 3, a signal's leads, a multi-sequence volume's
     # sequences; the others are converted to them where that is defined (grey <-> colour), else refused
     channels = cfg.channels or int(first.array.shape[0])
