@@ -72,3 +72,26 @@ def test_rigid_size_message_names_its_own_step():
     from nemt.data.xaitris import make_xaitris
     with pytest.raises(NemtError, match=r"multiple of 16 \(at least 16\), got 8"):
         make_xaitris("rigid", "white", 4, size=8)
+
+
+def test_the_suite_can_be_made_small_from_the_command_line(tmp_path):
+    """--suite-scenarios, --suite-backgrounds, --suite-models, --suite-n and --suite-epochs reach the suite (it
+    could be made small only from Python): one data set, one model, trained on n samples for the epochs given;
+    unknown names and suite options without --suite are refused before any work."""
+    import json
+
+    res = CliRunner().invoke(app, ["benchmark", "--suite", "xai-tris", "--out", str(tmp_path / "s"), "--no-progress",
+                                   "--suite-scenarios", "lin", "--suite-backgrounds", "white", "--suite-models",
+                                   "linear", "--suite-n", "200", "--suite-epochs", "2", "--methods", "saliency,random",
+                                   "--limit", "5"])
+    assert res.exit_code == 0, res.output
+    assert [p.name for p in (tmp_path / "s" / "models").iterdir()] == ["lin-white"]
+    assert [p.name for p in (tmp_path / "s" / "models" / "lin-white").iterdir()] == ["linear"]
+    card = json.loads((tmp_path / "s" / "models" / "lin-white" / "linear" / "model.json").read_text())
+    assert card["data"]["n"] == 200 and card["training"]["max_epochs"] == 2
+    for extra, needle in ((["--suite", "xai-tris", "--suite-scenarios", "lin,bogus"], "unknown 'bogus'"),
+                          (["--suite", "xai-tris", "--suite-backgrounds", ","], "empty"),
+                          (["--model", "m", "--data", "d", "--suite-n", "100"], "--suite-n applies to --suite")):
+        res = CliRunner().invoke(app, ["benchmark", "--out", str(tmp_path / "t"), *extra])
+        assert res.exit_code == 2 and needle in " ".join(res.output.split()), res.output
+        assert not (tmp_path / "t").exists()

@@ -912,6 +912,12 @@ def benchmark(
     suite: Optional[str] = typer.Option(None, help="xai-tris: the ground-truth suite (no --model/--data)"),
     suite_models: Optional[str] = typer.Option(None, help="xai-tris: comma-separated models to train and explain "
                                                           "(linear,mlp,cnn; default all three)"),
+    suite_scenarios: Optional[str] = typer.Option(None, help="xai-tris: comma-separated scenarios (lin,mult,rigid,"
+                                                             "xor; default all four)"),
+    suite_backgrounds: Optional[str] = typer.Option(None, help="xai-tris: comma-separated backgrounds (white,corr; "
+                                                               "default both)"),
+    suite_n: int = typer.Option(4000, min=20, help="xai-tris: samples generated per data set (split 80/10/10)"),
+    suite_epochs: int = typer.Option(25, min=1, help="xai-tris: training epochs of each model"),
     seed: int = typer.Option(0, min=0, max=SEED_MAX, help="random seed"),
     device: str = typer.Option("cpu", help="torch device"),
     progress: bool = typer.Option(True, help="show a progress bar"),
@@ -952,14 +958,32 @@ def benchmark(
                             "on generated data, scores top_k_precision, emd_score and importance_mass_accuracy "
                             "(their parameters: --param METRIC.KEY=VALUE) and runs in one process); leave "
                             f"{'it' if len(given) == 1 else 'them'} out")
-        from nemt.bench.xaitris import run_suite
+        from nemt.bench.xaitris import XAITRIS_MODELS, run_suite
+        from nemt.data.xaitris import BACKGROUNDS, SCENARIOS
+        chosen = {}
+        for opt, value, known in (("--suite-models", suite_models, XAITRIS_MODELS),
+                                  ("--suite-scenarios", suite_scenarios, SCENARIOS),
+                                  ("--suite-backgrounds", suite_backgrounds, BACKGROUNDS)):
+            names = _csv_list(value) if value else None
+            bad = [v for v in names or [] if v not in known]
+            if bad or names == []:
+                raise NemtError(f"{opt} {value!r}: {'unknown ' + ', '.join(map(repr, bad)) if bad else 'empty'} "
+                                f"(known: {', '.join(known)})")
+            chosen[opt] = tuple(names) if names else None
         table = run_suite(out, methods=method_list, seed=seed, device=device, progress=progress, restart=restart,
-                          params=split_method_params(param), batch_size=batch_size,
+                          params=split_method_params(param), batch_size=batch_size, n=suite_n, epochs=suite_epochs,
                           **({"max_samples": limit} if limit else {}),
-                          **({"models": tuple(_csv_list(suite_models))} if suite_models else {}))
+                          **({"models": chosen["--suite-models"]} if chosen["--suite-models"] else {}),
+                          scenarios=chosen["--suite-scenarios"], backgrounds=chosen["--suite-backgrounds"])
         console.print(table)
         typer.echo(json.dumps({"report": str(out / "report.html"), "table": str(out / "summary.md")}))
         return
+    suite_only = [opt for opt, v in (("--suite-models", suite_models), ("--suite-scenarios", suite_scenarios),
+                                     ("--suite-backgrounds", suite_backgrounds), ("--suite-n", suite_n != 4000),
+                                     ("--suite-epochs", suite_epochs != 25)) if v]
+    if suite_only:
+        raise NemtError(f"{', '.join(suite_only)} appl{'ies' if len(suite_only) == 1 else 'y'} to --suite xai-tris "
+                        "only; leave " + ("it" if len(suite_only) == 1 else "them") + " out or add --suite xai-tris")
     if model is None or data is None:
         raise NemtError("nemt benchmark needs --model and --data (or --suite xai-tris)")
     shard_given = _shard(shard)  # --shard with --merge: refused by benchmark_model before any work
