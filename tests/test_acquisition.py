@@ -266,3 +266,79 @@ def test_one_slice_volumes_get_a_squeeze_hint(tmp_path):
         out = " ".join(res.output.split())
         assert res.exit_code != 0 and "a 2D image stored as a volume of one slice" in out, out
         assert ("stretch one slice" in out) == (size == "16")
+
+
+def _study_dicom(path, a, **tags):
+    """An 8-bit grey DICOM in a study, with patient tags and a pixel spacing (a CR of another size)."""
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.PatientName, ds.PatientID, ds.StudyInstanceUID = "Doe^Jane", "P123", generate_uid()
+    ds.SeriesInstanceUID, ds.Modality, ds.PixelSpacing = generate_uid(), "CR", [0.2, 0.2]
+    ds.Rows, ds.Columns = a.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit, ds.PixelRepresentation = 7, 0
+    for k, v in tags.items():
+        setattr(ds, k, v)
+    ds.PixelData = a.astype(np.uint8).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_explain_writes_secondary_captures_in_the_source_study(tmp_path):
+    """`explain --dicom`: per label a Secondary Capture of the map over the source at the source's size, in its
+    study and patient, a new series per label, naming its source; the same run again gives the same UIDs; a
+    non-DICOM input or --data is refused before any output."""
+    import pydicom
+    from typer.testing import CliRunner
+
+    from conftest import train_phantom_model
+    from nemt.cli import app
+    from nemt.deploy.dicom import SECONDARY_CAPTURE, overlay_at_source
+    from nemt.models import load_model
+
+    manifest, model = train_phantom_model(tmp_path, n=24, size=32)
+    png = sorted((tmp_path / "data" / "images").glob("*.png"))[0]
+    from PIL import Image as PILImage
+    grey = np.asarray(PILImage.open(png).resize((48, 64)))  # 64 rows x 48 columns: not the model's 32 x 32
+    src = _study_dicom(tmp_path / "cr.dcm", grey)
+    runner = CliRunner()
+    ok = []
+    for run in ("x", "y"):
+        res = runner.invoke(app, ["explain", str(src), "--model", str(model), "--method", "gradcam", "--target",
+                                  "all", "--dicom", "--out", str(tmp_path / run)])
+        assert res.exit_code == 0, res.output
+        ok.append(sorted((tmp_path / run).glob("*.dcm")))
+    labels = load_model(model).label_names
+    assert [p.name for p in ok[0]] == sorted(f"cr__{n}.dcm" for n in labels)
+    source = pydicom.dcmread(src)
+    clf = load_model(model)
+    series = set()
+    for path, again in zip(*ok):
+        sc, sc2 = pydicom.dcmread(path), pydicom.dcmread(again)
+        assert sc.SOPClassUID == SECONDARY_CAPTURE and list(sc.ImageType) == ["DERIVED", "SECONDARY"]
+        assert (sc.Rows, sc.Columns, sc.PhotometricInterpretation) == (64, 48, "RGB")
+        assert (str(sc.PatientName), sc.PatientID, sc.StudyInstanceUID) == ("Doe^Jane", "P123",
+                                                                          source.StudyInstanceUID)
+        assert [float(v) for v in sc.PixelSpacing] == [0.2, 0.2]
+        assert sc.SeriesInstanceUID != source.SeriesInstanceUID and sc.SOPInstanceUID != source.SOPInstanceUID
+        assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+        assert "not for diagnostic use" in sc.ImageComments and "gradcam" in sc.SeriesDescription
+        assert (sc2.SOPInstanceUID, sc2.SeriesInstanceUID) == (sc.SOPInstanceUID, sc.SeriesInstanceUID)
+        series.add(sc.SeriesInstanceUID)
+        # its pixels are the written map over the source, blended as the service's overlays are
+        m = np.load(path.with_suffix(".npy"))
+        want = overlay_at_source(clf.preprocessing.unit_scale(read_image(src)), m)
+        assert np.array_equal(sc.pixel_array, want)
+    assert len(series) == len(labels)
+    for args, needle in (([str(png)], "not a DICOM file"), (["--data", str(manifest)], "not --data")):
+        res = runner.invoke(app, ["explain", *args, "--model", str(model), "--method", "gradcam", "--dicom",
+                                  "--out", str(tmp_path / "z")])
+        assert res.exit_code == 2 and needle in " ".join(res.output.split()), res.output
+        assert not (tmp_path / "z").exists()

@@ -675,6 +675,9 @@ def explain(
     max_pixels: Optional[float] = MaxPixelsOpt,
     progress: bool = typer.Option(True, help="with --data: show a progress bar"),
     superpixelify: Optional[str] = SuperpixelifyOpt,
+    dicom: bool = typer.Option(False, "--dicom", help="also write each map over its 2D DICOM input as a DICOM "
+                               "Secondary Capture (OUT/{image}__{label}.dcm: the source's size, study and "
+                               "patient, a new series per method and label) for a PACS or DICOM viewer"),
 ) -> None:
     """Explain images: one overlay PNG per image and target, plus the raw maps (.npy, or NIfTI for 3D).
 
@@ -699,6 +702,8 @@ def explain(
 
     if (data is None) == (not images):
         raise NemtError("give image files or --data (one of the two)")
+    if dicom and data is not None:
+        raise NemtError("--dicom takes DICOM files as arguments, not --data (give the files)")
     if data is None:  # options of a data set's run: silently ignored for image files, so refused
         given_opts = [opt for opt, v in (("--split", split), ("--limit", limit)) if v is not None]
         if given_opts:
@@ -711,6 +716,12 @@ def explain(
     # every input read (and so checked: there, a regular file, decodable) before the model is loaded and before
     # any output: a bad second file must not leave the first's maps written without its predictions printed
     imgs = [read_image(path, max_pixels=None if max_pixels is None else int(max_pixels)) for path in images or []]
+    if dicom:  # every input a 2D DICOM before any output (the model's dimensionality is checked once it is loaded)
+        from nemt.deploy.dicom import dicom_problem, overlay_at_source, secondary_capture, source_header
+        for path, img in zip(images, imgs):
+            why = dicom_problem(img, img.array.ndim - 1)
+            if why:
+                raise NemtError(f"{path}: --dicom: {why}")
     _out_dir(out)
     _device(device)
     params = _method_params(param)
@@ -774,6 +785,14 @@ def explain(
             else:
                 with atomic_open(out / f"{stem}__{part}.npy", "wb") as fh:
                     np.save(fh, arr)
+            if dicom:  # the map over the source at its own size, in its study
+                k = files.index(part)
+                sc = secondary_capture(source_header(path), overlay_at_source(pre.unit_scale(img), arr),
+                                       model_sha256=clf.card.weights_sha256 or "", method=method,
+                                       label=names[k] if names else method, settings=given,
+                                       series_offset=int(t[0][k]) if targeted else 0)
+                with atomic_open(out / f"{stem}__{part}.dcm", "wb") as fh:
+                    sc.save_as(fh, enforce_file_format=True)
             shown = unit.numpy()
             shown = shown[0] if shown.shape[0] == 1 else shown
             pred = ", ".join(f"{n} {p:.2f}" for n, p in zip(clf.label_names, probs.tolist()))

@@ -23,6 +23,33 @@ def subplots(*grid: int, figsize: tuple[float, float], **kw):
     return fig, fig.subplots(*grid, **kw)
 
 
+def colormap_lut(name: str = "inferno") -> np.ndarray:
+    """A matplotlib colour map as 256 RGB rows of integers 0..255 (server, viewer and DICOM output draw with the same)."""
+    from matplotlib import colormaps
+
+    return np.rint(colormaps[name](np.linspace(0.0, 1.0, 256))[:, :3] * 255).astype(np.uint8)
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    """(C, H, W) in [0, 1] -> (H, W) or (H, W, 3) uint8."""
+    a = np.rint(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
+    return a[0] if a.shape[0] == 1 else np.moveaxis(a[:3], 0, -1)
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, alpha: float, lut: np.ndarray) -> np.ndarray:
+    """``(1 - alpha) * image + alpha * colormap(map)``: (C, H, W) in [0, 1] and (H, W) in [0, 1] -> (H, W, 3) uint8.
+
+    The image is taken at 8 bits first, as the viewer receives it, so that
+    the viewer's client-side blend gives the same pixels.
+    """
+    rgb = _to_uint8(image).astype(np.float32)
+    if rgb.ndim == 2:
+        rgb = np.repeat(rgb[..., None], 3, axis=-1)
+    idx = np.clip(np.rint(np.nan_to_num(heat) * 255), 0, 255).astype(np.intp)
+    out = (1 - alpha) * rgb + alpha * lut[idx].astype(np.float32)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
 def display_order(a: np.ndarray, axcodes: Sequence[str] | None) -> np.ndarray:
     """A volume's last three (spatial) axes reordered for display by its orientation (``axcodes``, as
     ``nibabel.aff2axcodes`` gives them for a NIfTI; None or incomplete: unchanged): the superior-inferior axis

@@ -98,7 +98,7 @@ from nemt.data.readers import SUPPORTED_SUFFIXES, Image, ImageTooLarge, format_p
 from nemt.errors import DataError, NemtError
 from nemt.explainers.base import Explainer
 from nemt.ops import ParameterError, evaluating, label_or_index, probe_input, resolve_targets
-from nemt.visualize import display_order
+from nemt.visualize import _to_uint8, colormap_lut, display_order, overlay  # noqa: F401 (service API)
 
 MB = 1024 * 1024
 DEFAULT_MAX_PIXELS = 50_000_000  # the service's own limit: a 285 KB PNG of 10000x10000 would take gigabytes
@@ -329,33 +329,6 @@ def _fmt_bytes(n: int, other: int = 0) -> str:
 
 
 # -- images and overlays ---------------------------------------------------------------------------------
-
-def colormap_lut(name: str = "inferno") -> np.ndarray:
-    """A matplotlib colour map as 256 RGB rows of integers 0..255 (server and viewer draw with the same)."""
-    from matplotlib import colormaps
-
-    return np.rint(colormaps[name](np.linspace(0.0, 1.0, 256))[:, :3] * 255).astype(np.uint8)
-
-
-def _to_uint8(image: np.ndarray) -> np.ndarray:
-    """(C, H, W) in [0, 1] -> (H, W) or (H, W, 3) uint8."""
-    a = np.rint(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
-    return a[0] if a.shape[0] == 1 else np.moveaxis(a[:3], 0, -1)
-
-
-def overlay(image: np.ndarray, heat: np.ndarray, alpha: float, lut: np.ndarray) -> np.ndarray:
-    """``(1 - alpha) * image + alpha * colormap(map)``: (C, H, W) in [0, 1] and (H, W) in [0, 1] -> (H, W, 3) uint8.
-
-    The image is taken at 8 bits first, as the viewer receives it, so that
-    the viewer's client-side blend gives the same pixels.
-    """
-    rgb = _to_uint8(image).astype(np.float32)
-    if rgb.ndim == 2:
-        rgb = np.repeat(rgb[..., None], 3, axis=-1)
-    idx = np.clip(np.rint(np.nan_to_num(heat) * 255), 0, 255).astype(np.intp)
-    out = (1 - alpha) * rgb + alpha * lut[idx].astype(np.float32)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-
 
 def _png(a: np.ndarray) -> str:
     from PIL import Image as PILImage
