@@ -655,7 +655,8 @@ def fit(
 @app.command()
 @_friendly
 def explain(
-    images: Optional[list[Path]] = typer.Argument(None, help="image files (PNG, JPEG, BMP, TIFF, DICOM, NIfTI)"),
+    images: Optional[list[Path]] = typer.Argument(None, help="image files (PNG, JPEG, BMP, TIFF, DICOM, NIfTI) or "
+                                                 "folders of one DICOM series each (a volume)"),
     model: Path = typer.Option(..., help="model folder"),
     explainer: Optional[Path] = typer.Option(None, help="NEMt explainer folder (for --method nemt)"),
     method: str = typer.Option("nemt", help="explainer name: nemt, gradcam, gradcam++, ig, gradshap, occlusion, "

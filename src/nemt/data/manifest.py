@@ -8,7 +8,8 @@ them into one error for the commands that cannot go on (training).
 
 CSV rules
 ---------
-- one image column (``image``, ``path``, ``file`` or ``filename``; or named);
+- one image column (``image``, ``path``, ``file`` or ``filename``; or named): a file, or a folder holding one
+  DICOM series (a file per slice, read as a volume);
 - the target: one label column (multi-class; ``label``, ``class``,
   ``diagnosis``), several 0/1 columns (multi-label), or one numeric column
   (regression; ``target``, ``severity``, ``score``);
@@ -437,7 +438,7 @@ def load_manifest(path: str | Path, *, task: str | None = None, image_col: str |
             if box:
                 s.boxes.append(box)
             continue
-        if not img_path.is_file():
+        if not (img_path.is_file() or img_path.is_dir()):  # a folder: one DICOM series
             problems.append(DataError(img_path, img_c, f"{where}: image file not found"))
             bad_images.add(key)
             continue

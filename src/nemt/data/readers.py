@@ -148,13 +148,16 @@ def is_image_file(path: str | Path) -> bool:
 
 
 def read_image(path: str | Path, *, max_pixels: int | None = None) -> Image:
-    """Read one image file; the format is told by its magic bytes first, its suffix second.
+    """Read one image file, or a folder of one DICOM series (:func:`_read_dicom_series`); a file's format is
+    told by its magic bytes first, its suffix second.
 
     ``max_pixels`` (default :data:`DEFAULT_MAX_PIXELS`) bounds the pixels
     (voxels, all frames) the header may declare; more raises
     :class:`ImageTooLarge` before decoding.
     """
     path = Path(path)
+    if path.is_dir():  # a DICOM series: one file per slice
+        return _read_dicom_series(path, max_pixels=max_pixels)
     kind = _sniff(path) or _suffix_format(path)
     if kind == "pil":
         return _read_pil(path, max_pixels=max_pixels)
@@ -808,19 +811,118 @@ def _first(value) -> float:
     return float(value[0] if isinstance(value, Sequence) and not isinstance(value, str) else value)
 
 
+# -- DICOM series ---------------------------------------------------------------
+
+def _read_dicom_series(folder: Path, max_pixels: int | None = None) -> Image:
+    """A folder holding one DICOM series of single-frame slices (CT, MR, PET as exported from a PACS) as a
+    volume ``(1, X, Y, Z)`` in nibabel's voxel order with its RAS affine (nibabel's DICOM formula), as a NIfTI
+    converted from it reads. The slices are ordered by their position along the slice normal, not by file
+    name or InstanceNumber, and each gets its own modality LUT (RescaleSlope/Intercept: CT in HU). Written
+    here, not with MONAI's ``PydicomReader``: that one orders by InstanceNumber, drops slices without it, and
+    takes the slice spacing from positions' z alone (wrong for sagittal or coronal series). The first slice's
+    window, if usable, is applied to the volume as the 2D reader applies a file's (``meta["voi"]``), else the
+    volume's own min..max is its range. Every file must be DICOM and of one series, with one size and a
+    position per slice, at distinct positions; the header sizes are checked against ``max_pixels`` before
+    any pixel is decoded."""
+    import pydicom
+    from pydicom.pixels import apply_windowing
+
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise DataError(folder, "file", "an empty folder (a folder is read as one DICOM series, a file per slice)")
+    headers = []
+    for p in files:
+        if p.stat().st_size == 0 or _sniff(p) != "dicom":
+            raise DataError(p, "file", f"not a DICOM file, in {folder}, which is read as one DICOM series (a file "
+                            "per slice): move other files out")
+        with _decoding(p, "header"):
+            headers.append(pydicom.dcmread(p, stop_before_pixels=True))
+    series = sorted({str(h.get("SeriesInstanceUID", "")) for h in headers})
+    if len(series) > 1:
+        raise DataError(folder, "SeriesInstanceUID", f"{len(series)} series in one folder ({', '.join(series[:3])}"
+                        f"{', ...' if len(series) > 3 else ''}); put each series in a folder of its own")
+    for p, h in zip(files, headers):
+        if int(h.get("NumberOfFrames", 1) or 1) > 1:
+            raise DataError(p, "NumberOfFrames", "a multi-frame file in a series folder: read it on its own")
+        if int(h.get("SamplesPerPixel", 1) or 1) != 1:
+            raise DataError(p, "SamplesPerPixel", "a colour slice: a series is read as grey slices only")
+        for tag in ("ImagePositionPatient", "ImageOrientationPatient", "Rows", "Columns"):
+            if tag not in h:
+                raise DataError(p, tag, "missing: the slices of a series cannot be placed and ordered without it")
+    sizes = {(int(h.Rows), int(h.Columns)) for h in headers}
+    if len(sizes) > 1:
+        raise DataError(folder, "Rows/Columns", f"slices of different sizes {sorted(sizes)}")
+    normal = np.cross(*np.asarray(headers[0].ImageOrientationPatient, dtype=np.float64).reshape(2, 3))
+    where = np.round([float(np.dot(normal, np.asarray(h.ImagePositionPatient, dtype=np.float64)))
+                      for h in headers], 4)
+    if len(set(where.tolist())) != len(where):
+        values, counts = np.unique(where, return_counts=True)
+        raise DataError(folder, "ImagePositionPatient", f"{int((counts > 1).sum())} positions hold more than one "
+                        f"slice (e.g. {values[counts > 1][0]:g} mm along the normal): two series, echoes or time "
+                        "points in one folder? put each in a folder of its own")
+    rows, cols = sizes.pop()
+    check_pixels(folder, (len(files), rows, cols), max_pixels, "Rows/Columns/slices")
+    order = np.argsort(where)
+    steps = np.diff(where[order])
+    if len(steps) and (steps.max() - steps.min()) > 0.01 * max(float(np.median(steps)), 1e-6):
+        raise DataError(folder, "ImagePositionPatient", f"slices {steps.min():g} to {steps.max():g} mm apart: missing "
+                        "slices or a varying thickness (a volume needs one spacing; resample it first)")
+    from pydicom.pixels import apply_modality_lut
+    slices = []
+    for k in order:  # each slice's own rescale (PET and some MR slices have their own)
+        with _decoding(files[k], "PixelData"):
+            ds = pydicom.dcmread(files[k])
+            slices.append(np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float64))
+    a = np.stack(slices).transpose(2, 1, 0)  # (slice, row, column) to nibabel's (column, row, slice)
+    # nibabel's DICOM affine (LPS): column index along the row cosine at the column spacing, row index along the
+    # column cosine at the row spacing, slice index from the first slice's position to the last's; then RAS
+    h0, h1 = headers[order[0]], headers[order[-1]]
+    iop = np.asarray(h0.ImageOrientationPatient, dtype=np.float64)
+    row_mm, col_mm = (float(v) for v in h0.get("PixelSpacing", [1.0, 1.0]))
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1] = iop[:3] * col_mm, iop[3:] * row_mm
+    p0, p1 = (np.asarray(h.ImagePositionPatient, dtype=np.float64) for h in (h0, h1))
+    lps[:3, 2] = (p1 - p0) / (len(files) - 1) if len(files) > 1 else normal * float(h0.get("SliceThickness", 1) or 1)
+    lps[:3, 3] = p0
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    first = headers[int(np.argmin(where))]  # the first slice along the normal
+    meta = {"Modality": str(first.get("Modality", "")), "series": len(files), "spacing_from": "ImagePositionPatient",
+            "sform_code": 1, "qform_code": 1, "space_unit": "mm"}
+    photometric = str(first.get("PhotometricInterpretation", "MONOCHROME2"))
+    unusable = _window_problem(first) if "WindowCenter" in first and "WindowWidth" in first else None
+    if "WindowCenter" in first and "WindowWidth" in first and unusable is None:
+        a = apply_windowing(a, first, 0)
+        lo, hi = apply_windowing(np.array([-np.inf, np.inf]), first, 0)
+        value_range = (float(min(lo, hi)), float(max(lo, hi)))
+        meta["voi"] = meta["range_from"] = "window"
+        meta["window"] = [_first(first.WindowCenter), _first(first.WindowWidth)]
+    else:
+        value_range = _data_range(a)
+        meta["voi"], meta["range_from"] = "none", "own"
+        if unusable:
+            meta["window_ignored"] = unusable
+    if photometric == "MONOCHROME1":  # stored so that high is dark: flip so high is bright
+        a = value_range[0] + value_range[1] - a
+    import nibabel as nib
+    meta["axcodes"] = list(nib.aff2axcodes(affine))
+    spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
+    array = np.ascontiguousarray(a[None], dtype=np.float32)
+    return Image(array, spacing, affine, value_range, "dicom", str(folder), meta)
+
+
 # -- NIfTI --------------------------------------------------------------------
 
 def map_nifti(array: np.ndarray, affine: np.ndarray, like: Image) -> bytes:
     """A map over image ``like`` as an uncompressed NIfTI-1 file's bytes, with voxel-to-world ``affine`` (the
     map's grid: :meth:`Preprocessing.resized_affine` of ``like``'s) and ``like``'s header codes: a NIfTI
-    input's sform / qform codes and spatial unit (so a viewer places the map where it places the input); a
-    DICOM's unit, mm, with the "aligned" sform code (its affine is its spacing, not the patient position);
-    else the "aligned" code and no unit."""
+    input's sform / qform codes and spatial unit (so a viewer places the map where it places the input); a DICOM
+    series' scanner codes and mm (its affine is the patient position); a single DICOM file's unit, mm, with the
+    "aligned" sform code (its affine is its spacing, not the patient position); else "aligned" and no unit."""
     import nibabel as nib
 
     img = nib.Nifti1Image(np.asarray(array, dtype=np.float32), affine)
     meta = like.meta or {}
-    if like.modality == "nifti":
+    if "sform_code" in meta:  # a NIfTI's own codes; a DICOM series' scanner coordinates (1, 1, mm)
         sform, qform = int(meta.get("sform_code", 0)), int(meta.get("qform_code", 0))
         unit = meta.get("space_unit", "unknown")
     else:
