@@ -85,6 +85,7 @@ def test_upload_switch_label_opacity_compare_and_download(page, server, tmp_path
     assert page.input_value("#baseline") == "gradcam++"
     page.set_input_files("#file", str(path))
     page.wait_for_function(READY, timeout=30000)
+    assert not page.is_visible("#notes")  # a training image: nothing unlike training to say
 
     # predictions as the model gives them, the predicted label selected
     clf = server["clf"]
@@ -164,6 +165,8 @@ def test_dropped_dicom_and_an_error_shown(page, server, tmp_path):
     page.evaluate(drop, [base64.b64encode((tmp_path / "scan.dcm").read_bytes()).decode(), "scan.dcm"])
     page.wait_for_function(READY, timeout=30000)
     assert "dicom" in page.text_content("#status")
+    # unlike the training PNGs (8-bit, a fixed range), the DICOM is scaled by its own range: the note is shown
+    assert page.is_visible("#notes") and "its own minimum and maximum" in page.text_content("#notes")
     # the DICOM shown as the model sees it (no window in the file: its own value range maps to [0, 1])
     unit = server["clf"].preprocessing.unit_scale(read_image(tmp_path / "scan.dcm"))[0]
     assert np.array_equal(canvas(page, "image-canvas")[..., 0], np.rint(unit * 255).astype(np.uint8))
@@ -176,3 +179,4 @@ def test_dropped_dicom_and_an_error_shown(page, server, tmp_path):
     page.wait_for_function("document.body.dataset.state === 'error'", timeout=30000)
     assert "422" in page.text_content("#error") and "3 channels" in page.text_content("#error")
     assert page.is_visible("#error") and page.eval_on_selector_all("#predictions tr", "rs => rs.length") == 0
+    assert not page.is_visible("#notes")  # cleared with the views

@@ -703,6 +703,8 @@ def _read_dicom_warned(path: Path, max_pixels: int | None, caught: list) -> Imag
     if frames > 1:
         between = ds.get("SpacingBetweenSlices") or ds.get("SliceThickness")
         spacing = (float(between) if between and float(between) > 0 else 1.0,) + spacing
+        if not (between and float(between) > 0):  # the frames' 1.0 is a placeholder: the spacing is not known
+            meta["spacing_from"] = None
     array = np.ascontiguousarray(a, dtype=np.float32)
     return Image(array, spacing, None, value_range, "dicom", str(path), meta)
 
