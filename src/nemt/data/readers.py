@@ -872,7 +872,9 @@ def _read_dicom_series(folder: Path, max_pixels: int | None = None) -> Image:
     from pydicom.pixels import apply_modality_lut
     slices = []
     for k in order:  # each slice's own rescale (PET and some MR slices have their own)
-        with _decoding(files[k], "PixelData"):
+        ts = getattr(headers[k], "file_meta", {}).get("TransferSyntaxUID")
+        prefix = f"{ts.name} ({ts}): " if ts is not None and ts.is_compressed else ""
+        with _decoding(files[k], "PixelData", prefix):
             ds = pydicom.dcmread(files[k])
             slices.append(np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float64))
     a = np.stack(slices).transpose(2, 1, 0)  # (slice, row, column) to nibabel's (column, row, slice)
