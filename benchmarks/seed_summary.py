@@ -67,11 +67,14 @@ def check_alike(runs: list[tuple[str, dict]], *, allow_other_data: bool = False,
         for key, what in ALIKE:
             if key not in meta or (key == "data_set_sha256" and allow_other_data):
                 continue
+            value = meta[key]
+            if key == "model_config" and isinstance(value, dict):  # the classifier's own training seed is one of
+                value = {k: v for k, v in value.items() if k != "training_seed"}  # the seeds replicates vary
             if key not in seen:
-                seen[key] = (path, meta[key])
-            elif seen[key][1] != meta[key]:
+                seen[key] = (path, value)
+            elif seen[key][1] != value:
                 hint = "; --allow-other-data if each seed makes its own data" if key == "data_set_sha256" else ""
-                raise NemtError(f"{path}: another {what} than {seen[key][0]} ({meta[key]!r}, there "
+                raise NemtError(f"{path}: another {what} than {seen[key][0]} ({value!r}, there "
                                 f"{seen[key][1]!r}); only runs that differ in their seed are averaged{hint}")
     params: dict[str, tuple[str, object]] = {}
     settled = {m for m in {m for _, meta in runs for m in (meta.get("method_params") or {})}

@@ -375,12 +375,12 @@ def _seed_summary(*args: str) -> subprocess.CompletedProcess:
 
 
 def _fake_run(folder: Path, seed: int, *, split="test", model=None, metrics=("relevance_mass", "pointing_game"),
-              rm=0.5, data="d" * 64, given=None, settings=None):
+              rm=0.5, data="d" * 64, given=None, settings=None, arch="smallcnn"):
     folder.mkdir(parents=True)
     meta = {"methods": ["nemt"], "metrics": list(metrics), "batch_size": 16, "seed": seed, "items": 40,
             "data": f"fp{seed}", "metric_params": {}, "method_params": {"nemt": given or {}},
             "model_sha256": model or f"{seed:064d}", "explainer_sha256": {"nemt": f"e{seed}"}, "split": split,
-            "limit": None, "data_set_sha256": data, "model_config": {"arch": "smallcnn"}}
+            "limit": None, "data_set_sha256": data, "model_config": {"arch": arch, "training_seed": seed}}
     if settings is not None:
         meta["method_settings"] = {"nemt": settings}
     cell = {"ci_low": 0.0, "ci_high": 1.0, "n": 40, "n_excluded": 0, "n_undefined": 0}
@@ -392,6 +392,8 @@ def _fake_run(folder: Path, seed: int, *, split="test", model=None, metrics=("re
 
 
 def test_seed_summary_averages_alike_runs_only(tmp_path):
+    """Runs that differ in their seed only (the explainer's and the classifier's own training seed: the demo
+    trains a classifier per seed, which was refused as "another model configuration") are averaged."""
     a = _fake_run(tmp_path / "s0", 0, rm=0.4)
     b = _fake_run(tmp_path / "s1", 1, rm=0.6)
     c = _fake_run(tmp_path / "s2", 2, rm=0.5, metrics=("relevance_mass",))
@@ -400,7 +402,8 @@ def test_seed_summary_averages_alike_runs_only(tmp_path):
     assert "| nemt | 3 | 0.500 ± 0.100 | 0.800 ± 0.000 (n = 2) | 2.0 |" in done.stdout, done.stdout
     for folder, kw, msg in (("val", {"split": "val"}, "another split"),
                             ("dup", {"model": f"{0:064d}"}, "same replicate"),
-                            ("other", {"data": "e" * 64}, "another data set")):
+                            ("other", {"data": "e" * 64}, "another data set"),
+                            ("arch", {"arch": "resnet18"}, "another model configuration")):
         d = _fake_run(tmp_path / folder, 0 if folder == "dup" else 5, **kw)
         done = _seed_summary(a, d, "--metrics", "relevance_mass")
         assert done.returncode == 2 and msg in done.stderr and "Traceback" not in done.stderr, done.stderr
