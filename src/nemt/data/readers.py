@@ -610,8 +610,7 @@ def _warning_text(w: warnings.WarningMessage) -> str:
 def _read_dicom_warned(path: Path, max_pixels: int | None, caught: list) -> Image:
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import (apply_color_lut, apply_modality_lut, apply_voi,
-                                apply_windowing)
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi
 
     try:
         ds = pydicom.dcmread(path)
@@ -675,7 +674,6 @@ def _read_dicom_warned(path: Path, max_pixels: int | None, caught: list) -> Imag
             a = np.moveaxis(a, -1, 0)
         else:
             a = apply_modality_lut(a, ds)
-            unusable = _window_problem(ds) if "WindowCenter" in ds and "WindowWidth" in ds else None
             if ds.get("VOILUTSequence"):
                 a = apply_voi(a, ds, 0)
                 # the range of the LUT's own entries (its descriptor's bit depth may be wider than they are)
@@ -683,21 +681,9 @@ def _read_dicom_warned(path: Path, max_pixels: int | None, caught: list) -> Imag
                 first, n = int(desc[1]), int(desc[0]) or 2 ** 16
                 value_range = _data_range(apply_voi(np.arange(first, first + n, dtype=np.int64), ds, 0))
                 meta["voi"] = meta["range_from"] = "lut"
-            elif "WindowCenter" in ds and "WindowWidth" in ds and unusable is None:
-                a = apply_windowing(a, ds, 0)
-                # pydicom maps the window onto the stored bits' range (after rescale);
-                # windowing -inf and +inf gives exactly those ends.
-                lo, hi = apply_windowing(np.array([-np.inf, np.inf]), ds, 0)
-                value_range = (float(min(lo, hi)), float(max(lo, hi)))
-                meta["voi"] = meta["range_from"] = "window"
-                meta["window"] = [_first(ds.WindowCenter), _first(ds.WindowWidth)]
+                a = _bright_high(a, value_range, photometric)
             else:
-                value_range = _data_range(a)
-                meta["voi"], meta["range_from"] = "none", "own"
-                if unusable:
-                    meta["window_ignored"] = unusable
-            if photometric == "MONOCHROME1":  # stored so that high is dark: flip so high is bright
-                a = value_range[0] + value_range[1] - np.asarray(a, dtype=np.float64)
+                a, value_range = _window_or_own(a, ds, meta)
             a = a[None]
     spacing, meta["spacing_from"] = _dicom_spacing(ds)
     if frames > 1:
@@ -791,6 +777,38 @@ def _functional_groups(ds, path: Path, meta: dict) -> None:
         meta[f"{what}_from"] = source
 
 
+def _window_or_own(a: np.ndarray, ds, meta: dict) -> tuple[np.ndarray, tuple[float, float]]:
+    """Grey values after the modality LUT to what ``scale="range"`` maps: through ``ds``'s first window if it is
+    usable (its value range the window's output range), else as they are (their own min..max); MONOCHROME1
+    flipped so that high is bright. Records ``meta["voi"]``, ``["range_from"]`` and ``["window"]`` or
+    ``["window_ignored"]``. The single-file reader and the series reader (with its first slice) share it."""
+    from pydicom.pixels import apply_windowing
+
+    unusable = _window_problem(ds) if "WindowCenter" in ds and "WindowWidth" in ds else None
+    if "WindowCenter" in ds and "WindowWidth" in ds and unusable is None:
+        a = apply_windowing(a, ds, 0)
+        # pydicom maps the window onto the stored bits' range (after rescale);
+        # windowing -inf and +inf gives exactly those ends.
+        lo, hi = apply_windowing(np.array([-np.inf, np.inf]), ds, 0)
+        value_range = (float(min(lo, hi)), float(max(lo, hi)))
+        meta["voi"] = meta["range_from"] = "window"
+        meta["window"] = [_first(ds.WindowCenter), _first(ds.WindowWidth)]
+    else:
+        value_range = _data_range(a)
+        meta["voi"], meta["range_from"] = "none", "own"
+        if unusable:
+            meta["window_ignored"] = unusable
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    return _bright_high(a, value_range, photometric), value_range
+
+
+def _bright_high(a: np.ndarray, value_range: tuple[float, float], photometric: str) -> np.ndarray:
+    """MONOCHROME1 (stored so that high is dark) flipped within its value range so that high is bright."""
+    if photometric == "MONOCHROME1":
+        return value_range[0] + value_range[1] - np.asarray(a, dtype=np.float64)
+    return a
+
+
 def _dicom_spacing(ds) -> tuple[tuple[float, float], str | None]:
     """(row, column) spacing in mm and the tag it came from; (1, 1) when none is usable."""
     candidates = [("PixelSpacing", ds.get("PixelSpacing")),
@@ -827,7 +845,6 @@ def _read_dicom_series(folder: Path, max_pixels: int | None = None) -> Image:
     position per slice, at distinct positions; the header sizes are checked against ``max_pixels`` before
     any pixel is decoded."""
     import pydicom
-    from pydicom.pixels import apply_windowing
 
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     if not files:
@@ -892,21 +909,7 @@ def _read_dicom_series(folder: Path, max_pixels: int | None = None) -> Image:
     first = headers[int(np.argmin(where))]  # the first slice along the normal
     meta = {"Modality": str(first.get("Modality", "")), "series": len(files), "spacing_from": "ImagePositionPatient",
             "sform_code": 1, "qform_code": 1, "space_unit": "mm"}
-    photometric = str(first.get("PhotometricInterpretation", "MONOCHROME2"))
-    unusable = _window_problem(first) if "WindowCenter" in first and "WindowWidth" in first else None
-    if "WindowCenter" in first and "WindowWidth" in first and unusable is None:
-        a = apply_windowing(a, first, 0)
-        lo, hi = apply_windowing(np.array([-np.inf, np.inf]), first, 0)
-        value_range = (float(min(lo, hi)), float(max(lo, hi)))
-        meta["voi"] = meta["range_from"] = "window"
-        meta["window"] = [_first(first.WindowCenter), _first(first.WindowWidth)]
-    else:
-        value_range = _data_range(a)
-        meta["voi"], meta["range_from"] = "none", "own"
-        if unusable:
-            meta["window_ignored"] = unusable
-    if photometric == "MONOCHROME1":  # stored so that high is dark: flip so high is bright
-        a = value_range[0] + value_range[1] - a
+    a, value_range = _window_or_own(a, first, meta)  # the first slice's window, as a single file's
     import nibabel as nib
     meta["axcodes"] = list(nib.aff2axcodes(affine))
     spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
