@@ -20,22 +20,34 @@ def _nifti(path, shape=(8, 10, 6), zooms=(1.0, 1.0, 2.0)):
     return read_image(path)
 
 
-def _dicom(path, spacing=(0.5, 0.5), window=True, rows=20, cols=16):
+def _write_dicom(path, a, *, spacing=(0.5, 0.5), window=None, **tags):
+    """A grey CR DICOM of pixels ``a`` (uint16: 12 bits stored; uint8: 8), with a pixel spacing and a window if
+    given and any further ``tags``; returns its path."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.Modality, ds.Rows, ds.Columns = "CR", rows, cols
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, (ds.Rows, ds.Columns) = "CR", a.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    bits = 12 if a.dtype == np.uint16 else 8
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = a.dtype.itemsize * 8, bits, bits - 1, 0
     if spacing is not None:
         ds.PixelSpacing = list(spacing)
-    if window:
-        ds.WindowCenter, ds.WindowWidth = 2000, 1000
-    ds.PixelData = np.random.default_rng(0).integers(0, 4095, (rows, cols), dtype=np.uint16).tobytes()
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    for k, v in tags.items():
+        setattr(ds, k, v)
+    ds.PixelData = a.tobytes()
     ds.save_as(path, enforce_file_format=True)
-    return read_image(path)
+    return path
+
+
+def _dicom(path, spacing=(0.5, 0.5), window=True, rows=20, cols=16):
+    """A 12-bit CR of random pixels, read back."""
+    a = np.random.default_rng(0).integers(0, 4095, (rows, cols), dtype=np.uint16)
+    return read_image(_write_dicom(path, a, spacing=spacing, window=(2000, 1000) if window else None))
 
 
 def test_describe_per_format(tmp_path):
@@ -270,25 +282,8 @@ def test_one_slice_volumes_get_a_squeeze_hint(tmp_path):
 
 def _study_dicom(path, a, **tags):
     """An 8-bit grey DICOM in a study, with patient tags and a pixel spacing (a CR of another size)."""
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.PatientName, ds.PatientID, ds.StudyInstanceUID = "Doe^Jane", "P123", generate_uid()
-    ds.SeriesInstanceUID, ds.Modality, ds.PixelSpacing = generate_uid(), "CR", [0.2, 0.2]
-    ds.Rows, ds.Columns = a.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit, ds.PixelRepresentation = 7, 0
-    for k, v in tags.items():
-        setattr(ds, k, v)
-    ds.PixelData = a.astype(np.uint8).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return _write_dicom(path, a.astype(np.uint8), spacing=(0.2, 0.2), PatientName="Doe^Jane", PatientID="P123",
+                        StudyInstanceUID=generate_uid(), SeriesInstanceUID=generate_uid(), **tags)
 
 
 def test_explain_writes_secondary_captures_in_the_source_study(tmp_path):

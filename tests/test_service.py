@@ -66,19 +66,23 @@ def decode_png(b64: str) -> np.ndarray:
     return np.asarray(PILImage.open(io.BytesIO(base64.b64decode(b64))))
 
 
-def dicom_bytes(path: Path, a: np.ndarray) -> bytes:
-    """A minimal uncompressed 8-bit grey DICOM; (F, H, W) gives a multi-frame file."""
+def dicom_bytes(path: Path, a: np.ndarray | None, *, sop_class: str | None = None, modality: str = "OT") -> bytes:
+    """A minimal uncompressed 8-bit grey DICOM; (F, H, W) gives a multi-frame file; ``a`` None: an object of
+    ``sop_class`` without an image (its header only)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPClassUID = sop_class or SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "OT"
+    ds.Modality = modality
+    if a is None:
+        ds.save_as(path, enforce_file_format=True)
+        return path.read_bytes()
     ds.Rows, ds.Columns = a.shape[-2:]
     if a.ndim == 3:
         ds.NumberOfFrames = a.shape[0]
@@ -332,19 +336,10 @@ def test_truncated_png_is_422_with_the_reason(client, env, upload_root):
 def test_dicom_object_without_an_image_is_415(client, tmp_path):
     """A structured report or an RT structure set is a DICOM file, but no kind of image nemt reads: 415 with
     its object class named, as for any unsupported format (it was 422, as if it were a damaged image)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
+    from pydicom.uid import RTStructureSetStorage
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = RTStructureSetStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "RTSTRUCT"
-    ds.save_as(tmp_path / "rt.dcm", enforce_file_format=True)
-    r = post(client, (tmp_path / "rt.dcm").read_bytes(), name="rt.dcm")
+    rt = dicom_bytes(tmp_path / "rt.dcm", None, sop_class=RTStructureSetStorage, modality="RTSTRUCT")
+    r = post(client, rt, name="rt.dcm")
     assert r.status_code == 415 and "RT Structure Set Storage" in r.json()["detail"], r.text
 
 
